@@ -1,0 +1,128 @@
+"""The decision core: pure, synchronous, total.
+
+``authorize`` has no ``await``, no clock and no environment: the gateway passes ``now``.
+Whatever happens inside, the caller gets a :class:`~bus_guard.decision.Decision`; a bug
+in evaluation becomes ``deny internal_error``, never an exception and never an allow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from .decision import POLICY_REASONS, Decision, Effect, Mode, Reason, Request
+from .messages import Intent, Subject
+from .state import State
+
+__all__ = ("Checks", "PolicySetLike", "authorize", "deny")
+
+log = logging.getLogger(__name__)
+
+
+class PolicySetLike(Protocol):
+    """What the core needs of a compiled policy set (see :mod:`bus_guard.policy`)."""
+
+    @property
+    def digest(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def mode(self) -> Mode: ...
+    def evaluate(self, request: Request, state: State) -> Decision: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Checks:
+    """Bounds the core applies before policy; part of the settings."""
+
+    max_past_skew_s: float = 300.0  # older intents are ``expired``
+    max_future_skew_s: float = 30.0  # intents from further ahead are ``clock_skew``
+
+
+def deny(reason: Reason, message: str, policies: PolicySetLike | None = None) -> Decision:
+    """A denial naming the active bundle (if any)."""
+    if policies is None:
+        return Decision(Effect.DENY, reason, message=message)
+    return Decision(
+        Effect.DENY,
+        reason,
+        message=message,
+        policy_digest=policies.digest,
+        policy_version=policies.version,
+        mode=policies.mode,
+    )
+
+
+def authorize(
+    subject: Subject,
+    intent: Intent,
+    policies: PolicySetLike,
+    state: State,
+    *,
+    now: float,
+    checks: Checks = Checks(),
+) -> Decision:
+    """Decide one decoded intent. Never raises."""
+    try:
+        return _authorize(subject, intent, policies, state, now, checks)
+    except Exception as exc:  # the boundary: sync code, nothing here can be cancelled
+        log.exception("evaluation failed for intent %s", intent.id)
+        return deny(Reason.INTERNAL_ERROR, f"evaluation failed: {type(exc).__name__}", policies)
+
+
+def _authorize(
+    subject: Subject,
+    intent: Intent,
+    policies: PolicySetLike,
+    state: State,
+    now: float,
+    checks: Checks,
+) -> Decision:
+    # Identity comes from the bus: the subject token is what NATS permissions bind to.
+    if intent.principal is not None and intent.principal != subject.principal:
+        return deny(
+            Reason.PRINCIPAL_MISMATCH,
+            f"payload principal {intent.principal!r} is not the subject's {subject.principal!r}",
+            policies,
+        )
+    if intent.action != subject.action:
+        return deny(
+            Reason.ACTION_MISMATCH,
+            f"payload action {intent.action!r} is not the subject's {subject.action!r}",
+            policies,
+        )
+    if intent.ts < now - checks.max_past_skew_s:
+        return deny(
+            Reason.EXPIRED,
+            f"intent ts is {now - intent.ts:.1f}s old (limit {checks.max_past_skew_s:g}s)",
+            policies,
+        )
+    if intent.ts > now + checks.max_future_skew_s:
+        return deny(
+            Reason.CLOCK_SKEW,
+            f"intent ts is {intent.ts - now:.1f}s ahead (limit {checks.max_future_skew_s:g}s)",
+            policies,
+        )
+    request = Request(
+        principal=subject.principal,
+        action=subject.action,
+        resource=intent.resource,
+        params=intent.params,
+        intent_id=intent.id,
+        parents=intent.parents,
+        lineage_root=subject.principal,
+    )
+    decision = policies.evaluate(request, state)
+    if not isinstance(decision, Decision):  # fail closed on a contract breach
+        return deny(Reason.INTERNAL_ERROR, "evaluator returned no decision", policies)
+    if (
+        policies.mode == "observe"
+        and decision.effect is not Effect.ALLOW
+        and decision.reason in POLICY_REASONS
+    ):
+        # Observe mode lets policy outcomes through, marked; integrity failures above
+        # (spoofing, malformed, stale, errors) are denied in every mode.
+        return dataclasses.replace(decision, effect=Effect.ALLOW, would_deny=True)
+    return decision

@@ -1,0 +1,231 @@
+"""Wire types and codecs: the intent agents send and the records bus_guard publishes.
+
+Decoding is strict and total: :func:`decode_intent` returns an :class:`Intent` or a
+:class:`Malformed` value, and never raises for any input bytes. Decoders and encoders are
+built once, at import.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+import time
+from typing import Annotated, Any, Final, NamedTuple
+
+import msgspec
+
+from .decision import Reason
+
+__all__ = (
+    "DecisionRecord",
+    "Intent",
+    "Malformed",
+    "Subject",
+    "decode_intent",
+    "encode_record",
+    "new_decision_id",
+    "parse_subject",
+)
+
+ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,128}$"
+PRINCIPAL_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+IntentId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+Principal = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+MSGPACK_TYPES: Final = frozenset({"application/msgpack", "application/x-msgpack"})
+JSON_TYPES: Final = frozenset({"", "application/json"})
+
+# JSON integers beyond 64 bits are not interchangeable between languages; deny them.
+MAX_INT: Final = 2**63 - 1
+MIN_INT: Final = -(2**63)
+
+
+class Intent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """An action intent as an agent publishes it (SPEC §3)."""
+
+    id: IntentId
+    action: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    resource: Annotated[str, msgspec.Meta(max_length=1024)]
+    ts: float
+    params: dict[str, Any] = {}
+    parents: tuple[IntentId, ...] = ()
+    principal: Principal | None = None
+
+
+class Malformed(NamedTuple):
+    """Why a payload could not be accepted as an intent."""
+
+    reason: Reason
+    message: str
+
+
+class Subject(NamedTuple):
+    principal: str
+    action: str
+
+
+class DecisionRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Published on ``deny.`` / ``hold.`` subjects and sent as the reply to a requester."""
+
+    decision_id: str
+    effect: str
+    reason: str
+    message: str
+    subject: str
+    principal: str
+    action: str
+    rules: tuple[str, ...] = ()
+    policy_digest: str = ""
+    policy_version: str = ""
+    mode: str = "enforce"
+    would_deny: bool = False
+    intent_id: str = ""
+    resource: str = ""
+    payload_sha256: str = ""
+    payload: str | None = None  # the original payload, when it is UTF-8 text
+    payload_b64: str | None = None  # ... or base64 of it when it is not
+    payload_truncated: bool = False
+    gateway: str = ""
+    ts: float = 0.0
+
+
+_json_intent: Final = msgspec.json.Decoder(Intent)
+_msgpack_intent: Final = msgspec.msgpack.Decoder(Intent)
+_msgpack_any: Final = msgspec.msgpack.Decoder()
+_msgpack_enc: Final = msgspec.msgpack.Encoder()
+_json_enc: Final = msgspec.json.Encoder()
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(key)
+            seen.add(key)
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
+
+
+# Only used to detect duplicate keys and non-finite constants; msgspec does the typing.
+_dup_scanner: Final = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+
+
+def parse_subject(subject: str, prefix: str) -> Subject | None:
+    """Split ``<prefix>.in.<principal>.<action...>``; ``None`` if it is not one."""
+    head = prefix + ".in."
+    if not subject.startswith(head):
+        return None
+    principal, _, action = subject[len(head) :].partition(".")
+    if not action or PRINCIPAL_RE.fullmatch(principal) is None:
+        return None
+    if not all(TOKEN_RE.fullmatch(t) for t in action.split(".")):
+        return None
+    return Subject(principal, action)
+
+
+def _check_value(value: Any, depth: int, max_depth: int) -> str | None:
+    """Bound nesting and numbers in free-form params; return a problem or ``None``."""
+    if depth > max_depth:
+        return f"params nested deeper than {max_depth}"
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return None
+    if isinstance(value, int):
+        return None if MIN_INT <= value <= MAX_INT else "integer out of 64-bit range"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "non-finite number"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return "non-string key in params"
+            if (problem := _check_value(v, depth + 1, max_depth)) is not None:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for v in value:
+            if (problem := _check_value(v, depth + 1, max_depth)) is not None:
+                return problem
+        return None
+    return f"unsupported value type {type(value).__name__} in params"
+
+
+def decode_intent(
+    payload: bytes,
+    content_type: str | None = None,
+    *,
+    max_bytes: int = 65536,
+    max_depth: int = 8,
+) -> Intent | Malformed:
+    """Decode and validate one intent; total: any input gives a value, never an exception."""
+    if len(payload) > max_bytes:
+        return Malformed(Reason.MALFORMED, f"payload of {len(payload)} bytes exceeds {max_bytes}")
+    ctype = (content_type or "").split(";", 1)[0].strip().lower()
+    try:
+        if ctype in JSON_TYPES:
+            intent = _json_intent.decode(payload)
+            _dup_scanner.decode(payload.decode("utf-8"))
+        elif ctype in MSGPACK_TYPES:
+            intent = _msgpack_intent.decode(payload)
+            # msgspec keeps the last of duplicate map keys; a minimal re-encoding of what
+            # was decoded is then shorter than the input. Non-minimal encodings are refused.
+            if len(_msgpack_enc.encode(_msgpack_any.decode(payload))) != len(payload):
+                return Malformed(Reason.MALFORMED, "duplicate keys or non-minimal msgpack")
+        else:
+            return Malformed(Reason.MALFORMED, f"unsupported content type {ctype!r}")
+    except _Duplicate as exc:
+        return Malformed(Reason.MALFORMED, f"duplicate key {exc.args[0]!r}")
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return Malformed(Reason.MALFORMED, str(exc))
+    except UnicodeDecodeError:
+        return Malformed(Reason.MALFORMED, "payload is not valid UTF-8")
+    except RecursionError:
+        return Malformed(Reason.MALFORMED, "payload nested too deeply")
+    except ValueError as exc:  # json: bad constants, numbers the scanner refuses
+        return Malformed(Reason.MALFORMED, str(exc))
+    problem = _check_value(intent.params, 1, max_depth)
+    if problem is not None:
+        return Malformed(Reason.MALFORMED, problem)
+    if not math.isfinite(intent.ts):
+        return Malformed(Reason.MALFORMED, "ts is not a finite number")
+    return intent
+
+
+def encode_record(record: DecisionRecord) -> bytes:
+    return _json_enc.encode(record)
+
+
+def payload_excerpt(payload: bytes, limit: int) -> dict[str, Any]:
+    """The original payload for a deny/hold record, up to ``limit`` bytes."""
+    cut = payload[:limit]
+    out: dict[str, Any] = {"payload_truncated": len(payload) > limit}
+    try:
+        out["payload"] = cut.decode("utf-8")
+    except UnicodeDecodeError:
+        out["payload_b64"] = base64.b64encode(cut).decode("ascii")
+    return out
+
+
+_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_decision_id() -> str:
+    """A ULID: 48-bit millisecond time + 80 random bits, Crockford base32 (26 chars)."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
