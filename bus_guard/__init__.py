@@ -1,0 +1,76 @@
+"""bus_guard: pre-execution authorization for agent actions on NATS.
+
+The embedding API::
+
+    import bus_guard
+    policies = bus_guard.load_policies("policies")
+    decision = bus_guard.decide(policies, "guard.in.agent-7.payments.transfer", payload)
+    decision.effect, decision.reason, decision.rules
+
+Names are imported lazily, so that ``import bus_guard.verify`` in an executor pulls in
+neither NATS nor the policy compiler.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ConfigError",
+    "Decision",
+    "Effect",
+    "GatewayError",
+    "GuardError",
+    "PolicyError",
+    "Reason",
+    "Request",
+    "ServerError",
+    "SigningError",
+    "VerificationError",
+    "__version__",
+    "decide",
+    "evaluate",
+    "load_policies",
+)
+
+_LAZY = {
+    "decide": "api",
+    "evaluate": "api",
+    "load_policies": "api",
+    "Decision": "decision",
+    "Effect": "decision",
+    "Reason": "decision",
+    "Request": "decision",
+    "ConfigError": "errors",
+    "GatewayError": "errors",
+    "GuardError": "errors",
+    "PolicyError": "errors",
+    "ServerError": "errors",
+    "SigningError": "errors",
+    "VerificationError": "errors",
+}
+
+if TYPE_CHECKING:
+    from .api import decide, evaluate, load_policies
+    from .decision import Decision, Effect, Reason, Request
+    from .errors import (
+        ConfigError,
+        GatewayError,
+        GuardError,
+        PolicyError,
+        ServerError,
+        SigningError,
+        VerificationError,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bus_guard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

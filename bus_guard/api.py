@@ -1,0 +1,80 @@
+"""The in-process embedding API, and the one pipeline both it and the gateway run.
+
+    >>> policies = load_policies("policies")
+    >>> d = decide(policies, "guard.in.agent-7.payments.transfer", payload)
+    >>> d.effect, d.reason, d.rules
+
+``evaluate`` is the pure step the gateway calls per message: subject → decode → authorize.
+It never raises: every input ends in a :class:`~bus_guard.decision.Decision`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .authorize import Checks, PolicySetLike, authorize, deny
+from .decision import Decision, Reason
+from .messages import Intent, Malformed, Subject, decode_intent, parse_subject
+from .policy import PolicySet, load_policies
+from .state import State
+
+__all__ = ("Evaluation", "decide", "evaluate", "load_policies")
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    decision: Decision
+    subject: Subject | None  # None when the subject itself was not an intent subject
+    intent: Intent | None  # None when the payload did not decode
+
+
+def evaluate(
+    subject: str,
+    payload: bytes,
+    content_type: str | None,
+    policies: PolicySetLike,
+    state: State,
+    *,
+    now: float,
+    prefix: str = "guard",
+    checks: Checks = Checks(),
+    max_payload_bytes: int = 65536,
+    max_nesting_depth: int = 8,
+) -> Evaluation:
+    parsed = parse_subject(subject, prefix)
+    if parsed is None:
+        return Evaluation(
+            deny(Reason.BAD_SUBJECT, f"not an intent subject: {subject!r}", policies), None, None
+        )
+    intent = decode_intent(
+        payload, content_type, max_bytes=max_payload_bytes, max_depth=max_nesting_depth
+    )
+    if isinstance(intent, Malformed):
+        return Evaluation(deny(intent.reason, intent.message, policies), parsed, None)
+    decision = authorize(parsed, intent, policies, state, now=now, checks=checks)
+    return Evaluation(decision, parsed, intent)
+
+
+def decide(
+    policies: PolicySet,
+    subject: str,
+    payload: bytes,
+    *,
+    now: float | None = None,
+    prefix: str = "guard",
+    content_type: str | None = None,
+    state: State | None = None,
+    checks: Checks = Checks(),
+) -> Decision:
+    """Decide one intent in-process, exactly as the gateway would (stateless by default)."""
+    return evaluate(
+        subject,
+        payload,
+        content_type,
+        policies,
+        state if state is not None else State(),
+        now=time.time() if now is None else now,
+        prefix=prefix,
+        checks=checks,
+    ).decision

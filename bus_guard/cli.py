@@ -1,0 +1,282 @@
+"""The command line: the only edge that reads argv, files, the environment and signals.
+
+    bus-guard run       the gateway
+    bus-guard demo      everything on one machine, live
+    bus-guard watch     live denials and holds
+    bus-guard keys      signing keys and the JWKS
+    bus-guard policy    check | test | explain | schema
+    bus-guard verify    check an artifact as an executor would
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+
+from . import __version__
+from .authorize import Checks
+from .errors import GuardError
+
+__all__ = ("main",)
+
+log = logging.getLogger("bus_guard")
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bus-guard",
+        description="Pre-execution authorization gateway for agents on NATS. Agents publish "
+        "intents to <prefix>.in.<principal>.<action>; approved ones are forwarded to "
+        "<prefix>.exec.… with a signed artifact, others go to <prefix>.deny.… / .hold.….",
+    )
+    p.add_argument("--version", action="version", version=f"bus-guard {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the gateway", description="Run the gateway: "
+                         "subscribe to <prefix>.in.> in a queue group and decide every intent.")
+    run.add_argument("--nats", required=True, metavar="URL", help="NATS server URL")
+    run.add_argument("--policies", required=True, type=Path, metavar="DIR",
+                     help="directory of policy bundles (*.yaml)")
+    run.add_argument("--key", required=True, type=Path, metavar="FILE",
+                     help="Ed25519 signing key (PEM), from 'bus-guard keys new'")
+    run.add_argument("--mode", default="core", choices=["core", "stream"],
+                     help="intake mode: core = queue subscription, at-most-once (default)")
+    run.add_argument("--prefix", default="guard", help="subject prefix (default: guard)")
+    run.add_argument("--queue", default="bus-guard", help="queue group (default: bus-guard)")
+    run.add_argument("--gateway-id", default=None, help="issuer id in artifacts "
+                     "(default: <hostname>-<pid>)")
+    run.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
+    run.add_argument("--artifact-ttl", type=float, default=60.0, metavar="SECONDS",
+                     help="artifact lifetime (default: 60)")
+    run.add_argument("--max-payload", type=int, default=65536, metavar="BYTES",
+                     help="largest intent accepted (default: 65536)")
+    run.add_argument("--max-skew", type=float, default=300.0, metavar="SECONDS",
+                     help="oldest intent ts accepted (default: 300)")
+
+    demo = sub.add_parser("demo", help="run the live demo on an embedded nats-server")
+    demo.add_argument("--count", type=int, default=300, help="intents to send (default: 300)")
+    demo.add_argument("--nats", default=None, metavar="URL",
+                      help="use this server instead of an embedded one")
+    demo.add_argument("--policies", type=Path, default=Path("policies"), metavar="DIR")
+    demo.add_argument("--rate", type=float, default=150.0, metavar="PER_S",
+                      help="intents per second the agents send (0 = as fast as possible)")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--quiet", action="store_true", help="only print the summary")
+
+    watch = sub.add_parser("watch", help="live view of denials and holds")
+    watch.add_argument("--nats", required=True, metavar="URL")
+    watch.add_argument("--prefix", default="guard")
+    watch.add_argument("--principal", default=None, help="only this principal")
+    watch.add_argument("--action", default=None,
+                       help="only this action (NATS wildcards allowed: payments.*)")
+    watch.add_argument("--reason", default=None, help="only this reason code")
+    watch.add_argument("--count", type=int, default=None, help="exit after N records")
+    watch.add_argument("--json", action="store_true", help="print raw JSON records")
+
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION")
+    new = keys.add_parser("new", help="write DIR/signing-key.pem (0600) and DIR/jwks.json")
+    new.add_argument("--out", required=True, type=Path, metavar="DIR")
+    new.add_argument("--force", action="store_true", help="overwrite an existing key")
+
+    pol = sub.add_parser("policy", help="check, test and explain policies").add_subparsers(
+        dest="policy_command", required=True, metavar="ACTION")
+    check = pol.add_parser("check", help="validate and compile a policy directory")
+    check.add_argument("path", type=Path)
+    ptest = pol.add_parser("test", help="run YAML test cases (intent -> expected decision)")
+    ptest.add_argument("path", type=Path, help="policy directory")
+    ptest.add_argument("--tests", type=Path, default=None,
+                       help="test file or directory (default: <path>/tests)")
+    explain = pol.add_parser("explain", help="show why an intent gets its decision")
+    explain.add_argument("--policies", required=True, type=Path, metavar="DIR")
+    explain.add_argument("--subject", required=True, help="e.g. guard.in.agent-7.payments.transfer")
+    explain.add_argument("--payload", required=True, type=Path, metavar="FILE")
+    explain.add_argument("--now", type=float, default=None, help="evaluation time (unix s)")
+    schema = pol.add_parser("schema", help="print the JSON Schema of policy bundles")
+    schema.add_argument("--out", type=Path, default=None, metavar="FILE")
+
+    ver = sub.add_parser("verify", help="verify an authorization artifact")
+    ver.add_argument("--jwks", required=True, type=Path, metavar="FILE")
+    ver.add_argument("--subject", required=True, help="the exec subject the message arrived on")
+    ver.add_argument("--payload", required=True, type=Path, metavar="FILE")
+    ver.add_argument("--artifact", required=True, help="the JWS, or @FILE")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    args = _parser().parse_args(argv)
+    _setup_logging(args.log_level, args.log_format)
+    try:
+        return int(_dispatch(args, out))
+    except GuardError as exc:
+        print(f"bus-guard: {exc}", file=sys.stderr)
+        return EXIT_USAGE if _is_config_error(exc) else EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+def _is_config_error(exc: GuardError) -> bool:
+    from .errors import ConfigError, PolicyError
+
+    return isinstance(exc, ConfigError | PolicyError)
+
+
+def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
+    match args.command:
+        case "run":
+            return _cmd_run(args)
+        case "demo":
+            from .demo import run_demo
+
+            return anyio.run(lambda: run_demo(
+                count=args.count, nats_url=args.nats, policies_dir=args.policies,
+                rate_per_s=args.rate, seed=args.seed, quiet=args.quiet))
+        case "watch":
+            from .watch import WatchFilter, watch
+
+            filters = WatchFilter(args.principal, args.action, args.reason)
+            return anyio.run(lambda: watch(args.nats, prefix=args.prefix, filters=filters,
+                                           count=args.count, as_json=args.json))
+        case "keys":
+            from .keys import generate_key
+
+            key, jwks = generate_key(args.out, overwrite=args.force)
+            print(f"wrote {key} (private, mode 0600) and {jwks}", file=out)
+            return EXIT_OK
+        case "policy":
+            return _cmd_policy(args, out)
+        case "verify":
+            from .verify import main_verify
+
+            return main_verify(jwks=args.jwks, subject=args.subject, payload=args.payload,
+                               artifact=args.artifact, out=out)
+    raise AssertionError(args.command)  # argparse only lets the commands above through
+
+
+def _cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
+    from . import policytest
+    from .policy import load_policies, policy_json_schema
+
+    match args.policy_command:
+        case "check":
+            return policytest.check_policies(args.path, out=out)
+        case "test":
+            return policytest.run_policy_tests(args.path, args.tests, out=out)
+        case "explain":
+            policies = load_policies(args.policies)
+            payload = _read_file(args.payload)
+            now = time.time() if args.now is None else args.now
+            return policytest.explain(policies, args.subject, payload, now=now, out=out)
+        case "schema":
+            text = json.dumps(policy_json_schema(), indent=2)
+            if args.out is None:
+                print(text, file=out)
+            else:
+                args.out.write_text(text + "\n")
+            return EXIT_OK
+    raise AssertionError(args.policy_command)
+
+
+def _read_file(path: Path) -> bytes:
+    from .errors import ConfigError
+
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from exc
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .artifacts import Signer
+    from .keys import load_private_key
+    from .policy import load_policies
+    from .settings import Settings
+
+    settings_kw: dict[str, Any] = {}
+    if args.gateway_id:
+        settings_kw["gateway_id"] = args.gateway_id
+    settings = Settings(
+        nats_url=args.nats,
+        prefix=args.prefix,
+        queue=args.queue,
+        mode=args.mode,
+        creds_file=args.creds,
+        artifact_ttl_s=args.artifact_ttl,
+        max_payload_bytes=args.max_payload,
+        checks=Checks(max_past_skew_s=args.max_skew),
+        **settings_kw,
+    )
+    policies = load_policies(args.policies)
+    signer = Signer(load_private_key(args.key), issuer=settings.gateway_id,
+                    ttl_s=settings.artifact_ttl_s)
+    log.info("policies %s (%s), %d rules, mode %s", policies.version, policies.digest,
+             policies.rule_count, policies.mode)
+    return anyio.run(_serve, settings, policies, signer)
+
+
+async def _serve(settings: Any, policies: Any, signer: Any) -> int:
+    from .gateway import Gateway
+
+    stop = anyio.Event()
+    stopped_by: list[str] = []
+
+    async def on_signals() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                stopped_by.append(signal.Signals(signum).name)
+                stop.set()
+                return
+
+    async with Gateway(settings, policies, signer) as gateway, anyio.create_task_group() as tg:
+        tg.start_soon(on_signals)
+
+        async def on_lost() -> None:
+            await gateway.closed.wait()
+            stop.set()
+
+        tg.start_soon(on_lost)
+        await stop.wait()
+        tg.cancel_scope.cancel()
+    if not stopped_by:
+        log.error("lost the NATS connection beyond the reconnect budget; exiting")
+        return EXIT_FAIL
+    log.info("stopped by %s after draining", stopped_by[0])
+    return EXIT_OK
