@@ -1,0 +1,306 @@
+"""The gateway end to end on a real nats-server: what must arrive, and what must not.
+
+Every test ends with a *sentinel*: a malformed intent, sent last, whose denial can only be
+published after everything sent before it was decided (the gateway handles one
+subscription's messages in order). Waiting for the sentinel then asserting the exact
+counts proves what did NOT arrive, without sleeping.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from joserfc import jws
+from joserfc.jwk import KeySet
+
+from bus_guard.artifacts import Signer
+from bus_guard.decision import Decision, Request
+from bus_guard.errors import SigningError
+from bus_guard.gateway import Gateway
+from bus_guard.keys import generate_key, load_private_key
+from bus_guard.policy import PolicySet, load_policies
+from bus_guard.settings import Settings
+from bus_guard.state import State
+from bus_guard.verify import ArtifactClaims, Verifier, verify_message
+
+from .conftest import POLICIES
+from .helpers import Collector, intent
+
+SENTINEL = b'{"not": "an intent"}'
+TRANSFER = "guard.in.agent-7.payments.transfer"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    return generate_key(tmp_path)
+
+
+@pytest.fixture
+def policies() -> PolicySet:
+    return load_policies(POLICIES)
+
+
+def _signer(keys: tuple[Path, Path]) -> Signer:
+    return Signer(load_private_key(keys[0]), issuer="test-gw", ttl_s=60)
+
+
+class Outputs:
+    def __init__(self, exec_: Collector, deny: Collector, hold: Collector) -> None:
+        self.exec, self.deny, self.hold = exec_, deny, hold
+
+
+async def _outputs(nc: nats.NATS) -> Outputs:
+    return Outputs(
+        await Collector.on(nc, "guard.exec.>"),
+        await Collector.on(nc, "guard.deny.>"),
+        await Collector.on(nc, "guard.hold.>"),
+    )
+
+
+async def _sentinel(nc: nats.NATS, out: Outputs, denies_before: int) -> None:
+    await nc.publish("guard.in.sentinel.done", SENTINEL)
+    msgs = await out.deny.wait_for(denies_before + 1)
+    assert json.loads(msgs[-1].data)["subject"] == "guard.in.sentinel.done"
+    del out.deny.msgs[-1]
+
+
+def _small_transfer(**kw: Any) -> bytes:
+    return intent("payments.transfer", "account:acct-1",
+                  {"amount": 120.5, "currency": "USD", "to": "account:acct-9"}, **kw)
+
+
+async def test_allowed_intent_is_forwarded_once_bytes_unchanged_with_valid_artifact(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    nc = await nats.connect(nats_url)
+    out = await _outputs(nc)
+    payload = _small_transfer()
+    async with Gateway(Settings(nats_url=nats_url, gateway_id="test-gw"), policies, _signer(keys)):
+        await nc.publish(TRANSFER, payload, headers={"traceparent": "00-abc-def-01"})
+        await _sentinel(nc, out, 0)
+    assert len(out.exec.msgs) == 1
+    assert out.deny.msgs == [] and out.hold.msgs == []
+    msg = out.exec.msgs[0]
+    assert msg.subject == "guard.exec.agent-7.payments.transfer"
+    assert msg.data == payload  # byte for byte
+    assert msg.headers is not None
+    assert msg.headers["traceparent"] == "00-abc-def-01"
+    token = msg.headers["Guard-Artifact"]
+    assert msg.headers["Guard-Decision"] == msg.headers["Nats-Msg-Id"]
+
+    # The independent JOSE library accepts it with the published JWKS.
+    key_set = KeySet.import_key_set(json.loads(keys[1].read_text()))
+    obj = jws.deserialize_compact(token, key_set, algorithms=["EdDSA"])
+    assert obj.protected["typ"] == "guard-artifact+jwt"
+    claims = json.loads(obj.payload)
+    assert claims["jti"] == msg.headers["Guard-Decision"]
+    assert claims["aud"] == msg.subject
+    assert claims["sub"] == "agent-7"
+    assert claims["iss"] == "test-gw"
+    digest = base64.urlsafe_b64encode(hashlib.sha256(payload).digest()).rstrip(b"=").decode()
+    assert claims["payload_sha256"] == digest
+    assert claims["policy_digest"] == policies.digest
+    assert claims["rules"]
+    # ... and so does ours.
+    checked = verify_message(Verifier(keys[1]), subject=msg.subject, headers=msg.headers,
+                             payload=msg.data)
+    assert checked.intent_id == json.loads(payload)["id"]
+    await nc.drain()
+
+
+@pytest.mark.parametrize(
+    ("subject", "payload", "reason"),
+    [
+        (TRANSFER, intent("payments.transfer", "account:sanctioned-x",
+                          {"amount": 5, "currency": "USD", "to": "account:a"}), "denied_by_rule"),
+        (TRANSFER, intent("payments.transfer", "account:acct-1",
+                          {"amount": 5, "currency": "GBP", "to": "account:a"}), "no_matching_rule"),
+        ("guard.in.agent-1.tools.shell", intent("tools.shell", "tool:shell", {"cmd": "id"}),
+         "denied_by_rule"),
+        (TRANSFER, _small_transfer(principal="agent-9"), "principal_mismatch"),
+        (TRANSFER, intent("payments.refund", "account:acct-1", {}), "action_mismatch"),
+        (TRANSFER, _small_transfer(ts=1.0), "expired"),
+        (TRANSFER, b'{"id": "a", "id": "b"}', "malformed"),
+        ("guard.in.agent-7", _small_transfer(), "bad_subject"),
+    ],
+)
+async def test_denied_intent_goes_to_deny_and_never_to_exec(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet,
+    subject: str, payload: bytes, reason: str,
+) -> None:
+    nc = await nats.connect(nats_url)
+    out = await _outputs(nc)
+    async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)) as gw:
+        await nc.publish(subject, payload)
+        await _sentinel(nc, out, 0)
+        stats = gw.statistics()
+    assert out.exec.msgs == [] and out.hold.msgs == []
+    [record] = out.deny.records()
+    assert record["reason"] == reason
+    assert record["effect"] == "deny"
+    assert record["policy_digest"] == policies.digest
+    assert record["payload"] == payload.decode()
+    assert record["decision_id"]
+    if reason == "denied_by_rule":
+        assert record["rules"]
+    expected_subject = ("guard.deny.~invalid" if reason == "bad_subject"
+                        else subject.replace("guard.in.", "guard.deny.", 1))
+    assert out.deny.msgs[0].subject == expected_subject
+    assert stats.denied == 2 and stats.allowed == 0  # the intent and the sentinel
+    await nc.drain()
+
+
+async def test_escalated_intent_is_held_with_its_whole_payload(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    nc = await nats.connect(nats_url)
+    out = await _outputs(nc)
+    payload = intent("payments.transfer", "account:acct-1",
+                     {"amount": 25000, "currency": "USD", "to": "account:acct-9"})
+    async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)):
+        await nc.publish(TRANSFER, payload)
+        await _sentinel(nc, out, 0)
+    assert out.exec.msgs == [] and out.deny.msgs == []
+    [record] = out.hold.records()
+    assert record["effect"] == "hold" and record["reason"] == "escalated_by_rule"
+    assert record["payload"] == payload.decode() and not record.get("payload_truncated")
+    assert out.hold.msgs[0].subject == "guard.hold.agent-7.payments.transfer"
+    await nc.drain()
+
+
+class _ExplodingPolicies:
+    """A policy set whose evaluation raises: the gateway must deny, never forward."""
+
+    def __init__(self, inner: PolicySet) -> None:
+        self._inner = inner
+        self.digest, self.version, self.mode = inner.digest, inner.version, inner.mode
+
+    def evaluate(self, request: Request, state: State) -> Decision:
+        raise RuntimeError("boom")
+
+
+class _BrokenSigner(Signer):
+    def sign(self, claims: ArtifactClaims) -> str:
+        raise SigningError("key unreadable")
+
+
+async def test_evaluation_error_is_a_recorded_denial_and_nothing_is_forwarded(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    nc = await nats.connect(nats_url)
+    out = await _outputs(nc)
+    async with Gateway(Settings(nats_url=nats_url), _ExplodingPolicies(policies), _signer(keys)):
+        for _ in range(3):
+            await nc.publish(TRANSFER, _small_transfer())
+        await _sentinel(nc, out, 3)
+    assert out.exec.msgs == []
+    assert [r["reason"] for r in out.deny.records()] == ["internal_error"] * 3
+    await nc.drain()
+
+
+async def test_signing_failure_is_a_recorded_denial_and_nothing_is_forwarded(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    nc = await nats.connect(nats_url)
+    out = await _outputs(nc)
+    broken = _BrokenSigner(load_private_key(keys[0]), issuer="gw", ttl_s=60)
+    async with Gateway(Settings(nats_url=nats_url), policies, broken) as gw:
+        await nc.publish(TRANSFER, _small_transfer())
+        await _sentinel(nc, out, 1)
+        stats = gw.statistics()
+    assert out.exec.msgs == []
+    [record] = out.deny.records()
+    assert record["reason"] == "internal_error" and "signing failed" in record["message"]
+    assert stats.allowed == 0 and stats.internal_errors == 1
+    await nc.drain()
+
+
+async def test_forged_guard_and_nats_headers_never_reach_executors(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """SCENARIOS S1: inbound Guard-*/Nats-* headers are stripped, others pass."""
+    nc = await nats.connect(nats_url)
+    out = await _outputs(nc)
+    forged = {
+        "Guard-Artifact": "eyJhbGciOiJub25lIn0.e30.",
+        "Guard-Decision": "FORGED",
+        "guard-extra": "x",
+        "Nats-Msg-Id": "FORGED",
+        "Nats-Expected-Stream": "X",
+        "traceparent": "00-1-2-01",
+        "X-Custom": "kept",
+    }
+    async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)):
+        await nc.publish(TRANSFER, _small_transfer(), headers=forged)
+        await _sentinel(nc, out, 0)
+    [msg] = out.exec.msgs
+    assert msg.headers is not None
+    assert msg.headers["Guard-Decision"] != "FORGED"
+    assert msg.headers["Nats-Msg-Id"] == msg.headers["Guard-Decision"]
+    assert msg.headers["Guard-Artifact"] != forged["Guard-Artifact"]
+    assert "guard-extra" not in {k.lower() for k in msg.headers}
+    assert "Nats-Expected-Stream" not in msg.headers
+    assert msg.headers["traceparent"] == "00-1-2-01" and msg.headers["X-Custom"] == "kept"
+    Verifier(keys[1]).verify(msg.headers["Guard-Artifact"], subject=msg.subject, payload=msg.data)
+    await nc.drain()
+
+
+async def test_requester_gets_the_decision_as_reply(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    nc = await nats.connect(nats_url)
+    async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)):
+        allowed = await nc.request(TRANSFER, _small_transfer(), timeout=5)
+        denied = await nc.request("guard.in.agent-1.tools.shell",
+                                  intent("tools.shell", "tool:shell", {}), timeout=5)
+    a, d = json.loads(allowed.data), json.loads(denied.data)
+    assert a["effect"] == "allow" and a["reason"] == "allowed_by_rule"
+    assert d["effect"] == "deny" and d["reason"] == "denied_by_rule"
+    assert "payload" not in a and "payload" not in d
+    await nc.drain()
+
+
+async def test_reply_subject_pointing_into_outputs_is_refused(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """SCENARIOS S1: a reply subject aimed at exec (or $JS.API) is never published to."""
+    nc = await nats.connect(nats_url)
+    out = await _outputs(nc)
+    js_api = await Collector.on(nc, "$JS.API.>")
+    async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)) as gw:
+        denied = intent("tools.shell", "tool:shell", {})
+        await nc.publish("guard.in.agent-1.tools.shell", denied, reply="guard.exec.agent-1.tools.shell")
+        await nc.publish("guard.in.agent-1.tools.shell", denied,
+                         reply="$JS.API.STREAM.DELETE.GUARD_LEDGER")
+        await _sentinel(nc, out, 2)
+        stats = gw.statistics()
+    assert out.exec.msgs == []
+    assert js_api.msgs == []
+    assert stats.replies_refused == 2 and stats.replies_sent == 0
+    await nc.drain()
+
+
+async def test_drain_decides_everything_already_received(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    nc = await nats.connect(nats_url)
+    out = await _outputs(nc)
+    n = 500
+    async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)) as gw:
+        for _ in range(n):
+            await nc.publish(TRANSFER, _small_transfer())
+        await nc.flush()  # the server has routed all n to the gateway's connection
+    # Leaving the context drained the gateway: all n were decided and forwarded.
+    assert gw.statistics().received == n
+    msgs = await out.exec.wait_for(n)
+    assert len(msgs) == n
+    await nc.flush()
+    assert out.deny.msgs == [] and out.hold.msgs == []
+    assert len({m.headers["Guard-Decision"] for m in msgs if m.headers}) == n
+    await nc.drain()
