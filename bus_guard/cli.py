@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="largest intent accepted (default: 65536)")
     run.add_argument("--max-skew", type=float, default=300.0, metavar="SECONDS",
                      help="oldest intent ts accepted (default: 300)")
+    run.add_argument("--reconnect-wait", type=float, default=1.0, metavar="SECONDS",
+                     help="wait between reconnect attempts (default: 1)")
+    run.add_argument("--max-reconnects", type=int, default=10, metavar="N",
+                     help="reconnect attempts before the gateway gives up and exits 1 "
+                     "(default: 10; the budget is N x --reconnect-wait)")
 
     demo = sub.add_parser("demo", help="run the live demo on an embedded nats-server")
     demo.add_argument("--count", type=int, default=300, help="intents to send (default: 300)")
@@ -242,6 +247,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         artifact_ttl_s=args.artifact_ttl,
         max_payload_bytes=args.max_payload,
         checks=Checks(max_past_skew_s=args.max_skew),
+        reconnect_wait_s=args.reconnect_wait,
+        max_reconnect_attempts=args.max_reconnects,
         **settings_kw,
     )
     policies = load_policies(args.policies)

@@ -1,0 +1,172 @@
+"""The command line, through ``main(argv)`` and, for the long-running gateway, as a process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from bus_guard.cli import main
+from bus_guard.server import NatsServer
+
+from .conftest import POLICIES
+from .helpers import Collector, intent
+
+
+def _run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(list(argv), out=out)
+    return code, out.getvalue()
+
+
+def test_keys_new_writes_private_key_0600_and_jwks(tmp_path: Path) -> None:
+    code, text = _run("keys", "new", "--out", str(tmp_path))
+    assert code == 0 and "signing-key.pem" in text
+    assert (tmp_path / "signing-key.pem").stat().st_mode & 0o777 == 0o600
+    jwks = json.loads((tmp_path / "jwks.json").read_text())
+    assert jwks["keys"][0]["crv"] == "Ed25519" and "d" not in jwks["keys"][0]
+    # A second run refuses to overwrite the key (exit 2: a usage/config problem).
+    code, _ = _run("keys", "new", "--out", str(tmp_path))
+    assert code == 2
+
+
+def test_policy_check_test_and_schema_on_shipped_policies() -> None:
+    code, text = _run("policy", "check", str(POLICIES))
+    assert code == 0 and "sha256:" in text
+    code, text = _run("policy", "test", str(POLICIES))
+    assert code == 0 and " 0 failed" in text
+    code, text = _run("policy", "schema")
+    assert code == 0 and json.loads(text)["type"] == "object"
+
+
+def test_policy_check_reports_bad_bundle_with_file_and_rule(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(
+        "bundle: bad\nversion: '1'\nrules:\n"
+        "  - id: r1\n    effect: allow\n    principals: ['group:nope']\n    actions: ['x']\n"
+    )
+    code, text = _run("policy", "check", str(tmp_path))
+    assert code != 0
+    assert "bad.yaml" in text and "r1" in text and "nope" in text
+
+
+def test_policy_explain_names_the_rule(tmp_path: Path) -> None:
+    payload = tmp_path / "intent.json"
+    payload.write_bytes(intent("tools.shell", "tool:shell", {"cmd": "id"}, ts=1000.0))
+    code, text = _run("policy", "explain", "--policies", str(POLICIES), "--subject",
+                      "guard.in.agent-1.tools.shell", "--payload", str(payload), "--now", "1000")
+    assert code == 0 and "deny" in text and "denied_by_rule" in text
+
+
+def test_verify_cli_accepts_a_gateway_artifact_and_rejects_a_tampered_payload(
+    tmp_path: Path,
+) -> None:
+    from bus_guard.artifacts import Signer, payload_digest
+    from bus_guard.keys import generate_key, load_private_key
+    from bus_guard.verify import ArtifactClaims
+
+    key, jwks = generate_key(tmp_path)
+    payload = b'{"hello": "world"}'
+    import time
+
+    now = int(time.time())
+    token = Signer(load_private_key(key), issuer="gw", ttl_s=60).sign(ArtifactClaims(
+        iss="gw", sub="agent-7", aud="guard.exec.agent-7.x", iat=now, nbf=now, exp=now + 60,
+        jti="D1", action="x", resource="r", intent_id="i1",
+        payload_sha256=payload_digest(payload), policy_digest="sha256:0", policy_version="v",
+        rules=("r1",), mode="enforce"))
+    (tmp_path / "p.bin").write_bytes(payload)
+    (tmp_path / "tok").write_text(token)
+    code, text = _run("verify", "--jwks", str(jwks), "--subject", "guard.exec.agent-7.x",
+                      "--payload", str(tmp_path / "p.bin"), "--artifact", f"@{tmp_path / 'tok'}")
+    assert code == 0 and '"jti": "D1"' in text
+    (tmp_path / "p.bin").write_bytes(payload + b" ")
+    code, text = _run("verify", "--jwks", str(jwks), "--subject", "guard.exec.agent-7.x",
+                      "--payload", str(tmp_path / "p.bin"), "--artifact", token)
+    assert code == 1 and "payload_mismatch" in text
+
+
+def test_help_lists_every_command() -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+
+
+def test_demo_passes_end_to_end() -> None:
+    code = main(["demo", "--count", "120", "--rate", "0", "--quiet"])
+    assert code == 0
+
+
+# -- the gateway as a real process -------------------------------------------------------
+
+
+def _gateway_process(nats_url: str, key: Path, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bus_guard", "run", "--nats", nats_url, "--policies",
+         str(POLICIES), "--key", str(key), *extra],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:  # readiness is the log line written after the SUB is confirmed
+        if "ready on" in line:
+            return proc
+    raise AssertionError(f"gateway exited before ready: {proc.wait()}")
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Iterator[Path]:
+    from bus_guard.keys import generate_key
+
+    yield generate_key(tmp_path)[0]
+
+
+async def test_run_decides_intents_and_drains_on_sigterm(nats_url: str, key: Path) -> None:
+    proc = _gateway_process(nats_url, key)
+    try:
+        nc = await nats.connect(nats_url)
+        execs = await Collector.on(nc, "guard.exec.>")
+        reply = await nc.request("guard.in.agent-1.tools.search",
+                                 intent("tools.search", "tool:search", {"q": "x"}), timeout=10)
+        assert json.loads(reply.data)["effect"] == "allow"
+        await execs.wait_for(1)
+        for _ in range(200):
+            await nc.publish("guard.in.agent-1.tools.search",
+                             intent("tools.search", "tool:search", {"q": "y"}))
+        await nc.flush()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        await execs.wait_for(201)
+        assert len(execs.msgs) == 201
+        await nc.drain()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_run_exits_nonzero_when_the_bus_is_gone_beyond_the_reconnect_budget(key: Path) -> None:
+    """SCENARIOS S6: never hangs silently; exits 1 when reconnects are exhausted."""
+    server = NatsServer(jetstream=False).start()
+    try:
+        proc = _gateway_process(server.url, key, "--reconnect-wait", "0.2", "--max-reconnects", "3")
+    finally:
+        server.stop()
+    try:
+        assert proc.wait(timeout=30) == 1
+        assert proc.stderr is not None
+        assert "reconnect budget" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_run_refuses_a_missing_key_with_a_clear_error(tmp_path: Path, nats_url: str) -> None:
+    code, _ = _run("run", "--nats", nats_url, "--policies", str(POLICIES),
+                   "--key", str(tmp_path / "absent.pem"))
+    assert code == 2
