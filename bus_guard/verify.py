@@ -1,0 +1,587 @@
+"""Verify authorization artifacts: the one module an executor imports.
+
+It depends on the standard library, ``cryptography``, ``msgspec`` and
+:mod:`bus_guard.errors` only, so importing it pulls in no NATS client, no policy engine
+and no YAML.
+
+An artifact is a JWS in compact serialization (RFC 7515), signed with Ed25519
+(``alg: EdDSA``, RFC 8037). The protected header is exactly
+``{"alg":"EdDSA","kid":<kid>,"typ":"guard-artifact+jwt"}``, the payload is the JSON claims
+set :class:`ArtifactClaims`. The gateway attaches it to every forwarded message as the
+``Guard-Artifact`` header, next to ``Guard-Decision`` (the decision id, also the ``jti``).
+
+Verification procedure (:meth:`Verifier.verify`); the first failing step decides the
+reason code of the :class:`~bus_guard.errors.VerificationError`:
+
+1. ``malformed``: the token must be a ``str`` of at most 64 KiB made of three
+   non-empty base64url segments separated by ``.``; each segment is strict base64url
+   (no padding, no characters outside ``A-Z a-z 0-9 - _``, zero trailing bits).
+2. ``bad_header``: the header must be a JSON object (else ``malformed``) with exactly the
+   members ``alg`` = ``EdDSA``, ``typ`` = ``guard-artifact+jwt`` and a string ``kid``;
+   ``crit`` or any other member is refused, as are duplicate members.
+3. ``unknown_kid``: ``kid`` must name a key of the JWKS.
+4. ``revoked_kid``: the key must still be usable at the verification time: the
+   ``revoked_at`` and ``not_after`` members of its JWK (unix seconds, extensions to
+   RFC 7517) are both later than *now*. No leeway applies here.
+5. ``bad_signature``: the signature must be 64 bytes and a valid Ed25519 signature of the
+   ASCII bytes ``<header segment>.<claims segment>``. Nothing in the claims is looked at
+   before this step.
+6. ``malformed``: the claims must decode strictly into :class:`ArtifactClaims`: a JSON
+   object, no unknown or duplicate members, exact types, integers within 0..2**53-1,
+   ``payload_sha256`` a 43-character base64url string.
+7. ``wrong_audience``: ``aud`` must equal the subject the message arrived on.
+8. ``not_yet_valid``: ``nbf`` must be at most *now* + leeway.
+9. ``expired``: *now* - leeway must be before ``exp`` (RFC 7519 §4.1.4: not accepted on or
+   after ``exp``).
+10. ``wrong_issuer``: ``iss`` must equal the expected gateway id, when one is configured.
+11. ``payload_mismatch``: ``payload_sha256`` must equal the unpadded base64url SHA-256 of
+    the received payload bytes (compared in constant time).
+12. ``replay``: when the verifier was given a ``seen`` callable, it is called with the
+    ``jti`` last, only for an otherwise valid artifact, and must return ``False``.
+
+:func:`verify_message` adds two message-level reasons: ``missing_artifact`` (no
+``Guard-Artifact`` header) and ``decision_mismatch`` (a ``Guard-Decision`` header that
+differs from the ``jti``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any, Final, TextIO
+
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .errors import ConfigError, VerificationError
+
+__all__ = (
+    "ALG",
+    "ARTIFACT_HEADER",
+    "DECISION_HEADER",
+    "TYP",
+    "ArtifactClaims",
+    "JwkEntry",
+    "Jwks",
+    "Verifier",
+    "VerifyReason",
+    "b64url_decode",
+    "b64url_encode",
+    "load_jwks",
+    "main_verify",
+    "payload_digest",
+    "protected_header",
+    "verify_message",
+)
+
+ALG: Final = "EdDSA"
+TYP: Final = "guard-artifact+jwt"
+ARTIFACT_HEADER: Final = "Guard-Artifact"
+DECISION_HEADER: Final = "Guard-Decision"
+
+# Artifacts are a few hundred bytes; the bound keeps a hostile header from costing more
+# than a regex scan.
+MAX_TOKEN_CHARS: Final = 65_536
+
+
+class VerifyReason(enum.StrEnum):
+    """The closed set of :attr:`VerificationError.reason` codes (see the module docstring)."""
+
+    MALFORMED = "malformed"
+    BAD_HEADER = "bad_header"
+    UNKNOWN_KID = "unknown_kid"
+    REVOKED_KID = "revoked_kid"
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_AUDIENCE = "wrong_audience"
+    NOT_YET_VALID = "not_yet_valid"
+    EXPIRED = "expired"
+    WRONG_ISSUER = "wrong_issuer"
+    PAYLOAD_MISMATCH = "payload_mismatch"
+    REPLAY = "replay"
+    MISSING_ARTIFACT = "missing_artifact"
+    DECISION_MISMATCH = "decision_mismatch"
+
+
+# I-JSON (RFC 7493): integers beyond 2**53 do not survive every JSON parser an executor
+# might use, so the verifier refuses them rather than disagree with one.
+_JsonInt = Annotated[int, msgspec.Meta(ge=0, le=2**53 - 1)]
+_Id = Annotated[str, msgspec.Meta(min_length=1)]
+_Digest = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{43}$")]
+
+
+class ArtifactClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The claims an artifact binds (SPEC §6). Registered claims per RFC 7519."""
+
+    iss: _Id  # gateway id
+    sub: _Id  # principal
+    aud: _Id  # the exec subject the message is published on
+    iat: _JsonInt
+    nbf: _JsonInt
+    exp: _JsonInt
+    jti: _Id  # decision id
+    action: str
+    resource: str
+    intent_id: str
+    payload_sha256: _Digest  # unpadded base64url SHA-256 of the forwarded bytes
+    policy_digest: str
+    policy_version: str
+    rules: tuple[str, ...]  # ids of the rules that determined the decision
+    mode: str  # "enforce" | "observe"
+    would_deny: bool = False
+    parents: tuple[str, ...] = ()
+    lineage_depth: _JsonInt = 0
+    lineage_root: str = ""
+    ledger_seq: _JsonInt = 0
+
+
+_CLAIMS_DECODER: Final = msgspec.json.Decoder(ArtifactClaims)
+# The signer encodes with an identical encoder, so re-encoding a decoded claims set gives
+# back the signed bytes; only a token from some other encoder takes the slow path.
+_CLAIMS_ENCODER: Final = msgspec.json.Encoder()
+
+_B64_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_B64_INDEX: Final = {c: i for i, c in enumerate(_B64_ALPHABET)}
+# Bits of the last character that carry no data, by ``len % 4``; they must be zero so that
+# every byte string has exactly one encoding (no malleable tokens).
+_B64_TAIL_MASK: Final = (0, 0, 0x0F, 0x03)
+_B64_PAD: Final = ("", "", "==", "=")
+_B64_SEGMENT_RE: Final = re.compile(r"[A-Za-z0-9_-]*")
+_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_ENCODE_TABLE: Final = bytes.maketrans(b"+/", b"-_")
+_HEADER_MEMBERS: Final = frozenset({"alg", "kid", "typ"})
+
+
+def b64url_encode(data: bytes) -> bytes:
+    """Unpadded base64url (RFC 7515 §2)."""
+    return binascii.b2a_base64(data, newline=False).translate(_ENCODE_TABLE).rstrip(b"=")
+
+
+def _b64decode_checked(seg: str) -> bytes | None:
+    """Decode a segment already known to use only the base64url alphabet; None if invalid."""
+    rem = len(seg) & 3
+    if rem == 1 or (rem and _B64_INDEX[seg[-1]] & _B64_TAIL_MASK[rem]):
+        return None
+    return base64.urlsafe_b64decode(seg + _B64_PAD[rem])
+
+
+def b64url_decode(value: str) -> bytes:
+    """Strict unpadded base64url decoding; ``ValueError`` on anything non-canonical."""
+    if not _B64_SEGMENT_RE.fullmatch(value):
+        raise ValueError("not unpadded base64url")
+    out = _b64decode_checked(value)
+    if out is None:
+        raise ValueError("not canonical base64url")
+    return out
+
+
+def payload_digest(payload: bytes) -> str:
+    """Unpadded base64url SHA-256 of *payload*: the ``payload_sha256`` claim."""
+    return b64url_encode(hashlib.sha256(payload).digest()).decode("ascii")
+
+
+def protected_header(kid: str) -> str:
+    """The base64url protected header segment for *kid*, exactly as the signer writes it."""
+    raw = msgspec.json.encode({"alg": ALG, "kid": kid, "typ": TYP})
+    return b64url_encode(raw).decode("ascii")
+
+
+def _strict_json(raw: bytes | str) -> Any:
+    """``json.loads`` that refuses duplicate members and NaN/Infinity."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(items)
+        if len(out) != len(items):
+            raise ValueError("duplicate member")
+        return out
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+
+
+# --- JWKS -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JwkEntry:
+    """One Ed25519 public key of a JWKS, with its rotation window.
+
+    ``revoked_at`` (key compromised or withdrawn) and ``not_after`` (end of a rotation
+    grace period) are unix seconds; from the earlier of them on, the key is refused.
+    ``members`` keeps every member of the JWK as loaded, so that rewriting a JWKS keeps
+    members this module does not interpret (RFC 7517 §4: ignore, don't drop).
+    """
+
+    kid: str
+    public_key: Ed25519PublicKey = field(compare=False)
+    x: str
+    revoked_at: float | None = None
+    not_after: float | None = None
+    members: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def refused_from(self) -> float:
+        """The first instant at which the key is no longer usable (``inf`` if never)."""
+        ends = [t for t in (self.revoked_at, self.not_after) if t is not None]
+        return min(ends, default=math.inf)
+
+    def usable_at(self, now: float) -> bool:
+        return now < self.refused_from
+
+    def to_jwk(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": self.x,
+            "kid": self.kid,
+            "alg": ALG,
+            "use": "sig",
+        }
+        out.update(
+            (k, v)
+            for k, v in self.members.items()
+            if k not in out and k not in ("revoked_at", "not_after")
+        )
+        if self.not_after is not None:
+            out["not_after"] = _json_time(self.not_after)
+        if self.revoked_at is not None:
+            out["revoked_at"] = _json_time(self.revoked_at)
+        return out
+
+
+def _json_time(t: float) -> int | float:
+    return int(t) if float(t).is_integer() else t
+
+
+class Jwks(Mapping[str, Ed25519PublicKey]):
+    """An immutable JWKS: ``kid`` → Ed25519 public key, plus each key's rotation window."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: Iterable[JwkEntry]) -> None:
+        by_kid: dict[str, JwkEntry] = {}
+        for entry in entries:
+            if entry.kid in by_kid:
+                raise ConfigError(f"JWKS: duplicate kid {entry.kid!r}")
+            by_kid[entry.kid] = entry
+        self._entries: Mapping[str, JwkEntry] = MappingProxyType(by_kid)
+
+    def __getitem__(self, kid: str) -> Ed25519PublicKey:
+        return self._entries[kid].public_key
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Jwks({list(self._entries)!r})"
+
+    @property
+    def entries(self) -> tuple[JwkEntry, ...]:
+        return tuple(self._entries.values())
+
+    def entry(self, kid: str) -> JwkEntry | None:
+        return self._entries.get(kid)
+
+    def usable_at(self, now: float) -> Jwks:
+        """The keys still usable at *now*: what to hand a generic JOSE verifier, which
+        ignores ``revoked_at`` / ``not_after``."""
+        return Jwks(e for e in self._entries.values() if e.usable_at(now))
+
+    def replace(self, entry: JwkEntry) -> Jwks:
+        """A copy with *entry* added, or replacing the entry with the same ``kid``."""
+        return Jwks([*(e for e in self._entries.values() if e.kid != entry.kid), entry])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keys": [e.to_jwk() for e in self._entries.values()]}
+
+    def to_json(self) -> bytes:
+        return msgspec.json.format(msgspec.json.encode(self.to_dict()), indent=2) + b"\n"
+
+
+def _jwk_time(jwk: Mapping[str, Any], name: str, where: str) -> float | None:
+    value = jwk.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigError(f"{where}: {name} must be unix seconds, got {value!r}")
+    return float(value)
+
+
+def _parse_jwk(jwk: Any, where: str) -> JwkEntry:
+    if not isinstance(jwk, Mapping):
+        raise ConfigError(f"{where}: not a JSON object")
+    if "d" in jwk:
+        # A JWKS is published to every verifier; refuse to handle private material.
+        raise ConfigError(f"{where}: contains a private key (member 'd')")
+    if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+        raise ConfigError(f"{where}: not an Ed25519 key (kty/crv must be OKP/Ed25519)")
+    if jwk.get("alg", ALG) != ALG:
+        raise ConfigError(f"{where}: alg must be {ALG}, got {jwk.get('alg')!r}")
+    if jwk.get("use", "sig") != "sig":
+        raise ConfigError(f"{where}: use must be 'sig', got {jwk.get('use')!r}")
+    ops = jwk.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        raise ConfigError(f"{where}: key_ops does not allow 'verify'")
+    kid = jwk.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise ConfigError(f"{where}: missing kid (artifacts always name their key)")
+    x = jwk.get("x")
+    try:
+        raw = b64url_decode(x) if isinstance(x, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError(f"{where}: x must be 32 bytes of unpadded base64url")
+    return JwkEntry(
+        kid=kid,
+        public_key=Ed25519PublicKey.from_public_bytes(raw),
+        x=x if isinstance(x, str) else "",
+        revoked_at=_jwk_time(jwk, "revoked_at", where),
+        not_after=_jwk_time(jwk, "not_after", where),
+        members=MappingProxyType(dict(jwk)),
+    )
+
+
+def load_jwks(source: Jwks | Mapping[str, Any] | str | os.PathLike[str] | bytes) -> Jwks:
+    """Load and validate a JWKS from a file path, raw JSON bytes or a decoded dict.
+
+    Every key must be an Ed25519 public JWK with a ``kid``; anything else is a
+    :class:`~bus_guard.errors.ConfigError` naming the source and the key.
+    """
+    if isinstance(source, Jwks):
+        return source
+    where = "JWKS"
+    doc: Any
+    if isinstance(source, Mapping):
+        doc = source
+    else:
+        if isinstance(source, bytes):
+            data = source
+        else:
+            where = os.fspath(source)
+            try:
+                data = Path(source).read_bytes()
+            except FileNotFoundError:
+                raise ConfigError(f"{where}: JWKS file not found") from None
+            except OSError as exc:
+                raise ConfigError(f"{where}: cannot read JWKS: {exc.strerror}") from exc
+        try:
+            doc = _strict_json(data)
+        except (ValueError, RecursionError) as exc:
+            raise ConfigError(f"{where}: not valid JSON: {exc}") from exc
+    keys = doc.get("keys") if isinstance(doc, Mapping) else None
+    if not isinstance(keys, list):
+        raise ConfigError(f"{where}: not a JWKS (expected an object with a 'keys' array)")
+    if not keys:
+        raise ConfigError(f"{where}: JWKS has no keys")
+    entries = [_parse_jwk(jwk, f"{where}: keys[{i}]") for i, jwk in enumerate(keys)]
+    kids = [e.kid for e in entries]
+    dups = sorted({k for k in kids if kids.count(k) > 1})
+    if dups:
+        raise ConfigError(f"{where}: duplicate kid {dups[0]!r}")
+    return Jwks(entries)
+
+
+# --- verification -----------------------------------------------------------------------
+
+
+def _fail(reason: VerifyReason, message: str) -> VerificationError:
+    return VerificationError(reason, message)
+
+
+class Verifier:
+    """Verifies artifacts against a JWKS. Immutable; build a new one when the JWKS changes.
+
+    ``seen`` is the hook for consume-once replay protection at the executor: it is called
+    with the ``jti`` of an otherwise valid artifact and must atomically record it and
+    return whether it had been recorded before.
+    """
+
+    __slots__ = ("_by_header", "_by_kid", "_issuer", "_leeway_s", "_seen", "jwks")
+
+    def __init__(
+        self,
+        jwks: Jwks | Mapping[str, Any] | str | os.PathLike[str] | bytes,
+        *,
+        leeway_s: float = 5.0,
+        issuer: str | None = None,
+        seen: Callable[[str], bool] | None = None,
+    ) -> None:
+        if not (math.isfinite(leeway_s) and leeway_s >= 0):
+            raise ConfigError(f"leeway_s must be a finite number >= 0, got {leeway_s!r}")
+        self.jwks = load_jwks(jwks)
+        self._leeway_s = float(leeway_s)
+        self._issuer = issuer
+        self._seen = seen
+        self._by_kid = {e.kid: (e.public_key, e.refused_from) for e in self.jwks.entries}
+        # The gateway writes one exact header per key, so a dict lookup on the raw segment
+        # replaces base64 + JSON parsing for every genuine token; anything else is parsed
+        # strictly by _parse_header.
+        self._by_header = {protected_header(kid): v for kid, v in self._by_kid.items()}
+
+    def verify(
+        self, token: str, *, subject: str, payload: bytes, now: float | None = None
+    ) -> ArtifactClaims:
+        """Verify *token* for a message received on *subject* carrying *payload*.
+
+        Returns the claims, or raises :class:`~bus_guard.errors.VerificationError`; no
+        other exception escapes for any *token* value.
+        """
+        if now is None:
+            now = time.time()
+        if type(token) is not str or len(token) > MAX_TOKEN_CHARS:
+            raise _fail(VerifyReason.MALFORMED, "artifact is not a compact JWS string")
+        if not _TOKEN_RE.fullmatch(token):
+            raise _fail(VerifyReason.MALFORMED, "artifact is not three base64url segments")
+        header_seg, claims_seg, sig_seg = token.split(".")
+        claims_raw = _b64decode_checked(claims_seg)
+        signature = _b64decode_checked(sig_seg)
+        if claims_raw is None or signature is None:
+            raise _fail(VerifyReason.MALFORMED, "non-canonical base64url segment")
+        known = self._by_header.get(header_seg)
+        public_key, refused_from = known or self._parse_header(header_seg)
+        if now >= refused_from:
+            raise _fail(VerifyReason.REVOKED_KID, f"key revoked or retired at {refused_from}")
+        if len(signature) != 64:
+            raise _fail(VerifyReason.BAD_SIGNATURE, "Ed25519 signatures are 64 bytes")
+        signing_input = token[: len(header_seg) + 1 + len(claims_seg)].encode("ascii")
+        try:
+            public_key.verify(signature, signing_input)
+        except InvalidSignature:
+            raise _fail(VerifyReason.BAD_SIGNATURE, "signature does not verify") from None
+        # Only now, with the bytes authenticated, are the claims parsed.
+        claims = self._decode_claims(claims_raw)
+        if claims.aud != subject:
+            raise _fail(
+                VerifyReason.WRONG_AUDIENCE, f"issued for {claims.aud!r}, received on {subject!r}"
+            )
+        if claims.nbf > now + self._leeway_s:
+            raise _fail(VerifyReason.NOT_YET_VALID, f"nbf {claims.nbf} is after now {now:.0f}")
+        if now - self._leeway_s >= claims.exp:
+            raise _fail(VerifyReason.EXPIRED, f"exp {claims.exp} is before now {now:.0f}")
+        if self._issuer is not None and claims.iss != self._issuer:
+            raise _fail(
+                VerifyReason.WRONG_ISSUER, f"issued by {claims.iss!r}, expected {self._issuer!r}"
+            )
+        if not hmac.compare_digest(claims.payload_sha256, payload_digest(payload)):
+            raise _fail(VerifyReason.PAYLOAD_MISMATCH, "payload is not the authorized bytes")
+        if self._seen is not None and self._seen(claims.jti):
+            raise _fail(VerifyReason.REPLAY, f"decision {claims.jti!r} was already executed")
+        return claims
+
+    def _parse_header(self, seg: str) -> tuple[Ed25519PublicKey, float]:
+        raw = _b64decode_checked(seg)
+        if raw is None:
+            raise _fail(VerifyReason.MALFORMED, "non-canonical base64url header")
+        try:
+            header = _strict_json(raw)
+        except (ValueError, RecursionError):
+            raise _fail(VerifyReason.MALFORMED, "header is not JSON") from None
+        if not isinstance(header, dict):
+            raise _fail(VerifyReason.MALFORMED, "header is not a JSON object")
+        if "crit" in header:
+            raise _fail(VerifyReason.BAD_HEADER, "critical header extensions are not supported")
+        if header.get("alg") != ALG:
+            raise _fail(VerifyReason.BAD_HEADER, f"alg must be {ALG}")
+        if header.get("typ") != TYP:
+            raise _fail(VerifyReason.BAD_HEADER, f"typ must be {TYP}")
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise _fail(VerifyReason.BAD_HEADER, "kid is missing")
+        if header.keys() != _HEADER_MEMBERS:
+            extra = sorted(header.keys() - _HEADER_MEMBERS)
+            raise _fail(VerifyReason.BAD_HEADER, f"unexpected header members {extra}")
+        key = self._by_kid.get(kid)
+        if key is None:
+            raise _fail(VerifyReason.UNKNOWN_KID, f"no key {kid!r} in the JWKS")
+        return key
+
+    @staticmethod
+    def _decode_claims(raw: bytes) -> ArtifactClaims:
+        try:
+            claims = _CLAIMS_DECODER.decode(raw)
+        except msgspec.DecodeError as exc:  # ValidationError is a subclass
+            raise _fail(VerifyReason.MALFORMED, f"claims: {exc}") from None
+        if _CLAIMS_ENCODER.encode(claims) != raw:
+            # Not our encoder's exact bytes: msgspec keeps the last of duplicate members,
+            # so look for duplicates with a parser that can see them.
+            try:
+                _strict_json(raw)
+            except (ValueError, RecursionError) as exc:
+                raise _fail(VerifyReason.MALFORMED, f"claims: {exc}") from None
+        return claims
+
+
+def verify_message(
+    verifier: Verifier,
+    *,
+    subject: str,
+    headers: Mapping[str, str] | None,
+    payload: bytes,
+    now: float | None = None,
+) -> ArtifactClaims:
+    """Verify a message as an executor received it on *subject* (headers and payload)."""
+    token = headers.get(ARTIFACT_HEADER) if headers else None
+    if token is None:
+        raise _fail(VerifyReason.MISSING_ARTIFACT, f"no {ARTIFACT_HEADER} header")
+    claims = verifier.verify(token, subject=subject, payload=payload, now=now)
+    decision = headers.get(DECISION_HEADER) if headers else None
+    if decision is not None and decision != claims.jti:
+        raise _fail(
+            VerifyReason.DECISION_MISMATCH,
+            f"{DECISION_HEADER} {decision!r} is not the artifact's jti {claims.jti!r}",
+        )
+    return claims
+
+
+def main_verify(
+    *,
+    jwks: Path,
+    subject: str,
+    payload: Path,
+    artifact: str,
+    out: TextIO,
+    now: float | None = None,
+) -> int:
+    """``bus-guard verify``: 0 and the claims as JSON if valid, 1 if invalid, 2 on bad input.
+
+    *artifact* is the token itself, or ``@FILE`` to read it from a file.
+    """
+    try:
+        verifier = Verifier(jwks)
+        if artifact.startswith("@"):
+            token = Path(artifact[1:]).read_text(encoding="ascii").strip()
+        else:
+            token = artifact.strip()
+        body = payload.read_bytes()
+    except ConfigError as exc:
+        out.write(f"error: {exc}\n")
+        return 2
+    except (OSError, UnicodeDecodeError) as exc:
+        out.write(f"error: {exc}\n")
+        return 2
+    try:
+        claims = verifier.verify(token, subject=subject, payload=body, now=now)
+    except VerificationError as exc:
+        out.write(f"invalid: {exc}\n")
+        return 1
+    out.write(msgspec.json.format(msgspec.json.encode(claims), indent=2).decode() + "\n")
+    return 0
