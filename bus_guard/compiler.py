@@ -1,0 +1,310 @@
+"""Compiling validated bundles into an immutable, indexed :class:`PolicySet`.
+
+Evaluation is Cedar's: default deny; any applicable ``deny`` rule decides (naming every
+applicable deny rule); else any applicable ``escalate`` rule holds; else any applicable
+``allow`` rule allows; else ``deny no_matching_rule``. A rule applies when the principal,
+the action and the resource each match one of its patterns and its condition holds. Rule
+order never matters: every applicable rule of the deciding effect is named, sorted.
+
+Cost per request does not grow with the rule count: the rules that can apply to a
+(principal, action) pair come from a dict + token trie over actions and a dict over
+principal ids (groups expanded), intersected from the smaller side and cached; only those
+candidates' resource patterns and conditions are then tested.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+from .conditions import ConditionTrace, trace
+from .decision import Decision, Effect, Mode, Reason, Request
+from .patterns import ActionIndex, parse_action_pattern
+from .policy_model import Bundle
+from .rules import CompiledRule, Problem, compile_rule, shadowed
+from .state import State
+
+__all__ = (
+    "BundleInfo",
+    "CompiledRule",
+    "Explanation",
+    "PolicySet",
+    "Problem",
+    "RuleTrace",
+    "compile_policy_set",
+)
+
+log = logging.getLogger(__name__)
+
+CACHE_SIZE: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class BundleInfo:
+    name: str
+    version: str
+    file: str
+    rule_count: int
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class RuleTrace:
+    """How one rule fared against a request."""
+
+    rule: CompiledRule
+    principal: bool
+    action: bool
+    resource: bool
+    condition: ConditionTrace | None  # None: the rule has no condition
+
+    @property
+    def applies(self) -> bool:
+        held = self.condition is None or self.condition.held
+        return self.principal and self.action and self.resource and held
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Every rule whose action matched or which names the principal, and the decision."""
+
+    request: Request
+    decision: Decision
+    rules: tuple[RuleTrace, ...]
+
+
+class _Candidates(NamedTuple):
+    deny: tuple[CompiledRule, ...]
+    escalate: tuple[CompiledRule, ...]
+    allow: tuple[CompiledRule, ...]
+
+
+_MESSAGES: Final = {
+    Reason.DENIED_BY_RULE: "denied by rule",
+    Reason.ESCALATED_BY_RULE: "held for approval by rule",
+    Reason.ALLOWED_BY_RULE: "allowed by rule",
+}
+
+
+class PolicySet:
+    """The compiled, immutable policy: ``evaluate`` is the hot path, ``explain`` the slow one."""
+
+    __slots__ = (
+        "_any_principal",
+        "_by_action",
+        "_by_principal",
+        "_cache",
+        "_glob_principal",
+        "_infos",
+        "_rules",
+        "digest",
+        "mode",
+        "version",
+    )
+
+    digest: str
+    version: str
+    mode: Mode
+    _rules: tuple[CompiledRule, ...]
+    _infos: tuple[BundleInfo, ...]
+    _by_principal: dict[str, tuple[int, ...]]
+    _any_principal: frozenset[int]
+    _glob_principal: tuple[int, ...]
+    _by_action: ActionIndex
+    _cache: dict[tuple[str, str], _Candidates]
+
+    def __init__(
+        self, rules: Sequence[CompiledRule], infos: Sequence[BundleInfo], digest: str, mode: Mode
+    ) -> None:
+        ordered = tuple(sorted(rules, key=lambda r: r.id))  # index order = id order
+        infos_ = tuple(sorted(infos, key=lambda b: b.name))
+        by_principal: dict[str, list[int]] = {}
+        for i, rule in enumerate(ordered):
+            if not rule.any_principal:
+                for pid in rule.principal_ids:
+                    by_principal.setdefault(pid, []).append(i)
+        fields = {
+            "digest": digest,
+            "mode": mode,
+            "version": ",".join(f"{b.name}@{b.version}" for b in infos_),
+            "_rules": ordered,
+            "_infos": infos_,
+            "_by_principal": {k: tuple(v) for k, v in by_principal.items()},
+            "_any_principal": frozenset(i for i, r in enumerate(ordered) if r.any_principal),
+            "_glob_principal": tuple(
+                i for i, r in enumerate(ordered) if r.principal_globs and not r.any_principal
+            ),
+            "_by_action": ActionIndex(
+                (tokens, i) for i, r in enumerate(ordered) for tokens in r.action_tokens
+            ),
+            # (principal, action) -> candidates, cleared when full. Plain dict operations
+            # are atomic under the GIL, and a lost insert only costs a recomputation.
+            "_cache": {},
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"PolicySet is immutable; cannot set {name!r}")
+
+    def __repr__(self) -> str:
+        return f"PolicySet({self.version!r}, rules={self.rule_count}, {self.digest[:19]}…)"
+
+    @property
+    def rule_count(self) -> int:
+        return len(self._rules)
+
+    @property
+    def bundles(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self._infos)
+
+    @property
+    def bundle_info(self) -> tuple[BundleInfo, ...]:
+        return self._infos
+
+    @property
+    def rules(self) -> tuple[CompiledRule, ...]:
+        """Every rule, sorted by id."""
+        return self._rules
+
+    def candidates(self, principal: str, action: str) -> tuple[str, ...]:
+        """Ids of the rules that match ``principal`` and ``action`` (before resource and
+        condition), i.e. all that ``evaluate`` will look at."""
+        found = self._candidates(principal, action)
+        return tuple(sorted(r.id for part in found for r in part))
+
+    def evaluate(self, request: Request, state: State) -> Decision:
+        found = self._cache.get((request.principal, request.action))
+        if found is None:
+            found = self._candidates(request.principal, request.action)
+        resource = request.resource
+        for reason, rules in (
+            (Reason.DENIED_BY_RULE, found.deny),
+            (Reason.ESCALATED_BY_RULE, found.escalate),
+            (Reason.ALLOWED_BY_RULE, found.allow),
+        ):
+            hits = tuple(
+                r.id
+                for r in rules  # sorted by id already
+                if r.match_resource(resource) and (r.check is None or r.check(request))
+            )
+            if hits:
+                return self._decision(reason, hits, request)
+        return self._decision(Reason.NO_MATCHING_RULE, (), request)
+
+    def explain(self, request: Request) -> Explanation:
+        """Trace every rule that matches the action or names the principal (a linear scan:
+        a debugging tool, not the hot path) and decide exactly as ``evaluate`` does."""
+        traces = []
+        for rule in self._rules:
+            by_principal = rule.match_principal(request.principal)
+            by_action = rule.match_action(request.action)
+            if not (by_action or (by_principal and not rule.any_principal)):
+                continue
+            cond = None if rule.condition is None else trace(rule.condition, request)
+            traces.append(
+                RuleTrace(
+                    rule, by_principal, by_action, rule.match_resource(request.resource), cond
+                )
+            )
+        decision = self._decision(Reason.NO_MATCHING_RULE, (), request)
+        for effect, reason in (
+            ("deny", Reason.DENIED_BY_RULE),
+            ("escalate", Reason.ESCALATED_BY_RULE),
+            ("allow", Reason.ALLOWED_BY_RULE),
+        ):
+            hits = tuple(t.rule.id for t in traces if t.applies and t.rule.effect == effect)
+            if hits:
+                decision = self._decision(reason, hits, request)
+                break
+        return Explanation(request, decision, tuple(traces))
+
+    def _decision(self, reason: Reason, rules: tuple[str, ...], request: Request) -> Decision:
+        if reason is Reason.NO_MATCHING_RULE:
+            effect = Effect.DENY
+            resource = request.resource if len(request.resource) <= 80 else "…"
+            message = f"no rule allows {request.principal} {request.action} on {resource}"
+        else:
+            effect = {Reason.ALLOWED_BY_RULE: Effect.ALLOW, Reason.DENIED_BY_RULE: Effect.DENY}.get(
+                reason, Effect.HOLD
+            )
+            plural = "s" if len(rules) > 1 else ""
+            message = f"{_MESSAGES[reason]}{plural} {', '.join(rules)}"
+        return Decision(
+            effect,
+            reason,
+            rules=rules,
+            message=message,
+            policy_digest=self.digest,
+            policy_version=self.version,
+            mode=self.mode,
+        )
+
+    def _candidates(self, principal: str, action: str) -> _Candidates:
+        rules = self._rules
+        by_action = self._by_action.match(action)
+        named = self._by_principal.get(principal, ())
+        # Intersect from the smaller side so neither many wildcard-principal rules nor many
+        # wildcard-action rules make one lookup linear.
+        if len(by_action) <= len(named) + len(self._any_principal) + len(self._glob_principal):
+            ids = sorted(i for i in by_action if rules[i].match_principal(principal))
+        else:
+            pool = set(named) | self._any_principal
+            pool.update(i for i in self._glob_principal if rules[i].match_principal(principal))
+            ids = sorted(i for i in pool if rules[i].match_action(action))
+        found = _Candidates(
+            tuple(rules[i] for i in ids if rules[i].effect == "deny"),
+            tuple(rules[i] for i in ids if rules[i].effect == "escalate"),
+            tuple(rules[i] for i in ids if rules[i].effect == "allow"),
+        )
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.clear()
+        self._cache[(principal, action)] = found
+        return found
+
+
+def compile_policy_set(
+    sources: Sequence[tuple[str, Bundle]], digest: str
+) -> tuple[PolicySet | None, list[Problem]]:
+    """Compile validated bundles (``(file, bundle)`` pairs, in file order) together."""
+    problems: list[Problem] = []
+    rules: list[CompiledRule] = []
+    where: dict[str, tuple[str, int]] = {}  # rule id -> (file, index) where first seen
+    bundle_files: dict[str, str] = {}
+    infos = []
+    for file, bundle in sources:
+        if (other := bundle_files.setdefault(bundle.bundle, file)) != file:
+            message = f"bundle name {bundle.bundle!r} is also used by {other}"
+            problems.append(Problem(file, None, None, ("bundle",), message))
+        schemas = [(k, parse_action_pattern(k), decl) for k, decl in bundle.schemas.items()]
+        for index, rule in enumerate(bundle.rules):
+            if rule.id in where:
+                message = f"duplicate rule id, first defined in {where[rule.id][0]}"
+                problems.append(Problem(file, rule.id, index, ("id",), message))
+                continue
+            where[rule.id] = (file, index)
+            rules.append(compile_rule(rule, index, bundle, file, schemas, problems))
+        infos.append(
+            BundleInfo(bundle.bundle, bundle.version, file, len(bundle.rules), bundle.description)
+        )
+    first_file, first = sources[0] if sources else ("", None)
+    for file, bundle in sources:
+        if first is not None and bundle.mode != first.mode:
+            message = (
+                f"mode {bundle.mode!r} differs from {first.mode!r} in {first_file};"
+                " bundles loaded together must share one mode"
+            )
+            problems.append(Problem(file, None, None, ("mode",), message))
+    for dead, outer in shadowed(rules):
+        message = (
+            f"unreachable: {outer.effect} rule {outer.id!r} ({outer.file}) applies without"
+            " condition to every principal, action and resource this rule matches"
+        )
+        problems.append(Problem(dead.file, dead.id, where[dead.id][1], (), message))
+    if problems:
+        return None, problems
+    policy_set = PolicySet(rules, infos, digest, first.mode if first is not None else "enforce")
+    log.debug("compiled %s: %d rules, %s", policy_set.version, policy_set.rule_count, digest)
+    return policy_set, []

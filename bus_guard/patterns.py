@@ -1,0 +1,244 @@
+"""Principal, action and resource patterns: parsing, matching, coverage and the action index.
+
+Action patterns use NATS subject wildcards over dot-separated tokens: ``*`` matches exactly
+one token, ``>`` one or more and only as the last token. Principal and resource patterns are
+globs where ``*`` matches any run of characters (including none) and ``?`` one character;
+every other character is literal (there are no ``[...]`` classes, so nothing surprises).
+
+Everything here runs at compile time except the matchers, which are built once per rule
+and specialised (equality, ``startswith``, or a compiled regex) so that a request pays only
+for the kind of pattern it meets.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Final
+
+__all__ = (
+    "ActionIndex",
+    "action_covers",
+    "action_matches",
+    "glob_covers",
+    "glob_matcher",
+    "is_glob",
+    "parse_action_pattern",
+    "set_matcher",
+)
+
+Tokens = tuple[str, ...]
+Matcher = Callable[[str], bool]
+
+_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_GLOB_META: Final = frozenset("*?")
+
+
+def parse_action_pattern(pattern: str) -> Tokens:
+    """Split and validate an action pattern; ``ValueError`` says what is wrong."""
+    if not pattern:
+        raise ValueError("action pattern is empty")
+    tokens = tuple(pattern.split("."))
+    for i, token in enumerate(tokens):
+        if token == "":
+            raise ValueError(f"action pattern {pattern!r} has an empty token")
+        if token == ">":
+            if i != len(tokens) - 1:
+                raise ValueError(f"in action pattern {pattern!r}, '>' must be the last token")
+        elif token == "*":
+            continue
+        elif "*" in token or ">" in token:
+            raise ValueError(
+                f"action pattern {pattern!r}: token {token!r} mixes a wildcard with text;"
+                " wildcards stand for whole tokens ('payments.*', 'tools.>')"
+            )
+        elif _TOKEN_RE.fullmatch(token) is None:
+            raise ValueError(
+                f"action pattern {pattern!r}: token {token!r} may only use A-Z a-z 0-9 _ -"
+            )
+    return tokens
+
+
+def action_matches(pattern: Tokens, action: Tokens) -> bool:
+    """Whether a parsed pattern matches the tokens of a concrete action."""
+    for i, token in enumerate(pattern):
+        if token == ">":
+            return len(action) > i
+        if i >= len(action) or (token != "*" and token != action[i]):
+            return False
+    return len(action) == len(pattern)
+
+
+def action_covers(outer: Tokens, inner: Tokens) -> bool:
+    """Whether every action matched by ``inner`` is matched by ``outer`` (exact, not approx)."""
+    for i, token in enumerate(outer):
+        if token == ">":
+            return len(inner) > i  # whatever inner has from here on is one or more tokens
+        if i >= len(inner):
+            return False
+        other = inner[i]
+        if token == "*":
+            if other == ">":  # '>' may stand for several tokens, '*' for one only
+                return False
+        elif other != token:
+            return False
+    return len(inner) == len(outer)
+
+
+def is_glob(pattern: str) -> bool:
+    return not _GLOB_META.isdisjoint(pattern)
+
+
+def _literal_prefix(pattern: str) -> str:
+    for i, ch in enumerate(pattern):
+        if ch in _GLOB_META:
+            return pattern[:i]
+    return pattern
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    parts = [".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern]
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def _always(_: str) -> bool:
+    return True
+
+
+def glob_matcher(pattern: str) -> Matcher:
+    """A matcher for one glob, specialised by its shape."""
+    if pattern.strip("*") == "":
+        return _always
+    prefix = _literal_prefix(pattern)
+    if not is_glob(pattern):
+        return pattern.__eq__
+    if pattern == prefix + "*":
+        return lambda value: value.startswith(prefix)
+    fullmatch = _glob_regex(pattern).fullmatch
+    return lambda value: fullmatch(value) is not None
+
+
+def set_matcher(patterns: Iterable[str]) -> Matcher:
+    """One matcher for a list of globs: a set for exact values, a tuple of prefixes for
+    ``prefix*`` and one alternation regex for the rest."""
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    others: list[str] = []
+    for pattern in patterns:
+        if pattern.strip("*") == "":
+            return _always
+        if not is_glob(pattern):
+            exact.add(pattern)
+        elif pattern == _literal_prefix(pattern) + "*":
+            prefixes.append(pattern[:-1])
+        else:
+            others.append(pattern)
+    frozen = frozenset(exact)
+    starts = tuple(prefixes)
+    if not starts and not others:
+        return frozen.__contains__
+    if not others:
+        if not frozen:
+            return lambda value: value.startswith(starts)
+        return lambda value: value in frozen or value.startswith(starts)
+    rx = re.compile("|".join(f"(?:{_glob_regex(p).pattern})" for p in others), re.DOTALL)
+    fullmatch = rx.fullmatch
+    return lambda value: value in frozen or value.startswith(starts) or fullmatch(value) is not None
+
+
+def glob_covers(outer: str, inner: str) -> bool:
+    """Whether ``outer`` provably matches everything ``inner`` matches (conservative:
+    ``False`` means "could not prove", not "does not cover")."""
+    if outer.strip("*") == "" or outer == inner:
+        return True
+    if not is_glob(outer):
+        return False
+    if not is_glob(inner):
+        return _glob_regex(outer).fullmatch(inner) is not None
+    prefix = _literal_prefix(outer)
+    # 'p*' covers any glob whose literal start begins with p (e.g. 'acct-*' ⊆ 'acct*').
+    return outer == prefix + "*" and _literal_prefix(inner).startswith(prefix)
+
+
+class _Node:
+    """A trie node over action tokens; built at compile time and never mutated after."""
+
+    __slots__ = ("children", "here", "star", "tail")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.star: _Node | None = None
+        self.here: list[int] = []  # patterns that end at this node
+        self.tail: list[int] = []  # patterns with '>' at this position
+
+
+class ActionIndex:
+    """Maps actions to the ids (ints) of patterns matching them.
+
+    Literal patterns live in a dict; wildcard patterns in a token trie, so a lookup costs
+    O(tokens * wildcard branching) whatever the number of patterns.
+    """
+
+    __slots__ = ("_exact", "_root")
+
+    def __init__(self, entries: Iterable[tuple[Tokens, int]]) -> None:
+        exact: dict[str, set[int]] = {}
+        self._root = _Node()
+        for tokens, value in entries:
+            if "*" not in tokens and ">" not in tokens:
+                exact.setdefault(".".join(tokens), set()).add(value)
+                continue
+            node = self._root
+            for token in tokens:
+                if token == ">":
+                    node.tail.append(value)
+                    break
+                if token == "*":
+                    if node.star is None:
+                        node.star = _Node()
+                    node = node.star
+                else:
+                    node = node.children.setdefault(token, _Node())
+            else:
+                node.here.append(value)
+        self._exact = {k: frozenset(v) for k, v in exact.items()}
+
+    def match(self, action: str) -> set[int]:
+        """Ids of the patterns that match a concrete action."""
+        out = set(self._exact.get(action, ()))
+        self._walk(self._root, tuple(action.split(".")), 0, out)
+        return out
+
+    def _walk(self, node: _Node, tokens: Tokens, i: int, out: set[int]) -> None:
+        if node.tail and i < len(tokens):
+            out.update(node.tail)
+        if i == len(tokens):
+            out.update(node.here)
+            return
+        child = node.children.get(tokens[i])
+        if child is not None:
+            self._walk(child, tokens, i + 1, out)
+        if node.star is not None:
+            self._walk(node.star, tokens, i + 1, out)
+
+    def covering(self, pattern: Tokens) -> set[int]:
+        """Ids of the patterns that cover every action ``pattern`` matches."""
+        out: set[int] = set()
+        if "*" not in pattern and ">" not in pattern:
+            out.update(self._exact.get(".".join(pattern), ()))
+        self._cover(self._root, pattern, 0, out)
+        return out
+
+    def _cover(self, node: _Node, pattern: Tokens, i: int, out: set[int]) -> None:
+        if node.tail and i < len(pattern):
+            out.update(node.tail)
+        if i == len(pattern):
+            out.update(node.here)
+            return
+        token = pattern[i]
+        if token == ">":
+            return  # only a '>' (handled above) covers one-or-more tokens
+        if token != "*" and (child := node.children.get(token)) is not None:
+            self._cover(child, pattern, i + 1, out)
+        if node.star is not None:
+            self._cover(node.star, pattern, i + 1, out)
