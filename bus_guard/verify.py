@@ -518,7 +518,9 @@ class Verifier:
     def _decode_claims(raw: bytes) -> ArtifactClaims:
         try:
             claims = _CLAIMS_DECODER.decode(raw)
-        except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        # DecodeError (and its subclass ValidationError), but also UnicodeDecodeError,
+        # which msgspec lets through for invalid UTF-8 inside strings: all ValueErrors.
+        except ValueError as exc:
             raise _fail(VerifyReason.MALFORMED, f"claims: {exc}") from None
         if _CLAIMS_ENCODER.encode(claims) != raw:
             # Not our encoder's exact bytes: msgspec keeps the last of duplicate members,
