@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,8 +58,7 @@ class LeafNode:
 
     @property
     def text(self) -> str:
-        shown = self.value if isinstance(self.value, list) else repr(self.value)
-        return f"{self.field} {self.op} {shown}"
+        return f"{self.field} {self.op} {json.dumps(self.value)}"
 
 
 @dataclass(frozen=True, slots=True)

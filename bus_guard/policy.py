@@ -46,6 +46,7 @@ __all__ = (
     "RuleTrace",
     "load_policies",
     "load_policy_sources",
+    "load_yaml",
     "policy_json_schema",
 )
 
@@ -72,6 +73,11 @@ _KNOWN_KEYS: Final = sorted(
         for name, info in model.model_fields.items()
     }
 )
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML the way policy files are read (YAML 1.2 booleans); raises ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_Loader)  # safe: _Loader is a SafeLoader
 
 
 def load_policies(path: str | os.PathLike[str]) -> PolicySet:
@@ -153,7 +159,9 @@ def _validate(
     bad: set[int] = set()
     for error in errors:
         loc, message = _explain_error(error)
-        problems.append(_format(file, raw, node, loc, message))
+        # Point the line at the offending key itself, the path at what holds it.
+        line_loc = _clean(error["loc"]) if error["type"] == "extra_forbidden" else loc
+        problems.append(_format(file, raw, node, loc, message, line_loc))
         if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
             bad.add(loc[1])
         else:
@@ -249,8 +257,10 @@ def _path(loc: Loc) -> str:
     return out
 
 
-def _format(file: str, raw: Any, node: yaml.Node, loc: Loc, message: str) -> str:
-    line = _line(node, loc)
+def _format(
+    file: str, raw: Any, node: yaml.Node, loc: Loc, message: str, line_loc: Loc | None = None
+) -> str:
+    line = _line(node, loc if line_loc is None else line_loc)
     if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
         index = loc[1]
         rules = raw.get("rules") if isinstance(raw, dict) else None
@@ -262,9 +272,14 @@ def _format(file: str, raw: Any, node: yaml.Node, loc: Loc, message: str) -> str
     return f"{file}: {_path(loc) or 'top level'}: {message} (line {line})"
 
 
+def _clean(loc: Loc) -> Loc:
+    """Drop what pydantic adds to locations: union tags and dict-key markers."""
+    return tuple(p for p in loc if p not in ConditionTag and p != "[key]")
+
+
 def _explain_error(error: ErrorDetails) -> tuple[Loc, str]:
     """A pydantic error as (location in the YAML, message a policy author understands)."""
-    loc: Loc = tuple(p for p in error["loc"] if p not in ConditionTag and p != "[key]")
+    loc = _clean(error["loc"])
     kind, value = error["type"], error.get("input")
     if kind == "missing":
         return loc[:-1], f"missing required key {loc[-1]!r}"
