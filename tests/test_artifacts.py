@@ -276,8 +276,13 @@ _ENV = make_env()
 # --- interop with an independent JOSE implementation -------------------------------------
 
 
+def _keyset(env: Env) -> KeySet:
+    doc: Any = env.jwks.to_dict()
+    return KeySet.import_key_set(doc)
+
+
 def _joserfc_decode(env: Env, token: str) -> jwt.Token:
-    keyset = KeySet.import_key_set(env.jwks.to_dict())
+    keyset = _keyset(env)
     # joserfc flags the polymorphic "EdDSA" alg as deprecated by RFC 9864 (which names
     # it "Ed25519"); SPEC §6 fixes "EdDSA", so the warning is expected here.
     with warnings.catch_warnings():
@@ -299,8 +304,7 @@ def test_joserfc_verifies_our_tokens(env: Env) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SecurityWarning)
         with pytest.raises(Exception, match="signature"):
-            keyset = KeySet.import_key_set(env.jwks.to_dict())
-            jws.deserialize_compact(broken, keyset, algorithms=["EdDSA"])
+            jws.deserialize_compact(broken, _keyset(env), algorithms=["EdDSA"])
 
 
 def test_we_verify_joserfc_tokens(env: Env) -> None:
@@ -665,3 +669,11 @@ def test_all_matches_public_names(module: Any) -> None:
     assert defined <= set(module.__all__)
     assert all(hasattr(module, name) for name in module.__all__)
     assert isinstance(module.__all__, tuple)
+
+
+def test_crit_header_is_refused_by_name(env: Env) -> None:
+    # crit would also fail the exact-members check; the message must say why.
+    token = forge(env.key, header_for(env.key, crit=["exp"], exp=NOW), {})
+    with pytest.raises(VerificationError, match="bad_header: critical header") as e:
+        env.verifier.verify(token, subject=SUBJECT, payload=PAYLOAD, now=NOW)
+    assert e.value.reason == VerifyReason.BAD_HEADER

@@ -71,7 +71,7 @@ def test_key_file_is_created_0600_never_wider(
         opened.append((os.fspath(path), flags, mode))
         return real_open(path, flags, mode, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(keys.os, "open", spy)
+    monkeypatch.setattr(os, "open", spy)  # keys.py calls os.open
     generate_key(tmp_path)
     key_opens = [(f, m) for p, f, m in opened if "signing-key.pem" in p and f & os.O_CREAT]
     assert key_opens, opened
