@@ -1,0 +1,829 @@
+"""The deployment topology in compose/ cannot be bypassed (SPEC section 2; SCENARIOS S1, S7).
+
+Every test runs the *shipped* NATS configuration as a real nats-server on loopback
+(tests/topology.py renders only ports and paths; auth.conf is linked unchanged) and connects as
+the shipped users. Assertions name what arrives and what does not.
+
+"Must not arrive" is shown without sleeping. A forbidden publish is dropped by the server, which
+reports ``-ERR 'Permissions Violation ...'`` to the publisher before answering its next PING, so
+after a PING/PONG round trip (:func:`round_trip`: two flushes, see there why one is not enough
+with nats-py 2.16) the violation is in the publisher's ``error_cb``. Then a *barrier* follows the
+forbidden message along a permitted path: the agent publishes an intent, the gateway receives it
+and only then publishes a marker on ``guard.exec``; the executor receiving the marker proves that
+anything the agent sent before would already have reached the executor (one server processes a
+connection's messages in order and queues deliveries to a subscriber in order), so the
+executor's list can be compared exactly.
+
+nats-py lower-cases the server's error text, subjects included, hence ``.lower()`` below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import posixpath
+import re
+import subprocess
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import urlsplit
+
+import nats
+import nats.micro
+import pytest
+import yaml
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import KeyValueConfig, StreamConfig
+from nats.js.errors import ServiceUnavailableError
+
+from bus_guard.server import NatsServer, find_nats_server
+from tests.topology import (
+    CLUSTER_CONFIGS,
+    COMPOSE,
+    SINGLE_CONFIG,
+    LocalCluster,
+    credentials,
+    local_cluster,
+    local_server,
+)
+
+T = TypeVar("T")
+
+CREDENTIALS = credentials()
+AGENTS = ("agent-1", "agent-2", "agent-3", "agent-7", "agent-9")
+TRANSFER = "payments.transfer"
+JWKS = b'{"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "kid": "k1"}]}'  # noqa: E501
+INTAKE = StreamConfig(name="INTAKE", subjects=["guard.in.>"])
+PONG = b"PONG\r\n"
+AUTH_VIOLATION = b"-ERR 'Authorization Violation'\r\n"
+EXEC_JS_PREFIX = "JS.GUARD.API"  # the executors' view of the exported JWKS lookups
+
+
+def pub_violation(subject: str) -> str:
+    return f'nats: permissions violation for publish to "{subject.lower()}"'
+
+
+def reply_violation(reply: str) -> str:
+    return f'nats: permissions violation for publish with reply of "{reply.lower()}"'
+
+
+def sub_violation(subject: str) -> str:
+    return f'nats: permissions violation for subscription to "{subject.lower()}"'
+
+
+async def round_trip(nc: Client) -> None:
+    """A PING/PONG that is answered only after the server has seen every earlier command.
+
+    One ``flush()`` is not that in nats-py 2.16: ``_send_ping`` writes the PING straight to the
+    socket, ahead of PUB/SUB commands still queued for the flusher task, so the PONG can come
+    back before the server has processed them (measured: ~10% of runs lost trailing
+    permission errors). The first flush kicks the flusher, which writes the queue before the
+    PONG can be read; the second PING is therefore behind those commands on the wire.
+    """
+    await nc.flush()
+    await nc.flush()
+
+
+class Received:
+    """Messages a subscription got, in order, with a wait for a given subject."""
+
+    def __init__(self) -> None:
+        self.msgs: list[Msg] = []
+        self._changed = asyncio.Event()
+
+    async def on_msg(self, msg: Msg) -> None:
+        self.msgs.append(msg)
+        self._changed.set()
+
+    @property
+    def subjects(self) -> list[str]:
+        return [m.subject for m in self.msgs]
+
+    async def wait_for(self, subject: str, timeout_s: float = 5.0) -> Msg:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                for msg in self.msgs:
+                    if msg.subject == subject:
+                        return msg
+                self._changed.clear()  # no await since the scan: nothing can slip in between
+                await self._changed.wait()
+
+
+class Peer:
+    """One connection as one shipped user, with the errors the server reported to it."""
+
+    def __init__(self, nc: Client, user: str, errors: list[str]) -> None:
+        self.nc, self.user, self._errors = nc, user, errors
+
+    async def errors(self) -> list[str]:
+        """Every error reported so far, including those for all earlier operations."""
+        await round_trip(self.nc)
+        return list(self._errors)
+
+    async def collect(self, *subjects: str) -> Received:
+        received = Received()
+        for subject in subjects:
+            await self.nc.subscribe(subject, cb=received.on_msg)
+        await round_trip(self.nc)
+        return received
+
+
+class Bus:
+    """Connections to one server (or cluster node), closed together."""
+
+    def __init__(self) -> None:
+        self._stack = AsyncExitStack()
+
+    async def connect(self, url: str, user: str, **options: Any) -> Peer:
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        if user.startswith("agent-"):
+            # agents may only subscribe below their own inbox prefix (auth.conf)
+            options.setdefault("inbox_prefix", f"_INBOX.{user}")
+        nc = await nats.connect(
+            url,
+            user=user,
+            password=CREDENTIALS[user],
+            error_cb=on_error,
+            allow_reconnect=False,
+            **options,
+        )
+        self._stack.push_async_callback(nc.close)
+        return Peer(nc, user, errors)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+
+async def exec_barrier(
+    agent: Peer, gateway: Peer, intake: Received, executed: Received, tag: str
+) -> None:
+    """Return once anything ``agent`` sent earlier would have reached ``executed``."""
+    await agent.nc.publish(f"guard.in.{agent.user}.barrier.{tag}", b"{}")
+    await intake.wait_for(f"guard.in.{agent.user}.barrier.{tag}")
+    await gateway.nc.publish(f"guard.exec.barrier.{tag}", b"")
+    await executed.wait_for(f"guard.exec.barrier.{tag}")
+
+
+def stream_states(infos: list[Any]) -> dict[str, tuple[int, int]]:
+    return {i.config.name: (i.state.messages, i.state.last_seq) for i in infos}
+
+
+@pytest.fixture
+def guard_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server running compose/nats-server.conf (with compose/auth.conf)."""
+    with local_server(tmp_path) as server:
+        yield server
+
+
+# -- the shipped files -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config", [SINGLE_CONFIG, *CLUSTER_CONFIGS], ids=lambda p: str(p.relative_to(COMPOSE))
+)
+def test_shipped_config_passes_nats_server_check(config: Path) -> None:
+    result = subprocess.run(
+        [find_nats_server(), "-t", "-c", str(config.relative_to(COMPOSE))],
+        cwd=COMPOSE,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "is valid" in output
+
+
+def test_jetstream_exists_only_in_the_gateway_account(guard_nats: NatsServer) -> None:
+    (monitor,) = {
+        int(m[1])
+        for line in guard_nats.log_tail()
+        if (m := re.search(r"Starting http monitor on 127\.0\.0\.1:(\d+)", line))
+    }
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}{path}", timeout=5) as r:
+            return json.load(r)
+
+    enabled = {
+        acc: get(f"/accountz?acc={acc}")["account_detail"]["jetstream_enabled"]
+        for acc in ("GUARD", "AGENTS", "EXEC", "OPS")
+    }
+    assert enabled == {"GUARD": True, "AGENTS": False, "EXEC": False, "OPS": False}
+    assert get("/varz")["max_payload"] == 1024 * 1024
+
+
+async def raw_connect(port: int, creds: Mapping[str, str]) -> bytes:
+    """Speak the protocol directly (client or route port): CONNECT, PING; the first answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert (await reader.readline()).startswith(b"INFO ")
+        connect = {"verbose": False, "pedantic": False, "name": "probe", **creds}
+        writer.write(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n")
+        await writer.drain()
+        async with asyncio.timeout(5):
+            return await reader.readline()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_every_shipped_user_authenticates_and_nothing_else_does(
+    guard_nats: NatsServer,
+) -> None:
+    assert set(CREDENTIALS) == {"gateway", "executor", "operator", *AGENTS}
+    for user, password in CREDENTIALS.items():
+        assert await raw_connect(guard_nats.port, {"user": user, "pass": password}) == PONG
+    refused = [
+        {},  # anonymous: there is no no_auth_user
+        {"user": "agent-7", "pass": CREDENTIALS["agent-9"]},
+        {"user": "gateway", "pass": ""},
+        {"user": "route", "pass": "route-demo-password"},  # route credentials are not a user
+    ]
+    for creds in refused:
+        assert await raw_connect(guard_nats.port, creds) == AUTH_VIOLATION
+
+
+# -- S1: bypass ------------------------------------------------------------------------------
+
+
+async def test_agent_cannot_publish_on_gateway_subjects(guard_nats: NatsServer) -> None:
+    """S1: an agent publishing straight to guard.exec (or deny/hold/ledger) reaches nobody."""
+    url = guard_nats.url
+    async with Bus() as bus:
+        gateway = await bus.connect(url, "gateway")
+        executor = await bus.connect(url, "executor")
+        operator = await bus.connect(url, "operator")
+        agent = await bus.connect(url, "agent-7")
+        intake = await gateway.collect("guard.in.>", "guard.approve.>")
+        executed = await executor.collect("guard.exec.>")
+        outcomes = await operator.collect("guard.deny.>", "guard.hold.>", "guard.ledger.>")
+
+        forbidden = [
+            f"guard.exec.agent-7.{TRANSFER}",
+            f"guard.exec.agent-9.{TRANSFER}",
+            f"guard.deny.agent-7.{TRANSFER}",
+            f"guard.hold.agent-7.{TRANSFER}",
+            "guard.ledger.decisions",
+            "guard.approve.d-1",
+        ]
+        for subject in forbidden:
+            await agent.nc.publish(subject, b'{"amount": 1e9}', headers={"Guard-Artifact": "x"})
+        assert await agent.errors() == [pub_violation(s) for s in forbidden]
+
+        await exec_barrier(agent, gateway, intake, executed, "s1")
+        assert executed.subjects == ["guard.exec.barrier.s1"]
+        assert intake.subjects == ["guard.in.agent-7.barrier.s1"]
+        assert outcomes.subjects == []
+        assert await gateway.errors() == await executor.errors() == []
+        print(f"S1 direct publish: attempts={len(forbidden)} delivered=0 unexpected=0")
+
+
+async def test_agent_cannot_use_jetstream_or_kv(guard_nats: NatsServer) -> None:
+    """S1: delete/purge/list/consumer/KV requests are dropped; 0 stream mutations."""
+    url = guard_nats.url
+    async with Bus() as bus:
+        gateway = await bus.connect(url, "gateway")
+        js = gateway.nc.jetstream()
+        await js.add_stream(StreamConfig(name="INTAKE", subjects=["guard.in.>"]))
+        await js.add_stream(StreamConfig(name="LEDGER", subjects=["guard.ledger.>"]))
+        for seq in (1, 2, 3):
+            await js.publish("guard.ledger.decisions", b'{"seq": %d}' % seq)
+        kv = await js.create_key_value(KeyValueConfig(bucket="guard-jwks"))
+        await kv.put("current", JWKS)
+        before = stream_states(await js.streams_info())
+        assert before == {"INTAKE": (0, 0), "LEDGER": (3, 3), "KV_guard-jwks": (1, 1)}
+
+        agent = await bus.connect(url, "agent-7")
+        probe = await agent.collect("_INBOX.agent-7.probe")
+        forbidden = [
+            ("$JS.API.STREAM.DELETE.LEDGER", b""),
+            ("$JS.API.STREAM.PURGE.LEDGER", b"{}"),
+            ("$JS.API.STREAM.PURGE.INTAKE", b"{}"),
+            ("$JS.API.STREAM.LIST", b"{}"),
+            ("$JS.API.STREAM.NAMES", b"{}"),
+            ("$JS.API.STREAM.MSG.DELETE.LEDGER", b'{"seq": 1}'),
+            ("$JS.API.STREAM.UPDATE.INTAKE", b'{"name": "INTAKE", "subjects": ["x"]}'),
+            ("$JS.API.CONSUMER.CREATE.INTAKE", b'{"stream_name": "INTAKE", "config": {}}'),
+            ("$JS.API.INFO", b""),
+            ("$KV.guard-jwks.current", b'{"keys": []}'),
+            ("JS.GUARD.API.DIRECT.GET.KV_guard-jwks.$KV.guard-jwks.current", b""),
+        ]
+        for subject, body in forbidden:
+            await agent.nc.publish(subject, body, reply="_INBOX.agent-7.probe")
+        assert await agent.errors() == [pub_violation(s) for s, _ in forbidden]
+
+        # The one subject an agent may use cannot mutate the stream through headers either
+        # (JetStream default: no rollups on a stream that did not enable them).
+        rollup = await agent.nc.request(
+            f"guard.in.agent-7.{TRANSFER}", b"{}", headers={"Nats-Rollup": "all"}
+        )
+        assert json.loads(rollup.data)["error"]["description"] == "rollup not permitted"
+        ack = await agent.nc.request(f"guard.in.agent-7.{TRANSFER}", b"{}")
+        assert json.loads(ack.data) == {"stream": "INTAKE", "seq": 1}
+
+        assert stream_states(await js.streams_info()) == {**before, "INTAKE": (1, 1)}
+        assert (await kv.get("current")).value == JWKS
+        assert probe.msgs == []
+        print(f"S1 JetStream: attempts={len(forbidden) + 1} stream_mutations=0")
+
+
+async def test_reply_subject_aimed_at_exec_is_not_reflected(guard_nats: NatsServer) -> None:
+    """S1: an intent whose reply subject is guard.exec.<x> puts nothing on guard.exec.
+
+    The agent's reply subject never reaches the gateway's account: the service import swaps it
+    for a one-shot ``_R_.`` alias whose responses go back into the AGENTS account. So neither
+    the intake stream's PubAck nor even a gateway that naively answers every request can land
+    on the executors' subjects. (Compare the single-account counterexample below.)
+    """
+    url = guard_nats.url
+    evil_reply = f"guard.exec.agent-7.{TRANSFER}"
+    async with Bus() as bus:
+        gateway = await bus.connect(url, "gateway")
+        executor = await bus.connect(url, "executor")
+        agent = await bus.connect(url, "agent-7")
+        await gateway.nc.jetstream().add_stream(INTAKE)
+        intake = Received()
+
+        async def naive_gateway(msg: Msg) -> None:
+            await intake.on_msg(msg)
+            if msg.reply and msg.subject.endswith(TRANSFER):
+                await msg.respond(b'{"decision": "allow"}')  # what the gateway must NOT do
+
+        await gateway.nc.subscribe("guard.in.>", cb=naive_gateway)
+        await round_trip(gateway.nc)
+        executed = await executor.collect("guard.exec.>")
+
+        await agent.nc.publish(f"guard.in.agent-7.{TRANSFER}", b"{}", reply=evil_reply)
+        # the agent can neither listen on exec nor forge the server's reply aliases
+        await agent.nc.subscribe("guard.exec.>")
+        await agent.nc.publish(f"guard.in.agent-7.{TRANSFER}", b"{}", reply="_R_.forged.alias")
+        await agent.nc.publish(f"guard.in.agent-7.{TRANSFER}", b"{}", reply="$JS.ACK.INTAKE.x")
+        assert await agent.errors() == [
+            sub_violation("guard.exec.>"),
+            reply_violation("_R_.forged.alias"),
+            reply_violation("$JS.ACK.INTAKE.x"),
+        ]
+        # JetStream sends PubAcks in storage order: once seq 2 is acked, seq 1's went out
+        ack = await agent.nc.request("guard.in.agent-7.acked", b"{}")
+        assert json.loads(ack.data) == {"stream": "INTAKE", "seq": 2}
+
+        await exec_barrier(agent, gateway, intake, executed, "reply")
+        assert executed.subjects == ["guard.exec.barrier.reply"]
+        first = intake.msgs[0]
+        assert first.subject == f"guard.in.agent-7.{TRANSFER}"
+        assert first.reply.startswith("_R_.")  # the server's alias, not the agent's choice
+        assert await gateway.errors() == await executor.errors() == []
+        print("S1 reply reflection: pubacks_on_exec=0 replies_on_exec=0")
+
+
+async def test_single_account_would_reflect_pubacks_onto_exec(tmp_path: Path) -> None:
+    """Why auth.conf uses accounts: the same users in one account are bypassable (nats 2.15).
+
+    With identical per-user permissions but a single account, the intake stream answers an
+    intent's reply subject with the server's own rights, so an agent puts a message on
+    guard.exec.<x> although it may not publish there. If this ever stops happening, the
+    account split is still sound; the test only documents the server behaviour it guards.
+    """
+    config = tmp_path / "one-account.conf"
+    config.write_text(
+        """
+        authorization { users = [
+          {user: gateway, password: g, permissions: {publish: ">", subscribe: ">"}}
+          {user: agent-7, password: a,
+           permissions: {publish: "guard.in.agent-7.>", subscribe: "_INBOX.agent-7.>"}}
+          {user: executor, password: e,
+           permissions: {publish: {deny: ">"}, subscribe: "guard.exec.>"}}
+        ]}
+        """
+    )
+    with NatsServer(config=config) as server:
+        errors: list[Exception] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(exc)
+
+        gateway = await nats.connect(server.url, user="gateway", password="g")
+        executor = await nats.connect(server.url, user="executor", password="e")
+        agent = await nats.connect(server.url, user="agent-7", password="a", error_cb=on_error)
+        try:
+            await gateway.jetstream().add_stream(INTAKE)
+            executed = Received()
+            await executor.subscribe("guard.exec.>", cb=executed.on_msg)
+            await round_trip(executor)
+            await agent.publish(
+                f"guard.in.agent-7.{TRANSFER}", b"{}", reply=f"guard.exec.agent-7.{TRANSFER}"
+            )
+            await round_trip(agent)
+            reflected = await executed.wait_for(f"guard.exec.agent-7.{TRANSFER}")
+            assert json.loads(reflected.data) == {"stream": "INTAKE", "seq": 1}
+            assert errors == []
+        finally:
+            for nc in (agent, executor, gateway):
+                await nc.close()
+
+
+# -- S7: spoofing ----------------------------------------------------------------------------
+
+
+async def test_agent_can_only_publish_as_itself(guard_nats: NatsServer) -> None:
+    """S7: publishing on another agent's subject is dropped; only agent-7's own intent arrives."""
+    url = guard_nats.url
+    async with Bus() as bus:
+        gateway = await bus.connect(url, "gateway")
+        executor = await bus.connect(url, "executor")
+        agent = await bus.connect(url, "agent-7")
+        intake = await gateway.collect("guard.in.>")
+        executed = await executor.collect("guard.exec.>")
+
+        forbidden = [
+            f"guard.in.agent-9.{TRANSFER}",
+            f"guard.in.agent-77.{TRANSFER}",  # a longer name with the same prefix
+            f"guard.in.agent-1.{TRANSFER}",
+            "guard.in.agent-7",  # no action token: not below guard.in.agent-7.>
+            f"guard.in.gateway.{TRANSFER}",
+        ]
+        for subject in forbidden:
+            await agent.nc.publish(subject, b'{"principal": "agent-9"}')
+        # the payload may claim anything; the subject (what the gateway trusts) is agent-7's
+        await agent.nc.publish(f"guard.in.agent-7.{TRANSFER}", b'{"principal": "agent-9"}')
+        assert await agent.errors() == [pub_violation(s) for s in forbidden]
+
+        await exec_barrier(agent, gateway, intake, executed, "s7")
+        assert intake.subjects == [f"guard.in.agent-7.{TRANSFER}", "guard.in.agent-7.barrier.s7"]
+        victims = [s for s in intake.subjects if not s.startswith("guard.in.agent-7.")]
+        assert victims == []
+        print(f"S7 spoofing: attempts={len(forbidden)} attributed_to_victim={len(victims)}")
+
+
+async def test_agent_replies_are_private(guard_nats: NatsServer) -> None:
+    """An agent cannot read other agents' decisions/PubAcks, nor any gateway traffic."""
+    url = guard_nats.url
+    async with Bus() as bus:
+        gateway = await bus.connect(url, "gateway")
+        await gateway.nc.jetstream().add_stream(INTAKE)
+        agent7 = await bus.connect(url, "agent-7")
+        agent9 = await bus.connect(url, "agent-9")
+        forbidden = [">", "_INBOX.>", "_INBOX.agent-9.>", "guard.in.>", "guard.>", "$JS.API.>"]
+        for subject in forbidden:
+            await agent7.nc.subscribe(subject)
+        assert await agent7.errors() == [sub_violation(s) for s in forbidden]
+
+        ack = await agent9.nc.request(f"guard.in.agent-9.{TRANSFER}", b"{}")
+        assert json.loads(ack.data) == {"stream": "INTAKE", "seq": 1}
+        assert await agent9.errors() == []
+
+        # an agent that keeps nats-py's default inbox prefix cannot receive replies at all
+        bare = await bus.connect(url, "agent-3", inbox_prefix="_INBOX")
+        inbox = bare.nc.new_inbox()
+        await bare.nc.subscribe(inbox)
+        assert await bare.errors() == [sub_violation(inbox)]
+
+
+# -- the other users -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-get", "msg-get"])
+async def test_executor_receives_exec_and_reads_jwks_only(
+    guard_nats: NatsServer, direct: bool
+) -> None:
+    url = guard_nats.url
+    async with Bus() as bus:
+        gateway = await bus.connect(url, "gateway")
+        kv = await gateway.nc.jetstream().create_key_value(
+            KeyValueConfig(bucket="guard-jwks", direct=direct)
+        )
+        await kv.put("current", JWKS)
+        intake = await gateway.collect("guard.in.>", "guard.approve.>")
+        executor = await bus.connect(url, "executor")
+        executed = await executor.collect("guard.exec.>")
+
+        forbidden_pub = [
+            f"guard.in.agent-7.{TRANSFER}",
+            f"guard.exec.agent-7.{TRANSFER}",
+            "guard.deny.agent-7.x",
+            "guard.ledger.decisions",
+            "guard.approve.d-1",
+            "$JS.API.STREAM.LIST",
+            "$JS.API.STREAM.DELETE.KV_guard-jwks",
+            f"{EXEC_JS_PREFIX}.STREAM.DELETE.KV_guard-jwks",
+            f"{EXEC_JS_PREFIX}.STREAM.PURGE.KV_guard-jwks",
+            "$KV.guard-jwks.current",
+        ]
+        for subject in forbidden_pub:
+            await executor.nc.publish(subject, b"{}")
+        forbidden_sub = ["guard.in.>", "guard.deny.>", "guard.ledger.>", "$KV.>", "$JS.API.>"]
+        for subject in forbidden_sub:
+            await executor.nc.subscribe(subject)
+        assert await executor.errors() == [
+            *(pub_violation(s) for s in forbidden_pub),
+            *(sub_violation(s) for s in forbidden_sub),
+        ]
+
+        jwks = await executor.nc.jetstream(prefix=EXEC_JS_PREFIX).key_value("guard-jwks")
+        assert (await jwks.get("current")).value == JWKS
+
+        await gateway.nc.publish(f"guard.exec.agent-7.{TRANSFER}", b"{}")
+        await executed.wait_for(f"guard.exec.agent-7.{TRANSFER}")
+        assert executed.subjects == [f"guard.exec.agent-7.{TRANSFER}"]
+        assert (await kv.get("current")).value == JWKS
+        assert intake.subjects == []  # its guard.in/approve attempts were dropped (errors above)
+
+
+async def test_operator_reads_outcomes_approves_and_queries_stats(guard_nats: NatsServer) -> None:
+    url = guard_nats.url
+    async with Bus() as bus:
+        gateway = await bus.connect(url, "gateway")
+
+        async def approve(msg: Msg) -> None:
+            await msg.respond(b"approved " + msg.subject.encode())
+
+        await gateway.nc.subscribe("guard.approve.>", cb=approve)
+        stats = await nats.micro.add_service(gateway.nc, name="bus-guard", version="0.1.0")
+        await round_trip(gateway.nc)
+
+        operator = await bus.connect(url, "operator")
+        outcomes = await operator.collect("guard.deny.>", "guard.hold.>", "guard.ledger.>")
+        forbidden_pub = [
+            f"guard.exec.agent-7.{TRANSFER}",
+            f"guard.in.agent-7.{TRANSFER}",
+            f"guard.deny.agent-7.{TRANSFER}",
+            "guard.ledger.decisions",
+            "$JS.API.STREAM.LIST",
+            "$KV.guard-jwks.current",
+        ]
+        for subject in forbidden_pub:
+            await operator.nc.publish(subject, b"{}")
+        for subject in ("guard.exec.>", "guard.in.>"):
+            await operator.nc.subscribe(subject)
+        assert await operator.errors() == [
+            *(pub_violation(s) for s in forbidden_pub),
+            sub_violation("guard.exec.>"),
+            sub_violation("guard.in.>"),
+        ]
+
+        published = [
+            f"guard.deny.agent-7.{TRANSFER}",
+            f"guard.exec.agent-7.{TRANSFER}",
+            f"guard.hold.agent-7.{TRANSFER}",
+            "guard.ledger.decisions",
+        ]
+        for subject in published:
+            await gateway.nc.publish(subject, b"{}")
+        await outcomes.wait_for("guard.ledger.decisions")  # the last one: the others are in
+        assert outcomes.subjects == [s for s in published if ".exec." not in s]
+
+        reply = await operator.nc.request("guard.approve.d-1", b"{}")
+        assert reply.data == b"approved guard.approve.d-1"
+        ping = await operator.nc.request("$SRV.PING.bus-guard", b"")
+        assert json.loads(ping.data)["name"] == "bus-guard"
+        await stats.stop()
+        assert await gateway.errors() == []
+
+
+async def test_gateway_can_run_jetstream_intake_outputs_and_kv(guard_nats: NatsServer) -> None:
+    """The gateway's permissions are sufficient for stream mode: pull consumer, dedup, KV."""
+    url = guard_nats.url
+    async with Bus() as bus:
+        gateway = await bus.connect(url, "gateway")
+        agent = await bus.connect(url, "agent-7")
+        js = gateway.nc.jetstream()
+        await js.add_stream(StreamConfig(name="INTAKE", subjects=["guard.in.>"]))
+        await js.add_stream(StreamConfig(name="EXEC", subjects=["guard.exec.>"]))
+        await js.add_stream(StreamConfig(name="LEDGER", subjects=["guard.ledger.>"]))
+
+        ack = await agent.nc.request(f"guard.in.agent-7.{TRANSFER}", b'{"id": "i-1"}')
+        assert json.loads(ack.data) == {"stream": "INTAKE", "seq": 1}
+
+        pull = await js.pull_subscribe("guard.in.>", durable="gateway", stream="INTAKE")
+        (intent,) = await pull.fetch(1, timeout=5)
+        for duplicate in (False, True):
+            out = await js.publish(
+                f"guard.exec.agent-7.{TRANSFER}", intent.data, headers={"Nats-Msg-Id": "d-1"}
+            )
+            assert (out.seq, bool(out.duplicate)) == (1, duplicate)
+        await js.publish("guard.ledger.decisions", b'{"decision": "d-1"}')
+        await intent.ack_sync()
+        consumer = await js.consumer_info("INTAKE", "gateway")
+        assert (consumer.num_ack_pending, consumer.ack_floor.stream_seq) == (0, 1)
+
+        kv = await js.create_key_value(KeyValueConfig(bucket="guard-jwks", history=5))
+        await kv.put("current", JWKS)
+        assert (await kv.get("current")).value == JWKS
+        watcher = await kv.watchall()
+        entry = await watcher.updates(timeout=5)
+        assert entry is not None and entry.value == JWKS
+        await watcher.stop()
+        assert await gateway.errors() == await agent.errors() == []
+
+
+# -- the 3-node cluster ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """compose/cluster/nats-{1,2,3}.conf as three local processes."""
+    with local_cluster(tmp_path_factory.mktemp("cluster")) as nodes:
+        yield nodes
+
+
+async def until_ok(attempt: Callable[[], Awaitable[T]], *, timeout_s: float = 15.0) -> T:
+    """Retry ``attempt()`` while the cluster is still electing leaders / spreading interest."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                return await attempt()
+            except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError, TimeoutError):
+                await asyncio.sleep(0.05)  # back-off between attempts; not a synchronisation
+
+
+async def test_cluster_forms_from_shipped_configs(cluster: LocalCluster) -> None:
+    """Three nodes, one JetStream meta group: an R3 stream gets two replicas besides its leader."""
+    n1, _, n3 = cluster.servers
+    async with Bus() as bus:
+        gateway = await bus.connect(n1.url, "gateway")
+        js = gateway.nc.jetstream(timeout=2)
+        info = await until_ok(
+            lambda: js.add_stream(
+                StreamConfig(name="INTAKE_R3", subjects=["guard.in.>"], num_replicas=3)
+            )
+        )
+        assert info.config.num_replicas == 3
+        assert info.cluster is not None and info.cluster.name == "guard"
+        replicas = sorted(str(p.name) for p in info.cluster.replicas or [])
+        assert len(replicas) == 2
+        assert sorted([str(info.cluster.leader), *replicas]) == ["nats-1", "nats-2", "nats-3"]
+
+        # an agent on another node reaches the R3 intake through the AGENTS -> GUARD import
+        agent = await bus.connect(n3.url, "agent-7")
+        ack = await until_ok(lambda: agent.nc.request(f"guard.in.agent-7.{TRANSFER}", b"{}"))
+        assert json.loads(ack.data) == {"stream": "INTAKE_R3", "seq": 1}
+        assert (await js.stream_info("INTAKE_R3")).state.messages == 1
+        await js.delete_stream("INTAKE_R3")
+
+
+async def test_cluster_enforces_the_same_topology(cluster: LocalCluster) -> None:
+    """Gateway, executor and agent on three different nodes: the same rules hold across routes."""
+    n1, n2, n3 = cluster.servers
+    async with Bus() as bus:
+        gateway = await bus.connect(n1.url, "gateway")
+        executor = await bus.connect(n2.url, "executor")
+        agent = await bus.connect(n3.url, "agent-7")
+        intake = await gateway.collect("guard.in.>")
+        executed = await executor.collect("guard.exec.>")
+
+        async def exec_reaches_executor() -> Msg:
+            await gateway.nc.publish("guard.exec.probe", b"")
+            return await executed.wait_for("guard.exec.probe", timeout_s=0.2)
+
+        async def intent_reaches_gateway() -> Msg:
+            await agent.nc.publish("guard.in.agent-7.probe", b"")
+            return await intake.wait_for("guard.in.agent-7.probe", timeout_s=0.2)
+
+        await until_ok(exec_reaches_executor)  # route interest has propagated
+        await until_ok(intent_reaches_gateway)
+
+        forbidden = [f"guard.exec.agent-7.{TRANSFER}", f"guard.in.agent-9.{TRANSFER}"]
+        for subject in forbidden:
+            await agent.nc.publish(subject, b"{}")
+        assert await agent.errors() == [pub_violation(s) for s in forbidden]
+        await executor.nc.publish(f"guard.exec.agent-7.{TRANSFER}", b"{}")
+        assert await executor.errors() == [pub_violation(f"guard.exec.agent-7.{TRANSFER}")]
+
+        await exec_barrier(agent, gateway, intake, executed, "cluster")
+        assert set(executed.subjects) == {"guard.exec.probe", "guard.exec.barrier.cluster"}
+        assert set(intake.subjects) == {
+            "guard.in.agent-7.probe",
+            "guard.in.agent-7.barrier.cluster",
+        }
+
+
+async def test_route_port_rejects_servers_without_route_credentials(
+    cluster: LocalCluster,
+) -> None:
+    """Anything that reaches port 6222 without the route password cannot join the cluster."""
+    route_url = re.search(r"nats://\S+@\S+", CLUSTER_CONFIGS[0].read_text())
+    assert route_url is not None
+    parts = urlsplit(route_url[0])
+    port = cluster.route_ports["nats-1"]
+
+    assert await raw_connect(port, {}) == AUTH_VIOLATION
+    wrong = {"user": parts.username or "", "pass": "guess", "cluster": "guard"}
+    assert await raw_connect(port, wrong) == AUTH_VIOLATION
+    right = {"user": parts.username or "", "pass": parts.password or "", "cluster": "guard"}
+    assert await raw_connect(port, right) == PONG  # control: the shipped credentials work
+
+
+# -- docker compose --------------------------------------------------------------------------
+
+
+def _mounts(service: Mapping[str, Any]) -> dict[str, str]:
+    """Container path -> host source (relative to compose/) of a service's volumes."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        mounts[target] = source
+    return mounts
+
+
+def _check_nats_service(service: Mapping[str, Any], config: Path) -> None:
+    """The service runs ``config`` with everything it includes mounted where it looks."""
+    image = service["image"]
+    version = re.search(r"nats:(\d+)\.(\d+)", image)
+    assert version is not None and (int(version[1]), int(version[2])) >= (2, 10), image
+    command = service["command"]
+    target = command[command.index("--config") + 1]
+    mounts = _mounts(service)
+    assert (COMPOSE / mounts[target]).resolve() == config
+    for include in re.findall(r'^\s*include\s+"?([^"\s]+)"?', config.read_text(), re.M):
+        included = posixpath.normpath(posixpath.join(posixpath.dirname(target), include))
+        assert (COMPOSE / mounts[included]).resolve() == (config.parent / include).resolve()
+    assert "/data/jetstream" in mounts  # the store_dir of every shipped config
+
+
+def _nats_urls(services: Mapping[str, Any]) -> dict[str, str]:
+    """Service name -> the user/password URL it connects with."""
+    urls = {}
+    for name, service in services.items():
+        command = service.get("command", [])
+        if "--nats" in command:
+            urls[name] = command[command.index("--nats") + 1]
+        elif any(arg.startswith("--user=") for arg in command):
+            opts = dict(a[2:].split("=", 1) for a in command if a.startswith("--"))
+            server = opts["server"].split(",")[0]
+            urls[name] = server.replace("nats://", f"nats://{opts['user']}:{opts['password']}@")
+    return urls
+
+
+@pytest.mark.parametrize(
+    ("compose_file", "nats_services"),
+    [
+        ("docker-compose.yml", {"nats": SINGLE_CONFIG}),
+        (
+            "docker-compose.cluster.yml",
+            {c.stem: c for c in CLUSTER_CONFIGS},
+        ),
+    ],
+)
+def test_compose_file_matches_the_configs(
+    compose_file: str, nats_services: dict[str, Path]
+) -> None:
+    services = yaml.safe_load((COMPOSE / compose_file).read_text())["services"]
+    assert {*nats_services, "gateway", "agents", "executor", "operator"} <= services.keys()
+    for name, config in nats_services.items():
+        _check_nats_service(services[name], config)
+        # route host names in the configs are the compose service names
+        for host in re.findall(r"nats://\S+@([\w-]+):6222", config.read_text()):
+            assert host in services
+
+    build = services["keys"]["build"]
+    assert (COMPOSE / build["context"] / build["dockerfile"]).is_file()
+    gateway = services["gateway"]["command"]
+    for flag, target in (("--policies", "/policies"), ("--key", "/keys/signing-key.pem")):
+        assert gateway[gateway.index(flag) + 1] == target
+    gateway_mounts = _mounts(services["gateway"])
+    assert (COMPOSE / gateway_mounts["/policies"]).resolve() == (COMPOSE.parent / "policies")
+
+    # every client URL names a shipped user with its shipped password, on a nats service
+    urls = _nats_urls(services)
+    assert {"gateway", "operator", "executor", "agents"} <= urls.keys()
+    for name, url in urls.items():
+        parts = urlsplit(url)
+        assert parts.hostname in nats_services, url
+        if name == "agents":
+            continue  # documented as not yet authenticated (a later issue)
+        assert parts.username == name
+        assert parts.password == CREDENTIALS[name]
+
+
+async def test_compose_credentials_log_in_as_their_users(guard_nats: NatsServer) -> None:
+    services = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())["services"]
+    local = urlsplit(guard_nats.url).netloc
+    for name, url in _nats_urls(services).items():
+        if name == "agents":
+            continue
+        parts = urlsplit(url)
+        nc = await nats.connect(
+            f"nats://{parts.username}:{parts.password}@{local}", allow_reconnect=False
+        )
+        await nc.close()
