@@ -97,6 +97,10 @@ def _kind(value: object) -> str:
     return _KIND_OF.get(type(value), "object")
 
 
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
 def _params_getter(path: tuple[str, ...]) -> Getter:
     if len(path) == 1:
         key = path[0]
@@ -237,7 +241,7 @@ def _check(node: Leaf, scope: Scope, loc: Loc, problems: list[tuple[Loc, str]]) 
                 problems.append((loc, "lineage.labels supports in / not_in with strings"))
             return
         if (why := _mismatch(kind, op, lit)) is not None:
-            problems.append((loc, f"{why}, but {node.field} is a {kind}"))
+            problems.append((loc, f"{why}, but {node.field} is {_a(kind)}"))
     elif root == "principal":
         name = rest[0]
         kinds = {_kind(a[name]) for a in scope.attributes.values() if name in a}
@@ -279,11 +283,11 @@ def _check_param(
                 problems.append(
                     (
                         loc,
-                        f"params.{name} is a {kind} in schema {key!r}; it has no field {path[1]!r}",
+                        f"params.{name} is {_a(kind)} in schema {key!r}; it has no field {path[1]!r}",
                     )
                 )
         elif (why := _mismatch(kind, op, lit)) is not None:
-            problems.append((loc, f"{why}, but params.{name} is a {kind} in schema {key!r}"))
+            problems.append((loc, f"{why}, but params.{name} is {_a(kind)} in schema {key!r}"))
 
 
 def compile_condition(

@@ -12,6 +12,7 @@ for the kind of pattern it meets.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from typing import Final
@@ -96,6 +97,7 @@ def _literal_prefix(pattern: str) -> str:
     return pattern
 
 
+@functools.lru_cache(maxsize=4096)  # compile-time only: coverage checks repeat patterns
 def _glob_regex(pattern: str) -> re.Pattern[str]:
     parts = [".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern]
     return re.compile("".join(parts), re.DOTALL)

@@ -173,9 +173,9 @@ def shadowed(rules: Sequence[CompiledRule]) -> Iterable[tuple[CompiledRule, Comp
         common = set.intersection(*(indexes[effect].covering(t) for t in rule.action_tokens))
         for i in sorted(common):
             outer = pools[effect][i]
-            if _principals_cover(outer, rule) and all(
+            if all(
                 any(glob_covers(o, r) for o in outer.resources) for r in rule.resources
-            ):
+            ) and _principals_cover(outer, rule):
                 return outer
         return None
 

@@ -1,0 +1,576 @@
+"""Evaluation: Cedar precedence, every operator, order independence, index vs a naive scan."""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bus_guard.compiler import CACHE_SIZE
+from bus_guard.decision import Decision, Effect, Reason, Request
+from bus_guard.policy import PolicySet, load_policy_sources
+from bus_guard.state import State
+
+TABLE = """\
+bundle: table
+version: "2.0.0"
+groups:
+  payments: [agent-7, agent-9]
+principals:
+  agent-7: {team: treasury, tier: 2, roles: [payer, viewer]}
+  agent-9: {team: treasury, tier: 1}
+  auditor-1: {team: audit, tier: 3}
+rules:
+  # precedence ladder
+  - {id: ladder-allow, effect: allow, actions: [ladder.go]}
+  - {id: ladder-allow-2, effect: allow, actions: [ladder.*]}
+  - {id: ladder-escalate, effect: escalate, actions: [ladder.go],
+     when: {field: params.escalate, eq: true}}
+  - {id: ladder-deny, effect: deny, actions: [ladder.go], when: {field: params.deny, eq: true}}
+  - {id: ladder-deny-2, effect: deny, actions: [ladder.>], when: {field: params.deny, eq: true}}
+  # groups, globs, wildcards
+  - {id: group-pay, effect: allow, principals: ["group:payments"], actions: [pay.send]}
+  - {id: glob-bot, effect: allow, principals: ["bot-*"], actions: [tools.>],
+     resources: ["repo:public/*"]}
+  - {id: glob-q, effect: allow, principals: ["svc-?"], actions: ["*.read"], resources: ["doc:??"]}
+  # one rule per operator, on action op.<name>
+  - {id: op-eq, effect: allow, actions: [op.eq], when: {field: params.v, eq: x}}
+  - {id: op-eq-num, effect: allow, actions: [op.eqnum], when: {field: params.v, eq: 1}}
+  - {id: op-eq-bool, effect: allow, actions: [op.eqbool], when: {field: params.v, eq: true}}
+  - {id: op-ne, effect: allow, actions: [op.ne], when: {field: params.v, ne: x}}
+  - {id: op-lt, effect: allow, actions: [op.lt], when: {field: params.v, lt: 10}}
+  - {id: op-le, effect: allow, actions: [op.le], when: {field: params.v, le: 10}}
+  - {id: op-gt, effect: allow, actions: [op.gt], when: {field: params.v, gt: 10}}
+  - {id: op-ge, effect: allow, actions: [op.ge], when: {field: params.v, ge: 10.5}}
+  - {id: op-in, effect: allow, actions: [op.in], when: {field: params.v, in: [a, 1, true]}}
+  - {id: op-not-in, effect: allow, actions: [op.notin], when: {field: params.v, not_in: [a, b]}}
+  - {id: op-matches, effect: allow, actions: [op.matches],
+     when: {field: params.v, matches: "^ab+c$"}}
+  - {id: op-exists, effect: allow, actions: [op.exists], when: {field: params.v, exists: true}}
+  - {id: op-absent, effect: allow, actions: [op.absent], when: {field: params.v, exists: false}}
+  - {id: op-not, effect: allow, actions: [op.not], when: {not: {field: params.v, gt: 10}}}
+  - {id: op-any, effect: allow, actions: [op.any],
+     when: {any: [{field: params.v, eq: a}, {field: params.w, eq: b}]}}
+  - {id: op-all, effect: allow, actions: [op.all],
+     when: {all: [{field: params.v, eq: a}, {field: params.w, eq: b}]}}
+  - {id: op-nested, effect: allow, actions: [op.nested],
+     when: {field: params.meta.origin, eq: web}}
+  - {id: attr-team, effect: allow, actions: [attr.team],
+     when: {field: principal.team, eq: treasury}}
+  - {id: attr-roles, effect: allow, actions: [attr.roles],
+     when: {field: principal.roles, in: [payer]}}
+  - {id: attr-tier, effect: allow, actions: [attr.tier], when: {field: principal.tier, ge: 2}}
+  - {id: field-resource, effect: allow, actions: [field.resource],
+     when: {field: resource, matches: "^doc:"}}
+  - {id: field-principal, effect: allow, actions: [field.principal],
+     when: {field: principal, eq: agent-7}}
+  - {id: field-action, effect: allow, actions: [field.*], when: {field: action, eq: field.action}}
+  - {id: lineage-depth, effect: allow, actions: [lineage.depth],
+     when: {field: lineage.depth, le: 1}}
+  - {id: lineage-labels, effect: allow, actions: [lineage.labels],
+     when: {field: lineage.labels, not_in: [tainted]}}
+  - {id: lineage-labels-in, effect: allow, actions: [lineage.marked],
+     when: {field: lineage.labels, in: [reviewed]}}
+  - {id: lineage-root, effect: allow, actions: [lineage.root],
+     when: {field: lineage.root, eq: agent-1}}
+"""
+
+
+def compile_text(text: str, name: str = "t.yaml") -> PolicySet:
+    return load_policy_sources({name: text.encode()})
+
+
+@pytest.fixture(scope="module")
+def table() -> PolicySet:
+    return compile_text(TABLE)
+
+
+def req(
+    action: str,
+    params: dict[str, Any] | None = None,
+    principal: str = "agent-1",
+    resource: str = "r",
+    **extra: Any,
+) -> Request:
+    return Request(principal, action, resource, params or {}, **extra)
+
+
+ALLOW, DENY, HOLD = Effect.ALLOW, Effect.DENY, Effect.HOLD
+NO_MATCH = (DENY, Reason.NO_MATCHING_RULE, ())
+
+
+def allowed(*rules: str) -> tuple[Effect, Reason, tuple[str, ...]]:
+    return (ALLOW, Reason.ALLOWED_BY_RULE, rules)
+
+
+CASES: list[tuple[str, Request, tuple[Effect, Reason, tuple[str, ...]]]] = [
+    # precedence: deny > escalate > allow > default deny; all ids of the deciding effect
+    ("allow", req("ladder.go"), allowed("ladder-allow", "ladder-allow-2")),
+    (
+        "escalate beats allow",
+        req("ladder.go", {"escalate": True}),
+        (HOLD, Reason.ESCALATED_BY_RULE, ("ladder-escalate",)),
+    ),
+    (
+        "deny beats escalate",
+        req("ladder.go", {"escalate": True, "deny": True}),
+        (DENY, Reason.DENIED_BY_RULE, ("ladder-deny", "ladder-deny-2")),
+    ),
+    ("wildcard one token", req("ladder.stop"), allowed("ladder-allow-2")),
+    (
+        "'>' many tokens",
+        req("ladder.go.far", {"deny": True}),
+        (DENY, Reason.DENIED_BY_RULE, ("ladder-deny-2",)),
+    ),
+    ("'*' is one token only", req("ladder.go.far"), NO_MATCH),
+    ("'>' needs a token", req("ladder", {"deny": True}), NO_MATCH),
+    # groups and globs
+    ("group member", req("pay.send", principal="agent-9"), allowed("group-pay")),
+    ("not a group member", req("pay.send", principal="agent-8"), NO_MATCH),
+    (
+        "principal + resource glob",
+        req("tools.git.clone", principal="bot-12", resource="repo:public/x"),
+        allowed("glob-bot"),
+    ),
+    (
+        "resource glob misses",
+        req("tools.git.clone", principal="bot-12", resource="repo:private/x"),
+        NO_MATCH,
+    ),
+    (
+        "principal glob misses",
+        req("tools.git", principal="robot-1", resource="repo:public/x"),
+        NO_MATCH,
+    ),
+    ("? globs", req("db.read", principal="svc-1", resource="doc:ab"), allowed("glob-q")),
+    ("? is one char", req("db.read", principal="svc-12", resource="doc:ab"), NO_MATCH),
+    ("? resource", req("db.read", principal="svc-1", resource="doc:abc"), NO_MATCH),
+    ("leading '*' token", req("db.read.x", principal="svc-1", resource="doc:ab"), NO_MATCH),
+    # operators
+    ("eq", req("op.eq", {"v": "x"}), allowed("op-eq")),
+    ("eq other", req("op.eq", {"v": "y"}), NO_MATCH),
+    ("eq 1 == 1.0", req("op.eqnum", {"v": 1.0}), allowed("op-eq-num")),
+    ("eq 1 != true", req("op.eqnum", {"v": True}), NO_MATCH),
+    ("eq true != 1", req("op.eqbool", {"v": 1}), NO_MATCH),
+    ("eq true", req("op.eqbool", {"v": True}), allowed("op-eq-bool")),
+    ("ne", req("op.ne", {"v": "y"}), allowed("op-ne")),
+    ("ne equal", req("op.ne", {"v": "x"}), NO_MATCH),
+    ("ne missing", req("op.ne"), NO_MATCH),
+    ("ne other type", req("op.ne", {"v": 3}), NO_MATCH),
+    ("lt", req("op.lt", {"v": 9.99}), allowed("op-lt")),
+    ("lt boundary", req("op.lt", {"v": 10}), NO_MATCH),
+    ("le boundary", req("op.le", {"v": 10}), allowed("op-le")),
+    ("le string", req("op.le", {"v": "1"}), NO_MATCH),
+    ("le bool", req("op.le", {"v": False}), NO_MATCH),
+    ("le null", req("op.le", {"v": None}), NO_MATCH),
+    ("gt", req("op.gt", {"v": 11}), allowed("op-gt")),
+    ("gt boundary", req("op.gt", {"v": 10}), NO_MATCH),
+    ("ge float", req("op.ge", {"v": 10.5}), allowed("op-ge")),
+    ("ge below", req("op.ge", {"v": 10}), NO_MATCH),
+    ("in string", req("op.in", {"v": "a"}), allowed("op-in")),
+    ("in number", req("op.in", {"v": 1.0}), allowed("op-in")),
+    ("in bool", req("op.in", {"v": True}), allowed("op-in")),
+    ("in: 1 is not true", req("op.in", {"v": False}), NO_MATCH),
+    ("in list value", req("op.in", {"v": ["z", "a"]}), allowed("op-in")),
+    ("in missing", req("op.in"), NO_MATCH),
+    ("not_in", req("op.notin", {"v": "c"}), allowed("op-not-in")),
+    ("not_in member", req("op.notin", {"v": "a"}), NO_MATCH),
+    ("not_in missing", req("op.notin"), NO_MATCH),
+    ("not_in other type", req("op.notin", {"v": 5}), NO_MATCH),
+    ("not_in list", req("op.notin", {"v": ["c", "d"]}), allowed("op-not-in")),
+    ("matches", req("op.matches", {"v": "abbbc"}), allowed("op-matches")),
+    ("matches anchored", req("op.matches", {"v": "xabc"}), NO_MATCH),
+    ("matches non-string", req("op.matches", {"v": 5}), NO_MATCH),
+    ("exists", req("op.exists", {"v": 0}), allowed("op-exists")),
+    ("exists null", req("op.exists", {"v": None}), NO_MATCH),
+    ("exists false", req("op.absent"), allowed("op-absent")),
+    ("exists false null", req("op.absent", {"v": None}), allowed("op-absent")),
+    ("exists false present", req("op.absent", {"v": False}), NO_MATCH),
+    ("not", req("op.not", {"v": 3}), allowed("op-not")),
+    ("not holds", req("op.not", {"v": 30}), NO_MATCH),
+    ("not of missing holds", req("op.not"), allowed("op-not")),
+    ("not of wrong type holds", req("op.not", {"v": "30"}), allowed("op-not")),
+    ("any first", req("op.any", {"v": "a"}), allowed("op-any")),
+    ("any second", req("op.any", {"w": "b"}), allowed("op-any")),
+    ("any none", req("op.any", {"v": "b", "w": "a"}), NO_MATCH),
+    ("all", req("op.all", {"v": "a", "w": "b"}), allowed("op-all")),
+    ("all but one", req("op.all", {"v": "a"}), NO_MATCH),
+    ("nested", req("op.nested", {"meta": {"origin": "web"}}), allowed("op-nested")),
+    ("nested through non-dict", req("op.nested", {"meta": "web"}), NO_MATCH),
+    # fields other than params
+    ("attr", req("attr.team", principal="agent-9"), allowed("attr-team")),
+    ("attr other", req("attr.team", principal="auditor-1"), NO_MATCH),
+    ("attr none", req("attr.team", principal="agent-5"), NO_MATCH),
+    ("attr list", req("attr.roles", principal="agent-7"), allowed("attr-roles")),
+    ("attr list missing", req("attr.roles", principal="agent-9"), NO_MATCH),
+    ("attr number", req("attr.tier", principal="auditor-1"), allowed("attr-tier")),
+    ("attr number low", req("attr.tier", principal="agent-9"), NO_MATCH),
+    ("resource", req("field.resource", resource="doc:1"), allowed("field-resource")),
+    ("principal", req("field.principal", principal="agent-7"), allowed("field-principal")),
+    ("action", req("field.action"), allowed("field-action")),
+    ("depth", req("lineage.depth", lineage_depth=1), allowed("lineage-depth")),
+    ("depth deep", req("lineage.depth", lineage_depth=2), NO_MATCH),
+    ("labels clean", req("lineage.labels", labels=frozenset({"x"})), allowed("lineage-labels")),
+    ("labels none", req("lineage.labels"), allowed("lineage-labels")),
+    ("labels tainted", req("lineage.labels", labels=frozenset({"x", "tainted"})), NO_MATCH),
+    (
+        "labels in",
+        req("lineage.marked", labels=frozenset({"reviewed"})),
+        allowed("lineage-labels-in"),
+    ),
+    ("labels in none", req("lineage.marked"), NO_MATCH),
+    ("root", req("lineage.root", lineage_root="agent-1"), allowed("lineage-root")),
+    ("root unset", req("lineage.root"), NO_MATCH),
+    # nothing at all
+    ("unknown action", req("nothing.here"), NO_MATCH),
+]
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_authorization_table(
+    table: PolicySet, request_: Request, expected: tuple[Effect, Reason, tuple[str, ...]]
+) -> None:
+    decision = table.evaluate(request_, State())
+    assert (decision.effect, decision.reason, decision.rules) == expected
+    assert decision.policy_digest == table.digest
+    assert decision.policy_version == "table@2.0.0"
+    assert decision.mode == "enforce"
+    assert decision.would_deny is False
+    if expected[2]:
+        assert ", ".join(expected[2]) in decision.message
+    else:
+        assert decision.message.startswith(f"no rule allows {request_.principal} {request_.action}")
+    # explain decides the same way
+    assert table.explain(request_).decision == decision
+
+
+def test_messages(table: PolicySet) -> None:
+    deny = table.evaluate(req("ladder.go", {"deny": True}), State())
+    assert deny.message == "denied by rules ladder-deny, ladder-deny-2"
+    hold = table.evaluate(req("ladder.go", {"escalate": True}), State())
+    assert hold.message == "held for approval by rule ladder-escalate"
+    allow = table.evaluate(req("pay.send", principal="agent-7"), State())
+    assert allow.message == "allowed by rule group-pay"
+
+
+def test_observe_mode_is_reported_not_applied() -> None:
+    policies = compile_text(
+        'bundle: o\nversion: "1"\nmode: observe\nrules:\n  - {id: d, effect: deny, actions: [a]}\n'
+    )
+    decision = policies.evaluate(req("a"), State())
+    assert (decision.effect, decision.reason, decision.rules) == (
+        DENY,
+        Reason.DENIED_BY_RULE,
+        ("d",),
+    )
+    assert decision.mode == "observe"
+    assert decision.would_deny is False  # authorize() rewrites, not the policy set
+    assert policies.evaluate(req("b"), State()).effect is DENY
+
+
+def test_explain_reports_each_rule_and_failed_condition(table: PolicySet) -> None:
+    explanation = table.explain(req("op.all", {"v": "a", "w": "c"}, principal="agent-7"))
+    by_id = {t.rule.id: t for t in explanation.rules}
+    assert "op-all" in by_id
+    assert "group-pay" in by_id  # names agent-7 (through its group), though not op.all
+    trace = by_id["op-all"]
+    assert trace.principal and trace.action and trace.resource and not trace.applies
+    assert trace.condition is not None and not trace.condition.held
+    leaves = {c.text: c for c in trace.condition.children}
+    assert leaves['params.v eq "a"'].held and leaves['params.v eq "a"'].actual == "a"
+    failed = leaves['params.w eq "b"']
+    assert not failed.held and failed.present and failed.actual == "c"
+    assert "ladder-allow" not in by_id  # neither its action nor its principal matched
+    assert explanation.decision.reason is Reason.NO_MATCHING_RULE
+
+
+def test_explain_lists_rules_naming_the_principal(table: PolicySet) -> None:
+    explanation = table.explain(req("nothing.here", principal="agent-9"))
+    traces = {t.rule.id: t for t in explanation.rules}
+    assert set(traces) == {"group-pay"}
+    assert traces["group-pay"].principal and not traces["group-pay"].action
+
+
+def test_missing_value_trace(table: PolicySet) -> None:
+    (trace,) = [t for t in table.explain(req("op.lt")).rules if t.rule.id == "op-lt"]
+    assert trace.condition is not None
+    assert not trace.condition.present and trace.condition.actual is None
+
+
+def test_deterministic_and_cached(table: PolicySet) -> None:
+    request = req("ladder.go", {"deny": True})
+    first = table.evaluate(request, State())
+    assert all(table.evaluate(request, State()) == first for _ in range(50))
+    for i in range(CACHE_SIZE + 100):  # the candidate cache stays bounded
+        table.evaluate(req(f"x{i}.y"), State())
+    assert len(table._cache) <= CACHE_SIZE
+    assert table.evaluate(request, State()) == first
+
+
+# ---------------------------------------------------------------- generated policies
+
+PRINCIPALS = [f"agent-{i}" for i in range(12)] + ["bot-1", "bot-22", "svc-a"]
+GROUPS = {"g0": ["agent-1", "agent-2"], "g1": ["agent-3", "bot-1"], "g2": ["agent-10", "svc-a"]}
+ATTRS = {"agent-1": {"team": "red"}, "agent-2": {"team": "blue"}, "bot-1": {"team": "red"}}
+SERVICES = ["pay", "tools", "db", "mail"]
+OPS = ["read", "write", "send", "run"]
+
+
+def random_condition(rng: random.Random, depth: int = 0) -> dict[str, Any]:
+    roll = rng.random()
+    if depth < 2 and roll < 0.12:
+        return {"not": random_condition(rng, depth + 1)}
+    if depth < 2 and roll < 0.3:
+        kind = rng.choice(["all", "any"])
+        return {kind: [random_condition(rng, depth + 1) for _ in range(rng.randint(1, 3))]}
+    letters = ["a", "b", "c", "d"]
+    return rng.choice(
+        [
+            {
+                "field": "params.n",
+                rng.choice(["lt", "le", "gt", "ge", "eq", "ne"]): rng.randint(0, 10),
+            },
+            {"field": "params.s", "in": rng.sample(letters, rng.randint(1, 3))},
+            {"field": "params.s", "not_in": rng.sample(letters, rng.randint(1, 2))},
+            {"field": "params.s", "matches": rng.choice(["^[ab]", "c$", "^d+$"])},
+            {"field": "params.s", "exists": rng.random() < 0.5},
+            {"field": "params.s", rng.choice(["eq", "ne"]): rng.choice(letters)},
+            {"field": "principal.team", "eq": rng.choice(["red", "blue"])},
+            {"field": "resource", "matches": "^res:1"},
+        ]
+    )
+
+
+def random_rule(rng: random.Random, i: int, services: list[str], broad: float) -> dict[str, Any]:
+    """One rule; ``broad`` is the chance of a pattern that matches across services."""
+    s, o = rng.choice(services), rng.choice(OPS)
+    effect = rng.choices(["allow", "deny", "escalate"], [6, 2, 2])[0]
+    wide = rng.random() < broad
+    principals = [rng.choice(PRINCIPALS), f"group:{rng.choice(list(GROUPS))}", "agent-1*", "bot-?"]
+    actions = [f"{s}.{o}", f"{s}.*", f"{s}.>", f"{s}.{o}.x", f"{s}.*.y"]
+    rule: dict[str, Any] = {
+        "id": f"r{i:05d}",
+        "effect": effect,
+        "principals": rng.sample([*principals, "*"] if wide else principals, rng.randint(1, 2)),
+        "actions": rng.sample([*actions, f"*.{o}", ">"] if wide else actions, rng.randint(1, 2)),
+        "resources": rng.sample(
+            [f"res:{rng.randrange(20)}", "res:1*", "res:?", "*", "doc:*"], rng.randint(1, 2)
+        ),
+    }
+    if effect == "allow":
+        if rng.random() < 0.6:
+            rule["when"] = random_condition(rng)
+    elif rng.random() < 0.85:
+        rule["when"] = random_condition(rng)
+    else:
+        # Unconditional denies/escalates get their own resources, so they never provably
+        # shadow a generated rule (which would be a compile error).
+        rule["resources"] = [f"res:{effect}-{rng.randrange(5)}"]
+    return rule
+
+
+def random_bundle(
+    rng: random.Random, count: int, services: list[str] = SERVICES, broad: float = 0.3
+) -> dict[str, Any]:
+    return {
+        "bundle": "gen",
+        "version": "1",
+        "groups": GROUPS,
+        "principals": ATTRS,
+        "rules": [random_rule(rng, i, services, broad) for i in range(count)],
+    }
+
+
+def random_request(rng: random.Random, services: list[str] = SERVICES) -> Request:
+    s, o = rng.choice(services), rng.choice(OPS)
+    params: dict[str, Any] = {}
+    n = rng.choice([None, "missing", 0, 3, 5, 7.5, 10, 11, "5", True])
+    if n != "missing":
+        params["n"] = n
+    s_value = rng.choice(["missing", None, "a", "b", "c", "d", "dd", "ab", 3])
+    if s_value != "missing":
+        params["s"] = s_value
+    return Request(
+        principal=rng.choice([*PRINCIPALS, "stranger"]),
+        action=rng.choice([f"{s}.{o}", f"{s}.{o}.x", f"{s}.{o}.y", s, "other.thing"]),
+        resource=rng.choice(
+            [f"res:{rng.randrange(25)}", "res:deny-1", "res:escalate-2", "doc:7", ""]
+        ),
+        params=params,
+    )
+
+
+def compile_bundle(data: dict[str, Any]) -> PolicySet:
+    text = yaml.dump(data, Dumper=yaml.CSafeDumper, sort_keys=False)
+    return load_policy_sources({"gen.yaml": text.encode()})
+
+
+# A deliberately naive reference: a linear scan, its own matching code, no compilation.
+
+MISSING = object()
+
+
+@functools.cache
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.compile(regex, re.DOTALL)
+
+
+def ref_principal(pattern: str, principal: str) -> bool:
+    """Principal and resource patterns alike."""
+    if pattern.startswith("group:"):
+        return principal in GROUPS[pattern[6:]]
+    return glob_regex(pattern).fullmatch(principal) is not None
+
+
+def ref_action(pattern: list[str], action: list[str]) -> bool:
+    if not pattern:
+        return not action
+    if pattern[0] == ">":
+        return len(action) >= 1
+    if not action:
+        return False
+    return (pattern[0] in ("*", action[0])) and ref_action(pattern[1:], action[1:])
+
+
+def ref_value(field: str, request: Request) -> Any:
+    if field.startswith("params."):
+        value = request.params.get(field[7:], MISSING)
+        return MISSING if value is None else value
+    if field == "resource":
+        return request.resource
+    return ATTRS.get(request.principal, {}).get(field.split(".")[1], MISSING)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def same_kind(a: Any, b: Any) -> bool:
+    return (is_number(a) and is_number(b)) or (type(a) is type(b) and not is_number(a))
+
+
+def ref_holds(cond: dict[str, Any], request: Request) -> bool:
+    if "not" in cond:
+        return not ref_holds(cond["not"], request)
+    if "all" in cond:
+        return all(ref_holds(c, request) for c in cond["all"])
+    if "any" in cond:
+        return any(ref_holds(c, request) for c in cond["any"])
+    ((op, lit),) = [(k, v) for k, v in cond.items() if k != "field"]
+    value = ref_value(cond["field"], request)
+    if op == "exists":
+        return (value is not MISSING) == lit
+    if value is MISSING:
+        return False
+    if op in ("lt", "le", "gt", "ge"):
+        compare = {
+            "lt": lambda a, b: a < b,
+            "le": lambda a, b: a <= b,
+            "gt": lambda a, b: a > b,
+            "ge": lambda a, b: a >= b,
+        }[op]
+        return is_number(value) and compare(value, lit)
+    if op == "eq":
+        return same_kind(value, lit) and value == lit
+    if op == "ne":
+        return same_kind(value, lit) and value != lit
+    member = (
+        any(same_kind(value, x) and value == x for x in lit) if op in ("in", "not_in") else None
+    )
+    if op == "in":
+        return bool(member)
+    if op == "not_in":
+        return any(same_kind(value, x) for x in lit) and not member
+    return isinstance(value, str) and re.search(lit, value) is not None
+
+
+def reference(
+    rules: list[dict[str, Any]], request: Request
+) -> tuple[Effect, Reason, tuple[str, ...]]:
+    applicable: dict[str, list[str]] = {"allow": [], "deny": [], "escalate": []}
+    for rule in rules:
+        if (
+            any(ref_principal(p, request.principal) for p in rule["principals"])
+            and any(ref_action(a.split("."), request.action.split(".")) for a in rule["actions"])
+            and any(ref_principal(r, request.resource) for r in rule["resources"])
+            and ("when" not in rule or ref_holds(rule["when"], request))
+        ):
+            applicable[rule["effect"]].append(rule["id"])
+    if applicable["deny"]:
+        return DENY, Reason.DENIED_BY_RULE, tuple(sorted(applicable["deny"]))
+    if applicable["escalate"]:
+        return HOLD, Reason.ESCALATED_BY_RULE, tuple(sorted(applicable["escalate"]))
+    if applicable["allow"]:
+        return ALLOW, Reason.ALLOWED_BY_RULE, tuple(sorted(applicable["allow"]))
+    return NO_MATCH
+
+
+def outcome(decision: Decision) -> tuple[Effect, Reason, tuple[str, ...]]:
+    return decision.effect, decision.reason, decision.rules
+
+
+def test_index_agrees_with_a_linear_scan_over_thousands_of_rules() -> None:
+    rng = random.Random(20241126)
+    services = [f"svc{i}" for i in range(150)]  # ~5 rules per action: realistic density
+    data = random_bundle(rng, 3000, services, broad=0.002)
+    policies = compile_bundle(data)
+    assert policies.rule_count == 3000
+    seen: set[Reason] = set()
+    for i in range(1500):
+        request = random_request(rng, services)
+        expected = reference(data["rules"], request)
+        assert outcome(policies.evaluate(request, State())) == expected, request
+        if i % 15 == 0:
+            assert outcome(policies.explain(request).decision) == expected
+        seen.add(expected[1])
+    # the generated data exercised every outcome
+    assert seen == {
+        Reason.ALLOWED_BY_RULE,
+        Reason.DENIED_BY_RULE,
+        Reason.ESCALATED_BY_RULE,
+        Reason.NO_MATCHING_RULE,
+    }
+
+
+def test_candidates_do_not_grow_with_the_rule_count() -> None:
+    rules = [
+        {
+            "id": f"r{i}",
+            "effect": "allow",
+            "principals": [f"agent-{i % 50}"],
+            "actions": [f"svc{i}.run"],
+        }
+        for i in range(5000)
+    ]
+    rules.append({"id": "all-read", "effect": "allow", "actions": ["*.read"]})
+    rules.append({"id": "ops", "effect": "allow", "principals": ["ops-*"], "actions": [">"]})
+    policies = compile_bundle({"bundle": "big", "version": "1", "rules": rules})
+    assert policies.candidates("agent-3", "svc3.run") == ("r3",)
+    assert policies.candidates("agent-4", "svc3.run") == ()
+    assert policies.candidates("agent-4", "svc3.read") == ("all-read",)
+    assert policies.candidates("ops-1", "svc3.run") == ("ops",)
+    assert policies.evaluate(req("svc3.run", principal="agent-3"), State()).rules == ("r3",)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(1, 40))
+def test_rule_order_never_changes_a_decision(seed: int, order: int, count: int) -> None:
+    rng = random.Random(seed)
+    data = random_bundle(rng, count)
+    shuffled = {**data, "rules": random.Random(order).sample(data["rules"], len(data["rules"]))}
+    first, second = compile_bundle(data), compile_bundle(shuffled)
+    assert first.rule_count == second.rule_count == count
+    for _ in range(40):
+        request = random_request(rng)
+        a, b = first.evaluate(request, State()), second.evaluate(request, State())
+        assert outcome(a) == outcome(b)
+        assert a.message == b.message
