@@ -476,6 +476,28 @@ async def test_agent_can_only_publish_as_itself(guard_nats: NatsServer) -> None:
         print(f"S7 spoofing: attempts={len(forbidden)} attributed_to_victim={len(victims)}")
 
 
+async def test_wildcard_tokens_reach_the_gateway_literally(guard_nats: NatsServer) -> None:
+    """What the server does NOT check: ``*``/``>`` as action tokens pass the permission
+    ``guard.in.agent-7.>`` and arrive as literal subjects, so rejecting such actions is the
+    gateway's job (bus_guard.messages.TOKEN_RE). An empty token is refused by the server."""
+    url = guard_nats.url
+    async with Bus() as bus:
+        gateway = await bus.connect(url, "gateway")
+        agent = await bus.connect(url, "agent-7")
+        intake = await gateway.collect("guard.in.>")
+        wild = ("guard.in.agent-7.payments.>", "guard.in.agent-7.*", "guard.in.agent-7.a..b")
+        for subject in wild:
+            await agent.nc.publish(subject, b"{}")
+        assert await agent.errors() == [pub_violation("guard.in.agent-7.a..b")]
+        await agent.nc.publish("guard.in.agent-7.end", b"{}")
+        await intake.wait_for("guard.in.agent-7.end")
+        assert intake.subjects == [
+            "guard.in.agent-7.payments.>",
+            "guard.in.agent-7.*",
+            "guard.in.agent-7.end",
+        ]
+
+
 async def test_agent_replies_are_private(guard_nats: NatsServer) -> None:
     """An agent cannot read other agents' decisions/PubAcks, nor any gateway traffic."""
     url = guard_nats.url
