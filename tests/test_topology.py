@@ -818,8 +818,9 @@ def test_compose_file_matches_the_configs(
         for host in re.findall(r"nats://\S+@([\w-]+):6222", config.read_text()):
             assert host in services
 
-    build = services["keys"]["build"]
-    assert (COMPOSE / build["context"] / build["dockerfile"]).is_file()
+    for name in ("keys", "gateway", "operator", "agents"):  # the bus-guard image, built here
+        build = services[name]["build"]
+        assert (COMPOSE / build["context"] / build["dockerfile"]).is_file(), name
     gateway = services["gateway"]["command"]
     for flag, target in (("--policies", "/policies"), ("--key", "/keys/signing-key.pem")):
         assert gateway[gateway.index(flag) + 1] == target
