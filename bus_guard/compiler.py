@@ -76,11 +76,25 @@ class Explanation:
 
 
 class _Candidates(NamedTuple):
-    deny: tuple[CompiledRule, ...]
-    escalate: tuple[CompiledRule, ...]
-    allow: tuple[CompiledRule, ...]
+    """What evaluating one (principal, action) pair needs, computed once and cached."""
+
+    rules: tuple[CompiledRule, ...]  # sorted by id
+    # Non-empty effect groups in precedence order: (reason, rules of that effect).
+    groups: tuple[tuple[Reason, tuple[CompiledRule, ...]], ...]
+    no_match: Decision  # prebuilt, as decisions are immutable values
 
 
+_PRECEDENCE: Final = (
+    ("deny", Reason.DENIED_BY_RULE),
+    ("escalate", Reason.ESCALATED_BY_RULE),
+    ("allow", Reason.ALLOWED_BY_RULE),
+)
+_EFFECTS: Final = {
+    Reason.DENIED_BY_RULE: Effect.DENY,
+    Reason.ESCALATED_BY_RULE: Effect.HOLD,
+    Reason.ALLOWED_BY_RULE: Effect.ALLOW,
+    Reason.NO_MATCHING_RULE: Effect.DENY,
+}
 _MESSAGES: Final = {
     Reason.DENIED_BY_RULE: "denied by rule",
     Reason.ESCALATED_BY_RULE: "held for approval by rule",
@@ -96,6 +110,7 @@ class PolicySet:
         "_by_action",
         "_by_principal",
         "_cache",
+        "_decisions",
         "_glob_principal",
         "_infos",
         "_rules",
@@ -114,6 +129,7 @@ class PolicySet:
     _glob_principal: tuple[int, ...]
     _by_action: ActionIndex
     _cache: dict[tuple[str, str], _Candidates]
+    _decisions: dict[tuple[Reason, tuple[str, ...]], Decision]
 
     def __init__(
         self, rules: Sequence[CompiledRule], infos: Sequence[BundleInfo], digest: str, mode: Mode
@@ -142,6 +158,7 @@ class PolicySet:
             # (principal, action) -> candidates, cleared when full. Plain dict operations
             # are atomic under the GIL, and a lost insert only costs a recomputation.
             "_cache": {},
+            "_decisions": {},  # (reason, rule ids) -> Decision, same bound
         }
         for name, value in fields.items():
             object.__setattr__(self, name, value)
@@ -172,27 +189,22 @@ class PolicySet:
     def candidates(self, principal: str, action: str) -> tuple[str, ...]:
         """Ids of the rules that match ``principal`` and ``action`` (before resource and
         condition), i.e. all that ``evaluate`` will look at."""
-        found = self._candidates(principal, action)
-        return tuple(sorted(r.id for part in found for r in part))
+        return tuple(r.id for r in self._candidates(principal, action).rules)
 
     def evaluate(self, request: Request, state: State) -> Decision:
         found = self._cache.get((request.principal, request.action))
         if found is None:
             found = self._candidates(request.principal, request.action)
         resource = request.resource
-        for reason, rules in (
-            (Reason.DENIED_BY_RULE, found.deny),
-            (Reason.ESCALATED_BY_RULE, found.escalate),
-            (Reason.ALLOWED_BY_RULE, found.allow),
-        ):
-            hits = tuple(
+        for reason, rules in found.groups:
+            hits = [
                 r.id
                 for r in rules  # sorted by id already
                 if r.match_resource(resource) and (r.check is None or r.check(request))
-            )
+            ]
             if hits:
-                return self._decision(reason, hits, request)
-        return self._decision(Reason.NO_MATCHING_RULE, (), request)
+                return self._ruled(reason, tuple(hits))
+        return found.no_match
 
     def explain(self, request: Request) -> Explanation:
         """Trace every rule that matches the action or names the principal (a linear scan:
@@ -209,31 +221,38 @@ class PolicySet:
                     rule, by_principal, by_action, rule.match_resource(request.resource), cond
                 )
             )
-        decision = self._decision(Reason.NO_MATCHING_RULE, (), request)
-        for effect, reason in (
-            ("deny", Reason.DENIED_BY_RULE),
-            ("escalate", Reason.ESCALATED_BY_RULE),
-            ("allow", Reason.ALLOWED_BY_RULE),
-        ):
+        matched = any(t.principal and t.action and t.rule.effect == "allow" for t in traces)
+        decision = self._no_match(request.principal, request.action, matched)
+        for effect, reason in _PRECEDENCE:
             hits = tuple(t.rule.id for t in traces if t.applies and t.rule.effect == effect)
             if hits:
-                decision = self._decision(reason, hits, request)
+                decision = self._ruled(reason, hits)
                 break
         return Explanation(request, decision, tuple(traces))
 
-    def _decision(self, reason: Reason, rules: tuple[str, ...], request: Request) -> Decision:
-        if reason is Reason.NO_MATCHING_RULE:
-            effect = Effect.DENY
-            resource = request.resource if len(request.resource) <= 80 else "…"
-            message = f"no rule allows {request.principal} {request.action} on {resource}"
-        else:
-            effect = {Reason.ALLOWED_BY_RULE: Effect.ALLOW, Reason.DENIED_BY_RULE: Effect.DENY}.get(
-                reason, Effect.HOLD
-            )
+    def _ruled(self, reason: Reason, rules: tuple[str, ...]) -> Decision:
+        # Building a frozen dataclass costs more than the rest of an evaluation, and the
+        # same rule set decides over and over: reuse the (immutable) value.
+        decision = self._decisions.get((reason, rules))
+        if decision is None:
             plural = "s" if len(rules) > 1 else ""
-            message = f"{_MESSAGES[reason]}{plural} {', '.join(rules)}"
+            decision = self._decision(
+                reason, rules, f"{_MESSAGES[reason]}{plural} {', '.join(rules)}"
+            )
+            if len(self._decisions) >= CACHE_SIZE:
+                self._decisions.clear()
+            self._decisions[(reason, rules)] = decision
+        return decision
+
+    def _no_match(self, principal: str, action: str, allow_rules: bool) -> Decision:
+        message = f"no rule allows {principal} {action}"
+        if allow_rules:  # some allow rule covers the pair: its resource or condition failed
+            message += " with this resource and params"
+        return self._decision(Reason.NO_MATCHING_RULE, (), message)
+
+    def _decision(self, reason: Reason, rules: tuple[str, ...], message: str) -> Decision:
         return Decision(
-            effect,
+            _EFFECTS[reason],
             reason,
             rules=rules,
             message=message,
@@ -254,10 +273,15 @@ class PolicySet:
             pool = set(named) | self._any_principal
             pool.update(i for i in self._glob_principal if rules[i].match_principal(principal))
             ids = sorted(i for i in pool if rules[i].match_action(action))
+        found_rules = tuple(rules[i] for i in ids)
+        groups = (
+            (reason, tuple(r for r in found_rules if r.effect == effect))
+            for effect, reason in _PRECEDENCE
+        )
         found = _Candidates(
-            tuple(rules[i] for i in ids if rules[i].effect == "deny"),
-            tuple(rules[i] for i in ids if rules[i].effect == "escalate"),
-            tuple(rules[i] for i in ids if rules[i].effect == "allow"),
+            found_rules,
+            tuple((reason, group) for reason, group in groups if group),
+            self._no_match(principal, action, any(r.effect == "allow" for r in found_rules)),
         )
         if len(self._cache) >= CACHE_SIZE:
             self._cache.clear()

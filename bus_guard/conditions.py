@@ -283,7 +283,8 @@ def _check_param(
                 problems.append(
                     (
                         loc,
-                        f"params.{name} is {_a(kind)} in schema {key!r}; it has no field {path[1]!r}",
+                        f"params.{name} is {_a(kind)} in schema {key!r};"
+                        f" it has no field {path[1]!r}",
                     )
                 )
         elif (why := _mismatch(kind, op, lit)) is not None:

@@ -51,6 +51,7 @@ __all__ = (
 )
 
 Loc = tuple[str | int, ...]
+_Found = tuple[str, int, str]  # (file, line, problem text), to sort into source order
 _BOOL_TAG: Final = "tag:yaml.org,2002:bool"
 
 
@@ -113,7 +114,7 @@ def load_policy_sources(
 
     ``base`` only prefixes names in messages; the digest covers the relative names.
     """
-    problems: list[str] = []
+    problems: list[_Found] = []
     bundles: list[tuple[str, Bundle]] = []
     docs: dict[str, tuple[Any, yaml.Node]] = {}
     rule_indexes: dict[str, dict[int, int]] = {}  # file -> compiled index -> index in file
@@ -125,15 +126,14 @@ def load_policy_sources(
         docs[file] = parsed
         raw = parsed[0]
         if not isinstance(raw, dict):
-            problems.append(
-                f"{file}: expected a mapping with bundle, version and rules, got {describe(raw)}"
-            )
+            message = f"expected a mapping with bundle, version and rules, got {describe(raw)}"
+            problems.append((file, 0, f"{file}: {message}"))
             continue
         bundle = _validate(file, raw, parsed[1], problems, rule_indexes)
         if bundle is not None:
             bundles.append((file, bundle))
     if not sources:
-        problems.append(f"{base or '.'}: no policy files")
+        problems.append((str(base or "."), 0, f"{base or '.'}: no policy files"))
     policy_set, compile_problems = compile_policy_set(bundles, _digest(sources))
     for p in compile_problems:
         if p.rule_index is None:
@@ -143,9 +143,9 @@ def load_policy_sources(
             loc = ("rules", index, *p.loc)
         problems.append(_format(p.file, *docs[p.file], loc, p.message))
     if problems or policy_set is None:
-        # Group by file (stable: each file's problems keep their order), drop repeats.
-        ordered = sorted(dict.fromkeys(problems), key=lambda text: text.split(": ", 1)[0])
-        raise PolicyError(ordered)
+        # In source order: by file, then line (stable, so one line's problems keep theirs).
+        ordered = sorted(dict.fromkeys(problems), key=lambda found: found[:2])
+        raise PolicyError([text for _, _, text in ordered])
     return policy_set
 
 
@@ -153,7 +153,7 @@ def _validate(
     file: str,
     raw: dict[str, Any],
     node: yaml.Node,
-    problems: list[str],
+    problems: list[_Found],
     rule_indexes: dict[str, dict[int, int]],
 ) -> Bundle | None:
     """Validate one bundle; when only some rules are invalid, return the bundle without
@@ -194,33 +194,35 @@ def _digest(sources: Mapping[str, bytes]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _parse(file: str, data: bytes, problems: list[str]) -> tuple[Any, yaml.Node] | None:
+def _parse(file: str, data: bytes, problems: list[_Found]) -> tuple[Any, yaml.Node] | None:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        problems.append(f"{file}: not UTF-8 text")
+        problems.append((file, 0, f"{file}: not UTF-8 text"))
         return None
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
-            problems.append(f"{file}: the file is empty; a bundle needs bundle, version, rules")
+            message = "the file is empty; a bundle needs bundle, version, rules"
+            problems.append((file, 0, f"{file}: {message}"))
             return None
         if _duplicate_keys(file, node, problems):
             return None
         return loader.construct_document(node), node
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problems.append(f"{file}: {where}invalid YAML: {exc.problem or exc.context}")
+        line = mark.line + 1 if mark is not None else 0
+        where = f"line {line}: " if line else ""
+        problems.append((file, line, f"{file}: {where}invalid YAML: {exc.problem or exc.context}"))
     except yaml.YAMLError as exc:
-        problems.append(f"{file}: invalid YAML: {exc}")
+        problems.append((file, 0, f"{file}: invalid YAML: {exc}"))
     finally:
         loader.dispose()
     return None
 
 
-def _duplicate_keys(file: str, node: yaml.Node, problems: list[str]) -> bool:
+def _duplicate_keys(file: str, node: yaml.Node, problems: list[_Found]) -> bool:
     """Report keys given twice in one mapping (PyYAML would keep the last silently)."""
     found = False
     stack = [node]
@@ -232,7 +234,8 @@ def _duplicate_keys(file: str, node: yaml.Node, problems: list[str]) -> bool:
                 if isinstance(key, yaml.ScalarNode):
                     if key.value in seen:
                         line = key.start_mark.line + 1
-                        problems.append(f"{file}: line {line}: duplicate key {key.value!r}")
+                        text = f"{file}: line {line}: duplicate key {key.value!r}"
+                        problems.append((file, line, text))
                         found = True
                     seen.add(key.value)
                 stack.append(value)
@@ -265,7 +268,7 @@ def _path(loc: Loc) -> str:
 
 def _format(
     file: str, raw: Any, node: yaml.Node, loc: Loc, message: str, line_loc: Loc | None = None
-) -> str:
+) -> _Found:
     line = _line(node, loc if line_loc is None else line_loc)
     if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
         index = loc[1]
@@ -274,8 +277,9 @@ def _format(
         rule_id = rule.get("id") if isinstance(rule, dict) else None
         name = rule_id if isinstance(rule_id, str) and rule_id else f"#{index + 1}"
         rest = _path(loc[2:])
-        return f"{file}: rule {name}: {rest + ': ' if rest else ''}{message} (line {line})"
-    return f"{file}: {_path(loc) or 'top level'}: {message} (line {line})"
+        text = f"{file}: rule {name}: {rest + ': ' if rest else ''}{message} (line {line})"
+        return file, line, text
+    return file, line, f"{file}: {_path(loc) or 'top level'}: {message} (line {line})"
 
 
 def _clean(loc: Loc) -> Loc:

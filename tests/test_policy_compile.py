@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 import yaml
 
-from bus_guard import policy
+from bus_guard import (
+    compiler,
+    conditions,
+    patterns,
+    policy,
+    policy_model,
+    policy_types,
+    policytest,
+    rules,
+)
 from bus_guard.errors import PolicyError
 from bus_guard.policy import PolicySet, load_policies, load_policy_sources, policy_json_schema
 from bus_guard.policy_model import OPERATORS
@@ -117,10 +126,22 @@ def test_policy_set_is_immutable() -> None:
     assert policies.mode == "enforce"
 
 
-def test_public_surface() -> None:
-    for name in policy.__all__:
-        assert hasattr(policy, name), name
-    assert {"load_policies", "policy_json_schema", "PolicySet"} <= set(policy.__all__)
+@pytest.mark.parametrize(
+    "module",
+    [policy, policy_model, policy_types, compiler, conditions, patterns, rules, policytest],
+)
+def test_public_surface(module: Any) -> None:
+    assert isinstance(module.__all__, tuple)
+    assert list(module.__all__) == sorted(set(module.__all__), key=module.__all__.index)
+    for name in module.__all__:
+        assert hasattr(module, name), name
+
+
+def test_policy_module_exports_the_contract() -> None:
+    assert {"load_policies", "policy_json_schema", "PolicySet", "Explanation"} <= set(
+        policy.__all__
+    )
+    assert policy.PolicySet is compiler.PolicySet
 
 
 # ---------------------------------------------------------------- file-level problems

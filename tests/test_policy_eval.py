@@ -261,6 +261,14 @@ def test_messages(table: PolicySet) -> None:
     assert allow.message == "allowed by rule group-pay"
 
 
+def test_no_match_messages_say_whether_an_allow_rule_was_close(table: PolicySet) -> None:
+    stranger = table.evaluate(req("pay.send", principal="agent-8"), State())
+    assert stranger.message == "no rule allows agent-8 pay.send"
+    failed = table.evaluate(req("op.eq", {"v": "y"}), State())
+    assert failed.message == "no rule allows agent-1 op.eq with this resource and params"
+    assert table.explain(req("op.eq", {"v": "y"})).decision == failed
+
+
 def test_observe_mode_is_reported_not_applied() -> None:
     policies = compile_text(
         'bundle: o\nversion: "1"\nmode: observe\nrules:\n  - {id: d, effect: deny, actions: [a]}\n'
