@@ -29,7 +29,7 @@ from rich.table import Table
 
 from .artifacts import Signer
 from .errors import VerificationError
-from .gateway import Gateway
+from .gateway import Gateway, round_trip
 from .keys import generate_key, load_private_key
 from .messages import DecisionRecord
 from .policy import load_policies
@@ -52,7 +52,7 @@ class Sent:
     content_type: str | None = None
 
 
-def _intent(principal: str, action: str, resource: str, params: dict[str, object], **kw: object) -> Sent:
+def _intent(who: str, action: str, resource: str, params: dict[str, object], **kw: object) -> Sent:
     body: dict[str, object] = {
         "id": uuid.uuid4().hex,
         "action": action,
@@ -61,7 +61,7 @@ def _intent(principal: str, action: str, resource: str, params: dict[str, object
         "ts": time.time(),
         **kw,
     }
-    return Sent(principal, action, _enc.encode(body))
+    return Sent(who, action, _enc.encode(body))
 
 
 def _scenario(rng: random.Random) -> Sent:
@@ -184,7 +184,7 @@ async def run_demo(
                 await nc.subscribe("guard.exec.>", cb=executor)
                 await nc.subscribe("guard.deny.>", cb=operator)
                 await nc.subscribe("guard.hold.>", cb=operator)
-                await nc.flush()
+                await round_trip(nc)
                 async with Gateway(settings, policies, signer) as gateway:
                     started = time.perf_counter()
                     for _ in range(count):
@@ -194,7 +194,7 @@ async def run_demo(
                                          headers=headers)
                         if rate_per_s > 0:
                             await anyio.sleep(1 / rate_per_s)
-                    await nc.flush()
+                    await round_trip(nc)
                     with anyio.move_on_after(timeout_s):
                         await all_decided.wait()
                     elapsed = time.perf_counter() - started

@@ -40,7 +40,7 @@ from .settings import Settings
 from .state import State
 from .verify import ArtifactClaims
 
-__all__ = ("Gateway", "GatewayStatistics")
+__all__ = ("Gateway", "GatewayStatistics", "round_trip")
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ INVALID_TOKEN: Final = "~invalid"  # deny-subject token for intents on a malform
 _UNTRUSTED: Final = ("nats-", "guard-")
 # Replies go only to inboxes: a reply subject is chosen by the agent, and the gateway's
 # credentials could otherwise be used to publish into exec/deny or the $JS API.
-_REPLY_PREFIXES: Final = ("_INBOX.",)
+# ``_R_.`` is the alias the server substitutes for replies that cross accounts (the
+# compose/ topology); clients cannot forge it.
+_REPLY_PREFIXES: Final = ("_INBOX.", "_R_.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,7 @@ class Gateway:
         self._nc: Client | None = None
         self._sub: Subscription | None = None
         self._counters = _Counters()
+        self._closing = False
         self.closed = anyio.Event()
         p = settings.prefix
         self._in_prefix_len = len(p) + 4  # "<prefix>.in."
@@ -139,7 +142,7 @@ class Gateway:
                 pending_msgs_limit=s.pending_msgs_limit,
                 pending_bytes_limit=s.pending_bytes_limit,
             )
-            await self._nc.flush(timeout=max(1, round(s.connect_timeout_s)))
+            await round_trip(self._nc, timeout_s=s.connect_timeout_s)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._nc.close()
@@ -157,12 +160,18 @@ class Gateway:
 
     async def aclose(self) -> None:
         """Drain: stop taking intents, decide those received, flush outputs, close."""
-        nc, self._nc = self._nc, None
-        if nc is None:
+        nc = self._nc
+        if nc is None or self._closing:
             return
+        self._closing = True  # the handler keeps its connection while draining
         with anyio.CancelScope(shield=True):
             if not nc.is_closed:
                 try:
+                    # One round trip first: everything the server routed to us before it
+                    # is then read into the pending queue, which drain() processes. Without
+                    # it nats-py's drain was seen to close with routed intents unread.
+                    with anyio.move_on_after(self.settings.drain_timeout_s):
+                        await round_trip(nc)
                     await nc.drain()
                 except Exception:
                     log.exception("drain failed; closing")
@@ -241,12 +250,12 @@ class Gateway:
             try:
                 token = self._signer.sign(
                     ArtifactClaims(
-                        iss=s.gateway_id,
+                        iss=self._signer.issuer,
                         sub=ev.subject.principal,
                         aud=exec_subject,
                         iat=int(now),
                         nbf=int(now),
-                        exp=int(now + s.artifact_ttl_s),
+                        exp=int(now + self._signer.ttl_s),
                         jti=decision_id,
                         action=ev.subject.action,
                         resource=ev.intent.resource,
@@ -365,6 +374,19 @@ class Gateway:
         except Exception:
             self._counters.publish_failures += 1
             log.exception("could not reply to %s", msg.reply)
+
+
+async def round_trip(nc: Client, *, timeout_s: float = 5.0) -> None:
+    """A barrier: when it returns, the server has processed everything sent before it.
+
+    nats-py's ``flush()`` writes its PING straight to the socket, ahead of commands still
+    in the client's pending buffer, so one PONG does not prove a SUB or PUB arrived. The
+    first flush yields to the flusher task (which writes the buffer); the second PING then
+    follows everything buffered before the call.
+    """
+    timeout = max(1, round(timeout_s))
+    await nc.flush(timeout=timeout)
+    await nc.flush(timeout=timeout)
 
 
 def _header(headers: dict[str, str], name: str) -> str | None:

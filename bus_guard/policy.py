@@ -145,7 +145,7 @@ def load_policy_sources(
     if problems or policy_set is None:
         # In source order: by file, then line (stable, so one line's problems keep theirs).
         ordered = sorted(dict.fromkeys(problems), key=lambda found: found[:2])
-        raise PolicyError([text for _, _, text in ordered])
+        raise PolicyError([text for _, _, text in ordered], file=ordered[0][0] if ordered else "")
     return policy_set
 
 

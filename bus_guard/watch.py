@@ -13,6 +13,7 @@ from nats.aio.msg import Msg
 from rich.console import Console
 from rich.markup import escape
 
+from .gateway import round_trip
 from .messages import DecisionRecord
 
 __all__ = ("WatchFilter", "format_record", "watch")
@@ -88,7 +89,7 @@ async def watch(
     try:
         for subject in filters.subjects(prefix):
             await nc.subscribe(subject, cb=on_record)
-        await nc.flush()
+        await round_trip(nc)
         if ready is not None:
             ready.set()
         await done.wait()

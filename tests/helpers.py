@@ -11,6 +11,8 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bus_guard.gateway import round_trip
+
 _enc = msgspec.json.Encoder()
 
 
@@ -33,7 +35,7 @@ class Collector:
         self.msgs: list[Msg] = []
         self._changed = anyio.Event()
 
-    async def __call__(self, msg: Msg) -> None:
+    async def on_msg(self, msg: Msg) -> None:
         self.msgs.append(msg)
         self._changed.set()
 
@@ -47,8 +49,8 @@ class Collector:
     @classmethod
     async def on(cls, nc: Client, subject: str) -> Collector:
         collector = cls()
-        await nc.subscribe(subject, cb=collector)
-        await nc.flush()
+        await nc.subscribe(subject, cb=collector.on_msg)
+        await round_trip(nc)
         return collector
 
     def records(self) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import nats
 import pytest
 
 from bus_guard.cli import main
+from bus_guard.gateway import round_trip
 from bus_guard.server import NatsServer
 
 from .conftest import POLICIES
@@ -120,6 +121,14 @@ def _gateway_process(nats_url: str, key: Path, *extra: str) -> subprocess.Popen[
     raise AssertionError(f"gateway exited before ready: {proc.wait()}")
 
 
+def _reap(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
 @pytest.fixture
 def key(tmp_path: Path) -> Iterator[Path]:
     from bus_guard.keys import generate_key
@@ -139,15 +148,14 @@ async def test_run_decides_intents_and_drains_on_sigterm(nats_url: str, key: Pat
         for _ in range(200):
             await nc.publish("guard.in.agent-1.tools.search",
                              intent("tools.search", "tool:search", {"q": "y"}))
-        await nc.flush()
+        await round_trip(nc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         await execs.wait_for(201)
         assert len(execs.msgs) == 201
         await nc.drain()
     finally:
-        proc.kill()
-        proc.wait()
+        _reap(proc)
 
 
 def test_run_exits_nonzero_when_the_bus_is_gone_beyond_the_reconnect_budget(key: Path) -> None:
@@ -162,8 +170,7 @@ def test_run_exits_nonzero_when_the_bus_is_gone_beyond_the_reconnect_budget(key:
         assert proc.stderr is not None
         assert "reconnect budget" in proc.stderr.read()
     finally:
-        proc.kill()
-        proc.wait()
+        _reap(proc)
 
 
 def test_run_refuses_a_missing_key_with_a_clear_error(tmp_path: Path, nats_url: str) -> None:

@@ -11,18 +11,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
 from joserfc import jws
+from joserfc.errors import SecurityWarning
 from joserfc.jwk import KeySet
 
 from bus_guard.artifacts import Signer
 from bus_guard.decision import Decision, Request
 from bus_guard.errors import SigningError
-from bus_guard.gateway import Gateway
+from bus_guard.gateway import Gateway, round_trip
 from bus_guard.keys import generate_key, load_private_key
 from bus_guard.policy import PolicySet, load_policies
 from bus_guard.settings import Settings
@@ -96,7 +98,9 @@ async def test_allowed_intent_is_forwarded_once_bytes_unchanged_with_valid_artif
 
     # The independent JOSE library accepts it with the published JWKS.
     key_set = KeySet.import_key_set(json.loads(keys[1].read_text()))
-    obj = jws.deserialize_compact(token, key_set, algorithms=["EdDSA"])
+    with warnings.catch_warnings():  # joserfc flags "EdDSA" as superseded by RFC 9864
+        warnings.simplefilter("ignore", SecurityWarning)
+        obj = jws.deserialize_compact(token, key_set, algorithms=["EdDSA"])
     assert obj.protected["typ"] == "guard-artifact+jwt"
     claims = json.loads(obj.payload)
     assert claims["jti"] == msg.headers["Guard-Decision"]
@@ -295,12 +299,12 @@ async def test_drain_decides_everything_already_received(
     async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)) as gw:
         for _ in range(n):
             await nc.publish(TRANSFER, _small_transfer())
-        await nc.flush()  # the server has routed all n to the gateway's connection
+        await round_trip(nc)  # the server has routed all n to the gateway's connection
     # Leaving the context drained the gateway: all n were decided and forwarded.
     assert gw.statistics().received == n
     msgs = await out.exec.wait_for(n)
     assert len(msgs) == n
-    await nc.flush()
+    await round_trip(nc)
     assert out.deny.msgs == [] and out.hold.msgs == []
     assert len({m.headers["Guard-Decision"] for m in msgs if m.headers}) == n
     await nc.drain()
