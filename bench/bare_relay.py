@@ -1,6 +1,6 @@
 """The baseline: a bare nats-py relay (subscribe -> republish), nothing else.
 
-    python -m bench.bare_relay --nats URL
+python -m bench.bare_relay --nats URL
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ async def relay(url: str, prefix: str) -> None:
     async def on_msg(msg: Msg) -> None:
         await nc.publish(out + msg.subject[cut:], msg.data, headers=msg.headers)
 
-    await nc.subscribe(f"{prefix}.in.>", queue="bare", cb=on_msg,
-                       pending_msgs_limit=65536, pending_bytes_limit=64 * 1024 * 1024)
+    await nc.subscribe(
+        f"{prefix}.in.>",
+        queue="bare",
+        cb=on_msg,
+        pending_msgs_limit=65536,
+        pending_bytes_limit=64 * 1024 * 1024,
+    )
     await nc.flush()
     print("ready on", prefix, flush=True)  # the harness waits for this line
     stop = asyncio.Event()

@@ -38,11 +38,16 @@ def requests(n: int, seed: int = 1) -> list[tuple[str, bytes]]:
     for _ in range(n):
         kind = rng.random()
         if kind < 0.5:
-            principal, action, resource = rng.choice(["agent-7", "agent-9", "agent-2"]), \
-                "payments.transfer", rng.choice(["account:acct-1", "account:sanctioned-9"])
-            params: dict[str, object] = {"amount": rng.choice([10, 999, 1500]),
-                                         "currency": rng.choice(["USD", "EUR", "GBP"]),
-                                         "to": "account:acct-2"}
+            principal, action, resource = (
+                rng.choice(["agent-7", "agent-9", "agent-2"]),
+                "payments.transfer",
+                rng.choice(["account:acct-1", "account:sanctioned-9"]),
+            )
+            params: dict[str, object] = {
+                "amount": rng.choice([10, 999, 1500]),
+                "currency": rng.choice(["USD", "EUR", "GBP"]),
+                "to": "account:acct-2",
+            }
         elif kind < 0.75:
             principal, action, resource = "agent-3", "tools.http.get", "tool:http"
             params = {"url": rng.choice(["https://api.example.com/v1", "http://evil/"])}
@@ -50,8 +55,13 @@ def requests(n: int, seed: int = 1) -> list[tuple[str, bytes]]:
             principal = f"agent-{rng.randint(1, 9)}"
             action = rng.choice(["tools.search", "tools.shell"])
             resource, params = "tool:x", {"q": "z"}
-        body = {"id": uuid.UUID(int=rng.getrandbits(128)).hex, "action": action,
-                "resource": resource, "params": params, "ts": now}
+        body = {
+            "id": uuid.UUID(int=rng.getrandbits(128)).hex,
+            "action": action,
+            "resource": resource,
+            "params": params,
+            "ts": now,
+        }
         out.append((f"guard.in.{principal}.{action}", _enc.encode(body)))
     return out
 
@@ -66,8 +76,11 @@ def _timed(fn: Callable[[str, bytes], object], reqs: list[tuple[str, bytes]]) ->
         lat.append(clock() - t0)
     total_s = (clock() - start) / 1e9
     lat.sort()
-    return {"per_s": len(reqs) / total_s, "p50_us": lat[len(lat) // 2] / 1e3,
-            "p99_us": lat[int(len(lat) * 0.99)] / 1e3}
+    return {
+        "per_s": len(reqs) / total_s,
+        "p50_us": lat[len(lat) // 2] / 1e3,
+        "p99_us": lat[int(len(lat) * 0.99)] / 1e3,
+    }
 
 
 def main() -> None:
@@ -94,23 +107,33 @@ def main() -> None:
         "authorize (pre-decoded)": policy_only,
     }
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
-    for name, fn in variants.items():  # warm-up
+    for fn in variants.values():  # warm-up
         _timed(fn, reqs[:2000])
     for _ in range(args.runs):
         for name, fn in variants.items():
             runs[name].append(_timed(fn, reqs))
-    med = {name: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]}
-           for name, rs in runs.items()}
-    print(json.dumps({
-        "benchmark": "decide",
-        "policies": policies.version,
-        "rules": policies.rule_count,
-        "count": args.count,
-        "runs": args.runs,
-        "median": med,
-        "ratio_decide_vs_decode_only": round(
-            med["decide (decode+authorize)"]["per_s"] / med["decode_only (baseline)"]["per_s"], 3),
-    }, indent=2))
+    med = {
+        name: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]}
+        for name, rs in runs.items()
+    }
+    print(
+        json.dumps(
+            {
+                "benchmark": "decide",
+                "policies": policies.version,
+                "rules": policies.rule_count,
+                "count": args.count,
+                "runs": args.runs,
+                "median": med,
+                "ratio_decide_vs_decode_only": round(
+                    med["decide (decode+authorize)"]["per_s"]
+                    / med["decode_only (baseline)"]["per_s"],
+                    3,
+                ),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

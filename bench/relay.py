@@ -40,16 +40,28 @@ _enc = msgspec.json.Encoder()
 def _payloads(n: int) -> list[bytes]:
     now = time.time()  # the gateway runs with a wide --max-skew so reruns stay fresh
     return [
-        _enc.encode({"id": uuid.UUID(int=i).hex, "action": "tools.search",
-                     "resource": "tool:search", "params": {"q": f"query {i}", "n": i},
-                     "ts": now})
+        _enc.encode(
+            {
+                "id": uuid.UUID(int=i).hex,
+                "action": "tools.search",
+                "resource": "tool:search",
+                "params": {"q": f"query {i}", "n": i},
+                "ts": now,
+            }
+        )
         for i in range(n)
     ]
 
 
 def _start(cmd: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=ROOT)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=ROOT,
+    )
     assert proc.stdout is not None
     for line in proc.stdout:
         if "ready on" in line:
@@ -82,8 +94,9 @@ async def _drive(url: str, payloads: list[bytes], window: int) -> dict[str, floa
         if received >= n:
             done.set()
 
-    await nc.subscribe("guard.exec.>", cb=sink, pending_msgs_limit=1_000_000,
-                       pending_bytes_limit=1 << 30)
+    await nc.subscribe(
+        "guard.exec.>", cb=sink, pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30
+    )
     await nc.flush()
     start = time.perf_counter()
     for i, payload in enumerate(payloads):
@@ -111,9 +124,22 @@ def main() -> None:
         key, _ = generate_key(Path(tmp))
         commands = {
             "bare": [sys.executable, "-m", "bench.bare_relay", "--nats", server.url],
-            "core": [sys.executable, "-m", "bus_guard", "run", "--nats", server.url,
-                     "--policies", str(ROOT / "policies"), "--key", str(key), "--mode", "core",
-                     "--max-skew", "86400"],
+            "core": [
+                sys.executable,
+                "-m",
+                "bus_guard",
+                "run",
+                "--nats",
+                server.url,
+                "--policies",
+                str(ROOT / "policies"),
+                "--key",
+                str(key),
+                "--mode",
+                "core",
+                "--max-skew",
+                "86400",
+            ],
         }
         for _ in range(args.runs):
             for name, cmd in commands.items():
@@ -126,14 +152,19 @@ def main() -> None:
                     raise SystemExit(f"{name}: lost {args.count - run['received']} messages")
                 results[name].append(run["per_s"])
     medians = {name: statistics.median(v) for name, v in results.items()}
-    print(json.dumps({
-        "benchmark": "relay",
-        "count": args.count,
-        "runs": args.runs,
-        "per_s": {k: [round(x) for x in v] for k, v in results.items()},
-        "median_per_s": {k: round(v) for k, v in medians.items()},
-        "ratio_core_vs_bare": round(medians["core"] / medians["bare"], 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "relay",
+                "count": args.count,
+                "runs": args.runs,
+                "per_s": {k: [round(x) for x in v] for k, v in results.items()},
+                "median_per_s": {k: round(v) for k, v in medians.items()},
+                "ratio_core_vs_bare": round(medians["core"] / medians["bare"], 3),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .authorize import Checks, PolicySetLike, authorize, deny
+from .authorize import DEFAULT_CHECKS, Checks, PolicySetLike, authorize, deny
 from .decision import Decision, Reason
 from .messages import Intent, Malformed, Subject, decode_intent, parse_subject
 from .policy import PolicySet, load_policies
@@ -38,7 +38,7 @@ def evaluate(
     *,
     now: float,
     prefix: str = "guard",
-    checks: Checks = Checks(),
+    checks: Checks = DEFAULT_CHECKS,
     max_payload_bytes: int = 65536,
     max_nesting_depth: int = 8,
 ) -> Evaluation:
@@ -65,7 +65,7 @@ def decide(
     prefix: str = "guard",
     content_type: str | None = None,
     state: State | None = None,
-    checks: Checks = Checks(),
+    checks: Checks = DEFAULT_CHECKS,
 ) -> Decision:
     """Decide one intent in-process, exactly as the gateway would (stateless by default)."""
     return evaluate(

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from .decision import POLICY_REASONS, Decision, Effect, Mode, Reason, Request
 from .messages import Intent, Subject
 from .state import State
 
-__all__ = ("Checks", "PolicySetLike", "authorize", "deny")
+__all__ = ("DEFAULT_CHECKS", "Checks", "PolicySetLike", "authorize", "deny")
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ class Checks:
     max_future_skew_s: float = 30.0  # intents from further ahead are ``clock_skew``
 
 
+DEFAULT_CHECKS: Final = Checks()
+
+
 def deny(reason: Reason, message: str, policies: PolicySetLike | None = None) -> Decision:
     """A denial naming the active bundle (if any)."""
     if policies is None:
@@ -62,7 +65,7 @@ def authorize(
     state: State,
     *,
     now: float,
-    checks: Checks = Checks(),
+    checks: Checks = DEFAULT_CHECKS,
 ) -> Decision:
     """Decide one decoded intent. Never raises."""
     try:

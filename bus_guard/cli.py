@@ -1,11 +1,11 @@
 """The command line: the only edge that reads argv, files, the environment and signals.
 
-    bus-guard run       the gateway
-    bus-guard demo      everything on one machine, live
-    bus-guard watch     live denials and holds
-    bus-guard keys      signing keys and the JWKS
-    bus-guard policy    check | test | explain | schema
-    bus-guard verify    check an artifact as an executor would
+bus-guard run       the gateway
+bus-guard demo      everything on one machine, live
+bus-guard watch     live denials and holds
+bus-guard keys      signing keys and the JWKS
+bus-guard policy    check | test | explain | schema
+bus-guard verify    check an artifact as an executor would
 """
 
 from __future__ import annotations
@@ -69,39 +69,89 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", default="text", choices=["text", "json"])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the gateway", description="Run the gateway: "
-                         "subscribe to <prefix>.in.> in a queue group and decide every intent.")
+    run = sub.add_parser(
+        "run",
+        help="run the gateway",
+        description="Run the gateway: "
+        "subscribe to <prefix>.in.> in a queue group and decide every intent.",
+    )
     run.add_argument("--nats", required=True, metavar="URL", help="NATS server URL")
-    run.add_argument("--policies", required=True, type=Path, metavar="DIR",
-                     help="directory of policy bundles (*.yaml)")
-    run.add_argument("--key", required=True, type=Path, metavar="FILE",
-                     help="Ed25519 signing key (PEM), from 'bus-guard keys new'")
-    run.add_argument("--mode", default="core", choices=["core", "stream"],
-                     help="intake mode: core = queue subscription, at-most-once (default)")
+    run.add_argument(
+        "--policies",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="directory of policy bundles (*.yaml)",
+    )
+    run.add_argument(
+        "--key",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="Ed25519 signing key (PEM), from 'bus-guard keys new'",
+    )
+    run.add_argument(
+        "--mode",
+        default="core",
+        choices=["core", "stream"],
+        help="intake mode: core = queue subscription, at-most-once (default)",
+    )
     run.add_argument("--prefix", default="guard", help="subject prefix (default: guard)")
     run.add_argument("--queue", default="bus-guard", help="queue group (default: bus-guard)")
-    run.add_argument("--gateway-id", default=None, help="issuer id in artifacts "
-                     "(default: <hostname>-<pid>)")
+    run.add_argument(
+        "--gateway-id", default=None, help="issuer id in artifacts (default: <hostname>-<pid>)"
+    )
     run.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
-    run.add_argument("--artifact-ttl", type=float, default=60.0, metavar="SECONDS",
-                     help="artifact lifetime (default: 60)")
-    run.add_argument("--max-payload", type=int, default=65536, metavar="BYTES",
-                     help="largest intent accepted (default: 65536)")
-    run.add_argument("--max-skew", type=float, default=300.0, metavar="SECONDS",
-                     help="oldest intent ts accepted (default: 300)")
-    run.add_argument("--reconnect-wait", type=float, default=1.0, metavar="SECONDS",
-                     help="wait between reconnect attempts (default: 1)")
-    run.add_argument("--max-reconnects", type=int, default=10, metavar="N",
-                     help="reconnect attempts before the gateway gives up and exits 1 "
-                     "(default: 10; the budget is N x --reconnect-wait)")
+    run.add_argument(
+        "--artifact-ttl",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="artifact lifetime (default: 60)",
+    )
+    run.add_argument(
+        "--max-payload",
+        type=int,
+        default=65536,
+        metavar="BYTES",
+        help="largest intent accepted (default: 65536)",
+    )
+    run.add_argument(
+        "--max-skew",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="oldest intent ts accepted (default: 300)",
+    )
+    run.add_argument(
+        "--reconnect-wait",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="wait between reconnect attempts (default: 1)",
+    )
+    run.add_argument(
+        "--max-reconnects",
+        type=int,
+        default=10,
+        metavar="N",
+        help="reconnect attempts before the gateway gives up and exits 1 "
+        "(default: 10; the budget is N x --reconnect-wait)",
+    )
 
     demo = sub.add_parser("demo", help="run the live demo on an embedded nats-server")
     demo.add_argument("--count", type=int, default=300, help="intents to send (default: 300)")
-    demo.add_argument("--nats", default=None, metavar="URL",
-                      help="use this server instead of an embedded one")
+    demo.add_argument(
+        "--nats", default=None, metavar="URL", help="use this server instead of an embedded one"
+    )
     demo.add_argument("--policies", type=Path, default=Path("policies"), metavar="DIR")
-    demo.add_argument("--rate", type=float, default=150.0, metavar="PER_S",
-                      help="intents per second the agents send (0 = as fast as possible)")
+    demo.add_argument(
+        "--rate",
+        type=float,
+        default=150.0,
+        metavar="PER_S",
+        help="intents per second the agents send (0 = as fast as possible)",
+    )
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--quiet", action="store_true", help="only print the summary")
 
@@ -109,26 +159,30 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--nats", required=True, metavar="URL")
     watch.add_argument("--prefix", default="guard")
     watch.add_argument("--principal", default=None, help="only this principal")
-    watch.add_argument("--action", default=None,
-                       help="only this action (NATS wildcards allowed: payments.*)")
+    watch.add_argument(
+        "--action", default=None, help="only this action (NATS wildcards allowed: payments.*)"
+    )
     watch.add_argument("--reason", default=None, help="only this reason code")
     watch.add_argument("--count", type=int, default=None, help="exit after N records")
     watch.add_argument("--json", action="store_true", help="print raw JSON records")
 
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(
-        dest="keys_command", required=True, metavar="ACTION")
+        dest="keys_command", required=True, metavar="ACTION"
+    )
     new = keys.add_parser("new", help="write DIR/signing-key.pem (0600) and DIR/jwks.json")
     new.add_argument("--out", required=True, type=Path, metavar="DIR")
     new.add_argument("--force", action="store_true", help="overwrite an existing key")
 
     pol = sub.add_parser("policy", help="check, test and explain policies").add_subparsers(
-        dest="policy_command", required=True, metavar="ACTION")
+        dest="policy_command", required=True, metavar="ACTION"
+    )
     check = pol.add_parser("check", help="validate and compile a policy directory")
     check.add_argument("path", type=Path)
     ptest = pol.add_parser("test", help="run YAML test cases (intent -> expected decision)")
     ptest.add_argument("path", type=Path, help="policy directory")
-    ptest.add_argument("--tests", type=Path, default=None,
-                       help="test file or directory (default: <path>/tests)")
+    ptest.add_argument(
+        "--tests", type=Path, default=None, help="test file or directory (default: <path>/tests)"
+    )
     explain = pol.add_parser("explain", help="show why an intent gets its decision")
     explain.add_argument("--policies", required=True, type=Path, metavar="DIR")
     explain.add_argument("--subject", required=True, help="e.g. guard.in.agent-7.payments.transfer")
@@ -171,15 +225,29 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         case "demo":
             from .demo import run_demo
 
-            return anyio.run(lambda: run_demo(
-                count=args.count, nats_url=args.nats, policies_dir=args.policies,
-                rate_per_s=args.rate, seed=args.seed, quiet=args.quiet))
+            return anyio.run(
+                lambda: run_demo(
+                    count=args.count,
+                    nats_url=args.nats,
+                    policies_dir=args.policies,
+                    rate_per_s=args.rate,
+                    seed=args.seed,
+                    quiet=args.quiet,
+                )
+            )
         case "watch":
             from .watch import WatchFilter, watch
 
             filters = WatchFilter(args.principal, args.action, args.reason)
-            return anyio.run(lambda: watch(args.nats, prefix=args.prefix, filters=filters,
-                                           count=args.count, as_json=args.json))
+            return anyio.run(
+                lambda: watch(
+                    args.nats,
+                    prefix=args.prefix,
+                    filters=filters,
+                    count=args.count,
+                    as_json=args.json,
+                )
+            )
         case "keys":
             from .keys import generate_key
 
@@ -191,8 +259,13 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         case "verify":
             from .verify import main_verify
 
-            return main_verify(jwks=args.jwks, subject=args.subject, payload=args.payload,
-                               artifact=args.artifact, out=out)
+            return main_verify(
+                jwks=args.jwks,
+                subject=args.subject,
+                payload=args.payload,
+                artifact=args.artifact,
+                out=out,
+            )
     raise AssertionError(args.command)  # argparse only lets the commands above through
 
 
@@ -252,10 +325,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         **settings_kw,
     )
     policies = load_policies(args.policies)
-    signer = Signer(load_private_key(args.key), issuer=settings.gateway_id,
-                    ttl_s=settings.artifact_ttl_s)
-    log.info("policies %s (%s), %d rules, mode %s", policies.version, policies.digest,
-             policies.rule_count, policies.mode)
+    signer = Signer(
+        load_private_key(args.key), issuer=settings.gateway_id, ttl_s=settings.artifact_ttl_s
+    )
+    log.info(
+        "policies %s (%s), %d rules, mode %s",
+        policies.version,
+        policies.digest,
+        policies.rule_count,
+        policies.mode,
+    )
     return anyio.run(_serve, settings, policies, signer)
 
 

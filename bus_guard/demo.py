@@ -71,23 +71,41 @@ def _scenario(rng: random.Random) -> Sent:
     pick = rng.random()
     if pick < 0.35:
         amount = round(rng.uniform(5, 900), 2)
-        return _intent(rng.choice(["agent-7", "agent-9"]), "payments.transfer", acct,
-                       {"amount": amount, "currency": rng.choice(["USD", "EUR"]), "to": to})
+        return _intent(
+            rng.choice(["agent-7", "agent-9"]),
+            "payments.transfer",
+            acct,
+            {"amount": amount, "currency": rng.choice(["USD", "EUR"]), "to": to},
+        )
     if pick < 0.45:
-        return _intent("agent-9", "payments.transfer", acct,
-                       {"amount": rng.randint(1500, 50000), "currency": "USD", "to": to})
+        return _intent(
+            "agent-9",
+            "payments.transfer",
+            acct,
+            {"amount": rng.randint(1500, 50000), "currency": "USD", "to": to},
+        )
     if pick < 0.52:
-        return _intent("agent-7", "payments.transfer", "account:sanctioned-ru-1",
-                       {"amount": 50, "currency": "USD", "to": to})
+        return _intent(
+            "agent-7",
+            "payments.transfer",
+            "account:sanctioned-ru-1",
+            {"amount": 50, "currency": "USD", "to": to},
+        )
     if pick < 0.57:
-        return _intent("agent-9", "payments.transfer", acct,
-                       {"amount": 20, "currency": "GBP", "to": to})
+        return _intent(
+            "agent-9", "payments.transfer", acct, {"amount": 20, "currency": "GBP", "to": to}
+        )
     if pick < 0.62:
-        return _intent("agent-2", "payments.transfer", acct,
-                       {"amount": 20, "currency": "USD", "to": to})
+        return _intent(
+            "agent-2", "payments.transfer", acct, {"amount": 20, "currency": "USD", "to": to}
+        )
     if pick < 0.75:
-        return _intent(f"agent-{rng.choice([1, 2, 3])}", "tools.search", "tool:search",
-                       {"q": rng.choice(["fx rates", "invoice 42", "weather"])})
+        return _intent(
+            f"agent-{rng.choice([1, 2, 3])}",
+            "tools.search",
+            "tool:search",
+            {"q": rng.choice(["fx rates", "invoice 42", "weather"])},
+        )
     if pick < 0.82:
         good = rng.random() < 0.6
         url = "https://api.example.com/v1/quotes" if good else "http://evil.example.net/x"
@@ -97,8 +115,13 @@ def _scenario(rng: random.Random) -> Sent:
     if pick < 0.93:
         return Sent("agent-7", "payments.transfer", b'{"id": "x1", "action": "payments.transfer",')
     # Spoofing: agent-9 claims to be agent-7 in the payload.
-    return _intent("agent-9", "payments.transfer", acct,
-                   {"amount": 10, "currency": "USD", "to": to}, principal="agent-7")
+    return _intent(
+        "agent-9",
+        "payments.transfer",
+        acct,
+        {"amount": 10, "currency": "USD", "to": to},
+        principal="agent-7",
+    )
 
 
 @dataclass
@@ -141,8 +164,10 @@ async def run_demo(
         signer = Signer(load_private_key(key_path), issuer="demo-gateway", ttl_s=60)
         verifier = Verifier(jwks_path)
         async with _bus(nats_url) as url:
-            console.print(f"[bold]bus_guard demo[/] bus={url} policies={policies.version} "
-                          f"digest={policies.digest[:19]}… rules={policies.rule_count}")
+            console.print(
+                f"[bold]bus_guard demo[/] bus={url} policies={policies.version} "
+                f"digest={policies.digest[:19]}… rules={policies.rule_count}"
+            )
             settings = Settings(nats_url=url, gateway_id="demo-gateway")
             all_decided = anyio.Event()
 
@@ -153,8 +178,9 @@ async def run_demo(
 
             async def executor(msg: Msg) -> None:
                 try:
-                    claims = verify_message(verifier, subject=msg.subject, headers=msg.headers,
-                                            payload=msg.data)
+                    claims = verify_message(
+                        verifier, subject=msg.subject, headers=msg.headers, payload=msg.data
+                    )
                 except VerificationError as exc:
                     tally.bad_artifacts += 1
                     console.print(f"[bold red]REFUSED[/] {escape(msg.subject)}: {exc}")
@@ -167,7 +193,8 @@ async def run_demo(
                         console.print(
                             f"[bold green]{'EXECUTED':<10}[/] [cyan]{claims.sub:<12}[/] "
                             f"{claims.action} {escape(claims.resource)}  [magenta]artifact ok[/] "
-                            f"rules={','.join(claims.rules)} [dim]id={claims.jti}[/]")
+                            f"rules={','.join(claims.rules)} [dim]id={claims.jti}[/]"
+                        )
                 decided()
 
             async def operator(msg: Msg) -> None:
@@ -190,8 +217,11 @@ async def run_demo(
                     for _ in range(count):
                         sent = _scenario(rng)
                         headers = {"Content-Type": sent.content_type} if sent.content_type else None
-                        await nc.publish(f"guard.in.{sent.principal}.{sent.action}", sent.payload,
-                                         headers=headers)
+                        await nc.publish(
+                            f"guard.in.{sent.principal}.{sent.action}",
+                            sent.payload,
+                            headers=headers,
+                        )
                         if rate_per_s > 0:
                             await anyio.sleep(1 / rate_per_s)
                     await round_trip(nc)
@@ -205,13 +235,18 @@ async def run_demo(
     leaked = tally.executed_digests & tally.not_allowed
     _summary(console, tally, count, elapsed, stats.received, leaked)
     ok = tally.decided == count and tally.bad_artifacts == 0 and not leaked
-    console.print("[bold green]PASS[/]: every executed action carried a valid artifact; "
-                  "nothing denied or held was executed" if ok else "[bold red]FAIL[/]")
+    console.print(
+        "[bold green]PASS[/]: every executed action carried a valid artifact; "
+        "nothing denied or held was executed"
+        if ok
+        else "[bold red]FAIL[/]"
+    )
     return 0 if ok else 1
 
 
-def _summary(console: Console, tally: _Tally, count: int, elapsed: float, received: int,
-             leaked: set[str]) -> None:
+def _summary(
+    console: Console, tally: _Tally, count: int, elapsed: float, received: int, leaked: set[str]
+) -> None:
     table = Table(title="bus_guard demo summary")
     table.add_column("effect")
     table.add_column("reason")

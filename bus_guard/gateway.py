@@ -124,7 +124,7 @@ class Gateway:
                 name=f"bus-guard {s.gateway_id}",
                 user_credentials=s.creds_file,
                 connect_timeout=max(1, round(s.connect_timeout_s)),
-                reconnect_time_wait=s.reconnect_wait_s,  # type: ignore[arg-type]
+                reconnect_time_wait=s.reconnect_wait_s,
                 max_reconnect_attempts=s.max_reconnect_attempts,
                 drain_timeout=max(1, round(s.drain_timeout_s)),
                 error_cb=self._on_error,
@@ -230,11 +230,10 @@ class Gateway:
         s = self.settings
         now = self._clock()
         headers = msg.headers
-        content_type = _header(headers, "content-type") if headers else None
         ev = evaluate(
             msg.subject,
             msg.data,
-            content_type,
+            _header(headers, "content-type") if headers else None,
             policies,
             self._state,
             now=now,
@@ -243,63 +242,70 @@ class Gateway:
             max_payload_bytes=s.max_payload_bytes,
             max_nesting_depth=s.max_nesting_depth,
         )
-        decision, decision_id = ev.decision, new_decision_id()
-        if decision.effect is Effect.ALLOW and ev.intent is not None and ev.subject is not None:
-            action_path = msg.subject[self._in_prefix_len :]
-            exec_subject = self._exec + action_path
-            try:
-                token = self._signer.sign(
-                    ArtifactClaims(
-                        iss=self._signer.issuer,
-                        sub=ev.subject.principal,
-                        aud=exec_subject,
-                        iat=int(now),
-                        nbf=int(now),
-                        exp=int(now + self._signer.ttl_s),
-                        jti=decision_id,
-                        action=ev.subject.action,
-                        resource=ev.intent.resource,
-                        intent_id=ev.intent.id,
-                        payload_sha256=payload_digest(msg.data),
-                        policy_digest=decision.policy_digest,
-                        policy_version=decision.policy_version,
-                        rules=decision.rules,
-                        mode=decision.mode,
-                        would_deny=decision.would_deny,
-                        parents=ev.intent.parents,
-                        lineage_depth=0,
-                        lineage_root=ev.subject.principal,
-                    )
-                )
-            except Exception as exc:
-                log.exception("signing failed for intent %s", ev.intent.id)
-                self._counters.internal_errors += 1
-                ev = Evaluation(
-                    deny(Reason.INTERNAL_ERROR, f"signing failed: {exc}", policies), ev.subject, ev.intent
-                )
-            else:
-                out = _forwarded_headers(headers)
-                out["Guard-Artifact"] = token
-                out["Guard-Decision"] = decision_id
-                out["Nats-Msg-Id"] = decision_id
-                try:
-                    assert self._nc is not None
-                    await self._nc.publish(exec_subject, msg.data, headers=out)
-                except Exception as exc:
-                    log.exception("exec publish failed for intent %s", ev.intent.id)
-                    self._counters.publish_failures += 1
-                    failed = deny(Reason.INTERNAL_ERROR, f"exec publish failed: {exc}", policies)
-                    ev = Evaluation(failed, ev.subject, ev.intent)
-                else:
-                    self._counters.allowed += 1
-                    if decision.would_deny:
-                        # Observe mode: operators see on the deny stream what enforcement
-                        # would block; the record's effect says it was allowed.
-                        self._counters.would_deny += 1
-                        await self._publish_record(msg, ev, decision_id, now)
-                    await self._reply(msg, ev, decision_id, now)
-                    return
+        decision_id = new_decision_id()
+        if ev.decision.effect is Effect.ALLOW:
+            failure = await self._forward(msg, ev, decision_id, now, policies)
+            if failure is None:
+                self._counters.allowed += 1
+                if ev.decision.would_deny:
+                    # Observe mode: operators see on the deny stream what enforcement
+                    # would block; the record's effect says it was allowed.
+                    self._counters.would_deny += 1
+                    await self._publish_record(msg, ev, decision_id, now)
+                await self._reply(msg, ev, decision_id, now)
+                return
+            ev = Evaluation(failure, ev.subject, ev.intent)
         await self._record(msg, ev, decision_id, now)
+
+    async def _forward(
+        self, msg: Msg, ev: Evaluation, decision_id: str, now: float, policies: PolicySetLike
+    ) -> Decision | None:
+        """Sign and publish to exec; ``None`` when forwarded, else the denial to record."""
+        intent, subject = ev.intent, ev.subject
+        if intent is None or subject is None:  # an allow always has both; fail closed
+            return deny(Reason.INTERNAL_ERROR, "allow without a decoded intent", policies)
+        exec_subject = self._exec + msg.subject[self._in_prefix_len :]
+        decision = ev.decision
+        try:
+            token = self._signer.sign(
+                ArtifactClaims(
+                    iss=self._signer.issuer,
+                    sub=subject.principal,
+                    aud=exec_subject,
+                    iat=int(now),
+                    nbf=int(now),
+                    exp=int(now + self._signer.ttl_s),
+                    jti=decision_id,
+                    action=subject.action,
+                    resource=intent.resource,
+                    intent_id=intent.id,
+                    payload_sha256=payload_digest(msg.data),
+                    policy_digest=decision.policy_digest,
+                    policy_version=decision.policy_version,
+                    rules=decision.rules,
+                    mode=decision.mode,
+                    would_deny=decision.would_deny,
+                    parents=intent.parents,
+                    lineage_depth=0,
+                    lineage_root=subject.principal,
+                )
+            )
+        except Exception as exc:
+            log.exception("signing failed for intent %s", intent.id)
+            self._counters.internal_errors += 1
+            return deny(Reason.INTERNAL_ERROR, f"signing failed: {exc}", policies)
+        out = _forwarded_headers(msg.headers)
+        out["Guard-Artifact"] = token
+        out["Guard-Decision"] = decision_id
+        out["Nats-Msg-Id"] = decision_id
+        try:
+            assert self._nc is not None
+            await self._nc.publish(exec_subject, msg.data, headers=out)
+        except Exception as exc:
+            log.exception("exec publish failed for intent %s", intent.id)
+            self._counters.publish_failures += 1
+            return deny(Reason.INTERNAL_ERROR, f"exec publish failed: {exc}", policies)
+        return None
 
     async def _record(self, msg: Msg, ev: Evaluation, decision_id: str, now: float) -> None:
         """Publish a deny or hold record (and the reply): never an allow."""
@@ -340,9 +346,7 @@ class Gateway:
             **extra,
         )
 
-    async def _publish_record(
-        self, msg: Msg, ev: Evaluation, decision_id: str, now: float
-    ) -> None:
+    async def _publish_record(self, msg: Msg, ev: Evaluation, decision_id: str, now: float) -> None:
         assert self._nc is not None
         # A hold keeps the whole payload: an approval forwards exactly those bytes later.
         held = ev.decision.effect is Effect.HOLD

@@ -121,7 +121,9 @@ def _no_constant(name: str) -> Any:
 
 
 # Only used to detect duplicate keys and non-finite constants; msgspec does the typing.
-_dup_scanner: Final = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+_dup_scanner: Final = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_no_constant
+)
 
 
 def parse_subject(subject: str, prefix: str) -> Subject | None:

@@ -61,8 +61,18 @@ def test_policy_check_reports_bad_bundle_with_file_and_rule(tmp_path: Path) -> N
 def test_policy_explain_names_the_rule(tmp_path: Path) -> None:
     payload = tmp_path / "intent.json"
     payload.write_bytes(intent("tools.shell", "tool:shell", {"cmd": "id"}, ts=1000.0))
-    code, text = _run("policy", "explain", "--policies", str(POLICIES), "--subject",
-                      "guard.in.agent-1.tools.shell", "--payload", str(payload), "--now", "1000")
+    code, text = _run(
+        "policy",
+        "explain",
+        "--policies",
+        str(POLICIES),
+        "--subject",
+        "guard.in.agent-1.tools.shell",
+        "--payload",
+        str(payload),
+        "--now",
+        "1000",
+    )
     assert code == 0 and "deny" in text and "denied_by_rule" in text
 
 
@@ -78,19 +88,51 @@ def test_verify_cli_accepts_a_gateway_artifact_and_rejects_a_tampered_payload(
     import time
 
     now = int(time.time())
-    token = Signer(load_private_key(key), issuer="gw", ttl_s=60).sign(ArtifactClaims(
-        iss="gw", sub="agent-7", aud="guard.exec.agent-7.x", iat=now, nbf=now, exp=now + 60,
-        jti="D1", action="x", resource="r", intent_id="i1",
-        payload_sha256=payload_digest(payload), policy_digest="sha256:0", policy_version="v",
-        rules=("r1",), mode="enforce"))
+    token = Signer(load_private_key(key), issuer="gw", ttl_s=60).sign(
+        ArtifactClaims(
+            iss="gw",
+            sub="agent-7",
+            aud="guard.exec.agent-7.x",
+            iat=now,
+            nbf=now,
+            exp=now + 60,
+            jti="D1",
+            action="x",
+            resource="r",
+            intent_id="i1",
+            payload_sha256=payload_digest(payload),
+            policy_digest="sha256:0",
+            policy_version="v",
+            rules=("r1",),
+            mode="enforce",
+        )
+    )
     (tmp_path / "p.bin").write_bytes(payload)
     (tmp_path / "tok").write_text(token)
-    code, text = _run("verify", "--jwks", str(jwks), "--subject", "guard.exec.agent-7.x",
-                      "--payload", str(tmp_path / "p.bin"), "--artifact", f"@{tmp_path / 'tok'}")
+    code, text = _run(
+        "verify",
+        "--jwks",
+        str(jwks),
+        "--subject",
+        "guard.exec.agent-7.x",
+        "--payload",
+        str(tmp_path / "p.bin"),
+        "--artifact",
+        f"@{tmp_path / 'tok'}",
+    )
     assert code == 0 and '"jti": "D1"' in text
     (tmp_path / "p.bin").write_bytes(payload + b" ")
-    code, text = _run("verify", "--jwks", str(jwks), "--subject", "guard.exec.agent-7.x",
-                      "--payload", str(tmp_path / "p.bin"), "--artifact", token)
+    code, text = _run(
+        "verify",
+        "--jwks",
+        str(jwks),
+        "--subject",
+        "guard.exec.agent-7.x",
+        "--payload",
+        str(tmp_path / "p.bin"),
+        "--artifact",
+        token,
+    )
     assert code == 1 and "payload_mismatch" in text
 
 
@@ -110,9 +152,22 @@ def test_demo_passes_end_to_end() -> None:
 
 def _gateway_process(nats_url: str, key: Path, *extra: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bus_guard", "run", "--nats", nats_url, "--policies",
-         str(POLICIES), "--key", str(key), *extra],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "bus_guard",
+            "run",
+            "--nats",
+            nats_url,
+            "--policies",
+            str(POLICIES),
+            "--key",
+            str(key),
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.stderr is not None
     for line in proc.stderr:  # readiness is the log line written after the SUB is confirmed
@@ -141,13 +196,17 @@ async def test_run_decides_intents_and_drains_on_sigterm(nats_url: str, key: Pat
     try:
         nc = await nats.connect(nats_url)
         execs = await Collector.on(nc, "guard.exec.>")
-        reply = await nc.request("guard.in.agent-1.tools.search",
-                                 intent("tools.search", "tool:search", {"q": "x"}), timeout=10)
+        reply = await nc.request(
+            "guard.in.agent-1.tools.search",
+            intent("tools.search", "tool:search", {"q": "x"}),
+            timeout=10,
+        )
         assert json.loads(reply.data)["effect"] == "allow"
         await execs.wait_for(1)
         for _ in range(200):
-            await nc.publish("guard.in.agent-1.tools.search",
-                             intent("tools.search", "tool:search", {"q": "y"}))
+            await nc.publish(
+                "guard.in.agent-1.tools.search", intent("tools.search", "tool:search", {"q": "y"})
+            )
         await round_trip(nc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
@@ -174,6 +233,13 @@ def test_run_exits_nonzero_when_the_bus_is_gone_beyond_the_reconnect_budget(key:
 
 
 def test_run_refuses_a_missing_key_with_a_clear_error(tmp_path: Path, nats_url: str) -> None:
-    code, _ = _run("run", "--nats", nats_url, "--policies", str(POLICIES),
-                   "--key", str(tmp_path / "absent.pem"))
+    code, _ = _run(
+        "run",
+        "--nats",
+        nats_url,
+        "--policies",
+        str(POLICIES),
+        "--key",
+        str(tmp_path / "absent.pem"),
+    )
     assert code == 2

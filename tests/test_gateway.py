@@ -73,8 +73,12 @@ async def _sentinel(nc: nats.NATS, out: Outputs, denies_before: int) -> None:
 
 
 def _small_transfer(**kw: Any) -> bytes:
-    return intent("payments.transfer", "account:acct-1",
-                  {"amount": 120.5, "currency": "USD", "to": "account:acct-9"}, **kw)
+    return intent(
+        "payments.transfer",
+        "account:acct-1",
+        {"amount": 120.5, "currency": "USD", "to": "account:acct-9"},
+        **kw,
+    )
 
 
 async def test_allowed_intent_is_forwarded_once_bytes_unchanged_with_valid_artifact(
@@ -112,8 +116,9 @@ async def test_allowed_intent_is_forwarded_once_bytes_unchanged_with_valid_artif
     assert claims["policy_digest"] == policies.digest
     assert claims["rules"]
     # ... and so does ours.
-    checked = verify_message(Verifier(keys[1]), subject=msg.subject, headers=msg.headers,
-                             payload=msg.data)
+    checked = verify_message(
+        Verifier(keys[1]), subject=msg.subject, headers=msg.headers, payload=msg.data
+    )
     assert checked.intent_id == json.loads(payload)["id"]
     await nc.drain()
 
@@ -121,12 +126,29 @@ async def test_allowed_intent_is_forwarded_once_bytes_unchanged_with_valid_artif
 @pytest.mark.parametrize(
     ("subject", "payload", "reason"),
     [
-        (TRANSFER, intent("payments.transfer", "account:sanctioned-x",
-                          {"amount": 5, "currency": "USD", "to": "account:a"}), "denied_by_rule"),
-        (TRANSFER, intent("payments.transfer", "account:acct-1",
-                          {"amount": 5, "currency": "GBP", "to": "account:a"}), "no_matching_rule"),
-        ("guard.in.agent-1.tools.shell", intent("tools.shell", "tool:shell", {"cmd": "id"}),
-         "denied_by_rule"),
+        (
+            TRANSFER,
+            intent(
+                "payments.transfer",
+                "account:sanctioned-x",
+                {"amount": 5, "currency": "USD", "to": "account:a"},
+            ),
+            "denied_by_rule",
+        ),
+        (
+            TRANSFER,
+            intent(
+                "payments.transfer",
+                "account:acct-1",
+                {"amount": 5, "currency": "GBP", "to": "account:a"},
+            ),
+            "no_matching_rule",
+        ),
+        (
+            "guard.in.agent-1.tools.shell",
+            intent("tools.shell", "tool:shell", {"cmd": "id"}),
+            "denied_by_rule",
+        ),
         (TRANSFER, _small_transfer(principal="agent-9"), "principal_mismatch"),
         (TRANSFER, intent("payments.refund", "account:acct-1", {}), "action_mismatch"),
         (TRANSFER, _small_transfer(ts=1.0), "expired"),
@@ -135,8 +157,12 @@ async def test_allowed_intent_is_forwarded_once_bytes_unchanged_with_valid_artif
     ],
 )
 async def test_denied_intent_goes_to_deny_and_never_to_exec(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet,
-    subject: str, payload: bytes, reason: str,
+    nats_url: str,
+    keys: tuple[Path, Path],
+    policies: PolicySet,
+    subject: str,
+    payload: bytes,
+    reason: str,
 ) -> None:
     nc = await nats.connect(nats_url)
     out = await _outputs(nc)
@@ -153,8 +179,11 @@ async def test_denied_intent_goes_to_deny_and_never_to_exec(
     assert record["decision_id"]
     if reason == "denied_by_rule":
         assert record["rules"]
-    expected_subject = ("guard.deny.~invalid" if reason == "bad_subject"
-                        else subject.replace("guard.in.", "guard.deny.", 1))
+    expected_subject = (
+        "guard.deny.~invalid"
+        if reason == "bad_subject"
+        else subject.replace("guard.in.", "guard.deny.", 1)
+    )
     assert out.deny.msgs[0].subject == expected_subject
     assert stats.denied == 2 and stats.allowed == 0  # the intent and the sentinel
     await nc.drain()
@@ -165,8 +194,11 @@ async def test_escalated_intent_is_held_with_its_whole_payload(
 ) -> None:
     nc = await nats.connect(nats_url)
     out = await _outputs(nc)
-    payload = intent("payments.transfer", "account:acct-1",
-                     {"amount": 25000, "currency": "USD", "to": "account:acct-9"})
+    payload = intent(
+        "payments.transfer",
+        "account:acct-1",
+        {"amount": 25000, "currency": "USD", "to": "account:acct-9"},
+    )
     async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)):
         await nc.publish(TRANSFER, payload)
         await _sentinel(nc, out, 0)
@@ -261,8 +293,9 @@ async def test_requester_gets_the_decision_as_reply(
     nc = await nats.connect(nats_url)
     async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)):
         allowed = await nc.request(TRANSFER, _small_transfer(), timeout=5)
-        denied = await nc.request("guard.in.agent-1.tools.shell",
-                                  intent("tools.shell", "tool:shell", {}), timeout=5)
+        denied = await nc.request(
+            "guard.in.agent-1.tools.shell", intent("tools.shell", "tool:shell", {}), timeout=5
+        )
     a, d = json.loads(allowed.data), json.loads(denied.data)
     assert a["effect"] == "allow" and a["reason"] == "allowed_by_rule"
     assert d["effect"] == "deny" and d["reason"] == "denied_by_rule"
@@ -279,9 +312,12 @@ async def test_reply_subject_pointing_into_outputs_is_refused(
     js_api = await Collector.on(nc, "$JS.API.>")
     async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)) as gw:
         denied = intent("tools.shell", "tool:shell", {})
-        await nc.publish("guard.in.agent-1.tools.shell", denied, reply="guard.exec.agent-1.tools.shell")
-        await nc.publish("guard.in.agent-1.tools.shell", denied,
-                         reply="$JS.API.STREAM.DELETE.GUARD_LEDGER")
+        await nc.publish(
+            "guard.in.agent-1.tools.shell", denied, reply="guard.exec.agent-1.tools.shell"
+        )
+        await nc.publish(
+            "guard.in.agent-1.tools.shell", denied, reply="$JS.API.STREAM.DELETE.GUARD_LEDGER"
+        )
         await _sentinel(nc, out, 2)
         stats = gw.statistics()
     assert out.exec.msgs == []

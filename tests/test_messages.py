@@ -55,8 +55,11 @@ def test_valid_msgpack_intent_decodes_when_content_type_says_so() -> None:
         (_json(id=...), None, "missing required field `id`"),
         (_json(id="has space"), None, "matching regex"),
         (b'{"id": "a", "id": "b", "action": "x", "resource": "r", "ts": 1}', None, "duplicate key"),
-        (_json(params={"amount": 1, "amount2": 2}).replace(b'"amount2"', b'"amount"'), None,
-         "duplicate key"),
+        (
+            _json(params={"amount": 1, "amount2": 2}).replace(b'"amount2"', b'"amount"'),
+            None,
+            "duplicate key",
+        ),
         (_json().replace(b"120.5", b"NaN"), None, "malformed"),
         (_json().replace(b"120.5", b"Infinity"), None, "malformed"),
         (_json().replace(b"120.5", b"1e999"), None, "out of range"),
@@ -82,7 +85,9 @@ def test_each_malformed_class_is_a_malformed_value(
 def test_msgpack_duplicate_keys_are_malformed() -> None:
     good = msgspec.msgpack.encode(GOOD)
     # fixmap of 6 entries -> claim 7 and repeat the "id" entry at the end.
-    dup = bytes([good[0] + 1]) + good[1:] + msgspec.msgpack.encode("id") + msgspec.msgpack.encode("z")
+    dup = (
+        bytes([good[0] + 1]) + good[1:] + msgspec.msgpack.encode("id") + msgspec.msgpack.encode("z")
+    )
     result = decode_intent(dup, "application/msgpack")
     assert isinstance(result, Malformed) and "duplicate" in result.message
 
@@ -97,7 +102,9 @@ def test_decoder_is_total_on_arbitrary_bytes(payload: bytes, content_type: str |
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
     max_leaves=30,
 )
 
