@@ -75,7 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the gateway: "
         "subscribe to <prefix>.in.> in a queue group and decide every intent.",
     )
-    run.add_argument("--nats", required=True, metavar="URL", help="NATS server URL")
+    run.add_argument(
+        "--nats",
+        required=True,
+        metavar="URL[,URL...]",
+        help="NATS server URL(s), comma-separated for a cluster",
+    )
     run.add_argument(
         "--policies",
         required=True,
@@ -172,6 +177,21 @@ def _parser() -> argparse.ArgumentParser:
     new = keys.add_parser("new", help="write DIR/signing-key.pem (0600) and DIR/jwks.json")
     new.add_argument("--out", required=True, type=Path, metavar="DIR")
     new.add_argument("--force", action="store_true", help="overwrite an existing key")
+    rotate = keys.add_parser(
+        "rotate",
+        help="new DIR/signing-key.pem; the old key verifies for --grace seconds more",
+    )
+    rotate.add_argument("--dir", required=True, type=Path, metavar="DIR")
+    rotate.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long the old key still verifies (default: 3600)",
+    )
+    revoke = keys.add_parser("revoke", help="refuse a key id from now on (key compromise)")
+    revoke.add_argument("--jwks", required=True, type=Path, metavar="FILE")
+    revoke.add_argument("kid")
 
     pol = sub.add_parser("policy", help="check, test and explain policies").add_subparsers(
         dest="policy_command", required=True, metavar="ACTION"
@@ -249,11 +269,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
                 )
             )
         case "keys":
-            from .keys import generate_key
-
-            key, jwks = generate_key(args.out, overwrite=args.force)
-            print(f"wrote {key} (private, mode 0600) and {jwks}", file=out)
-            return EXIT_OK
+            return _cmd_keys(args, out)
         case "policy":
             return _cmd_policy(args, out)
         case "verify":
@@ -267,6 +283,27 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
                 out=out,
             )
     raise AssertionError(args.command)  # argparse only lets the commands above through
+
+
+def _cmd_keys(args: argparse.Namespace, out: TextIO) -> int:
+    from . import keys
+
+    match args.keys_command:
+        case "new":
+            key, jwks = keys.generate_key(args.out, overwrite=args.force)
+            print(f"wrote {key} (private, mode 0600) and {jwks}", file=out)
+        case "rotate":
+            r = keys.rotate_key(args.dir, grace_s=args.grace)
+            print(
+                f"new key {r.new_kid} in {r.key_path}; old key {r.retired_kid} verifies until "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(r.not_after))} "
+                f"(restart or reload gateways, publish {r.jwks_path} to verifiers first)",
+                file=out,
+            )
+        case "revoke":
+            keys.revoke_key(args.jwks, args.kid)
+            print(f"revoked {args.kid} in {args.jwks}", file=out)
+    return EXIT_OK
 
 
 def _cmd_policy(args: argparse.Namespace, out: TextIO) -> int:

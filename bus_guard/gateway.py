@@ -120,7 +120,7 @@ class Gateway:
         s = self.settings
         try:
             self._nc = await nats.connect(
-                s.nats_url,
+                [u.strip() for u in s.nats_url.split(",") if u.strip()],
                 name=f"bus-guard {s.gateway_id}",
                 user_credentials=s.creds_file,
                 connect_timeout=max(1, round(s.connect_timeout_s)),

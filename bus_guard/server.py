@@ -47,8 +47,9 @@ def find_nats_server() -> str:
 class NatsServer:
     """A nats-server child process. Use as a context manager, sync or async.
 
-    ``config`` is a nats-server config file; ``--port -1`` and the store directory given
-    here override what it says, so the shipped compose/ configs run unchanged.
+    ``config`` is a nats-server config file; ``--port -1`` overrides its port. nats-server
+    refuses ``--store_dir`` when the config sets ``store_dir`` too, so for such configs pass
+    ``jetstream=False`` and render the store directory into the file (tests/topology.py).
     """
 
     def __init__(

@@ -243,3 +243,21 @@ def test_run_refuses_a_missing_key_with_a_clear_error(tmp_path: Path, nats_url: 
         str(tmp_path / "absent.pem"),
     )
     assert code == 2
+
+
+def test_keys_rotate_keeps_the_old_key_valid_for_the_grace_period(tmp_path: Path) -> None:
+    from bus_guard.keys import kid_for, load_jwks, load_private_key
+
+    assert _run("keys", "new", "--out", str(tmp_path))[0] == 0
+    old_kid = kid_for(load_private_key(tmp_path / "signing-key.pem").public_key())
+    code, text = _run("keys", "rotate", "--dir", str(tmp_path), "--grace", "600")
+    assert code == 0 and old_kid in text
+    new_kid = kid_for(load_private_key(tmp_path / "signing-key.pem").public_key())
+    assert new_kid != old_kid
+    jwks = load_jwks(tmp_path / "jwks.json")
+    old = jwks.entry(old_kid)
+    assert old is not None and old.not_after is not None
+    assert set(jwks) == {old_kid, new_kid}
+    code, _ = _run("keys", "revoke", "--jwks", str(tmp_path / "jwks.json"), old_kid)
+    revoked = load_jwks(tmp_path / "jwks.json").entry(old_kid)
+    assert code == 0 and revoked is not None and revoked.revoked_at is not None
