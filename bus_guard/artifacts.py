@@ -4,6 +4,10 @@ This is on the gateway's hot path. Everything that does not depend on the claims
 protected header segment, the encoder, the key object) is built once, so a signature
 costs one msgspec encode, two base64 encodes and one Ed25519 signature.
 
+Batched mode (:mod:`bus_guard.batch`) signs one :class:`TreeHead` per batch instead, with
+:meth:`Signer.sign_tree_head`; it is a JWS of its own ``typ`` so that neither kind of
+token can be passed off as the other.
+
 :class:`ArtifactClaims` lives in :mod:`bus_guard.verify`, so that executors import that
 module alone; it is re-exported here.
 """
@@ -18,9 +22,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .errors import ConfigError, SigningError
 from .keys import kid_for, public_jwk
-from .verify import ArtifactClaims, b64url_encode, payload_digest, protected_header
+from .verify import (
+    TREE_HEAD_TYP,
+    ArtifactClaims,
+    TreeHead,
+    b64url_encode,
+    payload_digest,
+    protected_header,
+)
 
-__all__ = ("ArtifactClaims", "Signer", "payload_digest")
+__all__ = ("ArtifactClaims", "Signer", "TreeHead", "payload_digest")
 
 # Same configuration as the verifier's, so that a verifier re-encoding decoded claims
 # gets back the exact signed bytes (its fast path).
@@ -30,7 +41,7 @@ _CLAIMS_ENCODER: Final = msgspec.json.Encoder()
 class Signer:
     """Signs :class:`ArtifactClaims` with one Ed25519 key as gateway *issuer*."""
 
-    __slots__ = ("_encode", "_key", "_prefix", "issuer", "kid", "ttl_s")
+    __slots__ = ("_encode", "_head_prefix", "_key", "_prefix", "issuer", "kid", "ttl_s")
 
     def __init__(self, private_key: Ed25519PrivateKey, *, issuer: str, ttl_s: float = 60.0) -> None:
         if not isinstance(private_key, Ed25519PrivateKey):
@@ -45,6 +56,7 @@ class Signer:
         self.ttl_s = float(ttl_s)
         self.kid = kid_for(private_key.public_key())
         self._prefix = protected_header(self.kid).encode("ascii") + b"."
+        self._head_prefix = protected_header(self.kid, TREE_HEAD_TYP).encode("ascii") + b"."
 
     def __repr__(self) -> str:
         return f"Signer(kid={self.kid!r}, issuer={self.issuer!r}, ttl_s={self.ttl_s})"
@@ -64,6 +76,27 @@ class Signer:
         # the gateway must see SigningError and deny rather than forward unsigned.
         except Exception as exc:
             raise SigningError(f"cannot sign artifact {claims.jti!r}: {exc!r}") from exc
+        return (signing_input + b"." + b64url_encode(signature)).decode("ascii")
+
+    def sign_tree_head(self, *, root: bytes, size: int, now: float) -> str:
+        """The compact JWS (``typ`` ``guard-tree-head+jwt``) of a Merkle tree head: the
+        RFC 9162 *root* hash of a tree of *size* leaves, signed at *now*.
+
+        :class:`~bus_guard.errors.SigningError` on failure.
+        """
+        if len(root) != 32 or not 1 <= size <= 2**53 - 1:
+            raise SigningError(f"not a tree head: {len(root)}-byte root, size {size}")
+        try:
+            head = TreeHead(
+                iss=self.issuer,
+                iat=int(now),
+                tree_size=size,
+                root_hash=b64url_encode(root).decode("ascii"),
+            )
+            signing_input = self._head_prefix + b64url_encode(self._encode(head))
+            signature = self._key.sign(signing_input)
+        except Exception as exc:  # synchronous: never a cancellation (see sign)
+            raise SigningError(f"cannot sign tree head of {size} leaves: {exc!r}") from exc
         return (signing_input + b"." + b64url_encode(signature)).decode("ascii")
 
     def build_claims(

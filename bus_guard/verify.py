@@ -42,6 +42,31 @@ reason code of the :class:`~bus_guard.errors.VerificationError`:
 :func:`verify_message` adds two message-level reasons: ``missing_artifact`` (no
 ``Guard-Artifact`` header) and ``decision_mismatch`` (a ``Guard-Decision`` header that
 differs from the ``jti``).
+
+Batched artifacts (SPEC §6 batched mode) travel in the same ``Guard-Artifact`` header and
+are told apart by their first characters: a compact JWS starts with ``eyJ``, a batched
+artifact with ``gb1~``. It is five ``~``-separated fields::
+
+    gb1~<leaf index>~<leaf claims>~<inclusion proof>~<signed tree head>
+
+* ``<leaf index>``: the leaf's 0-based position in its tree, canonical decimal;
+* ``<leaf claims>``: base64url of the claims JSON, exactly as in a per-message artifact;
+* ``<inclusion proof>``: base64url of the RFC 9162 §2.1.3.1 audit path, the 32-byte
+  sibling hashes concatenated from the leaf up (empty for a tree of one leaf);
+* ``<signed tree head>``: a compact JWS like an artifact but with ``typ``
+  ``guard-tree-head+jwt`` and the claims :class:`TreeHead` (``iss``, ``iat``,
+  ``tree_size``, ``root_hash``).
+
+Hashing is RFC 9162's: a leaf is ``SHA-256(0x00 || claims JSON)``, a node
+``SHA-256(0x01 || left || right)``, and trees of any size have the RFC's shape. The steps
+above apply with these changes: the header checked in steps 2-5 is the tree head's (its
+``typ`` must be ``guard-tree-head+jwt``); step 5 additionally requires the inclusion proof
+to lead from the leaf hash at ``<leaf index>`` to the signed ``root_hash`` of a tree of
+``tree_size`` leaves (RFC 9162 §2.1.3.2), else ``bad_signature``; the tree head's claims
+must decode strictly (``malformed``) and the leaf's ``iss`` must equal the head's
+(``wrong_issuer``). A head whose signature verified is cached (bounded, least recently
+used first out), so the Ed25519 verification runs once per batch, not once per message;
+the key's revocation is still checked against *now* on every message.
 """
 
 from __future__ import annotations
@@ -55,11 +80,12 @@ import math
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, Final, TextIO
+from typing import Annotated, Any, Final, TextIO, TypeVar
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -70,17 +96,24 @@ from .errors import ConfigError, VerificationError
 __all__ = (
     "ALG",
     "ARTIFACT_HEADER",
+    "BATCH_PREFIX",
     "DECISION_HEADER",
+    "TREE_HEAD_TYP",
     "TYP",
     "ArtifactClaims",
     "JwkEntry",
     "Jwks",
+    "TreeHead",
     "Verifier",
+    "VerifierStatistics",
     "VerifyReason",
     "b64url_decode",
     "b64url_encode",
     "load_jwks",
     "main_verify",
+    "merkle_leaf_hash",
+    "merkle_node_hash",
+    "merkle_root_from_proof",
     "payload_digest",
     "protected_header",
     "verify_message",
@@ -88,6 +121,8 @@ __all__ = (
 
 ALG: Final = "EdDSA"
 TYP: Final = "guard-artifact+jwt"
+TREE_HEAD_TYP: Final = "guard-tree-head+jwt"
+BATCH_PREFIX: Final = "gb1~"
 ARTIFACT_HEADER: Final = "Guard-Artifact"
 DECISION_HEADER: Final = "Guard-Decision"
 
@@ -146,7 +181,19 @@ class ArtifactClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     ledger_seq: _JsonInt = 0
 
 
+class TreeHead(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The claims of a signed tree head (batched mode): one signature covers a whole tree."""
+
+    iss: _Id  # gateway id; every leaf of the tree names the same
+    iat: _JsonInt  # when the batch was signed
+    tree_size: Annotated[int, msgspec.Meta(ge=1, le=2**53 - 1)]
+    root_hash: _Digest  # unpadded base64url of the RFC 9162 root hash
+
+
+_T = TypeVar("_T", ArtifactClaims, TreeHead)
+
 _CLAIMS_DECODER: Final = msgspec.json.Decoder(ArtifactClaims)
+_HEAD_DECODER: Final = msgspec.json.Decoder(TreeHead)
 # The signer encodes with an identical encoder, so re-encoding a decoded claims set gives
 # back the signed bytes; only a token from some other encoder takes the slow path.
 _CLAIMS_ENCODER: Final = msgspec.json.Encoder()
@@ -162,6 +209,10 @@ _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _ENCODE_TABLE: Final = bytes.maketrans(b"+/", b"-_")
 _DECODE_TABLE: Final = bytes.maketrans(b"-_", b"+/")
 _HEADER_MEMBERS: Final = frozenset({"alg", "kid", "typ"})
+# The leaf index of a batched artifact: canonical decimal, below 2**53.
+_INDEX_RE: Final = re.compile(r"0|[1-9][0-9]{0,15}")
+_HASH_BYTES: Final = 32
+_sha256: Final = hashlib.sha256
 
 
 def b64url_encode(data: bytes) -> bytes:
@@ -176,6 +227,32 @@ def _b64decode_checked(seg: str) -> bytes | None:
         return None
     # binascii directly: base64.urlsafe_b64decode adds two Python-level passes.
     return binascii.a2b_base64(seg.encode("ascii").translate(_DECODE_TABLE) + _B64_PAD[rem])
+
+
+# For segments not yet checked against the alphabet: '-' and '_' become '+' and '/', and
+# a '+', '/' or '=' in the input becomes '!', which strict decoding refuses like any other
+# character outside the alphabet. One C pass instead of a regex scan.
+_STRICT_TABLE: Final = bytes.maketrans(b"-_+/=", b"+/!!!")
+
+
+def _b64decode_strict(seg: str) -> bytes | None:
+    """Strict unpadded base64url of a segment of unknown content; None if not canonical.
+
+    Same acceptance as :func:`b64url_decode` (the tests compare them), at a fraction of
+    the cost for the kilobyte-long segments of batched artifacts.
+    """
+    rem = len(seg) & 3
+    if rem == 1 or not seg.isascii():
+        return None
+    try:
+        out = binascii.a2b_base64(
+            seg.encode("ascii").translate(_STRICT_TABLE) + _B64_PAD[rem], strict_mode=True
+        )
+    except binascii.Error:
+        return None
+    if rem and _B64_INDEX[seg[-1]] & _B64_TAIL_MASK[rem]:
+        return None
+    return out
 
 
 def b64url_decode(value: str) -> bytes:
@@ -193,10 +270,51 @@ def payload_digest(payload: bytes) -> str:
     return b64url_encode(hashlib.sha256(payload).digest()).decode("ascii")
 
 
-def protected_header(kid: str) -> str:
+def protected_header(kid: str, typ: str = TYP) -> str:
     """The base64url protected header segment for *kid*, exactly as the signer writes it."""
-    raw = msgspec.json.encode({"alg": ALG, "kid": kid, "typ": TYP})
+    raw = msgspec.json.encode({"alg": ALG, "kid": kid, "typ": typ})
     return b64url_encode(raw).decode("ascii")
+
+
+# --- RFC 9162 Merkle hashing ----------------------------------------------------------
+
+
+def merkle_leaf_hash(data: bytes) -> bytes:
+    """RFC 9162 §2.1.1: ``SHA-256(0x00 || data)``."""
+    return _sha256(b"\x00" + data).digest()
+
+
+def merkle_node_hash(left: bytes, right: bytes) -> bytes:
+    """RFC 9162 §2.1.1: ``SHA-256(0x01 || left || right)``."""
+    return _sha256(b"\x01" + left + right).digest()
+
+
+def merkle_root_from_proof(leaf_hash: bytes, index: int, size: int, proof: bytes) -> bytes | None:
+    """The root an inclusion proof leads to (RFC 9162 §2.1.3.2), or ``None`` if the proof
+    cannot belong to leaf *index* of a tree of *size* leaves (wrong length or position).
+
+    *proof* is the audit path: 32-byte hashes concatenated, from the leaf up.
+    """
+    end = len(proof)
+    if not 0 <= index < size or end % _HASH_BYTES:
+        return None
+    fn, sn, r = index, size - 1, leaf_hash
+    sha256 = _sha256
+    for offset in range(0, end, _HASH_BYTES):
+        if sn == 0:
+            return None  # a longer path than the tree is deep
+        if fn & 1:
+            r = sha256(b"\x01" + proof[offset : offset + _HASH_BYTES] + r).digest()
+        elif fn == sn:
+            r = sha256(b"\x01" + proof[offset : offset + _HASH_BYTES] + r).digest()
+            while fn and not fn & 1:
+                fn >>= 1
+                sn >>= 1
+        else:
+            r = sha256(b"\x01" + r + proof[offset : offset + _HASH_BYTES]).digest()
+        fn >>= 1
+        sn >>= 1
+    return r if sn == 0 else None
 
 
 def _strict_json(raw: bytes | str) -> Any:
@@ -408,15 +526,45 @@ def _fail(reason: VerifyReason, message: str) -> VerificationError:
     return VerificationError(reason, message)
 
 
+@dataclass(frozen=True, slots=True)
+class VerifierStatistics:
+    """Counters of a :class:`Verifier` (a snapshot)."""
+
+    heads_verified: int  # tree heads whose Ed25519 signature was checked (and held)
+    head_cache_hits: int  # batched artifacts whose tree head came from the cache
+    cached_heads: int  # tree heads in the cache now (at most ``max_cached_heads``)
+
+
+# What the cache keeps of a verified tree head: root hash, tree size, issuer and the
+# instant its key stops being usable.
+_HeadEntry = tuple[bytes, int, str, float]
+
+
 class Verifier:
-    """Verifies artifacts against a JWKS. Immutable; build a new one when the JWKS changes.
+    """Verifies artifacts against a JWKS. Build a new one when the JWKS changes.
 
     ``seen`` is the hook for consume-once replay protection at the executor: it is called
     with the ``jti`` of an otherwise valid artifact and must atomically record it and
     return whether it had been recorded before.
+
+    The configuration is immutable; the only state is the cache of verified tree heads
+    (at most ``max_cached_heads``, least recently used evicted first) and its counters.
+    Its operations are single C-level dict operations, safe to share between threads.
     """
 
-    __slots__ = ("_by_header", "_by_kid", "_issuer", "_leeway_s", "_seen", "jwks")
+    __slots__ = (
+        "_by_head_header",
+        "_by_header",
+        "_by_kid",
+        "_head_hits",
+        "_heads",
+        "_heads_verified",
+        "_issuer",
+        "_leeway_s",
+        "_max_heads",
+        "_seen",
+        "jwks",
+    )
 
     def __init__(
         self,
@@ -425,9 +573,12 @@ class Verifier:
         leeway_s: float = 5.0,
         issuer: str | None = None,
         seen: Callable[[str], bool] | None = None,
+        max_cached_heads: int = 1024,
     ) -> None:
         if not (math.isfinite(leeway_s) and leeway_s >= 0):
             raise ConfigError(f"leeway_s must be a finite number >= 0, got {leeway_s!r}")
+        if type(max_cached_heads) is not int or max_cached_heads < 1:
+            raise ConfigError(f"max_cached_heads must be an int >= 1, got {max_cached_heads!r}")
         self.jwks = load_jwks(jwks)
         self._leeway_s = float(leeway_s)
         self._issuer = issuer
@@ -437,11 +588,22 @@ class Verifier:
         # replaces base64 + JSON parsing for every genuine token; anything else is parsed
         # strictly by _parse_header.
         self._by_header = {protected_header(kid): v for kid, v in self._by_kid.items()}
+        self._by_head_header = {
+            protected_header(kid, TREE_HEAD_TYP): v for kid, v in self._by_kid.items()
+        }
+        self._max_heads = max_cached_heads
+        self._heads: OrderedDict[str, _HeadEntry] = OrderedDict()
+        self._heads_verified = 0
+        self._head_hits = 0
+
+    def statistics(self) -> VerifierStatistics:
+        return VerifierStatistics(self._heads_verified, self._head_hits, len(self._heads))
 
     def verify(
         self, token: str, *, subject: str, payload: bytes, now: float | None = None
     ) -> ArtifactClaims:
-        """Verify *token* for a message received on *subject* carrying *payload*.
+        """Verify *token* (per-message or batched) for a message received on *subject*
+        carrying *payload*.
 
         Returns the claims, or raises :class:`~bus_guard.errors.VerificationError`; no
         other exception escapes for any *token* value.
@@ -450,6 +612,13 @@ class Verifier:
             now = time.time()
         if type(token) is not str or len(token) > MAX_TOKEN_CHARS:
             raise _fail(VerifyReason.MALFORMED, "artifact is not a compact JWS string")
+        if token.startswith(BATCH_PREFIX):
+            claims = self._verify_batched(token, now)
+        else:
+            claims = self._verify_jws(token, now)
+        return self._check_claims(claims, subject, payload, now)
+
+    def _verify_jws(self, token: str, now: float) -> ArtifactClaims:
         if not _TOKEN_RE.fullmatch(token):
             raise _fail(VerifyReason.MALFORMED, "artifact is not three base64url segments")
         header_seg, claims_seg, sig_seg = token.split(".")
@@ -458,7 +627,7 @@ class Verifier:
         if claims_raw is None or signature is None:
             raise _fail(VerifyReason.MALFORMED, "non-canonical base64url segment")
         known = self._by_header.get(header_seg)
-        public_key, refused_from = known or self._parse_header(header_seg)
+        public_key, refused_from = known or self._parse_header(header_seg, TYP)
         if now >= refused_from:
             raise _fail(VerifyReason.REVOKED_KID, f"key revoked or retired at {refused_from}")
         if len(signature) != 64:
@@ -469,7 +638,79 @@ class Verifier:
         except InvalidSignature:
             raise _fail(VerifyReason.BAD_SIGNATURE, "signature does not verify") from None
         # Only now, with the bytes authenticated, are the claims parsed.
-        claims = self._decode_claims(claims_raw)
+        return self._decode(claims_raw, _CLAIMS_DECODER, "claims")
+
+    def _verify_batched(self, token: str, now: float) -> ArtifactClaims:
+        parts = token.split("~")
+        if len(parts) != 5:
+            raise _fail(VerifyReason.MALFORMED, "not gb1~index~leaf~proof~head")
+        _, index, leaf_seg, proof_seg, head = parts
+        if not _INDEX_RE.fullmatch(index):
+            raise _fail(VerifyReason.MALFORMED, "leaf index is not a canonical decimal")
+        leaf_raw = _b64decode_strict(leaf_seg) if leaf_seg else None
+        proof = _b64decode_strict(proof_seg)
+        if leaf_raw is None or proof is None:
+            raise _fail(VerifyReason.MALFORMED, "non-canonical base64url segment")
+        entry = self._heads.get(head)
+        if entry is None:
+            entry = self._verify_head(head, now)
+        else:
+            self._head_hits += 1
+            # Not contextlib.suppress: this runs per message. KeyError: another thread
+            # evicted the head in between; it was verified all the same.
+            try:  # noqa: SIM105
+                self._heads.move_to_end(head)
+            except KeyError:
+                pass
+        root, size, head_iss, refused_from = entry
+        if now >= refused_from:
+            raise _fail(VerifyReason.REVOKED_KID, f"key revoked or retired at {refused_from}")
+        if merkle_root_from_proof(merkle_leaf_hash(leaf_raw), int(index), size, proof) != root:
+            raise _fail(
+                VerifyReason.BAD_SIGNATURE, "inclusion proof does not lead to the signed root"
+            )
+        claims = self._decode(leaf_raw, _CLAIMS_DECODER, "claims")
+        if claims.iss != head_iss:
+            raise _fail(VerifyReason.WRONG_ISSUER, f"leaf issuer {claims.iss!r} is not the head's")
+        return claims
+
+    def _verify_head(self, head: str, now: float) -> _HeadEntry:
+        """Verify a signed tree head and cache it."""
+        if not _TOKEN_RE.fullmatch(head):
+            raise _fail(VerifyReason.MALFORMED, "tree head is not three base64url segments")
+        header_seg, claims_seg, sig_seg = head.split(".")
+        claims_raw = _b64decode_checked(claims_seg)
+        signature = _b64decode_checked(sig_seg)
+        if claims_raw is None or signature is None:
+            raise _fail(VerifyReason.MALFORMED, "non-canonical base64url segment in tree head")
+        known = self._by_head_header.get(header_seg)
+        public_key, refused_from = known or self._parse_header(header_seg, TREE_HEAD_TYP)
+        if now >= refused_from:
+            raise _fail(VerifyReason.REVOKED_KID, f"key revoked or retired at {refused_from}")
+        if len(signature) != 64:
+            raise _fail(VerifyReason.BAD_SIGNATURE, "Ed25519 signatures are 64 bytes")
+        try:
+            public_key.verify(signature, head[: len(header_seg) + 1 + len(claims_seg)].encode())
+        except InvalidSignature:
+            raise _fail(VerifyReason.BAD_SIGNATURE, "tree head signature does not verify") from None
+        tree = self._decode(claims_raw, _HEAD_DECODER, "tree head")
+        root = _b64decode_checked(tree.root_hash)
+        if root is None:  # the pattern admits 43 characters with non-zero tail bits
+            raise _fail(VerifyReason.MALFORMED, "tree head: non-canonical root_hash")
+        entry = (root, tree.tree_size, tree.iss, refused_from)
+        self._heads_verified += 1
+        heads = self._heads
+        heads[head] = entry
+        while len(heads) > self._max_heads:
+            try:
+                heads.popitem(last=False)
+            except KeyError:  # emptied by another thread
+                break
+        return entry
+
+    def _check_claims(
+        self, claims: ArtifactClaims, subject: str, payload: bytes, now: float
+    ) -> ArtifactClaims:
         if claims.aud != subject:
             raise _fail(
                 VerifyReason.WRONG_AUDIENCE, f"issued for {claims.aud!r}, received on {subject!r}"
@@ -488,7 +729,7 @@ class Verifier:
             raise _fail(VerifyReason.REPLAY, f"decision {claims.jti!r} was already executed")
         return claims
 
-    def _parse_header(self, seg: str) -> tuple[Ed25519PublicKey, float]:
+    def _parse_header(self, seg: str, typ: str) -> tuple[Ed25519PublicKey, float]:
         raw = _b64decode_checked(seg)
         if raw is None:
             raise _fail(VerifyReason.MALFORMED, "non-canonical base64url header")
@@ -502,8 +743,8 @@ class Verifier:
             raise _fail(VerifyReason.BAD_HEADER, "critical header extensions are not supported")
         if header.get("alg") != ALG:
             raise _fail(VerifyReason.BAD_HEADER, f"alg must be {ALG}")
-        if header.get("typ") != TYP:
-            raise _fail(VerifyReason.BAD_HEADER, f"typ must be {TYP}")
+        if header.get("typ") != typ:
+            raise _fail(VerifyReason.BAD_HEADER, f"typ must be {typ}")
         kid = header.get("kid")
         if not isinstance(kid, str):
             raise _fail(VerifyReason.BAD_HEADER, "kid is missing")
@@ -516,21 +757,21 @@ class Verifier:
         return key
 
     @staticmethod
-    def _decode_claims(raw: bytes) -> ArtifactClaims:
+    def _decode(raw: bytes, decoder: msgspec.json.Decoder[_T], what: str) -> _T:
         try:
-            claims = _CLAIMS_DECODER.decode(raw)
+            value = decoder.decode(raw)
         # DecodeError (and its subclass ValidationError), but also UnicodeDecodeError,
         # which msgspec lets through for invalid UTF-8 inside strings: all ValueErrors.
         except ValueError as exc:
-            raise _fail(VerifyReason.MALFORMED, f"claims: {exc}") from None
-        if _CLAIMS_ENCODER.encode(claims) != raw:
+            raise _fail(VerifyReason.MALFORMED, f"{what}: {exc}") from None
+        if _CLAIMS_ENCODER.encode(value) != raw:
             # Not our encoder's exact bytes: msgspec keeps the last of duplicate members,
             # so look for duplicates with a parser that can see them.
             try:
                 _strict_json(raw)
             except (ValueError, RecursionError) as exc:
-                raise _fail(VerifyReason.MALFORMED, f"claims: {exc}") from None
-        return claims
+                raise _fail(VerifyReason.MALFORMED, f"{what}: {exc}") from None
+        return value
 
 
 def verify_message(
