@@ -11,10 +11,11 @@ It never raises: every input ends in a :class:`~bus_guard.decision.Decision`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .authorize import DEFAULT_CHECKS, Checks, PolicySetLike, authorize, deny
-from .decision import Decision, Reason
+from .decision import Decision, Lineage, Reason
 from .messages import Intent, Malformed, Subject, decode_intent, parse_subject
 from .policy import PolicySet, load_policies
 from .state import State
@@ -41,7 +42,9 @@ def evaluate(
     checks: Checks = DEFAULT_CHECKS,
     max_payload_bytes: int = 65536,
     max_nesting_depth: int = 8,
+    lineage: Callable[[Intent], Lineage | None] | None = None,
 ) -> Evaluation:
+    """*lineage* maps a decoded intent to what the ledger says about its parents."""
     parsed = parse_subject(subject, prefix)
     if parsed is None:
         return Evaluation(
@@ -52,7 +55,8 @@ def evaluate(
     )
     if isinstance(intent, Malformed):
         return Evaluation(deny(intent.reason, intent.message, policies), parsed, None)
-    decision = authorize(parsed, intent, policies, state, now=now, checks=checks)
+    found = lineage(intent) if lineage is not None else None
+    decision = authorize(parsed, intent, policies, state, now=now, checks=checks, lineage=found)
     return Evaluation(decision, parsed, intent)
 
 

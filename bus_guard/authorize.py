@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from .decision import POLICY_REASONS, Decision, Effect, Mode, Reason, Request
+from .decision import POLICY_REASONS, Decision, Effect, Lineage, Mode, Reason, Request
 from .messages import Intent, Subject
 from .state import State
 
@@ -66,10 +66,15 @@ def authorize(
     *,
     now: float,
     checks: Checks = DEFAULT_CHECKS,
+    lineage: Lineage | None = None,
 ) -> Decision:
-    """Decide one decoded intent. Never raises."""
+    """Decide one decoded intent. Never raises.
+
+    *lineage* is what the ledger says about the intent's parents; without it the intent is
+    a root (depth 0, its own principal as root) whatever parents it names.
+    """
     try:
-        return _authorize(subject, intent, policies, state, now, checks)
+        return _authorize(subject, intent, policies, state, now, checks, lineage)
     except Exception as exc:  # the boundary: sync code, nothing here can be cancelled
         log.exception("evaluation failed for intent %s", intent.id)
         return deny(Reason.INTERNAL_ERROR, f"evaluation failed: {type(exc).__name__}", policies)
@@ -82,6 +87,7 @@ def _authorize(
     state: State,
     now: float,
     checks: Checks,
+    lineage: Lineage | None,
 ) -> Decision:
     # Identity comes from the bus: the subject token is what NATS permissions bind to.
     if intent.principal is not None and intent.principal != subject.principal:
@@ -108,16 +114,21 @@ def _authorize(
             f"intent ts is {intent.ts - now:.1f}s ahead (limit {checks.max_future_skew_s:g}s)",
             policies,
         )
-    request = Request(
-        principal=subject.principal,
-        action=subject.action,
-        resource=intent.resource,
-        params=intent.params,
-        intent_id=intent.id,
-        parents=intent.parents,
-        lineage_root=subject.principal,
-    )
-    decision = policies.evaluate(request, state)
+    if lineage is not None and lineage.violation is not None:
+        decision = deny(Reason.LINEAGE_VIOLATION, lineage.violation, policies)
+    else:
+        request = Request(
+            principal=subject.principal,
+            action=subject.action,
+            resource=intent.resource,
+            params=intent.params,
+            intent_id=intent.id,
+            parents=intent.parents,
+            lineage_depth=lineage.depth if lineage is not None else 0,
+            lineage_root=(lineage.root if lineage is not None else "") or subject.principal,
+            labels=lineage.labels if lineage is not None else frozenset(),
+        )
+        decision = policies.evaluate(request, state)
     if not isinstance(decision, Decision):  # fail closed on a contract breach
         return deny(Reason.INTERNAL_ERROR, "evaluator returned no decision", policies)
     if (

@@ -6,6 +6,8 @@ bus-guard watch     live denials and holds
 bus-guard keys      signing keys and the JWKS
 bus-guard policy    check | test | explain | schema
 bus-guard verify    check an artifact as an executor would
+bus-guard ledger    verify the ledger's chains and checkpoints
+bus-guard lineage   ancestors and descendants of a decision
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run the gateway",
-        description="Run the gateway: "
-        "subscribe to <prefix>.in.> in a queue group and decide every intent.",
+        description="Run the gateway: decide every intent published to <prefix>.in.>. "
+        "Stream mode (default) consumes the intake stream with a durable consumer shared by "
+        "every replica, decides each intent once and records it in the ledger; core mode "
+        "subscribes in a queue group, at most once.",
     )
     run.add_argument(
         "--nats",
@@ -97,9 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--mode",
-        default="core",
+        default="stream",
         choices=["core", "stream"],
-        help="intake mode: core = queue subscription, at-most-once (default)",
+        help="intake mode: stream = JetStream, decided once, ledger (default); "
+        "core = queue subscription, at most once",
     )
     run.add_argument("--prefix", default="guard", help="subject prefix (default: guard)")
     run.add_argument("--queue", default="bus-guard", help="queue group (default: bus-guard)")
@@ -143,6 +148,84 @@ def _parser() -> argparse.ArgumentParser:
         help="reconnect attempts before the gateway gives up and exits 1 "
         "(default: 10; the budget is N x --reconnect-wait)",
     )
+    st = run.add_argument_group("stream mode")
+    st.add_argument(
+        "--ack-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="redeliver an intent not acked within this (default: 30)",
+    )
+    st.add_argument(
+        "--max-ack-pending",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="intents in flight over all replicas (default: 1024)",
+    )
+    st.add_argument(
+        "--batch",
+        type=int,
+        default=128,
+        metavar="N",
+        help="intents per pull and per ledger commit (default: 128)",
+    )
+    st.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=10,
+        metavar="N",
+        help="deny an intent still undecided after N deliveries (default: 10)",
+    )
+    st.add_argument(
+        "--retry-horizon",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="outputs re-published relying on de-dup within this (default: 120)",
+    )
+    st.add_argument(
+        "--dedup-window",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="de-dup window of the output and ledger streams created (default: 600)",
+    )
+    st.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="replicas of the streams created (default: 1; 3 on a cluster)",
+    )
+    st.add_argument(
+        "--min-replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="refuse to start on streams with fewer replicas (default: 1)",
+    )
+    st.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="signed ledger checkpoint every N records (default: 1000) ...",
+    )
+    st.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="... or every so many seconds (default: 10)",
+    )
+    st.add_argument(
+        "--max-lineage-depth",
+        type=int,
+        default=32,
+        metavar="N",
+        help="deny intents deeper in a chain of decisions (default: 32)",
+    )
 
     demo = sub.add_parser("demo", help="run the live demo on an embedded nats-server")
     demo.add_argument("--count", type=int, default=300, help="intents to send (default: 300)")
@@ -158,6 +241,9 @@ def _parser() -> argparse.ArgumentParser:
         help="intents per second the agents send (0 = as fast as possible)",
     )
     demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument(
+        "--mode", default="stream", choices=["core", "stream"], help="intake mode (default: stream)"
+    )
     demo.add_argument("--quiet", action="store_true", help="only print the summary")
 
     watch = sub.add_parser("watch", help="live view of denials and holds")
@@ -211,6 +297,29 @@ def _parser() -> argparse.ArgumentParser:
     schema = pol.add_parser("schema", help="print the JSON Schema of policy bundles")
     schema.add_argument("--out", type=Path, default=None, metavar="FILE")
 
+    ledger = sub.add_parser("ledger", help="the decision ledger").add_subparsers(
+        dest="ledger_command", required=True, metavar="ACTION"
+    )
+    lv = ledger.add_parser(
+        "verify",
+        help="check every gateway's chain and signed checkpoints; exit 1 naming the first "
+        "bad record if anything was deleted, changed, reordered or cut off",
+    )
+    lv.add_argument("--nats", required=True, metavar="URL[,URL...]")
+    lv.add_argument("--jwks", required=True, type=Path, metavar="FILE")
+    lv.add_argument("--prefix", default="guard")
+    lv.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
+    lv.add_argument(
+        "--require-sealed",
+        action="store_true",
+        help="every chain must end with a final checkpoint (all gateways stopped cleanly)",
+    )
+    lin = sub.add_parser("lineage", help="ancestors and descendants of a decision, as trees")
+    lin.add_argument("decision_id")
+    lin.add_argument("--nats", required=True, metavar="URL[,URL...]")
+    lin.add_argument("--prefix", default="guard")
+    lin.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
+
     ver = sub.add_parser("verify", help="verify an authorization artifact")
     ver.add_argument("--jwks", required=True, type=Path, metavar="FILE")
     ver.add_argument("--subject", required=True, help="the exec subject the message arrived on")
@@ -253,6 +362,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
                     rate_per_s=args.rate,
                     seed=args.seed,
                     quiet=args.quiet,
+                    mode=args.mode,
                 )
             )
         case "watch":
@@ -270,6 +380,8 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
             )
         case "keys":
             return _cmd_keys(args, out)
+        case "ledger" | "lineage":
+            return anyio.run(_cmd_ledger, args, out)
         case "policy":
             return _cmd_policy(args, out)
         case "verify":
@@ -283,6 +395,49 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
                 out=out,
             )
     raise AssertionError(args.command)  # argparse only lets the commands above through
+
+
+async def _cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
+    import nats
+
+    from .errors import GatewayError
+    from .preflight import Streams
+
+    stream = Streams(args.prefix).ledger
+    jwks = None
+    if args.command == "ledger":
+        from .verify import load_jwks
+
+        jwks = load_jwks(args.jwks)
+    try:
+        nc = await nats.connect(
+            [u.strip() for u in args.nats.split(",") if u.strip()],
+            user_credentials=args.creds,
+            connect_timeout=2,
+            max_reconnect_attempts=3,
+        )
+    except Exception as exc:
+        raise GatewayError(f"cannot connect to {args.nats}: {exc}") from exc
+    try:
+        js = nc.jetstream()
+        if jwks is not None:
+            from .audit import audit_stream
+
+            return await audit_stream(
+                js,
+                stream,
+                prefix=args.prefix,
+                jwks=jwks,
+                require_sealed=args.require_sealed,
+                out=out,
+            )
+        from .lineage import show
+
+        return await show(js, stream, args.prefix, args.decision_id, out=out)
+    except nats.js.errors.NotFoundError:
+        raise GatewayError(f"no ledger stream {stream} on {args.nats}") from None
+    finally:
+        await nc.close()
 
 
 def _cmd_keys(args: argparse.Namespace, out: TextIO) -> int:
@@ -342,8 +497,9 @@ def _read_file(path: Path) -> bytes:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .artifacts import Signer
     from .keys import load_private_key
+    from .ledger import CheckpointSigner
     from .policy import load_policies
-    from .settings import Settings
+    from .settings import Settings, StreamSettings
 
     settings_kw: dict[str, Any] = {}
     if args.gateway_id:
@@ -359,12 +515,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
         checks=Checks(max_past_skew_s=args.max_skew),
         reconnect_wait_s=args.reconnect_wait,
         max_reconnect_attempts=args.max_reconnects,
+        stream=StreamSettings(
+            ack_wait_s=args.ack_wait,
+            max_ack_pending=args.max_ack_pending,
+            fetch_batch=args.batch,
+            max_deliveries=args.max_deliveries,
+            retry_horizon_s=args.retry_horizon,
+            duplicate_window_s=args.dedup_window,
+            replicas=args.replicas,
+            min_replicas=args.min_replicas,
+            checkpoint_every=args.checkpoint_every,
+            checkpoint_interval_s=args.checkpoint_interval,
+            max_lineage_depth=args.max_lineage_depth,
+        ),
         **settings_kw,
     )
     policies = load_policies(args.policies)
-    signer = Signer(
-        load_private_key(args.key), issuer=settings.gateway_id, ttl_s=settings.artifact_ttl_s
-    )
+    key = load_private_key(args.key)
+    signer = Signer(key, issuer=settings.gateway_id, ttl_s=settings.artifact_ttl_s)
+    ledger_signer = CheckpointSigner(key)
     log.info(
         "policies %s (%s), %d rules, mode %s",
         policies.version,
@@ -372,10 +541,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         policies.rule_count,
         policies.mode,
     )
-    return anyio.run(_serve, settings, policies, signer)
+    return anyio.run(_serve, settings, policies, signer, ledger_signer)
 
 
-async def _serve(settings: Any, policies: Any, signer: Any) -> int:
+async def _serve(settings: Any, policies: Any, signer: Any, ledger_signer: Any) -> int:
     from .gateway import Gateway
 
     stop = anyio.Event()
@@ -388,7 +557,8 @@ async def _serve(settings: Any, policies: Any, signer: Any) -> int:
                 stop.set()
                 return
 
-    async with Gateway(settings, policies, signer) as gateway, anyio.create_task_group() as tg:
+    gateway = Gateway(settings, policies, signer, ledger_signer=ledger_signer)
+    async with gateway, anyio.create_task_group() as tg:
         tg.start_soon(on_signals)
 
         async def on_lost() -> None:
@@ -399,7 +569,10 @@ async def _serve(settings: Any, policies: Any, signer: Any) -> int:
         await stop.wait()
         tg.cancel_scope.cancel()
     if not stopped_by:
-        log.error("lost the NATS connection beyond the reconnect budget; exiting")
+        if gateway.failure is not None:
+            log.error("stream intake failed (%s); exiting", gateway.failure)
+        else:
+            log.error("lost the NATS connection beyond the reconnect budget; exiting")
         return EXIT_FAIL
     log.info("stopped by %s after draining", stopped_by[0])
     return EXIT_OK

@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ("Decision", "Effect", "Mode", "Reason", "Request")
+__all__ = ("Decision", "Effect", "Lineage", "Mode", "Reason", "Request")
 
 Mode = Literal["enforce", "observe"]
 
@@ -71,6 +71,20 @@ class Request:
     lineage_depth: int = 0
     lineage_root: str = ""
     labels: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    """An intent's place among the decisions that caused it, as found in the ledger.
+
+    ``violation`` says why the intent may not descend from its parents (unknown, denied or
+    held parent, too deep); it is then denied ``lineage_violation`` before any rule.
+    """
+
+    depth: int = 0
+    root: str = ""
+    labels: frozenset[str] = field(default_factory=frozenset)
+    violation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,10 +31,11 @@ from .artifacts import Signer
 from .errors import VerificationError
 from .gateway import Gateway, round_trip
 from .keys import generate_key, load_private_key
+from .ledger import CheckpointSigner
 from .messages import DecisionRecord
 from .policy import load_policies
 from .server import NatsServer
-from .settings import Settings
+from .settings import IntakeMode, Settings
 from .verify import Verifier, verify_message
 from .watch import format_record
 
@@ -154,6 +155,7 @@ async def run_demo(
     quiet: bool = False,
     timeout_s: float = 60.0,
     console: Console | None = None,
+    mode: IntakeMode = "stream",
 ) -> int:
     console = console or Console(highlight=False)
     policies = load_policies(policies_dir)
@@ -161,14 +163,15 @@ async def run_demo(
     tally = _Tally()
     with tempfile.TemporaryDirectory(prefix="bus-guard-demo-") as tmp:
         key_path, jwks_path = generate_key(Path(tmp))
-        signer = Signer(load_private_key(key_path), issuer="demo-gateway", ttl_s=60)
+        key = load_private_key(key_path)
+        signer = Signer(key, issuer="demo-gateway", ttl_s=60)
         verifier = Verifier(jwks_path)
         async with _bus(nats_url) as url:
             console.print(
-                f"[bold]bus_guard demo[/] bus={url} policies={policies.version} "
+                f"[bold]bus_guard demo[/] bus={url} mode={mode} policies={policies.version} "
                 f"digest={policies.digest[:19]}… rules={policies.rule_count}"
             )
-            settings = Settings(nats_url=url, gateway_id="demo-gateway")
+            settings = Settings(nats_url=url, gateway_id="demo-gateway", mode=mode)
             all_decided = anyio.Event()
 
             def decided() -> None:
@@ -212,7 +215,8 @@ async def run_demo(
                 await nc.subscribe("guard.deny.>", cb=operator)
                 await nc.subscribe("guard.hold.>", cb=operator)
                 await round_trip(nc)
-                async with Gateway(settings, policies, signer) as gateway:
+                gateway = Gateway(settings, policies, signer, ledger_signer=CheckpointSigner(key))
+                async with gateway:
                     started = time.perf_counter()
                     for _ in range(count):
                         sent = _scenario(rng)

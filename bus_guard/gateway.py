@@ -1,11 +1,12 @@
-"""The gateway: the only module that talks to NATS.
+"""The gateway: one process's connection to NATS and its intake, in either mode.
 
-NATS in → decode → authorize → sign → publish (exec | deny | hold) → reply.
+NATS in → decode → authorize → sign → publish (exec | deny | hold) → (reply | ack).
 
-Core intake mode: a queue-group subscription on ``<prefix>.in.>``, at-most-once like core
-NATS itself. The handler is total: nats-py hands callback exceptions to ``error_cb``, which
-only logs, so every path here catches, counts and records a denial. Nothing is forwarded
-to ``exec`` unless the decision is ``allow`` *and* its artifact was signed.
+* ``core``: a queue-group subscription, at-most-once like core NATS (:mod:`bus_guard.core`).
+* ``stream`` (the default of ``bus-guard run``): the streams and the consumer are checked or
+  created (:mod:`bus_guard.preflight`), then one task pulls from the durable consumer that
+  every replica shares and decides each intent exactly once, with a ledger record
+  (:mod:`bus_guard.stream`).
 """
 
 from __future__ import annotations
@@ -16,41 +17,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Self
 
 import anyio
 import nats
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from .api import Evaluation, evaluate
-from .artifacts import Signer, payload_digest
-from .authorize import PolicySetLike, deny
-from .decision import Decision, Effect, Reason
-from .errors import GatewayError
-from .messages import (
-    DecisionRecord,
-    encode_record,
-    new_decision_id,
-    parse_subject,
-    payload_excerpt,
-)
+from .artifacts import Signer
+from .authorize import PolicySetLike
+from .core import CoreIntake
+from .errors import ConfigError, GatewayError
+from .ledger import CheckpointSigner, LedgerRecord
+from .preflight import ensure
 from .settings import Settings
 from .state import State
-from .verify import ArtifactClaims
+from .stream import StreamIntake
 
 __all__ = ("Gateway", "GatewayStatistics", "round_trip")
 
 log = logging.getLogger(__name__)
-
-INVALID_TOKEN: Final = "~invalid"  # deny-subject token for intents on a malformed subject
-_UNTRUSTED: Final = ("nats-", "guard-")
-# Replies go only to inboxes: a reply subject is chosen by the agent, and the gateway's
-# credentials could otherwise be used to publish into exec/deny or the $JS API.
-# ``_R_.`` is the alias the server substitutes for replies that cross accounts (the
-# compose/ topology); clients cannot forge it.
-_REPLY_PREFIXES: Final = ("_INBOX.", "_R_.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +52,14 @@ class GatewayStatistics:
     replies_refused: int = 0  # reply subjects outside the allowed inbox prefixes
     slow_consumer_drops: int = 0  # intents the server or client dropped: never decided
     reconnects: int = 0
+    # stream mode
+    adopted: int = 0  # redelivered intents that took their recorded decision
+    replays: int = 0  # new messages reusing a decided intent id (denied)
+    ledger_records: int = 0
+    ledger_refusals: int = 0  # commits refused because an id was taken (then resolved)
+    ledger_in_doubt: int = 0  # commits without an answer (retried identically)
+    acks: int = 0
+    naks: int = 0  # intents sent back undecided or with outputs not stored
 
 
 @dataclass(slots=True)
@@ -81,6 +75,7 @@ class _Counters:
     replies_refused: int = 0
     slow_consumer_drops: int = 0
     reconnects: int = 0
+    replays: int = 0
 
 
 class Gateway:
@@ -99,7 +94,12 @@ class Gateway:
         *,
         state: State | None = None,
         clock: Callable[[], float] = time.time,
+        ledger_signer: CheckpointSigner | None = None,
     ) -> None:
+        """*ledger_signer* signs the ledger's checkpoints (stream mode); it should hold the
+        key of *signer*, so that the same JWKS verifies artifacts and the ledger."""
+        if settings.mode == "stream" and ledger_signer is None:
+            raise ConfigError("stream mode needs a ledger_signer for the ledger checkpoints")
         self.settings = settings
         self._policies = policies
         self._signer = signer
@@ -110,9 +110,12 @@ class Gateway:
         self._counters = _Counters()
         self._closing = False
         self.closed = anyio.Event()
-        p = settings.prefix
-        self._in_prefix_len = len(p) + 4  # "<prefix>.in."
-        self._exec, self._deny, self._hold = f"{p}.exec.", f"{p}.deny.", f"{p}.hold."
+        self.failure: BaseException | None = None  # why stream intake stopped, if it did
+        self._ledger_signer = ledger_signer
+        self._intake: StreamIntake | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stop = anyio.Event()
+        self._loop_done = anyio.Event()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -135,20 +138,74 @@ class Gateway:
         except Exception as exc:
             raise GatewayError(f"cannot connect to {s.nats_url}: {exc}") from exc
         try:
-            self._sub = await self._nc.subscribe(
-                f"{s.prefix}.in.>",
-                queue=s.queue,
-                cb=self._on_intent,
-                pending_msgs_limit=s.pending_msgs_limit,
-                pending_bytes_limit=s.pending_bytes_limit,
-            )
-            await round_trip(self._nc, timeout_s=s.connect_timeout_s)
+            if s.mode == "stream":
+                await self._start_stream()
+            else:
+                core = CoreIntake(
+                    self._nc,
+                    s,
+                    lambda: self._policies,
+                    self._signer,
+                    self._state,
+                    self._clock,
+                    self._counters,
+                )
+                self._sub = await self._nc.subscribe(
+                    f"{s.prefix}.in.>",
+                    queue=s.queue,
+                    cb=core.on_intent,
+                    pending_msgs_limit=s.pending_msgs_limit,
+                    pending_bytes_limit=s.pending_bytes_limit,
+                )
+                await round_trip(self._nc, timeout_s=s.connect_timeout_s)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._nc.close()
             raise
-        log.info("gateway %s ready on %s.in.> (queue %s)", s.gateway_id, s.prefix, s.queue)
+        how = f"consumer {s.queue}, stream mode" if s.mode == "stream" else f"queue {s.queue}"
+        log.info("gateway %s ready on %s.in.> (%s)", s.gateway_id, s.prefix, how)
         return self
+
+    async def _start_stream(self) -> None:
+        assert self._nc is not None and self._ledger_signer is not None
+        await ensure(self._nc.jetstream(timeout=self.settings.connect_timeout_s), self.settings)
+        intake = StreamIntake(
+            self._nc,
+            self.settings,
+            lambda: self._policies,
+            self._signer,
+            self._ledger_signer,
+            self._state,
+            self._clock,
+            self._count,
+        )
+        await intake.start()
+        await round_trip(self._nc, timeout_s=self.settings.connect_timeout_s)
+        self._intake = intake
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._run_stream, intake)
+
+    async def _run_stream(self, intake: StreamIntake) -> None:
+        try:
+            await intake.run(self._stop)
+        except Exception as exc:  # a chain in doubt, a lost bus: stop, never forward
+            log.exception("stream intake stopped")
+            self.failure = exc
+            self.closed.set()
+        finally:
+            self._loop_done.set()
+
+    def _count(self, record: LedgerRecord) -> None:
+        if record.reason == "replay":
+            self._counters.replays += 1
+        if record.effect == "allow":
+            self._counters.allowed += 1
+            self._counters.would_deny += record.would_deny
+        elif record.effect == "hold":
+            self._counters.held += 1
+        else:
+            self._counters.denied += 1
 
     async def __aexit__(
         self,
@@ -164,6 +221,7 @@ class Gateway:
         if nc is None or self._closing:
             return
         self._closing = True  # the handler keeps its connection while draining
+        await self._stop_stream()
         with anyio.CancelScope(shield=True):
             if not nc.is_closed:
                 try:
@@ -178,8 +236,44 @@ class Gateway:
                     await nc.close()
         log.info("gateway %s stopped: %s", self.settings.gateway_id, self.statistics())
 
+    async def _stop_stream(self) -> None:
+        """Finish the batch in hand, seal the chain (final checkpoint), stop pulling."""
+        if self._tg is None or self._intake is None:
+            return
+        self._stop.set()
+        # Scopes nest: the shield opens and closes inside the task group's scope.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.drain_timeout_s):
+            await self._loop_done.wait()
+        finished = self._loop_done.is_set()
+        if not finished:
+            log.warning("stream intake did not finish in time; its intents will be redelivered")
+            self._tg.cancel_scope.cancel()
+        tg, self._tg = self._tg, None
+        await tg.__aexit__(None, None, None)
+        if self.failure is None and finished and not self._nc_closed():
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._intake.finish()
+                except Exception:
+                    log.exception("could not write the final checkpoint")
+
+    def _nc_closed(self) -> bool:
+        return self._nc is None or self._nc.is_closed
+
     def statistics(self) -> GatewayStatistics:
-        return GatewayStatistics(**dataclasses.asdict(self._counters))
+        counters = dataclasses.asdict(self._counters)
+        if self._intake is not None:
+            c, r = self._intake.counters, self._intake.recorder
+            counters.update(
+                adopted=c.adopted,
+                ledger_records=r.records,
+                ledger_refusals=r.refusals,
+                ledger_in_doubt=r.in_doubt,
+                acks=c.acks,
+                naks=c.naks,
+            )
+            counters["received"] = c.received
+        return GatewayStatistics(**counters)
 
     @property
     def policies(self) -> PolicySetLike:
@@ -206,178 +300,9 @@ class Gateway:
 
     async def _on_reconnected(self) -> None:
         self._counters.reconnects += 1
+        if self._intake is not None:
+            self._intake.puller.reset()  # the pull request may be gone with the old link
         log.info("reconnected to NATS")
-
-    # -- the message path ------------------------------------------------------------
-
-    async def _on_intent(self, msg: Msg) -> None:
-        self._counters.received += 1
-        policies = self._policies  # one read: a swap mid-message cannot mix bundles
-        try:
-            await self._handle(msg, policies)
-        except Exception:  # total handler: record a denial, never forward
-            log.exception("handler failed for %s", msg.subject)
-            self._counters.internal_errors += 1
-            try:
-                failed = deny(Reason.INTERNAL_ERROR, "gateway handler failed", policies)
-                ev = Evaluation(failed, parse_subject(msg.subject, self.settings.prefix), None)
-                await self._record(msg, ev, new_decision_id(), self._clock())
-            except Exception:
-                self._counters.publish_failures += 1
-                log.exception("could not record the denial for %s", msg.subject)
-
-    async def _handle(self, msg: Msg, policies: PolicySetLike) -> None:
-        s = self.settings
-        now = self._clock()
-        headers = msg.headers
-        ev = evaluate(
-            msg.subject,
-            msg.data,
-            _header(headers, "content-type") if headers else None,
-            policies,
-            self._state,
-            now=now,
-            prefix=s.prefix,
-            checks=s.checks,
-            max_payload_bytes=s.max_payload_bytes,
-            max_nesting_depth=s.max_nesting_depth,
-        )
-        decision_id = new_decision_id()
-        if ev.decision.effect is Effect.ALLOW:
-            failure = await self._forward(msg, ev, decision_id, now, policies)
-            if failure is None:
-                self._counters.allowed += 1
-                if ev.decision.would_deny:
-                    # Observe mode: operators see on the deny stream what enforcement
-                    # would block; the record's effect says it was allowed.
-                    self._counters.would_deny += 1
-                    await self._publish_record(msg, ev, decision_id, now)
-                await self._reply(msg, ev, decision_id, now)
-                return
-            ev = Evaluation(failure, ev.subject, ev.intent)
-        await self._record(msg, ev, decision_id, now)
-
-    async def _forward(
-        self, msg: Msg, ev: Evaluation, decision_id: str, now: float, policies: PolicySetLike
-    ) -> Decision | None:
-        """Sign and publish to exec; ``None`` when forwarded, else the denial to record."""
-        intent, subject = ev.intent, ev.subject
-        if intent is None or subject is None:  # an allow always has both; fail closed
-            return deny(Reason.INTERNAL_ERROR, "allow without a decoded intent", policies)
-        exec_subject = self._exec + msg.subject[self._in_prefix_len :]
-        decision = ev.decision
-        try:
-            token = self._signer.sign(
-                ArtifactClaims(
-                    iss=self._signer.issuer,
-                    sub=subject.principal,
-                    aud=exec_subject,
-                    iat=int(now),
-                    nbf=int(now),
-                    exp=int(now + self._signer.ttl_s),
-                    jti=decision_id,
-                    action=subject.action,
-                    resource=intent.resource,
-                    intent_id=intent.id,
-                    payload_sha256=payload_digest(msg.data),
-                    policy_digest=decision.policy_digest,
-                    policy_version=decision.policy_version,
-                    rules=decision.rules,
-                    mode=decision.mode,
-                    would_deny=decision.would_deny,
-                    parents=intent.parents,
-                    lineage_depth=0,
-                    lineage_root=subject.principal,
-                )
-            )
-        except Exception as exc:
-            log.exception("signing failed for intent %s", intent.id)
-            self._counters.internal_errors += 1
-            return deny(Reason.INTERNAL_ERROR, f"signing failed: {exc}", policies)
-        out = _forwarded_headers(msg.headers)
-        out["Guard-Artifact"] = token
-        out["Guard-Decision"] = decision_id
-        out["Nats-Msg-Id"] = decision_id
-        try:
-            assert self._nc is not None
-            await self._nc.publish(exec_subject, msg.data, headers=out)
-        except Exception as exc:
-            log.exception("exec publish failed for intent %s", intent.id)
-            self._counters.publish_failures += 1
-            return deny(Reason.INTERNAL_ERROR, f"exec publish failed: {exc}", policies)
-        return None
-
-    async def _record(self, msg: Msg, ev: Evaluation, decision_id: str, now: float) -> None:
-        """Publish a deny or hold record (and the reply): never an allow."""
-        if ev.decision.effect is Effect.ALLOW:  # an allow reaches here only without artifact
-            failed = deny(Reason.INTERNAL_ERROR, "allow without artifact", self._policies)
-            ev = Evaluation(failed, ev.subject, ev.intent)
-        if ev.decision.effect is Effect.HOLD:
-            self._counters.held += 1
-        else:
-            self._counters.denied += 1
-        await self._publish_record(msg, ev, decision_id, now)
-        await self._reply(msg, ev, decision_id, now)
-
-    def _make_record(
-        self, msg: Msg, ev: Evaluation, decision_id: str, now: float, *, excerpt: int
-    ) -> DecisionRecord:
-        decision = ev.decision
-        s = self.settings
-        extra: dict[str, Any] = payload_excerpt(msg.data, excerpt) if excerpt > 0 else {}
-        return DecisionRecord(
-            decision_id=decision_id,
-            effect=str(decision.effect),
-            reason=str(decision.reason),
-            message=decision.message,
-            subject=msg.subject,
-            principal=ev.subject.principal if ev.subject is not None else "",
-            action=ev.subject.action if ev.subject is not None else "",
-            rules=decision.rules,
-            policy_digest=decision.policy_digest,
-            policy_version=decision.policy_version,
-            mode=decision.mode,
-            would_deny=decision.would_deny,
-            intent_id=ev.intent.id if ev.intent is not None else "",
-            resource=ev.intent.resource if ev.intent is not None else "",
-            payload_sha256=payload_digest(msg.data),
-            gateway=s.gateway_id,
-            ts=now,
-            **extra,
-        )
-
-    async def _publish_record(self, msg: Msg, ev: Evaluation, decision_id: str, now: float) -> None:
-        assert self._nc is not None
-        # A hold keeps the whole payload: an approval forwards exactly those bytes later.
-        held = ev.decision.effect is Effect.HOLD
-        if ev.subject is not None:
-            target = (self._hold if held else self._deny) + msg.subject[self._in_prefix_len :]
-        else:
-            target = self._deny + INVALID_TOKEN
-        excerpt = self.settings.max_payload_bytes if held else self.settings.deny_payload_bytes
-        record = self._make_record(msg, ev, decision_id, now, excerpt=excerpt)
-        try:
-            await self._nc.publish(target, encode_record(record))
-        except Exception:
-            self._counters.publish_failures += 1
-            log.exception("could not publish %s record for %s", ev.decision.effect, msg.subject)
-
-    async def _reply(self, msg: Msg, ev: Evaluation, decision_id: str, now: float) -> None:
-        if not msg.reply:
-            return
-        if not msg.reply.startswith(_REPLY_PREFIXES):
-            self._counters.replies_refused += 1
-            log.warning("refused reply to %r for %s", msg.reply, msg.subject)
-            return
-        assert self._nc is not None
-        # The reply omits the payload: the requester already has it.
-        record = self._make_record(msg, ev, decision_id, now, excerpt=0)
-        try:
-            await self._nc.publish(msg.reply, encode_record(record))
-            self._counters.replies_sent += 1
-        except Exception:
-            self._counters.publish_failures += 1
-            log.exception("could not reply to %s", msg.reply)
 
 
 async def round_trip(nc: Client, *, timeout_s: float = 5.0) -> None:
@@ -391,17 +316,3 @@ async def round_trip(nc: Client, *, timeout_s: float = 5.0) -> None:
     timeout = max(1, round(timeout_s))
     await nc.flush(timeout=timeout)
     await nc.flush(timeout=timeout)
-
-
-def _header(headers: dict[str, str], name: str) -> str | None:
-    for key, value in headers.items():
-        if key.lower() == name:
-            return value
-    return None
-
-
-def _forwarded_headers(headers: dict[str, str] | None) -> dict[str, str]:
-    """Inbound ``Nats-*`` and ``Guard-*`` headers are never trusted nor forwarded."""
-    if not headers:
-        return {}
-    return {k: v for k, v in headers.items() if not k.lower().startswith(_UNTRUSTED)}

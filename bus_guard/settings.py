@@ -11,7 +11,7 @@ from typing import Literal
 from .authorize import Checks
 from .errors import ConfigError
 
-__all__ = ("IntakeMode", "Settings")
+__all__ = ("IntakeMode", "Settings", "StreamSettings")
 
 IntakeMode = Literal["core", "stream"]
 
@@ -21,6 +21,64 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 def _default_gateway_id() -> str:
     host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
     return f"{host}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    """Stream mode (SPEC §7): the intake consumer, the streams bus_guard creates, preflight.
+
+    The retry horizon is the longest time during which bus_guard may publish an output or a
+    ledger record again *relying on JetStream de-duplication* (publish retries, and adopting
+    a recorded decision when its intent is redelivered). Every output and ledger stream must
+    keep message ids at least that long (preflight refuses shorter windows); older decisions
+    are re-published only after their exec stream was searched for the first copy.
+    """
+
+    ack_wait_s: float = 30.0  # redelivery of an intent a gateway took but did not ack
+    max_ack_pending: int = 1024  # intents in flight over all replicas
+    fetch_batch: int = 128  # intents per pull (and at most that many ledger records per commit)
+    fetch_timeout_s: float = 1.0  # a pull waits at most this long for the first intent
+    heartbeat_s: float = 0.25  # idle heartbeat of a waiting pull
+    max_deliveries: int = 10  # poison bound: after this many deliveries, deny undecided intents
+    nak_delay_s: float = 1.0  # redelivery delay after an output could not be stored
+    publish_timeout_s: float = 5.0  # one ledger commit or output publish
+    retry_horizon_s: float = 120.0
+    duplicate_window_s: float = 600.0  # of the output and ledger streams bus_guard creates
+    intake_duplicate_window_s: float = 0.1  # see README "Delivery guarantees": agents' ids
+    replicas: int = 1  # of the streams bus_guard creates
+    min_replicas: int = 1  # preflight refuses streams with fewer
+    checkpoint_every: int = 1000  # ledger records between signed checkpoints ...
+    checkpoint_interval_s: float = 10.0  # ... or seconds, whichever comes first
+    max_lineage_depth: int = 32  # deeper chains of decisions are a lineage_violation
+
+    def problems(self) -> list[str]:
+        counts = ("max_ack_pending", "fetch_batch", "max_deliveries", "checkpoint_every")
+        out = [f"{name} must be positive" for name in counts if getattr(self, name) <= 0]
+        if not 1 <= self.fetch_batch <= 999:
+            out.append("fetch_batch must be 1..999 (a ledger commit is at most 1000 records)")
+        durations = (
+            "ack_wait_s",
+            "fetch_timeout_s",
+            "heartbeat_s",
+            "nak_delay_s",
+            "publish_timeout_s",
+            "retry_horizon_s",
+            "checkpoint_interval_s",
+        )
+        out += [f"{name} must be positive" for name in durations if not getattr(self, name) > 0]
+        if self.heartbeat_s * 2 > self.fetch_timeout_s:
+            out.append("heartbeat_s must be at most half of fetch_timeout_s")
+        if self.duplicate_window_s < self.retry_horizon_s:
+            out.append("duplicate_window_s must cover retry_horizon_s")
+        if self.intake_duplicate_window_s < 0.1:
+            out.append("intake_duplicate_window_s: JetStream's minimum is 0.1")
+        if not 1 <= self.replicas <= 5 or self.min_replicas < 1:
+            out.append("replicas must be 1..5 and min_replicas at least 1")
+        if self.replicas < self.min_replicas:
+            out.append("replicas is below min_replicas")
+        if self.max_lineage_depth < 0:
+            out.append("max_lineage_depth must not be negative")
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +102,17 @@ class Settings:
     connect_timeout_s: float = 2.0
     reconnect_wait_s: float = 1.0
     max_reconnect_attempts: int = 10  # x reconnect_wait_s = the reconnect budget
+    stream: StreamSettings = field(default_factory=StreamSettings)
 
     def __post_init__(self) -> None:
         if not all(_TOKEN_RE.fullmatch(t) for t in self.prefix.split(".")):
             raise ConfigError(f"prefix {self.prefix!r}: must be dot-separated [A-Za-z0-9_-] tokens")
+        if not _TOKEN_RE.fullmatch(self.gateway_id):
+            raise ConfigError(f"gateway_id {self.gateway_id!r}: must be 1-64 [A-Za-z0-9_-]")
         if self.mode not in ("core", "stream"):
             raise ConfigError(f"mode {self.mode!r}: must be 'core' or 'stream'")
-        if self.mode == "stream":
-            raise ConfigError("mode 'stream' is not available yet: use --mode core")
+        if problems := self.stream.problems():
+            raise ConfigError("stream settings: " + "; ".join(problems))
         for name in ("max_payload_bytes", "max_nesting_depth", "pending_msgs_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")

@@ -192,7 +192,7 @@ def key(tmp_path: Path) -> Iterator[Path]:
 
 
 async def test_run_decides_intents_and_drains_on_sigterm(nats_url: str, key: Path) -> None:
-    proc = _gateway_process(nats_url, key)
+    proc = _gateway_process(nats_url, key, "--mode", "core")  # core: decisions as replies
     try:
         nc = await nats.connect(nats_url)
         execs = await Collector.on(nc, "guard.exec.>")
@@ -221,7 +221,9 @@ def test_run_exits_nonzero_when_the_bus_is_gone_beyond_the_reconnect_budget(key:
     """SCENARIOS S6: never hangs silently; exits 1 when reconnects are exhausted."""
     server = NatsServer(jetstream=False).start()
     try:
-        proc = _gateway_process(server.url, key, "--reconnect-wait", "0.2", "--max-reconnects", "3")
+        proc = _gateway_process(
+            server.url, key, "--mode", "core", "--reconnect-wait", "0.2", "--max-reconnects", "3"
+        )
     finally:
         server.stop()
     try:

@@ -1,0 +1,98 @@
+"""What a recorded decision publishes, derived from its ledger record and the intent message.
+
+Pure and deterministic: the same record and the same stored intent give the same subjects,
+bytes and headers, whichever gateway builds them and however often. That is what lets a
+redelivered intent *adopt* a decision recorded before a crash: its outputs are published
+again byte for byte, with ``Nats-Msg-Id`` = the decision id, so JetStream stores them once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from .ledger import LedgerRecord
+from .messages import DecisionRecord, encode_record, parse_subject, payload_excerpt
+from .verify import ARTIFACT_HEADER, DECISION_HEADER
+
+__all__ = ("INVALID_TOKEN", "Output", "forwarded_headers", "outputs_of")
+
+INVALID_TOKEN: Final = "~invalid"  # deny-subject token for intents on a malformed subject
+_UNTRUSTED: Final = ("nats-", "guard-")
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    role: str  # "exec" | "deny" | "hold"
+    subject: str
+    data: bytes
+    headers: Mapping[str, str]
+
+
+def forwarded_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """Inbound ``Nats-*`` and ``Guard-*`` headers are never trusted nor forwarded."""
+    if not headers:
+        return {}
+    return {k: v for k, v in headers.items() if not k.lower().startswith(_UNTRUSTED)}
+
+
+def _record(record: LedgerRecord, payload: bytes, excerpt: int) -> bytes:
+    extra: dict[str, Any] = payload_excerpt(payload, excerpt) if excerpt > 0 else {}
+    return encode_record(
+        DecisionRecord(
+            decision_id=record.decision_id,
+            effect=record.effect,
+            reason=record.reason,
+            message=record.message,
+            subject=record.subject,
+            principal=record.principal,
+            action=record.action,
+            rules=record.rules,
+            policy_digest=record.policy_digest,
+            policy_version=record.policy_version,
+            mode=record.mode or "enforce",
+            would_deny=record.would_deny,
+            intent_id=record.intent_id,
+            resource=record.resource,
+            payload_sha256=record.payload_sha256,
+            gateway=record.gateway,
+            ts=record.ts,
+            **extra,
+        )
+    )
+
+
+def outputs_of(
+    record: LedgerRecord,
+    payload: bytes,
+    headers: Mapping[str, str] | None,
+    *,
+    prefix: str,
+    deny_payload_bytes: int,
+    max_payload_bytes: int,
+) -> list[Output]:
+    """The exec / deny / hold messages of a recorded decision on the intent *payload*."""
+    msg_id = {"Nats-Msg-Id": record.decision_id}
+    tail = record.subject[len(prefix) + 4 :]  # after "<prefix>.in."
+    valid = parse_subject(record.subject, prefix) is not None
+    out = []
+    if record.effect == "allow":
+        if not record.artifact:  # never forward without an artifact (fail closed)
+            raise ValueError(f"allow {record.decision_id} has no artifact")
+        forwarded = forwarded_headers(headers)
+        forwarded[ARTIFACT_HEADER] = record.artifact
+        forwarded[DECISION_HEADER] = record.decision_id
+        forwarded.update(msg_id)
+        out.append(Output("exec", f"{prefix}.exec.{tail}", payload, forwarded))
+        if record.would_deny:  # observe mode: operators see what enforcement would block
+            data = _record(record, payload, deny_payload_bytes)
+            out.append(Output("deny", f"{prefix}.deny.{tail}", data, msg_id))
+    elif record.effect == "hold" and valid:
+        # A hold keeps the whole payload: an approval forwards exactly those bytes later.
+        data = _record(record, payload, max_payload_bytes)
+        out.append(Output("hold", f"{prefix}.hold.{tail}", data, msg_id))
+    else:
+        target = f"{prefix}.deny.{tail}" if valid else f"{prefix}.deny.{INVALID_TOKEN}"
+        out.append(Output("deny", target, _record(record, payload, deny_payload_bytes), msg_id))
+    return out
