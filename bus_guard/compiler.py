@@ -38,7 +38,13 @@ __all__ = (
 
 log = logging.getLogger(__name__)
 
-CACHE_SIZE: Final = 4096
+# Bounds of the two memo tables (cleared when full): (principal, action) -> candidates and
+# (reason, rule ids) -> Decision. An entry is well under 1 KiB; 16384 holds the working set
+# of a 10,000-rule bundle whose rules name a principal each (bench/decide.py).
+CACHE_SIZE: Final = 16384
+# A principal named by at most this many rules is resolved from its own rules; beyond it,
+# from the rules of the action (whichever side is smaller does the filtering).
+_FEW_NAMED: Final = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +85,10 @@ class _Candidates(NamedTuple):
     """What evaluating one (principal, action) pair needs, computed once and cached."""
 
     rules: tuple[CompiledRule, ...]  # sorted by id
-    # Non-empty effect groups in precedence order: (reason, rules of that effect).
-    groups: tuple[tuple[Reason, tuple[CompiledRule, ...]], ...]
+    # Non-empty effect groups in precedence order: (reason, rules of that effect, and for
+    # a group of one rule the decision it makes, prebuilt: the common case costs no
+    # list, tuple or memo lookup per request).
+    groups: tuple[tuple[Reason, tuple[CompiledRule, ...], Decision | None], ...]
     no_match: Decision  # prebuilt, as decisions are immutable values
 
 
@@ -108,6 +116,7 @@ class PolicySet:
     __slots__ = (
         "_any_principal",
         "_by_action",
+        "_by_action_wild",
         "_by_principal",
         "_cache",
         "_decisions",
@@ -128,6 +137,7 @@ class PolicySet:
     _any_principal: frozenset[int]
     _glob_principal: tuple[int, ...]
     _by_action: ActionIndex
+    _by_action_wild: ActionIndex
     _cache: dict[tuple[str, str], _Candidates]
     _decisions: dict[tuple[Reason, tuple[str, ...]], Decision]
 
@@ -154,6 +164,13 @@ class PolicySet:
             ),
             "_by_action": ActionIndex(
                 (tokens, i) for i, r in enumerate(ordered) for tokens in r.action_tokens
+            ),
+            # Only the rules that do not name every principal they cover: wildcards, globs.
+            "_by_action_wild": ActionIndex(
+                (tokens, i)
+                for i, r in enumerate(ordered)
+                if r.any_principal or r.principal_globs
+                for tokens in r.action_tokens
             ),
             # (principal, action) -> candidates, cleared when full. Plain dict operations
             # are atomic under the GIL, and a lost insert only costs a recomputation.
@@ -196,7 +213,12 @@ class PolicySet:
         if found is None:
             found = self._candidates(request.principal, request.action)
         resource = request.resource
-        for reason, rules in found.groups:
+        for reason, rules, single in found.groups:
+            if single is not None:
+                (rule,) = rules
+                if rule.match_resource(resource) and (rule.check is None or rule.check(request)):
+                    return single
+                continue
             hits = [
                 r.id
                 for r in rules  # sorted by id already
@@ -263,16 +285,25 @@ class PolicySet:
 
     def _candidates(self, principal: str, action: str) -> _Candidates:
         rules = self._rules
-        by_action = self._by_action.match(action)
         named = self._by_principal.get(principal, ())
-        # Intersect from the smaller side so neither many wildcard-principal rules nor many
-        # wildcard-action rules make one lookup linear.
-        if len(by_action) <= len(named) + len(self._any_principal) + len(self._glob_principal):
-            ids = sorted(i for i in by_action if rules[i].match_principal(principal))
+        if len(named) <= _FEW_NAMED:
+            # The usual case: the principal's own rules, plus the wildcard-principal rules
+            # of the action, without materialising every rule of a busy action.
+            pool = {i for i in named if rules[i].match_action(action)}
+            pool.update(
+                i for i in self._by_action_wild.match(action) if rules[i].match_principal(principal)
+            )
+            ids = sorted(pool)
         else:
-            pool = set(named) | self._any_principal
-            pool.update(i for i in self._glob_principal if rules[i].match_principal(principal))
-            ids = sorted(i for i in pool if rules[i].match_action(action))
+            by_action = self._by_action.match(action)
+            # Intersect from the smaller side so neither many wildcard-principal rules nor
+            # many wildcard-action rules make one lookup linear.
+            if len(by_action) <= len(named) + len(self._any_principal) + len(self._glob_principal):
+                ids = sorted(i for i in by_action if rules[i].match_principal(principal))
+            else:
+                pool = set(named) | self._any_principal
+                pool.update(i for i in self._glob_principal if rules[i].match_principal(principal))
+                ids = sorted(i for i in pool if rules[i].match_action(action))
         found_rules = tuple(rules[i] for i in ids)
         groups = (
             (reason, tuple(r for r in found_rules if r.effect == effect))
@@ -280,7 +311,11 @@ class PolicySet:
         )
         found = _Candidates(
             found_rules,
-            tuple((reason, group) for reason, group in groups if group),
+            tuple(
+                (reason, group, self._ruled(reason, (group[0].id,)) if len(group) == 1 else None)
+                for reason, group in groups
+                if group
+            ),
             self._no_match(principal, action, any(r.effect == "allow" for r in found_rules)),
         )
         if len(self._cache) >= CACHE_SIZE:
