@@ -1,4 +1,9 @@
-"""Run the benchmark suite: ``python -m bench [--smoke]``. Each program prints JSON."""
+"""Run the benchmark suite: ``python -m bench [--smoke] [--only NAME,...]``.
+
+Each program prints a readable table and then its JSON document; every one measures its
+baseline in the same run. The full suite takes about half an hour on a 2-core machine
+(the memory run drives 1,000,000 intents); ``--smoke`` runs each with tiny counts.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,34 @@ import subprocess
 import sys
 
 SUITE = {
-    "decide": ["--count", "50000", "--runs", "5"],
-    "relay": ["--count", "20000", "--runs", "3"],
+    "decide": ["--count", "20000", "--runs", "3", "--rules", "10,100,1000,10000"],
+    "verify": ["--count", "20000", "--runs", "5"],
+    "relay": ["--count", "20000", "--runs", "3", "--scale"],
+    "latency": ["--seconds", "5"],
+    "memory": ["--count", "1000000"],
 }
-SMOKE = {"decide": ["--count", "500", "--runs", "1"], "relay": ["--count", "300", "--runs", "1"]}
+SMOKE = {
+    "decide": ["--count", "200", "--runs", "1", "--rules", "10,100", "--budget", "0.2"],
+    "verify": ["--count", "300", "--runs", "1", "--batch", "16"],
+    "relay": ["--count", "300", "--runs", "1", "--window", "100", "--scale"],
+    "latency": ["--seconds", "0.2", "--count-for-max", "300", "--max-count", "300"],
+    "memory": ["--count", "300", "--samples", "3"],
+}
 
 
 def main() -> int:
-    suite = SMOKE if "--smoke" in sys.argv[1:] else SUITE
+    argv = sys.argv[1:]
+    suite = SMOKE if "--smoke" in argv else SUITE
+    only = next((a.split("=", 1)[1] for a in argv if a.startswith("--only=")), None)
+    names = [n for n in suite if only is None or n in only.split(",")]
     failed = 0
-    for name, args in suite.items():
-        print(f"# bench.{name} {' '.join(args)}", flush=True)
-        failed |= subprocess.call([sys.executable, "-m", f"bench.{name}", *args])
+    for name in names:
+        args = suite[name]
+        print(f"# python -m bench.{name} {' '.join(args)}", flush=True)
+        code = subprocess.call([sys.executable, "-m", f"bench.{name}", *args])
+        if code:
+            print(f"# bench.{name} failed with exit code {code}", flush=True)
+            failed = 1
     return failed
 
 

@@ -1,169 +1,129 @@
 """End-to-end throughput: publisher -> relay process -> sink, through a real nats-server.
 
-Runs, in the same process tree and on the same server with the same payloads:
-  * ``bare``: a bare nats-py relay (subscribe -> republish, nothing else);
-  * ``core``: ``bus-guard run --mode core`` with per-message signed artifacts.
+Runs, on the same server with the same intents, interleaved, ``--runs`` times each:
+
+* ``bare``: a bare nats-py relay (subscribe -> republish, nothing else): the baseline;
+* ``core``: ``bus-guard run --mode core`` with per-message signed artifacts;
+* ``core-batched``: the same with ``--artifacts batched`` (one signature per Merkle tree),
+  skipped with a note while ``bus-guard run`` has no ``--artifacts`` option;
+* with ``--scale``: ``core`` with two gateway processes in the same queue group.
+
 Every intent is allowed by the example policies, so every one is authorized, signed and
 forwarded. The publisher keeps at most ``--window`` intents in flight, so the numbers are
-sustained rates, not buffer fills. Each variant runs ``--runs`` times, interleaved; the
-medians and the ratio are printed as JSON.
+sustained rates, not buffer fills. Medians and ratios to ``bare`` are printed.
 
-    python -m bench.relay --count 20000 --runs 3
+    python -m bench.relay --count 20000 --runs 3 --scale
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
-import time
-import uuid
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
-import msgspec
-import nats
-from nats.aio.msg import Msg
-
+from bench import harness
+from bench.common import emit, machine, table
 from bus_guard.keys import generate_key
 from bus_guard.server import NatsServer
 
-ROOT = Path(__file__).resolve().parent.parent
-_enc = msgspec.json.Encoder()
+
+def variants(url: str, key: Path, *, batched: bool, scale: bool) -> dict[str, list[list[str]]]:
+    """name -> the command of each relay process of that variant."""
+    out = {
+        "bare": [harness.bare_cmd(url)],
+        "core": [harness.guard_cmd(url, key)],
+    }
+    if batched:
+        out["core-batched"] = [harness.guard_cmd(url, key, artifacts="batched")]
+    if scale:
+        out["core x2"] = [harness.guard_cmd(url, key, gateway_id=f"gw{i}") for i in (1, 2)]
+    return out
 
 
-def _payloads(n: int) -> list[bytes]:
-    now = time.time()  # the gateway runs with a wide --max-skew so reruns stay fresh
-    return [
-        _enc.encode(
-            {
-                "id": uuid.UUID(int=i).hex,
-                "action": "tools.search",
-                "resource": "tool:search",
-                "params": {"q": f"query {i}", "n": i},
-                "ts": now,
-            }
+def measure(url: str, cmds: list[list[str]], count: int, window: int) -> float:
+    with ExitStack() as stack:
+        for cmd in cmds:
+            stack.enter_context(harness.Relay(cmd))
+        asyncio.run(harness.throughput(url, min(2000, count), window=window))  # warm-up
+        run = asyncio.run(harness.throughput(url, count, window=window))
+    if run["received"] != count:
+        raise SystemExit(f"{cmds[0][2]}: lost {count - run['received']} of {count} messages")
+    return run["per_s"]
+
+
+def run(
+    url: str, key: Path, count: int, runs: int, window: int, *, scale: bool, want_batched: bool
+) -> dict[str, Any]:
+    notes = []
+    batched = want_batched and harness.supports_artifacts_flag()
+    if want_batched and not batched:
+        notes.append(
+            "core-batched skipped: `bus-guard run --artifacts` is not available yet "
+            "(bus_guard.batch.BatchSigner is; the gateway does not call it yet)"
         )
-        for i in range(n)
-    ]
-
-
-def _start(cmd: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "ready on" in line:
-            # Keep draining its output so a chatty process never blocks on a full pipe.
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return proc
-    raise RuntimeError(f"relay exited before ready: {cmd}")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-async def _drive(url: str, payloads: list[bytes], window: int) -> dict[str, float]:
-    nc = await nats.connect(url)
-    received = 0
-    done = asyncio.Event()
-    progress = asyncio.Event()
-    n = len(payloads)
-
-    async def sink(msg: Msg) -> None:
-        nonlocal received
-        received += 1
-        progress.set()
-        if received >= n:
-            done.set()
-
-    await nc.subscribe(
-        "guard.exec.>", cb=sink, pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30
-    )
-    await nc.flush()
-    start = time.perf_counter()
-    for i, payload in enumerate(payloads):
-        while i - received >= window:
-            progress.clear()
-            await nc.flush()
-            await asyncio.wait_for(progress.wait(), 30)
-        await nc.publish("guard.in.agent-1.tools.search", payload)
-    await nc.flush()
-    await asyncio.wait_for(done.wait(), 120)
-    elapsed = time.perf_counter() - start
-    await nc.drain()
-    return {"received": received, "elapsed_s": elapsed, "per_s": received / elapsed}
+    results: dict[str, list[float]] = {}
+    plan = variants(url, key, batched=batched, scale=scale)
+    for _ in range(runs):
+        for name, cmds in plan.items():
+            results.setdefault(name, []).append(measure(url, cmds, count, window))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    ratios = {f"{k}_vs_bare": v / med["bare"] for k, v in med.items() if k != "bare"}
+    if "core x2" in med:
+        ratios["core_x2_vs_core"] = med["core x2"] / med["core"]
+    return {"per_s": results, "median_per_s": med, "ratios": ratios, "notes": notes}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--count", type=int, default=20000)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--window", type=int, default=2000)
+    p.add_argument("--window", type=int, default=2000, help="max intents in flight")
+    p.add_argument("--scale", action="store_true", help="also two gateways in one queue group")
+    p.add_argument("--no-batched", action="store_true", help="skip the batched variant")
+    p.add_argument("--json", action="store_true", help="JSON only, no table")
     args = p.parse_args()
-    payloads = _payloads(args.count)
-    results: dict[str, list[float]] = {"bare": [], "core": []}
     with NatsServer(jetstream=False) as server, tempfile.TemporaryDirectory() as tmp:
         key, _ = generate_key(Path(tmp))
-        commands = {
-            "bare": [sys.executable, "-m", "bench.bare_relay", "--nats", server.url],
-            "core": [
-                sys.executable,
-                "-m",
-                "bus_guard",
-                "run",
-                "--nats",
-                server.url,
-                "--policies",
-                str(ROOT / "policies"),
-                "--key",
-                str(key),
-                "--mode",
-                "core",
-                "--max-skew",
-                "86400",
-            ],
-        }
-        for _ in range(args.runs):
-            for name, cmd in commands.items():
-                proc = _start(cmd)
-                try:
-                    run = asyncio.run(_drive(server.url, payloads, args.window))
-                finally:
-                    _stop(proc)
-                if run["received"] != args.count:
-                    raise SystemExit(f"{name}: lost {args.count - run['received']} messages")
-                results[name].append(run["per_s"])
-    medians = {name: statistics.median(v) for name, v in results.items()}
-    print(
-        json.dumps(
-            {
-                "benchmark": "relay",
-                "count": args.count,
-                "runs": args.runs,
-                "per_s": {k: [round(x) for x in v] for k, v in results.items()},
-                "median_per_s": {k: round(v) for k, v in medians.items()},
-                "ratio_core_vs_bare": round(medians["core"] / medians["bare"], 3),
-            },
-            indent=2,
+        res = run(
+            server.url,
+            key,
+            args.count,
+            args.runs,
+            args.window,
+            scale=args.scale,
+            want_batched=not args.no_batched,
         )
+    med = res["median_per_s"]
+    rows = [
+        [
+            name,
+            v,
+            ", ".join(f"{x:,.0f}" for x in res["per_s"][name]),
+            "baseline" if name == "bare" else f"{v / med['bare']:.2f}",
+        ]
+        for name, v in med.items()
+    ]
+    text = "\n".join(
+        [
+            f"## relay: intents/s end to end (core NATS), {args.count} intents,"
+            f" medians of {args.runs}",
+            table(["variant", "median/s", "runs", "vs bare"], rows),
+            *(
+                ["two gateways vs one: " + f"{res['ratios']['core_x2_vs_core']:.2f}"]
+                if "core x2" in med
+                else []
+            ),
+            *res["notes"],
+        ]
+    )
+    emit(
+        {"benchmark": "relay", "machine": machine(), "count": args.count, "runs": args.runs, **res},
+        text,
+        json_only=args.json,
     )
 
 

@@ -1,0 +1,126 @@
+"""A tiny run of every benchmark program: they work, and report what they claim to.
+
+Not a measurement: counts are minimal so the whole file takes a few seconds. Cedar and
+Rego parts are skipped (with the programs' own note) when the bench extra is absent.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import decide, harness, latency, memory, relay, rulesets
+from bench import verify as verify_bench
+from bench.common import percentile, table
+from bus_guard.keys import generate_key
+from bus_guard.server import NatsServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def server() -> object:
+    with NatsServer(jetstream=False) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_key(tmp_path_factory.mktemp("keys"))[0]
+
+
+def test_decide_smoke() -> None:
+    examples = decide.run_examples(count=100, runs=1, budget_s=0.2)
+    assert set(examples["median"]) == {
+        "decode_only (baseline)",
+        "decide (decode+authorize)",
+        "authorize (pre-decoded)",
+    }
+    engines = decide.run_engines([10, 30], count=100, runs=1, budget_s=0.1)
+    ratios, rows = decide.summarize(engines)
+    for n in ("10", "30"):
+        by = engines["by_rules"][n]
+        assert by["agreement"]["checked"] == 100  # every engine agreed on every request
+        expected = {"bus_guard", "bus_guard decide"}
+        expected |= {"cedar"} if rulesets.HAVE_CEDAR else set()
+        expected |= {"rego"} if rulesets.HAVE_REGO else set()
+        assert set(by["median"]) == expected
+        assert all(m["per_s"] > 0 and m["n"] > 0 for m in by["median"].values())
+        assert ratios[n]["growth_bus_guard"] > 0
+    assert ("cedar skipped" in " ".join(engines["notes"])) is not rulesets.HAVE_CEDAR
+    assert len(rows) == 2 * len(expected)
+
+
+def test_rule_sets_agree_on_the_semantics() -> None:
+    # The three texts describe the same rules; bus_guard's decisions are spot-checked here
+    # (agreement with the peers is checked by run_engines when they are installed).
+    policies = rulesets.bus_guard_policy(12)
+    assert policies.rule_count == 12
+    assert rulesets.cedar_text(12).count("@id(") == 12
+    assert rulesets.rego_text(12).count(" if ") == 1 + 12
+    from bus_guard.state import State
+
+    def allowed(**kw: object) -> bool:
+        req = rulesets.BenchRequest(**kw)  # type: ignore[arg-type]
+        return policies.evaluate(rulesets.bus_guard_request(req), State()).allowed
+
+    assert allowed(principal="agent-3", action="svc3.read", resource="doc:3/x", amount=130)
+    assert not allowed(principal="agent-3", action="svc3.read", resource="doc:3/x", amount=131)
+    assert not allowed(principal="agent-3", action="svc3.read", resource="doc:4/x", amount=1)
+    assert not allowed(principal="agent-9", action="svc9.read", resource="doc:9/x", amount=1)
+    assert allowed(principal="x", action="tools.search", resource="doc:a", amount=1)
+    assert not allowed(principal="x", action="tools.search", resource="doc:sanctioned", amount=1)
+
+
+def test_verify_smoke() -> None:
+    out = verify_bench.run_once(count=64, batch=16)
+    assert out["verify_batched_per_s"] > 0 and out["verify_per_message_per_s"] > 0
+    assert out["artifact_bytes_batched"] > out["artifact_bytes_per_message"]
+
+
+def test_relay_smoke(server: NatsServer, key: Path) -> None:
+    res = relay.run(server.url, key, 100, 1, 50, scale=False, want_batched=True)
+    assert set(res["median_per_s"]) >= {"bare", "core"}
+    assert res["ratios"]["core_vs_bare"] > 0
+    if harness.supports_artifacts_flag():
+        assert "core-batched" in res["median_per_s"]
+    else:
+        assert "core-batched skipped" in res["notes"][0]
+
+
+def test_latency_smoke(server: NatsServer, key: Path) -> None:
+    res = latency.run(server.url, key, seconds=0.1, max_count=100, count_for_max=200, loads=(0.5,))
+    row = res["loads"]["50%"]
+    assert row["bus_guard"]["received"] == row["bare"]["received"] == row["bus_guard"]["count"]
+    assert 0 < row["bare"]["p50_us"] <= row["bare"]["p99.9_us"]
+    assert set(row["added"]) == {"p50_us", "p99_us", "p99.9_us"}
+
+
+def test_memory_smoke(server: NatsServer, key: Path) -> None:
+    res = memory.track(server.url, harness.guard_cmd(server.url, key), 200, 2, 50)
+    assert res["received"] == 200
+    assert len(res["rss_kib"]) == 3 and res["rss_peak_kib"] > 10_000
+
+
+def test_suite_entry_point_lists_every_program() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--only=none"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    assert out.stdout == ""
+    from bench.__main__ import SMOKE, SUITE
+
+    assert set(SUITE) == set(SMOKE) == {"decide", "verify", "relay", "latency", "memory"}
+
+
+def test_helpers() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 99.9) == 4.0
+    assert table(["a"], [[1.5]]).splitlines() == ["| a    |", "|------|", "| 1.50 |"]
+    assert harness.index_of(harness.payload(123456, 1.0)) == 123456
