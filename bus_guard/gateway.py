@@ -168,7 +168,14 @@ class Gateway:
 
     async def _start_stream(self) -> None:
         assert self._nc is not None and self._ledger_signer is not None
-        await ensure(self._nc.jetstream(timeout=self.settings.connect_timeout_s), self.settings)
+        js = self._nc.jetstream(timeout=self.settings.connect_timeout_s)
+        try:
+            await ensure(js, self.settings)
+        except nats.errors.Error as exc:
+            raise GatewayError(
+                f"stream mode needs JetStream at {self.settings.nats_url}: {exc!r} "
+                "(enable JetStream, or run --mode core)"
+            ) from exc
         intake = StreamIntake(
             self._nc,
             self.settings,

@@ -39,6 +39,12 @@ reason code of the :class:`~bus_guard.errors.VerificationError`:
 12. ``replay``: when the verifier was given a ``seen`` callable, it is called with the
     ``jti`` last, only for an otherwise valid artifact, and must return ``False``.
 
+Consume once, across executor processes (:func:`verify_message_once`): after a message
+verified, its ``jti`` is created in a NATS key-value bucket, create-only; if the key exists,
+the decision was executed before and the message is refused with ``replay``. The bucket's
+TTL must exceed the artifact lifetime plus the leeway (an expired artifact is refused
+before the bucket is asked). Any other exception from it means: do not execute now.
+
 :func:`verify_message` adds two message-level reasons: ``missing_artifact`` (no
 ``Guard-Artifact`` header) and ``decision_mismatch`` (a ``Guard-Decision`` header that
 differs from the ``jti``).
@@ -85,7 +91,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, Final, TextIO, TypeVar
+from typing import Annotated, Any, Final, Protocol, TextIO, TypeVar
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -101,6 +107,7 @@ __all__ = (
     "TREE_HEAD_TYP",
     "TYP",
     "ArtifactClaims",
+    "CreateOnly",
     "JwkEntry",
     "Jwks",
     "TreeHead",
@@ -117,6 +124,7 @@ __all__ = (
     "payload_digest",
     "protected_header",
     "verify_message",
+    "verify_message_once",
 )
 
 ALG: Final = "EdDSA"
@@ -793,6 +801,33 @@ def verify_message(
             VerifyReason.DECISION_MISMATCH,
             f"{DECISION_HEADER} {decision!r} is not the artifact's jti {claims.jti!r}",
         )
+    return claims
+
+
+class CreateOnly(Protocol):
+    """What :func:`verify_message_once` needs of a NATS KV bucket (nats-py ``KeyValue``)."""
+
+    async def create(self, key: str, value: bytes) -> int: ...
+
+
+async def verify_message_once(
+    verifier: Verifier,
+    executed: CreateOnly,
+    *,
+    subject: str,
+    headers: Mapping[str, str] | None,
+    payload: bytes,
+    now: float | None = None,
+) -> ArtifactClaims:
+    """:func:`verify_message`, then record the ``jti`` in the *executed* KV bucket
+    (create-only): a second delivery of the same decision is refused with ``replay``."""
+    from nats.js.errors import KeyWrongLastSequenceError  # executors with a bus have nats-py
+
+    claims = verify_message(verifier, subject=subject, headers=headers, payload=payload, now=now)
+    try:
+        await executed.create(claims.jti, subject.encode())
+    except KeyWrongLastSequenceError:
+        raise _fail(VerifyReason.REPLAY, f"decision {claims.jti!r} was already executed") from None
     return claims
 
 

@@ -1,0 +1,156 @@
+"""SCENARIOS S8, replay: the same intent id again, inside and beyond the de-dup window, with
+the same or different bytes, after a gateway restart; and an artifact re-attached to a new
+message at the executor. 0 second executions; the gateway denies ``replay``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import nats
+import pytest
+
+from bus_guard.errors import VerificationError
+from bus_guard.keys import generate_key
+from bus_guard.ledger import intent_decision_id
+from bus_guard.policy import PolicySet, load_policies
+from bus_guard.verify import Verifier, verify_message_once
+
+from .conftest import POLICIES
+from .helpers import intent
+from .streamkit import (
+    count,
+    drained,
+    eventually,
+    ledger_decisions,
+    records,
+    stored,
+    stream_gateway,
+    stream_settings,
+)
+
+SEARCH = "guard.in.agent-1.tools.search"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    return generate_key(tmp_path)
+
+
+@pytest.fixture
+def policies() -> PolicySet:
+    return load_policies(POLICIES)
+
+
+def _search(q: str = "x", **kw: object) -> bytes:
+    return intent("tools.search", "tool:search", {"q": q}, **kw)
+
+
+async def test_same_intent_twice_is_executed_once_and_the_second_denied_replay(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    same = _search(id="i-1")
+    other = _search("y", id="i-2")
+    async with stream_gateway(stream_settings(nats_url), policies, keys[0]) as gw:
+        await js.publish(SEARCH, same)
+        await js.publish(SEARCH, same)  # stored twice: no Nats-Msg-Id
+        await js.publish(SEARCH, _search("changed", id="i-1"))  # same id, different bytes
+        await js.publish(SEARCH, other)
+        await eventually(lambda: drained(js), what="intake drained")
+        stats = gw.statistics()
+    execs = await stored(js, "GUARD_EXEC")
+    assert sorted(m.data for m in execs) == sorted([same, other])  # one execution each
+    denials = records(await stored(js, "GUARD_DENY"))
+    assert [d["reason"] for d in denials] == ["replay", "replay"]
+    assert "the same bytes" in denials[0]["message"]
+    assert "different bytes" in denials[1]["message"]
+    first = intent_decision_id("guard", "agent-1", "i-1")
+    assert all(first in d["message"] for d in denials)
+    ledger = await ledger_decisions(js)
+    replays = [r for r in ledger if r.reason == "replay"]
+    assert len(ledger) == 4 and [r.first_decision for r in replays] == [first, first]
+    assert stats.replays == 2 and stats.allowed == 2
+    await nc.close()
+
+
+async def test_replay_beyond_the_dedup_window_and_after_a_restart_is_denied(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """JetStream forgets message ids after the de-dup window (here 0.1 s); the ledger's
+    create-only decision records do not, and a new gateway process knows nothing else."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    settings = stream_settings(nats_url, retry_horizon_s=0.1, duplicate_window_s=0.1)
+    payload = _search(id="i-old")
+    async with stream_gateway(settings, policies, keys[0]):
+        await js.publish(SEARCH, payload)
+        await eventually(lambda: drained(js), what="intake drained")
+    await anyio.sleep(0.3)  # the scenario itself: time passes beyond the de-dup window
+    async with stream_gateway(settings, policies, keys[0]) as gw:
+        await js.publish(SEARCH, payload)
+        await eventually(lambda: drained(js), what="intake drained")
+        stats = gw.statistics()
+    assert await count(js, "GUARD_EXEC") == 1
+    [denial] = records(await stored(js, "GUARD_DENY"))
+    assert denial["reason"] == "replay" and stats.replays == 1 and stats.allowed == 0
+    await nc.close()
+
+
+async def test_one_agent_cannot_use_up_another_agents_intent_id(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """Decisions are keyed by principal + intent id: the same id from two principals is
+    two intents, even with the same Nats-Msg-Id on intake."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    async with stream_gateway(stream_settings(nats_url), policies, keys[0]):
+        for agent in ("agent-1", "agent-2"):
+            await js.publish(f"guard.in.{agent}.tools.search", _search(id="shared-id"))
+        await eventually(lambda: drained(js), what="intake drained")
+    execs = await stored(js, "GUARD_EXEC")
+    assert sorted(m.subject for m in execs) == [
+        "guard.exec.agent-1.tools.search",
+        "guard.exec.agent-2.tools.search",
+    ]
+    assert await count(js, "GUARD_DENY") == 0
+    await nc.close()
+
+
+async def test_executor_consumes_an_artifact_once(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """The executor-side replay guard: an exec message received twice runs once, and an
+    artifact re-attached to other bytes or another subject never verifies."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    async with stream_gateway(stream_settings(nats_url), policies, keys[0]):
+        await js.publish(SEARCH, _search(id="i-exec"))
+        await eventually(lambda: drained(js), what="intake drained")
+    [msg] = await stored(js, "GUARD_EXEC")
+    executed = await js.create_key_value(bucket="guard-executed", history=1, ttl=3600)
+    verifier = Verifier(keys[1])
+
+    async def run(subject: str, payload: bytes) -> str:
+        try:
+            await verify_message_once(
+                verifier, executed, subject=subject, headers=msg.headers, payload=payload
+            )
+        except VerificationError as exc:
+            return exc.reason
+        return "executed"
+
+    assert await run(msg.subject, msg.data) == "executed"
+    assert await run(msg.subject, msg.data) == "replay"  # the same message again
+    assert await run(msg.subject, _search(id="i-new")) == "payload_mismatch"
+    assert await run("guard.exec.agent-2.tools.search", msg.data) == "wrong_audience"
+    # A second executor process sharing the bucket refuses it too.
+    nc2 = await nats.connect(nats_url)
+    other = await nc2.jetstream().key_value("guard-executed")
+    with pytest.raises(VerificationError, match="replay"):
+        await verify_message_once(
+            verifier, other, subject=msg.subject, headers=msg.headers, payload=msg.data
+        )
+    await nc2.close()
+    await nc.close()

@@ -1,0 +1,221 @@
+"""Stream mode end to end on a real nats-server with JetStream: what is stored where, that
+nothing is acked before its record and outputs are stored, and that an intent redelivered
+after a failure adopts the decision already recorded (one exec message, the same bytes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.api import StreamConfig
+
+from bus_guard.keys import generate_key
+from bus_guard.ledger import intent_decision_id
+from bus_guard.policy import PolicySet, load_policies
+from bus_guard.verify import Verifier, verify_message
+
+from .conftest import POLICIES
+from .helpers import intent
+from .streamkit import (
+    count,
+    drained,
+    eventually,
+    ledger_decisions,
+    records,
+    stored,
+    stream_gateway,
+    stream_settings,
+)
+
+TRANSFER = "guard.in.agent-7.payments.transfer"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    return generate_key(tmp_path)
+
+
+@pytest.fixture
+def policies() -> PolicySet:
+    return load_policies(POLICIES)
+
+
+def _transfer(amount: float = 120.5, **kw: object) -> bytes:
+    return intent(
+        "payments.transfer",
+        "account:acct-1",
+        {"amount": amount, "currency": "USD", "to": "account:acct-9"},
+        **kw,
+    )
+
+
+async def test_every_outcome_is_stored_recorded_and_acked_once(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    allowed = _transfer(id="i-allow")
+    denied = intent("tools.shell", "tool:shell", {"cmd": "id"}, id="i-deny")
+    held = _transfer(25000, id="i-hold")
+    async with stream_gateway(stream_settings(nats_url), policies, keys[0]) as gw:
+        for subject, payload in (
+            (TRANSFER, allowed),
+            ("guard.in.agent-1.tools.shell", denied),
+            (TRANSFER, held),
+            ("guard.in.agent-7.payments.transfer", b'{"not": "an intent"}'),
+        ):
+            await js.publish(subject, payload, headers={"traceparent": "00-a-b-01"})
+        await eventually(lambda: drained(js), what="intake drained")
+        stats = gw.statistics()
+    assert (stats.allowed, stats.denied, stats.held) == (1, 2, 1)
+    assert stats.acks == 4 and stats.naks == 0 and stats.adopted == 0
+    # Work-queue intake: every acked intent is gone from the stream.
+    assert await count(js, "GUARD_IN") == 0
+
+    [exec_msg] = await stored(js, "GUARD_EXEC")
+    assert exec_msg.subject == "guard.exec.agent-7.payments.transfer"
+    assert exec_msg.data == allowed  # byte for byte
+    assert exec_msg.headers["traceparent"] == "00-a-b-01"
+    decision_id = intent_decision_id("guard", "agent-7", "i-allow")
+    assert exec_msg.headers["Guard-Decision"] == decision_id
+    claims = verify_message(
+        Verifier(keys[1]),
+        subject=exec_msg.subject,
+        headers=exec_msg.headers,
+        payload=exec_msg.data,
+    )
+    assert claims.jti == decision_id and claims.intent_id == "i-allow"
+
+    deny_records = records(await stored(js, "GUARD_DENY"))
+    assert sorted(r["reason"] for r in deny_records) == ["denied_by_rule", "malformed"]
+    [hold] = records(await stored(js, "GUARD_HOLD"))
+    assert hold["reason"] == "escalated_by_rule" and hold["payload"] == held.decode()
+
+    ledger = {r.decision_id: r for r in await ledger_decisions(js)}
+    assert len(ledger) == 4
+    record = ledger[decision_id]
+    assert record.effect == "allow" and record.artifact == exec_msg.headers["Guard-Artifact"]
+    assert claims.ledger_seq == record.seq > 0  # seq 0 is the chain start
+    assert {r.effect for r in ledger.values()} == {"allow", "deny", "hold"}
+    await nc.close()
+
+
+async def test_nothing_is_acked_until_its_output_is_stored_then_it_is_adopted(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """SCENARIOS S2/S3: the exec stream is gone when the decision is made. The record is
+    committed, the exec publish fails, the intent is not acked but sent back; once the
+    stream exists again, the redelivered intent adopts the recorded decision: exactly one
+    exec message, carrying the artifact recorded in the ledger."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    payload = _transfer(id="i-1")
+    settings = stream_settings(nats_url)
+    async with stream_gateway(settings, policies, keys[0]) as gw:
+        exec_config = (await js.stream_info("GUARD_EXEC")).config
+        await js.delete_stream("GUARD_EXEC")
+        await js.publish(TRANSFER, payload)
+        await eventually(lambda: _naked(gw), what="a nak")
+        [record] = await ledger_decisions(js)  # decided and recorded ...
+        assert record.effect == "allow"
+        info = await js.consumer_info("GUARD_IN", "bus-guard")
+        assert info.num_ack_pending == 1 or info.num_pending == 1  # ... but not acked
+        await js.add_stream(exec_config)
+        await eventually(lambda: drained(js), what="intake drained")
+        stats = gw.statistics()
+    assert stats.adopted >= 1 and stats.allowed == 1
+    [exec_msg] = await stored(js, "GUARD_EXEC")
+    assert exec_msg.headers["Guard-Artifact"] == record.artifact
+    assert exec_msg.data == payload
+    assert len(await ledger_decisions(js)) == 1  # decided once
+    await nc.close()
+
+
+async def _naked(gw: object) -> bool:
+    return gw.statistics().naks > 0  # type: ignore[attr-defined]
+
+
+async def test_agent_msg_ids_on_intake_do_not_block_other_agents(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """Intake de-dup is stream-wide, so a Nats-Msg-Id one agent chose could block another
+    agent's intent. The intake stream keeps ids for 100 ms only (JetStream's minimum)."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    async with stream_gateway(stream_settings(nats_url), policies, keys[0]):
+        info = await js.stream_info("GUARD_IN")
+        assert info.config.duplicate_window == pytest.approx(0.1)
+    await nc.close()
+
+
+async def test_restart_continues_the_chain_and_seals_it_at_shutdown(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    settings = stream_settings(nats_url)
+    for run in range(2):
+        async with stream_gateway(settings, policies, keys[0]):
+            await js.publish(TRANSFER, _transfer(id=f"i-{run}"))
+            await eventually(lambda: drained(js), what="intake drained")
+    chain = [json.loads(m.data) for m in await stored(js, "GUARD_LEDGER")]
+    assert [r["seq"] for r in chain] == list(range(len(chain)))
+    kinds = [r["kind"] for r in chain]
+    assert kinds[0] == "chain_start" and kinds[-1] == "checkpoint" and chain[-1]["final"]
+    restart = kinds.index("chain_start", 1)
+    assert chain[restart - 1]["final"]  # the first run sealed its chain ...
+    assert chain[restart]["epoch"] != chain[0]["epoch"]  # ... and the second continued it
+    await nc.close()
+
+
+async def test_stream_mode_refuses_to_start_without_jetstream(
+    keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    from bus_guard.errors import GatewayError
+    from bus_guard.server import NatsServer
+
+    with NatsServer(jetstream=False) as server, pytest.raises(GatewayError, match="JetStream"):
+        async with stream_gateway(stream_settings(server.url), policies, keys[0]):
+            pass
+
+
+async def test_poison_intent_is_denied_after_bounded_deliveries(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """SCENARIOS S14: an intent delivered more than max_deliveries times without a
+    decision is denied (internal_error), never dropped undecided."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    settings = stream_settings(nats_url, max_deliveries=2)
+    async with stream_gateway(settings, policies, keys[0]):
+        pass  # create the streams and the consumer
+    await js.publish(TRANSFER, _transfer(id="poison"))
+    sub = await js.pull_subscribe_bind("bus-guard", stream="GUARD_IN")
+    for _ in range(2):  # two deliveries that ended without a decision (a crash, say)
+        [msg] = await sub.fetch(1, timeout=5)
+        await msg.nak()
+    await sub.unsubscribe()
+    async with stream_gateway(settings, policies, keys[0]) as gw:
+        await eventually(lambda: drained(js), what="intake drained")
+        stats = gw.statistics()
+    [record] = records(await stored(js, "GUARD_DENY"))
+    assert record["reason"] == "internal_error" and "poison" in record["message"]
+    assert await count(js, "GUARD_EXEC") == 0 and stats.allowed == 0
+    await nc.close()
+
+
+async def test_output_streams_are_created_with_the_configured_dedup_window(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    settings = stream_settings(nats_url, duplicate_window_s=900)
+    async with stream_gateway(settings, policies, keys[0]):
+        for name in ("GUARD_EXEC", "GUARD_DENY", "GUARD_HOLD", "GUARD_LEDGER"):
+            config: StreamConfig = (await js.stream_info(name)).config
+            assert config.duplicate_window == 900
+        ledger = (await js.stream_info("GUARD_LEDGER")).config
+        assert ledger.deny_delete and ledger.deny_purge and ledger.allow_atomic
+    await nc.close()
