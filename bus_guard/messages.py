@@ -221,13 +221,15 @@ def payload_excerpt(payload: bytes, limit: int) -> dict[str, Any]:
 
 
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# Every 10-bit value as its two Crockford characters: a ULID is 13 lookups, not 26 shifts
+# (this runs once per decision; the profile had the per-character loop at 7 % of the
+# gateway's time).
+_PAIRS: Final = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)
+_SHIFTS: Final = tuple(range(120, -10, -10))
 
 
 def new_decision_id() -> str:
     """A ULID: 48-bit millisecond time + 80 random bits, Crockford base32 (26 chars)."""
     value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    pairs = _PAIRS
+    return "".join([pairs[(value >> shift) & 1023] for shift in _SHIFTS])
