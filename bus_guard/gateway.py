@@ -60,6 +60,7 @@ class GatewayStatistics:
     ledger_in_doubt: int = 0  # commits without an answer (retried identically)
     acks: int = 0
     naks: int = 0  # intents sent back undecided or with outputs not stored
+    duplicate_outputs: int = 0  # outputs stored before (a crash, a lost PubAck): kept once
 
 
 @dataclass(slots=True)
@@ -278,6 +279,7 @@ class Gateway:
                 ledger_in_doubt=r.in_doubt,
                 acks=c.acks,
                 naks=c.naks,
+                duplicate_outputs=c.duplicate_outputs,
             )
             counters["received"] = c.received
         return GatewayStatistics(**counters)

@@ -70,6 +70,7 @@ class IntakeCounters:
     naks: int = 0
     acks: int = 0
     late_adoptions: int = 0
+    duplicate_outputs: int = 0
 
 
 def _intake_of(msg: Msg) -> tuple[str, int]:
@@ -158,6 +159,9 @@ class StreamIntake:
                 await self._resolve(repeats, policies, now)
                 await self._decide_and_commit(repeats, policies, now)
             await self._publish_and_ack(items, now)
+            adopted = sum(it.adopted for it in items)
+            if adopted:
+                log.info("%d redelivered intents adopted their recorded decisions", adopted)
         except ChainInDoubt:
             raise
         except Exception:  # total: whatever went wrong, nothing undecided is acked
@@ -248,9 +252,11 @@ class StreamIntake:
                     if it.record is not None:
                         self.on_decided(it.record)
                 return
-            if not await self._resolve(todo, policies, now):
+            taken = await self._resolve(todo, policies, now)
+            if not taken:
                 log.error("ledger refused %d records with no id taken: %s", len(todo), result)
                 break
+            log.info("ledger refused a commit: %d decision ids taken (adopt / replay)", taken)
             todo = [it for it in todo if it.record is None and not it.failed]
         for it in todo:
             it.failed = True
@@ -338,6 +344,10 @@ class StreamIntake:
             if not f.done():
                 f.cancel()
         done = {id(it) for it, fs in pending if all(_stored_ok(f) for f in fs)}
+        duplicates = sum(1 for f in everything if _stored_ok(f) and f.result().duplicate)
+        if duplicates:  # published before a crash or a lost PubAck: stored once
+            self.counters.duplicate_outputs += duplicates
+            log.info("%d outputs were already stored (de-duplicated by decision id)", duplicates)
         for it in items:
             if id(it) in done:
                 await it.msg.ack()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
 from bus_guard.keys import generate_key
@@ -130,6 +131,39 @@ async def test_nothing_is_acked_until_its_output_is_stored_then_it_is_adopted(
     assert exec_msg.headers["Guard-Artifact"] == record.artifact
     assert exec_msg.data == payload
     assert len(await ledger_decisions(js)) == 1  # decided once
+    await nc.close()
+
+
+async def test_an_ack_lost_after_the_outputs_were_stored_publishes_nothing_twice(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The crash point "after the exec publish, before the ack": the first acks never leave
+    the process (fault injected in the client; the server is real). The intents come back
+    after the ack wait, adopt their recorded decisions and publish the same outputs again,
+    which JetStream keeps once (de-duplicated by decision id)."""
+    dropped: list[str] = []
+    real_ack = Msg.ack
+
+    async def lose_first_acks(msg: Msg) -> None:
+        if len(dropped) < 3:
+            dropped.append(msg.subject)
+            return
+        await real_ack(msg)
+
+    monkeypatch.setattr(Msg, "ack", lose_first_acks)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    payloads = [_transfer(id=f"i-{i}") for i in range(3)]
+    async with stream_gateway(stream_settings(nats_url, ack_wait_s=0.5), policies, keys[0]) as gw:
+        for payload in payloads:
+            await js.publish(TRANSFER, payload)
+        await eventually(lambda: drained(js), what="intake drained")
+        stats = gw.statistics()
+    assert len(dropped) == 3
+    assert stats.adopted == 3 and stats.duplicate_outputs == 3 and stats.allowed == 3
+    execs = await stored(js, "GUARD_EXEC")
+    assert sorted(m.data for m in execs) == sorted(payloads)  # once each
+    assert len(await ledger_decisions(js)) == 3
     await nc.close()
 
 
