@@ -13,7 +13,7 @@ import sys
 SUITE = {
     "decide": ["--count", "20000", "--runs", "3", "--rules", "10,100,1000,10000"],
     "verify": ["--count", "20000", "--runs", "5"],
-    "relay": ["--count", "20000", "--runs", "3", "--scale"],
+    "relay": ["--count", "20000", "--runs", "3", "--scale", "--prototype"],
     "latency": ["--seconds", "5"],
     "memory": ["--count", "1000000"],
 }

@@ -75,6 +75,21 @@ def guard_cmd(
     return cmd
 
 
+def prototype_cmd(url: str, key: Path) -> list[str]:
+    """The bench-only batched stand-in (:mod:`bench.batched_prototype`)."""
+    return [
+        sys.executable,
+        "-m",
+        "bench.batched_prototype",
+        "--nats",
+        url,
+        "--policies",
+        str(ROOT / "policies"),
+        "--key",
+        str(key),
+    ]
+
+
 def supports_artifacts_flag() -> bool:
     """Whether ``bus-guard run --artifacts per-message|batched`` exists yet."""
     out = subprocess.run(

@@ -6,7 +6,10 @@ Runs, on the same server with the same intents, interleaved, ``--runs`` times ea
 * ``core``: ``bus-guard run --mode core`` with per-message signed artifacts;
 * ``core-batched``: the same with ``--artifacts batched`` (one signature per Merkle tree),
   skipped with a note while ``bus-guard run`` has no ``--artifacts`` option;
-* with ``--scale``: ``core`` with two gateway processes in the same queue group.
+* with ``--scale``: ``core`` with two gateway processes in the same queue group;
+* with ``--prototype``: ``prototype-batched``, the bench-only stand-in for batched core
+  intake (:mod:`bench.batched_prototype`): what the design reaches before the gateway
+  wiring exists; not the product path.
 
 Every intent is allowed by the example policies, so every one is authorized, signed and
 forwarded. The publisher keeps at most ``--window`` intents in flight, so the numbers are
@@ -31,7 +34,9 @@ from bus_guard.keys import generate_key
 from bus_guard.server import NatsServer
 
 
-def variants(url: str, key: Path, *, batched: bool, scale: bool) -> dict[str, list[list[str]]]:
+def variants(
+    url: str, key: Path, *, batched: bool, scale: bool, prototype: bool = False
+) -> dict[str, list[list[str]]]:
     """name -> the command of each relay process of that variant."""
     out = {
         "bare": [harness.bare_cmd(url)],
@@ -39,6 +44,8 @@ def variants(url: str, key: Path, *, batched: bool, scale: bool) -> dict[str, li
     }
     if batched:
         out["core-batched"] = [harness.guard_cmd(url, key, artifacts="batched")]
+    if prototype:
+        out["prototype-batched"] = [harness.prototype_cmd(url, key)]
     if scale:
         out["core x2"] = [harness.guard_cmd(url, key, gateway_id=f"gw{i}") for i in (1, 2)]
     return out
@@ -56,7 +63,15 @@ def measure(url: str, cmds: list[list[str]], count: int, window: int) -> float:
 
 
 def run(
-    url: str, key: Path, count: int, runs: int, window: int, *, scale: bool, want_batched: bool
+    url: str,
+    key: Path,
+    count: int,
+    runs: int,
+    window: int,
+    *,
+    scale: bool,
+    want_batched: bool,
+    prototype: bool = False,
 ) -> dict[str, Any]:
     notes = []
     batched = want_batched and harness.supports_artifacts_flag()
@@ -66,7 +81,7 @@ def run(
             "(bus_guard.batch.BatchSigner is; the gateway does not call it yet)"
         )
     results: dict[str, list[float]] = {}
-    plan = variants(url, key, batched=batched, scale=scale)
+    plan = variants(url, key, batched=batched, scale=scale, prototype=prototype)
     for _ in range(runs):
         for name, cmds in plan.items():
             results.setdefault(name, []).append(measure(url, cmds, count, window))
@@ -84,6 +99,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=2000, help="max intents in flight")
     p.add_argument("--scale", action="store_true", help="also two gateways in one queue group")
     p.add_argument("--no-batched", action="store_true", help="skip the batched variant")
+    p.add_argument("--prototype", action="store_true", help="also the bench-only batched stand-in")
     p.add_argument("--json", action="store_true", help="JSON only, no table")
     args = p.parse_args()
     with NatsServer(jetstream=False) as server, tempfile.TemporaryDirectory() as tmp:
@@ -96,6 +112,7 @@ def main() -> None:
             args.window,
             scale=args.scale,
             want_batched=not args.no_batched,
+            prototype=args.prototype,
         )
     med = res["median_per_s"]
     rows = [

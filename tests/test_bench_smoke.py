@@ -82,8 +82,8 @@ def test_verify_smoke() -> None:
 
 
 def test_relay_smoke(server: NatsServer, key: Path) -> None:
-    res = relay.run(server.url, key, 100, 1, 50, scale=False, want_batched=True)
-    assert set(res["median_per_s"]) >= {"bare", "core"}
+    res = relay.run(server.url, key, 100, 1, 50, scale=False, want_batched=True, prototype=True)
+    assert set(res["median_per_s"]) >= {"bare", "core", "prototype-batched"}
     assert res["ratios"]["core_vs_bare"] > 0
     if harness.supports_artifacts_flag():
         assert "core-batched" in res["median_per_s"]
