@@ -113,6 +113,7 @@ class _Chain:
     last_checkpoint_seq: int | None = None
     final: bool = False
     broken: bool = False
+    gaps: dict[int, int] = field(default_factory=dict)  # missing seq -> index of its problem
 
 
 @dataclass(slots=True)
@@ -190,8 +191,19 @@ class Auditor:
             if seq > expected:
                 gone = f"{expected}" if seq == expected + 1 else f"{expected}..{seq - 1}"
                 self._problem(stored, gateway, seq, f"seq {gone} missing (deleted or truncated)")
+                chain.gaps.update(dict.fromkeys(range(expected, seq), len(self._problems) - 1))
                 chain.broken = True
             elif seq < expected:
+                gap = chain.gaps.pop(seq, None)
+                if gap is not None:  # not missing after all: stored later, out of order
+                    earlier = self._problems[gap]
+                    self._problems[gap] = Problem(
+                        earlier.stream_seq,
+                        earlier.gateway,
+                        earlier.seq,
+                        f"seq {seq} is out of place (reordered): it is stored later, at "
+                        f"stream seq {stored.seq}",
+                    )
                 self._problem(
                     stored,
                     gateway,

@@ -1,0 +1,212 @@
+"""The ledger is tamper-evident: ``bus-guard ledger verify`` passes an untouched ledger and
+fails, naming the first bad record, when records are deleted, modified, reordered,
+inserted or cut off, or a checkpoint is forged.
+
+The ledger stream itself refuses deletes and purges (deny_delete / deny_purge), so each
+tampering is applied to a copy of a real ledger (what someone with the server's disks, or
+an operator who rebuilt the stream, could produce) under another prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from nats.js.api import StreamConfig
+
+from bus_guard.audit import audit
+from bus_guard.cli import main
+from bus_guard.jetstream import Stored
+from bus_guard.keys import generate_key
+from bus_guard.policy import load_policies
+from bus_guard.server import NatsServer
+from bus_guard.verify import load_jwks
+
+from .conftest import POLICIES
+from .helpers import intent
+from .streamkit import drained, eventually, stored, stream_gateway, stream_settings
+
+
+@dataclass(frozen=True)
+class Ledger:
+    url: str
+    jwks: Path
+    msgs: list[Stored]
+
+
+async def _make_ledger(url: str, key: Path) -> list[Stored]:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    policies = load_policies(POLICIES)
+    settings = stream_settings(url, checkpoint_every=4)
+    for run in range(2):  # two runs: the second chain start pins the first run's end
+        async with stream_gateway(settings, policies, key):
+            for i in range(6):
+                tool = "shell" if i % 3 == 0 else "search"
+                await js.publish(
+                    f"guard.in.agent-1.tools.{tool}",
+                    intent(f"tools.{tool}", f"tool:{tool}", {"i": i}, id=f"r{run}-{i}"),
+                )
+            await eventually(lambda: drained(js), what="intake drained")
+    msgs = await stored(js, "GUARD_LEDGER")
+    await nc.close()
+    return msgs
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ledger]:
+    key, jwks = generate_key(tmp_path_factory.mktemp("keys"))
+    with NatsServer() as server:
+        yield Ledger(server.url, jwks, asyncio.run(_make_ledger(server.url, key)))
+
+
+def _verify(ledger: Ledger, prefix: str, *extra: str) -> tuple[int, str]:
+    out = io.StringIO()
+    argv = ["ledger", "verify", "--nats", ledger.url, "--jwks", str(ledger.jwks)]
+    code = main([*argv, "--prefix", prefix, *extra], out=out)
+    return code, out.getvalue()
+
+
+async def _copy(ledger: Ledger, prefix: str, msgs: list[Stored]) -> None:
+    """Publish *msgs* in order into a fresh ledger-like stream under *prefix*."""
+    nc = await nats.connect(ledger.url)
+    js = nc.jetstream()
+    await js.add_stream(
+        StreamConfig(name=f"{prefix.upper()}_LEDGER", subjects=[f"{prefix}.ledger.>"])
+    )
+    for m in msgs:
+        await js.publish(prefix + m.subject.removeprefix("guard"), m.data)
+    await nc.close()
+
+
+def _decisions(msgs: list[Stored]) -> list[int]:
+    return [i for i, m in enumerate(msgs) if ".d." in m.subject]
+
+
+def _edit(m: Stored, **changes: object) -> Stored:
+    record = json.loads(m.data)
+    record.update(changes)
+    return replace(m, data=msgspec.json.encode(record))
+
+
+def test_the_real_ledger_verifies_and_refuses_deletes(ledger: Ledger) -> None:
+    code, text = _verify(ledger, "guard", "--require-sealed")
+    assert code == 0, text
+    assert "OK" in text and "gw-1: seq 0.." in text and "sealed" in text
+
+    async def try_delete() -> None:
+        nc = await nats.connect(ledger.url)
+        try:
+            with pytest.raises(nats.js.errors.APIError):
+                await nc.jetstream().delete_msg("GUARD_LEDGER", 3)
+            with pytest.raises(nats.js.errors.APIError):
+                await nc.jetstream().purge_stream("GUARD_LEDGER")
+        finally:
+            await nc.close()
+
+    asyncio.run(try_delete())
+
+
+Tamper = Callable[[list[Stored]], list[Stored]]
+
+
+def _delete_one(msgs: list[Stored]) -> list[Stored]:
+    i = _decisions(msgs)[3]
+    return msgs[:i] + msgs[i + 1 :]
+
+
+def _modify_one(msgs: list[Stored]) -> list[Stored]:
+    i = next(i for i in _decisions(msgs) if json.loads(msgs[i].data)["effect"] == "deny")
+    return [*msgs[:i], _edit(msgs[i], effect="allow", reason="allowed_by_rule"), *msgs[i + 1 :]]
+
+
+def _reorder_two(msgs: list[Stored]) -> list[Stored]:
+    i, j = _decisions(msgs)[1:3]
+    out = list(msgs)
+    out[i], out[j] = out[j], out[i]
+    return out
+
+
+def _insert_one(msgs: list[Stored]) -> list[Stored]:
+    i = _decisions(msgs)[2]
+    forged = _edit(msgs[i], decision_id="0" * 26, intent_id="forged")
+    forged = replace(forged, subject=forged.subject.rsplit(".", 1)[0] + "." + "0" * 26)
+    return [*msgs[: i + 1], forged, *msgs[i + 1 :]]
+
+
+def _cut_before_restart(msgs: list[Stored]) -> list[Stored]:
+    restart = [i for i, m in enumerate(msgs) if json.loads(m.data)["kind"] == "chain_start"][1]
+    return msgs[: restart - 3] + msgs[restart:]
+
+
+def _forge_checkpoint(msgs: list[Stored]) -> list[Stored]:
+    i = next(i for i, m in enumerate(msgs) if json.loads(m.data)["kind"] == "checkpoint")
+    return [*msgs[:i], _edit(msgs[i], ts=1.0), *msgs[i + 1 :]]
+
+
+@pytest.mark.parametrize(
+    ("name", "tamper", "expect"),
+    [
+        ("deleted", _delete_one, "missing (deleted or truncated)"),
+        ("modified", _modify_one, "one of the two was modified"),
+        ("reordered", _reorder_two, "reordered"),
+        ("inserted", _insert_one, "reordered, replayed or forked"),
+        ("cut-before-restart", _cut_before_restart, "missing (deleted or truncated)"),
+        ("forged-checkpoint", _forge_checkpoint, "signature does not cover"),
+    ],
+)
+async def test_tampering_is_detected_and_the_first_bad_record_named(
+    ledger: Ledger, name: str, tamper: Tamper, expect: str
+) -> None:
+    prefix = f"t{name.replace('-', '')}"
+    await _copy(ledger, prefix, tamper(ledger.msgs))
+    code, text = await asyncio.to_thread(_verify, ledger, prefix)
+    assert code == 1, text
+    first = text.split("the first bad record:")[1].splitlines()[1]
+    assert expect in first and "gateway gw-1 seq" in first, text
+
+
+async def test_an_untouched_copy_verifies(ledger: Ledger) -> None:
+    await _copy(ledger, "copy", ledger.msgs)
+    code, text = await asyncio.to_thread(_verify, ledger, "copy", "--require-sealed")
+    assert code == 0, text
+
+
+async def test_truncating_the_tail_breaks_the_seal(ledger: Ledger) -> None:
+    """Cutting off the end (final checkpoint included) looks like a gateway that is still
+    running or crashed: an open chain. Auditing stopped gateways with --require-sealed
+    catches it; without, the open tail is reported, and passes (see audit's docstring)."""
+    await _copy(ledger, "cut", ledger.msgs[:-3])
+    code, text = await asyncio.to_thread(_verify, ledger, "cut", "--require-sealed")
+    assert code == 1 and "not sealed by a final checkpoint" in text
+    code, text = await asyncio.to_thread(_verify, ledger, "cut")
+    assert code == 0 and "open: " in text
+
+
+async def test_a_message_deleted_from_the_stream_is_named(ledger: Ledger) -> None:
+    await _copy(ledger, "gap", ledger.msgs)
+    nc = await nats.connect(ledger.url)
+    await nc.jetstream().delete_msg("GAP_LEDGER", 5)
+    await nc.close()
+    code, text = await asyncio.to_thread(_verify, ledger, "gap")
+    assert code == 1 and "stream message(s) 5 deleted" in text
+
+
+def test_audit_is_pure_and_names_stream_positions(ledger: Ledger) -> None:
+    report = audit(ledger.msgs, prefix="guard", jwks=load_jwks(ledger.jwks), require_sealed=True)
+    assert report.ok and len(report.chains) == 1
+    report = audit(_delete_one(ledger.msgs), prefix="guard", jwks=load_jwks(ledger.jwks))
+    deleted = ledger.msgs[_decisions(ledger.msgs)[3]]
+    # The original stream positions: a gap in the stream, and one in gw-1's chain, both
+    # noticed at the message after the deleted one.
+    stream_gap, chain_gap = report.problems[:2]
+    assert stream_gap.stream_seq == chain_gap.stream_seq == deleted.seq + 1
+    assert f"stream message(s) {deleted.seq} deleted" in stream_gap.message
+    assert chain_gap.gateway == "gw-1" and "missing" in chain_gap.message
