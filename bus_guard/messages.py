@@ -31,8 +31,6 @@ __all__ = (
 )
 
 ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,128}$"
-PRINCIPAL_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
-TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 IntentId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 Principal = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -126,17 +124,35 @@ _dup_scanner: Final = json.JSONDecoder(
 )
 
 
+_SUBJECT_CACHE_MAX: Final = 8192
+_subject_cache: dict[tuple[str, str], Subject | None] = {}
+_TOKENS: Final = r"[A-Za-z0-9_-]{1,128}"
+_subject_res: dict[str, re.Pattern[str]] = {}
+
+
 def parse_subject(subject: str, prefix: str) -> Subject | None:
-    """Split ``<prefix>.in.<principal>.<action...>``; ``None`` if it is not one."""
-    head = prefix + ".in."
-    if not subject.startswith(head):
-        return None
-    principal, _, action = subject[len(head) :].partition(".")
-    if not action or PRINCIPAL_RE.fullmatch(principal) is None:
-        return None
-    if not all(TOKEN_RE.fullmatch(t) for t in action.split(".")):
-        return None
-    return Subject(principal, action)
+    """Split ``<prefix>.in.<principal>.<action...>``; ``None`` if it is not one.
+
+    Subjects repeat (principals x actions), so results are memoised in a bounded dict that
+    is cleared when full; one anchored regex per prefix does the parsing on a miss.
+    """
+    key = (subject, prefix)
+    try:
+        return _subject_cache[key]
+    except KeyError:
+        pass
+    pattern = _subject_res.get(prefix)
+    if pattern is None:
+        pattern = re.compile(
+            rf"{re.escape(prefix)}\.in\.([A-Za-z0-9_-]{{1,64}})\.({_TOKENS}(?:\.{_TOKENS})*)"
+        )
+        _subject_res[prefix] = pattern
+    m = pattern.fullmatch(subject)
+    result = Subject(m.group(1), m.group(2)) if m is not None else None
+    if len(_subject_cache) >= _SUBJECT_CACHE_MAX:
+        _subject_cache.clear()
+    _subject_cache[key] = result
+    return result
 
 
 def _check_value(value: Any, depth: int, max_depth: int) -> str | None:

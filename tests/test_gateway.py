@@ -168,7 +168,7 @@ async def test_denied_intent_goes_to_deny_and_never_to_exec(
     out = await _outputs(nc)
     async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)) as gw:
         await nc.publish(subject, payload)
-        await _sentinel(nc, out, 0)
+        await _sentinel(nc, out, 1)  # the intent itself is denied first
         stats = gw.statistics()
     assert out.exec.msgs == [] and out.hold.msgs == []
     [record] = out.deny.records()

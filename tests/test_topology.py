@@ -479,7 +479,7 @@ async def test_agent_can_only_publish_as_itself(guard_nats: NatsServer) -> None:
 async def test_wildcard_tokens_reach_the_gateway_literally(guard_nats: NatsServer) -> None:
     """What the server does NOT check: ``*``/``>`` as action tokens pass the permission
     ``guard.in.agent-7.>`` and arrive as literal subjects, so rejecting such actions is the
-    gateway's job (bus_guard.messages.TOKEN_RE). An empty token is refused by the server."""
+    gateway's job (bus_guard.messages.parse_subject). An empty token is refused by the server."""
     url = guard_nats.url
     async with Bus() as bus:
         gateway = await bus.connect(url, "gateway")
