@@ -1,4 +1,5 @@
-# Two entry points that work on a fresh machine with Python 3.11+ and make:
+# Two entry points that work on a fresh machine with Python 3.11+ and make
+# (and `make bench`: the benchmark suite with the peer engines, prints JSON):
 #   make demo   - create .venv, install bus_guard, run the live demo
 #   make test   - the same plus the dev extra, then lint and the test suite
 PYTHON ?= python3
@@ -27,7 +28,8 @@ lint: dev
 test: lint
 	$(BIN)/python -m pytest -q
 
-bench: dev
+bench: $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench
 
 clean:
