@@ -310,5 +310,14 @@ class Puller:
             self._arrived = anyio.Event()
             with anyio.move_on_after(min(left, self._heartbeat_s * 2)):
                 await self._arrived.wait()
+        # A burst is arriving (a pull's batch is delivered back to back): take it whole
+        # rather than a sliver, waiting while messages keep coming less than 1 ms apart.
+        while len(self._queue) < max_n and self._outstanding and time.monotonic() < deadline:
+            quiet = self._last_heard + 0.001 - time.monotonic()
+            if quiet <= 0:
+                break
+            self._arrived = anyio.Event()
+            with anyio.move_on_after(quiet):
+                await self._arrived.wait()
         n = min(max_n, len(self._queue))
         return [self._queue.popleft() for _ in range(n)]

@@ -113,6 +113,7 @@ def wanted_stream(role: str, settings: Settings) -> StreamConfig:
         config.allow_atomic = True
         config.description = "bus_guard: hash-chained decision records"
     else:
+        config.allow_atomic = True  # a batch's outputs go out in one request
         config.description = f"bus_guard: {role} outputs"
     return config
 

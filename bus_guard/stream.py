@@ -20,6 +20,10 @@ Nothing is acked before its decision record and its outputs are stored, and noth
 forwarded that is not recorded as an allow with its artifact. A crash anywhere leaves
 unacked intents that come back and adopt what was recorded, or are decided afresh if
 nothing was.
+
+Steps 1-3, 4 and 5 run as three stages, one batch in each at most, so that waiting for
+the ledger and for PubAcks overlaps with deciding the next batch. Only the recording stage
+writes the chain (checkpoints included).
 """
 
 from __future__ import annotations
@@ -28,30 +32,21 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from .artifacts import Signer, payload_digest
-from .authorize import PolicySetLike, authorize, deny
-from .decision import Decision, Reason
-from .jetstream import (
-    Committed,
-    Puller,
-    find_msg_id,
-)
-from .ledger import (
-    CheckpointSigner,
-    LedgerRecord,
-    intent_decision_id,
-    message_decision_id,
-)
-from .lineage import lineage_of
-from .messages import Intent, Malformed, decode_intent, parse_subject
-from .outputs import outputs_of
+from .artifacts import Signer
+from .authorize import PolicySetLike
+from .decider import Decider
+from .jetstream import Committed, Puller, find_msg_id
+from .ledger import CheckpointSigner, LedgerRecord
+from .outputs import Output, outputs_of
 from .preflight import Streams
+from .publisher import OutputPublisher
 from .recorder import ChainInDoubt, Pending, Recorder
 from .settings import Settings
 from .state import State
@@ -73,12 +68,11 @@ class IntakeCounters:
     duplicate_outputs: int = 0
 
 
-def _intake_of(msg: Msg) -> tuple[str, int]:
-    """``<stream>/<stream seq>/<stored at, ns>`` and the delivery count, from the ack subject."""
-    md = msg.metadata
-    tokens = (msg.reply or "").split(".")
-    stored_ns = tokens[7] if len(tokens) == 9 else tokens[9]
-    return f"{md.stream}/{md.sequence.stream}/{stored_ns}", md.num_delivered
+@dataclass(slots=True)
+class _Batch:
+    items: list[Pending]
+    policies: PolicySetLike  # read once per batch: a swap cannot mix bundles
+    now: float
 
 
 @dataclass
@@ -100,6 +94,13 @@ class StreamIntake:
         self._streams = Streams(s.prefix)
         self.recorder = Recorder(
             self.nc, s, self.policies, self.signer, self.checkpoint_signer, self.clock
+        )
+        self.decider = Decider(s, self.state, self.recorder.parents)
+        self.publisher = OutputPublisher(
+            self.nc,
+            self._js,
+            name=f"{s.gateway_id}-{self.recorder.epoch}",
+            timeout_s=self._s.publish_timeout_s,
         )
         self.puller = Puller(
             self.nc,
@@ -124,69 +125,96 @@ class StreamIntake:
         )
 
     async def run(self, stop: anyio.Event) -> None:
-        """Decide until *stop* is set; returns after finishing the batch in hand."""
-        while not stop.is_set():
-            msgs = await self.puller.pull(self._s.fetch_batch, self._s.fetch_timeout_s)
-            if msgs:
-                await self.process(msgs)
-            await self.recorder.checkpoint(due_only=True)
+        """Decide until *stop* is set; returns when every batch taken is finished."""
+        to_record, recording = anyio.create_memory_object_stream[_Batch](1)
+        to_publish, publishing = anyio.create_memory_object_stream[_Batch](1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._record_stage, recording, to_publish)
+            tg.start_soon(self._output_stage, publishing)
+            async with to_record:
+                while not stop.is_set():
+                    msgs = await self.puller.pull(self._s.fetch_batch, self._s.fetch_timeout_s)
+                    if msgs:
+                        batch = await self._decide_stage(msgs)
+                        if batch is not None:
+                            await to_record.send(batch)
 
     async def finish(self) -> None:
         """The final checkpoint: the chain is sealed until this gateway starts again."""
         await self.puller.stop()
         await self.recorder.checkpoint(final=True)
 
-    # -- one batch -----------------------------------------------------------------------
+    # -- the stages ----------------------------------------------------------------------
 
-    async def process(self, msgs: list[Msg]) -> None:
+    async def _decide_stage(self, msgs: list[Msg]) -> _Batch | None:
+        """Decode, find what is decided already, evaluate the rest."""
         self.counters.received += len(msgs)
         try:
-            now = self.clock()
-            policies = self.policies()  # one read per batch: a swap cannot mix bundles
-            items = [self._prepare(m) for m in msgs]
+            batch = _Batch([self.decider.prepare(m) for m in msgs], self.policies(), self.clock())
             seen: set[str] = set()
             check = []
-            for it in items:
+            for it in batch.items:
                 it.repeat = it.decision_id in seen
                 seen.add(it.decision_id)
                 if not it.repeat and (it.delivered > 1 or self.recorder.seen(it.decision_id)):
                     check.append(it)
-            await self._resolve(check, policies, now)
-            first = [it for it in items if not it.repeat]
-            await self._decide_and_commit(first, policies, now)
-            repeats = [it for it in items if it.repeat]
-            if repeats:  # after the first of each id is committed: they are replays now
-                await self._resolve(repeats, policies, now)
-                await self._decide_and_commit(repeats, policies, now)
-            await self._publish_and_ack(items, now)
-            adopted = sum(it.adopted for it in items)
-            if adopted:
-                log.info("%d redelivered intents adopted their recorded decisions", adopted)
-        except ChainInDoubt:
-            raise
+            await self._resolve(check, batch.policies)
+            first = [it for it in batch.items if not it.repeat]
+            await self.decider.evaluate(first, batch.policies, batch.now)
         except Exception:  # total: whatever went wrong, nothing undecided is acked
-            log.exception("batch of %d intents failed; they will be redelivered", len(msgs))
-            await self._nak(m for m in msgs)
+            log.exception("deciding %d intents failed; they will be redelivered", len(msgs))
+            await self._nak(msgs)
+            return None
+        return batch
 
-    def _prepare(self, msg: Msg) -> Pending:
-        s = self.settings
-        intake, delivered = _intake_of(msg)
-        subject = parse_subject(msg.subject, s.prefix)
-        intent: Intent | Malformed | None = None
-        if subject is not None:
-            ctype = next(
-                (v for k, v in (msg.headers or {}).items() if k.lower() == "content-type"), None
-            )
-            intent = decode_intent(
-                msg.data, ctype, max_bytes=s.max_payload_bytes, max_depth=s.max_nesting_depth
-            )
-        if subject is not None and isinstance(intent, Intent):
-            did, keyed = intent_decision_id(s.prefix, subject.principal, intent.id), True
-        else:
-            did, keyed = message_decision_id(s.prefix, intake), False
-        return Pending(msg, intake, delivered, subject, intent, did, keyed)
+    async def _record_stage(
+        self, batches: ObjectReceiveStream[_Batch], to_publish: ObjectSendStream[_Batch]
+    ) -> None:
+        """The chain's only writer: records batches in order, and the checkpoints."""
+        async with batches, to_publish:
+            while True:
+                batch = None
+                with anyio.move_on_after(self._s.fetch_timeout_s):
+                    try:
+                        batch = await batches.receive()
+                    except anyio.EndOfStream:
+                        return
+                if batch is not None:
+                    try:
+                        await self._record(batch)
+                    except ChainInDoubt:
+                        raise
+                    except Exception:
+                        log.exception("recording %d intents failed", len(batch.items))
+                        for it in batch.items:
+                            it.failed = it.failed or it.record is None
+                    await to_publish.send(batch)
+                await self.recorder.checkpoint(due_only=True)
 
-    async def _resolve(self, items: list[Pending], policies: PolicySetLike, now: float) -> int:
+    async def _record(self, batch: _Batch) -> None:
+        first = [it for it in batch.items if not it.repeat]
+        await self._commit(first, batch.policies, batch.now)
+        repeats = [it for it in batch.items if it.repeat]
+        if repeats:  # after the first of each id is committed: they are replays now
+            await self._resolve(repeats, batch.policies)
+            await self.decider.evaluate(repeats, batch.policies, batch.now)
+            await self._commit(repeats, batch.policies, batch.now)
+
+    async def _output_stage(self, batches: ObjectReceiveStream[_Batch]) -> None:
+        async with batches:
+            async for batch in batches:
+                try:
+                    await self._publish_and_ack(batch.items, batch.now)
+                except Exception:
+                    log.exception("publishing for %d intents failed", len(batch.items))
+                    await self._nak(it.msg for it in batch.items)
+                adopted = sum(it.adopted for it in batch.items)
+                if adopted:
+                    log.info("%d redelivered intents adopted their recorded decisions", adopted)
+
+    # -- deciding once -------------------------------------------------------------------
+
+    async def _resolve(self, items: list[Pending], policies: PolicySetLike) -> int:
         """Look up each item's decision id; adopt, turn into a replay, or leave it fresh.
         Returns how many items changed."""
         changed = 0
@@ -207,42 +235,17 @@ class StreamIntake:
                 elif result.intake == it.intake:
                     it.record, it.adopted, changed = result, True, changed + 1
                 elif it.keyed:
-                    self._to_replay(it, result, policies)
+                    self.decider.replay(it, result, policies)
                     changed += 1
                     again.append(it)
-                else:  # a message id taken by another message: cannot happen
-                    log.error(
-                        "decision %s belongs to %s, not %s",
-                        it.decision_id,
-                        result.intake,
-                        it.intake,
-                    )
+                else:  # a message's own id taken by another message: cannot happen
+                    log.error("decision %s is not %s's", it.decision_id, it.intake)
                     it.failed, changed = True, changed + 1
             pending = again
         return changed
 
-    def _to_replay(self, it: Pending, first: LedgerRecord, policies: PolicySetLike) -> None:
-        same = first.payload_sha256 == payload_digest(it.msg.data)
-        intent_id = it.intent.id if isinstance(it.intent, Intent) else ""
-        it.decision = deny(
-            Reason.REPLAY,
-            f"intent id {intent_id!r} was already decided: {first.decision_id} "
-            f"({first.effect}); this message has {'the same' if same else 'different'} bytes",
-            policies,
-        )
-        it.first_decision = first.decision_id
-        it.decision_id, it.keyed = message_decision_id(self.settings.prefix, it.intake), False
-        it.lineage = None
-
-    async def _decide_and_commit(
-        self, items: list[Pending], policies: PolicySetLike, now: float
-    ) -> None:
+    async def _commit(self, items: list[Pending], policies: PolicySetLike, now: float) -> None:
         todo = [it for it in items if it.record is None and not it.failed]
-        await self._find_lineage([it for it in todo if it.decision is None])
-        for it in todo:
-            if it.decision is None and not it.failed:
-                it.decision = self._evaluate(it, policies, now)
-        todo = [it for it in todo if not it.failed]
         for _ in range(_RESOLVE_ROUNDS):
             if not todo:
                 return
@@ -252,66 +255,22 @@ class StreamIntake:
                     if it.record is not None:
                         self.on_decided(it.record)
                 return
-            taken = await self._resolve(todo, policies, now)
+            taken = await self._resolve(todo, policies)
             if not taken:
                 log.error("ledger refused %d records with no id taken: %s", len(todo), result)
                 break
             log.info("ledger refused a commit: %d decision ids taken (adopt / replay)", taken)
+            await self.decider.evaluate(todo, policies, now)  # decided afresh if need be
             todo = [it for it in todo if it.record is None and not it.failed]
         for it in todo:
             it.failed = True
-
-    async def _find_lineage(self, items: list[Pending]) -> None:
-        wanted = {p for it in items if isinstance(it.intent, Intent) for p in it.intent.parents}
-        if not wanted:
-            return
-        ids = sorted(wanted)
-        found = await asyncio.gather(
-            *(self.recorder.parents.get(p) for p in ids), return_exceptions=True
-        )
-        if any(isinstance(r, BaseException) for r in found):
-            log.warning("lineage lookup failed; %d intents will be redelivered", len(items))
-            for it in items:
-                if isinstance(it.intent, Intent) and it.intent.parents:
-                    it.failed = True
-            return
-        records = {p: r for p, r in zip(ids, found, strict=True) if isinstance(r, LedgerRecord)}
-        for it in items:
-            if isinstance(it.intent, Intent) and it.subject is not None and it.intent.parents:
-                it.lineage = lineage_of(
-                    it.subject.principal,
-                    it.intent.parents,
-                    records,
-                    max_depth=self._s.max_lineage_depth,
-                )
-
-    def _evaluate(self, it: Pending, policies: PolicySetLike, now: float) -> Decision:
-        if it.delivered > self._s.max_deliveries:  # poison: bounded attempts, then a denial
-            return deny(
-                Reason.INTERNAL_ERROR,
-                f"not decided after {it.delivered - 1} deliveries (poison intent)",
-                policies,
-            )
-        if it.subject is None:
-            return deny(Reason.BAD_SUBJECT, f"not an intent subject: {it.msg.subject!r}", policies)
-        if isinstance(it.intent, Malformed):
-            return deny(it.intent.reason, it.intent.message, policies)
-        assert it.intent is not None
-        return authorize(
-            it.subject,
-            it.intent,
-            policies,
-            self.state,
-            now=now,
-            checks=self.settings.checks,
-            lineage=it.lineage,
-        )
 
     # -- outputs and acks ----------------------------------------------------------------
 
     async def _publish_and_ack(self, items: list[Pending], now: float) -> None:
         s = self.settings
-        pending: list[tuple[Pending, list[asyncio.Future[Any]]]] = []
+        decided: list[Pending] = []
+        groups: list[list[Output]] = []
         for it in items:
             if it.failed or it.record is None:
                 continue
@@ -331,30 +290,23 @@ class StreamIntake:
                 self.counters.adopted += 1
                 if now - it.record.ts > self._s.retry_horizon_s:
                     outs = await self._not_yet_published(it.record, outs)
-            futures = [
-                await self._js.publish_async(out.subject, out.data, headers=dict(out.headers))
-                for out in outs
-            ]
-            pending.append((it, futures))
-        everything = [f for _, fs in pending for f in fs]
-        if everything:
-            with anyio.move_on_after(self._s.publish_timeout_s):
-                await asyncio.gather(*everything, return_exceptions=True)
-        for f in everything:
-            if not f.done():
-                f.cancel()
-        done = {id(it) for it, fs in pending if all(_stored_ok(f) for f in fs)}
-        duplicates = sum(1 for f in everything if _stored_ok(f) and f.result().duplicate)
-        if duplicates:  # published before a crash or a lost PubAck: stored once
-            self.counters.duplicate_outputs += duplicates
-            log.info("%d outputs were already stored (de-duplicated by decision id)", duplicates)
+            decided.append(it)
+            groups.append(outs)
+        published = await self.publisher.publish(groups)
+        if published.duplicates:  # published before a crash or a lost PubAck: stored once
+            self.counters.duplicate_outputs += published.duplicates
+            log.info(
+                "%d outputs were already stored (de-duplicated by decision id)",
+                published.duplicates,
+            )
+        done = {id(it) for it, ok in zip(decided, published.stored, strict=True) if ok}
         for it in items:
             if id(it) in done:
                 await it.msg.ack()
                 self.counters.acks += 1
         await self._nak(it.msg for it in items if id(it) not in done)
 
-    async def _not_yet_published(self, record: LedgerRecord, outs: list[Any]) -> list[Any]:
+    async def _not_yet_published(self, record: LedgerRecord, outs: list[Output]) -> list[Output]:
         """Beyond the retry horizon de-duplication cannot tell: search the exec stream for
         a copy stored since the decision (allowing a minute of clock difference)."""
         self.counters.late_adoptions += 1
@@ -379,7 +331,3 @@ class StreamIntake:
                 self.counters.naks += 1
             except Exception as exc:  # it comes back after the ack wait anyway
                 log.warning("nak failed: %s", exc)
-
-
-def _stored_ok(future: asyncio.Future[Any]) -> bool:
-    return future.done() and not future.cancelled() and future.exception() is None

@@ -76,8 +76,12 @@ async def eventually(
 async def drained(
     js: JetStreamContext, stream: str = "GUARD_IN", consumer: str = "bus-guard"
 ) -> bool:
+    """Every intent stored so far is acked (the ack floor reached the stream's last
+    message: a consumer's pending counts can lag a message stored a moment ago)."""
+    last = (await js.stream_info(stream)).state.last_seq
     info = await js.consumer_info(stream, consumer)
-    return (info.num_pending or 0) == 0 and (info.num_ack_pending or 0) == 0
+    floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+    return floor >= last and not info.num_ack_pending and not info.num_pending
 
 
 async def count(js: JetStreamContext, stream: str) -> int:

@@ -1,0 +1,227 @@
+"""Stream mode throughput next to a bare JetStream relay, on the same server, same streams.
+
+* ``bare``: pull from the intake consumer -> publish to the exec stream with a
+  ``Nats-Msg-Id`` (waiting for the PubAcks) -> ack. Nothing else.
+* ``stream``: ``bus-guard run`` (stream mode): decode, authorize, sign, commit the ledger
+  record, publish the exec message, ack.
+
+Each run starts from the same backlog: ``--count`` intents stored in the intake stream
+(allowed by the example policies, so every one is authorized, signed, recorded and
+forwarded) before the relay starts; the rate is measured from the first to the last exec
+message stored. Streams and the consumer are created by bus_guard's own preflight for both
+variants, so they run against identical configurations. Variants are interleaved,
+``--runs`` times each; medians and the ratio are printed as JSON.
+
+    python -m bench.stream_relay --count 20000 --runs 3
+    python -m bench.stream_relay --relay --nats URL     # the bare relay process itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import nats
+from nats.aio.msg import Msg
+
+from bus_guard.keys import generate_key
+from bus_guard.preflight import ROLES, Streams, ensure
+from bus_guard.server import NatsServer
+from bus_guard.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBJECT = "guard.in.agent-1.tools.search"
+_TEMPLATE = (
+    '{"id":"%032x","action":"tools.search","resource":"tool:search",'
+    '"params":{"q":"query %d","n":%d},"ts":%.3f}'
+)
+
+
+async def bare_relay(url: str) -> None:
+    """pull -> publish with msg id (PubAcks awaited) -> ack."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe_bind("bus-guard", stream="GUARD_IN")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready on guard.in.>", file=sys.stderr, flush=True)
+    while not stop.is_set():
+        try:
+            msgs: list[Msg] = await sub.fetch(128, timeout=0.5)
+        except nats.errors.TimeoutError:
+            continue
+        acks = [
+            await js.publish_async(
+                "guard.exec." + m.subject[9:],
+                m.data,
+                headers={"Nats-Msg-Id": str(m.metadata.sequence.stream)},
+            )
+            for m in msgs
+        ]
+        await asyncio.gather(*acks)
+        for m in msgs:
+            await m.ack()
+    await nc.drain()
+
+
+def _start(cmd: list[str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "ready on" in line:
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc
+    raise RuntimeError(f"relay exited before ready: {cmd}")
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def _reset_and_load(url: str, count: int) -> None:
+    """Fresh streams (bus_guard's preflight creates them), then a backlog of *count*."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    streams = Streams("guard")
+    for role in ROLES:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(streams.name(role))
+    await ensure(js, Settings(nats_url=url, mode="stream"))
+    now = time.time()
+    for start in range(0, count, 1000):
+        acks = [
+            await js.publish_async(SUBJECT, (_TEMPLATE % (i, i, i, now)).encode())
+            for i in range(start, min(count, start + 1000))
+        ]
+        await asyncio.gather(*acks)
+    await nc.close()
+
+
+async def _measure(url: str, count: int, ready: asyncio.Event, timeout_s: float = 300) -> float:
+    """Intents per second from the first to the last exec message stored."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    first = last = 0.0
+    done = asyncio.Event()
+    seen = 0
+
+    async def on_exec(msg: Msg) -> None:
+        nonlocal first, last, seen
+        seen += 1
+        last = time.perf_counter()
+        if seen == 1:
+            first = last
+        if seen >= count:
+            done.set()
+
+    await nc.subscribe("guard.exec.>", cb=on_exec, pending_msgs_limit=-1, pending_bytes_limit=-1)
+    await nc.flush()
+    await nc.flush()
+    ready.set()
+    await asyncio.wait_for(done.wait(), timeout_s)
+    # Subscribers see a message as it is published, the stream stores it a moment later
+    # (for an atomic batch: at its commit). The run ends when all are stored.
+    deadline = time.monotonic() + 30
+    while (stored := (await js.stream_info("GUARD_EXEC")).state.messages) < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{stored} exec messages stored for {count} intents")
+        await asyncio.sleep(0.005)
+    last = time.perf_counter()
+    await nc.close()
+    if stored != count:
+        raise SystemExit(f"{stored} exec messages stored for {count} intents")
+    return (count - 1) / (last - first)
+
+
+async def _run_one(url: str, count: int, cmd: list[str]) -> float:
+    await _reset_and_load(url, count)
+    ready = asyncio.Event()
+    measuring = asyncio.create_task(_measure(url, count, ready))
+    await ready.wait()
+    proc = await asyncio.to_thread(_start, cmd)
+    try:
+        return await measuring
+    finally:
+        await asyncio.to_thread(_stop, proc)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--count", type=int, default=20000)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--relay", action="store_true", help="run the bare relay (internal)")
+    p.add_argument("--nats", default=None)
+    args = p.parse_args()
+    if args.relay:
+        asyncio.run(bare_relay(args.nats))
+        return
+    results: dict[str, list[float]] = {"bare": [], "stream": []}
+    with NatsServer() as server, tempfile.TemporaryDirectory() as tmp:
+        key, _ = generate_key(Path(tmp))
+        commands = {
+            "bare": [sys.executable, "-m", "bench.stream_relay", "--relay", "--nats", server.url],
+            "stream": [
+                sys.executable,
+                "-m",
+                "bus_guard",
+                "run",
+                "--nats",
+                server.url,
+                "--policies",
+                str(ROOT / "policies"),
+                "--key",
+                str(key),
+                "--mode",
+                "stream",
+                "--max-skew",
+                "86400",
+                "--gateway-id",
+                "bench",
+            ],
+        }
+        for _ in range(args.runs):
+            for name, cmd in commands.items():
+                results[name].append(asyncio.run(_run_one(server.url, args.count, cmd)))
+    medians = {name: statistics.median(v) for name, v in results.items()}
+    print(
+        json.dumps(
+            {
+                "benchmark": "stream_relay",
+                "count": args.count,
+                "runs": args.runs,
+                "per_s": {k: [round(x) for x in v] for k, v in results.items()},
+                "median_per_s": {k: round(v) for k, v in medians.items()},
+                "ratio_stream_vs_bare": round(medians["stream"] / medians["bare"], 3),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
