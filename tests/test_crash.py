@@ -14,6 +14,7 @@ them: 0 divergent, 0 double.
 from __future__ import annotations
 
 import random
+import signal
 import sys
 import time
 import uuid
@@ -25,9 +26,11 @@ import nats
 import pytest
 
 from bus_guard.keys import generate_key
+from bus_guard.server import NatsServer
 
 from .crashkit import GatewayProcess, reconcile, run_argv
 from .streamkit import drained, eventually
+from .topology import reserve_port
 
 _enc = msgspec.json.Encoder()
 
@@ -134,6 +137,60 @@ async def test_s3_sigkill_under_load_loses_nothing_and_decides_once(
 @pytest.mark.slow
 async def test_s3_long_sigkill_soak(nats_url: str, tmp_path: Path) -> None:
     await _crash_run(nats_url, tmp_path, intents=30000, kills=30, seed=33)
+
+
+async def test_nats_server_killed_and_restarted_under_load(tmp_path: Path) -> None:
+    """The bus itself crashes (SIGKILL) and comes back with its store while the gateway
+    decides: commits in doubt are retried identically, pulls are re-issued after the
+    reconnect, outputs not stored are sent back; then everything reconciles exactly."""
+    key, jwks = generate_key(tmp_path)
+    port, store = reserve_port(), tmp_path / "store"
+    extra = ("--port", str(port))
+    server = NatsServer(store_dir=store, extra_args=extra).start()
+    url = server.url
+    nc = await nats.connect(url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+    js = nc.jetstream()
+    gateway = GatewayProcess(
+        run_argv(
+            url,
+            key,
+            "gw-bus",
+            "--ack-wait",
+            "1",
+            "--reconnect-wait",
+            "0.1",
+            "--max-reconnects",
+            "100",
+        )
+    )
+    gateway.start()
+    rng = random.Random(5)
+    accepted: set[tuple[str, str]] = set()
+    try:
+        for i in range(1500):
+            subject, intent_id, payload = _intent(rng, i)
+            if i == 700:  # mid-load: the server dies and comes back
+                server.signal(signal.SIGKILL)
+                await anyio.to_thread.run_sync(server.stop)
+                server = NatsServer(store_dir=store, extra_args=extra).start()
+            try:
+                await js.publish(subject, payload, timeout=5)
+            except (nats.errors.Error, TimeoutError):
+                continue  # not accepted by the bus: not counted
+            accepted.add((subject.split(".")[2], intent_id))
+        await eventually(lambda: drained(js), timeout_s=60, what="intake drained")
+        assert gateway.stop() == 0
+        result = await reconcile(js, accepted, jwks)
+    finally:
+        gateway.kill()
+        await nc.close()
+        server.stop()
+    reconnects = gateway.count("reconnected to NATS")
+    in_doubt = gateway.count("commit in doubt")
+    print(f"\nbus restart: reconnects={reconnects} commits_in_doubt={in_doubt} {result.line()}")
+    assert reconnects >= 1 and result.accepted > 1400
+    assert (result.lost, result.double, result.divergent, result.invalid) == (0, 0, 0, 0)
+    assert result.missing_outputs == 0 and result.ledger_problems == []
 
 
 async def test_s4_redelivery_race_between_three_gateways(nats_url: str, tmp_path: Path) -> None:
