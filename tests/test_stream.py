@@ -18,7 +18,7 @@ from bus_guard.policy import PolicySet, load_policies
 from bus_guard.verify import Verifier, verify_message
 
 from .conftest import POLICIES
-from .helpers import intent
+from .helpers import Collector, intent
 from .streamkit import (
     count,
     drained,
@@ -253,3 +253,34 @@ async def test_output_streams_are_created_with_the_configured_dedup_window(
         ledger = (await js.stream_info("GUARD_LEDGER")).config
         assert ledger.deny_delete and ledger.deny_purge and ledger.allow_atomic
     await nc.close()
+
+
+async def test_stream_mode_on_the_shipped_topology(
+    tmp_path: Path, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """compose/'s accounts as they ship: an agent (AGENTS account, no JetStream) gets a
+    PubAck from the GUARD intake stream through the service import, the executor (EXEC)
+    receives the exec message; the gateway needs nothing beyond its existing rights."""
+    from .topology import credentials, local_server
+
+    creds = credentials()
+
+    def as_user(url: str, user: str) -> str:
+        return url.replace("nats://", f"nats://{user}:{creds[user]}@")
+
+    with local_server(tmp_path / "nats") as server:
+        agent = await nats.connect(as_user(server.url, "agent-1"), inbox_prefix="_INBOX.agent-1")
+        executor = await nats.connect(as_user(server.url, "executor"))
+        execs = await Collector.on(executor, "guard.exec.>")
+        settings = stream_settings(as_user(server.url, "gateway"))
+        async with stream_gateway(settings, policies, keys[0]) as gw:
+            ack = await agent.jetstream().publish(
+                "guard.in.agent-1.tools.search", intent("tools.search", "tool:search", {})
+            )
+            assert ack.stream == "GUARD_IN"
+            [msg] = await execs.wait_for(1)
+            stats = gw.statistics()
+        assert msg.headers is not None and msg.headers["Guard-Decision"]
+        assert stats.allowed == 1 and stats.ledger_records >= 2
+        await agent.close()
+        await executor.close()
