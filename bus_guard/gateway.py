@@ -61,6 +61,7 @@ class GatewayStatistics:
     acks: int = 0
     naks: int = 0  # intents sent back undecided or with outputs not stored
     duplicate_outputs: int = 0  # outputs stored before (a crash, a lost PubAck): kept once
+    late_adoptions: int = 0  # adopted past the retry horizon: exec stream searched first
 
 
 @dataclass(slots=True)
@@ -280,6 +281,7 @@ class Gateway:
                 acks=c.acks,
                 naks=c.naks,
                 duplicate_outputs=c.duplicate_outputs,
+                late_adoptions=c.late_adoptions,
             )
             counters["received"] = c.received
         return GatewayStatistics(**counters)

@@ -191,6 +191,15 @@ async def _stream(js: JetStreamContext, role: str, settings: Settings) -> list[s
         await js.add_stream(wanted_stream(role, settings))
         log.info("created stream %s", name)
         return []
+    window = info.config.duplicate_window or 120.0
+    if role == "intake" and window > 1.0:
+        log.warning(
+            "stream %s keeps agents' Nats-Msg-Id for %gs; ids de-duplicate across principals, "
+            "so one agent can make another's intent a duplicate: prefer 0.1s (README, "
+            "Delivery guarantees)",
+            name,
+            window,
+        )
     return [f"stream {name}: {p}" for p in check_stream(role, info.config, settings)]
 
 

@@ -241,3 +241,21 @@ async def test_s4_redelivery_race_between_three_gateways(nats_url: str, tmp_path
     assert (result.lost, result.double, result.divergent, result.invalid) == (0, 0, 0, 0)
     assert result.missing_outputs == 0 and result.ledger_problems == []
     await nc.close()
+
+
+def test_s6_stream_mode_exits_nonzero_when_the_bus_is_gone(tmp_path: Path) -> None:
+    """Never hangs silently: beyond the reconnect budget the gateway exits 1."""
+    key, _ = generate_key(tmp_path)
+    server = NatsServer().start()
+    gateway = GatewayProcess(
+        run_argv(server.url, key, "gw-s6", "--reconnect-wait", "0.2", "--max-reconnects", "3")
+    )
+    try:
+        gateway.start()
+        server.stop()
+        assert gateway.proc is not None
+        assert gateway.proc.wait(timeout=30) == 1
+    finally:
+        gateway.kill()
+        server.stop()
+    assert gateway.count("exiting") == 1

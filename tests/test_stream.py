@@ -167,6 +167,38 @@ async def test_an_ack_lost_after_the_outputs_were_stored_publishes_nothing_twice
     await nc.close()
 
 
+async def test_a_late_adoption_searches_the_exec_stream_instead_of_trusting_dedup(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ack is lost and the intent comes back only after the retry horizon and the
+    de-dup window (0.1 s here) passed: de-duplication can no longer tell that the exec
+    message is stored, so the gateway searches the exec stream, finds it, and does not
+    publish it again."""
+    real_ack = Msg.ack
+    lost: list[Msg] = []
+
+    async def lose_first_ack(msg: Msg) -> None:
+        if not lost:
+            lost.append(msg)
+            return
+        await real_ack(msg)
+
+    monkeypatch.setattr(Msg, "ack", lose_first_ack)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    settings = stream_settings(
+        nats_url, ack_wait_s=0.5, retry_horizon_s=0.1, duplicate_window_s=0.1
+    )
+    async with stream_gateway(settings, policies, keys[0]) as gw:
+        await js.publish(TRANSFER, _transfer(id="late"))
+        await eventually(lambda: drained(js), what="intake drained")
+        stats = gw.statistics()
+    assert await count(js, "GUARD_EXEC") == 1  # once, although de-dup had forgotten it
+    assert len(lost) == 1 and stats.adopted == 1 and stats.late_adoptions == 1
+    assert stats.duplicate_outputs == 0  # not de-duplicated: not published again at all
+    await nc.close()
+
+
 async def _naked(gw: object) -> bool:
     return gw.statistics().naks > 0  # type: ignore[attr-defined]
 
