@@ -304,8 +304,8 @@ class Recorder:
         while isinstance(result, InDoubt):
             self.in_doubt += 1
             log.warning("ledger commit in doubt (%s); retrying the same records", result.reason)
-            if time.monotonic() > deadline:
-                raise ChainInDoubt(f"ledger commit unanswered for {self._s.retry_horizon_s:g}s")
+            if time.monotonic() > deadline or self.nc.is_closed:
+                raise ChainInDoubt(f"ledger commit unanswered ({result.reason})")
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
             self._batches += 1
