@@ -99,6 +99,30 @@ def parser() -> argparse.ArgumentParser:
         help="reconnect attempts before the gateway gives up and exits 1 "
         "(default: 10; the budget is N x --reconnect-wait)",
     )
+    art = run.add_argument_group("artifacts")
+    art.add_argument(
+        "--artifacts",
+        default="per-message",
+        choices=["per-message", "batched"],
+        help="per-message = one Ed25519 signature per artifact (default); batched = one "
+        "signed Merkle tree head per batch, each artifact with its inclusion proof (faster; "
+        "each message waits for its batch, artifacts are larger)",
+    )
+    art.add_argument(
+        "--batch-max",
+        type=int,
+        default=256,
+        metavar="N",
+        help="batched: at most N artifacts per signed tree (default: 256)",
+    )
+    art.add_argument(
+        "--batch-delay-ms",
+        type=float,
+        default=2.0,
+        metavar="MS",
+        help="batched, core mode: a batch is signed at the latest this long after its first "
+        "intent; sooner when full or when no further intent is waiting (default: 2)",
+    )
     st = run.add_argument_group("stream mode")
     st.add_argument(
         "--ack-wait",

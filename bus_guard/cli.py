@@ -246,6 +246,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         checks=Checks(max_past_skew_s=args.max_skew),
         reconnect_wait_s=args.reconnect_wait,
         max_reconnect_attempts=args.max_reconnects,
+        artifacts=args.artifacts,
+        batch_max=args.batch_max,
+        batch_delay_ms=args.batch_delay_ms,
         stream=StreamSettings(
             ack_wait_s=args.ack_wait,
             max_ack_pending=args.max_ack_pending,
@@ -266,11 +269,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signer = Signer(key, issuer=settings.gateway_id, ttl_s=settings.artifact_ttl_s)
     ledger_signer = CheckpointSigner(key)
     log.info(
-        "policies %s (%s), %d rules, mode %s",
+        "policies %s (%s), %d rules, mode %s; artifacts %s",
         policies.version,
         policies.digest,
         policies.rule_count,
         policies.mode,
+        settings.artifacts,
     )
     return anyio.run(_serve, settings, policies, signer, ledger_signer)
 
@@ -301,7 +305,7 @@ async def _serve(settings: Any, policies: Any, signer: Any, ledger_signer: Any) 
         tg.cancel_scope.cancel()
     if not stopped_by:
         if gateway.failure is not None:
-            log.error("stream intake failed (%s); exiting", gateway.failure)
+            log.error("intake failed (%s); exiting", gateway.failure)
         else:
             log.error("lost the NATS connection beyond the reconnect budget; exiting")
         return EXIT_FAIL

@@ -4,21 +4,35 @@ The handler is total: nats-py hands callback exceptions to ``error_cb``, which o
 so every path here catches, counts and records a denial. Nothing is forwarded to ``exec``
 unless the decision is ``allow`` *and* its artifact was signed. Core mode keeps no ledger,
 so an intent naming parents cannot have them checked: it is denied ``lineage_violation``.
+
+Batched artifacts (``Settings.artifacts == "batched"``): the callback decides each intent
+and appends it -- allowed or not, to keep outputs in intake order -- to one bounded pending
+batch; a single flusher task (:meth:`CoreIntake.run_flusher`) signs the allowed intents of a
+batch with one :meth:`~bus_guard.batch.BatchSigner.sign_batch` and only then publishes every
+output of the batch in order. A batch closes when it holds ``batch_max`` intents, when no
+further intent is waiting in the subscription's queue, or ``batch_delay_ms`` after its
+first intent, whichever comes first; the callback waits while the batch is full (so the
+subscription's bounded queue, and its drop counting, stay the back-pressure). A signing
+failure denies every intent of the batch ``internal_error``: nothing of it is forwarded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from .api import Evaluation, evaluate
 from .artifacts import Signer, payload_digest
 from .authorize import PolicySetLike, deny
+from .batch import BatchSigner
 from .decision import Decision, Effect, Lineage, Reason
 from .messages import (
     DecisionRecord,
@@ -55,11 +69,27 @@ class CoreCounters(Protocol):
     publish_failures: int
     replies_sent: int
     replies_refused: int
+    artifact_batches: int
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One decided intent on its way out: allowed ones carry their claims until signed."""
+
+    msg: Msg
+    ev: Evaluation
+    decision_id: str
+    now: float
+    policies: PolicySetLike
+    exec_subject: str = ""
+    claims: ArtifactClaims | None = None
+    token: str = ""
 
 
 @dataclass
 class CoreIntake:
-    """The core-mode message path; :meth:`on_intent` is the subscription callback."""
+    """The core-mode message path; :meth:`on_intent` is the subscription callback, and in
+    batched mode :meth:`run_flusher` the one task that signs and publishes batches."""
 
     nc: Client
     settings: Settings
@@ -73,24 +103,135 @@ class CoreIntake:
         p = self.settings.prefix
         self._in_prefix_len = len(p) + 4  # "<prefix>.in."
         self._exec, self._deny, self._hold = f"{p}.exec.", f"{p}.deny.", f"{p}.hold."
+        s = self.settings
+        self.batched = s.artifacts == "batched"
+        self.sub: Subscription | None = None  # set once subscribed: its queue tells idleness
+        self._batcher = BatchSigner(self.signer, max_batch=s.batch_max) if self.batched else None
+        self._batch: list[_Entry] = []
+        self._batch_started = 0.0  # monotonic time of the batch's first intent
+        self._has_batch = asyncio.Event()  # the batch is not empty
+        self._close_now = asyncio.Event()  # full, intake idle, or closing: sign now
+        self._room = asyncio.Event()  # the flusher took the batch
+        self._closing = False
 
     async def on_intent(self, msg: Msg) -> None:
         self.counters.received += 1
         policies = self.policies()  # one read: a swap mid-message cannot mix bundles
+        if self.batched:
+            await self._enqueue(msg, policies)
+            return
         try:
             await self._handle(msg, policies)
         except Exception:  # total handler: record a denial, never forward
             log.exception("handler failed for %s", msg.subject)
+            await self._fail(msg, policies)
+
+    async def _fail(self, msg: Msg, policies: PolicySetLike) -> None:
+        self.counters.internal_errors += 1
+        try:
+            failed = deny(Reason.INTERNAL_ERROR, "gateway handler failed", policies)
+            ev = Evaluation(failed, parse_subject(msg.subject, self.settings.prefix), None)
+            await self._record(msg, ev, new_decision_id(), self.clock())
+        except Exception:
+            self.counters.publish_failures += 1
+            log.exception("could not record the denial for %s", msg.subject)
+
+    # -- batched artifacts -----------------------------------------------------------
+
+    async def _enqueue(self, msg: Msg, policies: PolicySetLike) -> None:
+        try:
+            entry = self._decide(msg, policies)
+        except Exception:  # total: a denial, in its place in the batch (intake order)
+            log.exception("handler failed for %s", msg.subject)
             self.counters.internal_errors += 1
+            failed = deny(Reason.INTERNAL_ERROR, "gateway handler failed", policies)
+            ev = Evaluation(failed, parse_subject(msg.subject, self.settings.prefix), None)
+            entry = _Entry(msg, ev, new_decision_id(), self.clock(), policies)
+        batch_max = self.settings.batch_max
+        while len(self._batch) >= batch_max:  # bounded: wait for the flusher to take it
+            self._room.clear()
+            self._close_now.set()
+            await self._room.wait()
+        batch = self._batch
+        batch.append(entry)
+        if len(batch) == 1:
+            self._batch_started = time.monotonic()
+            self._has_batch.set()
+        sub = self.sub
+        if len(batch) >= batch_max or sub is None or sub.pending_msgs == 0:
+            self._close_now.set()
+
+    async def run_flusher(self) -> None:
+        """Sign and publish batches until :meth:`close`; returns once every intent taken
+        by :meth:`on_intent` is published (or recorded as denied)."""
+        delay_s = self.settings.batch_delay_ms / 1000
+        while True:
+            if not self._batch:
+                if self._closing:
+                    return
+                self._has_batch.clear()
+                await self._has_batch.wait()
+                continue
+            if not self._close_now.is_set():
+                left = delay_s - (time.monotonic() - self._batch_started)
+                if left > 0:
+                    try:
+                        async with asyncio.timeout(left):
+                            await self._close_now.wait()
+                    except TimeoutError:
+                        pass
+            self._close_now.clear()
+            batch, self._batch = self._batch, []
+            self._room.set()
+            await self._flush(batch)
+
+    async def close(self) -> None:
+        """Let the flusher publish what is pending, then stop (it returns)."""
+        self._closing = True
+        self._close_now.set()
+        self._has_batch.set()
+
+    async def _flush(self, batch: list[_Entry]) -> None:
+        allowed = [e for e in batch if e.claims is not None]
+        if allowed and self._batcher is not None:
             try:
-                failed = deny(Reason.INTERNAL_ERROR, "gateway handler failed", policies)
-                ev = Evaluation(failed, parse_subject(msg.subject, self.settings.prefix), None)
-                await self._record(msg, ev, new_decision_id(), self.clock())
-            except Exception:
-                self.counters.publish_failures += 1
-                log.exception("could not record the denial for %s", msg.subject)
+                tokens = self._batcher.sign_batch(
+                    [e.claims for e in allowed if e.claims is not None], now=self.clock()
+                )
+            # Synchronous and wrapped in SigningError by sign_batch: never a cancellation.
+            except Exception as exc:
+                log.exception("signing a batch of %d artifacts failed", len(allowed))
+                self.counters.internal_errors += len(allowed)
+                for e in allowed:
+                    failed = deny(Reason.INTERNAL_ERROR, f"signing failed: {exc}", e.policies)
+                    e.ev, e.claims = Evaluation(failed, e.ev.subject, e.ev.intent), None
+            else:
+                self.counters.artifact_batches += 1
+                for e, token in zip(allowed, tokens, strict=True):
+                    e.token = token
+        for e in batch:
+            try:
+                await self._complete(e)
+            except Exception:  # total: record a denial, never forward
+                log.exception("handler failed for %s", e.msg.subject)
+                await self._fail(e.msg, e.policies)
+
+    # -- one intent ------------------------------------------------------------------
 
     async def _handle(self, msg: Msg, policies: PolicySetLike) -> None:
+        entry = self._decide(msg, policies)
+        if entry.claims is not None:
+            try:
+                entry.token = self.signer.sign(entry.claims)
+            except Exception as exc:
+                log.exception("signing failed for intent %s", entry.claims.intent_id)
+                self.counters.internal_errors += 1
+                failed = deny(Reason.INTERNAL_ERROR, f"signing failed: {exc}", policies)
+                entry.ev = Evaluation(failed, entry.ev.subject, entry.ev.intent)
+        await self._complete(entry)
+
+    def _decide(self, msg: Msg, policies: PolicySetLike) -> _Entry:
+        """Evaluate; for an allow, the artifact's claims (signed later)."""
         s = self.settings
         now = self.clock()
         headers = msg.headers
@@ -107,68 +248,68 @@ class CoreIntake:
             max_nesting_depth=s.max_nesting_depth,
             lineage=_core_lineage,
         )
-        decision_id = new_decision_id()
+        entry = _Entry(msg, ev, new_decision_id(), now, policies)
         if ev.decision.effect is Effect.ALLOW:
-            failure = await self._forward(msg, ev, decision_id, now, policies)
+            intent, subject = ev.intent, ev.subject
+            if intent is None or subject is None:  # an allow always has both; fail closed
+                failed = deny(Reason.INTERNAL_ERROR, "allow without a decoded intent", policies)
+                entry.ev = Evaluation(failed, subject, intent)
+                return entry
+            exec_subject = self._exec + msg.subject[self._in_prefix_len :]
+            decision = ev.decision
+            entry.exec_subject = exec_subject
+            entry.claims = ArtifactClaims(
+                iss=self.signer.issuer,
+                sub=subject.principal,
+                aud=exec_subject,
+                iat=int(now),
+                nbf=int(now),
+                exp=int(now + self.signer.ttl_s),
+                jti=entry.decision_id,
+                action=subject.action,
+                resource=intent.resource,
+                intent_id=intent.id,
+                payload_sha256=payload_digest(msg.data),
+                policy_digest=decision.policy_digest,
+                policy_version=decision.policy_version,
+                rules=decision.rules,
+                mode=decision.mode,
+                would_deny=decision.would_deny,
+                parents=intent.parents,
+                lineage_depth=0,
+                lineage_root=subject.principal,
+            )
+        return entry
+
+    async def _complete(self, e: _Entry) -> None:
+        """Publish an entry's outputs: exec only with its signed artifact, else a record."""
+        msg, ev = e.msg, e.ev
+        if e.token:
+            failure = await self._forward(e)
             if failure is None:
                 self.counters.allowed += 1
                 if ev.decision.would_deny:
                     # Observe mode: operators see on the deny stream what enforcement
                     # would block; the record's effect says it was allowed.
                     self.counters.would_deny += 1
-                    await self._publish_record(msg, ev, decision_id, now)
-                await self._reply(msg, ev, decision_id, now)
+                    await self._publish_record(msg, ev, e.decision_id, e.now)
+                await self._reply(msg, ev, e.decision_id, e.now)
                 return
             ev = Evaluation(failure, ev.subject, ev.intent)
-        await self._record(msg, ev, decision_id, now)
+        await self._record(msg, ev, e.decision_id, e.now)
 
-    async def _forward(
-        self, msg: Msg, ev: Evaluation, decision_id: str, now: float, policies: PolicySetLike
-    ) -> Decision | None:
-        """Sign and publish to exec; ``None`` when forwarded, else the denial to record."""
-        intent, subject = ev.intent, ev.subject
-        if intent is None or subject is None:  # an allow always has both; fail closed
-            return deny(Reason.INTERNAL_ERROR, "allow without a decoded intent", policies)
-        exec_subject = self._exec + msg.subject[self._in_prefix_len :]
-        decision = ev.decision
+    async def _forward(self, e: _Entry) -> Decision | None:
+        """Publish to exec; ``None`` when forwarded, else the denial to record."""
+        out = forwarded_headers(e.msg.headers)
+        out["Guard-Artifact"] = e.token
+        out["Guard-Decision"] = e.decision_id
+        out["Nats-Msg-Id"] = e.decision_id
         try:
-            token = self.signer.sign(
-                ArtifactClaims(
-                    iss=self.signer.issuer,
-                    sub=subject.principal,
-                    aud=exec_subject,
-                    iat=int(now),
-                    nbf=int(now),
-                    exp=int(now + self.signer.ttl_s),
-                    jti=decision_id,
-                    action=subject.action,
-                    resource=intent.resource,
-                    intent_id=intent.id,
-                    payload_sha256=payload_digest(msg.data),
-                    policy_digest=decision.policy_digest,
-                    policy_version=decision.policy_version,
-                    rules=decision.rules,
-                    mode=decision.mode,
-                    would_deny=decision.would_deny,
-                    parents=intent.parents,
-                    lineage_depth=0,
-                    lineage_root=subject.principal,
-                )
-            )
+            await self.nc.publish(e.exec_subject, e.msg.data, headers=out)
         except Exception as exc:
-            log.exception("signing failed for intent %s", intent.id)
-            self.counters.internal_errors += 1
-            return deny(Reason.INTERNAL_ERROR, f"signing failed: {exc}", policies)
-        out = forwarded_headers(msg.headers)
-        out["Guard-Artifact"] = token
-        out["Guard-Decision"] = decision_id
-        out["Nats-Msg-Id"] = decision_id
-        try:
-            await self.nc.publish(exec_subject, msg.data, headers=out)
-        except Exception as exc:
-            log.exception("exec publish failed for intent %s", intent.id)
+            log.exception("exec publish failed for %s", e.msg.subject)
             self.counters.publish_failures += 1
-            return deny(Reason.INTERNAL_ERROR, f"exec publish failed: {exc}", policies)
+            return deny(Reason.INTERNAL_ERROR, f"exec publish failed: {exc}", e.policies)
         return None
 
     async def _record(self, msg: Msg, ev: Evaluation, decision_id: str, now: float) -> None:

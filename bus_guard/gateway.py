@@ -62,6 +62,7 @@ class GatewayStatistics:
     naks: int = 0  # intents sent back undecided or with outputs not stored
     duplicate_outputs: int = 0  # outputs stored before (a crash, a lost PubAck): kept once
     late_adoptions: int = 0  # adopted past the retry horizon: exec stream searched first
+    artifact_batches: int = 0  # batched artifacts: signed tree heads (one per batch)
 
 
 @dataclass(slots=True)
@@ -78,6 +79,7 @@ class _Counters:
     slow_consumer_drops: int = 0
     reconnects: int = 0
     replays: int = 0
+    artifact_batches: int = 0
 
 
 class Gateway:
@@ -115,6 +117,7 @@ class Gateway:
         self.failure: BaseException | None = None  # why stream intake stopped, if it did
         self._ledger_signer = ledger_signer
         self._intake: StreamIntake | None = None
+        self._core: CoreIntake | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._stop = anyio.Event()
         self._loop_done = anyio.Event()
@@ -159,7 +162,14 @@ class Gateway:
                     pending_msgs_limit=s.pending_msgs_limit,
                     pending_bytes_limit=s.pending_bytes_limit,
                 )
+                core.sub = self._sub
                 await round_trip(self._nc, timeout_s=s.connect_timeout_s)
+                if core.batched:
+                    # Intents taken before the flusher starts wait in its batch for it.
+                    self._core = core
+                    self._tg = anyio.create_task_group()
+                    await self._tg.__aenter__()
+                    self._tg.start_soon(self._run_flusher, core)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._nc.close()
@@ -205,6 +215,16 @@ class Gateway:
         finally:
             self._loop_done.set()
 
+    async def _run_flusher(self, core: CoreIntake) -> None:
+        try:
+            await core.run_flusher()
+        except Exception as exc:  # a bug: stop, never forward unsigned
+            log.exception("artifact batch flusher stopped")
+            self.failure = exc
+            self.closed.set()
+        finally:
+            self._loop_done.set()
+
     def _count(self, record: LedgerRecord) -> None:
         if record.reason == "replay":
             self._counters.replays += 1
@@ -231,6 +251,7 @@ class Gateway:
             return
         self._closing = True  # the handler keeps its connection while draining
         await self._stop_stream()
+        await self._stop_core_batches()
         with anyio.CancelScope(shield=True):
             if not nc.is_closed:
                 try:
@@ -266,6 +287,36 @@ class Gateway:
                 except Exception:
                     log.exception("could not write the final checkpoint")
 
+    async def _stop_core_batches(self) -> None:
+        """Batched core mode: stop taking intents, let the callback decide every intent
+        received, then let the flusher sign and publish the last batches, then stop it.
+        The connection's own drain afterwards has no subscription left, only publishes."""
+        if self._tg is None or self._core is None:
+            return
+        nc, sub, s = self._nc, self._sub, self.settings
+        with anyio.CancelScope(shield=True):
+            if nc is not None and sub is not None and not nc.is_closed:
+                try:
+                    with anyio.move_on_after(s.drain_timeout_s):
+                        await round_trip(nc)  # see aclose: routed intents are read first
+                    with anyio.move_on_after(s.drain_timeout_s) as scope:
+                        # Unsubscribe, then every queued callback runs (nats-py leaves it
+                        # unannotated).
+                        await sub.drain()  # type: ignore[no-untyped-call]
+                    if scope.cancelled_caught:
+                        log.warning("intake did not drain in time; undecided intents dropped")
+                except Exception:
+                    log.exception("could not drain the intake subscription")
+            await self._core.close()
+            with anyio.move_on_after(s.drain_timeout_s):
+                await self._loop_done.wait()
+        if not self._loop_done.is_set():
+            log.warning("the last artifact batch was not published in time")
+            self._tg.cancel_scope.cancel()
+        # Scopes nest: the task group's scope closes outside the shield.
+        tg, self._tg = self._tg, None
+        await tg.__aexit__(None, None, None)
+
     def _nc_closed(self) -> bool:
         return self._nc is None or self._nc.is_closed
 
@@ -282,6 +333,7 @@ class Gateway:
                 naks=c.naks,
                 duplicate_outputs=c.duplicate_outputs,
                 late_adoptions=c.late_adoptions,
+                artifact_batches=r.artifact_batches,
             )
             counters["received"] = c.received
         return GatewayStatistics(**counters)

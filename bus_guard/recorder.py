@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 
 from .artifacts import Signer, payload_digest
 from .authorize import PolicySetLike, deny
+from .batch import BatchSigner
 from .decision import Decision, Effect, Lineage, Reason
 from .errors import GatewayError
 from .jetstream import Committed, InDoubt, Rejected, commit, last_by_subject, read
@@ -96,6 +97,11 @@ class Recorder:
         self.signer = signer
         self.checkpoint_signer = checkpoint_signer
         self.clock = clock
+        self._batcher = (
+            BatchSigner(signer, max_batch=settings.batch_max)
+            if settings.artifacts == "batched"
+            else None
+        )
         self._s = settings.stream
         self._js = nc.jetstream(timeout=self._s.publish_timeout_s)
         self._streams = Streams(settings.prefix)
@@ -112,6 +118,7 @@ class Recorder:
         self.records = 0
         self.refusals = 0
         self.in_doubt = 0
+        self.artifact_batches = 0  # batched artifacts: signed tree heads
 
     @property
     def head(self) -> ChainHead:
@@ -174,23 +181,32 @@ class Recorder:
 
     def _build(self, items: list[Pending], now: float) -> ChainBatch:
         batch = ChainBatch(self._head)
-        for it in items:
-            record = self._record(it, batch.next_seq, batch.prev, now)
+        # Batched: every record of the batch gets the next seq in turn, so the claims
+        # (which name the seq) of all its allows are known, and signed, before any record.
+        signed = self._sign_batch(items, batch.next_seq, now) if self._batcher else None
+        for i, it in enumerate(items):
+            artifact = signed[i] if signed is not None else None
+            record = self._record(it, batch.next_seq, batch.prev, now, artifact)
             batch.add(self._subjects.decision(it.decision_id), record)
         if self._since_checkpoint + len(items) >= self._s.checkpoint_every:
             self._add_signed(batch, CHECKPOINT)
         return batch
 
-    def _record(self, it: Pending, seq: int, prev: str, now: float) -> LedgerRecord:
+    def _record(
+        self, it: Pending, seq: int, prev: str, now: float, artifact: str | None = None
+    ) -> LedgerRecord:
+        """*artifact*: signed already (batched), ``""`` if that failed; ``None``: sign here."""
         decision = it.decision
         assert decision is not None
         intent = it.intent if isinstance(it.intent, Intent) else None
         principal = it.subject.principal if it.subject is not None else ""
         action = it.subject.action if it.subject is not None else ""
         lineage = it.lineage or Lineage(root=principal)
-        artifact = ""
-        if decision.effect is Effect.ALLOW:
-            artifact = self._sign(it, decision, seq, lineage, now)
+        if decision.effect is not Effect.ALLOW:
+            artifact = ""
+        else:
+            if artifact is None:
+                artifact = self._sign(it, decision, seq, lineage, now)
             if not artifact:
                 decision = it.decision = deny(
                     Reason.INTERNAL_ERROR, "signing failed", self.policies()
@@ -225,37 +241,70 @@ class Recorder:
             first_decision=it.first_decision,
         )
 
+    def _sign_batch(self, items: list[Pending], first_seq: int, now: float) -> list[str]:
+        """The artifact of every allow among *items* (record seq ``first_seq + i``), signed
+        with one tree head per ``batch_max`` of them; ``""`` for the others, and for all
+        of a chunk whose signing failed (they are recorded as denials: fail closed)."""
+        assert self._batcher is not None
+        out = [""] * len(items)
+        todo: list[tuple[int, ArtifactClaims]] = []
+        for i, it in enumerate(items):
+            decision = it.decision
+            if decision is None or decision.effect is not Effect.ALLOW:
+                continue
+            principal = it.subject.principal if it.subject is not None else ""
+            lineage = it.lineage or Lineage(root=principal)
+            try:
+                todo.append((i, self._claims(it, decision, first_seq + i, lineage, now)))
+            except Exception:  # synchronous: never a cancellation; deny rather than forward
+                log.exception("no claims for intent %s", it.decision_id)
+        step = self.settings.batch_max
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
+            try:
+                tokens = self._batcher.sign_batch([c for _, c in chunk], now=now)
+            except Exception:  # SigningError (sync): none of the chunk is forwarded
+                log.exception("signing a batch of %d artifacts failed", len(chunk))
+                continue
+            self.artifact_batches += 1
+            for (i, _), token in zip(chunk, tokens, strict=True):
+                out[i] = token
+        return out
+
     def _sign(self, it: Pending, decision: Decision, seq: int, lineage: Lineage, now: float) -> str:
+        try:
+            return self.signer.sign(self._claims(it, decision, seq, lineage, now))
+        except Exception:  # synchronous: never a cancellation; deny rather than forward
+            log.exception("signing failed for intent %s", it.decision_id)
+            return ""
+
+    def _claims(
+        self, it: Pending, decision: Decision, seq: int, lineage: Lineage, now: float
+    ) -> ArtifactClaims:
         assert it.subject is not None and isinstance(it.intent, Intent)
         p = self.settings.prefix
-        try:
-            return self.signer.sign(
-                ArtifactClaims(
-                    iss=self.signer.issuer,
-                    sub=it.subject.principal,
-                    aud=f"{p}.exec.{it.msg.subject[len(p) + 4 :]}",
-                    iat=int(now),
-                    nbf=int(now),
-                    exp=int(now + self.signer.ttl_s),
-                    jti=it.decision_id,
-                    action=it.subject.action,
-                    resource=it.intent.resource,
-                    intent_id=it.intent.id,
-                    payload_sha256=payload_digest(it.msg.data),
-                    policy_digest=decision.policy_digest,
-                    policy_version=decision.policy_version,
-                    rules=decision.rules,
-                    mode=decision.mode,
-                    would_deny=decision.would_deny,
-                    parents=it.intent.parents,
-                    lineage_depth=lineage.depth,
-                    lineage_root=lineage.root,
-                    ledger_seq=seq,
-                )
-            )
-        except Exception:  # synchronous: never a cancellation; deny rather than forward
-            log.exception("signing failed for intent %s", it.intent.id)
-            return ""
+        return ArtifactClaims(
+            iss=self.signer.issuer,
+            sub=it.subject.principal,
+            aud=f"{p}.exec.{it.msg.subject[len(p) + 4 :]}",
+            iat=int(now),
+            nbf=int(now),
+            exp=int(now + self.signer.ttl_s),
+            jti=it.decision_id,
+            action=it.subject.action,
+            resource=it.intent.resource,
+            intent_id=it.intent.id,
+            payload_sha256=payload_digest(it.msg.data),
+            policy_digest=decision.policy_digest,
+            policy_version=decision.policy_version,
+            rules=decision.rules,
+            mode=decision.mode,
+            would_deny=decision.would_deny,
+            parents=it.intent.parents,
+            lineage_depth=lineage.depth,
+            lineage_root=lineage.root,
+            ledger_seq=seq,
+        )
 
     def _add_signed(self, batch: ChainBatch, kind: str, *, final: bool = False) -> None:
         batch.add_signed(

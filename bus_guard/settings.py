@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -11,9 +12,13 @@ from typing import Literal
 from .authorize import Checks
 from .errors import ConfigError
 
-__all__ = ("IntakeMode", "Settings", "StreamSettings")
+__all__ = ("ArtifactMode", "IntakeMode", "Settings", "StreamSettings")
 
 IntakeMode = Literal["core", "stream"]
+ArtifactMode = Literal["per-message", "batched"]
+
+# As bus_guard.batch.MAX_BATCH (not imported: settings stays free of the signing code).
+_MAX_BATCH = 1 << 20
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -103,6 +108,13 @@ class Settings:
     reconnect_wait_s: float = 1.0
     max_reconnect_attempts: int = 10  # x reconnect_wait_s = the reconnect budget
     stream: StreamSettings = field(default_factory=StreamSettings)
+    # SPEC §6: one signature per artifact, or one per Merkle tree of up to batch_max
+    # artifacts. Stream mode signs each decided batch (chunks of batch_max); core mode
+    # closes a batch when it is full, when no further intent is waiting, or batch_delay_ms
+    # after its first intent, whichever comes first.
+    artifacts: ArtifactMode = "per-message"
+    batch_max: int = 256
+    batch_delay_ms: float = 2.0
 
     def __post_init__(self) -> None:
         if not all(_TOKEN_RE.fullmatch(t) for t in self.prefix.split(".")):
@@ -118,3 +130,9 @@ class Settings:
                 raise ConfigError(f"{name} must be positive")
         if self.artifact_ttl_s <= 0 or self.drain_timeout_s <= 0:
             raise ConfigError("artifact_ttl_s and drain_timeout_s must be positive")
+        if self.artifacts not in ("per-message", "batched"):
+            raise ConfigError(f"artifacts {self.artifacts!r}: must be 'per-message' or 'batched'")
+        if not (isinstance(self.batch_max, int) and 1 <= self.batch_max <= _MAX_BATCH):
+            raise ConfigError(f"batch_max must be within 1..{_MAX_BATCH}, got {self.batch_max!r}")
+        if not (math.isfinite(self.batch_delay_ms) and 0 < self.batch_delay_ms <= 1000):
+            raise ConfigError(f"batch_delay_ms must be in (0, 1000], got {self.batch_delay_ms!r}")

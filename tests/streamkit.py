@@ -19,7 +19,7 @@ from bus_guard.jetstream import Stored, read
 from bus_guard.keys import load_private_key
 from bus_guard.ledger import CheckpointSigner, LedgerRecord, decode_record
 from bus_guard.policy import PolicySet
-from bus_guard.settings import Settings, StreamSettings
+from bus_guard.settings import ArtifactMode, Settings, StreamSettings
 
 # Fast enough for tests: short ack wait and fetch timeout, frequent checkpoints.
 FAST = StreamSettings(
@@ -33,9 +33,15 @@ FAST = StreamSettings(
 )
 
 
-def stream_settings(url: str, gateway_id: str = "gw-1", **stream: Any) -> Settings:
+def stream_settings(
+    url: str, gateway_id: str = "gw-1", *, artifacts: ArtifactMode = "per-message", **stream: Any
+) -> Settings:
     return Settings(
-        nats_url=url, mode="stream", gateway_id=gateway_id, stream=replace(FAST, **stream)
+        nats_url=url,
+        mode="stream",
+        gateway_id=gateway_id,
+        artifacts=artifacts,
+        stream=replace(FAST, **stream),
     )
 
 

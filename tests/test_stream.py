@@ -15,7 +15,8 @@ from nats.js.api import StreamConfig
 from bus_guard.keys import generate_key
 from bus_guard.ledger import intent_decision_id
 from bus_guard.policy import PolicySet, load_policies
-from bus_guard.verify import Verifier, verify_message
+from bus_guard.settings import ArtifactMode
+from bus_guard.verify import BATCH_PREFIX, Verifier, verify_message
 
 from .conftest import POLICIES
 from .helpers import Collector, intent
@@ -103,17 +104,19 @@ async def test_every_outcome_is_stored_recorded_and_acked_once(
     await nc.close()
 
 
+@pytest.mark.parametrize("artifacts", ["per-message", "batched"])
 async def test_nothing_is_acked_until_its_output_is_stored_then_it_is_adopted(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, artifacts: ArtifactMode
 ) -> None:
     """SCENARIOS S2/S3: the exec stream is gone when the decision is made. The record is
     committed, the exec publish fails, the intent is not acked but sent back; once the
     stream exists again, the redelivered intent adopts the recorded decision: exactly one
-    exec message, carrying the artifact recorded in the ledger."""
+    exec message, carrying the artifact recorded in the ledger (batched too: the signed
+    tree head and the proof are in the record, so adoption re-publishes the same bytes)."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     payload = _transfer(id="i-1")
-    settings = stream_settings(nats_url)
+    settings = stream_settings(nats_url, artifacts=artifacts)
     async with stream_gateway(settings, policies, keys[0]) as gw:
         exec_config = (await js.stream_info("GUARD_EXEC")).config
         await js.delete_stream("GUARD_EXEC")
@@ -129,13 +132,22 @@ async def test_nothing_is_acked_until_its_output_is_stored_then_it_is_adopted(
     assert stats.adopted >= 1 and stats.allowed == 1
     [exec_msg] = await stored(js, "GUARD_EXEC")
     assert exec_msg.headers["Guard-Artifact"] == record.artifact
+    assert record.artifact.startswith(BATCH_PREFIX) == (artifacts == "batched")
     assert exec_msg.data == payload
+    verify_message(
+        Verifier(keys[1]), subject=exec_msg.subject, headers=exec_msg.headers, payload=payload
+    )
     assert len(await ledger_decisions(js)) == 1  # decided once
     await nc.close()
 
 
+@pytest.mark.parametrize("artifacts", ["per-message", "batched"])
 async def test_an_ack_lost_after_the_outputs_were_stored_publishes_nothing_twice(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, monkeypatch: pytest.MonkeyPatch
+    nats_url: str,
+    keys: tuple[Path, Path],
+    policies: PolicySet,
+    monkeypatch: pytest.MonkeyPatch,
+    artifacts: ArtifactMode,
 ) -> None:
     """The crash point "after the exec publish, before the ack": the first acks never leave
     the process (fault injected in the client; the server is real). The intents come back
@@ -154,7 +166,8 @@ async def test_an_ack_lost_after_the_outputs_were_stored_publishes_nothing_twice
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     payloads = [_transfer(id=f"i-{i}") for i in range(3)]
-    async with stream_gateway(stream_settings(nats_url, ack_wait_s=0.5), policies, keys[0]) as gw:
+    settings = stream_settings(nats_url, ack_wait_s=0.5, artifacts=artifacts)
+    async with stream_gateway(settings, policies, keys[0]) as gw:
         for payload in payloads:
             await js.publish(TRANSFER, payload)
         await eventually(lambda: drained(js), what="intake drained")
@@ -163,7 +176,10 @@ async def test_an_ack_lost_after_the_outputs_were_stored_publishes_nothing_twice
     assert stats.adopted == 3 and stats.duplicate_outputs == 3 and stats.allowed == 3
     execs = await stored(js, "GUARD_EXEC")
     assert sorted(m.data for m in execs) == sorted(payloads)  # once each
-    assert len(await ledger_decisions(js)) == 3
+    ledger = {r.decision_id: r for r in await ledger_decisions(js)}
+    assert len(ledger) == 3
+    for m in execs:
+        assert m.headers["Guard-Artifact"] == ledger[m.headers["Guard-Decision"]].artifact
     await nc.close()
 
 
