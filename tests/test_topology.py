@@ -6,13 +6,13 @@ the shipped users. Assertions name what arrives and what does not.
 
 "Must not arrive" is shown without sleeping. A forbidden publish is dropped by the server, which
 reports ``-ERR 'Permissions Violation ...'`` to the publisher before answering its next PING, so
-after a PING/PONG round trip (:func:`round_trip`: two flushes, see there why one is not enough
-with nats-py 2.16) the violation is in the publisher's ``error_cb``. Then a *barrier* follows the
-forbidden message along a permitted path: the agent publishes an intent, the gateway receives it
-and only then publishes a marker on ``guard.exec``; the executor receiving the marker proves that
-anything the agent sent before would already have reached the executor (one server processes a
-connection's messages in order and queues deliveries to a subscriber in order), so the
-executor's list can be compared exactly.
+after a PING/PONG round trip (:func:`bus_guard.gateway.round_trip`: two flushes, see there why
+one is not enough with nats-py 2.16) the violation is in the publisher's ``error_cb``. Then a
+*barrier* follows the forbidden message along a permitted path: the agent publishes an intent,
+the gateway receives it and only then publishes a marker on ``guard.exec``; the executor
+receiving the marker proves that anything the agent sent before would already have reached the
+executor (one server processes a connection's messages in order and queues deliveries to a
+subscriber in order), so the executor's list can be compared exactly.
 
 nats-py lower-cases the server's error text, subjects included, hence ``.lower()`` below.
 """
@@ -20,6 +20,7 @@ nats-py lower-cases the server's error text, subjects included, hence ``.lower()
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import posixpath
 import re
@@ -40,10 +41,22 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StreamConfig
-from nats.js.errors import ServiceUnavailableError
+from nats.js.errors import KeyWrongLastSequenceError, ServiceUnavailableError
 
+from bus_guard.cli import main
+from bus_guard.errors import VerificationError
+from bus_guard.gateway import round_trip
+from bus_guard.jetstream import read
+from bus_guard.keys import generate_key
+from bus_guard.ledger import intent_decision_id
+from bus_guard.policy import load_policies
 from bus_guard.server import NatsServer, find_nats_server
+from bus_guard.verify import ARTIFACT_HEADER, Verifier, verify_message_once
+from tests.conftest import POLICIES
+from tests.helpers import intent
+from tests.streamkit import drained, eventually, stream_gateway, stream_settings
 from tests.topology import (
     CLUSTER_CONFIGS,
     COMPOSE,
@@ -76,19 +89,6 @@ def reply_violation(reply: str) -> str:
 
 def sub_violation(subject: str) -> str:
     return f'nats: permissions violation for subscription to "{subject.lower()}"'
-
-
-async def round_trip(nc: Client) -> None:
-    """A PING/PONG that is answered only after the server has seen every earlier command.
-
-    One ``flush()`` is not that in nats-py 2.16: ``_send_ping`` writes the PING straight to the
-    socket, ahead of PUB/SUB commands still queued for the flusher task, so the PONG can come
-    back before the server has processed them (measured: ~10% of runs lost trailing
-    permission errors). The first flush kicks the flusher, which writes the queue before the
-    PONG can be read; the second PING is therefore behind those commands on the wire.
-    """
-    await nc.flush()
-    await nc.flush()
 
 
 class Received:
@@ -214,7 +214,11 @@ def test_shipped_config_passes_nats_server_check(config: Path) -> None:
     assert "is valid" in output
 
 
-def test_jetstream_exists_only_in_the_gateway_account(guard_nats: NatsServer) -> None:
+def test_jetstream_exists_only_in_the_gateway_and_executor_accounts(
+    guard_nats: NatsServer,
+) -> None:
+    """GUARD holds every bus_guard stream; EXEC holds only the executors' consume-once bucket
+    (bounded: one stream, no consumers, no memory storage; see the executor tests)."""
     (monitor,) = {
         int(m[1])
         for line in guard_nats.log_tail()
@@ -229,7 +233,7 @@ def test_jetstream_exists_only_in_the_gateway_account(guard_nats: NatsServer) ->
         acc: get(f"/accountz?acc={acc}")["account_detail"]["jetstream_enabled"]
         for acc in ("GUARD", "AGENTS", "EXEC", "OPS")
     }
-    assert enabled == {"GUARD": True, "AGENTS": False, "EXEC": False, "OPS": False}
+    assert enabled == {"GUARD": True, "AGENTS": False, "EXEC": True, "OPS": False}
     assert get("/varz")["max_payload"] == 1024 * 1024
 
 
@@ -251,7 +255,7 @@ async def raw_connect(port: int, creds: Mapping[str, str]) -> bytes:
 async def test_every_shipped_user_authenticates_and_nothing_else_does(
     guard_nats: NatsServer,
 ) -> None:
-    assert set(CREDENTIALS) == {"gateway", "executor", "operator", *AGENTS}
+    assert set(CREDENTIALS) == {"gateway", "executor", "operator", "auditor", *AGENTS}
     for user, password in CREDENTIALS.items():
         assert await raw_connect(guard_nats.port, {"user": user, "pass": password}) == PONG
     refused = [
@@ -659,6 +663,291 @@ async def test_gateway_can_run_jetstream_intake_outputs_and_kv(guard_nats: NatsS
         assert await gateway.errors() == await agent.errors() == []
 
 
+# -- the auditor: reads the ledger, nothing else ----------------------------------------------
+
+LEDGER = StreamConfig(
+    name="GUARD_LEDGER",
+    subjects=["guard.ledger.>"],
+    allow_direct=True,
+    deny_delete=True,
+    deny_purge=True,
+)
+
+
+async def ledger_with_neighbours(gateway: Peer) -> JetStreamContext:
+    """GUARD_LEDGER with three records, an intake and an exec stream, the JWKS bucket."""
+    js = gateway.nc.jetstream()
+    await js.add_stream(INTAKE)
+    await js.add_stream(StreamConfig(name="GUARD_EXEC", subjects=["guard.exec.>"]))
+    await js.add_stream(LEDGER)
+    for i in range(3):
+        await js.publish(f"guard.ledger.gw-1.d.D{i}", b'{"record": %d}' % i)
+    kv = await js.create_key_value(KeyValueConfig(bucket="guard-jwks"))
+    await kv.put("current", JWKS)
+    return js
+
+
+async def test_auditor_reads_the_ledger_and_nothing_else(guard_nats: NatsServer) -> None:
+    """What `bus-guard ledger verify` / `lineage` send works from OPS (stream info, a filtered
+    ephemeral pull consumer, direct gets); mutating the ledger, any other stream, acks, the
+    bucket or a gateway subject are dropped, and no stream changes."""
+    url = guard_nats.url
+    async with Bus() as bus:
+        gateway = await bus.connect(url, "gateway")
+        js = await ledger_with_neighbours(gateway)
+        before = stream_states(await js.streams_info())
+
+        auditor = await bus.connect(url, "auditor")
+        ajs = auditor.nc.jetstream()  # the default $JS.API context, as the CLI's
+        info = await ajs.stream_info("GUARD_LEDGER")
+        assert (info.state.messages, info.config.deny_delete, info.config.deny_purge) == (
+            3,
+            True,
+            True,
+        )
+        everything = [(m.seq, m.subject) async for m in read(ajs, "GUARD_LEDGER", "guard.ledger.>")]
+        assert everything == [(i + 1, f"guard.ledger.gw-1.d.D{i}") for i in range(3)]
+        decisions = [m.data async for m in read(ajs, "GUARD_LEDGER", "guard.ledger.*.d.*")]
+        assert decisions == [b'{"record": %d}' % i for i in range(3)]
+        by_subject = await ajs.get_msg("GUARD_LEDGER", subject="guard.ledger.*.d.D1", direct=True)
+        by_seq = await ajs.get_msg("GUARD_LEDGER", seq=3, direct=True)
+        assert (by_subject.data, by_seq.data) == (b'{"record": 1}', b'{"record": 2}')
+        assert await auditor.errors() == []
+
+        probe = await auditor.collect("_INBOX.auditor-probe")
+        forbidden = [
+            ("$JS.API.STREAM.DELETE.GUARD_LEDGER", b""),
+            ("$JS.API.STREAM.PURGE.GUARD_LEDGER", b"{}"),
+            ("$JS.API.STREAM.UPDATE.GUARD_LEDGER", b'{"name": "GUARD_LEDGER", "subjects": ["x"]}'),
+            ("$JS.API.STREAM.MSG.DELETE.GUARD_LEDGER", b'{"seq": 1}'),
+            ("$JS.API.STREAM.MSG.GET.GUARD_LEDGER", b'{"seq": 1}'),  # not needed: not allowed
+            ("$JS.API.CONSUMER.DELETE.GUARD_LEDGER.c", b""),
+            ("$JS.API.CONSUMER.DURABLE.CREATE.GUARD_LEDGER.c", b"{}"),
+            ("$JS.API.CONSUMER.CREATE.GUARD_LEDGER", b"{}"),  # unnamed: filter not in the subject
+            ("$JS.API.CONSUMER.CREATE.GUARD_LEDGER.c.guard.in.>", b"{}"),
+            ("$JS.API.STREAM.INFO.INTAKE", b""),
+            ("$JS.API.STREAM.INFO.KV_guard-jwks", b""),
+            ("$JS.API.CONSUMER.CREATE.INTAKE.c.guard.in.>", b"{}"),
+            ("$JS.API.DIRECT.GET.GUARD_EXEC", b'{"seq": 1}'),
+            ("$JS.API.STREAM.DELETE.GUARD_EXEC", b""),
+            ("$JS.API.STREAM.LIST", b"{}"),
+            ("$JS.API.STREAM.NAMES", b"{}"),
+            ("$JS.API.INFO", b""),
+            ("$JS.ACK.GUARD_LEDGER.c.1.1.1.0.0", b"+TERM"),
+            # the import prefix itself leads nowhere else
+            ("JS.GUARD.API.STREAM.DELETE.GUARD_LEDGER", b""),
+            ("JS.GUARD.API.STREAM.PURGE.GUARD_LEDGER", b"{}"),
+            ("JS.GUARD.API.STREAM.INFO.INTAKE", b""),
+            ("JS.GUARD.API.DIRECT.GET.KV_guard-jwks.$KV.guard-jwks.current", b""),
+            ("$KV.guard-jwks.current", b'{"keys": []}'),
+            ("$KV.guard-executed.d-1", b"x"),
+            ("guard.ledger.gw-1.d.FORGED", b"{}"),
+            (f"guard.exec.agent-7.{TRANSFER}", b"{}"),
+            ("guard.approve.d-1", b"{}"),
+            ("$SRV.PING", b""),
+        ]
+        for subject, body in forbidden:
+            await auditor.nc.publish(subject, body, reply="_INBOX.auditor-probe")
+        forbidden_sub = ["guard.ledger.>", "guard.>", "$JS.API.>", ">"]
+        for subject in forbidden_sub:
+            await auditor.nc.subscribe(subject)
+        assert await auditor.errors() == [
+            *(pub_violation(s) for s, _ in forbidden),
+            *(sub_violation(s) for s in forbidden_sub),
+        ]
+        assert stream_states(await js.streams_info()) == before
+        assert probe.msgs == []
+        # the mapping is account-wide, the permission is the auditor's: operators cannot read
+        operator = await bus.connect(url, "operator")
+        await operator.nc.publish("$JS.API.STREAM.INFO.GUARD_LEDGER", b"")
+        assert await operator.errors() == [pub_violation("JS.GUARD.API.STREAM.INFO.GUARD_LEDGER")]
+
+
+async def test_auditor_push_consumer_residual(guard_nats: NatsServer) -> None:
+    """The residual risk documented in auth.conf, pinned: the ledger's CONSUMER.CREATE cannot
+    be limited to pull consumers, so an auditor can make the server deliver ledger records to
+    a GUARD subject someone subscribes to literally (here an executor on one exec subject),
+    and the exec stream stores them. They carry no artifact: a verifying executor refuses
+    them. Removing the consumer exports (ledger reads by batched direct get) closes this."""
+    url = guard_nats.url
+    deliver = f"guard.exec.agent-7.{TRANSFER}"
+    async with Bus() as bus:
+        gateway = await bus.connect(url, "gateway")
+        js = await ledger_with_neighbours(gateway)
+        executor = await bus.connect(url, "executor")
+        executed = await executor.collect(deliver)
+
+        auditor = await bus.connect(url, "auditor")
+        config = {"name": "push", "deliver_subject": deliver, "filter_subject": "guard.ledger.>"}
+        reply = await auditor.nc.request(
+            "$JS.API.CONSUMER.CREATE.GUARD_LEDGER.push.guard.ledger.>",
+            json.dumps({"stream_name": "GUARD_LEDGER", "config": config}).encode(),
+        )
+        assert "error" not in json.loads(reply.data)
+
+        await executed.wait_for("guard.ledger.gw-1.d.D2")  # deliveries keep their subject
+
+        async def stored_in_exec() -> bool:
+            return (await js.stream_info("GUARD_EXEC")).state.messages >= 3
+
+        await eventually(stored_in_exec, what="GUARD_EXEC stored the deliveries")
+        assert stream_states([await js.stream_info("GUARD_EXEC")]) == {"GUARD_EXEC": (3, 3)}
+        assert [m.data for m in executed.msgs] == [b'{"record": %d}' % i for i in range(3)]
+        assert all(ARTIFACT_HEADER not in (m.headers or {}) for m in executed.msgs)
+        assert await auditor.errors() == []
+
+
+# -- executors: consume-once --------------------------------------------------------------------
+
+
+async def test_executor_has_its_consume_once_bucket_and_nothing_more(
+    guard_nats: NatsServer,
+) -> None:
+    """The README's executor code works as the executor user (EXEC's own JetStream): create the
+    bucket, create a decision id once, refuse it twice, from a second executor too. Nothing
+    else in EXEC's JetStream, nothing of GUARD's; agents, operators and auditors cannot touch
+    the bucket."""
+    url = guard_nats.url
+    async with Bus() as bus:
+        gateway = await bus.connect(url, "gateway")
+        js = await ledger_with_neighbours(gateway)
+        before = stream_states(await js.streams_info())
+
+        executor = await bus.connect(url, "executor")
+        ejs = executor.nc.jetstream()
+        executed = await ejs.create_key_value(bucket="guard-executed", history=1, ttl=3600)
+        assert await executed.create("d-1", b"guard.exec.agent-7.x") == 1
+        with pytest.raises(KeyWrongLastSequenceError):
+            await executed.create("d-1", b"again")
+        assert (await executed.get("d-1")).value == b"guard.exec.agent-7.x"
+        second = await bus.connect(url, "executor")
+        shared = await second.nc.jetstream().key_value("guard-executed")
+        with pytest.raises(KeyWrongLastSequenceError):
+            await shared.create("d-1", b"again")
+        assert await executor.errors() == await second.errors() == []
+
+        forbidden = [
+            "$JS.API.STREAM.DELETE.KV_guard-executed",
+            "$JS.API.STREAM.PURGE.KV_guard-executed",
+            "$JS.API.STREAM.UPDATE.KV_guard-executed",
+            "$JS.API.STREAM.MSG.DELETE.KV_guard-executed",
+            "$JS.API.CONSUMER.CREATE.KV_guard-executed",
+            "$JS.API.STREAM.CREATE.OTHER",
+            "$JS.API.STREAM.LIST",
+            "$JS.API.STREAM.INFO.GUARD_LEDGER",
+            "$JS.API.STREAM.DELETE.GUARD_LEDGER",
+            "JS.GUARD.API.STREAM.INFO.GUARD_LEDGER",
+            "JS.GUARD.API.STREAM.DELETE.GUARD_LEDGER",
+            "JS.GUARD.API.STREAM.PURGE.GUARD_EXEC",
+            "$KV.guard-jwks.current",
+            "$KV.other.key",
+            "$JS.ACK.GUARD_IN.bus-guard.1.1.1.0.0",
+        ]
+        for subject in forbidden:
+            await executor.nc.publish(subject, b"{}")
+        assert await executor.errors() == [pub_violation(s) for s in forbidden]
+
+        outsiders = [
+            await bus.connect(url, "agent-7"),
+            await bus.connect(url, "operator"),
+            await bus.connect(url, "auditor"),
+        ]
+        for peer in outsiders:
+            for subject in ("$KV.guard-executed.d-2", "$JS.API.STREAM.INFO.KV_guard-executed"):
+                await peer.nc.publish(subject, b"x")
+            assert await peer.errors() == [
+                pub_violation("$KV.guard-executed.d-2"),
+                pub_violation("$JS.API.STREAM.INFO.KV_guard-executed"),
+            ], peer.user
+
+        bucket = await ejs.stream_info("KV_guard-executed")
+        assert (bucket.state.messages, bucket.state.last_seq) == (1, 1)
+        # the bucket lives in EXEC: GUARD's JetStream is exactly as it was
+        assert stream_states(await js.streams_info()) == before
+
+
+# -- stream mode as the shipped users: auditor tools and consume-once ------------------------
+
+
+def user_url(url: str, user: str) -> str:
+    return url.replace("nats://", f"nats://{user}:{CREDENTIALS[user]}@")
+
+
+async def test_ledger_tools_and_consume_once_as_the_shipped_users(tmp_path: Path) -> None:
+    """A stream-mode gateway running as `gateway` decides a parent and a child intent sent by
+    an agent; `bus-guard ledger verify` and `bus-guard lineage` run as `auditor` (URL with
+    user:password, as in compose) and see the whole ledger; the executor verifies each exec
+    message once and refuses the second delivery as `replay`."""
+    key, jwks = generate_key(tmp_path / "keys")
+    with local_server(tmp_path / "nats") as server:
+        url = server.url
+        async with Bus() as bus:
+            gateway = await bus.connect(url, "gateway")
+            agents = [await bus.connect(url, "agent-7"), await bus.connect(url, "agent-9")]
+            executor = await bus.connect(url, "executor")
+            execs = await executor.collect("guard.exec.>")
+            js = gateway.nc.jetstream()
+
+            async def decide(agent: Peer, intent_id: str, *parents: str) -> str:
+                params = {"amount": 1, "currency": "USD", "to": "account:acct-9"}
+                payload = intent(
+                    TRANSFER, "account:acct-1", params, id=intent_id, parents=list(parents)
+                )
+                subject = f"guard.in.{agent.user}.{TRANSFER}"
+                ack = await agent.nc.jetstream().publish(subject, payload)
+                assert ack.stream == "GUARD_IN"
+                await eventually(lambda: drained(js), what="intake drained")
+                return intent_decision_id("guard", agent.user, intent_id)
+
+            settings = stream_settings(user_url(url, "gateway"))
+            async with stream_gateway(settings, load_policies(POLICIES), key) as gw:
+                parent = await decide(agents[0], "parent")
+                child = await decide(agents[1], "child", parent)
+                stats = gw.statistics()
+            assert (stats.allowed, stats.denied, stats.naks) == (2, 0, 0)
+            assert await gateway.errors() == []
+            for agent in agents:
+                assert await agent.errors() == []
+
+            auditor_url = user_url(url, "auditor")
+            out = io.StringIO()
+            argv = ["ledger", "verify", "--nats", auditor_url, "--jwks", str(jwks)]
+            code = await asyncio.to_thread(main, [*argv, "--require-sealed"], out=out)
+            assert code == 0, out.getvalue()
+            assert "OK: every chain is complete" in out.getvalue()
+            assert "deny_delete=True deny_purge=True" in out.getvalue()
+
+            out = io.StringIO()
+            code = await asyncio.to_thread(
+                main, ["lineage", parent, "--nats", auditor_url], out=out
+            )
+            ancestors, descendants = out.getvalue().split("descendants (caused):")
+            assert code == 0, out.getvalue()
+            assert parent in ancestors and child not in ancestors
+            assert child in descendants and "└── " in descendants
+
+            await execs.wait_for(f"guard.exec.agent-7.{TRANSFER}")
+            await execs.wait_for(f"guard.exec.agent-9.{TRANSFER}")
+            assert len(execs.msgs) == 2
+            verifier = Verifier(jwks)
+            ejs = executor.nc.jetstream()
+            executed = await ejs.create_key_value(bucket="guard-executed", history=1, ttl=3600)
+            for msg in execs.msgs:
+                claims = await verify_message_once(
+                    verifier, executed, subject=msg.subject, headers=msg.headers, payload=msg.data
+                )
+                assert claims.jti in (parent, child)
+                with pytest.raises(VerificationError, match="replay"):
+                    await verify_message_once(
+                        verifier,
+                        executed,
+                        subject=msg.subject,
+                        headers=msg.headers,
+                        payload=msg.data,
+                    )
+            assert await executor.errors() == []
+
+
 # -- the 3-node cluster ----------------------------------------------------------------------
 
 
@@ -811,14 +1100,15 @@ def test_compose_file_matches_the_configs(
     compose_file: str, nats_services: dict[str, Path]
 ) -> None:
     services = yaml.safe_load((COMPOSE / compose_file).read_text())["services"]
-    assert {*nats_services, "gateway", "agents", "executor", "operator"} <= services.keys()
+    expected = {*nats_services, "gateway", "agents", "executor", "operator", "auditor"}
+    assert expected <= services.keys()
     for name, config in nats_services.items():
         _check_nats_service(services[name], config)
         # route host names in the configs are the compose service names
         for host in re.findall(r"nats://\S+@([\w-]+):6222", config.read_text()):
             assert host in services
 
-    for name in ("keys", "gateway", "operator", "agents"):  # the bus-guard image, built here
+    for name in ("keys", "gateway", "operator", "auditor", "agents"):  # the bus-guard image
         build = services[name]["build"]
         assert (COMPOSE / build["context"] / build["dockerfile"]).is_file(), name
     gateway = services["gateway"]["command"]
@@ -829,7 +1119,12 @@ def test_compose_file_matches_the_configs(
 
     # every client URL names a shipped user with its shipped password, on a nats service
     urls = _nats_urls(services)
-    assert {"gateway", "operator", "executor", "agents"} <= urls.keys()
+    assert {"gateway", "operator", "executor", "auditor", "agents"} <= urls.keys()
+    # the auditor verifies with the JWKS the keys service wrote
+    auditor = services["auditor"]["command"]
+    assert auditor[:2] == ["ledger", "verify"]
+    assert auditor[auditor.index("--jwks") + 1] == "/keys/jwks.json"
+    assert _mounts(services["auditor"])["/keys"] == _mounts(services["keys"])["/keys"]
     for name, url in urls.items():
         parts = urlsplit(url)
         assert parts.hostname in nats_services, url
