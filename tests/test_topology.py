@@ -1029,6 +1029,40 @@ async def test_cluster_enforces_the_same_topology(cluster: LocalCluster) -> None
         }
 
 
+async def test_cluster_auditor_and_consume_once(cluster: LocalCluster) -> None:
+    """On the cluster: the auditor on nats-3 reads an R3 ledger made on nats-1 (imports and
+    mappings hold across routes); an executor on nats-2 creates and uses its bucket."""
+    n1, n2, n3 = cluster.servers
+    async with Bus() as bus:
+        gateway = await bus.connect(n1.url, "gateway")
+        js = gateway.nc.jetstream(timeout=2)
+        r3 = StreamConfig(name="GUARD_LEDGER", subjects=["guard.ledger.>"], num_replicas=3)
+        await until_ok(lambda: js.add_stream(r3))
+        for i in range(3):
+            await until_ok(lambda i=i: js.publish(f"guard.ledger.gw-1.d.D{i}", b"%d" % i))
+
+        auditor = await bus.connect(n3.url, "auditor")
+        ajs = auditor.nc.jetstream(timeout=2)
+        info = await until_ok(lambda: ajs.stream_info("GUARD_LEDGER"))
+        assert info.state.messages == 3 and info.config.num_replicas == 3
+        records = [m.data async for m in read(ajs, "GUARD_LEDGER", "guard.ledger.>")]
+        assert records == [b"0", b"1", b"2"]
+        await auditor.nc.publish("$JS.API.STREAM.DELETE.GUARD_LEDGER", b"")
+        assert await auditor.errors() == [pub_violation("$JS.API.STREAM.DELETE.GUARD_LEDGER")]
+
+        executor = await bus.connect(n2.url, "executor")
+        ejs = executor.nc.jetstream(timeout=2)
+        executed = await until_ok(
+            lambda: ejs.create_key_value(bucket="guard-executed", history=1, ttl=3600)
+        )
+        assert await executed.create("d-1", b"x") == 1
+        with pytest.raises(KeyWrongLastSequenceError):
+            await executed.create("d-1", b"x")
+        assert await executor.errors() == []
+        assert (await js.stream_info("GUARD_LEDGER")).state.messages == 3
+        await js.delete_stream("GUARD_LEDGER")
+
+
 async def test_route_port_rejects_servers_without_route_credentials(
     cluster: LocalCluster,
 ) -> None:
