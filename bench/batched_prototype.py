@@ -1,7 +1,8 @@
 """A bench-only stand-in for core intake with batched artifacts (NOT the product path).
 
-Until ``bus-guard run --artifacts batched`` exists, this measures what the design can
-reach: subscribe to ``guard.in.>``, queue each message, and per micro-batch (``--batch``
+The product path is ``bus-guard run --mode core --artifacts batched`` (the ``core-batched``
+variant of :mod:`bench.relay`); this stand-in is kept as a reference for what the bare
+design reaches: subscribe to ``guard.in.>``, queue each message, and per micro-batch (``--batch``
 intents or ``--delay-ms``, whichever first) run the same pure pipeline as the gateway
 (``bus_guard.api.evaluate``), build :class:`~bus_guard.verify.ArtifactClaims` for the
 allowed ones, sign them with one :meth:`~bus_guard.batch.BatchSigner.sign_batch` and

@@ -77,7 +77,10 @@ def main() -> None:
     p.add_argument("--max-count", type=int, default=50000, help="cap on intents per load")
     p.add_argument("--count-for-max", type=int, default=10000, help="intents for the max rate")
     p.add_argument(
-        "--artifacts", default=None, help="pass --artifacts to bus-guard run (when it exists)"
+        "--artifacts",
+        default=None,
+        choices=["per-message", "batched"],
+        help="pass --artifacts to bus-guard run (default: its default, per-message)",
     )
     p.add_argument("--json", action="store_true", help="JSON only, no table")
     args = p.parse_args()
@@ -101,7 +104,8 @@ def main() -> None:
             )
     text = "\n".join(
         [
-            f"## latency: publish -> exec, core mode; max {res['max_per_s']:,.0f}/s",
+            f"## latency: publish -> exec, core mode, artifacts {args.artifacts or 'per-message'};"
+            f" max {res['max_per_s']:,.0f}/s",
             table(["load", "offered", "relay", "p50 ms", "p99 ms", "p99.9 ms"], rows),
         ]
     )

@@ -4,6 +4,8 @@
   ``Nats-Msg-Id`` (waiting for the PubAcks) -> ack. Nothing else.
 * ``stream``: ``bus-guard run`` (stream mode): decode, authorize, sign, commit the ledger
   record, publish the exec message, ack.
+* ``stream-batched``: the same with ``--artifacts batched`` (one signed Merkle tree head
+  per recorded batch); ``--no-batched`` skips it.
 
 Each run starts from the same backlog: ``--count`` intents stored in the intake stream
 (allowed by the example policies, so every one is authorized, signed, recorded and
@@ -12,7 +14,7 @@ message stored. Streams and the consumer are created by bus_guard's own prefligh
 variants, so they run against identical configurations. Variants are interleaved,
 ``--runs`` times each; medians and the ratio are printed as JSON.
 
-    python -m bench.stream_relay --count 20000 --runs 3
+    python -m bench.stream_relay --count 20000 --runs 3 [--no-batched]
     python -m bench.stream_relay --relay --nats URL     # the bare relay process itself
 """
 
@@ -176,11 +178,12 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--relay", action="store_true", help="run the bare relay (internal)")
     p.add_argument("--nats", default=None)
+    p.add_argument("--no-batched", action="store_true", help="skip the batched variant")
     args = p.parse_args()
     if args.relay:
         asyncio.run(bare_relay(args.nats))
         return
-    results: dict[str, list[float]] = {"bare": [], "stream": []}
+    results: dict[str, list[float]] = {}
     with NatsServer() as server, tempfile.TemporaryDirectory() as tmp:
         key, _ = generate_key(Path(tmp))
         commands = {
@@ -204,9 +207,12 @@ def main() -> None:
                 "bench",
             ],
         }
+        if not args.no_batched:
+            commands["stream-batched"] = [*commands["stream"], "--artifacts", "batched"]
         for _ in range(args.runs):
             for name, cmd in commands.items():
-                results[name].append(asyncio.run(_run_one(server.url, args.count, cmd)))
+                run = asyncio.run(_run_one(server.url, args.count, cmd))
+                results.setdefault(name, []).append(run)
     medians = {name: statistics.median(v) for name, v in results.items()}
     print(
         json.dumps(
@@ -217,6 +223,18 @@ def main() -> None:
                 "per_s": {k: [round(x) for x in v] for k, v in results.items()},
                 "median_per_s": {k: round(v) for k, v in medians.items()},
                 "ratio_stream_vs_bare": round(medians["stream"] / medians["bare"], 3),
+                **(
+                    {
+                        "ratio_stream_batched_vs_bare": round(
+                            medians["stream-batched"] / medians["bare"], 3
+                        ),
+                        "ratio_stream_batched_vs_stream": round(
+                            medians["stream-batched"] / medians["stream"], 3
+                        ),
+                    }
+                    if "stream-batched" in medians
+                    else {}
+                ),
             },
             indent=2,
         )
