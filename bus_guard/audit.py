@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Final, TextIO
 
 import msgspec
-from nats.js import JetStreamContext
+from nats.aio.client import Client
 
 from .jetstream import Stored, read
 from .ledger import (
@@ -294,7 +294,7 @@ def audit(
 
 
 async def audit_stream(
-    js: JetStreamContext,
+    nc: Client,
     stream: str,
     *,
     prefix: str,
@@ -303,10 +303,10 @@ async def audit_stream(
     out: TextIO,
 ) -> int:
     """``bus-guard ledger verify``: audit the ledger stream, print, 0 if sound else 1."""
-    info = await js.stream_info(stream)
+    info = await nc.jetstream().stream_info(stream)
     config = info.config
     auditor = Auditor(prefix, jwks, require_sealed=require_sealed)
-    async for stored in read(js, stream, f"{prefix}.ledger.>"):
+    async for stored in read(nc, stream, f"{prefix}.ledger.>"):
         if stored.seq > info.state.last_seq:
             break  # written after we looked: the next audit covers it
         auditor.feed(stored)

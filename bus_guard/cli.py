@@ -150,12 +150,11 @@ async def _cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
     except Exception as exc:
         raise GatewayError(f"cannot connect to {args.nats}: {exc}") from exc
     try:
-        js = nc.jetstream()
         if jwks is not None:
             from .audit import audit_stream
 
             return await audit_stream(
-                js,
+                nc,
                 stream,
                 prefix=args.prefix,
                 jwks=jwks,
@@ -164,7 +163,7 @@ async def _cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
             )
         from .lineage import show
 
-        return await show(js, stream, args.prefix, args.decision_id, out=out)
+        return await show(nc, stream, args.prefix, args.decision_id, out=out)
     except nats.js.errors.NotFoundError:
         raise GatewayError(f"no ledger stream {stream} on {args.nats}") from None
     finally:

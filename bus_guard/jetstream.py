@@ -5,8 +5,9 @@
   cannot be known (a timeout or a lost connection: *in doubt*).
 * :func:`last_by_subject` is a direct get of the last message on a subject (wildcards
   allowed): how a decision record is found by its id.
-* :func:`read` iterates over a stream's stored messages in order (an ephemeral pull
-  consumer that acks nothing): how the ledger is audited and searched.
+* :func:`read` iterates over a stream's stored messages in order (batched direct gets: no
+  consumer, so a reader needs no right to create one): how the ledger is audited and
+  searched.
 * :class:`Puller` keeps one pull request outstanding on a durable consumer and hands out
   what arrived, without waiting for a full batch; it re-issues the pull when the server
   ends it, when heartbeats stop (a lost request, e.g. across a reconnect) and on demand.
@@ -33,7 +34,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 __all__ = (
     "CommitResult",
@@ -52,6 +52,18 @@ log = logging.getLogger(__name__)
 
 _JS_API: Final = "$JS.API"
 _HDR_LINE: Final = b"NATS/1.0\r\n"
+# What a direct get adds to the stored headers (nats-server 2.11+).
+_DIRECT_GET_HEADERS: Final = frozenset(
+    {
+        "Nats-Stream",
+        "Nats-Subject",
+        "Nats-Sequence",
+        "Nats-Time-Stamp",
+        "Nats-Num-Pending",
+        "Nats-Last-Sequence",
+        "Nats-UpTo-Sequence",
+    }
+)
 # JetStream error codes that mean "these exact messages cannot be stored as they are".
 WRONG_LAST_SEQUENCE: Final = 10071
 DUPLICATE_IN_BATCH: Final = 10201
@@ -145,32 +157,69 @@ async def last_by_subject(js: JetStreamContext, stream: str, subject: str) -> St
 
 
 async def read(
-    js: JetStreamContext,
+    nc: Client,
     stream: str,
     subject: str,
     *,
+    api_prefix: str = _JS_API,
     start_seq: int = 1,
     batch: int = 512,
     timeout_s: float = 5.0,
 ) -> AsyncIterator[Stored]:
-    """Every message on *subject* stored from *start_seq* on, as of the call, in order."""
-    config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        opt_start_seq=max(1, start_seq),
-        ack_policy=AckPolicy.NONE,
-        mem_storage=True,
-        inactive_threshold=max(5.0, timeout_s * 2),
-        max_ack_pending=-1,
-    )
-    sub = await js.pull_subscribe(subject, stream=stream, config=config)
+    """Every message on *subject* stored from *start_seq* on, as of the call, in order.
+
+    Batched direct gets (``$JS.API.DIRECT.GET.<stream>`` with ``batch`` and
+    ``next_by_subj``; the stream needs ``allow_direct``): each request is answered by up to
+    *batch* messages and a status 204 "EOB", and the next one starts after the last
+    sequence received. "As of the call": the first message's ``Nats-Num-Pending`` says how
+    many more there were then, and the read stops after that many.
+
+    Raises ``nats.js.errors.NotFoundError`` when nothing answers for *stream* (no such
+    stream, or no direct get), ``nats.errors.TimeoutError`` when a batch stops arriving,
+    ``nats.js.errors.APIError`` on any other status.
+    """
+    inbox = nc.new_inbox()
+    # one request at a time: at most a batch and its EOB are ever pending
+    sub = await nc.subscribe(inbox, pending_msgs_limit=batch + 8)
     try:
-        info = await sub.consumer_info()
-        remaining = info.num_pending or 0
-        while remaining > 0:
-            msgs = await sub.fetch(min(batch, remaining), timeout=timeout_s)
-            for msg in msgs:
-                remaining = msg.metadata.num_pending
-                yield Stored(msg.metadata.sequence.stream, msg.subject, msg.data, msg.headers or {})
+        seq = max(1, start_seq)
+        remaining: int | None = None  # messages still to read; unknown until the first
+        while remaining != 0:
+            body = {"seq": seq, "batch": batch, "next_by_subj": subject}
+            await nc.publish(
+                f"{api_prefix}.DIRECT.GET.{stream}", json.dumps(body).encode(), reply=inbox
+            )
+            while True:
+                msg = await sub.next_msg(timeout=timeout_s)
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status == "204":  # EOB: this batch is complete
+                    break
+                if status == "404":  # nothing (more) on the subject from seq on
+                    return
+                if status == "503":
+                    raise nats.js.errors.NotFoundError(
+                        code=503,
+                        description=f"no direct get for stream {stream} "
+                        "(no such stream, or allow_direct is off)",
+                        stream=stream,
+                    )
+                if status is not None:
+                    raise nats.js.errors.APIError(
+                        code=int(status), description=headers.get("Description"), stream=stream
+                    )
+                seq = int(headers["Nats-Sequence"])
+                pending = int(headers["Nats-Num-Pending"])
+                remaining = pending if remaining is None else remaining - 1
+                yield Stored(
+                    seq,
+                    headers["Nats-Subject"],
+                    msg.data,
+                    {k: v for k, v in headers.items() if k not in _DIRECT_GET_HEADERS},
+                )
+                if remaining <= 0:
+                    return  # the last one as of the call; newer ones are not ours
+            seq += 1
     finally:
         await sub.unsubscribe()
 

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Final, TextIO
 
 import msgspec
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from .decision import Lineage
@@ -149,14 +150,12 @@ def render_tree(
     return lines
 
 
-async def show(
-    js: JetStreamContext, stream: str, prefix: str, decision_id: str, *, out: TextIO
-) -> int:
+async def show(nc: Client, stream: str, prefix: str, decision_id: str, *, out: TextIO) -> int:
     """Print the ancestors and descendants of *decision_id*; 1 if it is not in the ledger."""
     subjects = LedgerSubjects(prefix, "*")
     records: dict[str, LedgerRecord] = {}
     children: dict[str, list[str]] = collections.defaultdict(list)
-    async for stored in read(js, stream, f"{prefix}.ledger.*.d.*"):
+    async for stored in read(nc, stream, f"{prefix}.ledger.*.d.*"):
         try:
             record = decode_record(stored.data)
         except msgspec.DecodeError:

@@ -167,7 +167,11 @@ class Recorder:
             return ChainHead()
         last = marker
         async for stored in read(
-            self._js, self._streams.ledger, self._subjects.own, start_seq=marker.seq
+            self.nc,
+            self._streams.ledger,
+            self._subjects.own,
+            start_seq=marker.seq,
+            timeout_s=self._s.publish_timeout_s,
         ):
             last = stored
         try:

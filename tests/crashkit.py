@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
-from nats.js import JetStreamContext
+from nats.aio.client import Client
 
 from bus_guard.audit import audit
 from bus_guard.errors import VerificationError
@@ -136,13 +136,11 @@ class Reconciliation:
         )
 
 
-async def reconcile(
-    js: JetStreamContext, accepted: set[tuple[str, str]], jwks_path: Path
-) -> Reconciliation:
+async def reconcile(nc: Client, accepted: set[tuple[str, str]], jwks_path: Path) -> Reconciliation:
     """Reconcile the intents accepted by the bus, as (principal, intent id), with the ledger
     and the output streams; and audit the ledger."""
     out = Reconciliation(accepted=len(accepted))
-    ledger = [m async for m in read(js, "GUARD_LEDGER", "guard.ledger.>")]
+    ledger = [m async for m in read(nc, "GUARD_LEDGER", "guard.ledger.>")]
     report = audit(ledger, prefix="guard", jwks=load_jwks(jwks_path), require_sealed=True)
     out.ledger_problems = [str(p) for p in report.problems]
     out.chains = [str(c) for c in report.chains]
@@ -163,7 +161,7 @@ async def reconcile(
     verifier = Verifier(load_jwks(jwks_path), leeway_s=3600)
     executed: collections.Counter[tuple[str, str]] = collections.Counter()
     seen_outputs: set[str] = set()
-    async for m in read(js, "GUARD_EXEC", "guard.exec.>"):
+    async for m in read(nc, "GUARD_EXEC", "guard.exec.>"):
         out.execs += 1
         try:
             claims = verify_message(verifier, subject=m.subject, headers=m.headers, payload=m.data)
@@ -177,7 +175,7 @@ async def reconcile(
         seen_outputs.add(claims.jti)
     out.double = sum(1 for n in executed.values() if n > 1)
     for stream, subject in (("GUARD_DENY", "guard.deny.>"), ("GUARD_HOLD", "guard.hold.>")):
-        async for m in read(js, stream, subject):
+        async for m in read(nc, stream, subject):
             seen_outputs.add(msgspec.json.decode(m.data)["decision_id"])
     out.missing_outputs = sum(1 for did in by_id if did not in seen_outputs)
     return out

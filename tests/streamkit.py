@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import msgspec
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from bus_guard.artifacts import Signer
@@ -51,12 +52,12 @@ def stream_gateway(settings: Settings, policies: PolicySet, key: Path, **kw: Any
     return Gateway(settings, policies, signer, ledger_signer=CheckpointSigner(private), **kw)
 
 
-async def stored(js: JetStreamContext, stream: str, subject: str = ">") -> list[Stored]:
-    return [m async for m in read(js, stream, subject)]
+async def stored(nc: Client, stream: str, subject: str = ">") -> list[Stored]:
+    return [m async for m in read(nc, stream, subject)]
 
 
-async def ledger_decisions(js: JetStreamContext, prefix: str = "guard") -> list[LedgerRecord]:
-    msgs = await stored(js, f"{prefix.upper()}_LEDGER", f"{prefix}.ledger.*.d.*")
+async def ledger_decisions(nc: Client, prefix: str = "guard") -> list[LedgerRecord]:
+    msgs = await stored(nc, f"{prefix.upper()}_LEDGER", f"{prefix}.ledger.*.d.*")
     return [decode_record(m.data) for m in msgs]
 
 

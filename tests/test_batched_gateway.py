@@ -209,9 +209,9 @@ async def test_batched_stream_records_and_forwards_each_allowed_intent_once(
     async with stream_gateway(settings, policies, keys[0]) as gw:
         await eventually(lambda: drained(js), what="intake drained")
         stats = gw.statistics()
-    execs = await stored(js, "GUARD_EXEC")
+    execs = await stored(nc, "GUARD_EXEC")
     assert sorted(m.data for m in execs) == sorted(allowed.values())  # once each
-    ledger = {r.decision_id: r for r in await ledger_decisions(js)}
+    ledger = {r.decision_id: r for r in await ledger_decisions(nc)}
     verifier = Verifier(keys[1])
     tokens = []
     for m in execs:
@@ -223,7 +223,7 @@ async def test_batched_stream_records_and_forwards_each_allowed_intent_once(
     heads = _heads(tokens, keys[1])
     assert sum(heads.values()) == 150 and max(heads.values()) <= 40
     assert stats.artifact_batches == len(heads) < 150
-    [deny] = records(await stored(js, "GUARD_DENY"))
+    [deny] = records(await stored(nc, "GUARD_DENY"))
     assert deny["reason"] == "denied_by_rule" and deny["intent_id"] == "no"
     assert stats.allowed == 150 and stats.denied == 1 and stats.acks == 151
     await nc.close()
@@ -243,12 +243,12 @@ async def test_batched_stream_signing_failure_denies_every_intent_of_the_batch(
         await eventually(lambda: drained(js), what="intake drained")
         stats = gw.statistics()
     assert await count(js, "GUARD_EXEC") == 0
-    deny_records = records(await stored(js, "GUARD_DENY"))
+    deny_records = records(await stored(nc, "GUARD_DENY"))
     assert sorted(r["intent_id"] for r in deny_records) == sorted(f"a-{i}" for i in range(20))
     assert {(r["reason"], r["message"]) for r in deny_records} == {
         ("internal_error", "signing failed")
     }
-    ledger = await ledger_decisions(js)
+    ledger = await ledger_decisions(nc)
     assert len(ledger) == 20
     assert all(r.effect == "deny" and not r.artifact for r in ledger)
     assert stats.allowed == 0 and stats.denied == 20 and stats.acks == 20

@@ -111,7 +111,7 @@ async def _crash_run(nats_url: str, tmp_path: Path, *, intents: int, kills: int,
     finally:
         for g in gateways:
             g.kill()
-    result = await reconcile(js, accepted, jwks)
+    result = await reconcile(nc, accepted, jwks)
     adopted = sum(g.count("adopted their recorded decisions") for g in gateways)
     deduplicated = sum(g.count("already stored (de-duplicated") for g in gateways)
     print(
@@ -180,7 +180,7 @@ async def test_nats_server_killed_and_restarted_under_load(tmp_path: Path) -> No
             accepted.add((subject.split(".")[2], intent_id))
         await eventually(lambda: drained(js), timeout_s=60, what="intake drained")
         assert gateway.stop() == 0
-        result = await reconcile(js, accepted, jwks)
+        result = await reconcile(nc, accepted, jwks)
     finally:
         gateway.kill()
         await nc.close()
@@ -233,7 +233,7 @@ async def test_s4_redelivery_race_between_three_gateways(nats_url: str, tmp_path
     finally:
         for g in gateways:
             g.kill()
-    result = await reconcile(js, accepted, jwks)
+    result = await reconcile(nc, accepted, jwks)
     refused = sum(g.count("ids taken") for g in gateways)
     print(f"\nS4 gateways=3 ack_wait=0.5s pull=0.6s ledger_refusals={refused} {result.line()}")
     info = await js.consumer_info("GUARD_IN", "bus-guard")

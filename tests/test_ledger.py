@@ -23,7 +23,7 @@ from nats.js.api import StreamConfig
 
 from bus_guard.audit import audit
 from bus_guard.cli import main
-from bus_guard.jetstream import Stored
+from bus_guard.jetstream import Stored, read
 from bus_guard.keys import generate_key
 from bus_guard.policy import load_policies
 from bus_guard.server import NatsServer
@@ -55,7 +55,7 @@ async def _make_ledger(url: str, key: Path) -> list[Stored]:
                     intent(f"tools.{tool}", f"tool:{tool}", {"i": i}, id=f"r{run}-{i}"),
                 )
             await eventually(lambda: drained(js), what="intake drained")
-    msgs = await stored(js, "GUARD_LEDGER")
+    msgs = await stored(nc, "GUARD_LEDGER")
     await nc.close()
     return msgs
 
@@ -79,7 +79,9 @@ async def _copy(ledger: Ledger, prefix: str, msgs: list[Stored]) -> None:
     nc = await nats.connect(ledger.url)
     js = nc.jetstream()
     await js.add_stream(
-        StreamConfig(name=f"{prefix.upper()}_LEDGER", subjects=[f"{prefix}.ledger.>"])
+        StreamConfig(
+            name=f"{prefix.upper()}_LEDGER", subjects=[f"{prefix}.ledger.>"], allow_direct=True
+        )
     )
     for m in msgs:
         await js.publish(prefix + m.subject.removeprefix("guard"), m.data)
@@ -210,3 +212,31 @@ def test_audit_is_pure_and_names_stream_positions(ledger: Ledger) -> None:
     assert stream_gap.stream_seq == chain_gap.stream_seq == deleted.seq + 1
     assert f"stream message(s) {deleted.seq} deleted" in stream_gap.message
     assert chain_gap.gateway == "gw-1" and "missing" in chain_gap.message
+
+
+async def test_read_pages_through_batches_and_stops_as_of_the_call(nats_url: str) -> None:
+    """read(): batched direct gets filtered on a subject, continued after each batch's last
+    sequence, stopping at what was stored when the read began; headers as stored."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="PAGES", subjects=["p.>"], allow_direct=True))
+    for i in range(9):
+        await js.publish(f"p.{'x' if i % 3 else 'y'}.{i}", b"%d" % i, headers={"H": str(i)})
+    got = []
+    async for m in read(nc, "PAGES", "p.x.>", batch=2):
+        got.append(m)
+        if len(got) == 1:  # stored during the read: not part of it
+            await js.publish("p.x.late", b"late")
+    assert [(m.seq, m.subject, m.data) for m in got] == [
+        (i + 1, f"p.x.{i}", b"%d" % i) for i in (1, 2, 4, 5, 7, 8)
+    ]
+    assert [m.headers for m in got] == [{"H": str(i)} for i in (1, 2, 4, 5, 7, 8)]
+    assert [m.seq async for m in read(nc, "PAGES", "p.>", start_seq=8, batch=1)] == [8, 9, 10]
+    assert [m async for m in read(nc, "PAGES", "p.z.>")] == []
+    assert [m async for m in read(nc, "PAGES", "p.>", start_seq=11)] == []
+    await js.add_stream(StreamConfig(name="NODIRECT", subjects=["q.>"]))
+    await js.publish("q.1", b"1")
+    for stream in ("NODIRECT", "MISSING"):
+        with pytest.raises(nats.js.errors.NotFoundError):
+            [m async for m in read(nc, stream, ">")]
+    await nc.close()

@@ -73,8 +73,9 @@ class Agents:
     """Publish intents one at a time, each decided before the next (a child needs its
     parent's record)."""
 
-    def __init__(self, js: nats.js.JetStreamContext) -> None:
-        self.js = js
+    def __init__(self, nc: nats.aio.client.Client) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
 
     async def send(
         self, principal: str, action: str, intent_id: str, parents: tuple[str, ...] = ()
@@ -84,7 +85,7 @@ class Agents:
             intent(action, f"tool:{action}", {"amount": 1}, id=intent_id, parents=list(parents)),
         )
         await eventually(lambda: drained(self.js), what="intake drained")
-        ledger = {r.decision_id: r for r in await ledger_decisions(self.js)}
+        ledger = {r.decision_id: r for r in await ledger_decisions(self.nc)}
         return ledger[did(principal, intent_id)]
 
 
@@ -92,8 +93,7 @@ async def test_depth_root_and_labels_come_from_the_ledger(
     nats_url: str, keys: tuple[Path, Path], policies: PolicySet
 ) -> None:
     nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    agents = Agents(js)
+    agents = Agents(nc)
     async with stream_gateway(stream_settings(nats_url), policies, keys[0]):
         root = await agents.send("agent-1", "tools.search", "root")
         child = await agents.send("agent-7", "payments.transfer", "child", (root.decision_id,))
@@ -112,7 +112,7 @@ async def test_depth_root_and_labels_come_from_the_ledger(
     # The artifact carries the lineage the ledger computed.
     [msg] = [
         m
-        for m in await stored(js, "GUARD_EXEC")
+        for m in await stored(nc, "GUARD_EXEC")
         if m.headers["Guard-Decision"] == child.decision_id
     ]
     claims = verify_message(
@@ -130,7 +130,7 @@ async def test_labels_are_inherited_taint(
     nats_url: str, keys: tuple[Path, Path], policies: PolicySet
 ) -> None:
     nc = await nats.connect(nats_url)
-    agents = Agents(nc.jetstream())
+    agents = Agents(nc)
     async with stream_gateway(stream_settings(nats_url), policies, keys[0]):
         fetch = await agents.send("agent-3", "tools.http.get", "fetch")
         search = await agents.send("agent-1", "tools.search", "search", (fetch.decision_id,))
@@ -155,8 +155,7 @@ async def test_a_child_of_a_denied_held_or_unknown_parent_is_a_lineage_violation
     nats_url: str, keys: tuple[Path, Path], policies: PolicySet, parent: str, expect: str
 ) -> None:
     nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    agents = Agents(js)
+    agents = Agents(nc)
     async with stream_gateway(stream_settings(nats_url), policies, keys[0]):
         if parent == "denied":
             first = await agents.send("agent-1", "tools.shell", "p")  # no rule: denied
@@ -171,7 +170,7 @@ async def test_a_child_of_a_denied_held_or_unknown_parent_is_a_lineage_violation
         child = await agents.send("agent-1", "tools.search", "child", (parent_id,))
     assert child.effect == "deny" and child.reason == "lineage_violation"
     assert expect in child.message and parent_id in child.message
-    assert [m.headers["Guard-Decision"] for m in await stored(js, "GUARD_EXEC")] == []
+    assert [m.headers["Guard-Decision"] for m in await stored(nc, "GUARD_EXEC")] == []
     await nc.close()
 
 
@@ -179,7 +178,7 @@ async def test_the_gateway_caps_depth_whatever_the_bundle_says(
     nats_url: str, keys: tuple[Path, Path]
 ) -> None:
     nc = await nats.connect(nats_url)
-    agents = Agents(nc.jetstream())
+    agents = Agents(nc)
     settings = stream_settings(nats_url, max_lineage_depth=1)
     async with stream_gateway(settings, load_policies(POLICIES), keys[0]):
         a = await agents.send("agent-1", "tools.search", "a")
@@ -194,7 +193,7 @@ async def test_bus_guard_lineage_prints_ancestors_and_descendants(
     nats_url: str, keys: tuple[Path, Path], policies: PolicySet
 ) -> None:
     nc = await nats.connect(nats_url)
-    agents = Agents(nc.jetstream())
+    agents = Agents(nc)
     async with stream_gateway(stream_settings(nats_url), policies, keys[0]):
         a = await agents.send("agent-1", "tools.search", "a")
         b = await agents.send("agent-1", "tools.search", "b", (a.decision_id,))

@@ -60,15 +60,15 @@ async def test_same_intent_twice_is_executed_once_and_the_second_denied_replay(
         await js.publish(SEARCH, other)
         await eventually(lambda: drained(js), what="intake drained")
         stats = gw.statistics()
-    execs = await stored(js, "GUARD_EXEC")
+    execs = await stored(nc, "GUARD_EXEC")
     assert sorted(m.data for m in execs) == sorted([same, other])  # one execution each
-    denials = records(await stored(js, "GUARD_DENY"))
+    denials = records(await stored(nc, "GUARD_DENY"))
     assert [d["reason"] for d in denials] == ["replay", "replay"]
     assert "the same bytes" in denials[0]["message"]
     assert "different bytes" in denials[1]["message"]
     first = intent_decision_id("guard", "agent-1", "i-1")
     assert all(first in d["message"] for d in denials)
-    ledger = await ledger_decisions(js)
+    ledger = await ledger_decisions(nc)
     replays = [r for r in ledger if r.reason == "replay"]
     assert len(ledger) == 4 and [r.first_decision for r in replays] == [first, first]
     assert stats.replays == 2 and stats.allowed == 2
@@ -93,7 +93,7 @@ async def test_replay_beyond_the_dedup_window_and_after_a_restart_is_denied(
         await eventually(lambda: drained(js), what="intake drained")
         stats = gw.statistics()
     assert await count(js, "GUARD_EXEC") == 1
-    [denial] = records(await stored(js, "GUARD_DENY"))
+    [denial] = records(await stored(nc, "GUARD_DENY"))
     assert denial["reason"] == "replay" and stats.replays == 1 and stats.allowed == 0
     await nc.close()
 
@@ -109,7 +109,7 @@ async def test_one_agent_cannot_use_up_another_agents_intent_id(
         for agent in ("agent-1", "agent-2"):
             await js.publish(f"guard.in.{agent}.tools.search", _search(id="shared-id"))
         await eventually(lambda: drained(js), what="intake drained")
-    execs = await stored(js, "GUARD_EXEC")
+    execs = await stored(nc, "GUARD_EXEC")
     assert sorted(m.subject for m in execs) == [
         "guard.exec.agent-1.tools.search",
         "guard.exec.agent-2.tools.search",
@@ -128,7 +128,7 @@ async def test_executor_consumes_an_artifact_once(
     async with stream_gateway(stream_settings(nats_url), policies, keys[0]):
         await js.publish(SEARCH, _search(id="i-exec"))
         await eventually(lambda: drained(js), what="intake drained")
-    [msg] = await stored(js, "GUARD_EXEC")
+    [msg] = await stored(nc, "GUARD_EXEC")
     executed = await js.create_key_value(bucket="guard-executed", history=1, ttl=3600)
     verifier = Verifier(keys[1])
 

@@ -76,7 +76,7 @@ async def test_every_outcome_is_stored_recorded_and_acked_once(
     # Work-queue intake: every acked intent is gone from the stream.
     assert await count(js, "GUARD_IN") == 0
 
-    [exec_msg] = await stored(js, "GUARD_EXEC")
+    [exec_msg] = await stored(nc, "GUARD_EXEC")
     assert exec_msg.subject == "guard.exec.agent-7.payments.transfer"
     assert exec_msg.data == allowed  # byte for byte
     assert exec_msg.headers["traceparent"] == "00-a-b-01"
@@ -90,12 +90,12 @@ async def test_every_outcome_is_stored_recorded_and_acked_once(
     )
     assert claims.jti == decision_id and claims.intent_id == "i-allow"
 
-    deny_records = records(await stored(js, "GUARD_DENY"))
+    deny_records = records(await stored(nc, "GUARD_DENY"))
     assert sorted(r["reason"] for r in deny_records) == ["denied_by_rule", "malformed"]
-    [hold] = records(await stored(js, "GUARD_HOLD"))
+    [hold] = records(await stored(nc, "GUARD_HOLD"))
     assert hold["reason"] == "escalated_by_rule" and hold["payload"] == held.decode()
 
-    ledger = {r.decision_id: r for r in await ledger_decisions(js)}
+    ledger = {r.decision_id: r for r in await ledger_decisions(nc)}
     assert len(ledger) == 4
     record = ledger[decision_id]
     assert record.effect == "allow" and record.artifact == exec_msg.headers["Guard-Artifact"]
@@ -122,7 +122,7 @@ async def test_nothing_is_acked_until_its_output_is_stored_then_it_is_adopted(
         await js.delete_stream("GUARD_EXEC")
         await js.publish(TRANSFER, payload)
         await eventually(lambda: _naked(gw), what="a nak")
-        [record] = await ledger_decisions(js)  # decided and recorded ...
+        [record] = await ledger_decisions(nc)  # decided and recorded ...
         assert record.effect == "allow"
         info = await js.consumer_info("GUARD_IN", "bus-guard")
         assert info.num_ack_pending == 1 or info.num_pending == 1  # ... but not acked
@@ -130,14 +130,14 @@ async def test_nothing_is_acked_until_its_output_is_stored_then_it_is_adopted(
         await eventually(lambda: drained(js), what="intake drained")
         stats = gw.statistics()
     assert stats.adopted >= 1 and stats.allowed == 1
-    [exec_msg] = await stored(js, "GUARD_EXEC")
+    [exec_msg] = await stored(nc, "GUARD_EXEC")
     assert exec_msg.headers["Guard-Artifact"] == record.artifact
     assert record.artifact.startswith(BATCH_PREFIX) == (artifacts == "batched")
     assert exec_msg.data == payload
     verify_message(
         Verifier(keys[1]), subject=exec_msg.subject, headers=exec_msg.headers, payload=payload
     )
-    assert len(await ledger_decisions(js)) == 1  # decided once
+    assert len(await ledger_decisions(nc)) == 1  # decided once
     await nc.close()
 
 
@@ -174,9 +174,9 @@ async def test_an_ack_lost_after_the_outputs_were_stored_publishes_nothing_twice
         stats = gw.statistics()
     assert len(dropped) == 3
     assert stats.adopted == 3 and stats.duplicate_outputs == 3 and stats.allowed == 3
-    execs = await stored(js, "GUARD_EXEC")
+    execs = await stored(nc, "GUARD_EXEC")
     assert sorted(m.data for m in execs) == sorted(payloads)  # once each
-    ledger = {r.decision_id: r for r in await ledger_decisions(js)}
+    ledger = {r.decision_id: r for r in await ledger_decisions(nc)}
     assert len(ledger) == 3
     for m in execs:
         assert m.headers["Guard-Artifact"] == ledger[m.headers["Guard-Decision"]].artifact
@@ -242,7 +242,7 @@ async def test_restart_continues_the_chain_and_seals_it_at_shutdown(
         async with stream_gateway(settings, policies, keys[0]):
             await js.publish(TRANSFER, _transfer(id=f"i-{run}"))
             await eventually(lambda: drained(js), what="intake drained")
-    chain = [json.loads(m.data) for m in await stored(js, "GUARD_LEDGER")]
+    chain = [json.loads(m.data) for m in await stored(nc, "GUARD_LEDGER")]
     assert [r["seq"] for r in chain] == list(range(len(chain)))
     kinds = [r["kind"] for r in chain]
     assert kinds[0] == "chain_start" and kinds[-1] == "checkpoint" and chain[-1]["final"]
@@ -282,7 +282,7 @@ async def test_poison_intent_is_denied_after_bounded_deliveries(
     async with stream_gateway(settings, policies, keys[0]) as gw:
         await eventually(lambda: drained(js), what="intake drained")
         stats = gw.statistics()
-    [record] = records(await stored(js, "GUARD_DENY"))
+    [record] = records(await stored(nc, "GUARD_DENY"))
     assert record["reason"] == "internal_error" and "poison" in record["message"]
     assert await count(js, "GUARD_EXEC") == 0 and stats.allowed == 0
     await nc.close()

@@ -53,7 +53,7 @@ from bus_guard.keys import generate_key
 from bus_guard.ledger import intent_decision_id
 from bus_guard.policy import load_policies
 from bus_guard.server import NatsServer, find_nats_server
-from bus_guard.verify import ARTIFACT_HEADER, Verifier, verify_message_once
+from bus_guard.verify import Verifier, verify_message_once
 from tests.conftest import POLICIES
 from tests.helpers import intent
 from tests.streamkit import drained, eventually, stream_gateway, stream_settings
@@ -688,9 +688,9 @@ async def ledger_with_neighbours(gateway: Peer) -> JetStreamContext:
 
 
 async def test_auditor_reads_the_ledger_and_nothing_else(guard_nats: NatsServer) -> None:
-    """What `bus-guard ledger verify` / `lineage` send works from OPS (stream info, a filtered
-    ephemeral pull consumer, direct gets); mutating the ledger, any other stream, acks, the
-    bucket or a gateway subject are dropped, and no stream changes."""
+    """What `bus-guard ledger verify` / `lineage` send works from OPS (stream info, batched
+    direct gets filtered on a subject, direct gets); mutating the ledger, any other stream,
+    consumers, acks, the bucket or a gateway subject are dropped, and no stream changes."""
     url = guard_nats.url
     async with Bus() as bus:
         gateway = await bus.connect(url, "gateway")
@@ -705,9 +705,11 @@ async def test_auditor_reads_the_ledger_and_nothing_else(guard_nats: NatsServer)
             True,
             True,
         )
-        everything = [(m.seq, m.subject) async for m in read(ajs, "GUARD_LEDGER", "guard.ledger.>")]
+        everything = [
+            (m.seq, m.subject) async for m in read(auditor.nc, "GUARD_LEDGER", "guard.ledger.>")
+        ]
         assert everything == [(i + 1, f"guard.ledger.gw-1.d.D{i}") for i in range(3)]
-        decisions = [m.data async for m in read(ajs, "GUARD_LEDGER", "guard.ledger.*.d.*")]
+        decisions = [m.data async for m in read(auditor.nc, "GUARD_LEDGER", "guard.ledger.*.d.*")]
         assert decisions == [b'{"record": %d}' % i for i in range(3)]
         by_subject = await ajs.get_msg("GUARD_LEDGER", subject="guard.ledger.*.d.D1", direct=True)
         by_seq = await ajs.get_msg("GUARD_LEDGER", seq=3, direct=True)
@@ -763,38 +765,38 @@ async def test_auditor_reads_the_ledger_and_nothing_else(guard_nats: NatsServer)
         assert await operator.errors() == [pub_violation("JS.GUARD.API.STREAM.INFO.GUARD_LEDGER")]
 
 
-async def test_auditor_push_consumer_residual(guard_nats: NatsServer) -> None:
-    """The residual risk documented in auth.conf, pinned: the ledger's CONSUMER.CREATE cannot
-    be limited to pull consumers, so an auditor can make the server deliver ledger records to
-    a GUARD subject someone subscribes to literally (here an executor on one exec subject),
-    and the exec stream stores them. They carry no artifact: a verifying executor refuses
-    them. Removing the consumer exports (ledger reads by batched direct get) closes this."""
+async def test_auditor_cannot_create_a_consumer(guard_nats: NatsServer) -> None:
+    """The ledger is read by batched direct gets, so no consumer API is exported to OPS: a
+    *push* consumer on the ledger delivering to a GUARD subject someone subscribes to
+    literally (an executor on one exec subject, whose stream would store the deliveries) is
+    a permission violation, in the $JS.API form and in the imported-prefix form. No consumer
+    exists afterwards, so nothing was or will be delivered; GUARD_EXEC is unchanged."""
     url = guard_nats.url
     deliver = f"guard.exec.agent-7.{TRANSFER}"
     async with Bus() as bus:
         gateway = await bus.connect(url, "gateway")
         js = await ledger_with_neighbours(gateway)
+        before = stream_states(await js.streams_info())
         executor = await bus.connect(url, "executor")
         executed = await executor.collect(deliver)
 
         auditor = await bus.connect(url, "auditor")
+        probe = await auditor.collect("_INBOX.auditor-probe")
         config = {"name": "push", "deliver_subject": deliver, "filter_subject": "guard.ledger.>"}
-        reply = await auditor.nc.request(
+        body = json.dumps({"stream_name": "GUARD_LEDGER", "config": config}).encode()
+        attempts = [
             "$JS.API.CONSUMER.CREATE.GUARD_LEDGER.push.guard.ledger.>",
-            json.dumps({"stream_name": "GUARD_LEDGER", "config": config}).encode(),
-        )
-        assert "error" not in json.loads(reply.data)
-
-        await executed.wait_for("guard.ledger.gw-1.d.D2")  # deliveries keep their subject
-
-        async def stored_in_exec() -> bool:
-            return (await js.stream_info("GUARD_EXEC")).state.messages >= 3
-
-        await eventually(stored_in_exec, what="GUARD_EXEC stored the deliveries")
-        assert stream_states([await js.stream_info("GUARD_EXEC")]) == {"GUARD_EXEC": (3, 3)}
-        assert [m.data for m in executed.msgs] == [b'{"record": %d}' % i for i in range(3)]
-        assert all(ARTIFACT_HEADER not in (m.headers or {}) for m in executed.msgs)
-        assert await auditor.errors() == []
+            "JS.GUARD.API.CONSUMER.CREATE.GUARD_LEDGER.push.guard.ledger.>",
+            "$JS.API.CONSUMER.DURABLE.CREATE.GUARD_LEDGER.push",
+        ]
+        for subject in attempts:
+            await auditor.nc.publish(subject, body, reply="_INBOX.auditor-probe")
+        assert await auditor.errors() == [pub_violation(s) for s in attempts]
+        assert probe.msgs == []
+        assert await js.consumers_info("GUARD_LEDGER") == []
+        assert stream_states(await js.streams_info()) == before
+        assert await executor.errors() == []  # a round trip: anything delivered has arrived
+        assert executed.msgs == []
 
 
 # -- executors: consume-once --------------------------------------------------------------------
@@ -1036,7 +1038,9 @@ async def test_cluster_auditor_and_consume_once(cluster: LocalCluster) -> None:
     async with Bus() as bus:
         gateway = await bus.connect(n1.url, "gateway")
         js = gateway.nc.jetstream(timeout=2)
-        r3 = StreamConfig(name="GUARD_LEDGER", subjects=["guard.ledger.>"], num_replicas=3)
+        r3 = StreamConfig(
+            name="GUARD_LEDGER", subjects=["guard.ledger.>"], num_replicas=3, allow_direct=True
+        )
         await until_ok(lambda: js.add_stream(r3))
         for i in range(3):
             await until_ok(lambda i=i: js.publish(f"guard.ledger.gw-1.d.D{i}", b"%d" % i))
@@ -1045,7 +1049,7 @@ async def test_cluster_auditor_and_consume_once(cluster: LocalCluster) -> None:
         ajs = auditor.nc.jetstream(timeout=2)
         info = await until_ok(lambda: ajs.stream_info("GUARD_LEDGER"))
         assert info.state.messages == 3 and info.config.num_replicas == 3
-        records = [m.data async for m in read(ajs, "GUARD_LEDGER", "guard.ledger.>")]
+        records = [m.data async for m in read(auditor.nc, "GUARD_LEDGER", "guard.ledger.>")]
         assert records == [b"0", b"1", b"2"]
         await auditor.nc.publish("$JS.API.STREAM.DELETE.GUARD_LEDGER", b"")
         assert await auditor.errors() == [pub_violation("$JS.API.STREAM.DELETE.GUARD_LEDGER")]
