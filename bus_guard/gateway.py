@@ -11,6 +11,7 @@ NATS in → decode → authorize → sign → publish (exec | deny | hold) → (
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -37,6 +38,10 @@ from .stream import StreamIntake
 __all__ = ("Gateway", "GatewayStatistics", "round_trip")
 
 log = logging.getLogger(__name__)
+
+# A slow-consumer flood drops intents by the thousand: the first drop is logged, then at most
+# one summary line per this many seconds (every drop is counted in statistics()).
+_DROP_LOG_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +117,10 @@ class Gateway:
         self._nc: Client | None = None
         self._sub: Subscription | None = None
         self._counters = _Counters()
-        self._closing = False
+        self._closing = False  # our own drain/close: a disconnect then is no news
+        self._drops_unlogged = 0  # slow-consumer drops not yet in a log line
+        self._drops_logged_at = -_DROP_LOG_INTERVAL_S  # monotonic time of the last such line
+        self._drops_summary: asyncio.TimerHandle | None = None
         self.closed = anyio.Event()
         self.failure: BaseException | None = None  # why stream intake stopped, if it did
         self._ledger_signer = ledger_signer
@@ -171,6 +179,7 @@ class Gateway:
                     await self._tg.__aenter__()
                     self._tg.start_soon(self._run_flusher, core)
         except BaseException:
+            self._closing = True
             with anyio.CancelScope(shield=True):
                 await self._nc.close()
             raise
@@ -264,6 +273,7 @@ class Gateway:
                 except Exception:
                     log.exception("drain failed; closing")
                     await nc.close()
+        self._log_drops()  # now, rather than up to a second later (or never)
         log.info("gateway %s stopped: %s", self.settings.gateway_id, self.statistics())
 
     async def _stop_stream(self) -> None:
@@ -350,16 +360,47 @@ class Gateway:
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
-            self._counters.slow_consumer_drops += 1
-            log.warning("slow consumer: intent on %s dropped undecided", exc.subject)
+            self._on_slow_consumer(exc.subject)
         else:
             log.warning("nats error: %s", exc)
+
+    def _on_slow_consumer(self, subject: str) -> None:
+        """Count the drop; log the first of a flood, then one summary line a second."""
+        self._counters.slow_consumer_drops += 1
+        now = time.monotonic()
+        if self._drops_unlogged == 0 and now - self._drops_logged_at >= _DROP_LOG_INTERVAL_S:
+            self._drops_logged_at = now
+            log.warning("slow consumer: intent on %s dropped undecided", subject)
+            return
+        self._drops_unlogged += 1
+        if self._drops_summary is None:
+            due = self._drops_logged_at + _DROP_LOG_INTERVAL_S - now
+            self._drops_summary = asyncio.get_running_loop().call_later(
+                max(0.0, due), self._log_drops
+            )
+
+    def _log_drops(self) -> None:
+        """The summary line: drops since the last line, if any."""
+        if self._drops_summary is not None:
+            self._drops_summary.cancel()
+            self._drops_summary = None
+        if self._drops_unlogged:
+            log.warning(
+                "slow consumer: %d more intent(s) dropped undecided (%d in all)",
+                self._drops_unlogged,
+                self._counters.slow_consumer_drops,
+            )
+            self._drops_unlogged = 0
+            self._drops_logged_at = time.monotonic()
 
     async def _on_closed(self) -> None:
         self.closed.set()
 
     async def _on_disconnected(self) -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if self._closing:  # our own drain or close
+            log.debug("disconnected from NATS (closing)")
+        else:
+            log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
         self._counters.reconnects += 1

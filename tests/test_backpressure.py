@@ -3,10 +3,13 @@ and never forwards what it did not decide (core mode is at-most-once, like core 
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from pathlib import Path
 
 import nats
+import pytest
 
 from bus_guard.artifacts import Signer
 from bus_guard.decision import Decision, Request
@@ -33,7 +36,7 @@ class _SlowPolicies:
 
 
 async def test_overflow_is_counted_and_nothing_undecided_is_forwarded(
-    nats_url: str, tmp_path: Path
+    nats_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     key, _ = generate_key(tmp_path)
     signer = Signer(load_private_key(key), issuer="gw", ttl_s=60)
@@ -42,10 +45,13 @@ async def test_overflow_is_counted_and_nothing_undecided_is_forwarded(
     nc = await nats.connect(nats_url)
     execs = await Collector.on(nc, "guard.exec.>")
     denies = await Collector.on(nc, "guard.deny.>")
+    caplog.set_level(logging.DEBUG, logger="bus_guard.gateway")
+    started = time.monotonic()
     async with Gateway(settings, _SlowPolicies(load_policies(POLICIES)), signer) as gw:
         for i in range(n):
             await nc.publish("guard.in.agent-1.tools.search", intent("tools.search", "t", {"i": i}))
         await round_trip(nc)  # the server has routed all n to the gateway's connection
+    elapsed_s = time.monotonic() - started
     # Leaving the context drained: every intent the gateway's connection got was either
     # decided or dropped from its bounded queue, and each drop was counted.
     stats = gw.statistics()
@@ -57,5 +63,20 @@ async def test_overflow_is_counted_and_nothing_undecided_is_forwarded(
     # Exactly the decided intents were forwarded: the dropped ones never reached exec.
     assert len(execs.msgs) == stats.allowed and denies.msgs == []
     assert len({m.headers["Guard-Decision"] for m in execs.msgs if m.headers}) == len(execs.msgs)
+    # Logged: the first drop, then at most one summary a second (the last one at close),
+    # which together account for every drop; no line per dropped intent.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    first, *summaries = [w for w in warnings if w.startswith("slow consumer")]
+    assert first == "slow consumer: intent on guard.in.agent-1.tools.search dropped undecided"
+    assert len(summaries) <= elapsed_s + 1
+    more = [
+        re.fullmatch(r"slow consumer: (\d+) more intent\(s\) dropped undecided \(\d+ in all\)", w)
+        for w in summaries
+    ]
+    assert all(more)
+    assert 1 + sum(int(m[1]) for m in more if m) == stats.slow_consumer_drops
+    # The clean shutdown (our own drain) is no warning; only slow-consumer lines were.
+    assert all(w.startswith("slow consumer") for w in warnings)
+    assert any(r.getMessage() == "disconnected from NATS (closing)" for r in caplog.records)
     print(f"backpressure: sent={n} decided={stats.received} dropped={stats.slow_consumer_drops}")
     await nc.drain()
