@@ -219,6 +219,12 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--mode", default="stream", choices=["core", "stream"], help="intake mode (default: stream)"
     )
+    demo.add_argument(
+        "--artifacts",
+        default="per-message",
+        choices=["per-message", "batched"],
+        help="the gateway's artifacts (default: per-message; see `bus-guard run --help`)",
+    )
     demo.add_argument("--quiet", action="store_true", help="only print the summary")
 
     watch = sub.add_parser("watch", help="live view of denials and holds")

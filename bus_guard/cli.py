@@ -94,6 +94,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
                     seed=args.seed,
                     quiet=args.quiet,
                     mode=args.mode,
+                    artifacts=args.artifacts,
                 )
             )
         case "watch":

@@ -35,8 +35,8 @@ from .ledger import CheckpointSigner
 from .messages import DecisionRecord
 from .policy import load_policies
 from .server import NatsServer
-from .settings import IntakeMode, Settings
-from .verify import Verifier, verify_message
+from .settings import ArtifactMode, IntakeMode, Settings
+from .verify import ARTIFACT_HEADER, BATCH_PREFIX, Verifier, verify_message
 from .watch import format_record
 
 __all__ = ("run_demo",)
@@ -133,6 +133,7 @@ class _Tally:
     not_allowed: set[str] = field(default_factory=set)  # payload digests denied or held
     executed_digests: set[str] = field(default_factory=set)
     bad_artifacts: int = 0
+    batched_artifacts: int = 0  # verified artifacts that were batched (a tree head and a proof)
     decided: int = 0
 
 
@@ -156,6 +157,7 @@ async def run_demo(
     timeout_s: float = 60.0,
     console: Console | None = None,
     mode: IntakeMode = "stream",
+    artifacts: ArtifactMode = "per-message",
 ) -> int:
     console = console or Console(highlight=False)
     policies = load_policies(policies_dir)
@@ -168,10 +170,13 @@ async def run_demo(
         verifier = Verifier(jwks_path)
         async with _bus(nats_url) as url:
             console.print(
-                f"[bold]bus_guard demo[/] bus={url} mode={mode} policies={policies.version} "
+                f"[bold]bus_guard demo[/] bus={url} mode={mode} artifacts={artifacts} "
+                f"policies={policies.version} "
                 f"digest={policies.digest[:19]}… rules={policies.rule_count}"
             )
-            settings = Settings(nats_url=url, gateway_id="demo-gateway", mode=mode)
+            settings = Settings(
+                nats_url=url, gateway_id="demo-gateway", mode=mode, artifacts=artifacts
+            )
             all_decided = anyio.Event()
 
             def decided() -> None:
@@ -189,6 +194,8 @@ async def run_demo(
                     console.print(f"[bold red]REFUSED[/] {escape(msg.subject)}: {exc}")
                 else:
                     tally.executed.add(claims.jti)
+                    if (msg.headers or {}).get(ARTIFACT_HEADER, "").startswith(BATCH_PREFIX):
+                        tally.batched_artifacts += 1
                     tally.executed_digests.add(claims.payload_sha256)
                     tally.effects["allow"] += 1
                     tally.reasons[("allow", "allowed_by_rule")] += 1
@@ -262,6 +269,7 @@ def _summary(
     table.add_row("received by gateway", "", str(received))
     table.add_row("decided", "", str(tally.decided))
     table.add_row("executed (artifact verified)", "", str(len(tally.executed)))
+    table.add_row("  of which batched artifacts", "", str(tally.batched_artifacts))
     table.add_row("refused by executor (bad artifact)", "", str(tally.bad_artifacts))
     table.add_row("denied/held but executed", "", str(len(leaked)))
     table.add_row("elapsed", "", f"{elapsed:.2f}s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,9 +143,17 @@ def test_help_lists_every_command() -> None:
     assert exc.value.code == 0
 
 
-def test_demo_passes_end_to_end() -> None:
-    code = main(["demo", "--count", "120", "--rate", "0", "--quiet"])
-    assert code == 0
+@pytest.mark.parametrize("artifacts", ["per-message", "batched"])
+def test_demo_passes_end_to_end(artifacts: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["demo", "--count", "120", "--rate", "0", "--quiet", "--artifacts", artifacts])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"artifacts={artifacts}" in out
+    executed = re.search(r"executed \(artifact verified\)\D*(\d+)", out)
+    batched = re.search(r"of which batched artifacts\D*(\d+)", out)
+    assert executed is not None and batched is not None, out
+    assert int(executed[1]) > 0  # the executor verified artifacts of the kind asked for
+    assert int(batched[1]) == (int(executed[1]) if artifacts == "batched" else 0)
 
 
 # -- the gateway as a real process -------------------------------------------------------
