@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
 import anyio
 import nats
@@ -151,6 +151,7 @@ class Gateway:
         except Exception as exc:
             raise GatewayError(f"cannot connect to {s.nats_url}: {exc}") from exc
         try:
+            _check_max_payload(s, self._nc.max_payload)
             if s.mode == "stream":
                 await self._start_stream()
             else:
@@ -420,3 +421,24 @@ async def round_trip(nc: Client, *, timeout_s: float = 5.0) -> None:
     timeout = max(1, round(timeout_s))
     await nc.flush(timeout=timeout)
     await nc.flush(timeout=timeout)
+
+
+# What an output adds to an intent's bytes: artifact headers (a batched artifact with its
+# proof is ~1.5 KB) and the JSON fields of a deny/hold record.
+_OUTPUT_OVERHEAD_BYTES: Final = 8 * 1024
+
+
+def _check_max_payload(settings: Settings, server_max_payload: int) -> None:
+    """Refuse to start when an accepted intent could not be forwarded or recorded.
+
+    A hold record carries the whole payload, base64-encoded when it is not UTF-8 (4/3 of
+    its size); nats-py checks only the payload against the server's limit, not headers, so
+    an exec message over the limit would make the server close the gateway's connection.
+    """
+    worst = -(-settings.max_payload_bytes * 4 // 3) + _OUTPUT_OVERHEAD_BYTES
+    if worst > server_max_payload:
+        raise ConfigError(
+            f"--max-payload {settings.max_payload_bytes} is too large for this server's "
+            f"max_payload {server_max_payload}: an output could need {worst} bytes; lower "
+            f"--max-payload to at most {(server_max_payload - _OUTPUT_OVERHEAD_BYTES) * 3 // 4}"
+        )

@@ -275,3 +275,21 @@ def test_keys_rotate_keeps_the_old_key_valid_for_the_grace_period(tmp_path: Path
     code, _ = _run("keys", "revoke", "--jwks", str(tmp_path / "jwks.json"), old_kid)
     revoked = load_jwks(tmp_path / "jwks.json").entry(old_kid)
     assert code == 0 and revoked is not None and revoked.revoked_at is not None
+
+
+def test_run_refuses_a_max_payload_the_server_cannot_carry(nats_url: str, key: Path) -> None:
+    """A 1 MiB intent could not be forwarded with its artifact by a 1 MiB server: refuse."""
+    code, _ = _run(
+        "run",
+        "--nats",
+        nats_url,
+        "--policies",
+        str(POLICIES),
+        "--key",
+        str(key),
+        "--mode",
+        "core",
+        "--max-payload",
+        str(1024 * 1024),
+    )
+    assert code == 2
