@@ -1,0 +1,507 @@
+"""SCENARIOS S16: the compiled evaluator against a small reference interpreter.
+
+Hypothesis draws random bundles (one or two files, each with its own groups and principal
+attributes, dumped to YAML so the real loader, models and compiler run) and random
+requests; every pair is decided by ``PolicySet.evaluate`` and by :func:`reference`, a
+direct reading of SPEC §4-§5 and the README ("Decisions", "Conditions") with its own
+matching code: no index, no cache, no compiled closures. Effect, reason and the rule ids
+must agree. Bundles the compiler rejects as having an unreachable rule are skipped
+(``assume``); any other rejection fails the test, since the generator only writes valid,
+type-correct policies.
+
+``test_policy_set_agrees_with_the_reference_interpreter`` is the CI-sized run;
+``test_differential_soak`` (``-m slow``) covers more than 10^5 (policy, request) pairs and
+prints how many and how many disagreed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from bus_guard.decision import Effect, Reason, Request
+from bus_guard.errors import PolicyError
+from bus_guard.policy import PolicySet, load_policy_sources
+from bus_guard.state import State
+
+Outcome = tuple[Effect, Reason, tuple[str, ...]]
+
+# -- the reference interpreter ----------------------------------------------------------
+
+MISSING: Any = object()
+
+
+@dataclass(frozen=True)
+class RefBundle:
+    groups: Mapping[str, list[str]]
+    principals: Mapping[str, Mapping[str, Any]]
+    rules: list[dict[str, Any]]
+
+
+def glob_matches(pattern: str, value: str) -> bool:
+    """``*`` any run of characters (newlines too), ``?`` one character, all else literal."""
+    regex = "".join(
+        "(?s:.*)" if c == "*" else "(?s:.)" if c == "?" else re.escape(c) for c in pattern
+    )
+    return re.fullmatch(regex, value) is not None
+
+
+def action_matches(pattern: list[str], action: list[str]) -> bool:
+    """NATS subjects: ``*`` exactly one token, ``>`` (last) one or more."""
+    if not pattern:
+        return not action
+    if pattern[0] == ">":
+        return len(action) >= 1
+    return (
+        bool(action) and pattern[0] in ("*", action[0]) and action_matches(pattern[1:], action[1:])
+    )
+
+
+def principal_matches(pattern: str, principal: str, bundle: RefBundle) -> bool:
+    if pattern.startswith("group:"):
+        return principal in bundle.groups[pattern.removeprefix("group:")]
+    return glob_matches(pattern, principal)
+
+
+def lookup(path: str, request: Request, bundle: RefBundle) -> Any:
+    """The field's value, or MISSING (absent or null)."""
+    root, _, rest = path.partition(".")
+    value: Any
+    if root == "params":
+        value = request.params
+        for key in rest.split("."):
+            if not isinstance(value, dict) or key not in value:
+                return MISSING
+            value = value[key]
+    elif path == "principal":
+        value = request.principal
+    elif root == "principal":
+        value = bundle.principals.get(request.principal, {}).get(rest, MISSING)
+    elif path == "resource":
+        value = request.resource
+    elif path == "action":
+        value = request.action
+    elif path == "lineage.depth":
+        value = request.lineage_depth
+    elif path == "lineage.root":
+        value = request.lineage_root or MISSING  # no lineage root: absent
+    elif path == "lineage.labels":
+        value = sorted(request.labels)
+    else:
+        raise AssertionError(path)
+    return MISSING if value is None else value
+
+
+def kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "other"  # lists, mappings
+
+
+def member(value: Any, listed: list[Any]) -> bool:
+    return any(kind(value) == kind(x) and value == x for x in listed)
+
+
+def holds(cond: dict[str, Any], request: Request, bundle: RefBundle) -> bool:
+    if "all" in cond:
+        return all(holds(c, request, bundle) for c in cond["all"])
+    if "any" in cond:
+        return any(holds(c, request, bundle) for c in cond["any"])
+    if "not" in cond:
+        return not holds(cond["not"], request, bundle)
+    ((op, lit),) = ((k, v) for k, v in cond.items() if k != "field")
+    value = lookup(cond["field"], request, bundle)
+    if op == "exists":
+        return (value is not MISSING) is lit
+    if value is MISSING:
+        return False
+    if isinstance(value, list):  # list values: in = any element listed, not_in = none is
+        if op == "in":
+            return any(member(x, lit) for x in value)
+        if op == "not_in":
+            return not any(member(x, lit) for x in value)
+        return False
+    if op == "eq":
+        return kind(value) == kind(lit) and value == lit
+    if op == "ne":
+        return kind(value) == kind(lit) and value != lit
+    if op in ("lt", "le", "gt", "ge"):
+        if kind(value) != "number":
+            return False
+        return {
+            "lt": value < lit,
+            "le": value <= lit,
+            "gt": value > lit,
+            "ge": value >= lit,
+        }[op]
+    if op == "in":
+        return member(value, lit)
+    if op == "not_in":
+        return kind(value) in {kind(x) for x in lit} and not member(value, lit)
+    assert op == "matches"
+    return kind(value) == "string" and re.search(lit, value) is not None
+
+
+def applies(rule: dict[str, Any], request: Request, bundle: RefBundle) -> bool:
+    return (
+        any(principal_matches(p, request.principal, bundle) for p in rule["principals"])
+        and any(action_matches(a.split("."), request.action.split(".")) for a in rule["actions"])
+        and any(glob_matches(r, request.resource) for r in rule["resources"])
+        and ("when" not in rule or holds(rule["when"], request, bundle))
+    )
+
+
+def reference(bundles: list[RefBundle], request: Request) -> Outcome:
+    hits: dict[str, list[str]] = {"allow": [], "deny": [], "escalate": []}
+    for bundle in bundles:
+        for rule in bundle.rules:
+            if applies(rule, request, bundle):
+                hits[rule["effect"]].append(rule["id"])
+    for effect, outcome, reason in (
+        ("deny", Effect.DENY, Reason.DENIED_BY_RULE),
+        ("escalate", Effect.HOLD, Reason.ESCALATED_BY_RULE),
+        ("allow", Effect.ALLOW, Reason.ALLOWED_BY_RULE),
+    ):
+        if hits[effect]:
+            return outcome, reason, tuple(sorted(hits[effect]))
+    return Effect.DENY, Reason.NO_MATCHING_RULE, ()
+
+
+# -- generators ------------------------------------------------------------------------
+
+IDS = ["agent-1", "agent-2", "agent-12", "bot-1", "bot-x", "svc", "x"]
+PRINCIPAL_GLOBS = ["agent-*", "agent-?", "*-1", "bot*", "?", "a*2", "*", "**", "s?c"]
+GROUPS = ["g0", "g1", "g2"]
+ATTRS = ["team", "tier", "roles", "flag"]
+STRINGS = ["x", "y", "xy", "", "agent-1", "a.b", "1", "true", "t"]
+REGEXES = ["^x", "y$", "^$", "x|y", "^[xy]+$", "1", r"\.", "^agent-", "t"]
+LABELS = ["t", "u", "v"]
+ACTION_TOKENS = ["a", "b"]
+RESOURCE_CHARS = ["x", "y", ".", "[", "]", "+", ":"]
+
+strings = st.sampled_from(STRINGS)
+numbers = st.integers(-2, 3) | st.sampled_from([0.5, 1.0, 2.5, -0.0])
+scalars = strings | numbers | st.booleans()
+wholes = st.integers(-1, 3) | st.sampled_from([1.0, 2.0])
+
+
+def literal_list(elements: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
+    return st.lists(elements, min_size=1, max_size=3)
+
+
+# Per kind of field: the operators and literals the compiler's type check admits.
+LITERALS: dict[str, list[tuple[str, st.SearchStrategy[Any]]]] = {
+    "any": [
+        ("eq", scalars),
+        ("ne", scalars),
+        ("lt", numbers),
+        ("le", numbers),
+        ("gt", numbers),
+        ("ge", numbers),
+        ("in", literal_list(scalars)),
+        ("not_in", literal_list(scalars)),
+        ("matches", st.sampled_from(REGEXES)),
+        ("exists", st.booleans()),
+    ],
+    "string": [
+        ("eq", strings),
+        ("ne", strings),
+        ("in", literal_list(strings)),
+        ("not_in", literal_list(strings)),
+        ("matches", st.sampled_from(REGEXES)),
+        ("exists", st.booleans()),
+    ],
+    "number": [
+        ("eq", numbers),
+        ("ne", numbers),
+        ("lt", numbers),
+        ("le", numbers),
+        ("gt", numbers),
+        ("ge", numbers),
+        ("in", literal_list(numbers)),
+        ("not_in", literal_list(numbers)),
+        ("exists", st.booleans()),
+    ],
+    "integer": [
+        ("eq", wholes),
+        ("ne", wholes),
+        ("lt", numbers),
+        ("ge", numbers),
+        ("in", literal_list(wholes)),
+        ("not_in", literal_list(wholes)),
+        ("exists", st.booleans()),
+    ],
+    "boolean": [
+        ("eq", st.booleans()),
+        ("ne", st.booleans()),
+        ("in", literal_list(st.booleans())),
+        ("not_in", literal_list(st.booleans())),
+        ("exists", st.booleans()),
+    ],
+    "list": [
+        ("in", literal_list(scalars)),
+        ("not_in", literal_list(scalars)),
+        ("exists", st.booleans()),
+    ],
+    "labels": [
+        ("in", literal_list(st.sampled_from(LABELS))),
+        ("not_in", literal_list(st.sampled_from(LABELS))),
+    ],
+}
+
+FIXED_FIELDS = {
+    "resource": "string",
+    "action": "string",
+    "principal": "string",
+    "lineage.root": "string",
+    "lineage.depth": "integer",
+    "lineage.labels": "labels",
+}
+PARAM_FIELDS = ["params.n", "params.s", "params.l", "params.o.k", "params.o.o.k"]
+
+
+@st.composite
+def leaf(draw: st.DrawFn, attributes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    declared: dict[str, set[str]] = {}
+    for attrs in attributes.values():
+        for name, value in attrs.items():
+            declared.setdefault(name, set()).add("list" if isinstance(value, list) else kind(value))
+    choices = [*PARAM_FIELDS, *FIXED_FIELDS, *(f"principal.{a}" for a in sorted(declared))]
+    field = draw(st.sampled_from(choices))
+    if field.startswith("params."):
+        field_kind = "any"
+    elif field in FIXED_FIELDS:
+        field_kind = FIXED_FIELDS[field]
+    else:  # an attribute: a kind some principal of the bundle has
+        field_kind = draw(st.sampled_from(sorted(declared[field.removeprefix("principal.")])))
+    op, literal = draw(st.sampled_from(LITERALS[field_kind]))
+    return {"field": field, op: draw(literal)}
+
+
+@st.composite
+def condition(
+    draw: st.DrawFn, attributes: Mapping[str, Mapping[str, Any]], depth: int = 0
+) -> dict[str, Any]:
+    """A comparison, or up to two levels of ``not`` / ``all`` / ``any`` around some."""
+    roll = draw(st.integers(0, 9)) if depth < 2 else 9
+    if roll == 0:
+        return {"not": draw(condition(attributes, depth + 1))}
+    if roll < 5:
+        key = "all" if roll < 3 else "any"
+        n = draw(st.integers(1, 3))
+        return {key: [draw(condition(attributes, depth + 1)) for _ in range(n)]}
+    return draw(leaf(attributes))
+
+
+action_patterns = st.builds(
+    lambda head, last: ".".join([*head, last]),
+    st.lists(st.sampled_from([*ACTION_TOKENS, "*", "*"]), max_size=2),
+    st.sampled_from([*ACTION_TOKENS, "*", ">", ">"]),
+)
+resource_patterns = st.sampled_from(
+    ["*", "*", "*", "*", "x*", "*y", "?", "x?y", "[x]", "x.y", "x+*"]
+) | st.lists(st.sampled_from([*RESOURCE_CHARS, "*", "?"]), min_size=1, max_size=4).map("".join)
+attribute_values = scalars | st.lists(scalars, min_size=1, max_size=3)
+
+
+@st.composite
+def bundle(draw: st.DrawFn, name: str) -> dict[str, Any]:
+    groups = draw(
+        st.dictionaries(
+            st.sampled_from(GROUPS),
+            st.lists(st.sampled_from(IDS), min_size=1, max_size=3, unique=True),
+            max_size=3,
+        )
+    )
+    attributes = draw(
+        st.dictionaries(
+            st.sampled_from(IDS),
+            st.dictionaries(st.sampled_from(ATTRS), attribute_values, min_size=1, max_size=3),
+            max_size=4,
+        )
+    )
+    principal_patterns = st.sampled_from(
+        [*IDS, *PRINCIPAL_GLOBS, "*", "*", "*", *(f"group:{g}" for g in sorted(groups))]
+    )
+    rules = []
+    for i in range(draw(st.integers(1, 8))):
+        effect = draw(st.sampled_from(["allow", "allow", "deny", "escalate"]))
+        rule: dict[str, Any] = {
+            "id": f"{name}-r{i}",
+            "effect": effect,
+            "principals": draw(st.lists(principal_patterns, min_size=1, max_size=2)),
+            "actions": draw(st.lists(action_patterns, min_size=1, max_size=2)),
+            "resources": draw(st.lists(resource_patterns, min_size=1, max_size=2)),
+        }
+        # Unconditional denies and escalates are what make other rules unreachable.
+        if draw(st.integers(0, 9)) < (5 if effect == "allow" else 8):
+            rule["when"] = draw(condition(attributes))
+        rules.append(rule)
+    data: dict[str, Any] = {"bundle": name, "version": "1", "rules": rules}
+    if groups:
+        data["groups"] = groups
+    if attributes:
+        data["principals"] = attributes
+    return data
+
+
+param_leaves = scalars | st.none() | st.lists(scalars | st.none(), max_size=3)
+param_values = param_leaves | st.fixed_dictionaries(
+    {}, optional={"k": param_leaves, "o": st.fixed_dictionaries({}, optional={"k": param_leaves})}
+)
+
+
+@st.composite
+def request(draw: st.DrawFn) -> Request:
+    depth = draw(st.integers(0, 3))
+    return Request(
+        principal=draw(st.sampled_from([*IDS, "stranger", "agent-7"])),
+        action=".".join(
+            draw(st.lists(st.sampled_from([*ACTION_TOKENS, "c"]), min_size=1, max_size=3))
+        ),
+        resource=draw(
+            st.sampled_from(["x", "y", "xy", "x.y", "[x]", "x+y", "", "x\ny", "*"])
+            | st.lists(st.sampled_from([*RESOURCE_CHARS, "*", "?", "\n"]), max_size=5).map("".join)
+        ),
+        params=draw(
+            st.fixed_dictionaries({}, optional={k: param_values for k in ("n", "s", "l", "o")})
+        ),
+        lineage_depth=depth,
+        lineage_root=draw(st.sampled_from(["", "agent-1", "x"])) if depth else "",
+        labels=frozenset(draw(st.lists(st.sampled_from(LABELS), max_size=2))),
+    )
+
+
+def compile_or_skip(bundles: list[dict[str, Any]]) -> PolicySet:
+    sources = {f"{b['bundle']}.yaml": yaml.safe_dump(b, sort_keys=False).encode() for b in bundles}
+    try:
+        return load_policy_sources(sources)
+    except PolicyError as exc:
+        problems = exc.problems
+        # The generator writes only valid, type-correct bundles; an unreachable rule is
+        # the one rejection it cannot avoid cheaply.
+        assert all("unreachable" in p for p in problems), "\n".join(problems)
+        assume(False)
+        raise
+
+
+@dataclass
+class Tally:
+    pairs: int = 0
+    disagreements: int = 0
+    bundles: int = 0
+    outcomes: dict[Reason, int] | None = None
+
+
+def instance(pattern: str, wild: str, one: str) -> str:
+    """A concrete value the pattern matches: ``*``/``>`` -> ``wild``, ``?`` -> ``one``."""
+    return "".join(wild if c in "*>" else one if c == "?" else c for c in pattern)
+
+
+def aimed(bundles: list[dict[str, Any]], requests: list[Request]) -> list[Request]:
+    """Besides the drawn requests, one per rule aimed at its first action and resource, so
+    that rules apply often and their conditions decide (random requests mostly miss)."""
+    out = list(requests)
+    rules = [rule for b in bundles for rule in b["rules"]]
+    for i, rule in enumerate(rules):
+        base = requests[i % len(requests)]
+        token = "ab"[i % 2]
+        action = ".".join(token if t in ("*", ">") else t for t in rule["actions"][0].split("."))
+        resource = instance(rule["resources"][0], "x" * (i % 3), "y")
+        out.append(replace(base, action=action, resource=resource))
+    return out
+
+
+def check(bundles: list[dict[str, Any]], requests: list[Request], tally: Tally) -> None:
+    policies = compile_or_skip(bundles)
+    ref = [RefBundle(b.get("groups", {}), b.get("principals", {}), b["rules"]) for b in bundles]
+    tally.bundles += 1
+    tally.outcomes = tally.outcomes or {}
+    mismatches = []
+    for base in aimed(bundles, requests):
+        # Every request as every principal: groups, globs and attributes all get exercised.
+        for principal in (*IDS, "stranger"):
+            r = replace(base, principal=principal)
+            expected = reference(ref, r)
+            decision = policies.evaluate(r, State())
+            got = (decision.effect, decision.reason, decision.rules)
+            tally.pairs += 1
+            tally.outcomes[expected[1]] = tally.outcomes.get(expected[1], 0) + 1
+            if got != expected:
+                tally.disagreements += 1
+                mismatches.append((r, got, expected))
+    assert not mismatches, f"{len(mismatches)} disagreements, first: {mismatches[0]}"
+    # explain() decides by its own linear scan: it must agree as well.
+    r = requests[0]
+    assert policies.explain(r).decision == policies.evaluate(r, State())
+
+
+bundle_sets = st.lists(st.just(0), min_size=1, max_size=2).flatmap(
+    lambda xs: st.tuples(*(bundle(f"b{i}") for i in range(len(xs)))).map(list)
+)
+
+CI = Tally()
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(bundle_sets, st.lists(request(), min_size=1, max_size=6))
+def test_policy_set_agrees_with_the_reference_interpreter(
+    bundles: list[dict[str, Any]], requests: list[Request]
+) -> None:
+    check(bundles, requests, CI)
+
+
+def test_the_ci_run_exercised_every_outcome() -> None:
+    """Runs after the property above (file order): the data was not degenerate."""
+    if CI.outcomes is None:
+        pytest.skip("run together with the differential test")
+    assert set(CI.outcomes) == {
+        Reason.ALLOWED_BY_RULE,
+        Reason.DENIED_BY_RULE,
+        Reason.ESCALATED_BY_RULE,
+        Reason.NO_MATCHING_RULE,
+    }, CI.outcomes
+    assert CI.disagreements == 0
+    print(f"\nS16 CI run: bundles={CI.bundles} pairs={CI.pairs} outcomes={CI.outcomes}")
+
+
+SOAK = Tally()
+
+
+@settings(
+    max_examples=2000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(bundle_sets, st.lists(request(), min_size=1, max_size=10))
+def _soak(bundles: list[dict[str, Any]], requests: list[Request]) -> None:
+    check(bundles, requests, SOAK)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_differential_soak() -> None:
+    try:
+        _soak()
+    finally:
+        print(
+            f"\nS16 differential: bundles={SOAK.bundles} pairs={SOAK.pairs}"
+            f" disagreements={SOAK.disagreements} outcomes={SOAK.outcomes}"
+        )
+    assert SOAK.pairs >= 100_000
+    assert SOAK.disagreements == 0
