@@ -123,6 +123,7 @@ class Reconciliation:
     invalid: int = 0
     missing_outputs: int = 0
     execs: int = 0
+    batched_execs: int = 0  # exec messages whose artifact is batched (gb1~...)
     effects: collections.Counter[str] = field(default_factory=collections.Counter)
     ledger_problems: list[str] = field(default_factory=list)
     chains: list[str] = field(default_factory=list)
@@ -132,6 +133,7 @@ class Reconciliation:
             f"accepted={self.accepted} decided={self.decided} lost={self.lost} "
             f"double={self.double} divergent={self.divergent} invalid={self.invalid} "
             f"missing_outputs={self.missing_outputs} execs={self.execs} "
+            f"batched_execs={self.batched_execs} "
             f"effects={dict(self.effects)} ledger_problems={len(self.ledger_problems)}"
         )
 
@@ -163,6 +165,7 @@ async def reconcile(nc: Client, accepted: set[tuple[str, str]], jwks_path: Path)
     seen_outputs: set[str] = set()
     async for m in read(nc, "GUARD_EXEC", "guard.exec.>"):
         out.execs += 1
+        out.batched_execs += (m.headers or {}).get("Guard-Artifact", "").startswith("gb1~")
         try:
             claims = verify_message(verifier, subject=m.subject, headers=m.headers, payload=m.data)
         except VerificationError:

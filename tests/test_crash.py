@@ -56,7 +56,15 @@ def _intent(rng: random.Random, i: int) -> tuple[str, str, bytes]:
     return f"guard.in.{principal}.{action}", body["id"], _enc.encode(body)
 
 
-async def _crash_run(nats_url: str, tmp_path: Path, *, intents: int, kills: int, seed: int) -> None:
+async def _crash_run(
+    nats_url: str,
+    tmp_path: Path,
+    *,
+    intents: int,
+    kills: int,
+    seed: int,
+    artifacts: str = "per-message",
+) -> None:
     rng = random.Random(seed)
     key, jwks = generate_key(tmp_path)
     argv = run_argv(
@@ -69,6 +77,8 @@ async def _crash_run(nats_url: str, tmp_path: Path, *, intents: int, kills: int,
         "200",
         "--checkpoint-interval",
         "1",
+        "--artifacts",
+        artifacts,
     )
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
@@ -115,7 +125,7 @@ async def _crash_run(nats_url: str, tmp_path: Path, *, intents: int, kills: int,
     adopted = sum(g.count("adopted their recorded decisions") for g in gateways)
     deduplicated = sum(g.count("already stored (de-duplicated") for g in gateways)
     print(
-        f"\nS3 seed={seed} kills={kills} batches_adopting={adopted} "
+        f"\nS3 artifacts={artifacts} seed={seed} kills={kills} batches_adopting={adopted} "
         f"batches_with_deduplicated_outputs={deduplicated} {result.line()}"
     )
     for chain in result.chains:
@@ -125,13 +135,19 @@ async def _crash_run(nats_url: str, tmp_path: Path, *, intents: int, kills: int,
     assert result.missing_outputs == 0
     assert result.ledger_problems == []
     assert result.effects["allow"] == result.execs
+    # The artifact mode really was the one asked for, on every forwarded message.
+    assert result.batched_execs == (result.execs if artifacts == "batched" else 0)
     await nc.close()
 
 
+@pytest.mark.parametrize(
+    ("artifacts", "intents", "kills"),
+    [("per-message", 3000, 5), ("batched", 1500, 3)],
+)
 async def test_s3_sigkill_under_load_loses_nothing_and_decides_once(
-    nats_url: str, tmp_path: Path
+    nats_url: str, tmp_path: Path, artifacts: str, intents: int, kills: int
 ) -> None:
-    await _crash_run(nats_url, tmp_path, intents=3000, kills=5, seed=3)
+    await _crash_run(nats_url, tmp_path, intents=intents, kills=kills, seed=3, artifacts=artifacts)
 
 
 @pytest.mark.slow
