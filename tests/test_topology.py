@@ -43,7 +43,12 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StreamConfig
-from nats.js.errors import KeyWrongLastSequenceError, ServiceUnavailableError
+from nats.js.errors import (
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 from bus_guard.cli import main
 from bus_guard.errors import VerificationError
@@ -966,7 +971,14 @@ async def until_ok(attempt: Callable[[], Awaitable[T]], *, timeout_s: float = 15
         while True:
             try:
                 return await attempt()
-            except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError, TimeoutError):
+            except (
+                NatsTimeoutError,
+                NoRespondersError,
+                ServiceUnavailableError,
+                TimeoutError,
+                NotFoundError,
+                NoStreamResponseError,  # a publish nobody answered yet: not stored, retry
+            ):
                 await asyncio.sleep(0.05)  # back-off between attempts; not a synchronisation
 
 
@@ -1049,7 +1061,16 @@ async def test_cluster_auditor_and_consume_once(cluster: LocalCluster) -> None:
         ajs = auditor.nc.jetstream(timeout=2)
         info = await until_ok(lambda: ajs.stream_info("GUARD_LEDGER"))
         assert info.state.messages == 3 and info.config.num_replicas == 3
-        records = [m.data async for m in read(auditor.nc, "GUARD_LEDGER", "guard.ledger.>")]
+
+        async def all_three() -> list[bytes]:
+            # A direct get may be answered by a replica that is still catching up, or find
+            # none subscribed yet on a fresh cluster: retry until all three are read.
+            got = [m.data async for m in read(auditor.nc, "GUARD_LEDGER", "guard.ledger.>")]
+            if len(got) < 3:
+                raise TimeoutError(f"read {len(got)} of 3 records")
+            return got
+
+        records = await until_ok(all_three)
         assert records == [b"0", b"1", b"2"]
         await auditor.nc.publish("$JS.API.STREAM.DELETE.GUARD_LEDGER", b"")
         assert await auditor.errors() == [pub_violation("$JS.API.STREAM.DELETE.GUARD_LEDGER")]
@@ -1059,7 +1080,7 @@ async def test_cluster_auditor_and_consume_once(cluster: LocalCluster) -> None:
         executed = await until_ok(
             lambda: ejs.create_key_value(bucket="guard-executed", history=1, ttl=3600)
         )
-        assert await executed.create("d-1", b"x") == 1
+        assert await until_ok(lambda: executed.create("d-1", b"x")) == 1
         with pytest.raises(KeyWrongLastSequenceError):
             await executed.create("d-1", b"x")
         assert await executor.errors() == []
