@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import anyio
 import nats
 import pytest
 from joserfc import jws
@@ -160,31 +161,85 @@ async def test_batched_core_signing_failure_denies_the_whole_batch(
     await nc.drain()
 
 
+class _HeldPublisher:
+    """The core intake's connection with every publish held until ``release`` is set: the
+    flusher stops mid-batch (signed, nothing of it published) and ``held`` says so."""
+
+    def __init__(self, nc: nats.NATS) -> None:
+        self._nc = nc
+        self.held = anyio.Event()
+        self.release = anyio.Event()
+
+    async def publish(
+        self, subject: str, payload: bytes = b"", reply: str = "", headers: Any = None
+    ) -> None:
+        self.held.set()
+        await self.release.wait()
+        await self._nc.publish(subject, payload, reply=reply, headers=headers)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._nc, name)
+
+
 async def test_batched_core_drain_decides_and_flushes_everything_received(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Leaving the context while batches are still being published (8 KiB intents: the
-    client's write buffer fills, so the flusher yields mid-batch) and with a long batch
-    window: nothing received is left undecided, unsigned or unpublished."""
+    """Leaving the context while the flusher is stuck mid-batch (its publishes held) and a
+    second batch, decided but unsigned, waits behind it (the last intents may still be
+    unread or queued), with a long batch window: the drain decides every intent received,
+    and the flusher signs and publishes both batches before the connection closes. The
+    publishes are released only when the intake closes, so nothing here is published by
+    the flusher's normal course: without the drain's final flush, intents are lost."""
     nc = await nats.connect(nats_url)
     out = await _outputs(nc)
-    n = 1000
-    pad = "x" * 16384
+    ids = [f"d-{i}" for i in range(300)]
+    denied = set(ids[5::10])  # denials travel in the same batches, in order
+
+    def payload(i: str) -> bytes:
+        if i in denied:
+            return intent("tools.shell", "tool:shell", {"cmd": "id"}, id=i)
+        return intent("tools.search", "tool:search", {"q": i}, id=i)
+
+    # batch_max above the intent count: the callback never waits for room, so the
+    # subscription drains completely while the flusher is held.
     settings = _batched(nats_url, batch_max=512, batch_delay_ms=1000)
     async with Gateway(settings, policies, _signer(keys)) as gw:
-        for i in range(n):
-            await nc.publish(SEARCH, intent("tools.search", "tool:search", {"q": pad}, id=f"d-{i}"))
-        await round_trip(nc)  # the server has routed all n to the gateway's connection
-    # Leaving the context drained the gateway: all n were decided, signed and forwarded.
+        core = gw._core
+        assert core is not None
+        held = _HeldPublisher(core.nc)
+        monkeypatch.setattr(core, "nc", held)
+        close = core.close
+
+        async def close_then_release() -> None:
+            await close()
+            held.release.set()
+
+        monkeypatch.setattr(core, "close", close_then_release)
+        for i in ids[:3]:
+            await nc.publish(SEARCH, payload(i))
+        await held.held.wait()  # the flusher took a batch, signed it, is publishing it
+        for i in ids[3:]:
+            await nc.publish(SHELL if i in denied else SEARCH, payload(i))
+        await round_trip(nc)  # the server has routed all of them to the gateway
+        assert not held.release.is_set()
+    # Leaving the context drained the gateway: all were decided, signed and published.
     stats = gw.statistics()
-    assert stats.received == n and stats.allowed == n, stats
+    n, n_allowed = len(ids), len(ids) - len(denied)
+    assert stats.received == n, stats
+    assert stats.allowed == n_allowed and stats.denied == len(denied), stats
+    assert held.release.is_set()  # the held batch was published only once the intake closed
     assert stats.publish_failures == 0 and stats.internal_errors == 0
-    msgs = await out.exec.wait_for(n)
-    await round_trip(nc)
-    assert len(msgs) == n and out.deny.msgs == [] and out.hold.msgs == []
-    assert [json.loads(m.data)["id"] for m in msgs] == [f"d-{i}" for i in range(n)]
-    heads = _check_execs(msgs, keys[1])
-    assert max(heads.values()) <= 512 and len(heads) == stats.artifact_batches
+    assert stats.artifact_batches == 2, stats  # the held batch and the one behind it
+    await out.exec.wait_for(n_allowed)
+    await out.deny.wait_for(len(denied))
+    await round_trip(nc)  # and no more than these
+    got = [json.loads(m.data)["id"] for m in out.exec.msgs]
+    assert got == [i for i in ids if i not in denied]  # exactly once each, in intake order
+    assert [r["intent_id"] for r in out.deny.records()] == [i for i in ids if i in denied]
+    assert {r["reason"] for r in out.deny.records()} == {"denied_by_rule"}
+    assert out.hold.msgs == []
+    heads = _check_execs(out.exec.msgs, keys[1])  # nothing unsigned reached exec
+    assert len(heads) == 2 and sum(heads.values()) == n_allowed
     await nc.drain()
 
 
