@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from .authorize import DEFAULT_CHECKS, Checks, PolicySetLike, authorize, deny
 from .decision import Decision, Lineage, Reason
@@ -21,6 +22,9 @@ from .policy import PolicySet, load_policies
 from .state import State
 
 __all__ = ("Evaluation", "decide", "evaluate", "load_policies")
+
+_MAX_PAYLOAD_BYTES: Final = 65536
+_MAX_NESTING_DEPTH: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +44,8 @@ def evaluate(
     now: float,
     prefix: str = "guard",
     checks: Checks = DEFAULT_CHECKS,
-    max_payload_bytes: int = 65536,
-    max_nesting_depth: int = 8,
+    max_payload_bytes: int = _MAX_PAYLOAD_BYTES,
+    max_nesting_depth: int = _MAX_NESTING_DEPTH,
     lineage: Callable[[Intent], Lineage | None] | None = None,
 ) -> Evaluation:
     """*lineage* maps a decoded intent to what the ledger says about its parents."""
@@ -72,13 +76,20 @@ def decide(
     checks: Checks = DEFAULT_CHECKS,
 ) -> Decision:
     """Decide one intent in-process, exactly as the gateway would (stateless by default)."""
-    return evaluate(
-        subject,
-        payload,
-        content_type,
+    # evaluate's steps, without the Evaluation it would build only for us to drop.
+    parsed = parse_subject(subject, prefix)
+    if parsed is None:
+        return deny(Reason.BAD_SUBJECT, f"not an intent subject: {subject!r}", policies)
+    intent = decode_intent(
+        payload, content_type, max_bytes=_MAX_PAYLOAD_BYTES, max_depth=_MAX_NESTING_DEPTH
+    )
+    if isinstance(intent, Malformed):
+        return deny(intent.reason, intent.message, policies)
+    return authorize(
+        parsed,
+        intent,
         policies,
         state if state is not None else State(),
         now=time.time() if now is None else now,
-        prefix=prefix,
         checks=checks,
-    ).decision
+    )

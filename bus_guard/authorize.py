@@ -42,6 +42,7 @@ class Checks:
 
 
 DEFAULT_CHECKS: Final = Checks()
+_NO_LABELS: Final[frozenset[str]] = frozenset()
 
 
 def deny(reason: Reason, message: str, policies: PolicySetLike | None = None) -> Decision:
@@ -74,69 +75,75 @@ def authorize(
     a root (depth 0, its own principal as root) whatever parents it names.
     """
     try:
-        return _authorize(subject, intent, policies, state, now, checks, lineage)
+        # Identity comes from the bus: the subject token is what NATS permissions bind to.
+        principal = subject.principal
+        if intent.principal is not None and intent.principal != principal:
+            return deny(
+                Reason.PRINCIPAL_MISMATCH,
+                f"payload principal {intent.principal!r} is not the subject's {principal!r}",
+                policies,
+            )
+        action = subject.action
+        if intent.action != action:
+            return deny(
+                Reason.ACTION_MISMATCH,
+                f"payload action {intent.action!r} is not the subject's {action!r}",
+                policies,
+            )
+        ts = intent.ts
+        if ts < now - checks.max_past_skew_s:
+            return deny(
+                Reason.EXPIRED,
+                f"intent ts is {now - ts:.1f}s old (limit {checks.max_past_skew_s:g}s)",
+                policies,
+            )
+        if ts > now + checks.max_future_skew_s:
+            return deny(
+                Reason.CLOCK_SKEW,
+                f"intent ts is {ts - now:.1f}s ahead (limit {checks.max_future_skew_s:g}s)",
+                policies,
+            )
+        # Positional arguments, in Request's field order: keywords cost per intent.
+        if lineage is None:  # a root: depth 0, its own principal as root
+            request = Request(
+                principal,
+                action,
+                intent.resource,
+                intent.params,
+                intent.id,
+                intent.parents,
+                0,
+                principal,
+                _NO_LABELS,
+            )
+        elif lineage.violation is not None:
+            return _observed(deny(Reason.LINEAGE_VIOLATION, lineage.violation, policies), policies)
+        else:
+            request = Request(
+                principal,
+                action,
+                intent.resource,
+                intent.params,
+                intent.id,
+                intent.parents,
+                lineage.depth,
+                lineage.root or principal,
+                lineage.labels,
+            )
+        decision = policies.evaluate(request, state)
+        if not isinstance(decision, Decision):  # fail closed on a contract breach
+            return deny(Reason.INTERNAL_ERROR, "evaluator returned no decision", policies)
+        if decision.effect is Effect.ALLOW:
+            return decision
+        return _observed(decision, policies)
     except Exception as exc:  # the boundary: sync code, nothing here can be cancelled
         log.exception("evaluation failed for intent %s", intent.id)
         return deny(Reason.INTERNAL_ERROR, f"evaluation failed: {type(exc).__name__}", policies)
 
 
-def _authorize(
-    subject: Subject,
-    intent: Intent,
-    policies: PolicySetLike,
-    state: State,
-    now: float,
-    checks: Checks,
-    lineage: Lineage | None,
-) -> Decision:
-    # Identity comes from the bus: the subject token is what NATS permissions bind to.
-    if intent.principal is not None and intent.principal != subject.principal:
-        return deny(
-            Reason.PRINCIPAL_MISMATCH,
-            f"payload principal {intent.principal!r} is not the subject's {subject.principal!r}",
-            policies,
-        )
-    if intent.action != subject.action:
-        return deny(
-            Reason.ACTION_MISMATCH,
-            f"payload action {intent.action!r} is not the subject's {subject.action!r}",
-            policies,
-        )
-    if intent.ts < now - checks.max_past_skew_s:
-        return deny(
-            Reason.EXPIRED,
-            f"intent ts is {now - intent.ts:.1f}s old (limit {checks.max_past_skew_s:g}s)",
-            policies,
-        )
-    if intent.ts > now + checks.max_future_skew_s:
-        return deny(
-            Reason.CLOCK_SKEW,
-            f"intent ts is {intent.ts - now:.1f}s ahead (limit {checks.max_future_skew_s:g}s)",
-            policies,
-        )
-    if lineage is not None and lineage.violation is not None:
-        decision = deny(Reason.LINEAGE_VIOLATION, lineage.violation, policies)
-    else:
-        request = Request(
-            principal=subject.principal,
-            action=subject.action,
-            resource=intent.resource,
-            params=intent.params,
-            intent_id=intent.id,
-            parents=intent.parents,
-            lineage_depth=lineage.depth if lineage is not None else 0,
-            lineage_root=(lineage.root if lineage is not None else "") or subject.principal,
-            labels=lineage.labels if lineage is not None else frozenset(),
-        )
-        decision = policies.evaluate(request, state)
-    if not isinstance(decision, Decision):  # fail closed on a contract breach
-        return deny(Reason.INTERNAL_ERROR, "evaluator returned no decision", policies)
-    if (
-        policies.mode == "observe"
-        and decision.effect is not Effect.ALLOW
-        and decision.reason in POLICY_REASONS
-    ):
-        # Observe mode lets policy outcomes through, marked; integrity failures above
+def _observed(decision: Decision, policies: PolicySetLike) -> Decision:
+    if policies.mode == "observe" and decision.reason in POLICY_REASONS:
+        # Observe mode lets policy outcomes through, marked; integrity failures
         # (spoofing, malformed, stale, errors) are denied in every mode.
         return dataclasses.replace(decision, effect=Effect.ALLOW, would_deny=True)
     return decision

@@ -288,12 +288,14 @@ class CoreIntake:
             failure = await self._forward(e)
             if failure is None:
                 self.counters.allowed += 1
+                # The claims hold the payload's digest: the records need not hash it again.
+                digest = e.claims.payload_sha256 if e.claims is not None else None
                 if ev.decision.would_deny:
                     # Observe mode: operators see on the deny stream what enforcement
                     # would block; the record's effect says it was allowed.
                     self.counters.would_deny += 1
-                    await self._publish_record(msg, ev, e.decision_id, e.now)
-                await self._reply(msg, ev, e.decision_id, e.now)
+                    await self._publish_record(msg, ev, e.decision_id, e.now, digest)
+                await self._reply(msg, ev, e.decision_id, e.now, digest)
                 return
             ev = Evaluation(failure, ev.subject, ev.intent)
         await self._record(msg, ev, e.decision_id, e.now)
@@ -321,11 +323,19 @@ class CoreIntake:
             self.counters.held += 1
         else:
             self.counters.denied += 1
-        await self._publish_record(msg, ev, decision_id, now)
-        await self._reply(msg, ev, decision_id, now)
+        digest = payload_digest(msg.data)  # once for the record and the reply
+        await self._publish_record(msg, ev, decision_id, now, digest)
+        await self._reply(msg, ev, decision_id, now, digest)
 
     def _make_record(
-        self, msg: Msg, ev: Evaluation, decision_id: str, now: float, *, excerpt: int
+        self,
+        msg: Msg,
+        ev: Evaluation,
+        decision_id: str,
+        now: float,
+        digest: str | None,
+        *,
+        excerpt: int,
     ) -> DecisionRecord:
         decision = ev.decision
         s = self.settings
@@ -345,13 +355,15 @@ class CoreIntake:
             would_deny=decision.would_deny,
             intent_id=ev.intent.id if ev.intent is not None else "",
             resource=ev.intent.resource if ev.intent is not None else "",
-            payload_sha256=payload_digest(msg.data),
+            payload_sha256=payload_digest(msg.data) if digest is None else digest,
             gateway=s.gateway_id,
             ts=now,
             **extra,
         )
 
-    async def _publish_record(self, msg: Msg, ev: Evaluation, decision_id: str, now: float) -> None:
+    async def _publish_record(
+        self, msg: Msg, ev: Evaluation, decision_id: str, now: float, digest: str | None = None
+    ) -> None:
         # A hold keeps the whole payload: an approval forwards exactly those bytes later.
         held = ev.decision.effect is Effect.HOLD
         if ev.subject is not None:
@@ -359,14 +371,16 @@ class CoreIntake:
         else:
             target = self._deny + INVALID_TOKEN
         excerpt = self.settings.max_payload_bytes if held else self.settings.deny_payload_bytes
-        record = self._make_record(msg, ev, decision_id, now, excerpt=excerpt)
+        record = self._make_record(msg, ev, decision_id, now, digest, excerpt=excerpt)
         try:
             await self.nc.publish(target, encode_record(record))
         except Exception:
             self.counters.publish_failures += 1
             log.exception("could not publish %s record for %s", ev.decision.effect, msg.subject)
 
-    async def _reply(self, msg: Msg, ev: Evaluation, decision_id: str, now: float) -> None:
+    async def _reply(
+        self, msg: Msg, ev: Evaluation, decision_id: str, now: float, digest: str | None = None
+    ) -> None:
         if not msg.reply:
             return
         if not msg.reply.startswith(_REPLY_PREFIXES):
@@ -374,7 +388,7 @@ class CoreIntake:
             log.warning("refused reply to %r for %s", msg.reply, msg.subject)
             return
         # The reply omits the payload: the requester already has it.
-        record = self._make_record(msg, ev, decision_id, now, excerpt=0)
+        record = self._make_record(msg, ev, decision_id, now, digest, excerpt=0)
         try:
             await self.nc.publish(msg.reply, encode_record(record))
             self.counters.replies_sent += 1
