@@ -1,4 +1,5 @@
-"""Shared fixtures: a real nats-server on a random port, per test."""
+"""Shared fixtures: a real nats-server on a random port, per test; a fresh signing key,
+the shipped policies and a signer over that key."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from bus_guard.artifacts import Signer
+from bus_guard.keys import generate_key
+from bus_guard.policy import PolicySet, load_policies
 from bus_guard.server import NatsServer
+
+from .helpers import make_signer
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"
@@ -24,3 +30,21 @@ def nats_server() -> Iterator[NatsServer]:
 @pytest.fixture
 def nats_url(nats_server: NatsServer) -> str:
     return nats_server.url
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    """A fresh Ed25519 key in *tmp_path*: (signing-key.pem, jwks.json)."""
+    return generate_key(tmp_path)
+
+
+@pytest.fixture
+def policies() -> PolicySet:
+    """The shipped policies (``policies/``), compiled."""
+    return load_policies(POLICIES)
+
+
+@pytest.fixture
+def signer(keys: tuple[Path, Path]) -> Signer:
+    """A signer over the ``keys`` fixture's key, issuer ``test-gw``."""
+    return make_signer(keys[0])

@@ -1,9 +1,12 @@
-"""Test helpers: collect what arrives on a subject, and build intents."""
+"""Test helpers: collect what arrives on a subject, build intents, sign, and the sentinel
+that proves a core-mode gateway published everything sent before it."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -11,9 +14,18 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bus_guard.artifacts import Signer
 from bus_guard.gateway import round_trip
+from bus_guard.keys import load_private_key
 
 _enc = msgspec.json.Encoder()
+
+SENTINEL = b'{"not": "an intent"}'
+
+
+def make_signer(key: Path, issuer: str = "test-gw") -> Signer:
+    """A signer over the private key at *key* (artifacts valid for 60 s)."""
+    return Signer(load_private_key(key), issuer=issuer, ttl_s=60)
 
 
 def intent(action: str, resource: str, params: dict[str, Any] | None = None, **kw: Any) -> bytes:
@@ -55,3 +67,27 @@ class Collector:
 
     def records(self) -> list[dict[str, Any]]:
         return [msgspec.json.decode(m.data) for m in self.msgs]
+
+
+class Outputs:
+    def __init__(self, exec_: Collector, deny: Collector, hold: Collector) -> None:
+        self.exec, self.deny, self.hold = exec_, deny, hold
+
+
+async def outputs(nc: Client) -> Outputs:
+    """Collectors on the three core-mode output subjects: exec, deny, hold."""
+    return Outputs(
+        await Collector.on(nc, "guard.exec.>"),
+        await Collector.on(nc, "guard.deny.>"),
+        await Collector.on(nc, "guard.hold.>"),
+    )
+
+
+async def sentinel(nc: Client, out: Outputs, denies_before: int) -> None:
+    """Send the malformed sentinel and wait for its denial, the (denies_before + 1)-th: the
+    gateway decides one subscription in order, so everything sent before it is published.
+    The sentinel's own denial is removed, leaving the counts of what the test sent."""
+    await nc.publish("guard.in.sentinel.done", SENTINEL)
+    msgs = await out.deny.wait_for(denies_before + 1)
+    assert json.loads(msgs[-1].data)["subject"] == "guard.in.sentinel.done"
+    del out.deny.msgs[-1]

@@ -27,14 +27,13 @@ from nats.aio.msg import Msg
 from bus_guard.artifacts import Signer
 from bus_guard.errors import SigningError
 from bus_guard.gateway import Gateway, round_trip
-from bus_guard.keys import generate_key, load_private_key
+from bus_guard.keys import load_private_key
 from bus_guard.ledger import CheckpointSigner
-from bus_guard.policy import PolicySet, load_policies
+from bus_guard.policy import PolicySet
 from bus_guard.settings import Settings
 from bus_guard.verify import BATCH_PREFIX, TREE_HEAD_TYP, Verifier, verify_message
 
-from .conftest import POLICIES
-from .helpers import intent
+from .helpers import intent, outputs, sentinel
 from .streamkit import (
     count,
     drained,
@@ -45,28 +44,14 @@ from .streamkit import (
     stream_gateway,
     stream_settings,
 )
-from .test_gateway import TRANSFER, _outputs, _sentinel, _small_transfer
+from .test_gateway import TRANSFER, _small_transfer
 
 SHELL = "guard.in.agent-1.tools.shell"
 SEARCH = "guard.in.agent-1.tools.search"
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
-    return generate_key(tmp_path)
-
-
-@pytest.fixture
-def policies() -> PolicySet:
-    return load_policies(POLICIES)
-
-
 def _batched(url: str, **kw: Any) -> Settings:
     return Settings(nats_url=url, gateway_id="test-gw", artifacts="batched", **kw)
-
-
-def _signer(keys: tuple[Path, Path]) -> Signer:
-    return Signer(load_private_key(keys[0]), issuer="test-gw", ttl_s=60)
 
 
 class _HeadlessSigner(Signer):
@@ -110,18 +95,18 @@ def _check_execs(msgs: list[Msg], jwks: Path) -> dict[str, int]:
 
 
 async def test_batched_core_forwards_each_allowed_intent_once_in_order(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, keys: tuple[Path, Path], signer: Signer, policies: PolicySet
 ) -> None:
     nc = await nats.connect(nats_url)
-    out = await _outputs(nc)
+    out = await outputs(nc)
     allowed = [_small_transfer(id=f"a-{i}") for i in range(200)]
     denied = intent("tools.shell", "tool:shell", {"cmd": "id"})
-    async with Gateway(_batched(nats_url), policies, _signer(keys)) as gw:
+    async with Gateway(_batched(nats_url), policies, signer) as gw:
         for i, payload in enumerate(allowed):
             await nc.publish(TRANSFER, payload, headers={"traceparent": f"00-{i}-x-01"})
             if i % 20 == 0:
                 await nc.publish(SHELL, denied)
-        await _sentinel(nc, out, 10)  # the 10 denials come first
+        await sentinel(nc, out, 10)  # the 10 denials come first
         reply = await nc.request(TRANSFER, _small_transfer(id="req"), timeout=5)
         stats = gw.statistics()
     assert [m.data for m in out.exec.msgs[:200]] == allowed  # once each, in intake order
@@ -142,13 +127,13 @@ async def test_batched_core_signing_failure_denies_the_whole_batch(
     nats_url: str, keys: tuple[Path, Path], policies: PolicySet
 ) -> None:
     nc = await nats.connect(nats_url)
-    out = await _outputs(nc)
+    out = await outputs(nc)
     broken = _HeadlessSigner(load_private_key(keys[0]), issuer="test-gw", ttl_s=60)
     async with Gateway(_batched(nats_url), policies, broken) as gw:
         for i in range(30):
             await nc.publish(TRANSFER, _small_transfer(id=f"a-{i}"))
         await nc.publish(SHELL, intent("tools.shell", "tool:shell", {"cmd": "id"}))
-        await _sentinel(nc, out, 31)
+        await sentinel(nc, out, 31)
         stats = gw.statistics()
     assert out.exec.msgs == []
     deny_records = out.deny.records()
@@ -182,7 +167,11 @@ class _HeldPublisher:
 
 
 async def test_batched_core_drain_decides_and_flushes_everything_received(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, monkeypatch: pytest.MonkeyPatch
+    nats_url: str,
+    keys: tuple[Path, Path],
+    signer: Signer,
+    policies: PolicySet,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Leaving the context while the flusher is stuck mid-batch (its publishes held) and a
     second batch, decided but unsigned, waits behind it (the last intents may still be
@@ -191,7 +180,7 @@ async def test_batched_core_drain_decides_and_flushes_everything_received(
     publishes are released only when the intake closes, so nothing here is published by
     the flusher's normal course: without the drain's final flush, intents are lost."""
     nc = await nats.connect(nats_url)
-    out = await _outputs(nc)
+    out = await outputs(nc)
     ids = [f"d-{i}" for i in range(300)]
     denied = set(ids[5::10])  # denials travel in the same batches, in order
 
@@ -203,7 +192,7 @@ async def test_batched_core_drain_decides_and_flushes_everything_received(
     # batch_max above the intent count: the callback never waits for room, so the
     # subscription drains completely while the flusher is held.
     settings = _batched(nats_url, batch_max=512, batch_delay_ms=1000)
-    async with Gateway(settings, policies, _signer(keys)) as gw:
+    async with Gateway(settings, policies, signer) as gw:
         core = gw._core
         assert core is not None
         held = _HeldPublisher(core.nc)

@@ -25,51 +25,15 @@ from bus_guard.artifacts import Signer
 from bus_guard.decision import Decision, Request
 from bus_guard.errors import SigningError
 from bus_guard.gateway import Gateway, round_trip
-from bus_guard.keys import generate_key, load_private_key
-from bus_guard.policy import PolicySet, load_policies
+from bus_guard.keys import load_private_key
+from bus_guard.policy import PolicySet
 from bus_guard.settings import Settings
 from bus_guard.state import State
 from bus_guard.verify import ArtifactClaims, Verifier, verify_message
 
-from .conftest import POLICIES
-from .helpers import Collector, intent
+from .helpers import Collector, intent, outputs, sentinel
 
-SENTINEL = b'{"not": "an intent"}'
 TRANSFER = "guard.in.agent-7.payments.transfer"
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
-    return generate_key(tmp_path)
-
-
-@pytest.fixture
-def policies() -> PolicySet:
-    return load_policies(POLICIES)
-
-
-def _signer(keys: tuple[Path, Path]) -> Signer:
-    return Signer(load_private_key(keys[0]), issuer="test-gw", ttl_s=60)
-
-
-class Outputs:
-    def __init__(self, exec_: Collector, deny: Collector, hold: Collector) -> None:
-        self.exec, self.deny, self.hold = exec_, deny, hold
-
-
-async def _outputs(nc: nats.NATS) -> Outputs:
-    return Outputs(
-        await Collector.on(nc, "guard.exec.>"),
-        await Collector.on(nc, "guard.deny.>"),
-        await Collector.on(nc, "guard.hold.>"),
-    )
-
-
-async def _sentinel(nc: nats.NATS, out: Outputs, denies_before: int) -> None:
-    await nc.publish("guard.in.sentinel.done", SENTINEL)
-    msgs = await out.deny.wait_for(denies_before + 1)
-    assert json.loads(msgs[-1].data)["subject"] == "guard.in.sentinel.done"
-    del out.deny.msgs[-1]
 
 
 def _small_transfer(**kw: Any) -> bytes:
@@ -82,14 +46,14 @@ def _small_transfer(**kw: Any) -> bytes:
 
 
 async def test_allowed_intent_is_forwarded_once_bytes_unchanged_with_valid_artifact(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, keys: tuple[Path, Path], signer: Signer, policies: PolicySet
 ) -> None:
     nc = await nats.connect(nats_url)
-    out = await _outputs(nc)
+    out = await outputs(nc)
     payload = _small_transfer()
-    async with Gateway(Settings(nats_url=nats_url, gateway_id="test-gw"), policies, _signer(keys)):
+    async with Gateway(Settings(nats_url=nats_url, gateway_id="test-gw"), policies, signer):
         await nc.publish(TRANSFER, payload, headers={"traceparent": "00-abc-def-01"})
-        await _sentinel(nc, out, 0)
+        await sentinel(nc, out, 0)
     assert len(out.exec.msgs) == 1
     assert out.deny.msgs == [] and out.hold.msgs == []
     msg = out.exec.msgs[0]
@@ -158,17 +122,17 @@ async def test_allowed_intent_is_forwarded_once_bytes_unchanged_with_valid_artif
 )
 async def test_denied_intent_goes_to_deny_and_never_to_exec(
     nats_url: str,
-    keys: tuple[Path, Path],
+    signer: Signer,
     policies: PolicySet,
     subject: str,
     payload: bytes,
     reason: str,
 ) -> None:
     nc = await nats.connect(nats_url)
-    out = await _outputs(nc)
-    async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)) as gw:
+    out = await outputs(nc)
+    async with Gateway(Settings(nats_url=nats_url), policies, signer) as gw:
         await nc.publish(subject, payload)
-        await _sentinel(nc, out, 1)  # the intent itself is denied first
+        await sentinel(nc, out, 1)  # the intent itself is denied first
         stats = gw.statistics()
     assert out.exec.msgs == [] and out.hold.msgs == []
     [record] = out.deny.records()
@@ -190,18 +154,18 @@ async def test_denied_intent_goes_to_deny_and_never_to_exec(
 
 
 async def test_escalated_intent_is_held_with_its_whole_payload(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, signer: Signer, policies: PolicySet
 ) -> None:
     nc = await nats.connect(nats_url)
-    out = await _outputs(nc)
+    out = await outputs(nc)
     payload = intent(
         "payments.transfer",
         "account:acct-1",
         {"amount": 25000, "currency": "USD", "to": "account:acct-9"},
     )
-    async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)):
+    async with Gateway(Settings(nats_url=nats_url), policies, signer):
         await nc.publish(TRANSFER, payload)
-        await _sentinel(nc, out, 0)
+        await sentinel(nc, out, 0)
     assert out.exec.msgs == [] and out.deny.msgs == []
     [record] = out.hold.records()
     assert record["effect"] == "hold" and record["reason"] == "escalated_by_rule"
@@ -227,14 +191,14 @@ class _BrokenSigner(Signer):
 
 
 async def test_evaluation_error_is_a_recorded_denial_and_nothing_is_forwarded(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, signer: Signer, policies: PolicySet
 ) -> None:
     nc = await nats.connect(nats_url)
-    out = await _outputs(nc)
-    async with Gateway(Settings(nats_url=nats_url), _ExplodingPolicies(policies), _signer(keys)):
+    out = await outputs(nc)
+    async with Gateway(Settings(nats_url=nats_url), _ExplodingPolicies(policies), signer):
         for _ in range(3):
             await nc.publish(TRANSFER, _small_transfer())
-        await _sentinel(nc, out, 3)
+        await sentinel(nc, out, 3)
     assert out.exec.msgs == []
     assert [r["reason"] for r in out.deny.records()] == ["internal_error"] * 3
     await nc.drain()
@@ -244,11 +208,11 @@ async def test_signing_failure_is_a_recorded_denial_and_nothing_is_forwarded(
     nats_url: str, keys: tuple[Path, Path], policies: PolicySet
 ) -> None:
     nc = await nats.connect(nats_url)
-    out = await _outputs(nc)
+    out = await outputs(nc)
     broken = _BrokenSigner(load_private_key(keys[0]), issuer="gw", ttl_s=60)
     async with Gateway(Settings(nats_url=nats_url), policies, broken) as gw:
         await nc.publish(TRANSFER, _small_transfer())
-        await _sentinel(nc, out, 1)
+        await sentinel(nc, out, 1)
         stats = gw.statistics()
     assert out.exec.msgs == []
     [record] = out.deny.records()
@@ -258,11 +222,11 @@ async def test_signing_failure_is_a_recorded_denial_and_nothing_is_forwarded(
 
 
 async def test_forged_guard_and_nats_headers_never_reach_executors(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, keys: tuple[Path, Path], signer: Signer, policies: PolicySet
 ) -> None:
     """SCENARIOS S1: inbound Guard-*/Nats-* headers are stripped, others pass."""
     nc = await nats.connect(nats_url)
-    out = await _outputs(nc)
+    out = await outputs(nc)
     forged = {
         "Guard-Artifact": "eyJhbGciOiJub25lIn0.e30.",
         "Guard-Decision": "FORGED",
@@ -272,9 +236,9 @@ async def test_forged_guard_and_nats_headers_never_reach_executors(
         "traceparent": "00-1-2-01",
         "X-Custom": "kept",
     }
-    async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)):
+    async with Gateway(Settings(nats_url=nats_url), policies, signer):
         await nc.publish(TRANSFER, _small_transfer(), headers=forged)
-        await _sentinel(nc, out, 0)
+        await sentinel(nc, out, 0)
     [msg] = out.exec.msgs
     assert msg.headers is not None
     assert msg.headers["Guard-Decision"] != "FORGED"
@@ -288,10 +252,10 @@ async def test_forged_guard_and_nats_headers_never_reach_executors(
 
 
 async def test_requester_gets_the_decision_as_reply(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, signer: Signer, policies: PolicySet
 ) -> None:
     nc = await nats.connect(nats_url)
-    async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)):
+    async with Gateway(Settings(nats_url=nats_url), policies, signer):
         allowed = await nc.request(TRANSFER, _small_transfer(), timeout=5)
         denied = await nc.request(
             "guard.in.agent-1.tools.shell", intent("tools.shell", "tool:shell", {}), timeout=5
@@ -304,13 +268,13 @@ async def test_requester_gets_the_decision_as_reply(
 
 
 async def test_reply_subject_pointing_into_outputs_is_refused(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, signer: Signer, policies: PolicySet
 ) -> None:
     """SCENARIOS S1: a reply subject aimed at exec (or $JS.API) is never published to."""
     nc = await nats.connect(nats_url)
-    out = await _outputs(nc)
+    out = await outputs(nc)
     js_api = await Collector.on(nc, "$JS.API.>")
-    async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)) as gw:
+    async with Gateway(Settings(nats_url=nats_url), policies, signer) as gw:
         denied = intent("tools.shell", "tool:shell", {})
         await nc.publish(
             "guard.in.agent-1.tools.shell", denied, reply="guard.exec.agent-1.tools.shell"
@@ -318,7 +282,7 @@ async def test_reply_subject_pointing_into_outputs_is_refused(
         await nc.publish(
             "guard.in.agent-1.tools.shell", denied, reply="$JS.API.STREAM.DELETE.GUARD_LEDGER"
         )
-        await _sentinel(nc, out, 2)
+        await sentinel(nc, out, 2)
         stats = gw.statistics()
     assert out.exec.msgs == []
     assert js_api.msgs == []
@@ -327,12 +291,12 @@ async def test_reply_subject_pointing_into_outputs_is_refused(
 
 
 async def test_drain_decides_everything_already_received(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, signer: Signer, policies: PolicySet
 ) -> None:
     nc = await nats.connect(nats_url)
-    out = await _outputs(nc)
+    out = await outputs(nc)
     n = 500
-    async with Gateway(Settings(nats_url=nats_url), policies, _signer(keys)) as gw:
+    async with Gateway(Settings(nats_url=nats_url), policies, signer) as gw:
         for _ in range(n):
             await nc.publish(TRANSFER, _small_transfer())
         await round_trip(nc)  # the server has routed all n to the gateway's connection

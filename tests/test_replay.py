@@ -11,12 +11,10 @@ import nats
 import pytest
 
 from bus_guard.errors import VerificationError
-from bus_guard.keys import generate_key
 from bus_guard.ledger import intent_decision_id
-from bus_guard.policy import PolicySet, load_policies
+from bus_guard.policy import PolicySet
 from bus_guard.verify import Verifier, verify_message_once
 
-from .conftest import POLICIES
 from .helpers import intent
 from .streamkit import (
     count,
@@ -30,16 +28,6 @@ from .streamkit import (
 )
 
 SEARCH = "guard.in.agent-1.tools.search"
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
-    return generate_key(tmp_path)
-
-
-@pytest.fixture
-def policies() -> PolicySet:
-    return load_policies(POLICIES)
 
 
 def _search(q: str = "x", **kw: object) -> bytes:

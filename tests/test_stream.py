@@ -12,13 +12,11 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
-from bus_guard.keys import generate_key
 from bus_guard.ledger import intent_decision_id
-from bus_guard.policy import PolicySet, load_policies
+from bus_guard.policy import PolicySet
 from bus_guard.settings import ArtifactMode
 from bus_guard.verify import BATCH_PREFIX, Verifier, verify_message
 
-from .conftest import POLICIES
 from .helpers import Collector, intent
 from .streamkit import (
     count,
@@ -32,16 +30,6 @@ from .streamkit import (
 )
 
 TRANSFER = "guard.in.agent-7.payments.transfer"
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
-    return generate_key(tmp_path)
-
-
-@pytest.fixture
-def policies() -> PolicySet:
-    return load_policies(POLICIES)
 
 
 def _transfer(amount: float = 120.5, **kw: object) -> bytes:
