@@ -95,7 +95,8 @@ class GatewayProcess:
         return sum(needle in line for line in self.lines)
 
 
-def run_argv(nats_url: str, key: Path, gateway_id: str, *extra: str) -> list[str]:
+def gateway_argv(nats_url: str, key: Path, *extra: str) -> list[str]:
+    """``bus_guard run`` on the shipped policies, as a child process's argv."""
     return [
         sys.executable,
         "-m",
@@ -107,10 +108,12 @@ def run_argv(nats_url: str, key: Path, gateway_id: str, *extra: str) -> list[str
         str(POLICIES),
         "--key",
         str(key),
-        "--gateway-id",
-        gateway_id,
         *extra,
     ]
+
+
+def run_argv(nats_url: str, key: Path, gateway_id: str, *extra: str) -> list[str]:
+    return gateway_argv(nats_url, key, "--gateway-id", gateway_id, *extra)
 
 
 @dataclass

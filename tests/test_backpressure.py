@@ -11,16 +11,13 @@ from pathlib import Path
 import nats
 import pytest
 
-from bus_guard.artifacts import Signer
 from bus_guard.decision import Decision, Request
 from bus_guard.gateway import Gateway, round_trip
-from bus_guard.keys import generate_key, load_private_key
-from bus_guard.policy import PolicySet, load_policies
+from bus_guard.policy import PolicySet
 from bus_guard.settings import Settings
 from bus_guard.state import State
 
-from .conftest import POLICIES
-from .helpers import Collector, intent
+from .helpers import Collector, intent, make_signer
 
 
 class _SlowPolicies:
@@ -36,10 +33,12 @@ class _SlowPolicies:
 
 
 async def test_overflow_is_counted_and_nothing_undecided_is_forwarded(
-    nats_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    nats_url: str,
+    keys: tuple[Path, Path],
+    policies: PolicySet,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    key, _ = generate_key(tmp_path)
-    signer = Signer(load_private_key(key), issuer="gw", ttl_s=60)
+    signer = make_signer(keys[0], issuer="gw")
     settings = Settings(nats_url=nats_url, pending_msgs_limit=20)
     n = 300
     nc = await nats.connect(nats_url)
@@ -47,7 +46,7 @@ async def test_overflow_is_counted_and_nothing_undecided_is_forwarded(
     denies = await Collector.on(nc, "guard.deny.>")
     caplog.set_level(logging.DEBUG, logger="bus_guard.gateway")
     started = time.monotonic()
-    async with Gateway(settings, _SlowPolicies(load_policies(POLICIES)), signer) as gw:
+    async with Gateway(settings, _SlowPolicies(policies), signer) as gw:
         for i in range(n):
             await nc.publish("guard.in.agent-1.tools.search", intent("tools.search", "t", {"i": i}))
         await round_trip(nc)  # the server has routed all n to the gateway's connection

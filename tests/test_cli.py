@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from bus_guard.gateway import round_trip
 from bus_guard.server import NatsServer
 
 from .conftest import POLICIES
-from .helpers import Collector, intent
+from .crashkit import gateway_argv
+from .helpers import Collector, intent, make_signer
 
 
 def _run(*argv: str) -> tuple[int, str]:
@@ -80,8 +80,8 @@ def test_policy_explain_names_the_rule(tmp_path: Path) -> None:
 def test_verify_cli_accepts_a_gateway_artifact_and_rejects_a_tampered_payload(
     tmp_path: Path,
 ) -> None:
-    from bus_guard.artifacts import Signer, payload_digest
-    from bus_guard.keys import generate_key, load_private_key
+    from bus_guard.artifacts import payload_digest
+    from bus_guard.keys import generate_key
     from bus_guard.verify import ArtifactClaims
 
     key, jwks = generate_key(tmp_path)
@@ -89,7 +89,7 @@ def test_verify_cli_accepts_a_gateway_artifact_and_rejects_a_tampered_payload(
     import time
 
     now = int(time.time())
-    token = Signer(load_private_key(key), issuer="gw", ttl_s=60).sign(
+    token = make_signer(key, issuer="gw").sign(
         ArtifactClaims(
             iss="gw",
             sub="agent-7",
@@ -161,19 +161,7 @@ def test_demo_passes_end_to_end(artifacts: str, capsys: pytest.CaptureFixture[st
 
 def _gateway_process(nats_url: str, key: Path, *extra: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bus_guard",
-            "run",
-            "--nats",
-            nats_url,
-            "--policies",
-            str(POLICIES),
-            "--key",
-            str(key),
-            *extra,
-        ],
+        gateway_argv(nats_url, key, *extra),
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

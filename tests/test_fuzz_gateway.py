@@ -17,14 +17,11 @@ from pathlib import Path
 import nats
 import pytest
 
-from bus_guard.artifacts import Signer
 from bus_guard.gateway import Gateway, round_trip
-from bus_guard.keys import generate_key, load_private_key
-from bus_guard.policy import load_policies
+from bus_guard.policy import PolicySet
 from bus_guard.settings import Settings
 
-from .conftest import POLICIES
-from .helpers import Collector, intent
+from .helpers import intent, make_signer, outputs
 
 SUBJECT = "guard.in.agent-1.tools.search"
 
@@ -63,16 +60,14 @@ def bad_inputs(seed: int, n: int) -> list[tuple[bytes, str | None]]:
 
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_every_bad_input_gets_exactly_one_denial_and_nothing_executes(
-    nats_url: str, tmp_path: Path, seed: int
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, seed: int
 ) -> None:
-    key, _ = generate_key(tmp_path)
-    signer = Signer(load_private_key(key), issuer="fuzz", ttl_s=60)
+    signer = make_signer(keys[0], issuer="fuzz")
     inputs = bad_inputs(seed, 260)
     nc = await nats.connect(nats_url)
-    execs = await Collector.on(nc, "guard.exec.>")
-    denies = await Collector.on(nc, "guard.deny.>")
-    holds = await Collector.on(nc, "guard.hold.>")
-    async with Gateway(Settings(nats_url=nats_url), load_policies(POLICIES), signer) as gw:
+    out = await outputs(nc)
+    execs, denies, holds = out.exec, out.deny, out.hold
+    async with Gateway(Settings(nats_url=nats_url), policies, signer) as gw:
         for payload, ctype in inputs:
             headers = {"Content-Type": ctype} if ctype else None
             await nc.publish(SUBJECT, payload, headers=headers)

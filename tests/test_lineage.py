@@ -11,17 +11,16 @@ from pathlib import Path
 import nats
 import pytest
 
-from bus_guard.artifacts import Signer
 from bus_guard.cli import main
 from bus_guard.gateway import Gateway
-from bus_guard.keys import generate_key, load_private_key
+from bus_guard.keys import generate_key
 from bus_guard.ledger import LedgerRecord, intent_decision_id
 from bus_guard.policy import PolicySet, load_policies
 from bus_guard.settings import Settings
 from bus_guard.verify import Verifier, verify_message
 
 from .conftest import POLICIES
-from .helpers import intent
+from .helpers import intent, make_signer
 from .streamkit import (
     drained,
     eventually,
@@ -220,7 +219,7 @@ async def test_core_mode_cannot_check_parents_so_it_denies_them(
 
     nc = await nats.connect(nats_url)
     denies = await Collector.on(nc, "guard.deny.>")
-    signer = Signer(load_private_key(keys[0]), issuer="gw", ttl_s=60)
+    signer = make_signer(keys[0], issuer="gw")
     async with Gateway(Settings(nats_url=nats_url, mode="core"), load_policies(POLICIES), signer):
         await nc.publish(
             "guard.in.agent-1.tools.search",

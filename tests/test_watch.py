@@ -11,18 +11,18 @@ from rich.console import Console
 
 from bus_guard.artifacts import Signer
 from bus_guard.gateway import Gateway
-from bus_guard.keys import generate_key, load_private_key
+from bus_guard.keys import generate_key
 from bus_guard.policy import load_policies
 from bus_guard.settings import Settings
 from bus_guard.watch import WatchFilter, watch
 
 from .conftest import POLICIES
-from .helpers import intent
+from .helpers import intent, make_signer
 
 
 async def _watched(nats_url: str, tmp_path: Path, filters: WatchFilter, count: int) -> str:
     key, _ = generate_key(tmp_path)
-    signer = Signer(load_private_key(key), issuer="gw", ttl_s=60)
+    signer = make_signer(key, issuer="gw")
     buf = io.StringIO()
     console = Console(file=buf, width=200, color_system=None)
     ready = anyio.Event()
