@@ -627,15 +627,32 @@ class Verifier:
         return self._check_claims(claims, subject, payload, now)
 
     def _verify_jws(self, token: str, now: float) -> ArtifactClaims:
+        claims_raw, _ = self._authenticate(token, now, TYP, self._by_header, "")
+        # Only now, with the bytes authenticated, are the claims parsed.
+        return self._decode(claims_raw, _CLAIMS_DECODER, "claims")
+
+    def _authenticate(
+        self,
+        token: str,
+        now: float,
+        typ: str,
+        known_headers: Mapping[str, tuple[Ed25519PublicKey, float]],
+        label: str,
+    ) -> tuple[bytes, float]:
+        """Check a compact JWS of *typ* (shape, header, kid, revocation, Ed25519 signature)
+        and return its payload bytes, still unparsed, and when its key stops being valid.
+        *label* names a tree head in messages ("" for an artifact)."""
         if not _TOKEN_RE.fullmatch(token):
-            raise _fail(VerifyReason.MALFORMED, "artifact is not three base64url segments")
+            what = label or "artifact"
+            raise _fail(VerifyReason.MALFORMED, f"{what} is not three base64url segments")
         header_seg, claims_seg, sig_seg = token.split(".")
         claims_raw = _b64decode_checked(claims_seg)
         signature = _b64decode_checked(sig_seg)
         if claims_raw is None or signature is None:
-            raise _fail(VerifyReason.MALFORMED, "non-canonical base64url segment")
-        known = self._by_header.get(header_seg)
-        public_key, refused_from = known or self._parse_header(header_seg, TYP)
+            where = f" in {label}" if label else ""
+            raise _fail(VerifyReason.MALFORMED, f"non-canonical base64url segment{where}")
+        known = known_headers.get(header_seg)
+        public_key, refused_from = known or self._parse_header(header_seg, typ)
         if now >= refused_from:
             raise _fail(VerifyReason.REVOKED_KID, f"key revoked or retired at {refused_from}")
         if len(signature) != 64:
@@ -644,9 +661,9 @@ class Verifier:
         try:
             public_key.verify(signature, signing_input)
         except InvalidSignature:
-            raise _fail(VerifyReason.BAD_SIGNATURE, "signature does not verify") from None
-        # Only now, with the bytes authenticated, are the claims parsed.
-        return self._decode(claims_raw, _CLAIMS_DECODER, "claims")
+            whose = f"{label} " if label else ""
+            raise _fail(VerifyReason.BAD_SIGNATURE, f"{whose}signature does not verify") from None
+        return claims_raw, refused_from
 
     def _verify_batched(self, token: str, now: float) -> ArtifactClaims:
         parts = token.split("~")
@@ -684,23 +701,9 @@ class Verifier:
 
     def _verify_head(self, head: str, now: float) -> _HeadEntry:
         """Verify a signed tree head and cache it."""
-        if not _TOKEN_RE.fullmatch(head):
-            raise _fail(VerifyReason.MALFORMED, "tree head is not three base64url segments")
-        header_seg, claims_seg, sig_seg = head.split(".")
-        claims_raw = _b64decode_checked(claims_seg)
-        signature = _b64decode_checked(sig_seg)
-        if claims_raw is None or signature is None:
-            raise _fail(VerifyReason.MALFORMED, "non-canonical base64url segment in tree head")
-        known = self._by_head_header.get(header_seg)
-        public_key, refused_from = known or self._parse_header(header_seg, TREE_HEAD_TYP)
-        if now >= refused_from:
-            raise _fail(VerifyReason.REVOKED_KID, f"key revoked or retired at {refused_from}")
-        if len(signature) != 64:
-            raise _fail(VerifyReason.BAD_SIGNATURE, "Ed25519 signatures are 64 bytes")
-        try:
-            public_key.verify(signature, head[: len(header_seg) + 1 + len(claims_seg)].encode())
-        except InvalidSignature:
-            raise _fail(VerifyReason.BAD_SIGNATURE, "tree head signature does not verify") from None
+        claims_raw, refused_from = self._authenticate(
+            head, now, TREE_HEAD_TYP, self._by_head_header, "tree head"
+        )
         tree = self._decode(claims_raw, _HEAD_DECODER, "tree head")
         root = _b64decode_checked(tree.root_hash)
         if root is None:  # the pattern admits 43 characters with non-zero tail bits
