@@ -18,7 +18,12 @@ def parser() -> argparse.ArgumentParser:
         "<prefix>.exec.… with a signed artifact, others go to <prefix>.deny.… / .hold.….",
     )
     p.add_argument("--version", action="version", version=f"bus-guard {__version__}")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="default: info (warning for demo, whose own output tells the story)",
+    )
     p.add_argument("--log-format", default="text", choices=["text", "json"])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

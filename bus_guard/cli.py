@@ -62,7 +62,8 @@ def _setup_logging(level: str, fmt: str) -> None:
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     args = parser().parse_args(argv)
-    _setup_logging(args.log_level, args.log_format)
+    level = args.log_level or ("warning" if args.command == "demo" else "info")
+    _setup_logging(level, args.log_format)
     try:
         return int(_dispatch(args, out))
     except GuardError as exc:
