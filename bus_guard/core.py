@@ -42,7 +42,7 @@ from .messages import (
     parse_subject,
     payload_excerpt,
 )
-from .outputs import INVALID_TOKEN, forwarded_headers
+from .outputs import INVALID_TOKEN, HeaderValue, forwarded_headers
 from .settings import Settings
 from .state import State
 from .verify import ArtifactClaims
@@ -303,7 +303,7 @@ class CoreIntake:
     async def _forward(self, e: _Entry) -> Decision | None:
         """Publish to exec; ``None`` when forwarded, else the denial to record."""
         out = forwarded_headers(e.msg.headers)
-        out["Guard-Artifact"] = e.token
+        out["Guard-Artifact"] = HeaderValue(e.token)  # spares nats-py a per-character copy
         out["Guard-Decision"] = e.decision_id
         out["Nats-Msg-Id"] = e.decision_id
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import msgspec
 import pytest
@@ -141,3 +142,24 @@ def test_decision_ids_are_unique_ulids() -> None:
     ids = {new_decision_id() for _ in range(10000)}
     assert len(ids) == 10000
     assert all(re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", i) for i in ids)
+
+
+def test_decision_ids_are_monotonic_and_unique_across_threads() -> None:
+    # Monotonic ULIDs: one thread's ids sort in the order they were made, also within one
+    # millisecond (where only the counter distinguishes them), and threads calling the
+    # embedding API concurrently never share one.
+    ids = [new_decision_id() for _ in range(50000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    made: list[list[str]] = [[] for _ in range(4)]
+
+    def work(out: list[str]) -> None:
+        out.extend(new_decision_id() for _ in range(20000))
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in made]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [i for m in made for i in m]
+    assert len(set(every)) == len(every) == 80000
