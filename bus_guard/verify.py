@@ -72,7 +72,10 @@ to lead from the leaf hash at ``<leaf index>`` to the signed ``root_hash`` of a 
 must decode strictly (``malformed``) and the leaf's ``iss`` must equal the head's
 (``wrong_issuer``). A head whose signature verified is cached (bounded, least recently
 used first out), so the Ed25519 verification runs once per batch, not once per message;
-the key's revocation is still checked against *now* on every message.
+the key's revocation is still checked against *now* on every message. For the last few
+trees, the proof walks that reached the root are remembered (:func:`proof_leads_to`):
+leaves of one tree share their upper path, so a proof usually meets a proven state after
+a hash or two, with exactly the full walk's answer.
 """
 
 from __future__ import annotations
@@ -122,6 +125,7 @@ __all__ = (
     "merkle_node_hash",
     "merkle_root_from_proof",
     "payload_digest",
+    "proof_leads_to",
     "protected_header",
     "verify_message",
     "verify_message_once",
@@ -323,6 +327,60 @@ def merkle_root_from_proof(leaf_hash: bytes, index: int, size: int, proof: bytes
         fn >>= 1
         sn >>= 1
     return r if sn == 0 else None
+
+
+# Proven path states of the most recent trees: (node index, last index at its level) ->
+# (node hash, the proof bytes from there up). Leaves of one tree share their upper path,
+# so most proofs meet a proven state after a hash or two instead of ~log2(n).
+_Memo = dict[tuple[int, int], tuple[bytes, bytes]]
+_MEMO_TREES: Final = 4  # trees whose proven states are kept (executors read in order)
+_MEMO_STATES: Final = 4096  # states kept per tree (2 * 256 leaves fit)
+
+
+def proof_leads_to(
+    leaf_hash: bytes, index: int, size: int, proof: bytes, root: bytes, memo: _Memo
+) -> bool:
+    """``merkle_root_from_proof(leaf_hash, index, size, proof) == root``, remembering in
+    *memo* the states of every proof that led to *root*.
+
+    The rest of the walk depends only on its state (the node index ``fn``, the last
+    index ``sn`` at its level, the hash ``r``) and the proof bytes still to come. So a
+    state that already led to *root*, met again with the same hash and the same remaining
+    proof bytes, leads there again: the walk stops, with exactly the answer the full walk
+    gives (not merely "included": a proof differing in any byte is still refused).
+    """
+    end = len(proof)
+    if not 0 <= index < size or end % _HASH_BYTES:
+        return False
+    fn, sn, r = index, size - 1, leaf_hash
+    sha256 = _sha256
+    walked = []
+    for offset in range(0, end, _HASH_BYTES):
+        if sn == 0:
+            return False  # a longer path than the tree is deep
+        known = memo.get((fn, sn))
+        if known is not None and known[0] == r and known[1] == proof[offset:]:
+            break
+        walked.append((fn, sn, r, offset))
+        sibling = proof[offset : offset + _HASH_BYTES]
+        if fn & 1:
+            r = sha256(b"\x01" + sibling + r).digest()
+        elif fn == sn:
+            r = sha256(b"\x01" + sibling + r).digest()
+            while fn and not fn & 1:
+                fn >>= 1
+                sn >>= 1
+        else:
+            r = sha256(b"\x01" + r + sibling).digest()
+        fn >>= 1
+        sn >>= 1
+    else:
+        if sn != 0 or r != root:
+            return False
+    if len(memo) < _MEMO_STATES:
+        for fn, sn, r, offset in walked:
+            memo[(fn, sn)] = (r, proof[offset:])
+    return True
 
 
 def _strict_json(raw: bytes | str) -> Any:
@@ -556,7 +614,8 @@ class Verifier:
     return whether it had been recorded before.
 
     The configuration is immutable; the only state is the cache of verified tree heads
-    (at most ``max_cached_heads``, least recently used evicted first) and its counters.
+    (at most ``max_cached_heads``, least recently used evicted first), the proven proof
+    states of the last few trees and its counters.
     Its operations are single C-level dict operations, safe to share between threads.
     """
 
@@ -570,6 +629,7 @@ class Verifier:
         "_issuer",
         "_leeway_s",
         "_max_heads",
+        "_memos",
         "_seen",
         "jwks",
     )
@@ -601,6 +661,7 @@ class Verifier:
         }
         self._max_heads = max_cached_heads
         self._heads: OrderedDict[str, _HeadEntry] = OrderedDict()
+        self._memos: OrderedDict[str, _Memo] = OrderedDict()  # see proof_leads_to
         self._heads_verified = 0
         self._head_hits = 0
 
@@ -690,7 +751,15 @@ class Verifier:
         root, size, head_iss, refused_from = entry
         if now >= refused_from:
             raise _fail(VerifyReason.REVOKED_KID, f"key revoked or retired at {refused_from}")
-        if merkle_root_from_proof(merkle_leaf_hash(leaf_raw), int(index), size, proof) != root:
+        memo = self._memos.get(head)
+        if memo is None:
+            memo = self._memos[head] = {}
+            while len(self._memos) > _MEMO_TREES:
+                try:
+                    self._memos.popitem(last=False)
+                except KeyError:  # emptied by another thread
+                    break
+        if not proof_leads_to(merkle_leaf_hash(leaf_raw), int(index), size, proof, root, memo):
             raise _fail(
                 VerifyReason.BAD_SIGNATURE, "inclusion proof does not lead to the signed root"
             )

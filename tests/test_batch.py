@@ -32,6 +32,7 @@ from bus_guard.verify import (
     merkle_leaf_hash,
     merkle_node_hash,
     merkle_root_from_proof,
+    proof_leads_to,
     verify_message,
 )
 
@@ -98,6 +99,42 @@ def test_tree_and_proofs_match_the_rfc(n: int, data: st.DataObject) -> None:
         other = data.draw(st.integers(0, n - 1))
         if other != m:
             assert merkle_root_from_proof(merkle_leaf_hash(leaves[m]), other, n, proof) != root
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 70), data=st.data())
+def test_memoised_proof_walk_gives_the_full_walks_answer(n: int, data: st.DataObject) -> None:
+    # The verifier's shortcut (a walk stops at a state already proven to lead to the root)
+    # must answer exactly as the full walk does: every genuine proof, in any order, and
+    # every tampered one, refused even when the memo already holds its leaf's whole path.
+    leaves = [i.to_bytes(4, "big") for i in range(n)]
+    hashes = [merkle_leaf_hash(x) for x in leaves]
+    levels = merkle_levels(hashes)
+    root = levels[-1][0]
+    memo: dict[tuple[int, int], tuple[bytes, bytes]] = {}
+    for m in data.draw(st.permutations(range(n))):
+        assert proof_leads_to(hashes[m], m, n, inclusion_proof(levels, m), root, memo)
+    assert n == 1 or memo  # the walks were remembered
+    for _ in range(20):
+        m = data.draw(st.integers(0, n - 1))
+        proof = bytearray(inclusion_proof(levels, m))
+        kind = data.draw(st.sampled_from(["flip", "cut", "extend", "index", "leaf", "size"]))
+        index, size, leaf = m, n, hashes[m]
+        if kind == "flip" and proof:
+            bit = data.draw(st.integers(0, len(proof) * 8 - 1))
+            proof[bit // 8] ^= 1 << (bit % 8)
+        elif kind == "cut" and proof:
+            del proof[-32:]
+        elif kind == "extend":
+            proof += hashes[data.draw(st.integers(0, n - 1))]
+        elif kind == "index":
+            index = data.draw(st.integers(-1, n + 1))
+        elif kind == "leaf":
+            leaf = hashes[data.draw(st.integers(0, n - 1))]
+        elif kind == "size":
+            size = data.draw(st.integers(1, n + 2))
+        full = merkle_root_from_proof(leaf, index, size, bytes(proof)) == root
+        assert proof_leads_to(leaf, index, size, bytes(proof), root, memo) == full
 
 
 def test_known_vectors() -> None:
