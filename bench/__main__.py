@@ -14,6 +14,7 @@ SUITE = {
     "decide": ["--count", "20000", "--runs", "3", "--rules", "10,100,1000,10000"],
     "verify": ["--count", "20000", "--runs", "5"],
     "relay": ["--count", "20000", "--runs", "3", "--scale", "--prototype"],
+    "stream_relay": ["--count", "20000", "--runs", "3", "--scale"],
     "latency": ["--seconds", "5"],
     "memory": ["--count", "1000000"],
 }
@@ -21,6 +22,7 @@ SMOKE = {
     "decide": ["--count", "200", "--runs", "1", "--rules", "10,100", "--budget", "0.2"],
     "verify": ["--count", "300", "--runs", "1", "--batch", "16"],
     "relay": ["--count", "300", "--runs", "1", "--window", "100", "--scale"],
+    "stream_relay": ["--count", "200", "--runs", "1", "--scale"],
     "latency": ["--seconds", "0.2", "--count-for-max", "300", "--max-count", "300"],
     "memory": ["--count", "300", "--samples", "3"],
 }

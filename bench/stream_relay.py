@@ -14,7 +14,9 @@ message stored. Streams and the consumer are created by bus_guard's own prefligh
 variants, so they run against identical configurations. Variants are interleaved,
 ``--runs`` times each; medians and the ratio are printed as JSON.
 
-    python -m bench.stream_relay --count 20000 --runs 3 [--no-batched]
+* with ``--scale``: ``stream-batched x2``, two gateway processes sharing the consumer.
+
+    python -m bench.stream_relay --count 20000 --runs 3 [--no-batched] [--scale]
     python -m bench.stream_relay --relay --nats URL     # the bare relay process itself
 """
 
@@ -23,20 +25,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.aio.msg import Msg
 
+from bench import harness
+from bench.common import emit, machine, table
 from bus_guard.keys import generate_key
 from bus_guard.preflight import ROLES, Streams, ensure
 from bus_guard.server import NatsServer
@@ -77,32 +78,6 @@ async def bare_relay(url: str) -> None:
         for m in msgs:
             await m.ack()
     await nc.drain()
-
-
-def _start(cmd: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        cmd,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "ready on" in line:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc
-    raise RuntimeError(f"relay exited before ready: {cmd}")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 async def _reset_and_load(url: str, count: int) -> None:
@@ -160,16 +135,69 @@ async def _measure(url: str, count: int, ready: asyncio.Event, timeout_s: float 
     return (count - 1) / (last - first)
 
 
-async def _run_one(url: str, count: int, cmd: list[str]) -> float:
+async def _run_one(url: str, count: int, cmds: list[list[str]]) -> float:
     await _reset_and_load(url, count)
     ready = asyncio.Event()
     measuring = asyncio.create_task(_measure(url, count, ready))
     await ready.wait()
-    proc = await asyncio.to_thread(_start, cmd)
+    relays = [await asyncio.to_thread(harness.Relay, cmd) for cmd in cmds]
     try:
         return await measuring
     finally:
-        await asyncio.to_thread(_stop, proc)
+        for relay in relays:
+            await asyncio.to_thread(relay.stop)
+
+
+def guard_cmd(url: str, key: Path, *, gateway_id: str = "bench") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bus_guard",
+        "run",
+        "--nats",
+        url,
+        "--policies",
+        str(ROOT / "policies"),
+        "--key",
+        str(key),
+        "--mode",
+        "stream",
+        "--max-skew",
+        "86400",
+        "--gateway-id",
+        gateway_id,
+    ]
+
+
+def variants(url: str, key: Path, *, batched: bool, scale: bool) -> dict[str, list[list[str]]]:
+    """name -> the command of each relay process of that variant."""
+    out = {
+        "bare": [[sys.executable, "-m", "bench.stream_relay", "--relay", "--nats", url]],
+        "stream": [guard_cmd(url, key)],
+    }
+    if batched:
+        out["stream-batched"] = [[*guard_cmd(url, key), "--artifacts", "batched"]]
+    if scale:  # two gateways sharing the durable consumer, each its own ledger chain
+        out["stream-batched x2"] = [
+            [*guard_cmd(url, key, gateway_id=f"bench{i}"), "--artifacts", "batched"] for i in (1, 2)
+        ]
+    return out
+
+
+def run(
+    url: str, key: Path, count: int, runs: int, *, batched: bool = True, scale: bool = False
+) -> dict[str, Any]:
+    """Every variant ``runs`` times, interleaved; medians and ratios to ``bare``."""
+    results: dict[str, list[float]] = {}
+    plan = variants(url, key, batched=batched or scale, scale=scale)
+    for _ in range(runs):
+        for name, cmds in plan.items():
+            results.setdefault(name, []).append(asyncio.run(_run_one(url, count, cmds)))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    ratios = {f"{k}_vs_bare": v / med["bare"] for k, v in med.items() if k != "bare"}
+    if "stream-batched x2" in med:
+        ratios["stream_batched_x2_vs_x1"] = med["stream-batched x2"] / med["stream-batched"]
+    return {"per_s": results, "median_per_s": med, "ratios": ratios}
 
 
 def main() -> None:
@@ -179,65 +207,44 @@ def main() -> None:
     p.add_argument("--relay", action="store_true", help="run the bare relay (internal)")
     p.add_argument("--nats", default=None)
     p.add_argument("--no-batched", action="store_true", help="skip the batched variant")
+    p.add_argument("--scale", action="store_true", help="also two batched gateways, one consumer")
+    p.add_argument("--json", action="store_true", help="JSON only, no table")
     args = p.parse_args()
     if args.relay:
         asyncio.run(bare_relay(args.nats))
         return
-    results: dict[str, list[float]] = {}
     with NatsServer() as server, tempfile.TemporaryDirectory() as tmp:
         key, _ = generate_key(Path(tmp))
-        commands = {
-            "bare": [sys.executable, "-m", "bench.stream_relay", "--relay", "--nats", server.url],
-            "stream": [
-                sys.executable,
-                "-m",
-                "bus_guard",
-                "run",
-                "--nats",
-                server.url,
-                "--policies",
-                str(ROOT / "policies"),
-                "--key",
-                str(key),
-                "--mode",
-                "stream",
-                "--max-skew",
-                "86400",
-                "--gateway-id",
-                "bench",
-            ],
-        }
-        if not args.no_batched:
-            commands["stream-batched"] = [*commands["stream"], "--artifacts", "batched"]
-        for _ in range(args.runs):
-            for name, cmd in commands.items():
-                run = asyncio.run(_run_one(server.url, args.count, cmd))
-                results.setdefault(name, []).append(run)
-    medians = {name: statistics.median(v) for name, v in results.items()}
-    print(
-        json.dumps(
-            {
-                "benchmark": "stream_relay",
-                "count": args.count,
-                "runs": args.runs,
-                "per_s": {k: [round(x) for x in v] for k, v in results.items()},
-                "median_per_s": {k: round(v) for k, v in medians.items()},
-                "ratio_stream_vs_bare": round(medians["stream"] / medians["bare"], 3),
-                **(
-                    {
-                        "ratio_stream_batched_vs_bare": round(
-                            medians["stream-batched"] / medians["bare"], 3
-                        ),
-                        "ratio_stream_batched_vs_stream": round(
-                            medians["stream-batched"] / medians["stream"], 3
-                        ),
-                    }
-                    if "stream-batched" in medians
-                    else {}
-                ),
-            },
-            indent=2,
+        res = run(
+            server.url, key, args.count, args.runs, batched=not args.no_batched, scale=args.scale
         )
+    med = res["median_per_s"]
+    rows = [
+        [
+            name,
+            v,
+            ", ".join(f"{x:,.0f}" for x in res["per_s"][name]),
+            "baseline" if name == "bare" else f"{v / med['bare']:.2f}",
+        ]
+        for name, v in med.items()
+    ]
+    lines = [
+        f"## stream_relay: intents/s end to end (JetStream), {args.count} intents,"
+        f" medians of {args.runs}",
+        table(["variant", "median/s", "runs", "vs bare"], rows),
+    ]
+    if "stream_batched_x2_vs_x1" in res["ratios"]:
+        lines.append(f"two gateways vs one: {res['ratios']['stream_batched_x2_vs_x1']:.2f}")
+    emit(
+        {
+            "benchmark": "stream_relay",
+            "machine": machine(),
+            "count": args.count,
+            "runs": args.runs,
+            **res,
+        },
+        "\n".join(lines),
+        json_only=args.json,
     )
 
 

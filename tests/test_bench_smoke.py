@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import decide, harness, latency, memory, relay, rulesets
+from bench import decide, harness, latency, memory, relay, rulesets, stream_relay
 from bench import verify as verify_bench
 from bench.common import percentile, table
 from bus_guard.keys import generate_key
@@ -91,6 +91,16 @@ def test_relay_smoke(server: NatsServer, key: Path) -> None:
         assert "core-batched skipped" in res["notes"][0]
 
 
+def test_stream_relay_smoke(key: Path) -> None:
+    # Every variant drains the same backlog through a JetStream server of its own run:
+    # _measure raises unless every intent reached the exec stream exactly once.
+    with NatsServer() as js_server:
+        res = stream_relay.run(js_server.url, key, 60, 1, batched=True, scale=True)
+    assert set(res["median_per_s"]) == {"bare", "stream", "stream-batched", "stream-batched x2"}
+    assert all(v > 0 for v in res["median_per_s"].values())
+    assert res["ratios"]["stream_batched_x2_vs_x1"] > 0
+
+
 def test_latency_smoke(server: NatsServer, key: Path) -> None:
     res = latency.run(server.url, key, seconds=0.1, max_count=100, count_for_max=200, loads=(0.5,))
     row = res["loads"]["50%"]
@@ -116,7 +126,18 @@ def test_suite_entry_point_lists_every_program() -> None:
     assert out.stdout == ""
     from bench.__main__ import SMOKE, SUITE
 
-    assert set(SUITE) == set(SMOKE) == {"decide", "verify", "relay", "latency", "memory"}
+    assert (
+        set(SUITE)
+        == set(SMOKE)
+        == {
+            "decide",
+            "verify",
+            "relay",
+            "stream_relay",
+            "latency",
+            "memory",
+        }
+    )
 
 
 def test_helpers() -> None:
