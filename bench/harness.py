@@ -133,6 +133,17 @@ class Relay:
     def pid(self) -> int:
         return self.proc.pid
 
+    def cpu_s(self) -> float | None:
+        """CPU seconds (user + system) the relay process has used so far; ``None`` where
+        ``/proc`` is not there. On a machine the relay shares with the server and the load
+        driver, CPU per intent says what the relay costs; the rate says who got the CPU."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

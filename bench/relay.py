@@ -13,7 +13,10 @@ Runs, on the same server with the same intents, interleaved, ``--runs`` times ea
 
 Every intent is allowed by the example policies, so every one is authorized, signed and
 forwarded. The publisher keeps at most ``--window`` intents in flight, so the numbers are
-sustained rates, not buffer fills. Medians and ratios to ``bare`` are printed.
+sustained rates, not buffer fills. Medians and ratios to ``bare`` are printed, and each
+variant's CPU time per intent (user + system of its relay processes over the measured run,
+from ``/proc``): on a machine where relay, nats-server and the load driver share few cores,
+the rate says who got the CPU, the CPU per intent what relaying one intent costs.
 
     python -m bench.relay --count 20000 --runs 3 --scale
 """
@@ -51,15 +54,18 @@ def variants(
     return out
 
 
-def measure(url: str, cmds: list[list[str]], count: int, window: int) -> float:
+def measure(url: str, cmds: list[list[str]], count: int, window: int) -> tuple[float, float]:
+    """(intents per second, relay CPU µs per intent: every relay process of the variant)."""
     with ExitStack() as stack:
-        for cmd in cmds:
-            stack.enter_context(harness.Relay(cmd))
+        relays = [stack.enter_context(harness.Relay(cmd)) for cmd in cmds]
         asyncio.run(harness.throughput(url, min(2000, count), window=window))  # warm-up
+        before = [r.cpu_s() for r in relays]
         run = asyncio.run(harness.throughput(url, count, window=window))
+        after = [r.cpu_s() for r in relays]
     if run["received"] != count:
         raise SystemExit(f"{cmds[0][2]}: lost {count - run['received']} of {count} messages")
-    return run["per_s"]
+    cpu = sum((a or 0.0) - (b or 0.0) for a, b in zip(after, before, strict=True))
+    return run["per_s"], cpu / count * 1e6
 
 
 def run(
@@ -81,15 +87,30 @@ def run(
             "(bus_guard.batch.BatchSigner is; the gateway does not call it yet)"
         )
     results: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     plan = variants(url, key, batched=batched, scale=scale, prototype=prototype)
     for _ in range(runs):
         for name, cmds in plan.items():
-            results.setdefault(name, []).append(measure(url, cmds, count, window))
+            rate, cpu_us = measure(url, cmds, count, window)
+            results.setdefault(name, []).append(rate)
+            cpu.setdefault(name, []).append(cpu_us)
     med = {k: statistics.median(v) for k, v in results.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     ratios = {f"{k}_vs_bare": v / med["bare"] for k, v in med.items() if k != "bare"}
     if "core x2" in med:
         ratios["core_x2_vs_core"] = med["core x2"] / med["core"]
-    return {"per_s": results, "median_per_s": med, "ratios": ratios, "notes": notes}
+    if cpu_med["bare"] > 0:  # /proc available: the cost ratio, free of CPU sharing
+        ratios.update(
+            (f"{k}_cpu_vs_bare", v / cpu_med["bare"]) for k, v in cpu_med.items() if k != "bare"
+        )
+    return {
+        "per_s": results,
+        "median_per_s": med,
+        "cpu_us_per_intent": cpu,
+        "median_cpu_us_per_intent": cpu_med,
+        "ratios": ratios,
+        "notes": notes,
+    }
 
 
 def main() -> None:
@@ -115,12 +136,15 @@ def main() -> None:
             prototype=args.prototype,
         )
     med = res["median_per_s"]
+    cpu = res["median_cpu_us_per_intent"]
     rows = [
         [
             name,
             v,
             ", ".join(f"{x:,.0f}" for x in res["per_s"][name]),
             "baseline" if name == "bare" else f"{v / med['bare']:.2f}",
+            cpu[name],
+            "baseline" if name == "bare" else f"{cpu[name] / cpu['bare']:.2f}x",
         ]
         for name, v in med.items()
     ]
@@ -128,7 +152,10 @@ def main() -> None:
         [
             f"## relay: intents/s end to end (core NATS), {args.count} intents,"
             f" medians of {args.runs}",
-            table(["variant", "median/s", "runs", "vs bare"], rows),
+            table(
+                ["variant", "median/s", "runs", "vs bare", "relay CPU µs/intent", "CPU vs bare"],
+                rows,
+            ),
             *(
                 ["two gateways vs one: " + f"{res['ratios']['core_x2_vs_core']:.2f}"]
                 if "core x2" in med

@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
-from .conditions import ConditionTrace, trace
+from .conditions import ConditionTrace, Predicate, trace
 from .decision import Decision, Effect, Mode, Reason, Request
 from .patterns import ActionIndex, parse_action_pattern
 from .policy_model import Bundle
@@ -345,6 +345,7 @@ def compile_policy_set(
     rules: list[CompiledRule] = []
     where: dict[str, tuple[str, int]] = {}  # rule id -> (file, index) where first seen
     bundle_files: dict[str, str] = {}
+    shared: dict[Any, Predicate] = {}  # rules with the same condition share its closure
     infos = []
     for file, bundle in sources:
         if (other := bundle_files.setdefault(bundle.bundle, file)) != file:
@@ -357,7 +358,7 @@ def compile_policy_set(
                 problems.append(Problem(file, rule.id, index, ("id",), message))
                 continue
             where[rule.id] = (file, index)
-            rules.append(compile_rule(rule, index, bundle, file, schemas, problems))
+            rules.append(compile_rule(rule, index, bundle, file, schemas, problems, shared))
         infos.append(
             BundleInfo(bundle.bundle, bundle.version, file, len(bundle.rules), bundle.description)
         )

@@ -313,12 +313,44 @@ def compile_condition(
     )
 
 
-def predicate(node: ConditionNode) -> Predicate:
-    """One closure per node; combinators short-circuit like ``and`` / ``or``."""
+def predicate(node: ConditionNode, shared: dict[Any, Predicate] | None = None) -> Predicate:
+    """One closure per node; combinators short-circuit like ``and`` / ``or``.
+
+    *shared* holds the predicates already built in one compilation, by the condition's
+    structure: rules with the same condition share one closure. Ten thousand rules with a
+    few distinct limits then touch a few closures, which stay in the CPU cache, instead of
+    ten thousand spread over megabytes (the evaluator's time at 10,000 rules was mostly
+    cache misses). Leaves on principal attributes are never shared: their lookup table
+    belongs to their bundle.
+    """
+    if shared is None:
+        shared = {}
+    key = _shape(node)
+    found = shared.get(key) if key is not None else None
+    if found is not None:
+        return found
+    made = _predicate(node, shared)
+    if key is not None:
+        shared[key] = made
+    return made
+
+
+def _shape(node: ConditionNode) -> tuple[Any, ...] | None:
+    """What decides a node's result, hashable; ``None`` for what must not be shared."""
+    if isinstance(node, LeafNode):
+        if node.field.startswith("principal."):
+            return None
+        # JSON text keeps 1, 1.0 and true apart (equal, with equal hashes, in Python).
+        return ("leaf", node.field, node.op, json.dumps(node.value, sort_keys=True))
+    parts = tuple(_shape(child) for child in node.children)
+    return None if None in parts else (node.kind, parts)
+
+
+def _predicate(node: ConditionNode, shared: dict[Any, Predicate]) -> Predicate:
     if isinstance(node, LeafNode):
         get, test = node.get, node.test
         return lambda r: test(get(r))
-    parts = tuple(predicate(child) for child in node.children)
+    parts = tuple(predicate(child, shared) for child in node.children)
     if node.kind == "not":
         (inner,) = parts
         return lambda r: not inner(r)

@@ -109,6 +109,7 @@ class CoreIntake:
         self._batcher = BatchSigner(self.signer, max_batch=s.batch_max) if self.batched else None
         self._batch: list[_Entry] = []
         self._batch_started = 0.0  # monotonic time of the batch's first intent
+        self._delay_s = s.batch_delay_ms / 1000
         self._has_batch = asyncio.Event()  # the batch is not empty
         self._close_now = asyncio.Event()  # full, intake idle, or closing: sign now
         self._room = asyncio.Event()  # the flusher took the batch
@@ -158,13 +159,23 @@ class CoreIntake:
             self._batch_started = time.monotonic()
             self._has_batch.set()
         sub = self.sub
-        if len(batch) >= batch_max or sub is None or sub.pending_msgs == 0:
+        if sub is None or sub.pending_msgs == 0:
+            self._close_now.set()  # intake idle: this callback returns to an empty queue
+        elif not self._close_now.is_set() and (
+            len(batch) >= batch_max or time.monotonic() - self._batch_started >= self._delay_s
+        ):
+            # Full, or its first intent has waited batch_delay_ms, while intents keep
+            # coming: nats-py runs this callback for every queued message without yielding,
+            # so yield once to let the flusher sign and publish the batch now (else a busy
+            # intake holds every batch until it is full: a latency of up to batch_max
+            # decisions, not batch_delay_ms).
             self._close_now.set()
+            await asyncio.sleep(0)
 
     async def run_flusher(self) -> None:
         """Sign and publish batches until :meth:`close`; returns once every intent taken
         by :meth:`on_intent` is published (or recorded as denied)."""
-        delay_s = self.settings.batch_delay_ms / 1000
+        delay_s = self._delay_s
         while True:
             if not self._batch:
                 if self._closing:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from .conditions import ConditionNode, Scope, compile_condition, predicate
+from .conditions import ConditionNode, Predicate, Scope, compile_condition, predicate
 from .decision import Request
 from .patterns import (
     ActionIndex,
@@ -87,7 +87,9 @@ def compile_rule(
     file: str,
     schemas: Sequence[tuple[str, Tokens, Mapping[str, str]]],
     problems: list[Problem],
+    shared: dict[Any, Predicate] | None = None,
 ) -> CompiledRule:
+    """*shared*: the predicates of this compilation so far (see :func:`predicate`)."""
     def problem(loc: Loc, message: str) -> None:
         problems.append(Problem(file, rule.id, index, loc, message))
 
@@ -139,7 +141,7 @@ def compile_rule(
         match_principal=set_matcher(["*"] if any_principal else [*sorted(ids), *globs]),
         match_action=_action_matcher(tokens),
         match_resource=set_matcher(rule.resources),
-        check=None if condition is None else predicate(condition),
+        check=None if condition is None else predicate(condition, shared),
     )
 
 

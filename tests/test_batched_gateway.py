@@ -123,6 +123,42 @@ async def test_batched_core_forwards_each_allowed_intent_once_in_order(
     await nc.drain()
 
 
+class _BusyIntake:
+    """Stands in for the intake subscription: always another intent waiting."""
+
+    pending_msgs = 1
+
+
+async def test_batched_core_closes_a_batch_by_age_while_intents_keep_coming(
+    nats_url: str,
+    keys: tuple[Path, Path],
+    signer: Signer,
+    policies: PolicySet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch closes batch_delay_ms after its first intent even while the intake never
+    goes idle (nats-py runs the callback for every queued message without yielding): with
+    a 1 µs window and room for 512, 40 intents sent in one burst make trees of one or two
+    leaves, not one tree (closed only when full or idle)."""
+    nc = await nats.connect(nats_url)
+    out = await outputs(nc)
+    ids = [f"b-{i}" for i in range(40)]
+    settings = _batched(nats_url, batch_max=512, batch_delay_ms=0.001)
+    async with Gateway(settings, policies, signer) as gw:
+        core = gw._core
+        assert core is not None
+        monkeypatch.setattr(core, "sub", _BusyIntake())
+        for i in ids:  # buffered, then written in one go
+            await nc.publish(SEARCH, intent("tools.search", "tool:search", {"q": i}, id=i))
+        await out.exec.wait_for(len(ids))
+        stats = gw.statistics()
+    assert [json.loads(m.data)["id"] for m in out.exec.msgs] == ids  # once each, in order
+    heads = _check_execs(out.exec.msgs, keys[1])
+    assert max(heads.values()) <= 2, sorted(heads.values())
+    assert stats.artifact_batches == len(heads) >= len(ids) // 2
+    await nc.drain()
+
+
 async def test_batched_core_signing_failure_denies_the_whole_batch(
     nats_url: str, keys: tuple[Path, Path], policies: PolicySet
 ) -> None:

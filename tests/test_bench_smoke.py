@@ -85,6 +85,10 @@ def test_relay_smoke(server: NatsServer, key: Path) -> None:
     res = relay.run(server.url, key, 100, 1, 50, scale=False, want_batched=True, prototype=True)
     assert set(res["median_per_s"]) >= {"bare", "core", "prototype-batched"}
     assert res["ratios"]["core_vs_bare"] > 0
+    # CPU per intent of the relay processes: the gateway does more than the bare relay.
+    cpu = res["median_cpu_us_per_intent"]
+    assert 0 < cpu["bare"] < cpu["core"]
+    assert res["ratios"]["core_cpu_vs_bare"] > 1
     if harness.supports_artifacts_flag():
         assert "core-batched" in res["median_per_s"]
     else:

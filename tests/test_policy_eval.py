@@ -582,3 +582,44 @@ def test_rule_order_never_changes_a_decision(seed: int, order: int, count: int) 
         a, b = first.evaluate(request, State()), second.evaluate(request, State())
         assert outcome(a) == outcome(b)
         assert a.message == b.message
+
+
+def test_rules_with_the_same_condition_share_one_predicate() -> None:
+    # Hash-consed conditions: 10,000 rules with a few distinct limits keep a few closures
+    # hot in the CPU cache. Sharing must never merge conditions that differ: 1, 1.0 and
+    # true are equal in Python but not to a policy.
+    limits = [{"field": "params.amount", "le": 100 + 10 * (i % 3)} for i in range(30)]
+    flags: list[Any] = [1, 1.0, True, 1, True]
+    rules = [
+        {
+            "id": f"r{i:02}",
+            "effect": "allow",
+            "principals": [f"a{i}"],
+            "actions": ["pay"],
+            "when": when,
+        }
+        for i, when in enumerate(limits)
+    ] + [
+        {
+            "id": f"f{i}",
+            "effect": "allow",
+            "principals": [f"f{i}"],
+            "actions": ["pay"],
+            "when": {"all": [{"field": "params.flag", "eq": v}, {"field": "params.n", "gt": 0}]},
+        }
+        for i, v in enumerate(flags)
+    ]
+    policies = compile_bundle({"bundle": "shared", "version": "1", "rules": rules})
+    check = {r.id: r.check for r in policies.rules}
+    assert len({id(check[f"r{i:02}"]) for i in range(30)}) == 3
+    assert check["r00"] is check["r03"] is check["r27"]
+    assert check["f0"] is check["f3"] and check["f2"] is check["f4"]
+    assert len({id(check[f"f{i}"]) for i in range(3)}) == 3  # 1, 1.0, true: apart
+    for i, v in enumerate(flags):
+        for sent in (1, 1.0, True):
+            decision = policies.evaluate(req("pay", {"flag": sent, "n": 1}, f"f{i}"), State())
+            same_type = type(sent) is bool if type(v) is bool else type(sent) is not bool
+            assert (decision.effect is ALLOW) == same_type, (v, sent)
+    # Shared closures still read each request's own values.
+    assert policies.evaluate(req("pay", {"amount": 110}, "a1"), State()).effect is ALLOW
+    assert policies.evaluate(req("pay", {"amount": 110}, "a0"), State()).effect is DENY
