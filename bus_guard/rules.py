@@ -90,6 +90,7 @@ def compile_rule(
     shared: dict[Any, Predicate] | None = None,
 ) -> CompiledRule:
     """*shared*: the predicates of this compilation so far (see :func:`predicate`)."""
+
     def problem(loc: Loc, message: str) -> None:
         problems.append(Problem(file, rule.id, index, loc, message))
 
