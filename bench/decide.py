@@ -19,6 +19,10 @@ Two parts, each run ``--runs`` times (medians reported):
    Cedar and Rego are skipped, with a note, when ``cedarpy`` / ``opa-eval`` are not
    installed (``pip install -e '.[bench]'``).
 
+   The evaluator's growth with the rule count ("time vs smallest" on its rows) comes from
+   extra rounds that time every size back to back (the median of the per-round ratios):
+   sizes measured minutes apart on a shared machine drift by more than the growth itself.
+
     python -m bench.decide --rules 10,100,1000,10000 --runs 3
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import tempfile
 import time
 import uuid
@@ -39,6 +44,8 @@ from bench import rulesets
 from bench.common import emit, machine, medians, table, timed_calls
 from bus_guard import decide, load_policies
 from bus_guard.authorize import authorize
+from bus_guard.compiler import PolicySet
+from bus_guard.decision import Request
 from bus_guard.messages import Intent, decode_intent, parse_subject
 from bus_guard.state import State
 
@@ -141,16 +148,27 @@ def _variants(
     return variants
 
 
+def _loop_rate(policies: PolicySet, requests: list[Request]) -> float:
+    """Evaluations per second in a bare loop: no per-call clock, no wrapper."""
+    evaluate, state = policies.evaluate, State()
+    start = time.perf_counter()
+    for request in requests:
+        evaluate(request, state)
+    return len(requests) / (time.perf_counter() - start)
+
+
 def run_engines(sizes: list[int], count: int, runs: int, budget_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     notes = []
     now = time.time()
+    evaluators: dict[int, tuple[PolicySet, list[Request]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             engines = rulesets.Engines(n, Path(tmp))
             reqs = rulesets.requests(n, count)
             agreement = engines.check_agreement(reqs[: min(len(reqs), 2000)])
             variants = _variants(engines, reqs, now)
+            evaluators[n] = (engines.policies, variants["bus_guard"][1])
             for fn, items in variants.values():  # warm-up
                 timed_calls(fn, items[:500], budget_s=budget_s / 4)
             results: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
@@ -163,11 +181,19 @@ def run_engines(sizes: list[int], count: int, runs: int, budget_s: float) -> dic
                 "agreement": agreement,
                 "median": {name: medians(r) for name, r in results.items()},
             }
+    # The evaluator's growth with the rule count, from rounds that time every size back to
+    # back: sizes measured minutes apart on a shared machine drift by more than the growth.
+    rounds = [
+        {n: _loop_rate(policies, items) for n, (policies, items) in evaluators.items()}
+        for _ in range(max(runs, 5))
+    ]
+    smallest = sizes[0] if sizes else 0
+    growth = {str(n): statistics.median(r[smallest] / r[n] for r in rounds) for n in evaluators}
     if not rulesets.HAVE_CEDAR:
         notes.append("cedar skipped: cedarpy not installed (pip install -e '.[bench]')")
     if not rulesets.HAVE_REGO:
         notes.append("rego skipped: opa-eval not installed (pip install -e '.[bench]')")
-    return {"by_rules": out, "notes": notes}
+    return {"by_rules": out, "growth_interleaved": growth, "notes": notes}
 
 
 def summarize(engines: dict[str, Any]) -> tuple[dict[str, Any], list[list[object]]]:
@@ -184,9 +210,12 @@ def summarize(engines: dict[str, Any]) -> tuple[dict[str, Any], list[list[object
             if peer in med:
                 r[f"bus_guard_vs_{peer}"] = ours / med[peer]["per_s"]
                 r[f"decide_vs_{peer}"] = med["bus_guard decide"]["per_s"] / med[peer]["per_s"]
-        # growth: time per decision at n rules / at the smallest size
+        # growth: time per decision at n rules / at the smallest size; for the evaluator,
+        # from the interleaved rounds when present
         for name in med:
             r[f"growth_{name.replace(' ', '_')}"] = first[name]["per_s"] / med[name]["per_s"]
+        if n in engines.get("growth_interleaved", {}):
+            r["growth_bus_guard"] = engines["growth_interleaved"][n]
         ratios[n] = r
         for name, m in med.items():
             vs_cedar = (
@@ -253,6 +282,8 @@ def main() -> None:
                 ],
                 rows,
             ),
+            "bus_guard rows: time vs smallest from interleaved rounds of bare evaluation"
+            f" loops (median of {max(args.runs, 5)} per-round ratios)",
             *engines["notes"],
         ]
     )

@@ -97,11 +97,14 @@ class _Step(NamedTuple):
     rules: tuple[CompiledRule, ...]  # the group, sorted by id
 
 
-class _Candidates(NamedTuple):
-    """What evaluating one (principal, action) pair needs, computed once and cached."""
+# What evaluating one (principal, action) pair needs, computed once and cached: its
+# steps, then a last one that always decides (no rule applied), prebuilt as decisions are
+# immutable values. A plain tuple of steps: one object fewer to fetch per evaluation.
+_Candidates = tuple[_Step, ...]
 
-    steps: tuple[_Step, ...]
-    no_match: Decision  # prebuilt, as decisions are immutable values
+
+def _anything(_: str) -> bool:
+    return True
 
 
 _PRECEDENCE: Final = (
@@ -135,6 +138,7 @@ class PolicySet:
         "_glob_principal",
         "_infos",
         "_rules",
+        "_steps",
         "digest",
         "mode",
         "version",
@@ -152,6 +156,7 @@ class PolicySet:
     _by_action_wild: ActionIndex
     _cache: dict[tuple[str, str], _Candidates]
     _decisions: dict[tuple[Reason, tuple[str, ...]], Decision]
+    _steps: dict[tuple[Reason, tuple[str, ...]], _Step]
 
     def __init__(
         self, rules: Sequence[CompiledRule], infos: Sequence[BundleInfo], digest: str, mode: Mode
@@ -188,6 +193,9 @@ class PolicySet:
             # are atomic under the GIL, and a lost insert only costs a recomputation.
             "_cache": {},
             "_decisions": {},  # (reason, rule ids) -> Decision, same bound
+            # (reason, rule ids) -> _Step, same bound: pairs whose groups hold the same
+            # rules (every pair meets a wildcard-principal deny) share one step object.
+            "_steps": {},
         }
         for name, value in fields.items():
             object.__setattr__(self, name, value)
@@ -218,7 +226,7 @@ class PolicySet:
     def candidates(self, principal: str, action: str) -> tuple[str, ...]:
         """Ids of the rules that match ``principal`` and ``action`` (before resource and
         condition), i.e. all that ``evaluate`` will look at."""
-        steps = self._candidates(principal, action).steps
+        steps = self._candidates(principal, action)
         return tuple(sorted(r.id for step in steps for r in step.rules))
 
     def evaluate(self, request: Request, state: State) -> Decision:
@@ -226,8 +234,8 @@ class PolicySet:
         if found is None:
             found = self._candidates(request.principal, request.action)
         resource = request.resource
-        for match, check, single, reason, rules in found[0]:
-            if match is not None:  # one rule: its matchers and decision are inline
+        for match, check, single, reason, rules in found:
+            if match is not None:  # one rule (or the last step): matchers and decision inline
                 if match(resource) and (check is None or check(request)):
                     return single  # type: ignore[return-value]  # set with match
                 continue
@@ -238,7 +246,7 @@ class PolicySet:
             ]
             if hits:
                 return self._ruled(reason, tuple(hits))
-        return found[1]
+        raise AssertionError("the last step always decides")  # the caller denies
 
     def explain(self, request: Request) -> Explanation:
         """Trace every rule that matches the action or names the principal (a linear scan:
@@ -295,6 +303,20 @@ class PolicySet:
             mode=self.mode,
         )
 
+    def _step(self, reason: Reason, group: tuple[CompiledRule, ...]) -> _Step:
+        key = (reason, tuple(r.id for r in group))
+        step = self._steps.get(key)
+        if step is None:
+            if len(group) == 1:
+                (rule,) = group
+                step = _Step(rule.match_resource, rule.check, self._ruled(*key), reason, group)
+            else:
+                step = _Step(None, None, None, reason, group)
+            if len(self._steps) >= CACHE_SIZE:
+                self._steps.clear()
+            self._steps[key] = step
+        return step
+
     def _candidates(self, principal: str, action: str) -> _Candidates:
         rules = self._rules
         named = self._by_principal.get(principal, ())
@@ -321,15 +343,10 @@ class PolicySet:
             (reason, tuple(r for r in found_rules if r.effect == effect))
             for effect, reason in _PRECEDENCE
         )
-        found = _Candidates(
-            tuple(
-                _Step(g[0].match_resource, g[0].check, self._ruled(reason, (g[0].id,)), reason, g)
-                if len(g) == 1
-                else _Step(None, None, None, reason, g)
-                for reason, g in groups
-                if g
-            ),
-            self._no_match(principal, action, any(r.effect == "allow" for r in found_rules)),
+        no_match = self._no_match(principal, action, any(r.effect == "allow" for r in found_rules))
+        found = (
+            *(self._step(reason, g) for reason, g in groups if g),
+            _Step(_anything, None, no_match, no_match.reason, ()),
         )
         if len(self._cache) >= CACHE_SIZE:
             self._cache.clear()

@@ -13,7 +13,6 @@ for the kind of pattern it meets.
 from __future__ import annotations
 
 import functools
-import operator
 import re
 from collections.abc import Callable, Iterable
 from typing import Final
@@ -142,12 +141,14 @@ def set_matcher(patterns: Iterable[str]) -> Matcher:
         return frozen.__contains__
     if not others:
         if not frozen:
-            # A C-level callable: no Python frame per call, and fewer objects to fetch
-            # from memory than a closure (with 10,000 rules each one is a cache miss).
-            starts_with: Matcher = operator.methodcaller(
-                "startswith", starts[0] if len(starts) == 1 else starts
-            )
-            return starts_with
+            if len(starts) == 1:
+                # The prefix as a default argument, not a closure cell over a tuple: two
+                # fewer objects to fetch per call, which at 10,000 rules are cache misses.
+                def starts_with(value: str, _prefix: str = starts[0]) -> bool:
+                    return value.startswith(_prefix)
+
+                return starts_with
+            return lambda value: value.startswith(starts)
         return lambda value: value in frozen or value.startswith(starts)
     rx = re.compile("|".join(f"(?:{_glob_regex(p).pattern})" for p in others), re.DOTALL)
     fullmatch = rx.fullmatch
