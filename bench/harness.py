@@ -134,15 +134,17 @@ class Relay:
         return self.proc.pid
 
     def cpu_s(self) -> float | None:
-        """CPU seconds (user + system) the relay process has used so far; ``None`` where
-        ``/proc`` is not there. On a machine the relay shares with the server and the load
-        driver, CPU per intent says what the relay costs; the rate says who got the CPU."""
+        """CPU seconds the relay process has used so far (every thread, nanosecond
+        resolution, from ``/proc/<pid>/task/*/schedstat``); ``None`` where that is not
+        there. On a machine the relay shares with the server and the load driver, CPU per
+        intent says what the relay costs; the rate says who got the CPU."""
+        total = 0
         try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total / 1e9
 
     def stop(self) -> None:
         if self.proc.poll() is None:
