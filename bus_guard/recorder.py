@@ -45,6 +45,7 @@ from .ledger import (
 )
 from .lineage import ParentLookup
 from .messages import Intent, Malformed, Subject, new_decision_id
+from .outputs import HeaderValue
 from .preflight import Streams
 from .settings import Settings
 from .verify import ArtifactClaims
@@ -53,6 +54,7 @@ __all__ = ("ChainInDoubt", "Pending", "Recorder")
 
 log = logging.getLogger(__name__)
 
+_ZERO: Final = HeaderValue("0")
 _RECENT_IDS: Final = 100_000  # decision ids committed here, to catch repeats without a refusal
 
 
@@ -381,12 +383,17 @@ class Recorder:
         return stored is not None and stored.data == data
 
     def _headers(self, record: LedgerRecord) -> dict[str, str]:
+        # HeaderValue: the same bytes, without nats-py's ~2 µs per value (see outputs).
         if record.kind == "decision":
             return {
-                "Nats-Msg-Id": record.decision_id,
-                "Nats-Expected-Last-Subject-Sequence": "0",
-                "Nats-Expected-Last-Subject-Sequence-Subject": self._subjects.any_decision(
-                    record.decision_id
+                "Nats-Msg-Id": HeaderValue(record.decision_id),
+                "Nats-Expected-Last-Subject-Sequence": _ZERO,
+                "Nats-Expected-Last-Subject-Sequence-Subject": HeaderValue(
+                    self._subjects.any_decision(record.decision_id)
                 ),
             }
-        return {"Nats-Msg-Id": f"{record.kind}.{record.gateway}.{record.seq}.{record.epoch}"}
+        return {
+            "Nats-Msg-Id": HeaderValue(
+                f"{record.kind}.{record.gateway}.{record.seq}.{record.epoch}"
+            )
+        }
