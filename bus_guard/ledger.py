@@ -26,7 +26,6 @@ That is what makes a decision happen once, on any replica, beyond any de-dup win
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from dataclasses import dataclass, field
 from typing import Final
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .errors import ConfigError
 from .keys import kid_for
+from .messages import crockford_128
 from .verify import ALG, Jwks, b64url_decode, b64url_encode
 
 __all__ = (
@@ -116,10 +116,6 @@ class CheckpointClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
 _record_encoder: Final = msgspec.json.Encoder()
 _record_decoder: Final = msgspec.json.Decoder(LedgerRecord)
 _claims_decoder: Final = msgspec.json.Decoder(CheckpointClaims)
-_CROCKFORD: Final = bytes.maketrans(
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-)
-
 
 def encode_record(record: LedgerRecord) -> bytes:
     return _record_encoder.encode(record)
@@ -138,7 +134,7 @@ def record_hash(data: bytes) -> str:
 def _id(*parts: str) -> str:
     digest = hashlib.sha256("\x00".join(parts).encode()).digest()[:16]
     # 128 bits in 26 Crockford base32 characters, like a ULID (but not time-ordered).
-    return base64.b32encode(digest).rstrip(b"=").translate(_CROCKFORD).decode("ascii")
+    return crockford_128(digest)
 
 
 def intent_decision_id(prefix: str, principal: str, intent_id: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -12,9 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bus_guard.decision import Reason
+from bus_guard.ledger import intent_decision_id
 from bus_guard.messages import (
     Intent,
     Malformed,
+    crockford_128,
     decode_intent,
     new_decision_id,
     parse_subject,
@@ -163,3 +166,20 @@ def test_decision_ids_are_monotonic_and_unique_across_threads() -> None:
         t.join()
     every = [i for m in made for i in m]
     assert len(set(every)) == len(every) == 80000
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=16, max_size=16))
+def test_crockford_128_is_base32_with_the_crockford_alphabet(data: bytes) -> None:
+    # Decision ids derived from intents are stored in ledgers: the fast encoding must give
+    # exactly what RFC 4648 base32 + the Crockford alphabet gave.
+    table = bytes.maketrans(
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    )
+    expected = base64.b32encode(data).rstrip(b"=").translate(table).decode("ascii")
+    assert crockford_128(data) == expected
+
+
+def test_intent_decision_ids_are_stable() -> None:
+    # Pinned: a changed derivation would split one intent's decisions across versions.
+    assert intent_decision_id("guard", "agent-1", "intent-1") == "TZ6537VRBQKN8EEGYP7GCTNM50"
