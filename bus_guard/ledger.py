@@ -117,6 +117,7 @@ _record_encoder: Final = msgspec.json.Encoder()
 _record_decoder: Final = msgspec.json.Decoder(LedgerRecord)
 _claims_decoder: Final = msgspec.json.Decoder(CheckpointClaims)
 
+
 def encode_record(record: LedgerRecord) -> bytes:
     return _record_encoder.encode(record)
 
