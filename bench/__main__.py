@@ -15,7 +15,7 @@ SUITE = {
     "verify": ["--count", "20000", "--runs", "5"],
     "relay": ["--count", "20000", "--runs", "3", "--scale", "--prototype"],
     "stream_relay": ["--count", "20000", "--runs", "3", "--scale"],
-    "latency": ["--seconds", "5"],
+    "latency": ["--seconds", "5", "--runs", "3"],
     "memory": ["--count", "1000000"],
 }
 SMOKE = {
@@ -23,7 +23,7 @@ SMOKE = {
     "verify": ["--count", "300", "--runs", "1", "--batch", "16"],
     "relay": ["--count", "300", "--runs", "1", "--window", "100", "--scale"],
     "stream_relay": ["--count", "200", "--runs", "1", "--scale"],
-    "latency": ["--seconds", "0.2", "--count-for-max", "300", "--max-count", "300"],
+    "latency": ["--seconds", "0.2", "--count-for-max", "300", "--max-count", "300", "--runs", "1"],
     "memory": ["--count", "300", "--samples", "3"],
 }
 

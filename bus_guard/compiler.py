@@ -21,7 +21,7 @@ from typing import Any, Final, NamedTuple
 
 from .conditions import ConditionTrace, Predicate, trace
 from .decision import Decision, Effect, Mode, Reason, Request
-from .patterns import ActionIndex, parse_action_pattern
+from .patterns import ActionIndex, only_prefix, parse_action_pattern
 from .policy_model import Bundle
 from .rules import CompiledRule, Problem, compile_rule, shadowed
 from .state import State
@@ -91,6 +91,9 @@ class _Step(NamedTuple):
     """
 
     match_resource: Callable[[str], bool] | None  # the single rule's, else None
+    # The single rule's resources as one prefix (``p*``; "" for ``*``), tested inline with
+    # ``str.startswith``: no call, no matcher object to fetch. None: call match_resource.
+    prefix: str | None
     check: Callable[[Request], bool] | None  # the single rule's condition, if any
     single: Decision | None  # the single rule's decision, else None
     reason: Reason
@@ -234,9 +237,11 @@ class PolicySet:
         if found is None:
             found = self._candidates(request.principal, request.action)
         resource = request.resource
-        for match, check, single, reason, rules in found:
+        for match, prefix, check, single, reason, rules in found:
             if match is not None:  # one rule (or the last step): matchers and decision inline
-                if match(resource) and (check is None or check(request)):
+                if (resource.startswith(prefix) if prefix is not None else match(resource)) and (
+                    check is None or check(request)
+                ):
                     return single  # type: ignore[return-value]  # set with match
                 continue
             hits = [
@@ -309,9 +314,16 @@ class PolicySet:
         if step is None:
             if len(group) == 1:
                 (rule,) = group
-                step = _Step(rule.match_resource, rule.check, self._ruled(*key), reason, group)
+                step = _Step(
+                    rule.match_resource,
+                    only_prefix(rule.resources),
+                    rule.check,
+                    self._ruled(*key),
+                    reason,
+                    group,
+                )
             else:
-                step = _Step(None, None, None, reason, group)
+                step = _Step(None, None, None, None, reason, group)
             if len(self._steps) >= CACHE_SIZE:
                 self._steps.clear()
             self._steps[key] = step
@@ -346,7 +358,7 @@ class PolicySet:
         no_match = self._no_match(principal, action, any(r.effect == "allow" for r in found_rules))
         found = (
             *(self._step(reason, g) for reason, g in groups if g),
-            _Step(_anything, None, no_match, no_match.reason, ()),
+            _Step(_anything, "", None, no_match, no_match.reason, ()),
         )
         if len(self._cache) >= CACHE_SIZE:
             self._cache.clear()

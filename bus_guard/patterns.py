@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 __all__ = (
@@ -118,6 +118,20 @@ def glob_matcher(pattern: str) -> Matcher:
         return lambda value: value.startswith(prefix)
     fullmatch = _glob_regex(pattern).fullmatch
     return lambda value: fullmatch(value) is not None
+
+
+def only_prefix(patterns: Sequence[str]) -> str | None:
+    """``p`` when *patterns* is one ``p*`` glob (``p`` free of glob characters), ``""`` for
+    ``*``; else ``None``. What the evaluator tests inline with ``str.startswith``, exactly
+    as :func:`set_matcher` would."""
+    if len(patterns) != 1:
+        return None
+    (pattern,) = patterns
+    if pattern.strip("*") == "":
+        return ""
+    if pattern.endswith("*") and not is_glob(pattern[:-1]):
+        return pattern[:-1]
+    return None
 
 
 def set_matcher(patterns: Iterable[str]) -> Matcher:

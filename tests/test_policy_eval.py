@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from bus_guard.compiler import CACHE_SIZE
 from bus_guard.decision import Decision, Effect, Reason, Request
+from bus_guard.patterns import only_prefix, set_matcher
 from bus_guard.policy import PolicySet, load_policy_sources
 from bus_guard.state import State
 
@@ -623,3 +624,22 @@ def test_rules_with_the_same_condition_share_one_predicate() -> None:
     # Shared closures still read each request's own values.
     assert policies.evaluate(req("pay", {"amount": 110}, "a1"), State()).effect is ALLOW
     assert policies.evaluate(req("pay", {"amount": 110}, "a0"), State()).effect is DENY
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.text(alphabet="ab*?:/", max_size=6), min_size=1, max_size=2),
+    st.lists(st.text(alphabet="ab*?:/", max_size=8), max_size=8),
+)
+def test_inline_prefix_agrees_with_the_matcher(patterns: list[str], values: list[str]) -> None:
+    # The evaluator tests a lone `p*` resource pattern inline (str.startswith) instead of
+    # calling the rule's matcher: both must agree on every value.
+    prefix = only_prefix(patterns)
+    if len(patterns) == 1 and (
+        patterns[0].strip("*") == "" or re.fullmatch(r"[ab:/]*\*", patterns[0])
+    ):
+        assert prefix is not None
+    match = set_matcher(patterns)
+    if prefix is not None:
+        for value in [*values, *patterns]:
+            assert value.startswith(prefix) == match(value), (patterns, value)
