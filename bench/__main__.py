@@ -16,6 +16,7 @@ SUITE = {
     "relay": ["--count", "20000", "--runs", "3", "--scale", "--prototype"],
     "stream_relay": ["--count", "20000", "--runs", "3", "--scale"],
     "latency": ["--seconds", "5", "--runs", "3"],
+    "latency:batched": ["--seconds", "5", "--runs", "3", "--artifacts", "batched"],
     "memory": ["--count", "1000000"],
 }
 SMOKE = {
@@ -24,6 +25,10 @@ SMOKE = {
     "relay": ["--count", "300", "--runs", "1", "--window", "100", "--scale"],
     "stream_relay": ["--count", "200", "--runs", "1", "--scale"],
     "latency": ["--seconds", "0.2", "--count-for-max", "300", "--max-count", "300", "--runs", "1"],
+    "latency:batched": [
+        *("--seconds", "0.2", "--count-for-max", "300", "--max-count", "300", "--runs", "1"),
+        *("--artifacts", "batched"),
+    ],
     "memory": ["--count", "300", "--samples", "3"],
 }
 
@@ -35,11 +40,11 @@ def main() -> int:
     names = [n for n in suite if only is None or n in only.split(",")]
     failed = 0
     for name in names:
-        args = suite[name]
-        print(f"# python -m bench.{name} {' '.join(args)}", flush=True)
-        code = subprocess.call([sys.executable, "-m", f"bench.{name}", *args])
+        args, module = suite[name], name.partition(":")[0]  # "latency:batched": bench.latency
+        print(f"# python -m bench.{module} {' '.join(args)}", flush=True)
+        code = subprocess.call([sys.executable, "-m", f"bench.{module}", *args])
         if code:
-            print(f"# bench.{name} failed with exit code {code}", flush=True)
+            print(f"# bench.{module} failed with exit code {code}", flush=True)
             failed = 1
     return failed
 

@@ -139,6 +139,7 @@ def test_suite_entry_point_lists_every_program() -> None:
             "relay",
             "stream_relay",
             "latency",
+            "latency:batched",
             "memory",
         }
     )
