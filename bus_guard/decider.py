@@ -30,9 +30,19 @@ log = logging.getLogger(__name__)
 
 
 def intake_of(msg: Msg) -> tuple[str, int]:
-    """``<stream>/<stream seq>/<stored at, ns>`` and the delivery count, from the ack subject."""
-    md = msg.metadata
+    """``<stream>/<stream seq>/<stored at, ns>`` and the delivery count, from the ack subject.
+
+    Read straight from the JetStream ack subject (``$JS.ACK.<stream>.<consumer>.<delivered>.
+    <stream seq>.<consumer seq>.<ns>.<pending>``, or the v2 form with domain and account
+    hash first): nats-py's ``msg.metadata`` would also build a datetime and two dataclasses
+    per intent. Anything else takes ``msg.metadata``'s path (and its error)."""
     tokens = (msg.reply or "").split(".")
+    if tokens[0] == "$JS" and tokens[1:2] == ["ACK"]:
+        if len(tokens) == 9:
+            return f"{tokens[2]}/{int(tokens[5])}/{tokens[7]}", int(tokens[4])
+        if len(tokens) >= 11:
+            return f"{tokens[4]}/{int(tokens[7])}/{tokens[9]}", int(tokens[6])
+    md = msg.metadata
     stored_ns = tokens[7] if len(tokens) == 9 else tokens[9]
     return f"{md.stream}/{md.sequence.stream}/{stored_ns}", md.num_delivered
 

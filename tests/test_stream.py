@@ -10,8 +10,10 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.msg import Msg
+from nats.errors import NotJSMessageError
 from nats.js.api import StreamConfig
 
+from bus_guard.decider import intake_of
 from bus_guard.ledger import intent_decision_id
 from bus_guard.policy import PolicySet
 from bus_guard.settings import ArtifactMode
@@ -320,3 +322,25 @@ async def test_stream_mode_on_the_shipped_topology(
         assert stats.allowed == 1 and stats.ledger_records >= 2
         await agent.close()
         await executor.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.GUARD_IN.bus-guard.3.1042.977.1732600000123456789.15",
+        "$JS.ACK._.ACCHASH.GUARD_IN.bus-guard.2.77.70.1732600000123456789.0.tok",
+        "$JS.ACK.hub.ACCHASH.GUARD_IN.bus-guard.1.5.5.1732600000123456789.9",
+    ],
+)
+def test_intake_of_reads_the_ack_subject_as_nats_py_does(reply: str) -> None:
+    # The intake id and delivery count come straight from the ack subject; they must be
+    # what nats-py's own metadata parsing gives (v1 and v2 ack subjects).
+    msg = Msg(_client=None, subject="guard.in.a.b", reply=reply, data=b"{}")  # type: ignore[arg-type]
+    md = msg.metadata
+    stamp = reply.split(".")[7 if reply.count(".") == 8 else 9]
+    assert intake_of(msg) == (f"{md.stream}/{md.sequence.stream}/{stamp}", md.num_delivered)
+
+
+def test_intake_of_refuses_what_is_not_a_jetstream_delivery() -> None:
+    with pytest.raises(NotJSMessageError):
+        intake_of(Msg(_client=None, subject="guard.in.a.b", reply="_INBOX.x.y", data=b""))  # type: ignore[arg-type]
