@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, TextIO
 
+import anyio
 import msgspec
 from nats.aio.client import Client
 
@@ -283,6 +284,10 @@ class Auditor:
         return AuditReport(self._messages, tuple(chains), tuple(problems))
 
 
+# Delays before re-reading a ledger that stopped short of its last_seq (about 1.5 s in all).
+_CATCH_UP_S: Final = (0.05, 0.15, 0.3, 1.0)
+
+
 def audit(
     messages: Iterable[Stored], *, prefix: str, jwks: Jwks, require_sealed: bool = False
 ) -> AuditReport:
@@ -305,12 +310,22 @@ async def audit_stream(
     """``bus-guard ledger verify``: audit the ledger stream, print, 0 if sound else 1."""
     info = await nc.jetstream().stream_info(stream)
     config = info.config
+    last = info.state.last_seq
     auditor = Auditor(prefix, jwks, require_sealed=require_sealed)
-    async for stored in read(nc, stream, f"{prefix}.ledger.>"):
-        if stored.seq > info.state.last_seq:
-            break  # written after we looked: the next audit covers it
-        auditor.feed(stored)
-    report = auditor.finish(last_stream_seq=info.state.last_seq)
+    fed = 0  # stream seq of the last record audited
+    for attempt in range(len(_CATCH_UP_S) + 1):
+        async for stored in read(nc, stream, f"{prefix}.ledger.>", start_seq=fed + 1):
+            if stored.seq > last:
+                break  # written after we looked: the next audit covers it
+            auditor.feed(stored)
+            fed = stored.seq
+        if fed >= last or attempt == len(_CATCH_UP_S):
+            break
+        # Short of the leader's last_seq: on a replicated ledger a direct get may be
+        # answered by a replica a moment behind. Read the rest again before calling the
+        # tail deleted (a real gap stays one: the retries only cost their bounded delay).
+        await anyio.sleep(_CATCH_UP_S[attempt])
+    report = auditor.finish(last_stream_seq=last)
     print(
         f"ledger {stream}: {report.messages} record(s), stream seq "
         f"{info.state.first_seq}..{info.state.last_seq}; deny_delete={config.deny_delete} "

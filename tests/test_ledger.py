@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
+from bus_guard import audit as audit_module
 from bus_guard.audit import audit
 from bus_guard.cli import main
 from bus_guard.jetstream import Stored, read
@@ -240,3 +241,27 @@ async def test_read_pages_through_batches_and_stops_as_of_the_call(nats_url: str
         with pytest.raises(nats.js.errors.NotFoundError):
             [m async for m in read(nc, stream, ">")]
     await nc.close()
+
+
+async def test_a_replica_behind_the_leader_is_read_again_not_called_a_deletion(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a replicated ledger a direct get may be answered by a replica a moment behind the
+    stream info's last_seq. The first read here stops three records short (as such a
+    replica would); verify reads the rest again and passes, where it used to report the
+    newest records deleted. A real gap stays reported (the deleted-message test above)."""
+    await _copy(ledger, "lag", ledger.msgs)
+    reads: list[int] = []
+
+    async def lagging(*args: object, **kw: object) -> AsyncIterator[Stored]:
+        reads.append(int(kw.get("start_seq", 1)))  # type: ignore[call-overload]
+        behind = len(reads) == 1
+        async for message in read(*args, **kw):  # type: ignore[arg-type]
+            if behind and message.seq > len(ledger.msgs) - 3:
+                return
+            yield message
+
+    monkeypatch.setattr(audit_module, "read", lagging)
+    code, text = await asyncio.to_thread(_verify, ledger, "lag", "--require-sealed")
+    assert code == 0, text
+    assert reads == [1, len(ledger.msgs) - 2]  # the rest, from where the first read stopped
