@@ -347,6 +347,7 @@ class Gateway:
                 artifact_batches=r.artifact_batches,
             )
             counters["received"] = c.received
+            counters["internal_errors"] += c.internal_errors
         return GatewayStatistics(**counters)
 
     @property

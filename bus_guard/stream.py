@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import anyio
+import msgspec
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -42,6 +43,7 @@ from nats.aio.msg import Msg
 from .artifacts import Signer
 from .authorize import PolicySetLike
 from .decider import Decider
+from .decision import Reason
 from .jetstream import Committed, Puller, find_msg_id
 from .ledger import CheckpointSigner, LedgerRecord
 from .outputs import Output, outputs_of
@@ -66,6 +68,7 @@ class IntakeCounters:
     acks: int = 0
     late_adoptions: int = 0
     duplicate_outputs: int = 0
+    internal_errors: int = 0  # recorded allows without artifact: denied, not forwarded
 
 
 @dataclass(slots=True)
@@ -284,8 +287,27 @@ class StreamIntake:
                     max_payload_bytes=s.max_payload_bytes,
                 )
             except ValueError:  # a recorded allow without artifact: never forward it
-                log.error("decision %s is an allow without artifact", it.record.decision_id)
-                outs = []
+                log.error(
+                    "decision %s is an allow without artifact: denied internal_error, not "
+                    "forwarded",
+                    it.record.decision_id,
+                )
+                self.counters.internal_errors += 1
+                # Operators see it on the deny stream (same decision id, so de-duplicated
+                # like any output); the ledger keeps what was recorded.
+                outs = outputs_of(
+                    msgspec.structs.replace(
+                        it.record,
+                        effect="deny",
+                        reason=str(Reason.INTERNAL_ERROR),
+                        message="recorded allow has no artifact: not forwarded",
+                    ),
+                    it.msg.data,
+                    it.msg.headers,
+                    prefix=s.prefix,
+                    deny_payload_bytes=s.deny_payload_bytes,
+                    max_payload_bytes=s.max_payload_bytes,
+                )
             if it.adopted:
                 self.counters.adopted += 1
                 if now - it.record.ts > self._s.retry_horizon_s:

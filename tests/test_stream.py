@@ -5,6 +5,7 @@ after a failure adopts the decision already recorded (one exec message, the same
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import nats
@@ -14,7 +15,7 @@ from nats.errors import NotJSMessageError
 from nats.js.api import StreamConfig
 
 from bus_guard.decider import intake_of
-from bus_guard.ledger import intent_decision_id
+from bus_guard.ledger import LedgerRecord, encode_record, intent_decision_id
 from bus_guard.policy import PolicySet
 from bus_guard.settings import ArtifactMode
 from bus_guard.verify import BATCH_PREFIX, Verifier, verify_message
@@ -344,3 +345,47 @@ def test_intake_of_reads_the_ack_subject_as_nats_py_does(reply: str) -> None:
 def test_intake_of_refuses_what_is_not_a_jetstream_delivery() -> None:
     with pytest.raises(NotJSMessageError):
         intake_of(Msg(_client=None, subject="guard.in.a.b", reply="_INBOX.x.y", data=b""))  # type: ignore[arg-type]
+
+
+async def test_a_recorded_allow_without_artifact_is_denied_not_forwarded(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """Fail closed on adoption: a ledger record saying "allow" but carrying no artifact
+    (another gateway's bug, a hand-written record) forwards nothing; the intent is denied
+    internal_error on the deny stream, under the recorded decision id, and acked."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    settings = stream_settings(nats_url)
+    async with stream_gateway(settings, policies, keys[0]):
+        pass  # create the streams and the consumer
+    await js.publish(TRANSFER, _transfer(id="no-artifact"))
+    sub = await js.pull_subscribe_bind("bus-guard", stream="GUARD_IN")
+    [msg] = await sub.fetch(1, timeout=5)
+    intake, _ = intake_of(msg)
+    await msg.nak()
+    await sub.unsubscribe()
+    did = intent_decision_id("guard", "agent-7", "no-artifact")
+    forged = LedgerRecord(
+        kind="decision",
+        gateway="other-gw",
+        seq=0,
+        prev="",
+        ts=time.time(),
+        decision_id=did,
+        effect="allow",
+        reason="allowed_by_rule",
+        subject=TRANSFER,
+        principal="agent-7",
+        action="payments.transfer",
+        intake=intake,
+    )
+    await js.publish(f"guard.ledger.other-gw.d.{did}", encode_record(forged))
+    async with stream_gateway(settings, policies, keys[0]) as gw:
+        await eventually(lambda: drained(js), what="intake drained")
+        stats = gw.statistics()
+    assert await count(js, "GUARD_EXEC") == 0 and stats.allowed == 0
+    [record] = records(await stored(nc, "GUARD_DENY"))
+    assert record["decision_id"] == did and record["reason"] == "internal_error"
+    assert "no artifact" in record["message"]
+    assert stats.internal_errors == 1 and stats.adopted == 1
+    await nc.close()
