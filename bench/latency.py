@@ -92,7 +92,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seconds", type=float, default=5.0, help="per offered load")
     p.add_argument("--max-count", type=int, default=50000, help="cap on intents per load")
-    p.add_argument("--count-for-max", type=int, default=10000, help="intents for the max rate")
+    p.add_argument("--count-for-max", type=int, default=20000, help="intents for the max rate")
     p.add_argument(
         "--artifacts",
         default=None,
