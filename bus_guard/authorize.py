@@ -12,7 +12,16 @@ import logging
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from .decision import POLICY_REASONS, Decision, Effect, Lineage, Mode, Reason, Request
+from .decision import (
+    POLICY_REASONS,
+    Decision,
+    Effect,
+    Lineage,
+    Mode,
+    Reason,
+    Request,
+    build_request,
+)
 from .messages import Intent, Subject
 from .state import State
 
@@ -103,9 +112,9 @@ def authorize(
                 f"intent ts is {ts - now:.1f}s ahead (limit {checks.max_future_skew_s:g}s)",
                 policies,
             )
-        # Positional arguments, in Request's field order: keywords cost per intent.
+        # build_request: Request's fields in order, without the frozen __init__'s cost.
         if lineage is None:  # a root: depth 0, its own principal as root
-            request = Request(
+            request = build_request(
                 principal,
                 action,
                 intent.resource,
@@ -119,7 +128,7 @@ def authorize(
         elif lineage.violation is not None:
             return _observed(deny(Reason.LINEAGE_VIOLATION, lineage.violation, policies), policies)
         else:
-            request = Request(
+            request = build_request(
                 principal,
                 action,
                 intent.resource,
