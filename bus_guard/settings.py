@@ -93,7 +93,9 @@ class Settings:
     nats_url: str = "nats://127.0.0.1:4222"
     prefix: str = "guard"
     queue: str = "bus-guard"
-    mode: IntakeMode = "core"
+    # As `bus-guard run`: durable JetStream intake, decided once, every decision in the
+    # ledger. "core" is the at-most-once queue subscription (no JetStream needed).
+    mode: IntakeMode = "stream"
     gateway_id: str = field(default_factory=_default_gateway_id)
     creds_file: str | None = None
     max_payload_bytes: int = 65536

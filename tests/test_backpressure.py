@@ -39,7 +39,7 @@ async def test_overflow_is_counted_and_nothing_undecided_is_forwarded(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     signer = make_signer(keys[0], issuer="gw")
-    settings = Settings(nats_url=nats_url, pending_msgs_limit=20)
+    settings = Settings(nats_url=nats_url, mode="core", pending_msgs_limit=20)
     n = 300
     nc = await nats.connect(nats_url)
     execs = await Collector.on(nc, "guard.exec.>")

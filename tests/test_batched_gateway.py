@@ -51,6 +51,7 @@ SEARCH = "guard.in.agent-1.tools.search"
 
 
 def _batched(url: str, **kw: Any) -> Settings:
+    kw.setdefault("mode", "core")
     return Settings(nats_url=url, gateway_id="test-gw", artifacts="batched", **kw)
 
 

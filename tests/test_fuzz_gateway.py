@@ -67,7 +67,7 @@ async def test_every_bad_input_gets_exactly_one_denial_and_nothing_executes(
     nc = await nats.connect(nats_url)
     out = await outputs(nc)
     execs, denies, holds = out.exec, out.deny, out.hold
-    async with Gateway(Settings(nats_url=nats_url), policies, signer) as gw:
+    async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer) as gw:
         for payload, ctype in inputs:
             headers = {"Content-Type": ctype} if ctype else None
             await nc.publish(SUBJECT, payload, headers=headers)

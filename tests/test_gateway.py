@@ -51,7 +51,7 @@ async def test_allowed_intent_is_forwarded_once_bytes_unchanged_with_valid_artif
     nc = await nats.connect(nats_url)
     out = await outputs(nc)
     payload = _small_transfer()
-    async with Gateway(Settings(nats_url=nats_url, gateway_id="test-gw"), policies, signer):
+    async with Gateway(Settings(nats_url=nats_url, mode="core", gateway_id="test-gw"), policies, signer):
         await nc.publish(TRANSFER, payload, headers={"traceparent": "00-abc-def-01"})
         await sentinel(nc, out, 0)
     assert len(out.exec.msgs) == 1
@@ -130,7 +130,7 @@ async def test_denied_intent_goes_to_deny_and_never_to_exec(
 ) -> None:
     nc = await nats.connect(nats_url)
     out = await outputs(nc)
-    async with Gateway(Settings(nats_url=nats_url), policies, signer) as gw:
+    async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer) as gw:
         await nc.publish(subject, payload)
         await sentinel(nc, out, 1)  # the intent itself is denied first
         stats = gw.statistics()
@@ -163,7 +163,7 @@ async def test_escalated_intent_is_held_with_its_whole_payload(
         "account:acct-1",
         {"amount": 25000, "currency": "USD", "to": "account:acct-9"},
     )
-    async with Gateway(Settings(nats_url=nats_url), policies, signer):
+    async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer):
         await nc.publish(TRANSFER, payload)
         await sentinel(nc, out, 0)
     assert out.exec.msgs == [] and out.deny.msgs == []
@@ -195,7 +195,7 @@ async def test_evaluation_error_is_a_recorded_denial_and_nothing_is_forwarded(
 ) -> None:
     nc = await nats.connect(nats_url)
     out = await outputs(nc)
-    async with Gateway(Settings(nats_url=nats_url), _ExplodingPolicies(policies), signer):
+    async with Gateway(Settings(nats_url=nats_url, mode="core"), _ExplodingPolicies(policies), signer):
         for _ in range(3):
             await nc.publish(TRANSFER, _small_transfer())
         await sentinel(nc, out, 3)
@@ -210,7 +210,7 @@ async def test_signing_failure_is_a_recorded_denial_and_nothing_is_forwarded(
     nc = await nats.connect(nats_url)
     out = await outputs(nc)
     broken = _BrokenSigner(load_private_key(keys[0]), issuer="gw", ttl_s=60)
-    async with Gateway(Settings(nats_url=nats_url), policies, broken) as gw:
+    async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, broken) as gw:
         await nc.publish(TRANSFER, _small_transfer())
         await sentinel(nc, out, 1)
         stats = gw.statistics()
@@ -236,7 +236,7 @@ async def test_forged_guard_and_nats_headers_never_reach_executors(
         "traceparent": "00-1-2-01",
         "X-Custom": "kept",
     }
-    async with Gateway(Settings(nats_url=nats_url), policies, signer):
+    async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer):
         await nc.publish(TRANSFER, _small_transfer(), headers=forged)
         await sentinel(nc, out, 0)
     [msg] = out.exec.msgs
@@ -255,7 +255,7 @@ async def test_requester_gets_the_decision_as_reply(
     nats_url: str, signer: Signer, policies: PolicySet
 ) -> None:
     nc = await nats.connect(nats_url)
-    async with Gateway(Settings(nats_url=nats_url), policies, signer):
+    async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer):
         allowed = await nc.request(TRANSFER, _small_transfer(), timeout=5)
         denied = await nc.request(
             "guard.in.agent-1.tools.shell", intent("tools.shell", "tool:shell", {}), timeout=5
@@ -274,7 +274,7 @@ async def test_reply_subject_pointing_into_outputs_is_refused(
     nc = await nats.connect(nats_url)
     out = await outputs(nc)
     js_api = await Collector.on(nc, "$JS.API.>")
-    async with Gateway(Settings(nats_url=nats_url), policies, signer) as gw:
+    async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer) as gw:
         denied = intent("tools.shell", "tool:shell", {})
         await nc.publish(
             "guard.in.agent-1.tools.shell", denied, reply="guard.exec.agent-1.tools.shell"
@@ -296,7 +296,7 @@ async def test_drain_decides_everything_already_received(
     nc = await nats.connect(nats_url)
     out = await outputs(nc)
     n = 500
-    async with Gateway(Settings(nats_url=nats_url), policies, signer) as gw:
+    async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer) as gw:
         for _ in range(n):
             await nc.publish(TRANSFER, _small_transfer())
         await round_trip(nc)  # the server has routed all n to the gateway's connection

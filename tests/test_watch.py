@@ -43,7 +43,7 @@ async def _drive(
     ready: anyio.Event,
 ) -> None:
     async with (
-        Gateway(Settings(nats_url=nats_url), load_policies(POLICIES), signer),
+        Gateway(Settings(nats_url=nats_url, mode="core"), load_policies(POLICIES), signer),
         anyio.create_task_group() as tg,
     ):
 
