@@ -51,7 +51,9 @@ async def test_allowed_intent_is_forwarded_once_bytes_unchanged_with_valid_artif
     nc = await nats.connect(nats_url)
     out = await outputs(nc)
     payload = _small_transfer()
-    async with Gateway(Settings(nats_url=nats_url, mode="core", gateway_id="test-gw"), policies, signer):
+    async with Gateway(
+        Settings(nats_url=nats_url, mode="core", gateway_id="test-gw"), policies, signer
+    ):
         await nc.publish(TRANSFER, payload, headers={"traceparent": "00-abc-def-01"})
         await sentinel(nc, out, 0)
     assert len(out.exec.msgs) == 1
@@ -195,7 +197,9 @@ async def test_evaluation_error_is_a_recorded_denial_and_nothing_is_forwarded(
 ) -> None:
     nc = await nats.connect(nats_url)
     out = await outputs(nc)
-    async with Gateway(Settings(nats_url=nats_url, mode="core"), _ExplodingPolicies(policies), signer):
+    async with Gateway(
+        Settings(nats_url=nats_url, mode="core"), _ExplodingPolicies(policies), signer
+    ):
         for _ in range(3):
             await nc.publish(TRANSFER, _small_transfer())
         await sentinel(nc, out, 3)
