@@ -112,33 +112,26 @@ def authorize(
                 f"intent ts is {ts - now:.1f}s ahead (limit {checks.max_future_skew_s:g}s)",
                 policies,
             )
-        # build_request: Request's fields in order, without the frozen __init__'s cost.
-        if lineage is None:  # a root: depth 0, its own principal as root
-            request = build_request(
-                principal,
-                action,
-                intent.resource,
-                intent.params,
-                intent.id,
-                intent.parents,
-                0,
-                principal,
-                _NO_LABELS,
-            )
-        elif lineage.violation is not None:
+        if lineage is not None and lineage.violation is not None:
             return _observed(deny(Reason.LINEAGE_VIOLATION, lineage.violation, policies), policies)
-        else:
-            request = build_request(
-                principal,
-                action,
-                intent.resource,
-                intent.params,
-                intent.id,
-                intent.parents,
-                lineage.depth,
-                lineage.root or principal,
-                lineage.labels,
-            )
+        # A root (no lineage): depth 0, its own principal as root, no labels.
+        depth, root, labels = (
+            (0, principal, _NO_LABELS)
+            if lineage is None
+            else (lineage.depth, lineage.root or principal, lineage.labels)
+        )
+        # build_request: Request's fields in order, without the frozen __init__'s cost.
+        request = build_request(
+            principal,
+            action,
+            intent.resource,
+            intent.params,
+            intent.id,
+            intent.parents,
+            depth,
+            root,
+            labels,
+        )
         decision = policies.evaluate(request, state)
         if not isinstance(decision, Decision):  # fail closed on a contract breach
             return deny(Reason.INTERNAL_ERROR, "evaluator returned no decision", policies)
