@@ -269,25 +269,21 @@ class CoreIntake:
             exec_subject = self._exec + msg.subject[self._in_prefix_len :]
             decision = ev.decision
             entry.exec_subject = exec_subject
-            entry.claims = ArtifactClaims(
-                iss=self.signer.issuer,
+            entry.claims = self.signer.build_claims(
+                now=now,
                 sub=subject.principal,
                 aud=exec_subject,
-                iat=int(now),
-                nbf=int(now),
-                exp=int(now + self.signer.ttl_s),
                 jti=entry.decision_id,
                 action=subject.action,
                 resource=intent.resource,
                 intent_id=intent.id,
-                payload_sha256=payload_digest(msg.data),
+                payload=msg.data,
                 policy_digest=decision.policy_digest,
                 policy_version=decision.policy_version,
                 rules=decision.rules,
                 mode=decision.mode,
                 would_deny=decision.would_deny,
                 parents=intent.parents,
-                lineage_depth=0,
                 lineage_root=subject.principal,
             )
         return entry

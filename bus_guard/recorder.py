@@ -289,18 +289,15 @@ class Recorder:
     ) -> ArtifactClaims:
         assert it.subject is not None and isinstance(it.intent, Intent)
         p = self.settings.prefix
-        return ArtifactClaims(
-            iss=self.signer.issuer,
+        return self.signer.build_claims(
+            now=now,
             sub=it.subject.principal,
             aud=f"{p}.exec.{it.msg.subject[len(p) + 4 :]}",
-            iat=int(now),
-            nbf=int(now),
-            exp=int(now + self.signer.ttl_s),
             jti=it.decision_id,
             action=it.subject.action,
             resource=it.intent.resource,
             intent_id=it.intent.id,
-            payload_sha256=payload_digest(it.msg.data),
+            payload=it.msg.data,
             policy_digest=decision.policy_digest,
             policy_version=decision.policy_version,
             rules=decision.rules,
