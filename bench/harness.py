@@ -48,7 +48,12 @@ def bare_cmd(url: str) -> list[str]:
 
 
 def guard_cmd(
-    url: str, key: Path, *, artifacts: str | None = None, gateway_id: str = "gw"
+    url: str,
+    key: Path,
+    *,
+    artifacts: str | None = None,
+    gateway_id: str = "gw",
+    mode: str = "core",
 ) -> list[str]:
     cmd = [
         sys.executable,
@@ -64,7 +69,7 @@ def guard_cmd(
         "--key",
         str(key),
         "--mode",
-        "core",
+        mode,
         "--max-skew",
         "86400",
         "--gateway-id",

@@ -148,38 +148,18 @@ async def _run_one(url: str, count: int, cmds: list[list[str]]) -> float:
             await asyncio.to_thread(relay.stop)
 
 
-def guard_cmd(url: str, key: Path, *, gateway_id: str = "bench") -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "bus_guard",
-        "run",
-        "--nats",
-        url,
-        "--policies",
-        str(ROOT / "policies"),
-        "--key",
-        str(key),
-        "--mode",
-        "stream",
-        "--max-skew",
-        "86400",
-        "--gateway-id",
-        gateway_id,
-    ]
-
-
 def variants(url: str, key: Path, *, batched: bool, scale: bool) -> dict[str, list[list[str]]]:
     """name -> the command of each relay process of that variant."""
     out = {
         "bare": [[sys.executable, "-m", "bench.stream_relay", "--relay", "--nats", url]],
-        "stream": [guard_cmd(url, key)],
+        "stream": [harness.guard_cmd(url, key, mode="stream")],
     }
     if batched:
-        out["stream-batched"] = [[*guard_cmd(url, key), "--artifacts", "batched"]]
+        out["stream-batched"] = [harness.guard_cmd(url, key, mode="stream", artifacts="batched")]
     if scale:  # two gateways sharing the durable consumer, each its own ledger chain
         out["stream-batched x2"] = [
-            [*guard_cmd(url, key, gateway_id=f"bench{i}"), "--artifacts", "batched"] for i in (1, 2)
+            harness.guard_cmd(url, key, mode="stream", artifacts="batched", gateway_id=f"gw{i}")
+            for i in (1, 2)
         ]
     return out
 
