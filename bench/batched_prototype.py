@@ -4,8 +4,8 @@ The product path is ``bus-guard run --mode core --artifacts batched`` (the ``cor
 variant of :mod:`bench.relay`); this stand-in is kept as a reference for what the bare
 design reaches: subscribe to ``guard.in.>``, queue each message, and per micro-batch (``--batch``
 intents or ``--delay-ms``, whichever first) run the same pure pipeline as the gateway
-(``bus_guard.api.evaluate``), build :class:`~bus_guard.verify.ArtifactClaims` for the
-allowed ones, sign them with one :meth:`~bus_guard.batch.BatchSigner.sign_batch` and
+(``bus_guard.pipeline.evaluate``), build :class:`~bus_guard.verify.ArtifactClaims` for the
+allowed ones, sign them with one :meth:`~bus_guard.signing._batch.BatchSigner.sign_batch` and
 publish to ``guard.exec.…`` with the three headers; anything else is published as a
 minimal deny record. It has none of the gateway's counters, replies, or failure
 handling beyond failing the batch closed.
@@ -25,14 +25,13 @@ from pathlib import Path
 import nats
 from nats.aio.msg import Msg
 
-from bus_guard.api import evaluate
-from bus_guard.artifacts import Signer
-from bus_guard.batch import BatchSigner
-from bus_guard.decision import Effect
+from bus_guard.decision import Effect, new_decision_id
 from bus_guard.errors import SigningError
-from bus_guard.keys import load_private_key
-from bus_guard.messages import new_decision_id
-from bus_guard.policy import load_policies
+from bus_guard.pipeline import evaluate
+from bus_guard.policy._load import load_policies
+from bus_guard.signing._batch import BatchSigner
+from bus_guard.signing._keys import load_private_key
+from bus_guard.signing._signer import Signer
 from bus_guard.state import State
 from bus_guard.verify import ArtifactClaims, payload_digest
 

@@ -43,10 +43,10 @@ import msgspec
 from bench import rulesets
 from bench.common import emit, machine, medians, table, timed_calls
 from bus_guard import decide, load_policies
-from bus_guard.authorize import authorize
-from bus_guard.compiler import PolicySet
 from bus_guard.decision import Request
-from bus_guard.messages import Intent, decode_intent, parse_subject
+from bus_guard.intent import Intent, decode_intent, parse_subject
+from bus_guard.pipeline import authorize
+from bus_guard.policy._evaluator import PolicySet
 from bus_guard.state import State
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,8 +22,8 @@ from typing import Any
 
 from bench import harness
 from bench.common import emit, machine, percentile, table
-from bus_guard.keys import generate_key
 from bus_guard.server import NatsServer
+from bus_guard.signing._keys import generate_key
 
 LOADS = (0.25, 0.50, 0.80)
 QUANTILES = (50.0, 99.0, 99.9)

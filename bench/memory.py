@@ -19,8 +19,8 @@ from typing import Any
 
 from bench import harness
 from bench.common import emit, machine, rss_kib, table
-from bus_guard.keys import generate_key
 from bus_guard.server import NatsServer
+from bus_guard.signing._keys import generate_key
 
 
 def track(url: str, cmd: list[str], count: int, samples: int, window: int) -> dict[str, Any]:

@@ -33,8 +33,8 @@ from typing import Any
 
 from bench import harness
 from bench.common import emit, machine, table
-from bus_guard.keys import generate_key
 from bus_guard.server import NatsServer
+from bus_guard.signing._keys import generate_key
 
 
 def variants(
@@ -84,7 +84,7 @@ def run(
     if want_batched and not batched:
         notes.append(
             "core-batched skipped: `bus-guard run --artifacts` is not available yet "
-            "(bus_guard.batch.BatchSigner is; the gateway does not call it yet)"
+            "(bus_guard.signing._batch.BatchSigner is; the gateway does not call it yet)"
         )
     results: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}

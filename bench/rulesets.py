@@ -6,7 +6,7 @@ is a ``deny`` (``forbid``) instead, with ``params.amount > 500``. Two rules cove
 principal: a ``deny`` on resources ``doc:sanctioned*`` and an ``allow`` of ``tools.search``.
 The same semantics are written three ways:
 
-* bus_guard: a validated :class:`~bus_guard.policy_model.Bundle`, compiled in memory
+* bus_guard: a validated :class:`~bus_guard.policy._model.Bundle`, compiled in memory
   (building it is not timed: YAML or not, loading 10,000 rules takes seconds);
 * Cedar: ``permit``/``forbid`` with ``principal ==``, ``action ==`` and
   ``context.resource like "doc:<i>/*"``, parsed once into a ``PolicySet`` handle;
@@ -31,9 +31,9 @@ from typing import Any
 
 import msgspec
 
-from bus_guard.compiler import PolicySet, compile_policy_set
 from bus_guard.decision import Request
-from bus_guard.policy_model import Bundle
+from bus_guard.policy._evaluator import PolicySet, compile_policy_set
+from bus_guard.policy._model import Bundle
 
 _enc = msgspec.json.Encoder()
 ACTIONS = 50

@@ -38,10 +38,10 @@ from nats.aio.msg import Msg
 
 from bench import harness
 from bench.common import emit, machine, table
-from bus_guard.keys import generate_key
-from bus_guard.preflight import ROLES, Streams, ensure
+from bus_guard.intake._preflight import ROLES, Streams, ensure
 from bus_guard.server import NatsServer
 from bus_guard.settings import Settings
+from bus_guard.signing._keys import generate_key
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBJECT = "guard.in.agent-1.tools.search"

@@ -19,8 +19,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.common import emit, machine, medians, table
-from bus_guard.artifacts import ArtifactClaims, Signer
-from bus_guard.batch import BatchSigner
+from bus_guard.signing._batch import BatchSigner
+from bus_guard.signing._signer import ArtifactClaims, Signer
 from bus_guard.verify import Verifier
 
 SUBJECT = "guard.exec.agent-1.tools.search"

@@ -7,7 +7,7 @@ The embedding API::
     decision = bus_guard.decide(policies, "guard.in.agent-7.payments.transfer", payload)
     decision.effect, decision.reason, decision.rules
 
-Names are imported lazily, so that ``import bus_guard.verify`` in an executor pulls in
+Names are imported lazily, so that ``import bus_guard.verify._verifier`` in an executor pulls in
 neither NATS nor the policy compiler.
 """
 
@@ -37,9 +37,9 @@ __all__ = (
 )
 
 _LAZY = {
-    "decide": "api",
-    "evaluate": "api",
-    "load_policies": "api",
+    "decide": "pipeline",
+    "evaluate": "pipeline",
+    "load_policies": "policy",
     "Decision": "decision",
     "Effect": "decision",
     "Reason": "decision",
@@ -54,9 +54,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .api import decide, evaluate, load_policies
-    from .decision import Decision, Effect, Reason, Request
-    from .errors import (
+    from bus_guard.decision import Decision, Effect, Reason, Request
+    from bus_guard.errors import (
         ConfigError,
         GatewayError,
         GuardError,
@@ -65,6 +64,8 @@ if TYPE_CHECKING:
         SigningError,
         VerificationError,
     )
+    from bus_guard.pipeline import decide, evaluate
+    from bus_guard.policy._load import load_policies
 
 
 def __getattr__(name: str) -> Any:

@@ -7,10 +7,27 @@ that is not in :class:`Reason` cannot be produced, and every consumer may ``matc
 from __future__ import annotations
 
 import enum
+import hashlib
+import itertools
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
 
-__all__ = ("Decision", "Effect", "Lineage", "Mode", "Reason", "Request", "build_request")
+__all__ = (
+    "Decision",
+    "Effect",
+    "Lineage",
+    "Mode",
+    "Reason",
+    "Request",
+    "build_request",
+    "crockford_128",
+    "intent_decision_id",
+    "message_decision_id",
+    "new_decision_id",
+)
 
 Mode = Literal["enforce", "observe"]
 
@@ -154,3 +171,87 @@ class Decision:
     @property
     def allowed(self) -> bool:
         return self.effect is Effect.ALLOW
+
+
+# --- decision ids -------------------------------------------------------------------------
+
+_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# Every 10-bit value as its two Crockford characters: the 80 random bits are 8 lookups.
+_PAIRS: Final = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)
+_HIGH_SHIFTS: Final = tuple(range(70, 10, -10))  # the random part's first 60 bits
+_TIME_SHIFTS: Final = tuple(range(45, -5, -5))
+
+
+def crockford_128(data: bytes) -> str:
+    """16 bytes as 26 Crockford base32 characters: exactly what RFC 4648 base32 (unpadded)
+    followed by the Crockford alphabet gives, as 13 table lookups (the stdlib's
+    ``b32encode`` is a Python-level loop: ~5 µs a decision id in stream mode's profile)."""
+    # Three 40-bit chunks (four character pairs each) and the last byte with two zero bits
+    # of padding (one pair): small-int arithmetic, no 130-bit shifts.
+    p, frm = _PAIRS, int.from_bytes
+    a, b, c = frm(data[0:5], "big"), frm(data[5:10], "big"), frm(data[10:15], "big")
+    return (
+        f"{p[a >> 30]}{p[a >> 20 & 1023]}{p[a >> 10 & 1023]}{p[a & 1023]}"
+        f"{p[b >> 30]}{p[b >> 20 & 1023]}{p[b >> 10 & 1023]}{p[b & 1023]}"
+        f"{p[c >> 30]}{p[c >> 20 & 1023]}{p[c >> 10 & 1023]}{p[c & 1023]}{p[data[15] << 2]}"
+    )
+
+
+class _Ulids:
+    """Monotonic ULIDs (the spec's "monotonicity" section): the 80 random bits are drawn
+    once a millisecond and incremented for every further id in that millisecond, so an
+    id costs a counter step and two table lookups (the first 22 characters change only
+    every 2**20 ids) instead of a ``getrandom`` call and 13 lookups; the ids of a
+    single-threaded process sort in the order they were made. Unique across threads too:
+    ``next()`` on an :class:`itertools.count` is atomic under the GIL and the cached state
+    is swapped as whole tuples."""
+
+    __slots__ = ("_head", "_now")
+
+    def __init__(self) -> None:
+        self._now: tuple[int, str, Iterator[int]] = (-1, "", itertools.count())
+        self._head: tuple[str, int, str] = ("", -1, "")  # (time prefix, value >> 20, head)
+
+    def __call__(self) -> str:
+        ms = time.time_ns() // 1_000_000
+        now = self._now
+        if now[0] != ms:
+            prefix = "".join([_CROCKFORD[(ms >> s) & 31] for s in _TIME_SHIFTS])
+            now = self._now = (ms, prefix, itertools.count(int.from_bytes(os.urandom(10), "big")))
+        _, prefix, count = now
+        value = next(count)
+        if value >> 80:  # 2**80 ids in one millisecond: a fresh draw (never happens)
+            self._now = (-1, "", count)
+            return self()
+        pairs, high = _PAIRS, value >> 20
+        head = self._head
+        if head[1] != high or head[0] is not prefix:
+            mid = "".join([pairs[(value >> shift) & 1023] for shift in _HIGH_SHIFTS])
+            head = self._head = (prefix, high, prefix + mid)
+        return head[2] + pairs[(value >> 10) & 1023] + pairs[value & 1023]
+
+
+_new_ulid: Final = _Ulids()
+
+
+def new_decision_id() -> str:
+    """A ULID: 48-bit millisecond time + 80 random bits, Crockford base32 (26 chars);
+    monotonic within a process (see :class:`_Ulids`)."""
+    return _new_ulid()
+
+
+def _derived_id(*parts: str) -> str:
+    digest = hashlib.sha256("\x00".join(parts).encode()).digest()[:16]
+    # 128 bits in 26 Crockford base32 characters, like a ULID (but not time-ordered).
+    return crockford_128(digest)
+
+
+def intent_decision_id(prefix: str, principal: str, intent_id: str) -> str:
+    """The decision id of an intent: the same on every replica, for every delivery."""
+    return _derived_id("guard-intent", prefix, principal, intent_id)
+
+
+def message_decision_id(prefix: str, intake: str) -> str:
+    """The decision id for a stored message that has no intent of its own to key on
+    (malformed, bad subject) or whose intent id was decided before (replay)."""
+    return _derived_id("guard-message", prefix, intake)

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-from .errors import ServerError
+from bus_guard.errors import ServerError
 
 __all__ = ("NatsServer", "find_nats_server")
 

@@ -9,15 +9,15 @@ import socket
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .authorize import Checks
-from .errors import ConfigError
+from bus_guard.errors import ConfigError
+from bus_guard.pipeline import Checks
 
 __all__ = ("ArtifactMode", "IntakeMode", "Settings", "StreamSettings")
 
 IntakeMode = Literal["core", "stream"]
 ArtifactMode = Literal["per-message", "batched"]
 
-# As bus_guard.batch.MAX_BATCH (not imported: settings stays free of the signing code).
+# As bus_guard.signing._batch.MAX_BATCH (not imported: settings stays free of the signing code).
 _MAX_BATCH = 1 << 20
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")

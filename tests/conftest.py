@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from bus_guard.artifacts import Signer
-from bus_guard.keys import generate_key
-from bus_guard.policy import PolicySet, load_policies
+from bus_guard.policy._load import PolicySet, load_policies
 from bus_guard.server import NatsServer
+from bus_guard.signing._keys import generate_key
+from bus_guard.signing._signer import Signer
 
 from .helpers import make_signer
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import msgspec
 from nats.aio.client import Client
 
-from bus_guard.audit import audit
 from bus_guard.errors import VerificationError
-from bus_guard.jetstream import read
-from bus_guard.ledger import decode_record
+from bus_guard.intake._jetstream import read
+from bus_guard.ledger._audit import audit
+from bus_guard.ledger._records import decode_record
 from bus_guard.verify import Verifier, load_jwks, verify_message
 
 from .conftest import POLICIES, ROOT

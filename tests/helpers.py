@@ -14,9 +14,9 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus_guard.artifacts import Signer
-from bus_guard.gateway import round_trip
-from bus_guard.keys import load_private_key
+from bus_guard.intake._gateway import round_trip
+from bus_guard.signing._keys import load_private_key
+from bus_guard.signing._signer import Signer
 
 _enc = msgspec.json.Encoder()
 

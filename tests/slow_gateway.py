@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 
 from bus_guard.decision import Decision, Request
-from bus_guard.policy import PolicySet, load_policies
+from bus_guard.policy._load import PolicySet, load_policies
 from bus_guard.settings import Settings, StreamSettings
 from bus_guard.state import State
 

@@ -14,13 +14,13 @@ import msgspec
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from bus_guard.artifacts import Signer
-from bus_guard.gateway import Gateway
-from bus_guard.jetstream import Stored, read
-from bus_guard.keys import load_private_key
-from bus_guard.ledger import CheckpointSigner, LedgerRecord, decode_record
-from bus_guard.policy import PolicySet
+from bus_guard.intake._gateway import Gateway
+from bus_guard.intake._jetstream import Stored, read
+from bus_guard.ledger._records import CheckpointSigner, LedgerRecord, decode_record
+from bus_guard.policy._load import PolicySet
 from bus_guard.settings import ArtifactMode, Settings, StreamSettings
+from bus_guard.signing._keys import load_private_key
+from bus_guard.signing._signer import Signer
 
 # Fast enough for tests: short ack wait and fetch timeout, frequent checkpoints.
 FAST = StreamSettings(

@@ -12,8 +12,8 @@ import nats
 import pytest
 
 from bus_guard.decision import Decision, Request
-from bus_guard.gateway import Gateway, round_trip
-from bus_guard.policy import PolicySet
+from bus_guard.intake._gateway import Gateway, round_trip
+from bus_guard.policy._load import PolicySet
 from bus_guard.settings import Settings
 from bus_guard.state import State
 
@@ -44,7 +44,7 @@ async def test_overflow_is_counted_and_nothing_undecided_is_forwarded(
     nc = await nats.connect(nats_url)
     execs = await Collector.on(nc, "guard.exec.>")
     denies = await Collector.on(nc, "guard.deny.>")
-    caplog.set_level(logging.DEBUG, logger="bus_guard.gateway")
+    caplog.set_level(logging.DEBUG, logger="bus_guard.intake._gateway")
     started = time.monotonic()
     async with Gateway(settings, _SlowPolicies(policies), signer) as gw:
         for i in range(n):

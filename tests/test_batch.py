@@ -18,17 +18,19 @@ from joserfc import jws
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import KeySet
 
-from bus_guard import batch, verify
-from bus_guard.artifacts import ArtifactClaims, Signer, payload_digest
-from bus_guard.batch import BatchSigner, inclusion_proof, merkle_levels
+from bus_guard import verify
+from bus_guard.cli._verify import main_verify
 from bus_guard.errors import ConfigError, SigningError, VerificationError
-from bus_guard.keys import jwk_entry
+from bus_guard.signing import _batch as batch
+from bus_guard.signing._batch import BatchSigner, inclusion_proof, merkle_levels
+from bus_guard.signing._keys import jwk_entry
+from bus_guard.signing._signer import ArtifactClaims, Signer, payload_digest
 from bus_guard.verify import (
     BATCH_PREFIX,
     Jwks,
     Verifier,
+    _verifier,
     b64url_decode,
-    main_verify,
     merkle_leaf_hash,
     merkle_node_hash,
     merkle_root_from_proof,
@@ -523,7 +525,7 @@ def test_strict_decoder_agrees_with_b64url_decode(text: str) -> None:
         expected: bytes | None = b64url_decode(text)
     except ValueError:
         expected = None
-    assert verify._b64decode_strict(text) == expected
+    assert _verifier._b64decode_strict(text) == expected
 
 
 def test_module_surface() -> None:

@@ -24,13 +24,13 @@ from joserfc.errors import SecurityWarning
 from joserfc.jwk import KeySet
 from nats.aio.msg import Msg
 
-from bus_guard.artifacts import Signer
 from bus_guard.errors import SigningError
-from bus_guard.gateway import Gateway, round_trip
-from bus_guard.keys import load_private_key
-from bus_guard.ledger import CheckpointSigner
-from bus_guard.policy import PolicySet
+from bus_guard.intake._gateway import Gateway, round_trip
+from bus_guard.ledger._records import CheckpointSigner
+from bus_guard.policy._load import PolicySet
 from bus_guard.settings import Settings
+from bus_guard.signing._keys import load_private_key
+from bus_guard.signing._signer import Signer
 from bus_guard.verify import BATCH_PREFIX, TREE_HEAD_TYP, Verifier, verify_message
 
 from .helpers import intent, outputs, sentinel

@@ -15,8 +15,8 @@ import pytest
 from bench import decide, harness, latency, memory, relay, rulesets, stream_relay
 from bench import verify as verify_bench
 from bench.common import percentile, table
-from bus_guard.keys import generate_key
 from bus_guard.server import NatsServer
+from bus_guard.signing._keys import generate_key
 
 ROOT = Path(__file__).resolve().parent.parent
 

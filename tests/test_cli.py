@@ -14,8 +14,8 @@ from pathlib import Path
 import nats
 import pytest
 
-from bus_guard.cli import main
-from bus_guard.gateway import round_trip
+from bus_guard.cli._main import main
+from bus_guard.intake._gateway import round_trip
 from bus_guard.server import NatsServer
 
 from .conftest import POLICIES
@@ -80,8 +80,8 @@ def test_policy_explain_names_the_rule(tmp_path: Path) -> None:
 def test_verify_cli_accepts_a_gateway_artifact_and_rejects_a_tampered_payload(
     tmp_path: Path,
 ) -> None:
-    from bus_guard.artifacts import payload_digest
-    from bus_guard.keys import generate_key
+    from bus_guard.signing._keys import generate_key
+    from bus_guard.signing._signer import payload_digest
     from bus_guard.verify import ArtifactClaims
 
     key, jwks = generate_key(tmp_path)
@@ -183,7 +183,7 @@ def _reap(proc: subprocess.Popen[str]) -> None:
 
 @pytest.fixture
 def key(tmp_path: Path) -> Iterator[Path]:
-    from bus_guard.keys import generate_key
+    from bus_guard.signing._keys import generate_key
 
     yield generate_key(tmp_path)[0]
 
@@ -248,7 +248,7 @@ def test_run_refuses_a_missing_key_with_a_clear_error(tmp_path: Path, nats_url: 
 
 
 def test_keys_rotate_keeps_the_old_key_valid_for_the_grace_period(tmp_path: Path) -> None:
-    from bus_guard.keys import kid_for, load_jwks, load_private_key
+    from bus_guard.signing._keys import kid_for, load_jwks, load_private_key
 
     assert _run("keys", "new", "--out", str(tmp_path))[0] == 0
     old_kid = kid_for(load_private_key(tmp_path / "signing-key.pem").public_key())

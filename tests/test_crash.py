@@ -25,8 +25,8 @@ import msgspec
 import nats
 import pytest
 
-from bus_guard.keys import generate_key
 from bus_guard.server import NatsServer
+from bus_guard.signing._keys import generate_key
 
 from .crashkit import GatewayProcess, reconcile, run_argv
 from .streamkit import drained, eventually

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bus_guard.decision import Reason
-from bus_guard.messages import Intent, Malformed, _json_shape, _surely_no_duplicates, decode_intent
+from bus_guard.intent import Intent, Malformed, _json_shape, _surely_no_duplicates, decode_intent
 
 WS = st.sampled_from(["", " ", "\n", "\t", "\r\n ", "  "])
 TEXT = st.text(alphabet=st.sampled_from('ab:":\\/é\n\t\u2028x'), max_size=6)

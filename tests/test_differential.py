@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from bus_guard.decision import Effect, Reason, Request
 from bus_guard.errors import PolicyError
-from bus_guard.policy import PolicySet, load_policy_sources
+from bus_guard.policy._load import PolicySet, load_policy_sources
 from bus_guard.state import State
 
 Outcome = tuple[Effect, Reason, tuple[str, ...]]

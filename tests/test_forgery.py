@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus_guard.artifacts import Signer, payload_digest
 from bus_guard.errors import VerificationError
-from bus_guard.keys import generate_key, load_private_key, revoke_key, rotate_key
+from bus_guard.signing._keys import generate_key, load_private_key, revoke_key, rotate_key
+from bus_guard.signing._signer import Signer, payload_digest
 from bus_guard.verify import (
     ARTIFACT_HEADER,
     DECISION_HEADER,

@@ -17,8 +17,8 @@ from pathlib import Path
 import nats
 import pytest
 
-from bus_guard.gateway import Gateway, round_trip
-from bus_guard.policy import PolicySet
+from bus_guard.intake._gateway import Gateway, round_trip
+from bus_guard.policy._load import PolicySet
 from bus_guard.settings import Settings
 
 from .helpers import intent, make_signer, outputs

@@ -21,13 +21,13 @@ from joserfc import jws
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import KeySet
 
-from bus_guard.artifacts import Signer
 from bus_guard.decision import Decision, Request
 from bus_guard.errors import SigningError
-from bus_guard.gateway import Gateway, round_trip
-from bus_guard.keys import load_private_key
-from bus_guard.policy import PolicySet
+from bus_guard.intake._gateway import Gateway, round_trip
+from bus_guard.policy._load import PolicySet
 from bus_guard.settings import Settings
+from bus_guard.signing._keys import load_private_key
+from bus_guard.signing._signer import Signer
 from bus_guard.state import State
 from bus_guard.verify import ArtifactClaims, Verifier, verify_message
 

@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from joserfc.jwk import KeySet, OKPKey
 
-from bus_guard import keys
 from bus_guard.errors import ConfigError
-from bus_guard.keys import (
+from bus_guard.signing import _keys as keys
+from bus_guard.signing._keys import (
     add_key_to_jwks,
     generate_key,
     kid_for,
@@ -171,11 +171,11 @@ def test_load_private_key_warns_when_group_or_world_readable(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     key_path, _ = generate_key(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="bus_guard.keys"):
+    with caplog.at_level(logging.WARNING, logger="bus_guard.signing._keys"):
         load_private_key(key_path)
     assert not caplog.records
     key_path.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="bus_guard.keys"):
+    with caplog.at_level(logging.WARNING, logger="bus_guard.signing._keys"):
         assert isinstance(load_private_key(key_path), Ed25519PrivateKey)
     (record,) = caplog.records
     assert str(key_path) in record.getMessage()

@@ -21,13 +21,13 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
-from bus_guard import audit as audit_module
-from bus_guard.audit import audit
-from bus_guard.cli import main
-from bus_guard.jetstream import Stored, read
-from bus_guard.keys import generate_key
-from bus_guard.policy import load_policies
+from bus_guard.cli import _ledger as audit_module
+from bus_guard.cli._main import main
+from bus_guard.intake._jetstream import Stored, read
+from bus_guard.ledger._audit import audit
+from bus_guard.policy._load import load_policies
 from bus_guard.server import NatsServer
+from bus_guard.signing._keys import generate_key
 from bus_guard.verify import load_jwks
 
 from .conftest import POLICIES

@@ -11,12 +11,12 @@ from pathlib import Path
 import nats
 import pytest
 
-from bus_guard.cli import main
-from bus_guard.gateway import Gateway
-from bus_guard.keys import generate_key
-from bus_guard.ledger import LedgerRecord, intent_decision_id
-from bus_guard.policy import PolicySet, load_policies
+from bus_guard.cli._main import main
+from bus_guard.intake._gateway import Gateway
+from bus_guard.ledger._records import LedgerRecord, intent_decision_id
+from bus_guard.policy._load import PolicySet, load_policies
 from bus_guard.settings import Settings
+from bus_guard.signing._keys import generate_key
 from bus_guard.verify import Verifier, verify_message
 
 from .conftest import POLICIES

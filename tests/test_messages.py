@@ -12,16 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus_guard.decision import Reason
-from bus_guard.ledger import intent_decision_id
-from bus_guard.messages import (
-    Intent,
-    Malformed,
-    crockford_128,
-    decode_intent,
-    new_decision_id,
-    parse_subject,
-)
+from bus_guard.decision import Reason, crockford_128, new_decision_id
+from bus_guard.intent import Intent, Malformed, decode_intent, parse_subject
+from bus_guard.ledger._records import intent_decision_id
 
 GOOD = {
     "id": "01JD8ABC",

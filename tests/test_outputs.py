@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.client import _HEADER_VALUE_NEWLINES
 
-from bus_guard.outputs import HeaderValue, forwarded_headers
+from bus_guard.pipeline import HeaderValue, forwarded_headers
 
 _TABLES = st.one_of(
     st.just(_HEADER_VALUE_NEWLINES),

@@ -13,10 +13,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bus_guard.compiler import CACHE_SIZE
 from bus_guard.decision import Decision, Effect, Reason, Request, build_request
-from bus_guard.patterns import only_prefix, set_matcher
-from bus_guard.policy import PolicySet, load_policy_sources
+from bus_guard.policy._evaluator import CACHE_SIZE
+from bus_guard.policy._load import PolicySet, load_policy_sources
+from bus_guard.policy._patterns import only_prefix, set_matcher
 from bus_guard.state import State
 
 TABLE = """\

@@ -13,9 +13,9 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, StreamConfig
 
 from bus_guard.errors import ConfigError
-from bus_guard.keys import generate_key
-from bus_guard.policy import load_policies
-from bus_guard.preflight import check_consumer, check_stream, wanted_stream
+from bus_guard.intake._preflight import check_consumer, check_stream, wanted_stream
+from bus_guard.policy._load import load_policies
+from bus_guard.signing._keys import generate_key
 
 from .conftest import POLICIES
 from .crashkit import run_argv

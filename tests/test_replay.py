@@ -11,8 +11,8 @@ import nats
 import pytest
 
 from bus_guard.errors import VerificationError
-from bus_guard.ledger import intent_decision_id
-from bus_guard.policy import PolicySet
+from bus_guard.ledger._records import intent_decision_id
+from bus_guard.policy._load import PolicySet
 from bus_guard.verify import Verifier, verify_message_once
 
 from .helpers import intent

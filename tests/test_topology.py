@@ -6,7 +6,7 @@ the shipped users. Assertions name what arrives and what does not.
 
 "Must not arrive" is shown without sleeping. A forbidden publish is dropped by the server, which
 reports ``-ERR 'Permissions Violation ...'`` to the publisher before answering its next PING, so
-after a PING/PONG round trip (:func:`bus_guard.gateway.round_trip`: two flushes, see there why
+after a PING/PONG round trip (:func:`bus_guard.intake.round_trip`: two flushes, see there why
 one is not enough with nats-py 2.16) the violation is in the publisher's ``error_cb``. Then a
 *barrier* follows the forbidden message along a permitted path: the agent publishes an intent,
 the gateway receives it and only then publishes a marker on ``guard.exec``; the executor
@@ -50,14 +50,14 @@ from nats.js.errors import (
     ServiceUnavailableError,
 )
 
-from bus_guard.cli import main
+from bus_guard.cli._main import main
 from bus_guard.errors import VerificationError
-from bus_guard.gateway import round_trip
-from bus_guard.jetstream import read
-from bus_guard.keys import generate_key
-from bus_guard.ledger import intent_decision_id
-from bus_guard.policy import load_policies
+from bus_guard.intake._gateway import round_trip
+from bus_guard.intake._jetstream import read
+from bus_guard.ledger._records import intent_decision_id
+from bus_guard.policy._load import load_policies
 from bus_guard.server import NatsServer, find_nats_server
+from bus_guard.signing._keys import generate_key
 from bus_guard.verify import Verifier, verify_message_once
 from tests.conftest import POLICIES
 from tests.helpers import intent
@@ -488,7 +488,7 @@ async def test_agent_can_only_publish_as_itself(guard_nats: NatsServer) -> None:
 async def test_wildcard_tokens_reach_the_gateway_literally(guard_nats: NatsServer) -> None:
     """What the server does NOT check: ``*``/``>`` as action tokens pass the permission
     ``guard.in.agent-7.>`` and arrive as literal subjects, so rejecting such actions is the
-    gateway's job (bus_guard.messages.parse_subject). An empty token is refused by the server."""
+    gateway's job (bus_guard.intent.parse_subject). An empty token is refused by the server."""
     url = guard_nats.url
     async with Bus() as bus:
         gateway = await bus.connect(url, "gateway")

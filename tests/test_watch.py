@@ -9,12 +9,12 @@ import anyio
 import nats
 from rich.console import Console
 
-from bus_guard.artifacts import Signer
-from bus_guard.gateway import Gateway
-from bus_guard.keys import generate_key
-from bus_guard.policy import load_policies
+from bus_guard.cli._watch import WatchFilter, watch
+from bus_guard.intake._gateway import Gateway
+from bus_guard.policy._load import load_policies
 from bus_guard.settings import Settings
-from bus_guard.watch import WatchFilter, watch
+from bus_guard.signing._keys import generate_key
+from bus_guard.signing._signer import Signer
 
 from .conftest import POLICIES
 from .helpers import intent, make_signer

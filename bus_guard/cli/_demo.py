@@ -1,0 +1,276 @@
+"""``bus-guard demo``: the whole loop, live, on one machine.
+
+An embedded nats-server (unless ``--nats`` is given), the gateway with ``policies/``, a few
+simulated agents sending a realistic mix, and an executor that verifies every artifact
+before it "executes". Ends with a summary; exit code 0 only if every executed action
+carried a valid artifact and nothing denied or held was executed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import random
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import anyio
+import msgspec
+import nats
+from nats.aio.msg import Msg
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from bus_guard.cli._watch import format_record
+from bus_guard.errors import VerificationError
+from bus_guard.intake._gateway import Gateway, round_trip
+from bus_guard.ledger._records import CheckpointSigner
+from bus_guard.pipeline import DecisionRecord
+from bus_guard.policy._load import load_policies
+from bus_guard.server import NatsServer
+from bus_guard.settings import ArtifactMode, IntakeMode, Settings
+from bus_guard.signing._keys import generate_key, load_private_key
+from bus_guard.signing._signer import Signer
+from bus_guard.verify import ARTIFACT_HEADER, BATCH_PREFIX, Verifier, verify_message
+
+__all__ = ("run_demo",)
+
+_record: Final = msgspec.json.Decoder(DecisionRecord)
+_enc: Final = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    principal: str
+    action: str
+    payload: bytes
+    content_type: str | None = None
+
+
+def _intent(who: str, action: str, resource: str, params: dict[str, object], **kw: object) -> Sent:
+    body: dict[str, object] = {
+        "id": uuid.uuid4().hex,
+        "action": action,
+        "resource": resource,
+        "params": params,
+        "ts": time.time(),
+        **kw,
+    }
+    return Sent(who, action, _enc.encode(body))
+
+
+def _scenario(rng: random.Random) -> Sent:
+    """One intent from the mix: mostly legitimate, with every kind of denial in it."""
+    acct = f"account:acct-{rng.randint(1, 40)}"
+    to = f"account:acct-{rng.randint(41, 80)}"
+    pick = rng.random()
+    if pick < 0.35:
+        amount = round(rng.uniform(5, 900), 2)
+        return _intent(
+            rng.choice(["agent-7", "agent-9"]),
+            "payments.transfer",
+            acct,
+            {"amount": amount, "currency": rng.choice(["USD", "EUR"]), "to": to},
+        )
+    if pick < 0.45:
+        return _intent(
+            "agent-9",
+            "payments.transfer",
+            acct,
+            {"amount": rng.randint(1500, 50000), "currency": "USD", "to": to},
+        )
+    if pick < 0.52:
+        return _intent(
+            "agent-7",
+            "payments.transfer",
+            "account:sanctioned-ru-1",
+            {"amount": 50, "currency": "USD", "to": to},
+        )
+    if pick < 0.57:
+        return _intent(
+            "agent-9", "payments.transfer", acct, {"amount": 20, "currency": "GBP", "to": to}
+        )
+    if pick < 0.62:
+        return _intent(
+            "agent-2", "payments.transfer", acct, {"amount": 20, "currency": "USD", "to": to}
+        )
+    if pick < 0.75:
+        return _intent(
+            f"agent-{rng.choice([1, 2, 3])}",
+            "tools.search",
+            "tool:search",
+            {"q": rng.choice(["fx rates", "invoice 42", "weather"])},
+        )
+    if pick < 0.82:
+        good = rng.random() < 0.6
+        url = "https://api.example.com/v1/quotes" if good else "http://evil.example.net/x"
+        return _intent("agent-3", "tools.http.get", "tool:http", {"url": url})
+    if pick < 0.87:
+        return _intent("agent-1", "tools.shell", "tool:shell", {"cmd": "rm -rf /"})
+    if pick < 0.93:
+        return Sent("agent-7", "payments.transfer", b'{"id": "x1", "action": "payments.transfer",')
+    # Spoofing: agent-9 claims to be agent-7 in the payload.
+    return _intent(
+        "agent-9",
+        "payments.transfer",
+        acct,
+        {"amount": 10, "currency": "USD", "to": to},
+        principal="agent-7",
+    )
+
+
+@dataclass
+class _Tally:
+    effects: collections.Counter[str] = field(default_factory=collections.Counter)
+    reasons: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    executed: set[str] = field(default_factory=set)  # decision ids the executor ran
+    not_allowed: set[str] = field(default_factory=set)  # payload digests denied or held
+    executed_digests: set[str] = field(default_factory=set)
+    bad_artifacts: int = 0
+    batched_artifacts: int = 0  # verified artifacts that were batched (a tree head and a proof)
+    decided: int = 0
+
+
+@contextlib.asynccontextmanager
+async def _bus(nats_url: str | None) -> AsyncIterator[str]:
+    if nats_url is not None:
+        yield nats_url
+        return
+    async with NatsServer() as server:
+        yield server.url
+
+
+async def run_demo(
+    *,
+    count: int = 300,
+    nats_url: str | None = None,
+    policies_dir: Path = Path("policies"),
+    rate_per_s: float = 150.0,
+    seed: int = 7,
+    quiet: bool = False,
+    timeout_s: float = 60.0,
+    console: Console | None = None,
+    mode: IntakeMode = "stream",
+    artifacts: ArtifactMode = "per-message",
+) -> int:
+    console = console or Console(highlight=False)
+    policies = load_policies(policies_dir)
+    rng = random.Random(seed)
+    tally = _Tally()
+    with tempfile.TemporaryDirectory(prefix="bus-guard-demo-") as tmp:
+        key_path, jwks_path = generate_key(Path(tmp))
+        key = load_private_key(key_path)
+        signer = Signer(key, issuer="demo-gateway", ttl_s=60)
+        verifier = Verifier(jwks_path)
+        async with _bus(nats_url) as url:
+            console.print(
+                f"[bold]bus_guard demo[/] bus={url} mode={mode} artifacts={artifacts} "
+                f"policies={policies.version} "
+                f"digest={policies.digest[:19]}… rules={policies.rule_count}"
+            )
+            settings = Settings(
+                nats_url=url, gateway_id="demo-gateway", mode=mode, artifacts=artifacts
+            )
+            all_decided = anyio.Event()
+
+            def decided() -> None:
+                tally.decided += 1
+                if tally.decided >= count:
+                    all_decided.set()
+
+            async def executor(msg: Msg) -> None:
+                try:
+                    claims = verify_message(
+                        verifier, subject=msg.subject, headers=msg.headers, payload=msg.data
+                    )
+                except VerificationError as exc:
+                    tally.bad_artifacts += 1
+                    console.print(f"[bold red]REFUSED[/] {escape(msg.subject)}: {exc}")
+                else:
+                    tally.executed.add(claims.jti)
+                    if (msg.headers or {}).get(ARTIFACT_HEADER, "").startswith(BATCH_PREFIX):
+                        tally.batched_artifacts += 1
+                    tally.executed_digests.add(claims.payload_sha256)
+                    tally.effects["allow"] += 1
+                    tally.reasons[("allow", "allowed_by_rule")] += 1
+                    if not quiet:
+                        console.print(
+                            f"[bold green]{'EXECUTED':<10}[/] [cyan]{claims.sub:<12}[/] "
+                            f"{claims.action} {escape(claims.resource)}  [magenta]artifact ok[/] "
+                            f"rules={','.join(claims.rules)} [dim]id={claims.jti}[/]"
+                        )
+                decided()
+
+            async def operator(msg: Msg) -> None:
+                record = _record.decode(msg.data)
+                tally.effects[record.effect] += 1
+                tally.reasons[(record.effect, record.reason)] += 1
+                tally.not_allowed.add(record.payload_sha256)
+                if not quiet:
+                    console.print(format_record(record))
+                decided()
+
+            nc = await nats.connect(url, name="bus-guard demo")
+            try:
+                await nc.subscribe("guard.exec.>", cb=executor)
+                await nc.subscribe("guard.deny.>", cb=operator)
+                await nc.subscribe("guard.hold.>", cb=operator)
+                await round_trip(nc)
+                gateway = Gateway(settings, policies, signer, ledger_signer=CheckpointSigner(key))
+                async with gateway:
+                    started = time.perf_counter()
+                    for _ in range(count):
+                        sent = _scenario(rng)
+                        headers = {"Content-Type": sent.content_type} if sent.content_type else None
+                        await nc.publish(
+                            f"guard.in.{sent.principal}.{sent.action}",
+                            sent.payload,
+                            headers=headers,
+                        )
+                        if rate_per_s > 0:
+                            await anyio.sleep(1 / rate_per_s)
+                    await round_trip(nc)
+                    with anyio.move_on_after(timeout_s):
+                        await all_decided.wait()
+                    elapsed = time.perf_counter() - started
+                    stats = gateway.statistics()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await nc.drain()
+    leaked = tally.executed_digests & tally.not_allowed
+    _summary(console, tally, count, elapsed, stats.received, leaked)
+    ok = tally.decided == count and tally.bad_artifacts == 0 and not leaked
+    console.print(
+        "[bold green]PASS[/]: every executed action carried a valid artifact; "
+        "nothing denied or held was executed"
+        if ok
+        else "[bold red]FAIL[/]"
+    )
+    return 0 if ok else 1
+
+
+def _summary(
+    console: Console, tally: _Tally, count: int, elapsed: float, received: int, leaked: set[str]
+) -> None:
+    table = Table(title="bus_guard demo summary")
+    table.add_column("effect")
+    table.add_column("reason")
+    table.add_column("count", justify="right")
+    for (effect, reason), n in sorted(tally.reasons.items()):
+        table.add_row(effect, reason, str(n))
+    table.add_section()
+    table.add_row("sent", "", str(count))
+    table.add_row("received by gateway", "", str(received))
+    table.add_row("decided", "", str(tally.decided))
+    table.add_row("executed (artifact verified)", "", str(len(tally.executed)))
+    table.add_row("  of which batched artifacts", "", str(tally.batched_artifacts))
+    table.add_row("refused by executor (bad artifact)", "", str(tally.bad_artifacts))
+    table.add_row("denied/held but executed", "", str(len(leaked)))
+    table.add_row("elapsed", "", f"{elapsed:.2f}s")
+    console.print(table)

@@ -1,0 +1,314 @@
+"""The command line: the only edge that reads argv, files, the environment and signals.
+
+bus-guard run       the gateway
+bus-guard demo      everything on one machine, live
+bus-guard watch     live denials and holds
+bus-guard keys      signing keys and the JWKS
+bus-guard policy    check | test | explain | schema
+bus-guard verify    check an artifact as an executor would
+bus-guard ledger    verify the ledger's chains and checkpoints
+bus-guard lineage   ancestors and descendants of a decision
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+
+from bus_guard.cli._arguments import parser
+from bus_guard.errors import GuardError
+from bus_guard.pipeline import Checks
+
+__all__ = ("main",)
+
+log = logging.getLogger("bus_guard")
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    args = parser().parse_args(argv)
+    level = args.log_level or ("warning" if args.command == "demo" else "info")
+    _setup_logging(level, args.log_format)
+    try:
+        return int(_dispatch(args, out))
+    except GuardError as exc:
+        print(f"bus-guard: {exc}", file=sys.stderr)
+        return EXIT_USAGE if _is_config_error(exc) else EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+def _is_config_error(exc: GuardError) -> bool:
+    from bus_guard.errors import ConfigError, PolicyError
+
+    return isinstance(exc, ConfigError | PolicyError)
+
+
+def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
+    match args.command:
+        case "run":
+            return _cmd_run(args)
+        case "demo":
+            from bus_guard.cli._demo import run_demo
+
+            return anyio.run(
+                lambda: run_demo(
+                    count=args.count,
+                    nats_url=args.nats,
+                    policies_dir=args.policies,
+                    rate_per_s=args.rate,
+                    seed=args.seed,
+                    quiet=args.quiet,
+                    mode=args.mode,
+                    artifacts=args.artifacts,
+                )
+            )
+        case "watch":
+            from bus_guard.cli._watch import WatchFilter, watch
+
+            filters = WatchFilter(args.principal, args.action, args.reason)
+            return anyio.run(
+                lambda: watch(
+                    args.nats,
+                    prefix=args.prefix,
+                    filters=filters,
+                    count=args.count,
+                    as_json=args.json,
+                )
+            )
+        case "keys":
+            return _cmd_keys(args, out)
+        case "ledger" | "lineage":
+            return anyio.run(_cmd_ledger, args, out)
+        case "policy":
+            return _cmd_policy(args, out)
+        case "verify":
+            from bus_guard.cli._verify import main_verify
+
+            return main_verify(
+                jwks=args.jwks,
+                subject=args.subject,
+                payload=args.payload,
+                artifact=args.artifact,
+                out=out,
+            )
+    raise AssertionError(args.command)  # argparse only lets the commands above through
+
+
+async def _cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
+    import nats
+
+    from bus_guard.errors import GatewayError
+    from bus_guard.intake._preflight import Streams
+
+    stream = Streams(args.prefix).ledger
+    jwks = None
+    if args.command == "ledger":
+        from bus_guard.verify import load_jwks
+
+        jwks = load_jwks(args.jwks)
+    try:
+        nc = await nats.connect(
+            [u.strip() for u in args.nats.split(",") if u.strip()],
+            user_credentials=args.creds,
+            connect_timeout=2,
+            max_reconnect_attempts=3,
+        )
+    except Exception as exc:
+        raise GatewayError(f"cannot connect to {args.nats}: {exc}") from exc
+    try:
+        if jwks is not None:
+            from bus_guard.cli._ledger import audit_stream
+
+            return await audit_stream(
+                nc,
+                stream,
+                prefix=args.prefix,
+                jwks=jwks,
+                require_sealed=args.require_sealed,
+                out=out,
+            )
+        from bus_guard.cli._ledger import show
+
+        return await show(nc, stream, args.prefix, args.decision_id, out=out)
+    except nats.js.errors.NotFoundError:
+        raise GatewayError(f"no ledger stream {stream} on {args.nats}") from None
+    finally:
+        await nc.close()
+
+
+def _cmd_keys(args: argparse.Namespace, out: TextIO) -> int:
+    from bus_guard.signing import _keys as keys
+
+    match args.keys_command:
+        case "new":
+            key, jwks = keys.generate_key(args.out, overwrite=args.force)
+            print(f"wrote {key} (private, mode 0600) and {jwks}", file=out)
+        case "rotate":
+            r = keys.rotate_key(args.dir, grace_s=args.grace)
+            print(
+                f"new key {r.new_kid} in {r.key_path}; old key {r.retired_kid} verifies until "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(r.not_after))} "
+                f"(restart or reload gateways, publish {r.jwks_path} to verifiers first)",
+                file=out,
+            )
+        case "revoke":
+            keys.revoke_key(args.jwks, args.kid)
+            print(f"revoked {args.kid} in {args.jwks}", file=out)
+    return EXIT_OK
+
+
+def _cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
+    from bus_guard.policy import _testing as policytest
+    from bus_guard.policy._load import load_policies, policy_json_schema
+
+    match args.policy_command:
+        case "check":
+            return policytest.check_policies(args.path, out=out)
+        case "test":
+            return policytest.run_policy_tests(args.path, args.tests, out=out)
+        case "explain":
+            policies = load_policies(args.policies)
+            payload = _read_file(args.payload)
+            now = time.time() if args.now is None else args.now
+            return policytest.explain(policies, args.subject, payload, now=now, out=out)
+        case "schema":
+            text = json.dumps(policy_json_schema(), indent=2)
+            if args.out is None:
+                print(text, file=out)
+            else:
+                args.out.write_text(text + "\n")
+            return EXIT_OK
+    raise AssertionError(args.policy_command)
+
+
+def _read_file(path: Path) -> bytes:
+    from bus_guard.errors import ConfigError
+
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from exc
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from bus_guard.ledger._records import CheckpointSigner
+    from bus_guard.policy._load import load_policies
+    from bus_guard.settings import Settings, StreamSettings
+    from bus_guard.signing._keys import load_private_key
+    from bus_guard.signing._signer import Signer
+
+    settings_kw: dict[str, Any] = {}
+    if args.gateway_id:
+        settings_kw["gateway_id"] = args.gateway_id
+    settings = Settings(
+        nats_url=args.nats,
+        prefix=args.prefix,
+        queue=args.queue,
+        mode=args.mode,
+        creds_file=args.creds,
+        artifact_ttl_s=args.artifact_ttl,
+        max_payload_bytes=args.max_payload,
+        checks=Checks(max_past_skew_s=args.max_skew),
+        reconnect_wait_s=args.reconnect_wait,
+        max_reconnect_attempts=args.max_reconnects,
+        artifacts=args.artifacts,
+        batch_max=args.batch_max,
+        batch_delay_ms=args.batch_delay_ms,
+        stream=StreamSettings(
+            ack_wait_s=args.ack_wait,
+            max_ack_pending=args.max_ack_pending,
+            fetch_batch=args.batch,
+            max_deliveries=args.max_deliveries,
+            retry_horizon_s=args.retry_horizon,
+            duplicate_window_s=args.dedup_window,
+            replicas=args.replicas,
+            min_replicas=args.min_replicas,
+            checkpoint_every=args.checkpoint_every,
+            checkpoint_interval_s=args.checkpoint_interval,
+            max_lineage_depth=args.max_lineage_depth,
+        ),
+        **settings_kw,
+    )
+    policies = load_policies(args.policies)
+    key = load_private_key(args.key)
+    signer = Signer(key, issuer=settings.gateway_id, ttl_s=settings.artifact_ttl_s)
+    ledger_signer = CheckpointSigner(key)
+    log.info(
+        "policies %s (%s), %d rules, mode %s; artifacts %s",
+        policies.version,
+        policies.digest,
+        policies.rule_count,
+        policies.mode,
+        settings.artifacts,
+    )
+    return anyio.run(_serve, settings, policies, signer, ledger_signer)
+
+
+async def _serve(settings: Any, policies: Any, signer: Any, ledger_signer: Any) -> int:
+    from bus_guard.intake._gateway import Gateway
+
+    stop = anyio.Event()
+    stopped_by: list[str] = []
+
+    async def on_signals() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                stopped_by.append(signal.Signals(signum).name)
+                stop.set()
+                return
+
+    gateway = Gateway(settings, policies, signer, ledger_signer=ledger_signer)
+    async with gateway, anyio.create_task_group() as tg:
+        tg.start_soon(on_signals)
+
+        async def on_lost() -> None:
+            await gateway.closed.wait()
+            stop.set()
+
+        tg.start_soon(on_lost)
+        await stop.wait()
+        tg.cancel_scope.cancel()
+    if not stopped_by:
+        if gateway.failure is not None:
+            log.error("intake failed (%s); exiting", gateway.failure)
+        else:
+            log.error("lost the NATS connection beyond the reconnect budget; exiting")
+        return EXIT_FAIL
+    log.info("stopped by %s after draining", stopped_by[0])
+    return EXIT_OK

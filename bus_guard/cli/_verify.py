@@ -1,0 +1,48 @@
+"""``bus-guard verify``: check an artifact as an executor would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TextIO
+
+import msgspec
+
+from bus_guard.errors import ConfigError, VerificationError
+from bus_guard.verify import Verifier
+
+__all__ = ("main_verify",)
+
+
+def main_verify(
+    *,
+    jwks: Path,
+    subject: str,
+    payload: Path,
+    artifact: str,
+    out: TextIO,
+    now: float | None = None,
+) -> int:
+    """``bus-guard verify``: 0 and the claims as JSON if valid, 1 if invalid, 2 on bad input.
+
+    *artifact* is the token itself, or ``@FILE`` to read it from a file.
+    """
+    try:
+        verifier = Verifier(jwks)
+        if artifact.startswith("@"):
+            token = Path(artifact[1:]).read_text(encoding="ascii").strip()
+        else:
+            token = artifact.strip()
+        body = payload.read_bytes()
+    except ConfigError as exc:
+        out.write(f"error: {exc}\n")
+        return 2
+    except (OSError, UnicodeDecodeError) as exc:
+        out.write(f"error: {exc}\n")
+        return 2
+    try:
+        claims = verifier.verify(token, subject=subject, payload=body, now=now)
+    except VerificationError as exc:
+        out.write(f"invalid: {exc}\n")
+        return 1
+    out.write(msgspec.json.format(msgspec.json.encode(claims), indent=2).decode() + "\n")
+    return 0

@@ -1,0 +1,445 @@
+"""The gateway: one process's connection to NATS and its intake, in either mode.
+
+NATS in → decode → authorize → sign → publish (exec | deny | hold) → (reply | ack).
+
+* ``core``: a queue-group subscription, at-most-once like core NATS (:mod:`bus_guard.intake._core`).
+* ``stream`` (the default of ``bus-guard run``): the streams and the consumer are checked or
+  created (:mod:`bus_guard.intake._preflight`), then one task pulls from the durable consumer that
+  every replica shares and decides each intent exactly once, with a ledger record
+  (:mod:`bus_guard.intake._stream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Self
+
+import anyio
+import nats
+from nats.aio.client import Client
+from nats.aio.subscription import Subscription
+
+from bus_guard.errors import ConfigError, GatewayError
+from bus_guard.intake._core import CoreIntake
+from bus_guard.intake._preflight import ensure
+from bus_guard.intake._stream import StreamIntake
+from bus_guard.ledger._records import CheckpointSigner, LedgerRecord
+from bus_guard.pipeline import PolicySetLike
+from bus_guard.settings import Settings
+from bus_guard.signing._signer import Signer
+from bus_guard.state import State
+
+__all__ = ("Gateway", "GatewayStatistics", "round_trip")
+
+log = logging.getLogger(__name__)
+
+# A slow-consumer flood drops intents by the thousand: the first drop is logged, then at most
+# one summary line per this many seconds (every drop is counted in statistics()).
+_DROP_LOG_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayStatistics:
+    received: int = 0
+    allowed: int = 0
+    denied: int = 0
+    held: int = 0
+    would_deny: int = 0
+    internal_errors: int = 0  # handler or signing failures, each recorded as a denial
+    publish_failures: int = 0  # outputs that could not be handed to NATS
+    replies_sent: int = 0
+    replies_refused: int = 0  # reply subjects outside the allowed inbox prefixes
+    slow_consumer_drops: int = 0  # intents the server or client dropped: never decided
+    reconnects: int = 0
+    # stream mode
+    adopted: int = 0  # redelivered intents that took their recorded decision
+    replays: int = 0  # new messages reusing a decided intent id (denied)
+    ledger_records: int = 0
+    ledger_refusals: int = 0  # commits refused because an id was taken (then resolved)
+    ledger_in_doubt: int = 0  # commits without an answer (retried identically)
+    acks: int = 0
+    naks: int = 0  # intents sent back undecided or with outputs not stored
+    duplicate_outputs: int = 0  # outputs stored before (a crash, a lost PubAck): kept once
+    late_adoptions: int = 0  # adopted past the retry horizon: exec stream searched first
+    artifact_batches: int = 0  # batched artifacts: signed tree heads (one per batch)
+
+
+@dataclass(slots=True)
+class _Counters:
+    received: int = 0
+    allowed: int = 0
+    denied: int = 0
+    held: int = 0
+    would_deny: int = 0
+    internal_errors: int = 0
+    publish_failures: int = 0
+    replies_sent: int = 0
+    replies_refused: int = 0
+    slow_consumer_drops: int = 0
+    reconnects: int = 0
+    replays: int = 0
+    artifact_batches: int = 0
+
+
+class Gateway:
+    """One gateway process's worth of intake. An async context manager.
+
+    Entering connects, subscribes and confirms the subscription with the server (ready);
+    leaving drains: intents already received are decided before the connection closes.
+    ``closed`` is set when the connection is gone for good (the reconnect budget ran out).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        policies: PolicySetLike,
+        signer: Signer,
+        *,
+        state: State | None = None,
+        clock: Callable[[], float] = time.time,
+        ledger_signer: CheckpointSigner | None = None,
+    ) -> None:
+        """*ledger_signer* signs the ledger's checkpoints (stream mode); it should hold the
+        key of *signer*, so that the same JWKS verifies artifacts and the ledger."""
+        if settings.mode == "stream" and ledger_signer is None:
+            raise ConfigError("stream mode needs a ledger_signer for the ledger checkpoints")
+        self.settings = settings
+        self._policies = policies
+        self._signer = signer
+        self._state = state if state is not None else State()
+        self._clock = clock
+        self._nc: Client | None = None
+        self._sub: Subscription | None = None
+        self._counters = _Counters()
+        self._closing = False  # our own drain/close: a disconnect then is no news
+        self._drops_unlogged = 0  # slow-consumer drops not yet in a log line
+        self._drops_logged_at = -_DROP_LOG_INTERVAL_S  # monotonic time of the last such line
+        self._drops_summary: asyncio.TimerHandle | None = None
+        self.closed = anyio.Event()
+        self.failure: BaseException | None = None  # why stream intake stopped, if it did
+        self._ledger_signer = ledger_signer
+        self._intake: StreamIntake | None = None
+        self._core: CoreIntake | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stop = anyio.Event()
+        self._loop_done = anyio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        s = self.settings
+        try:
+            self._nc = await nats.connect(
+                [u.strip() for u in s.nats_url.split(",") if u.strip()],
+                name=f"bus-guard {s.gateway_id}",
+                user_credentials=s.creds_file,
+                connect_timeout=max(1, round(s.connect_timeout_s)),
+                reconnect_time_wait=s.reconnect_wait_s,
+                max_reconnect_attempts=s.max_reconnect_attempts,
+                drain_timeout=max(1, round(s.drain_timeout_s)),
+                error_cb=self._on_error,
+                closed_cb=self._on_closed,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+            )
+        except Exception as exc:
+            raise GatewayError(f"cannot connect to {s.nats_url}: {exc}") from exc
+        try:
+            _check_max_payload(s, self._nc.max_payload)
+            if s.mode == "stream":
+                await self._start_stream()
+            else:
+                core = CoreIntake(
+                    self._nc,
+                    s,
+                    lambda: self._policies,
+                    self._signer,
+                    self._state,
+                    self._clock,
+                    self._counters,
+                )
+                self._sub = await self._nc.subscribe(
+                    f"{s.prefix}.in.>",
+                    queue=s.queue,
+                    cb=core.on_intent,
+                    pending_msgs_limit=s.pending_msgs_limit,
+                    pending_bytes_limit=s.pending_bytes_limit,
+                )
+                core.sub = self._sub
+                await round_trip(self._nc, timeout_s=s.connect_timeout_s)
+                if core.batched:
+                    # Intents taken before the flusher starts wait in its batch for it.
+                    self._core = core
+                    self._tg = anyio.create_task_group()
+                    await self._tg.__aenter__()
+                    self._tg.start_soon(self._run_flusher, core)
+        except BaseException:
+            self._closing = True
+            with anyio.CancelScope(shield=True):
+                await self._nc.close()
+            raise
+        how = f"consumer {s.queue}, stream mode" if s.mode == "stream" else f"queue {s.queue}"
+        log.info("gateway %s ready on %s.in.> (%s)", s.gateway_id, s.prefix, how)
+        return self
+
+    async def _start_stream(self) -> None:
+        assert self._nc is not None and self._ledger_signer is not None
+        js = self._nc.jetstream(timeout=self.settings.connect_timeout_s)
+        try:
+            await ensure(js, self.settings)
+        except nats.errors.Error as exc:
+            raise GatewayError(
+                f"stream mode needs JetStream at {self.settings.nats_url}: {exc!r} "
+                "(enable JetStream, or run --mode core)"
+            ) from exc
+        intake = StreamIntake(
+            self._nc,
+            self.settings,
+            lambda: self._policies,
+            self._signer,
+            self._ledger_signer,
+            self._state,
+            self._clock,
+            self._count,
+        )
+        await intake.start()
+        await round_trip(self._nc, timeout_s=self.settings.connect_timeout_s)
+        self._intake = intake
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._run_stream, intake)
+
+    async def _run_stream(self, intake: StreamIntake) -> None:
+        try:
+            await intake.run(self._stop)
+        except Exception as exc:  # a chain in doubt, a lost bus: stop, never forward
+            log.exception("stream intake stopped")
+            self.failure = exc
+            self.closed.set()
+        finally:
+            self._loop_done.set()
+
+    async def _run_flusher(self, core: CoreIntake) -> None:
+        try:
+            await core.run_flusher()
+        except Exception as exc:  # a bug: stop, never forward unsigned
+            log.exception("artifact batch flusher stopped")
+            self.failure = exc
+            self.closed.set()
+        finally:
+            self._loop_done.set()
+
+    def _count(self, record: LedgerRecord) -> None:
+        if record.reason == "replay":
+            self._counters.replays += 1
+        if record.effect == "allow":
+            self._counters.allowed += 1
+            self._counters.would_deny += record.would_deny
+        elif record.effect == "hold":
+            self._counters.held += 1
+        else:
+            self._counters.denied += 1
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Drain: stop taking intents, decide those received, flush outputs, close."""
+        nc = self._nc
+        if nc is None or self._closing:
+            return
+        self._closing = True  # the handler keeps its connection while draining
+        await self._stop_stream()
+        await self._stop_core_batches()
+        with anyio.CancelScope(shield=True):
+            if not nc.is_closed:
+                try:
+                    # One round trip first: everything the server routed to us before it
+                    # is then read into the pending queue, which drain() processes. Without
+                    # it nats-py's drain was seen to close with routed intents unread.
+                    with anyio.move_on_after(self.settings.drain_timeout_s):
+                        await round_trip(nc)
+                    await nc.drain()
+                except Exception:
+                    log.exception("drain failed; closing")
+                    await nc.close()
+        self._log_drops()  # now, rather than up to a second later (or never)
+        log.info("gateway %s stopped: %s", self.settings.gateway_id, self.statistics())
+
+    async def _stop_stream(self) -> None:
+        """Finish the batch in hand, seal the chain (final checkpoint), stop pulling."""
+        if self._tg is None or self._intake is None:
+            return
+        self._stop.set()
+        # Scopes nest: the shield opens and closes inside the task group's scope.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.drain_timeout_s):
+            await self._loop_done.wait()
+        finished = self._loop_done.is_set()
+        if not finished:
+            log.warning("stream intake did not finish in time; its intents will be redelivered")
+            self._tg.cancel_scope.cancel()
+        tg, self._tg = self._tg, None
+        await tg.__aexit__(None, None, None)
+        if self.failure is None and finished and not self._nc_closed():
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._intake.finish()
+                except Exception:
+                    log.exception("could not write the final checkpoint")
+
+    async def _stop_core_batches(self) -> None:
+        """Batched core mode: stop taking intents, let the callback decide every intent
+        received, then let the flusher sign and publish the last batches, then stop it.
+        The connection's own drain afterwards has no subscription left, only publishes."""
+        if self._tg is None or self._core is None:
+            return
+        nc, sub, s = self._nc, self._sub, self.settings
+        with anyio.CancelScope(shield=True):
+            if nc is not None and sub is not None and not nc.is_closed:
+                try:
+                    with anyio.move_on_after(s.drain_timeout_s):
+                        await round_trip(nc)  # see aclose: routed intents are read first
+                    with anyio.move_on_after(s.drain_timeout_s) as scope:
+                        # Unsubscribe, then every queued callback runs (nats-py leaves it
+                        # unannotated).
+                        await sub.drain()  # type: ignore[no-untyped-call]
+                    if scope.cancelled_caught:
+                        log.warning("intake did not drain in time; undecided intents dropped")
+                except Exception:
+                    log.exception("could not drain the intake subscription")
+            await self._core.close()
+            with anyio.move_on_after(s.drain_timeout_s):
+                await self._loop_done.wait()
+        if not self._loop_done.is_set():
+            log.warning("the last artifact batch was not published in time")
+            self._tg.cancel_scope.cancel()
+        # Scopes nest: the task group's scope closes outside the shield.
+        tg, self._tg = self._tg, None
+        await tg.__aexit__(None, None, None)
+
+    def _nc_closed(self) -> bool:
+        return self._nc is None or self._nc.is_closed
+
+    def statistics(self) -> GatewayStatistics:
+        counters = dataclasses.asdict(self._counters)
+        if self._intake is not None:
+            c, r = self._intake.counters, self._intake.recorder
+            counters.update(
+                adopted=c.adopted,
+                ledger_records=r.records,
+                ledger_refusals=r.refusals,
+                ledger_in_doubt=r.in_doubt,
+                acks=c.acks,
+                naks=c.naks,
+                duplicate_outputs=c.duplicate_outputs,
+                late_adoptions=c.late_adoptions,
+                artifact_batches=r.artifact_batches,
+            )
+            counters["received"] = c.received
+            counters["internal_errors"] += c.internal_errors
+        return GatewayStatistics(**counters)
+
+    @property
+    def policies(self) -> PolicySetLike:
+        return self._policies
+
+    def swap_policies(self, policies: PolicySetLike) -> None:
+        """Replace the active policy set; each message reads the reference once (atomic)."""
+        self._policies = policies
+
+    # -- connection events -----------------------------------------------------------
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            self._on_slow_consumer(exc.subject)
+        else:
+            log.warning("nats error: %s", exc)
+
+    def _on_slow_consumer(self, subject: str) -> None:
+        """Count the drop; log the first of a flood, then one summary line a second."""
+        self._counters.slow_consumer_drops += 1
+        now = time.monotonic()
+        if self._drops_unlogged == 0 and now - self._drops_logged_at >= _DROP_LOG_INTERVAL_S:
+            self._drops_logged_at = now
+            log.warning("slow consumer: intent on %s dropped undecided", subject)
+            return
+        self._drops_unlogged += 1
+        if self._drops_summary is None:
+            due = self._drops_logged_at + _DROP_LOG_INTERVAL_S - now
+            self._drops_summary = asyncio.get_running_loop().call_later(
+                max(0.0, due), self._log_drops
+            )
+
+    def _log_drops(self) -> None:
+        """The summary line: drops since the last line, if any."""
+        if self._drops_summary is not None:
+            self._drops_summary.cancel()
+            self._drops_summary = None
+        if self._drops_unlogged:
+            log.warning(
+                "slow consumer: %d more intent(s) dropped undecided (%d in all)",
+                self._drops_unlogged,
+                self._counters.slow_consumer_drops,
+            )
+            self._drops_unlogged = 0
+            self._drops_logged_at = time.monotonic()
+
+    async def _on_closed(self) -> None:
+        self.closed.set()
+
+    async def _on_disconnected(self) -> None:
+        if self._closing:  # our own drain or close
+            log.debug("disconnected from NATS (closing)")
+        else:
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self._counters.reconnects += 1
+        if self._intake is not None:
+            self._intake.puller.reset()  # the pull request may be gone with the old link
+        log.info("reconnected to NATS")
+
+
+async def round_trip(nc: Client, *, timeout_s: float = 5.0) -> None:
+    """A barrier: when it returns, the server has processed everything sent before it.
+
+    nats-py's ``flush()`` writes its PING straight to the socket, ahead of commands still
+    in the client's pending buffer, so one PONG does not prove a SUB or PUB arrived. The
+    first flush yields to the flusher task (which writes the buffer); the second PING then
+    follows everything buffered before the call.
+    """
+    timeout = max(1, round(timeout_s))
+    await nc.flush(timeout=timeout)
+    await nc.flush(timeout=timeout)
+
+
+# What an output adds to an intent's bytes: artifact headers (a batched artifact with its
+# proof is ~1.5 KB) and the JSON fields of a deny/hold record.
+_OUTPUT_OVERHEAD_BYTES: Final = 8 * 1024
+
+
+def _check_max_payload(settings: Settings, server_max_payload: int) -> None:
+    """Refuse to start when an accepted intent could not be forwarded or recorded.
+
+    A hold record carries the whole payload, base64-encoded when it is not UTF-8 (4/3 of
+    its size); nats-py checks only the payload against the server's limit, not headers, so
+    an exec message over the limit would make the server close the gateway's connection.
+    """
+    worst = -(-settings.max_payload_bytes * 4 // 3) + _OUTPUT_OVERHEAD_BYTES
+    if worst > server_max_payload:
+        raise ConfigError(
+            f"--max-payload {settings.max_payload_bytes} is too large for this server's "
+            f"max_payload {server_max_payload}: an output could need {worst} bytes; lower "
+            f"--max-payload to at most {(server_max_payload - _OUTPUT_OVERHEAD_BYTES) * 3 // 4}"
+        )

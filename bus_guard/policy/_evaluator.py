@@ -1,0 +1,412 @@
+"""Compiling validated bundles into an immutable, indexed :class:`PolicySet`.
+
+Evaluation is Cedar's: default deny; any applicable ``deny`` rule decides (naming every
+applicable deny rule); else any applicable ``escalate`` rule holds; else any applicable
+``allow`` rule allows; else ``deny no_matching_rule``. A rule applies when the principal,
+the action and the resource each match one of its patterns and its condition holds. Rule
+order never matters: every applicable rule of the deciding effect is named, sorted.
+
+Cost per request does not grow with the rule count: the rules that can apply to a
+(principal, action) pair come from a dict + token trie over actions and a dict over
+principal ids (groups expanded), intersected from the smaller side and cached; only those
+candidates' resource patterns and conditions are then tested.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple
+
+from bus_guard.decision import Decision, Effect, Mode, Reason, Request
+from bus_guard.policy._conditions import ConditionTrace, Predicate, trace
+from bus_guard.policy._model import Bundle
+from bus_guard.policy._patterns import ActionIndex, only_prefix, parse_action_pattern
+from bus_guard.policy._rules import CompiledRule, Problem, compile_rule, shadowed
+from bus_guard.state import State
+
+__all__ = (
+    "BundleInfo",
+    "CompiledRule",
+    "Explanation",
+    "PolicySet",
+    "Problem",
+    "RuleTrace",
+    "compile_policy_set",
+)
+
+log = logging.getLogger(__name__)
+
+# Bounds of the two memo tables (cleared when full): (principal, action) -> candidates and
+# (reason, rule ids) -> Decision. An entry is well under 1 KiB; 16384 holds the working set
+# of a 10,000-rule bundle whose rules name a principal each (bench/decide.py).
+CACHE_SIZE: Final = 16384
+# A principal named by at most this many rules is resolved from its own rules; beyond it,
+# from the rules of the action (whichever side is smaller does the filtering).
+_FEW_NAMED: Final = 32
+
+
+@dataclass(frozen=True, slots=True)
+class BundleInfo:
+    name: str
+    version: str
+    file: str
+    rule_count: int
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class RuleTrace:
+    """How one rule fared against a request."""
+
+    rule: CompiledRule
+    principal: bool
+    action: bool
+    resource: bool
+    condition: ConditionTrace | None  # None: the rule has no condition
+
+    @property
+    def applies(self) -> bool:
+        held = self.condition is None or self.condition.held
+        return self.principal and self.action and self.resource and held
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Every rule whose action matched or which names the principal, and the decision."""
+
+    request: Request
+    decision: Decision
+    rules: tuple[RuleTrace, ...]
+
+
+class _Step(NamedTuple):
+    """One non-empty effect group of a (principal, action) pair, in precedence order.
+
+    A group of one rule (the common case) carries that rule's matchers and the decision
+    it makes, prebuilt and inline: evaluating it follows no pointer to the rule, and
+    costs no list, tuple or memo lookup. At 10,000 rules the pairs' entries are spread
+    over megabytes, so every indirection saved is a cache miss saved.
+    """
+
+    match_resource: Callable[[str], bool] | None  # the single rule's, else None
+    # The single rule's resources as one prefix (``p*``; "" for ``*``), tested inline with
+    # ``str.startswith``: no call, no matcher object to fetch. None: call match_resource.
+    prefix: str | None
+    check: Callable[[Request], bool] | None  # the single rule's condition, if any
+    single: Decision | None  # the single rule's decision, else None
+    reason: Reason
+    rules: tuple[CompiledRule, ...]  # the group, sorted by id
+
+
+# What evaluating one (principal, action) pair needs, computed once and cached: its
+# steps, then a last one that always decides (no rule applied), prebuilt as decisions are
+# immutable values. A plain tuple of steps: one object fewer to fetch per evaluation.
+_Candidates = tuple[_Step, ...]
+
+
+def _anything(_: str) -> bool:
+    return True
+
+
+_PRECEDENCE: Final = (
+    ("deny", Reason.DENIED_BY_RULE),
+    ("escalate", Reason.ESCALATED_BY_RULE),
+    ("allow", Reason.ALLOWED_BY_RULE),
+)
+_EFFECTS: Final = {
+    Reason.DENIED_BY_RULE: Effect.DENY,
+    Reason.ESCALATED_BY_RULE: Effect.HOLD,
+    Reason.ALLOWED_BY_RULE: Effect.ALLOW,
+    Reason.NO_MATCHING_RULE: Effect.DENY,
+}
+_MESSAGES: Final = {
+    Reason.DENIED_BY_RULE: "denied by rule",
+    Reason.ESCALATED_BY_RULE: "held for approval by rule",
+    Reason.ALLOWED_BY_RULE: "allowed by rule",
+}
+
+
+class PolicySet:
+    """The compiled, immutable policy: ``evaluate`` is the hot path, ``explain`` the slow one."""
+
+    __slots__ = (
+        "_any_principal",
+        "_by_action",
+        "_by_action_wild",
+        "_by_principal",
+        "_cache",
+        "_decisions",
+        "_glob_principal",
+        "_infos",
+        "_rules",
+        "_steps",
+        "digest",
+        "mode",
+        "version",
+    )
+
+    digest: str
+    version: str
+    mode: Mode
+    _rules: tuple[CompiledRule, ...]
+    _infos: tuple[BundleInfo, ...]
+    _by_principal: dict[str, tuple[int, ...]]
+    _any_principal: frozenset[int]
+    _glob_principal: tuple[int, ...]
+    _by_action: ActionIndex
+    _by_action_wild: ActionIndex
+    _cache: dict[tuple[str, str], _Candidates]
+    _decisions: dict[tuple[Reason, tuple[str, ...]], Decision]
+    _steps: dict[tuple[Reason, tuple[str, ...]], _Step]
+
+    def __init__(
+        self, rules: Sequence[CompiledRule], infos: Sequence[BundleInfo], digest: str, mode: Mode
+    ) -> None:
+        ordered = tuple(sorted(rules, key=lambda r: r.id))  # index order = id order
+        infos_ = tuple(sorted(infos, key=lambda b: b.name))
+        by_principal: dict[str, list[int]] = {}
+        for i, rule in enumerate(ordered):
+            if not rule.any_principal:
+                for pid in rule.principal_ids:
+                    by_principal.setdefault(pid, []).append(i)
+        fields = {
+            "digest": digest,
+            "mode": mode,
+            "version": ",".join(f"{b.name}@{b.version}" for b in infos_),
+            "_rules": ordered,
+            "_infos": infos_,
+            "_by_principal": {k: tuple(v) for k, v in by_principal.items()},
+            "_any_principal": frozenset(i for i, r in enumerate(ordered) if r.any_principal),
+            "_glob_principal": tuple(
+                i for i, r in enumerate(ordered) if r.principal_globs and not r.any_principal
+            ),
+            "_by_action": ActionIndex(
+                (tokens, i) for i, r in enumerate(ordered) for tokens in r.action_tokens
+            ),
+            # Only the rules that do not name every principal they cover: wildcards, globs.
+            "_by_action_wild": ActionIndex(
+                (tokens, i)
+                for i, r in enumerate(ordered)
+                if r.any_principal or r.principal_globs
+                for tokens in r.action_tokens
+            ),
+            # (principal, action) -> candidates, cleared when full. Plain dict operations
+            # are atomic under the GIL, and a lost insert only costs a recomputation.
+            "_cache": {},
+            "_decisions": {},  # (reason, rule ids) -> Decision, same bound
+            # (reason, rule ids) -> _Step, same bound: pairs whose groups hold the same
+            # rules (every pair meets a wildcard-principal deny) share one step object.
+            "_steps": {},
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"PolicySet is immutable; cannot set {name!r}")
+
+    def __repr__(self) -> str:
+        return f"PolicySet({self.version!r}, rules={self.rule_count}, {self.digest[:19]}…)"
+
+    @property
+    def rule_count(self) -> int:
+        return len(self._rules)
+
+    @property
+    def bundles(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self._infos)
+
+    @property
+    def bundle_info(self) -> tuple[BundleInfo, ...]:
+        return self._infos
+
+    @property
+    def rules(self) -> tuple[CompiledRule, ...]:
+        """Every rule, sorted by id."""
+        return self._rules
+
+    def candidates(self, principal: str, action: str) -> tuple[str, ...]:
+        """Ids of the rules that match ``principal`` and ``action`` (before resource and
+        condition), i.e. all that ``evaluate`` will look at."""
+        steps = self._candidates(principal, action)
+        return tuple(sorted(r.id for step in steps for r in step.rules))
+
+    def evaluate(self, request: Request, state: State) -> Decision:
+        found = self._cache.get((request.principal, request.action))
+        if found is None:
+            found = self._candidates(request.principal, request.action)
+        resource = request.resource
+        for match, prefix, check, single, reason, rules in found:
+            if match is not None:  # one rule (or the last step): matchers and decision inline
+                if (resource.startswith(prefix) if prefix is not None else match(resource)) and (
+                    check is None or check(request)
+                ):
+                    return single  # type: ignore[return-value]  # set with match
+                continue
+            hits = [
+                r.id
+                for r in rules  # sorted by id already
+                if r.match_resource(resource) and (r.check is None or r.check(request))
+            ]
+            if hits:
+                return self._ruled(reason, tuple(hits))
+        raise AssertionError("the last step always decides")  # the caller denies
+
+    def explain(self, request: Request) -> Explanation:
+        """Trace every rule that matches the action or names the principal (a linear scan:
+        a debugging tool, not the hot path) and decide exactly as ``evaluate`` does."""
+        traces = []
+        for rule in self._rules:
+            by_principal = rule.match_principal(request.principal)
+            by_action = rule.match_action(request.action)
+            if not (by_action or (by_principal and not rule.any_principal)):
+                continue
+            cond = None if rule.condition is None else trace(rule.condition, request)
+            traces.append(
+                RuleTrace(
+                    rule, by_principal, by_action, rule.match_resource(request.resource), cond
+                )
+            )
+        matched = any(t.principal and t.action and t.rule.effect == "allow" for t in traces)
+        decision = self._no_match(request.principal, request.action, matched)
+        for effect, reason in _PRECEDENCE:
+            hits = tuple(t.rule.id for t in traces if t.applies and t.rule.effect == effect)
+            if hits:
+                decision = self._ruled(reason, hits)
+                break
+        return Explanation(request, decision, tuple(traces))
+
+    def _ruled(self, reason: Reason, rules: tuple[str, ...]) -> Decision:
+        # Building a frozen dataclass costs more than the rest of an evaluation, and the
+        # same rule set decides over and over: reuse the (immutable) value.
+        decision = self._decisions.get((reason, rules))
+        if decision is None:
+            plural = "s" if len(rules) > 1 else ""
+            decision = self._decision(
+                reason, rules, f"{_MESSAGES[reason]}{plural} {', '.join(rules)}"
+            )
+            if len(self._decisions) >= CACHE_SIZE:
+                self._decisions.clear()
+            self._decisions[(reason, rules)] = decision
+        return decision
+
+    def _no_match(self, principal: str, action: str, allow_rules: bool) -> Decision:
+        message = f"no rule allows {principal} {action}"
+        if allow_rules:  # some allow rule covers the pair: its resource or condition failed
+            message += " with this resource and params"
+        return self._decision(Reason.NO_MATCHING_RULE, (), message)
+
+    def _decision(self, reason: Reason, rules: tuple[str, ...], message: str) -> Decision:
+        return Decision(
+            _EFFECTS[reason],
+            reason,
+            rules=rules,
+            message=message,
+            policy_digest=self.digest,
+            policy_version=self.version,
+            mode=self.mode,
+        )
+
+    def _step(self, reason: Reason, group: tuple[CompiledRule, ...]) -> _Step:
+        key = (reason, tuple(r.id for r in group))
+        step = self._steps.get(key)
+        if step is None:
+            if len(group) == 1:
+                (rule,) = group
+                step = _Step(
+                    rule.match_resource,
+                    only_prefix(rule.resources),
+                    rule.check,
+                    self._ruled(*key),
+                    reason,
+                    group,
+                )
+            else:
+                step = _Step(None, None, None, None, reason, group)
+            if len(self._steps) >= CACHE_SIZE:
+                self._steps.clear()
+            self._steps[key] = step
+        return step
+
+    def _candidates(self, principal: str, action: str) -> _Candidates:
+        rules = self._rules
+        named = self._by_principal.get(principal, ())
+        if len(named) <= _FEW_NAMED:
+            # The usual case: the principal's own rules, plus the wildcard-principal rules
+            # of the action, without materialising every rule of a busy action.
+            pool = {i for i in named if rules[i].match_action(action)}
+            pool.update(
+                i for i in self._by_action_wild.match(action) if rules[i].match_principal(principal)
+            )
+            ids = sorted(pool)
+        else:
+            by_action = self._by_action.match(action)
+            # Intersect from the smaller side so neither many wildcard-principal rules nor
+            # many wildcard-action rules make one lookup linear.
+            if len(by_action) <= len(named) + len(self._any_principal) + len(self._glob_principal):
+                ids = sorted(i for i in by_action if rules[i].match_principal(principal))
+            else:
+                pool = set(named) | self._any_principal
+                pool.update(i for i in self._glob_principal if rules[i].match_principal(principal))
+                ids = sorted(i for i in pool if rules[i].match_action(action))
+        found_rules = tuple(rules[i] for i in ids)
+        groups = (
+            (reason, tuple(r for r in found_rules if r.effect == effect))
+            for effect, reason in _PRECEDENCE
+        )
+        no_match = self._no_match(principal, action, any(r.effect == "allow" for r in found_rules))
+        found = (
+            *(self._step(reason, g) for reason, g in groups if g),
+            _Step(_anything, "", None, no_match, no_match.reason, ()),
+        )
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.clear()
+        self._cache[(principal, action)] = found
+        return found
+
+
+def compile_policy_set(
+    sources: Sequence[tuple[str, Bundle]], digest: str
+) -> tuple[PolicySet | None, list[Problem]]:
+    """Compile validated bundles (``(file, bundle)`` pairs, in file order) together."""
+    problems: list[Problem] = []
+    rules: list[CompiledRule] = []
+    where: dict[str, tuple[str, int]] = {}  # rule id -> (file, index) where first seen
+    bundle_files: dict[str, str] = {}
+    shared: dict[Any, Predicate] = {}  # rules with the same condition share its closure
+    infos = []
+    for file, bundle in sources:
+        if (other := bundle_files.setdefault(bundle.bundle, file)) != file:
+            message = f"bundle name {bundle.bundle!r} is also used by {other}"
+            problems.append(Problem(file, None, None, ("bundle",), message))
+        schemas = [(k, parse_action_pattern(k), decl) for k, decl in bundle.schemas.items()]
+        for index, rule in enumerate(bundle.rules):
+            if rule.id in where:
+                message = f"duplicate rule id, first defined in {where[rule.id][0]}"
+                problems.append(Problem(file, rule.id, index, ("id",), message))
+                continue
+            where[rule.id] = (file, index)
+            rules.append(compile_rule(rule, index, bundle, file, schemas, problems, shared))
+        infos.append(
+            BundleInfo(bundle.bundle, bundle.version, file, len(bundle.rules), bundle.description)
+        )
+    first_file, first = sources[0] if sources else ("", None)
+    for file, bundle in sources:
+        if first is not None and bundle.mode != first.mode:
+            message = (
+                f"mode {bundle.mode!r} differs from {first.mode!r} in {first_file};"
+                " bundles loaded together must share one mode"
+            )
+            problems.append(Problem(file, None, None, ("mode",), message))
+    for dead, outer in shadowed(rules):
+        message = (
+            f"unreachable: {outer.effect} rule {outer.id!r} ({outer.file}) applies without"
+            " condition to every principal, action and resource this rule matches"
+        )
+        problems.append(Problem(dead.file, dead.id, where[dead.id][1], (), message))
+    if problems:
+        return None, problems
+    policy_set = PolicySet(rules, infos, digest, first.mode if first is not None else "enforce")
+    log.debug("compiled %s: %d rules, %s", policy_set.version, policy_set.rule_count, digest)
+    return policy_set, []

@@ -1,0 +1,246 @@
+"""The policy language as pydantic models: what a ``policies/*.yaml`` file may say.
+
+These models check everything that can be checked one value at a time (types, patterns,
+regexes, field paths, exactly one operator per condition) so that one load reports every
+such problem at once. Checks that need the whole bundle (groups, schemas, shadowed rules)
+are the compiler's (:mod:`bus_guard.policy._evaluator`).
+
+All models are frozen, strict (YAML ``"1000"`` is not the number 1000) and forbid unknown
+keys. A later ``limits:`` key on allow rules will be a new optional field of :class:`Rule`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Annotated, Any, Final, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+from bus_guard.policy._types import (
+    FIELD_HELP,
+    OPERATORS,
+    ActionPattern,
+    Attribute,
+    AttrName,
+    FieldPath,
+    GroupName,
+    Name,
+    Number,
+    ParamType,
+    PrincipalId,
+    PrincipalPattern,
+    Regex,
+    ResourcePattern,
+    RuleId,
+    Scalar,
+    ScalarList,
+    ScalarValue,
+    Version,
+    describe,
+    parse_field,
+)
+
+__all__ = (
+    "OPERATORS",
+    "AllOf",
+    "AnyOf",
+    "Bundle",
+    "Condition",
+    "Leaf",
+    "NotOf",
+    "ParamType",
+    "Rule",
+    "Scalar",
+    "describe",
+    "parse_field",
+)
+
+_CONFIG: Final = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Leaf(BaseModel):
+    """``{field: <path>, <op>: <value>}`` with exactly one operator."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        title="Comparison",
+        # 'field' plus exactly one operator; the model validator says so in words.
+        json_schema_extra={"minProperties": 2, "maxProperties": 2},
+    )
+
+    field: FieldPath = Field(description=f"What to test: {FIELD_HELP}.")
+    eq: ScalarValue | None = Field(None, description="Equal (same type) to the value.")
+    ne: ScalarValue | None = Field(None, description="Present, same type, and not equal.")
+    lt: Number | None = Field(None, description="A number less than the value.")
+    le: Number | None = Field(None, description="A number less than or equal to the value.")
+    gt: Number | None = Field(None, description="A number greater than the value.")
+    ge: Number | None = Field(None, description="A number greater than or equal to the value.")
+    in_: ScalarList | None = Field(None, alias="in", description="Equal to one of the values.")
+    not_in: ScalarList | None = Field(
+        None, description="Present, of the values' type, and equal to none of them."
+    )
+    matches: Regex | None = Field(
+        None, description="A string in which the regex is found (re.search; anchor with ^ $)."
+    )
+    exists: bool | None = Field(
+        None, description="true: present and not null; false: missing or null."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_operator(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            ops = [key for key in OPERATORS if key in data]
+            if not ops:
+                unknown = [str(key) for key in data if key != "field"]
+                guess = difflib.get_close_matches(unknown[0], OPERATORS, 2) if unknown else []
+                hint = f"unknown operator {unknown[0]!r}" if unknown else "no operator"
+                if guess:
+                    hint += f" (did you mean {' or '.join(map(repr, guess))}?)"
+                raise ValueError(f"{hint}; a comparison needs one of: {', '.join(OPERATORS)}")
+            if len(ops) > 1:
+                raise ValueError(
+                    f"one operator per comparison, got {', '.join(ops)};"
+                    " combine comparisons with all: [...]"
+                )
+            if data[ops[0]] is None:
+                raise ValueError(f"operator {ops[0]!r} has no value")
+        return data
+
+    @property
+    def op(self) -> str:
+        return next(op for op in OPERATORS if getattr(self, _attr(op)) is not None)
+
+    @property
+    def value(self) -> Any:
+        return getattr(self, _attr(self.op))
+
+
+def _attr(op: str) -> str:
+    return "in_" if op == "in" else op
+
+
+class AllOf(BaseModel):
+    """Holds when every condition holds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, title="All")
+    all_: list[Condition] = Field(alias="all", min_length=1)
+
+
+class AnyOf(BaseModel):
+    """Holds when at least one condition holds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, title="Any")
+    any_: list[Condition] = Field(alias="any", min_length=1)
+
+
+class NotOf(BaseModel):
+    """Holds when the condition does not hold (a comparison over a missing value does not
+    hold, so its ``not`` does)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, title="Not")
+    not_: Condition = Field(alias="not")
+
+
+def _condition_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        for key in ("all", "any", "not"):
+            if key in value:
+                return "{" + key + "}"
+        if "field" in value or any(op in value for op in OPERATORS):
+            return "{field}"
+    return None
+
+
+# The tags are written "{...}" so the error formatter can drop them from locations without
+# confusing them with the real 'all'/'any'/'not' keys.
+Condition = Annotated[
+    Union[  # noqa: UP007 - the tagged members need the explicit Union form
+        Annotated[Leaf, Tag("{field}")],
+        Annotated[AllOf, Tag("{all}")],
+        Annotated[AnyOf, Tag("{any}")],
+        Annotated[NotOf, Tag("{not}")],
+    ],
+    Discriminator(
+        _condition_kind,
+        custom_error_type="condition",
+        custom_error_message=(
+            "expected a condition: {field: ..., <op>: ...}, all: [...], any: [...] or not: {...}"
+        ),
+    ),
+]
+
+ConditionTag: Final = frozenset({"{field}", "{all}", "{any}", "{not}"})
+
+
+class Rule(BaseModel):
+    """One rule. It applies when the principal, action and resource each match one of its
+    patterns and its condition (if any) holds."""
+
+    model_config = _CONFIG
+
+    id: RuleId = Field(description="Unique across all loaded bundles; named in decisions.")
+    effect: Literal["allow", "deny", "escalate"] = Field(
+        description="deny beats escalate (hold for a human) beats allow; default is deny."
+    )
+    description: str = ""
+    principals: list[PrincipalPattern] = Field(
+        ["*"],
+        min_length=1,
+        description="Principal ids, 'group:<name>', globs like 'agent-*', or '*' (default).",
+    )
+    actions: list[ActionPattern] = Field(
+        min_length=1,
+        description="Exact actions or NATS wildcards: 'payments.*' (one token), 'tools.>'"
+        " (one or more), '>' (every action).",
+    )
+    resources: list[ResourcePattern] = Field(
+        ["*"],
+        min_length=1,
+        description="Exact resources or globs ('*' any run of characters, '?' one).",
+    )
+    when: Condition | None = Field(None, description="Optional condition.")
+
+
+class Bundle(BaseModel):
+    """A policy bundle: one YAML file."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        title="bus_guard policy bundle",
+        json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
+    )
+
+    bundle: Name = Field(description="Bundle name, unique among loaded bundles.")
+    version: Version = Field(description='Bundle version, quoted in YAML ("1.0.0").')
+    mode: Literal["enforce", "observe"] = Field(
+        "enforce",
+        description="observe: policy denials and holds are let through, marked would_deny."
+        " All bundles loaded together must agree.",
+    )
+    description: str = ""
+    groups: dict[GroupName, Annotated[list[PrincipalId], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="Named sets of principal ids, used in rules as 'group:<name>'.",
+    )
+    principals: dict[PrincipalId, dict[AttrName, Attribute]] = Field(
+        default_factory=dict,
+        description="Attributes per principal, usable in conditions as principal.<attribute>.",
+    )
+    schemas: dict[ActionPattern, dict[AttrName, ParamType]] = Field(
+        default_factory=dict,
+        description="Declared param types per action pattern, checked against conditions"
+        " of rules whose actions the pattern covers.",
+    )
+    rules: list[Rule] = Field(description="The rules; their order never matters.")
+
+
+AllOf.model_rebuild()
+AnyOf.model_rebuild()
+NotOf.model_rebuild()
+Rule.model_rebuild()
+Bundle.model_rebuild()

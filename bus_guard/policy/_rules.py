@@ -1,0 +1,195 @@
+"""Compiling one rule, and proving when one rule shadows another.
+
+A :class:`CompiledRule` carries its patterns both as written (for messages and ``explain``)
+and as matchers specialised once: a frozenset for exact principals and actions, prefix
+checks or one regex for globs, a token matcher for action wildcards, and a closure for the
+condition.
+
+Shadowing is proved, never guessed: an allow or escalate rule is reported unreachable only
+when a single unconditional rule of a stronger effect covers every principal, action and
+resource it could match (``*``/``>`` cover everything, ``payments.*`` covers
+``payments.transfer``, ``account:*`` covers ``account:sanctioned-*``, groups are compared
+by their members).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from bus_guard.decision import Request
+from bus_guard.policy._conditions import (
+    ConditionNode,
+    Predicate,
+    Scope,
+    compile_condition,
+    predicate,
+)
+from bus_guard.policy._model import Bundle, Rule
+from bus_guard.policy._patterns import (
+    ActionIndex,
+    Tokens,
+    action_covers,
+    action_matches,
+    glob_covers,
+    is_glob,
+    parse_action_pattern,
+    set_matcher,
+)
+
+__all__ = ("CompiledRule", "Problem", "compile_rule", "shadowed")
+
+RuleEffect = Literal["allow", "deny", "escalate"]
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One compile problem; :mod:`bus_guard.policy` formats it with the file's line."""
+
+    file: str
+    rule: str | None  # rule id; None for bundle-level problems
+    rule_index: int | None  # position in the file's ``rules`` (to find the line)
+    loc: Loc  # relative to the rule, or to the bundle when ``rule`` is None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    id: str
+    effect: RuleEffect
+    bundle: str
+    file: str
+    description: str
+    principals: tuple[str, ...]  # as written
+    actions: tuple[str, ...]
+    resources: tuple[str, ...]
+    any_principal: bool
+    principal_ids: frozenset[str]  # ids and expanded group members
+    principal_globs: tuple[str, ...]
+    action_tokens: tuple[Tokens, ...]
+    condition: ConditionNode | None
+    match_principal: Callable[[str], bool] = field(repr=False, compare=False)
+    match_action: Callable[[str], bool] = field(repr=False, compare=False)
+    match_resource: Callable[[str], bool] = field(repr=False, compare=False)
+    check: Callable[[Request], bool] | None = field(repr=False, compare=False)
+
+
+def _action_matcher(patterns: Sequence[Tokens]) -> Callable[[str], bool]:
+    exact = frozenset(".".join(t) for t in patterns if "*" not in t and ">" not in t)
+    wild = tuple(t for t in patterns if "*" in t or ">" in t)
+    if not wild:
+        return exact.__contains__
+    return lambda action: (
+        action in exact or any(action_matches(w, tuple(action.split("."))) for w in wild)
+    )
+
+
+def compile_rule(
+    rule: Rule,
+    index: int,
+    bundle: Bundle,
+    file: str,
+    schemas: Sequence[tuple[str, Tokens, Mapping[str, str]]],
+    problems: list[Problem],
+    shared: dict[Any, Predicate] | None = None,
+) -> CompiledRule:
+    """*shared*: the predicates of this compilation so far (see :func:`predicate`)."""
+
+    def problem(loc: Loc, message: str) -> None:
+        problems.append(Problem(file, rule.id, index, loc, message))
+
+    ids: set[str] = set()
+    globs: list[str] = []
+    any_principal = False
+    for i, pattern in enumerate(rule.principals):
+        if pattern.startswith("group:"):
+            name = pattern[len("group:") :]
+            if name in bundle.groups:
+                ids.update(bundle.groups[name])
+            else:
+                known = ", ".join(sorted(bundle.groups)) or "none defined"
+                problem(("principals", i), f"unknown group {name!r} (groups: {known})")
+        elif pattern.strip("*") == "":
+            any_principal = True
+        elif is_glob(pattern):
+            globs.append(pattern)
+        else:
+            ids.add(pattern)
+    tokens = tuple(parse_action_pattern(a) for a in rule.actions)
+    covering = [
+        (key, decl)
+        for key, key_tokens, decl in schemas
+        if any(action_covers(key_tokens, t) for t in tokens)
+    ]
+    complete = all(any(action_covers(k, t) for _, k, _ in schemas) for t in tokens)
+    scope = Scope(bundle.principals, covering, complete)
+    condition = None
+    if rule.when is not None:
+        cond_problems: list[tuple[Loc, str]] = []
+        condition = compile_condition(rule.when, scope, ("when",), cond_problems)
+        for loc, message in cond_problems:
+            problem(loc, message)
+    return CompiledRule(
+        id=rule.id,
+        effect=rule.effect,
+        bundle=bundle.bundle,
+        file=file,
+        description=rule.description,
+        principals=tuple(rule.principals),
+        actions=tuple(rule.actions),
+        resources=tuple(rule.resources),
+        any_principal=any_principal,
+        principal_ids=frozenset(ids),
+        principal_globs=tuple(globs),
+        action_tokens=tokens,
+        condition=condition,
+        match_principal=set_matcher(["*"] if any_principal else [*sorted(ids), *globs]),
+        match_action=_action_matcher(tokens),
+        match_resource=set_matcher(rule.resources),
+        check=None if condition is None else predicate(condition, shared),
+    )
+
+
+def _principals_cover(outer: CompiledRule, inner: CompiledRule) -> bool:
+    if outer.any_principal:
+        return True
+    if inner.any_principal:
+        return False
+    return all(
+        pid in outer.principal_ids or any(glob_covers(g, pid) for g in outer.principal_globs)
+        for pid in inner.principal_ids
+    ) and all(
+        any(glob_covers(g, ig) for g in outer.principal_globs) for ig in inner.principal_globs
+    )
+
+
+def shadowed(rules: Sequence[CompiledRule]) -> Iterable[tuple[CompiledRule, CompiledRule]]:
+    """(rule, unconditional rule of a stronger effect covering all it could match)."""
+    stronger: dict[str, tuple[str, ...]] = {"allow": ("deny", "escalate"), "escalate": ("deny",)}
+    pools = {
+        effect: [r for r in rules if r.effect == effect and r.condition is None]
+        for effect in ("deny", "escalate")
+    }
+    indexes = {
+        effect: ActionIndex((t, i) for i, r in enumerate(pool) for t in r.action_tokens)
+        for effect, pool in pools.items()
+    }
+
+    def cover(rule: CompiledRule, effect: str) -> CompiledRule | None:
+        # Only rules whose action patterns cover all of this rule's, found via the trie.
+        common = set.intersection(*(indexes[effect].covering(t) for t in rule.action_tokens))
+        for i in sorted(common):
+            outer = pools[effect][i]
+            if all(
+                any(glob_covers(o, r) for o in outer.resources) for r in rule.resources
+            ) and _principals_cover(outer, rule):
+                return outer
+        return None
+
+    for rule in rules:
+        for effect in stronger.get(rule.effect, ()):
+            if (outer := cover(rule, effect)) is not None:
+                yield rule, outer
+                break

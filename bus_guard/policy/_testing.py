@@ -1,0 +1,276 @@
+"""``policy test``, ``policy explain`` and ``policy check``: functions the CLI wires up.
+
+Each writes to the ``out`` stream it is given and returns an exit status; none prints
+elsewhere. A test file (``policies/tests/*.yaml`` by default) reads like ``opa test``::
+
+    now: 1750000000            # optional: the clock the cases run at
+    cases:
+      - name: small transfer by a group member is allowed
+        subject: guard.in.agent-7.payments.transfer
+        intent: {id: t1, action: payments.transfer, resource: "account:acct-1",
+                 params: {amount: 120.5, currency: USD}}     # ts defaults to `now`
+        expect: {effect: allow, reason: allowed_by_rule, rules: [transfer-small]}
+
+``payload:`` (raw text) may replace ``intent:`` to test malformed input. ``reason``,
+``rules`` (compared as a set) and ``would_deny`` are optional in ``expect``. Each case runs
+through :func:`bus_guard.pipeline.decide`, i.e. exactly what the gateway decides.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Final, Literal, TextIO
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bus_guard.decision import Decision, Reason, Request
+from bus_guard.errors import PolicyError
+from bus_guard.pipeline import decide, evaluate
+from bus_guard.policy._conditions import ConditionTrace
+from bus_guard.policy._evaluator import Explanation, PolicySet, RuleTrace
+from bus_guard.policy._load import load_policies, load_yaml
+from bus_guard.state import State
+
+__all__ = ("DEFAULT_NOW", "check_policies", "explain", "run_policy_tests")
+
+DEFAULT_NOW: Final = 1_750_000_000.0  # a fixed clock makes test runs reproducible
+
+
+class _Expect(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    effect: Literal["allow", "deny", "hold"]
+    reason: Reason | None = None
+    rules: list[str] | None = None
+    would_deny: bool | None = None
+
+
+class _Case(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    subject: str
+    intent: dict[str, Any] | None = None
+    payload: str | None = None
+    content_type: str | None = None
+    expect: _Expect
+
+    @model_validator(mode="after")
+    def _one_input(self) -> _Case:
+        if (self.intent is None) == (self.payload is None):
+            raise ValueError("give exactly one of 'intent' (a mapping) or 'payload' (text)")
+        return self
+
+
+class _Suite(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    now: float = DEFAULT_NOW
+    prefix: str = "guard"
+    cases: list[_Case] = Field(min_length=1)
+
+
+def run_policy_tests(policies_dir: Path, tests_path: Path | None = None, *, out: TextIO) -> int:
+    """Run every case of every test file; 0 iff all pass (and there was something to run)."""
+    try:
+        policies = load_policies(policies_dir)
+    except PolicyError as exc:
+        _problems(f"policies in {policies_dir} do not compile", exc, out)
+        return 1
+    path = Path(tests_path) if tests_path is not None else Path(policies_dir) / "tests"
+    files = _test_files(path)
+    if not files:
+        print(f"no test files (*.yaml, *.yml) at {path}", file=out)
+        return 1
+    passed = failed = broken = 0
+    for file in files:
+        suite = _read_suite(file, out)
+        if suite is None:
+            broken += 1
+            continue
+        for case in suite.cases:
+            got = _decide(policies, suite, case)
+            problem = _compare(case.expect, got)
+            if problem is None:
+                passed += 1
+                print(f"PASS {file.name}: {case.name}", file=out)
+            else:
+                failed += 1
+                print(f"FAIL {file.name}: {case.name}", file=out)
+                print(f"     expected {_show_expect(case.expect)}", file=out)
+                print(f"     got      {_show(got)}: {got.message}", file=out)
+    summary = f"{passed} passed, {failed} failed"
+    if broken:
+        summary += f", {broken} test file{'s' if broken > 1 else ''} with errors"
+    print(summary, file=out)
+    return 0 if failed == 0 and broken == 0 else 1
+
+
+def _test_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(f for f in path.iterdir() if f.suffix in (".yaml", ".yml") and f.is_file())
+    return [path] if path.is_file() else []
+
+
+def _read_suite(file: Path, out: TextIO) -> _Suite | None:
+    try:
+        raw = load_yaml(file.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        print(f"ERROR {file}: cannot read test file: {exc}", file=out)
+        return None
+    try:
+        return _Suite.model_validate(raw)
+    except ValidationError as exc:
+        cases = raw.get("cases") if isinstance(raw, dict) else None
+        for error in exc.errors(include_url=False):
+            loc = error["loc"]
+            where = ".".join(str(p) for p in loc) or "top level"
+            if len(loc) >= 2 and loc[0] == "cases" and isinstance(loc[1], int):
+                case = cases[loc[1]] if isinstance(cases, list) else None
+                name = case.get("name") if isinstance(case, dict) else None
+                label = f"case #{loc[1] + 1}" + (f" ({name})" if isinstance(name, str) else "")
+                where = ": ".join(x for x in (label, ".".join(map(str, loc[2:]))) if x)
+            message = error["msg"].removeprefix("Value error, ")
+            print(f"ERROR {file}: {where}: {message}", file=out)
+        return None
+
+
+def _decide(policies: PolicySet, suite: _Suite, case: _Case) -> Decision:
+    if case.intent is not None:
+        payload = json.dumps({"ts": suite.now, **case.intent}).encode()
+    else:
+        payload = (case.payload or "").encode()
+    return decide(
+        policies,
+        case.subject,
+        payload,
+        now=suite.now,
+        prefix=suite.prefix,
+        content_type=case.content_type,
+    )
+
+
+def _compare(expect: _Expect, got: Decision) -> str | None:
+    if got.effect.value != expect.effect:
+        return "effect"
+    if expect.reason is not None and got.reason is not expect.reason:
+        return "reason"
+    if expect.rules is not None and sorted(set(expect.rules)) != sorted(got.rules):
+        return "rules"
+    if expect.would_deny is not None and got.would_deny != expect.would_deny:
+        return "would_deny"
+    return None
+
+
+def _show_expect(expect: _Expect) -> str:
+    parts = [expect.effect, expect.reason.value if expect.reason else "(any reason)"]
+    parts.append("(any rules)" if expect.rules is None else f"[{', '.join(sorted(expect.rules))}]")
+    if expect.would_deny is not None:
+        parts.append(f"would_deny={str(expect.would_deny).lower()}")
+    return " ".join(parts)
+
+
+def _show(decision: Decision) -> str:
+    text = f"{decision.effect.value} {decision.reason.value} [{', '.join(decision.rules)}]"
+    return text + (" would_deny=true" if decision.would_deny else "")
+
+
+def explain(policies: PolicySet, subject: str, payload: bytes, *, now: float, out: TextIO) -> int:
+    """Print which rules were considered for one intent, how each fared, and the decision."""
+    result = evaluate(subject, payload, None, policies, State(), now=now)
+    if result.subject is None or result.intent is None:
+        print(f"not evaluated against the rules: {_show(result.decision)}", file=out)
+        print(f"  {result.decision.message}", file=out)
+        return 0
+    intent = result.intent
+    # The Request authorize() builds: identity from the subject, the rest from the payload.
+    request = Request(
+        principal=result.subject.principal,
+        action=result.subject.action,
+        resource=intent.resource,
+        params=intent.params,
+        intent_id=intent.id,
+        parents=intent.parents,
+        lineage_root=result.subject.principal,
+    )
+    explanation = policies.explain(request)
+    _render(explanation, out)
+    final = result.decision
+    if (final.effect, final.reason, final.rules) != (
+        explanation.decision.effect,
+        explanation.decision.reason,
+        explanation.decision.rules,
+    ) or final.would_deny:
+        # Checks before the rules (spoofing, clock) or observe mode changed the outcome.
+        print(f"final decision: {_show(final)}: {final.message}", file=out)
+    return 0
+
+
+def _render(explanation: Explanation, out: TextIO) -> None:
+    request = explanation.request
+    print(f"intent {request.intent_id}: {request.principal} {request.action}", file=out)
+    print(f"  resource: {request.resource}", file=out)
+    print(f"  params:   {json.dumps(request.params, sort_keys=True, default=repr)}", file=out)
+    print(f"rules considered: {len(explanation.rules)}", file=out)
+    for rule_trace in explanation.rules:
+        _render_rule(rule_trace, out)
+    decision = explanation.decision
+    print(f"policy decision: {_show(decision)}: {decision.message}", file=out)
+
+
+def _render_rule(t: RuleTrace, out: TextIO) -> None:
+    rule = t.rule
+    verdict = "APPLIES" if t.applies else "does not apply"
+    print(f"  {rule.effect:<8} {rule.id}  ({rule.file})  {verdict}", file=out)
+
+    def mark(ok: bool, patterns: tuple[str, ...]) -> str:
+        return f"{'yes' if ok else 'NO'} ({', '.join(patterns)})"
+
+    print(
+        f"    principal {mark(t.principal, rule.principals)}"
+        f"  action {mark(t.action, rule.actions)}"
+        f"  resource {mark(t.resource, rule.resources)}",
+        file=out,
+    )
+    if t.condition is not None:
+        _render_condition(t.condition, 2, out)
+
+
+def _render_condition(node: ConditionTrace, depth: int, out: TextIO) -> None:
+    pad = "  " * depth
+    status = "holds" if node.held else "fails"
+    if node.children:
+        print(f"{pad}{status}  {node.text}:", file=out)
+        for child in node.children:
+            _render_condition(child, depth + 1, out)
+        return
+    actual = json.dumps(node.actual, default=repr) if node.present else "missing"
+    print(f"{pad}{status}  {node.text}  (actual: {actual})", file=out)
+
+
+def check_policies(path: Path | str, *, out: TextIO) -> int:
+    """Compile the policies; print the bundles and digest (0) or every problem (1)."""
+    try:
+        policies = load_policies(path)
+    except PolicyError as exc:
+        _problems(f"{path}: policies do not compile", exc, out)
+        return 1
+    bundles = len(policies.bundles)
+    print(
+        f"{policies.rule_count} rules in {bundles} bundle{'s' if bundles != 1 else ''},"
+        f" mode {policies.mode}",
+        file=out,
+    )
+    for info in policies.bundle_info:
+        print(f"  {info.name}@{info.version}: {info.rule_count} rules ({info.file})", file=out)
+    print(f"digest {policies.digest}", file=out)
+    return 0
+
+
+def _problems(title: str, exc: PolicyError, out: TextIO) -> None:
+    count = len(exc.problems)
+    print(f"{title} ({count} problem{'s' if count != 1 else ''}):", file=out)
+    for problem in exc.problems:
+        print(f"  {problem}", file=out)

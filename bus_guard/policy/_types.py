@@ -1,0 +1,207 @@
+"""The value types of the policy language: names, patterns, field paths and literals.
+
+Each type checks one value with an error message a policy author understands, and carries
+the JSON Schema an editor uses to flag the same mistake while typing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, Literal, TypeAlias
+
+from pydantic import (
+    AfterValidator,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    PlainValidator,
+    WithJsonSchema,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
+
+from bus_guard.policy._patterns import parse_action_pattern
+
+__all__ = (
+    "FIELD_HELP",
+    "OPERATORS",
+    "ActionPattern",
+    "AttrName",
+    "Attribute",
+    "FieldPath",
+    "GroupName",
+    "Name",
+    "Number",
+    "ParamType",
+    "PrincipalId",
+    "PrincipalPattern",
+    "Regex",
+    "ResourcePattern",
+    "RuleId",
+    "Scalar",
+    "ScalarList",
+    "ScalarValue",
+    "Version",
+    "describe",
+    "parse_field",
+)
+
+Scalar: TypeAlias = str | int | float | bool
+ParamType = Literal["string", "number", "integer", "boolean", "list", "object", "any"]
+
+OPERATORS: Final = ("eq", "ne", "lt", "le", "gt", "ge", "in", "not_in", "matches", "exists")
+
+_NAME = r"[A-Za-z0-9_-]{1,64}"
+_FIELD_RE: Final = re.compile(
+    rf"params(?:\.{_NAME})+|resource|action|principal(?:\.{_NAME})?"
+    r"|lineage\.(?:depth|root|labels)"
+)
+FIELD_HELP: Final = (
+    "fields are params.<name>[.<sub>...], resource, action, principal, principal.<attribute>,"
+    " lineage.depth, lineage.root, lineage.labels"
+)
+
+
+def describe(value: object) -> str:
+    """How a YAML value reads in an error message: its kind, then the value."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"{type(value).__name__} {value!r}"  # e.g. a YAML date
+
+
+@dataclass(frozen=True, slots=True)
+class _Text:
+    """``Annotated`` metadata: a string matching ``pattern``, with a friendly error, and a
+    JSON Schema ``pattern`` for editors."""
+
+    pattern: str
+    what: str
+    max_len: int = 64
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        compiled, what = re.compile(self.pattern), self.what
+
+        def check(value: str) -> str:
+            if compiled.fullmatch(value) is None:
+                raise ValueError(f"{value!r} is not a valid {what}")
+            return value
+
+        return core_schema.no_info_after_validator_function(check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"type": "string", "pattern": f"^(?:{self.pattern})$", "maxLength": self.max_len}
+
+
+def _scalar(value: object) -> Scalar:
+    if isinstance(value, str | bool | int) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    raise ValueError(f"expected a string, number or boolean, got {describe(value)}")
+
+
+def _number(value: object) -> int | float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    hint = " (quoted numbers are strings)" if isinstance(value, str) else ""
+    raise ValueError(f"expected a number, got {describe(value)}{hint}")
+
+
+def _scalar_list(value: object) -> list[Scalar]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list like [a, b], got {describe(value)}")
+    if not value:
+        raise ValueError("the list is empty")
+    return [_scalar(item) for item in value]
+
+
+def _attribute(value: object) -> Scalar | list[Scalar]:
+    return _scalar_list(value) if isinstance(value, list) else _scalar(value)
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+    return value
+
+
+def _action_pattern(value: str) -> str:
+    parse_action_pattern(value)
+    return value
+
+
+def parse_field(path: str) -> tuple[str, tuple[str, ...]]:
+    """``"params.a.b"`` → ``("params", ("a", "b"))``; ``ValueError`` for unknown fields."""
+    if _FIELD_RE.fullmatch(path) is None:
+        raise ValueError(f"unknown field {path!r}; {FIELD_HELP}")
+    root, *rest = path.split(".")
+    return root, tuple(rest)
+
+
+def _field(path: str) -> str:
+    parse_field(path)
+    return path
+
+
+_SCALAR_SCHEMA: Final = {"type": ["string", "number", "boolean"]}
+_LIST_SCHEMA: Final = {"type": "array", "items": _SCALAR_SCHEMA, "minItems": 1}
+
+ScalarValue = Annotated[Scalar, PlainValidator(_scalar), WithJsonSchema(_SCALAR_SCHEMA)]
+Number = Annotated[int | float, PlainValidator(_number), WithJsonSchema({"type": "number"})]
+ScalarList = Annotated[list[Scalar], PlainValidator(_scalar_list), WithJsonSchema(_LIST_SCHEMA)]
+Attribute = Annotated[
+    Scalar | list[Scalar],
+    PlainValidator(_attribute),
+    WithJsonSchema({"anyOf": [_SCALAR_SCHEMA, _LIST_SCHEMA]}),
+]
+Regex = Annotated[str, AfterValidator(_regex), WithJsonSchema({"type": "string"})]
+FieldPath = Annotated[
+    str,
+    AfterValidator(_field),
+    WithJsonSchema({"type": "string", "pattern": f"^(?:{_FIELD_RE.pattern})$"}),
+]
+
+Name = Annotated[str, _Text(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", "name (letters, digits, _ . -)")]
+Version = Annotated[str, _Text(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", 'version (e.g. "1.0.0")')]
+RuleId = Annotated[
+    str,
+    _Text(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", "rule id (letters, digits, _ . : -)", max_len=128),
+]
+PrincipalId = Annotated[str, _Text(_NAME, "principal id (1-64 of A-Z a-z 0-9 _ -)")]
+GroupName = Annotated[str, _Text(_NAME, "group name (1-64 of A-Z a-z 0-9 _ -)")]
+AttrName = Annotated[str, _Text(_NAME, "attribute name (1-64 of A-Z a-z 0-9 _ -)")]
+PrincipalPattern = Annotated[
+    str,
+    _Text(
+        rf"\*|group:{_NAME}|[A-Za-z0-9_*?-]{{1,64}}",
+        "principal pattern: an id, 'group:<name>', a glob like 'agent-*', or '*'",
+    ),
+]
+ResourcePattern = Annotated[
+    str, _Text(r"[^\x00-\x1f\x7f]{1,1024}", "resource pattern", max_len=1024)
+]
+ActionPattern = Annotated[
+    str,
+    AfterValidator(_action_pattern),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^(?:>|(?:[A-Za-z0-9_-]+|\*)(?:\.(?:[A-Za-z0-9_-]+|\*))*(?:\.>)?)$",
+        }
+    ),
+]

@@ -1,0 +1,61 @@
+"""Verify authorization artifacts: what an executor imports, and nothing else.
+
+No NATS client, YAML or pydantic: ``import bus_guard.verify`` pulls in msgspec and
+cryptography only.
+"""
+
+from bus_guard.verify._verifier import (
+    ALG,
+    ARTIFACT_HEADER,
+    BATCH_PREFIX,
+    DECISION_HEADER,
+    TREE_HEAD_TYP,
+    TYP,
+    ArtifactClaims,
+    CreateOnly,
+    JwkEntry,
+    Jwks,
+    TreeHead,
+    Verifier,
+    VerifierStatistics,
+    VerifyReason,
+    b64url_decode,
+    b64url_encode,
+    load_jwks,
+    merkle_leaf_hash,
+    merkle_node_hash,
+    merkle_root_from_proof,
+    payload_digest,
+    proof_leads_to,
+    protected_header,
+    verify_message,
+    verify_message_once,
+)
+
+__all__ = (
+    "ALG",
+    "ARTIFACT_HEADER",
+    "BATCH_PREFIX",
+    "DECISION_HEADER",
+    "TREE_HEAD_TYP",
+    "TYP",
+    "ArtifactClaims",
+    "CreateOnly",
+    "JwkEntry",
+    "Jwks",
+    "TreeHead",
+    "Verifier",
+    "VerifierStatistics",
+    "VerifyReason",
+    "b64url_decode",
+    "b64url_encode",
+    "load_jwks",
+    "merkle_leaf_hash",
+    "merkle_node_hash",
+    "merkle_root_from_proof",
+    "payload_digest",
+    "proof_leads_to",
+    "protected_header",
+    "verify_message",
+    "verify_message_once",
+)
