@@ -32,7 +32,6 @@ from bus_guard.policy._load import load_policies
 from bus_guard.signing._batch import BatchSigner
 from bus_guard.signing._keys import load_private_key
 from bus_guard.signing._signer import Signer
-from bus_guard.state import State
 from bus_guard.verify import ArtifactClaims, payload_digest
 
 
@@ -40,7 +39,6 @@ async def serve(args: argparse.Namespace) -> None:
     policies = load_policies(args.policies)
     signer = Signer(load_private_key(args.key), issuer="gw-prototype")
     batcher = BatchSigner(signer)
-    state = State()
     nc = await nats.connect(args.nats)
     pending: list[Msg] = []
     wake = asyncio.Event()
@@ -65,7 +63,7 @@ async def serve(args: argparse.Namespace) -> None:
             now = time.time()
             allowed: list[tuple[Msg, str, ArtifactClaims]] = []
             for msg in batch:
-                ev = evaluate(msg.subject, msg.data, None, policies, state, now=now)
+                ev = evaluate(msg.subject, msg.data, None, policies, now=now)
                 decision_id = new_decision_id()
                 if ev.decision.effect is Effect.ALLOW and ev.intent and ev.subject:
                     exec_subject = "guard.exec." + msg.subject[cut:]

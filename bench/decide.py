@@ -9,7 +9,7 @@ Two parts, each run ``--runs`` times (medians reported):
    same seeded requests for every engine, each engine given its natural input built
    before timing:
 
-   * ``bus_guard``: the compiled evaluator, ``PolicySet.evaluate(Request, State)``;
+   * ``bus_guard``: the compiled evaluator, ``PolicySet.evaluate(Request)``;
    * ``bus_guard decide``: bytes to decision (``bus_guard.decide``), decoding included;
    * ``cedar``: ``cedarpy.is_authorized(request, PolicySet, Entities)``, handles reused;
    * ``rego``: ``opa_eval.OpaEval.evaluate_parsed(input JSON)`` (regorus in-process).
@@ -47,7 +47,6 @@ from bus_guard.decision import Request
 from bus_guard.intent import Intent, decode_intent, parse_subject
 from bus_guard.pipeline import authorize
 from bus_guard.policy._evaluator import PolicySet
-from bus_guard.state import State
 
 ROOT = Path(__file__).resolve().parent.parent
 _enc = msgspec.json.Encoder()
@@ -93,7 +92,6 @@ def run_examples(count: int, runs: int, budget_s: float) -> dict[str, Any]:
     policies = load_policies(ROOT / "policies")
     reqs = example_requests(count)
     now = time.time()
-    state = State()
     pre = []
     for subject, payload in reqs:
         sub, intent = parse_subject(subject, "guard"), decode_intent(payload)
@@ -102,7 +100,7 @@ def run_examples(count: int, runs: int, budget_s: float) -> dict[str, Any]:
     variants: dict[str, tuple[Callable[[Any], object], list[Any]]] = {
         "decode_only (baseline)": (lambda r: decode_intent(r[1]), reqs),
         "decide (decode+authorize)": (lambda r: decide(policies, r[0], r[1], now=now), reqs),
-        "authorize (pre-decoded)": (lambda r: authorize(r[0], r[1], policies, state, now=now), pre),
+        "authorize (pre-decoded)": (lambda r: authorize(r[0], r[1], policies, now=now), pre),
     }
     for fn, items in variants.values():  # warm-up
         timed_calls(fn, items[:2000])
@@ -124,12 +122,11 @@ def _variants(
     engines: rulesets.Engines, reqs: list[rulesets.BenchRequest], now: float
 ) -> dict[str, tuple[Callable[[Any], object], list[Any]]]:
     """Each engine's call and its inputs, built before timing."""
-    state = State()
     evaluate = engines.policies.evaluate
     policies = engines.policies
     variants: dict[str, tuple[Callable[[Any], object], list[Any]]] = {
         "bus_guard": (
-            lambda r: evaluate(r, state),
+            lambda r: evaluate(r),
             [rulesets.bus_guard_request(r) for r in reqs],
         ),
         "bus_guard decide": (
@@ -153,10 +150,10 @@ GROWTH_ROUNDS = 9
 
 def _loop_rate(policies: PolicySet, requests: list[Request]) -> float:
     """Evaluations per second in a bare loop: no per-call clock, no wrapper."""
-    evaluate, state = policies.evaluate, State()
+    evaluate = policies.evaluate
     start = time.perf_counter()
     for request in requests:
-        evaluate(request, state)
+        evaluate(request)
     return len(requests) / (time.perf_counter() - start)
 
 

@@ -236,12 +236,9 @@ class Engines:
 
     def check_agreement(self, reqs: list[BenchRequest]) -> dict[str, int]:
         """Every engine's allow/deny for every request; raises on the first disagreement."""
-        from bus_guard.state import State
-
-        state = State()
         allowed = 0
         for r in reqs:
-            ours = self.policies.evaluate(bus_guard_request(r), state).allowed
+            ours = self.policies.evaluate(bus_guard_request(r)).allowed
             if self.cedar is not None:
                 cedarpy, ps, ents = self.cedar
                 theirs = cedarpy.is_authorized(cedar_request(r), ps, ents).allowed

@@ -41,7 +41,6 @@ from bus_guard.decision import (
     build_request,
 )
 from bus_guard.intent import Intent, Malformed, Subject, decode_intent, parse_subject
-from bus_guard.state import State
 from bus_guard.verify import ARTIFACT_HEADER, DECISION_HEADER
 
 __all__ = (
@@ -78,7 +77,7 @@ class PolicySetLike(Protocol):
     def version(self) -> str: ...
     @property
     def mode(self) -> Mode: ...
-    def evaluate(self, request: Request, state: State) -> Decision: ...
+    def evaluate(self, request: Request) -> Decision: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +110,6 @@ def authorize(
     subject: Subject,
     intent: Intent,
     policies: PolicySetLike,
-    state: State,
     *,
     now: float,
     checks: Checks = DEFAULT_CHECKS,
@@ -171,7 +169,7 @@ def authorize(
             root,
             labels,
         )
-        decision = policies.evaluate(request, state)
+        decision = policies.evaluate(request)
         if not isinstance(decision, Decision):  # fail closed on a contract breach
             return deny(Reason.INTERNAL_ERROR, "evaluator returned no decision", policies)
         if decision.effect is Effect.ALLOW:
@@ -208,7 +206,6 @@ def evaluate(
     payload: bytes,
     content_type: str | None,
     policies: PolicySetLike,
-    state: State,
     *,
     now: float,
     prefix: str = "guard",
@@ -229,7 +226,7 @@ def evaluate(
     if isinstance(intent, Malformed):
         return Evaluation(deny(intent.reason, intent.message, policies), parsed, None)
     found = lineage(intent) if lineage is not None else None
-    decision = authorize(parsed, intent, policies, state, now=now, checks=checks, lineage=found)
+    decision = authorize(parsed, intent, policies, now=now, checks=checks, lineage=found)
     return Evaluation(decision, parsed, intent)
 
 
@@ -241,10 +238,9 @@ def decide(
     now: float | None = None,
     prefix: str = "guard",
     content_type: str | None = None,
-    state: State | None = None,
     checks: Checks = DEFAULT_CHECKS,
 ) -> Decision:
-    """Decide one intent in-process, exactly as the gateway would (stateless by default)."""
+    """Decide one intent in-process, exactly as the gateway would ."""
     # evaluate's steps, without the Evaluation it would build only for us to drop.
     parsed = parse_subject(subject, prefix)
     if parsed is None:
@@ -258,7 +254,6 @@ def decide(
         parsed,
         intent,
         policies,
-        state if state is not None else State(),
         now=time.time() if now is None else now,
         checks=checks,
     )

@@ -18,7 +18,6 @@ import anyio
 from bus_guard.decision import Decision, Request
 from bus_guard.policy._load import PolicySet, load_policies
 from bus_guard.settings import Settings, StreamSettings
-from bus_guard.state import State
 
 from .conftest import POLICIES
 from .streamkit import stream_gateway
@@ -29,9 +28,9 @@ class SlowPolicies:
         self._inner, self._delay_s = inner, delay_s
         self.digest, self.version, self.mode = inner.digest, inner.version, inner.mode
 
-    def evaluate(self, request: Request, state: State) -> Decision:
+    def evaluate(self, request: Request) -> Decision:
         time.sleep(self._delay_s)  # simulated slow evaluation (blocks, like CPU work)
-        return self._inner.evaluate(request, state)
+        return self._inner.evaluate(request)
 
 
 async def main(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ from bus_guard.decision import Decision, Request
 from bus_guard.intake._gateway import Gateway, round_trip
 from bus_guard.policy._load import PolicySet
 from bus_guard.settings import Settings
-from bus_guard.state import State
 
 from .helpers import Collector, intent, make_signer
 
@@ -27,9 +26,9 @@ class _SlowPolicies:
         self._inner = inner
         self.digest, self.version, self.mode = inner.digest, inner.version, inner.mode
 
-    def evaluate(self, request: Request, state: State) -> Decision:
+    def evaluate(self, request: Request) -> Decision:
         time.sleep(0.003)  # simulated work inside the decision, not test synchronisation
-        return self._inner.evaluate(request, state)
+        return self._inner.evaluate(request)
 
 
 async def test_overflow_is_counted_and_nothing_undecided_is_forwarded(

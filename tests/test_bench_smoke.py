@@ -61,11 +61,10 @@ def test_rule_sets_agree_on_the_semantics() -> None:
     assert policies.rule_count == 12
     assert rulesets.cedar_text(12).count("@id(") == 12
     assert rulesets.rego_text(12).count(" if ") == 1 + 12
-    from bus_guard.state import State
 
     def allowed(**kw: object) -> bool:
         req = rulesets.BenchRequest(**kw)  # type: ignore[arg-type]
-        return policies.evaluate(rulesets.bus_guard_request(req), State()).allowed
+        return policies.evaluate(rulesets.bus_guard_request(req)).allowed
 
     assert allowed(principal="agent-3", action="svc3.read", resource="doc:3/x", amount=130)
     assert not allowed(principal="agent-3", action="svc3.read", resource="doc:3/x", amount=131)

@@ -29,7 +29,6 @@ from hypothesis import strategies as st
 from bus_guard.decision import Effect, Reason, Request
 from bus_guard.errors import PolicyError
 from bus_guard.policy._load import PolicySet, load_policy_sources
-from bus_guard.state import State
 
 Outcome = tuple[Effect, Reason, tuple[str, ...]]
 
@@ -434,7 +433,7 @@ def check(bundles: list[dict[str, Any]], requests: list[Request], tally: Tally) 
         for principal in (*IDS, "stranger"):
             r = replace(base, principal=principal)
             expected = reference(ref, r)
-            decision = policies.evaluate(r, State())
+            decision = policies.evaluate(r)
             got = (decision.effect, decision.reason, decision.rules)
             tally.pairs += 1
             tally.outcomes[expected[1]] = tally.outcomes.get(expected[1], 0) + 1
@@ -444,7 +443,7 @@ def check(bundles: list[dict[str, Any]], requests: list[Request], tally: Tally) 
     assert not mismatches, f"{len(mismatches)} disagreements, first: {mismatches[0]}"
     # explain() decides by its own linear scan: it must agree as well.
     r = requests[0]
-    assert policies.explain(r).decision == policies.evaluate(r, State())
+    assert policies.explain(r).decision == policies.evaluate(r)
 
 
 bundle_sets = st.lists(st.just(0), min_size=1, max_size=2).flatmap(

@@ -28,7 +28,6 @@ from bus_guard.policy._load import PolicySet
 from bus_guard.settings import Settings
 from bus_guard.signing._keys import load_private_key
 from bus_guard.signing._signer import Signer
-from bus_guard.state import State
 from bus_guard.verify import ArtifactClaims, Verifier, verify_message
 
 from .helpers import Collector, intent, outputs, sentinel
@@ -183,7 +182,7 @@ class _ExplodingPolicies:
         self._inner = inner
         self.digest, self.version, self.mode = inner.digest, inner.version, inner.mode
 
-    def evaluate(self, request: Request, state: State) -> Decision:
+    def evaluate(self, request: Request) -> Decision:
         raise RuntimeError("boom")
 
 

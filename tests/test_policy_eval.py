@@ -17,7 +17,6 @@ from bus_guard.decision import Decision, Effect, Reason, Request, build_request
 from bus_guard.policy._evaluator import CACHE_SIZE
 from bus_guard.policy._load import PolicySet, load_policy_sources
 from bus_guard.policy._patterns import only_prefix, set_matcher
-from bus_guard.state import State
 
 TABLE = """\
 bundle: table
@@ -240,7 +239,7 @@ CASES: list[tuple[str, Request, tuple[Effect, Reason, tuple[str, ...]]]] = [
 def test_authorization_table(
     table: PolicySet, request_: Request, expected: tuple[Effect, Reason, tuple[str, ...]]
 ) -> None:
-    decision = table.evaluate(request_, State())
+    decision = table.evaluate(request_)
     assert (decision.effect, decision.reason, decision.rules) == expected
     assert decision.policy_digest == table.digest
     assert decision.policy_version == "table@2.0.0"
@@ -255,18 +254,18 @@ def test_authorization_table(
 
 
 def test_messages(table: PolicySet) -> None:
-    deny = table.evaluate(req("ladder.go", {"deny": True}), State())
+    deny = table.evaluate(req("ladder.go", {"deny": True}))
     assert deny.message == "denied by rules ladder-deny, ladder-deny-2"
-    hold = table.evaluate(req("ladder.go", {"escalate": True}), State())
+    hold = table.evaluate(req("ladder.go", {"escalate": True}))
     assert hold.message == "held for approval by rule ladder-escalate"
-    allow = table.evaluate(req("pay.send", principal="agent-7"), State())
+    allow = table.evaluate(req("pay.send", principal="agent-7"))
     assert allow.message == "allowed by rule group-pay"
 
 
 def test_no_match_messages_say_whether_an_allow_rule_was_close(table: PolicySet) -> None:
-    stranger = table.evaluate(req("pay.send", principal="agent-8"), State())
+    stranger = table.evaluate(req("pay.send", principal="agent-8"))
     assert stranger.message == "no rule allows agent-8 pay.send"
-    failed = table.evaluate(req("op.eq", {"v": "y"}), State())
+    failed = table.evaluate(req("op.eq", {"v": "y"}))
     assert failed.message == "no rule allows agent-1 op.eq with this resource and params"
     assert table.explain(req("op.eq", {"v": "y"})).decision == failed
 
@@ -275,7 +274,7 @@ def test_observe_mode_is_reported_not_applied() -> None:
     policies = compile_text(
         'bundle: o\nversion: "1"\nmode: observe\nrules:\n  - {id: d, effect: deny, actions: [a]}\n'
     )
-    decision = policies.evaluate(req("a"), State())
+    decision = policies.evaluate(req("a"))
     assert (decision.effect, decision.reason, decision.rules) == (
         DENY,
         Reason.DENIED_BY_RULE,
@@ -283,7 +282,7 @@ def test_observe_mode_is_reported_not_applied() -> None:
     )
     assert decision.mode == "observe"
     assert decision.would_deny is False  # authorize() rewrites, not the policy set
-    assert policies.evaluate(req("b"), State()).effect is DENY
+    assert policies.evaluate(req("b")).effect is DENY
 
 
 def test_explain_reports_each_rule_and_failed_condition(table: PolicySet) -> None:
@@ -317,12 +316,12 @@ def test_missing_value_trace(table: PolicySet) -> None:
 
 def test_deterministic_and_cached(table: PolicySet) -> None:
     request = req("ladder.go", {"deny": True})
-    first = table.evaluate(request, State())
-    assert all(table.evaluate(request, State()) == first for _ in range(50))
+    first = table.evaluate(request)
+    assert all(table.evaluate(request) == first for _ in range(50))
     for i in range(CACHE_SIZE + 100):  # the candidate cache stays bounded
-        table.evaluate(req(f"x{i}.y"), State())
+        table.evaluate(req(f"x{i}.y"))
     assert len(table._cache) <= CACHE_SIZE
-    assert table.evaluate(request, State()) == first
+    assert table.evaluate(request) == first
 
 
 # ---------------------------------------------------------------- generated policies
@@ -538,7 +537,7 @@ def test_index_agrees_with_a_linear_scan_over_thousands_of_rules() -> None:
     for i in range(1500):
         request = random_request(rng, services)
         expected = reference(data["rules"], request)
-        assert outcome(policies.evaluate(request, State())) == expected, request
+        assert outcome(policies.evaluate(request)) == expected, request
         if i % 15 == 0:
             assert outcome(policies.explain(request).decision) == expected
         seen.add(expected[1])
@@ -568,7 +567,7 @@ def test_candidates_do_not_grow_with_the_rule_count() -> None:
     assert policies.candidates("agent-4", "svc3.run") == ()
     assert policies.candidates("agent-4", "svc3.read") == ("all-read",)
     assert policies.candidates("ops-1", "svc3.run") == ("ops",)
-    assert policies.evaluate(req("svc3.run", principal="agent-3"), State()).rules == ("r3",)
+    assert policies.evaluate(req("svc3.run", principal="agent-3")).rules == ("r3",)
 
 
 @settings(max_examples=40, deadline=None)
@@ -581,7 +580,7 @@ def test_rule_order_never_changes_a_decision(seed: int, order: int, count: int) 
     assert first.rule_count == second.rule_count == count
     for _ in range(40):
         request = random_request(rng)
-        a, b = first.evaluate(request, State()), second.evaluate(request, State())
+        a, b = first.evaluate(request), second.evaluate(request)
         assert outcome(a) == outcome(b)
         assert a.message == b.message
 
@@ -619,12 +618,12 @@ def test_rules_with_the_same_condition_share_one_predicate() -> None:
     assert len({id(check[f"f{i}"]) for i in range(3)}) == 3  # 1, 1.0, true: apart
     for i, v in enumerate(flags):
         for sent in (1, 1.0, True):
-            decision = policies.evaluate(req("pay", {"flag": sent, "n": 1}, f"f{i}"), State())
+            decision = policies.evaluate(req("pay", {"flag": sent, "n": 1}, f"f{i}"))
             same_type = type(sent) is bool if type(v) is bool else type(sent) is not bool
             assert (decision.effect is ALLOW) == same_type, (v, sent)
     # Shared closures still read each request's own values.
-    assert policies.evaluate(req("pay", {"amount": 110}, "a1"), State()).effect is ALLOW
-    assert policies.evaluate(req("pay", {"amount": 110}, "a0"), State()).effect is DENY
+    assert policies.evaluate(req("pay", {"amount": 110}, "a1")).effect is ALLOW
+    assert policies.evaluate(req("pay", {"amount": 110}, "a0")).effect is DENY
 
 
 @settings(max_examples=300, deadline=None)

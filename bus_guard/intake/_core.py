@@ -46,7 +46,6 @@ from bus_guard.pipeline import (
 from bus_guard.settings import Settings
 from bus_guard.signing._batch import BatchSigner
 from bus_guard.signing._signer import Signer, payload_digest
-from bus_guard.state import State
 from bus_guard.verify import ArtifactClaims
 
 __all__ = ("CoreCounters", "CoreIntake")
@@ -97,7 +96,6 @@ class CoreIntake:
     settings: Settings
     policies: Callable[[], PolicySetLike]
     signer: Signer
-    state: State
     clock: Callable[[], float]
     counters: CoreCounters
 
@@ -253,7 +251,6 @@ class CoreIntake:
             msg.data,
             _header(headers, "content-type") if headers else None,
             policies,
-            self.state,
             now=now,
             prefix=s.prefix,
             checks=s.checks,

@@ -23,7 +23,6 @@ from bus_guard.ledger._records import LedgerRecord, intent_decision_id, message_
 from bus_guard.pipeline import PolicySetLike, authorize, deny
 from bus_guard.settings import Settings
 from bus_guard.signing._signer import payload_digest
-from bus_guard.state import State
 
 __all__ = ("Decider", "intake_of")
 
@@ -49,9 +48,8 @@ def intake_of(msg: Msg) -> tuple[str, int]:
 
 
 class Decider:
-    def __init__(self, settings: Settings, state: State, parents: ParentLookup) -> None:
+    def __init__(self, settings: Settings, parents: ParentLookup) -> None:
         self.settings = settings
-        self.state = state
         self.parents = parents
 
     def prepare(self, msg: Msg) -> Pending:
@@ -133,7 +131,6 @@ class Decider:
             it.subject,
             it.intent,
             policies,
-            self.state,
             now=now,
             checks=self.settings.checks,
             lineage=it.lineage,

@@ -33,7 +33,6 @@ from bus_guard.ledger._records import CheckpointSigner, LedgerRecord
 from bus_guard.pipeline import PolicySetLike
 from bus_guard.settings import Settings
 from bus_guard.signing._signer import Signer
-from bus_guard.state import State
 
 __all__ = ("Gateway", "GatewayStatistics", "round_trip")
 
@@ -101,7 +100,6 @@ class Gateway:
         policies: PolicySetLike,
         signer: Signer,
         *,
-        state: State | None = None,
         clock: Callable[[], float] = time.time,
         ledger_signer: CheckpointSigner | None = None,
     ) -> None:
@@ -112,7 +110,6 @@ class Gateway:
         self.settings = settings
         self._policies = policies
         self._signer = signer
-        self._state = state if state is not None else State()
         self._clock = clock
         self._nc: Client | None = None
         self._sub: Subscription | None = None
@@ -160,7 +157,6 @@ class Gateway:
                     s,
                     lambda: self._policies,
                     self._signer,
-                    self._state,
                     self._clock,
                     self._counters,
                 )
@@ -204,7 +200,6 @@ class Gateway:
             lambda: self._policies,
             self._signer,
             self._ledger_signer,
-            self._state,
             self._clock,
             self._count,
         )

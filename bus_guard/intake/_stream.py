@@ -50,7 +50,6 @@ from bus_guard.ledger._records import CheckpointSigner, LedgerRecord
 from bus_guard.pipeline import Output, PolicySetLike, outputs_of
 from bus_guard.settings import Settings
 from bus_guard.signing._signer import Signer
-from bus_guard.state import State
 
 __all__ = ("IntakeCounters", "StreamIntake")
 
@@ -84,7 +83,6 @@ class StreamIntake:
     policies: Callable[[], PolicySetLike]
     signer: Signer
     checkpoint_signer: CheckpointSigner
-    state: State
     clock: Callable[[], float]
     on_decided: Callable[[LedgerRecord], None]
     counters: IntakeCounters = field(default_factory=IntakeCounters)
@@ -97,7 +95,7 @@ class StreamIntake:
         self.recorder = Recorder(
             self.nc, s, self.policies, self.signer, self.checkpoint_signer, self.clock
         )
-        self.decider = Decider(s, self.state, self.recorder.parents)
+        self.decider = Decider(s, self.recorder.parents)
         self.publisher = OutputPublisher(
             self.nc,
             self._js,

@@ -1,7 +1,7 @@
 """Policies: the YAML model, loading, compilation and the evaluator, and policy tests.
 
     >>> policies = load_policies("policies")     # PolicySet: compiled, immutable
-    >>> policies.evaluate(request, state)         # a Decision
+    >>> policies.evaluate(request)         # a Decision
 
 Modules, read top to bottom as a bundle flows: ``_types`` and ``_model`` (what a bundle
 may say, validated by pydantic), ``_load`` (files → validated bundles, with file, rule

@@ -24,7 +24,6 @@ from bus_guard.policy._conditions import ConditionTrace, Predicate, trace
 from bus_guard.policy._model import Bundle
 from bus_guard.policy._patterns import ActionIndex, only_prefix, parse_action_pattern
 from bus_guard.policy._rules import CompiledRule, Problem, compile_rule, shadowed
-from bus_guard.state import State
 
 __all__ = (
     "BundleInfo",
@@ -232,7 +231,7 @@ class PolicySet:
         steps = self._candidates(principal, action)
         return tuple(sorted(r.id for step in steps for r in step.rules))
 
-    def evaluate(self, request: Request, state: State) -> Decision:
+    def evaluate(self, request: Request) -> Decision:
         found = self._cache.get((request.principal, request.action))
         if found is None:
             found = self._candidates(request.principal, request.action)

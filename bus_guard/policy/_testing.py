@@ -31,7 +31,6 @@ from bus_guard.pipeline import decide, evaluate
 from bus_guard.policy._conditions import ConditionTrace
 from bus_guard.policy._evaluator import Explanation, PolicySet, RuleTrace
 from bus_guard.policy._load import load_policies, load_yaml
-from bus_guard.state import State
 
 __all__ = ("DEFAULT_NOW", "check_policies", "explain", "run_policy_tests")
 
@@ -179,7 +178,7 @@ def _show(decision: Decision) -> str:
 
 def explain(policies: PolicySet, subject: str, payload: bytes, *, now: float, out: TextIO) -> int:
     """Print which rules were considered for one intent, how each fared, and the decision."""
-    result = evaluate(subject, payload, None, policies, State(), now=now)
+    result = evaluate(subject, payload, None, policies, now=now)
     if result.subject is None or result.intent is None:
         print(f"not evaluated against the rules: {_show(result.decision)}", file=out)
         print(f"  {result.decision.message}", file=out)
