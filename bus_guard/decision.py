@@ -12,8 +12,9 @@ import itertools
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
+
+import msgspec
 
 __all__ = (
     "Decision",
@@ -22,7 +23,6 @@ __all__ = (
     "Mode",
     "Reason",
     "Request",
-    "build_request",
     "crockford_128",
     "intent_decision_id",
     "message_decision_id",
@@ -75,9 +75,12 @@ POLICY_REASONS = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """What the policy sees of one intent; identity comes from the subject."""
+class Request(msgspec.Struct, frozen=True):
+    """What the policy sees of one intent; identity comes from the subject.
+
+    A frozen msgspec Struct: built once per intent, it costs ~0.15 µs against ~2 µs for a
+    frozen dataclass, whose ``__init__`` goes through ``object.__setattr__`` per field
+    (``python -m bench.decide`` measures the path it is on)."""
 
     principal: str
     action: str
@@ -87,64 +90,10 @@ class Request:
     parents: tuple[str, ...] = ()
     lineage_depth: int = 0
     lineage_root: str = ""
-    labels: frozenset[str] = field(default_factory=frozenset)
+    labels: frozenset[str] = frozenset()
 
 
-_REQUEST_FIELDS: Final = (
-    "principal",
-    "action",
-    "resource",
-    "params",
-    "intent_id",
-    "parents",
-    "lineage_depth",
-    "lineage_root",
-    "labels",
-)
-assert tuple(f.name for f in fields(Request)) == _REQUEST_FIELDS  # build_request's order
-(
-    _set_principal,
-    _set_action,
-    _set_resource,
-    _set_params,
-    _set_intent_id,
-    _set_parents,
-    _set_depth,
-    _set_root,
-    _set_labels,
-) = (Request.__dict__[name].__set__ for name in _REQUEST_FIELDS)
-_new_object: Final = object.__new__
-
-
-def build_request(
-    principal: str,
-    action: str,
-    resource: str,
-    params: dict[str, Any],
-    intent_id: str,
-    parents: tuple[str, ...],
-    lineage_depth: int,
-    lineage_root: str,
-    labels: frozenset[str],
-) -> Request:
-    """``Request(...)`` with every field given, at half the cost: a frozen dataclass's
-    ``__init__`` goes through ``object.__setattr__`` once per field; this sets the slots
-    directly (the same object; the gateway builds one per intent)."""
-    request = _new_object(Request)
-    _set_principal(request, principal)
-    _set_action(request, action)
-    _set_resource(request, resource)
-    _set_params(request, params)
-    _set_intent_id(request, intent_id)
-    _set_parents(request, parents)
-    _set_depth(request, lineage_depth)
-    _set_root(request, lineage_root)
-    _set_labels(request, labels)
-    return request
-
-
-@dataclass(frozen=True, slots=True)
-class Lineage:
+class Lineage(msgspec.Struct, frozen=True):
     """An intent's place among the decisions that caused it, as found in the ledger.
 
     ``violation`` says why the intent may not descend from its parents (unknown, denied or
@@ -153,12 +102,11 @@ class Lineage:
 
     depth: int = 0
     root: str = ""
-    labels: frozenset[str] = field(default_factory=frozenset)
+    labels: frozenset[str] = frozenset()
     violation: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     effect: Effect
     reason: Reason
     rules: tuple[str, ...] = ()

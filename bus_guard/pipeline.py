@@ -21,7 +21,6 @@ Every mode runs these steps, and the embedding API is their first half::
 from __future__ import annotations
 
 import base64
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -38,7 +37,6 @@ from bus_guard.decision import (
     Mode,
     Reason,
     Request,
-    build_request,
 )
 from bus_guard.intent import Intent, Malformed, Subject, decode_intent, parse_subject
 from bus_guard.verify import ARTIFACT_HEADER, DECISION_HEADER
@@ -157,8 +155,7 @@ def authorize(
             if lineage is None
             else (lineage.depth, lineage.root or principal, lineage.labels)
         )
-        # build_request: Request's fields in order, without the frozen __init__'s cost.
-        request = build_request(
+        request = Request(
             principal,
             action,
             intent.resource,
@@ -184,7 +181,7 @@ def _observed(decision: Decision, policies: PolicySetLike) -> Decision:
     if policies.mode == "observe" and decision.reason in POLICY_REASONS:
         # Observe mode lets policy outcomes through, marked; integrity failures
         # (spoofing, malformed, stale, errors) are denied in every mode.
-        return dataclasses.replace(decision, effect=Effect.ALLOW, would_deny=True)
+        return msgspec.structs.replace(decision, effect=Effect.ALLOW, would_deny=True)
     return decision
 
 
