@@ -23,9 +23,9 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 import msgspec
 
@@ -39,25 +39,37 @@ from bus_guard.decision import (
     Request,
 )
 from bus_guard.intent import Intent, Malformed, Subject, decode_intent, parse_subject
-from bus_guard.verify import ARTIFACT_HEADER, DECISION_HEADER
+from bus_guard.verify import ARTIFACT_HEADER, DECISION_HEADER, ArtifactClaims, payload_digest
 
 __all__ = (
     "DEFAULT_CHECKS",
     "INVALID_TOKEN",
     "Checks",
     "DecisionRecord",
+    "Decoded",
     "Evaluation",
     "HeaderValue",
+    "Outcome",
     "Output",
     "PolicySetLike",
+    "Standing",
     "authorize",
+    "claims_of",
+    "content_type",
     "decide",
+    "decision_record",
+    "decode",
     "deny",
     "encode_record",
     "evaluate",
+    "exec_subject",
+    "failed",
     "forwarded_headers",
+    "judge",
+    "outcome_of",
     "outputs_of",
     "payload_excerpt",
+    "unsigned_allow",
 )
 
 
@@ -191,6 +203,59 @@ _MAX_PAYLOAD_BYTES: Final = 65536
 _MAX_NESTING_DEPTH: Final = 8
 
 
+class Decoded(NamedTuple):
+    """An intake message as the pipeline reads it, before any policy."""
+
+    subject: Subject | None  # None: not an intent subject
+    intent: Intent | Malformed | None  # None when the subject is not an intent subject
+
+
+def content_type(headers: Mapping[str, str] | None) -> str | None:
+    """The ``Content-Type`` header, whatever its case; ``None`` without one."""
+    if headers:
+        for key, value in headers.items():
+            if key.lower() == "content-type":
+                return value
+    return None
+
+
+def decode(
+    subject: str,
+    payload: bytes,
+    ctype: str | None,
+    *,
+    prefix: str = "guard",
+    max_payload_bytes: int = _MAX_PAYLOAD_BYTES,
+    max_nesting_depth: int = _MAX_NESTING_DEPTH,
+) -> Decoded:
+    """Parse the subject and, for an intent subject, decode the payload strictly. Total."""
+    parsed = parse_subject(subject, prefix)
+    if parsed is None:
+        return Decoded(None, None)
+    intent = decode_intent(payload, ctype, max_bytes=max_payload_bytes, max_depth=max_nesting_depth)
+    return Decoded(parsed, intent)
+
+
+def judge(
+    subject: str,
+    decoded: Decoded,
+    policies: PolicySetLike,
+    *,
+    now: float,
+    checks: Checks = DEFAULT_CHECKS,
+    lineage: Lineage | None = None,
+) -> Decision:
+    """The decision on a decoded message (*subject* as received, for the message)."""
+    parsed, intent = decoded
+    if parsed is None:
+        return deny(Reason.BAD_SUBJECT, f"not an intent subject: {subject!r}", policies)
+    if not isinstance(intent, Intent):
+        if intent is None:  # cannot happen (decode gives an intent subject a payload)
+            return deny(Reason.INTERNAL_ERROR, "intent subject without a payload", policies)
+        return deny(intent.reason, intent.message, policies)
+    return authorize(parsed, intent, policies, now=now, checks=checks, lineage=lineage)
+
+
 @dataclass(frozen=True, slots=True)
 class Evaluation:
     decision: Decision
@@ -201,7 +266,7 @@ class Evaluation:
 def evaluate(
     subject: str,
     payload: bytes,
-    content_type: str | None,
+    ctype: str | None,
     policies: PolicySetLike,
     *,
     now: float,
@@ -209,22 +274,20 @@ def evaluate(
     checks: Checks = DEFAULT_CHECKS,
     max_payload_bytes: int = _MAX_PAYLOAD_BYTES,
     max_nesting_depth: int = _MAX_NESTING_DEPTH,
-    lineage: Callable[[Intent], Lineage | None] | None = None,
+    lineage: Lineage | None = None,
 ) -> Evaluation:
-    """*lineage* maps a decoded intent to what the ledger says about its parents."""
-    parsed = parse_subject(subject, prefix)
-    if parsed is None:
-        return Evaluation(
-            deny(Reason.BAD_SUBJECT, f"not an intent subject: {subject!r}", policies), None, None
-        )
-    intent = decode_intent(
-        payload, content_type, max_bytes=max_payload_bytes, max_depth=max_nesting_depth
+    """:func:`decode` then :func:`judge`, with what was decoded (``policy explain``)."""
+    decoded = decode(
+        subject,
+        payload,
+        ctype,
+        prefix=prefix,
+        max_payload_bytes=max_payload_bytes,
+        max_nesting_depth=max_nesting_depth,
     )
-    if isinstance(intent, Malformed):
-        return Evaluation(deny(intent.reason, intent.message, policies), parsed, None)
-    found = lineage(intent) if lineage is not None else None
-    decision = authorize(parsed, intent, policies, now=now, checks=checks, lineage=found)
-    return Evaluation(decision, parsed, intent)
+    decision = judge(subject, decoded, policies, now=now, checks=checks, lineage=lineage)
+    intent = decoded.intent if isinstance(decoded.intent, Intent) else None
+    return Evaluation(decision, decoded.subject, intent)
 
 
 def decide(
@@ -237,22 +300,134 @@ def decide(
     content_type: str | None = None,
     checks: Checks = DEFAULT_CHECKS,
 ) -> Decision:
-    """Decide one intent in-process, exactly as the gateway would ."""
-    # evaluate's steps, without the Evaluation it would build only for us to drop.
-    parsed = parse_subject(subject, prefix)
-    if parsed is None:
-        return deny(Reason.BAD_SUBJECT, f"not an intent subject: {subject!r}", policies)
-    intent = decode_intent(
-        payload, content_type, max_bytes=_MAX_PAYLOAD_BYTES, max_depth=_MAX_NESTING_DEPTH
+    """Decide one intent in-process, exactly as the gateway would."""
+    decoded = decode(subject, payload, content_type, prefix=prefix)
+    return judge(subject, decoded, policies, now=time.time() if now is None else now, checks=checks)
+
+
+# --- a decision that stands -------------------------------------------------------------
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    """A decision with everything its outputs and its artifact need: what core mode
+    publishes, and what stream mode records (a ledger record is an outcome with a place
+    in its gateway's chain). Field names are the ledger record's."""
+
+    decision_id: str
+    effect: str
+    reason: str
+    message: str
+    rules: tuple[str, ...]
+    policy_digest: str
+    policy_version: str
+    mode: str
+    would_deny: bool
+    subject: str  # the intake subject, as received
+    principal: str
+    action: str
+    resource: str
+    intent_id: str
+    payload_sha256: str
+    parents: tuple[str, ...]
+    lineage_depth: int
+    lineage_root: str
+    labels: tuple[str, ...]
+    gateway: str
+    ts: float
+    artifact: str = ""  # allow: the signed Guard-Artifact, once signed
+    first_decision: str = ""  # replay: the decision the intent id already had
+
+
+def outcome_of(
+    decision_id: str,
+    subject: str,
+    payload: bytes,
+    decoded: Decoded,
+    decision: Decision,
+    *,
+    gateway: str,
+    now: float,
+    lineage: Lineage | None = None,
+    first_decision: str = "",
+) -> Outcome:
+    """The outcome of *decision* on the message (*subject*, *payload*) as *decoded*."""
+    parsed = decoded.subject
+    intent = decoded.intent if isinstance(decoded.intent, Intent) else None
+    principal = parsed.principal if parsed is not None else ""
+    # Without a lineage the intent is a root: depth 0, its own principal as root.
+    found = lineage if lineage is not None else Lineage(root=principal)
+    return Outcome(
+        decision_id=decision_id,
+        effect=decision.effect.value,
+        reason=decision.reason.value,
+        message=decision.message,
+        rules=decision.rules,
+        policy_digest=decision.policy_digest,
+        policy_version=decision.policy_version,
+        mode=decision.mode,
+        would_deny=decision.would_deny,
+        subject=subject,
+        principal=principal,
+        action=parsed.action if parsed is not None else "",
+        resource=intent.resource if intent is not None else "",
+        intent_id=intent.id if intent is not None else "",
+        payload_sha256=payload_digest(payload),
+        parents=intent.parents if intent is not None else (),
+        lineage_depth=found.depth,
+        lineage_root=found.root,
+        labels=tuple(sorted(found.labels)),
+        gateway=gateway,
+        ts=now,
+        first_decision=first_decision,
     )
-    if isinstance(intent, Malformed):
-        return deny(intent.reason, intent.message, policies)
-    return authorize(
-        parsed,
-        intent,
-        policies,
-        now=time.time() if now is None else now,
-        checks=checks,
+
+
+def exec_subject(subject: str, prefix: str) -> str:
+    """Where an allowed intent on *subject* (``<prefix>.in.<tail>``) is forwarded."""
+    return f"{prefix}.exec.{subject[len(prefix) + 4 :]}"
+
+
+def claims_of(
+    outcome: Outcome, *, issuer: str, ttl_s: float, prefix: str, ledger_seq: int = 0
+) -> ArtifactClaims:
+    """The artifact claims of an allowed *outcome*, valid from ``int(ts)`` for *ttl_s*."""
+    now = outcome.ts
+    return ArtifactClaims(
+        iss=issuer,
+        sub=outcome.principal,
+        aud=exec_subject(outcome.subject, prefix),
+        iat=int(now),
+        nbf=int(now),
+        exp=int(now + ttl_s),
+        jti=outcome.decision_id,
+        action=outcome.action,
+        resource=outcome.resource,
+        intent_id=outcome.intent_id,
+        payload_sha256=outcome.payload_sha256,
+        policy_digest=outcome.policy_digest,
+        policy_version=outcome.policy_version,
+        rules=outcome.rules,
+        mode=outcome.mode,
+        would_deny=outcome.would_deny,
+        parents=outcome.parents,
+        lineage_depth=outcome.lineage_depth,
+        lineage_root=outcome.lineage_root,
+        ledger_seq=ledger_seq,
+    )
+
+
+_OutcomeT = TypeVar("_OutcomeT", bound=msgspec.Struct)
+
+
+def failed(outcome: _OutcomeT, message: str) -> _OutcomeT:
+    """*outcome* as a denial ``internal_error`` (signing or publishing failed): fail closed."""
+    return msgspec.structs.replace(
+        outcome,
+        effect=Effect.DENY.value,
+        reason=Reason.INTERNAL_ERROR.value,
+        message=message,
+        would_deny=False,
+        artifact="",
     )
 
 
@@ -384,7 +559,7 @@ class Output:
     role: str  # "exec" | "deny" | "hold"
     subject: str
     data: bytes
-    headers: Mapping[str, str]
+    headers: dict[str, str]  # as nats-py takes them (not copied per publish)
 
 
 def forwarded_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -394,14 +569,27 @@ def forwarded_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     return {k: HeaderValue(v) for k, v in headers.items() if not k.lower().startswith(_UNTRUSTED)}
 
 
-def _record(record: Standing, payload: bytes, excerpt: int) -> bytes:
+_NO_ARTIFACT: Final = "allowed, but no artifact was signed: denied, not forwarded"
+
+
+def unsigned_allow(record: Standing) -> bool:
+    """An allow without its artifact: it is never forwarded (:func:`outputs_of` denies it
+    ``internal_error`` on the deny subject instead)."""
+    return record.effect == "allow" and not record.artifact
+
+
+def decision_record(
+    record: Standing, payload: bytes, excerpt: int, *, fail_closed: bool = False
+) -> bytes:
+    """The JSON record published on the deny / hold subjects and sent as a reply, with up
+    to *excerpt* bytes of *payload*; *fail_closed*: as the denial of an unsigned allow."""
     extra: dict[str, Any] = payload_excerpt(payload, excerpt) if excerpt > 0 else {}
     return encode_record(
         DecisionRecord(
             decision_id=record.decision_id,
-            effect=record.effect,
-            reason=record.reason,
-            message=record.message,
+            effect="deny" if fail_closed else record.effect,
+            reason=Reason.INTERNAL_ERROR.value if fail_closed else record.reason,
+            message=_NO_ARTIFACT if fail_closed else record.message,
             subject=record.subject,
             principal=record.principal,
             action=record.action,
@@ -409,7 +597,7 @@ def _record(record: Standing, payload: bytes, excerpt: int) -> bytes:
             policy_digest=record.policy_digest,
             policy_version=record.policy_version,
             mode=record.mode or "enforce",
-            would_deny=record.would_deny,
+            would_deny=record.would_deny and not fail_closed,
             intent_id=record.intent_id,
             resource=record.resource,
             payload_sha256=record.payload_sha256,
@@ -429,28 +617,33 @@ def outputs_of(
     deny_payload_bytes: int,
     max_payload_bytes: int,
 ) -> list[Output]:
-    """The exec / deny / hold messages of a recorded decision on the intent *payload*."""
+    """The exec / deny / hold messages of a decision that stands, on the intent *payload*.
+
+    Total: an allow without its artifact yields its denial (``internal_error``) on the
+    deny subject, never an exec message.
+    """
     decision_id = HeaderValue(record.decision_id)
-    msg_id = {"Nats-Msg-Id": decision_id}
+    msg_id: dict[str, str] = {"Nats-Msg-Id": decision_id}
     tail = record.subject[len(prefix) + 4 :]  # after "<prefix>.in."
     valid = parse_subject(record.subject, prefix) is not None
     out = []
-    if record.effect == "allow":
-        if not record.artifact:  # never forward without an artifact (fail closed)
-            raise ValueError(f"allow {record.decision_id} has no artifact")
+    if record.effect == "allow" and record.artifact:
         forwarded = forwarded_headers(headers)
         forwarded[ARTIFACT_HEADER] = HeaderValue(record.artifact)
         forwarded[DECISION_HEADER] = decision_id
         forwarded.update(msg_id)
         out.append(Output("exec", f"{prefix}.exec.{tail}", payload, forwarded))
         if record.would_deny:  # observe mode: operators see what enforcement would block
-            data = _record(record, payload, deny_payload_bytes)
+            data = decision_record(record, payload, deny_payload_bytes)
             out.append(Output("deny", f"{prefix}.deny.{tail}", data, msg_id))
     elif record.effect == "hold" and valid:
         # A hold keeps the whole payload: an approval forwards exactly those bytes later.
-        data = _record(record, payload, max_payload_bytes)
+        data = decision_record(record, payload, max_payload_bytes)
         out.append(Output("hold", f"{prefix}.hold.{tail}", data, msg_id))
     else:
         target = f"{prefix}.deny.{tail}" if valid else f"{prefix}.deny.{INVALID_TOKEN}"
-        out.append(Output("deny", target, _record(record, payload, deny_payload_bytes), msg_id))
+        data = decision_record(
+            record, payload, deny_payload_bytes, fail_closed=unsigned_allow(record)
+        )
+        out.append(Output("deny", target, data, msg_id))
     return out

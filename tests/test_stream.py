@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 from nats.js.api import StreamConfig
 
-from bus_guard.intake._decider import intake_of
+from bus_guard.intake._work import intake_of
 from bus_guard.ledger._records import LedgerRecord, encode_record, intent_decision_id
 from bus_guard.policy._load import PolicySet
 from bus_guard.settings import ArtifactMode

@@ -23,30 +23,33 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus_guard.decision import Decision, Effect, Lineage, Reason, new_decision_id
+from bus_guard.decision import Lineage, Reason, new_decision_id
 from bus_guard.intent import Intent, parse_subject
 from bus_guard.pipeline import (
-    INVALID_TOKEN,
-    DecisionRecord,
-    Evaluation,
-    HeaderValue,
+    Decoded,
+    Outcome,
     PolicySetLike,
+    Standing,
+    claims_of,
+    content_type,
+    decision_record,
+    decode,
     deny,
-    encode_record,
-    evaluate,
-    forwarded_headers,
-    payload_excerpt,
+    failed,
+    judge,
+    outcome_of,
+    outputs_of,
+    unsigned_allow,
 )
 from bus_guard.settings import Settings
-from bus_guard.signing._batch import BatchSigner
-from bus_guard.signing._signer import Signer, payload_digest
-from bus_guard.verify import ArtifactClaims
+from bus_guard.signing import BatchSigner, Signer
 
 __all__ = ("CoreCounters", "CoreIntake")
 
@@ -62,10 +65,6 @@ _NO_LEDGER: Final = Lineage(violation="core mode keeps no ledger: parents cannot
 
 class CoreCounters(Protocol):
     received: int
-    allowed: int
-    denied: int
-    held: int
-    would_deny: int
     internal_errors: int
     publish_failures: int
     replies_sent: int
@@ -73,24 +72,16 @@ class CoreCounters(Protocol):
     artifact_batches: int
 
 
-@dataclass(slots=True)
-class _Entry:
-    """One decided intent on its way out: allowed ones carry their claims until signed."""
-
-    msg: Msg
-    ev: Evaluation
-    decision_id: str
-    now: float
-    policies: PolicySetLike
-    exec_subject: str = ""
-    claims: ArtifactClaims | None = None
-    token: str = ""
-
-
 @dataclass
 class CoreIntake:
     """The core-mode message path; :meth:`on_intent` is the subscription callback, and in
-    batched mode :meth:`run_flusher` the one task that signs and publishes batches."""
+    batched mode :meth:`run_flusher` the one task that signs and publishes batches.
+
+    Core mode is the pipeline's outputs without a ledger: each intent is decided
+    (:func:`~bus_guard.pipeline.judge`), becomes an :class:`~bus_guard.pipeline.Outcome`
+    with a fresh decision id, is signed if allowed, and its
+    :func:`~bus_guard.pipeline.outputs_of` are published, exactly as stream mode publishes
+    a recorded decision's."""
 
     nc: Client
     settings: Settings
@@ -98,16 +89,14 @@ class CoreIntake:
     signer: Signer
     clock: Callable[[], float]
     counters: CoreCounters
+    on_decided: Callable[[Standing], None]
 
     def __post_init__(self) -> None:
-        p = self.settings.prefix
-        self._in_prefix_len = len(p) + 4  # "<prefix>.in."
-        self._exec, self._deny, self._hold = f"{p}.exec.", f"{p}.deny.", f"{p}.hold."
         s = self.settings
         self.batched = s.artifacts == "batched"
         self.sub: Subscription | None = None  # set once subscribed: its queue tells idleness
         self._batcher = BatchSigner(self.signer, max_batch=s.batch_max) if self.batched else None
-        self._batch: list[_Entry] = []
+        self._batch: list[tuple[Msg, Outcome]] = []
         self._batch_started = 0.0  # monotonic time of the batch's first intent
         self._delay_s = s.batch_delay_ms / 1000
         self._has_batch = asyncio.Event()  # the batch is not empty
@@ -118,43 +107,83 @@ class CoreIntake:
     async def on_intent(self, msg: Msg) -> None:
         self.counters.received += 1
         policies = self.policies()  # one read: a swap mid-message cannot mix bundles
-        if self.batched:
-            await self._enqueue(msg, policies)
-            return
         try:
-            await self._handle(msg, policies)
-        except Exception:  # total handler: record a denial, never forward
+            outcome = self._decide(msg, policies)
+        except Exception:  # total handler: a recorded denial, never a forward
             log.exception("handler failed for %s", msg.subject)
-            await self._fail(msg, policies)
+            self.counters.internal_errors += 1
+            outcome = self._failure(msg, policies)
+        if self.batched:
+            await self._enqueue(msg, outcome)
+            return
+        if outcome.effect == "allow":
+            outcome = self._sign(outcome)
+        await self._complete(msg, outcome)
 
-    async def _fail(self, msg: Msg, policies: PolicySetLike) -> None:
-        self.counters.internal_errors += 1
+    def _decide(self, msg: Msg, policies: PolicySetLike) -> Outcome:
+        s = self.settings
+        now = self.clock()
+        decoded = decode(
+            msg.subject,
+            msg.data,
+            content_type(msg.headers),
+            prefix=s.prefix,
+            max_payload_bytes=s.max_payload_bytes,
+            max_nesting_depth=s.max_nesting_depth,
+        )
+        intent = decoded.intent
+        lineage = _NO_LEDGER if isinstance(intent, Intent) and intent.parents else None
+        decision = judge(msg.subject, decoded, policies, now=now, checks=s.checks, lineage=lineage)
+        return outcome_of(
+            new_decision_id(),
+            msg.subject,
+            msg.data,
+            decoded,
+            decision,
+            gateway=s.gateway_id,
+            now=now,
+        )
+
+    def _failure(self, msg: Msg, policies: PolicySetLike) -> Outcome:
+        s = self.settings
+        decoded = Decoded(parse_subject(msg.subject, s.prefix), None)
+        decision = deny(Reason.INTERNAL_ERROR, "gateway handler failed", policies)
+        return outcome_of(
+            new_decision_id(),
+            msg.subject,
+            msg.data,
+            decoded,
+            decision,
+            gateway=s.gateway_id,
+            now=self.clock(),
+        )
+
+    def _sign(self, outcome: Outcome) -> Outcome:
         try:
-            failed = deny(Reason.INTERNAL_ERROR, "gateway handler failed", policies)
-            ev = Evaluation(failed, parse_subject(msg.subject, self.settings.prefix), None)
-            await self._record(msg, ev, new_decision_id(), self.clock())
-        except Exception:
-            self.counters.publish_failures += 1
-            log.exception("could not record the denial for %s", msg.subject)
+            claims = claims_of(
+                outcome,
+                issuer=self.signer.issuer,
+                ttl_s=self.signer.ttl_s,
+                prefix=self.settings.prefix,
+            )
+            return msgspec.structs.replace(outcome, artifact=self.signer.sign(claims))
+        # Synchronous (and wrapped in SigningError by sign): never a cancellation.
+        except Exception as exc:
+            log.exception("signing failed for intent %s", outcome.intent_id)
+            self.counters.internal_errors += 1
+            return failed(outcome, f"signing failed: {exc}")
 
     # -- batched artifacts -----------------------------------------------------------
 
-    async def _enqueue(self, msg: Msg, policies: PolicySetLike) -> None:
-        try:
-            entry = self._decide(msg, policies)
-        except Exception:  # total: a denial, in its place in the batch (intake order)
-            log.exception("handler failed for %s", msg.subject)
-            self.counters.internal_errors += 1
-            failed = deny(Reason.INTERNAL_ERROR, "gateway handler failed", policies)
-            ev = Evaluation(failed, parse_subject(msg.subject, self.settings.prefix), None)
-            entry = _Entry(msg, ev, new_decision_id(), self.clock(), policies)
+    async def _enqueue(self, msg: Msg, outcome: Outcome) -> None:
+        # Every outcome joins the batch, allowed or not, to keep outputs in intake order.
         batch_max = self.settings.batch_max
         while len(self._batch) >= batch_max:  # bounded: wait for the flusher to take it
             self._room.clear()
             self._close_now.set()
             await self._room.wait()
         batch = self._batch
-        batch.append(entry)
+        batch.append((msg, outcome))
         if len(batch) == 1:
             self._batch_started = time.monotonic()
             self._has_batch.set()
@@ -202,192 +231,86 @@ class CoreIntake:
         self._close_now.set()
         self._has_batch.set()
 
-    async def _flush(self, batch: list[_Entry]) -> None:
-        allowed = [e for e in batch if e.claims is not None]
-        if allowed and self._batcher is not None:
-            try:
-                tokens = self._batcher.sign_batch(
-                    [e.claims for e in allowed if e.claims is not None], now=self.clock()
+    def _sign_batch(self, batch: list[tuple[Msg, Outcome]]) -> list[tuple[Msg, Outcome]]:
+        """*batch* with every allow signed, one tree head for all; a signing failure
+        denies every allow of the batch ``internal_error``: nothing of it is forwarded."""
+        allowed = [i for i, (_, o) in enumerate(batch) if o.effect == "allow"]
+        if not allowed or self._batcher is None:
+            return batch
+        out = list(batch)
+        try:
+            signer = self.signer
+            claims = [
+                claims_of(
+                    batch[i][1],
+                    issuer=signer.issuer,
+                    ttl_s=signer.ttl_s,
+                    prefix=self.settings.prefix,
                 )
-            # Synchronous and wrapped in SigningError by sign_batch: never a cancellation.
-            except Exception as exc:
-                log.exception("signing a batch of %d artifacts failed", len(allowed))
-                self.counters.internal_errors += len(allowed)
-                for e in allowed:
-                    failed = deny(Reason.INTERNAL_ERROR, f"signing failed: {exc}", e.policies)
-                    e.ev, e.claims = Evaluation(failed, e.ev.subject, e.ev.intent), None
-            else:
-                self.counters.artifact_batches += 1
-                for e, token in zip(allowed, tokens, strict=True):
-                    e.token = token
-        for e in batch:
-            try:
-                await self._complete(e)
-            except Exception:  # total: record a denial, never forward
-                log.exception("handler failed for %s", e.msg.subject)
-                await self._fail(e.msg, e.policies)
-
-    # -- one intent ------------------------------------------------------------------
-
-    async def _handle(self, msg: Msg, policies: PolicySetLike) -> None:
-        entry = self._decide(msg, policies)
-        if entry.claims is not None:
-            try:
-                entry.token = self.signer.sign(entry.claims)
-            except Exception as exc:
-                log.exception("signing failed for intent %s", entry.claims.intent_id)
-                self.counters.internal_errors += 1
-                failed = deny(Reason.INTERNAL_ERROR, f"signing failed: {exc}", policies)
-                entry.ev = Evaluation(failed, entry.ev.subject, entry.ev.intent)
-        await self._complete(entry)
-
-    def _decide(self, msg: Msg, policies: PolicySetLike) -> _Entry:
-        """Evaluate; for an allow, the artifact's claims (signed later)."""
-        s = self.settings
-        now = self.clock()
-        headers = msg.headers
-        ev = evaluate(
-            msg.subject,
-            msg.data,
-            _header(headers, "content-type") if headers else None,
-            policies,
-            now=now,
-            prefix=s.prefix,
-            checks=s.checks,
-            max_payload_bytes=s.max_payload_bytes,
-            max_nesting_depth=s.max_nesting_depth,
-            lineage=_core_lineage,
-        )
-        entry = _Entry(msg, ev, new_decision_id(), now, policies)
-        if ev.decision.effect is Effect.ALLOW:
-            intent, subject = ev.intent, ev.subject
-            if intent is None or subject is None:  # an allow always has both; fail closed
-                failed = deny(Reason.INTERNAL_ERROR, "allow without a decoded intent", policies)
-                entry.ev = Evaluation(failed, subject, intent)
-                return entry
-            exec_subject = self._exec + msg.subject[self._in_prefix_len :]
-            decision = ev.decision
-            entry.exec_subject = exec_subject
-            entry.claims = self.signer.build_claims(
-                now=now,
-                sub=subject.principal,
-                aud=exec_subject,
-                jti=entry.decision_id,
-                action=subject.action,
-                resource=intent.resource,
-                intent_id=intent.id,
-                payload=msg.data,
-                policy_digest=decision.policy_digest,
-                policy_version=decision.policy_version,
-                rules=decision.rules,
-                mode=decision.mode,
-                would_deny=decision.would_deny,
-                parents=intent.parents,
-                lineage_root=subject.principal,
-            )
-        return entry
-
-    async def _complete(self, e: _Entry) -> None:
-        """Publish an entry's outputs: exec only with its signed artifact, else a record."""
-        msg, ev = e.msg, e.ev
-        if e.token:
-            failure = await self._forward(e)
-            if failure is None:
-                self.counters.allowed += 1
-                # The claims hold the payload's digest: the records need not hash it again.
-                digest = e.claims.payload_sha256 if e.claims is not None else None
-                if ev.decision.would_deny:
-                    # Observe mode: operators see on the deny stream what enforcement
-                    # would block; the record's effect says it was allowed.
-                    self.counters.would_deny += 1
-                    await self._publish_record(msg, ev, e.decision_id, e.now, digest)
-                await self._reply(msg, ev, e.decision_id, e.now, digest)
-                return
-            ev = Evaluation(failure, ev.subject, ev.intent)
-        await self._record(msg, ev, e.decision_id, e.now)
-
-    async def _forward(self, e: _Entry) -> Decision | None:
-        """Publish to exec; ``None`` when forwarded, else the denial to record."""
-        out = forwarded_headers(e.msg.headers)
-        decision_id = HeaderValue(e.decision_id)  # see HeaderValue: cheaper for nats-py
-        out["Guard-Artifact"] = HeaderValue(e.token)
-        out["Guard-Decision"] = decision_id
-        out["Nats-Msg-Id"] = decision_id
-        try:
-            await self.nc.publish(e.exec_subject, e.msg.data, headers=out)
+                for i in allowed
+            ]
+            tokens = self._batcher.sign_batch(claims, now=self.clock())
+        # Synchronous and wrapped in SigningError by sign_batch: never a cancellation.
         except Exception as exc:
-            log.exception("exec publish failed for %s", e.msg.subject)
-            self.counters.publish_failures += 1
-            return deny(Reason.INTERNAL_ERROR, f"exec publish failed: {exc}", e.policies)
-        return None
+            log.exception("signing a batch of %d artifacts failed", len(allowed))
+            self.counters.internal_errors += len(allowed)
+            for i in allowed:
+                msg, outcome = batch[i]
+                out[i] = (msg, failed(outcome, f"signing failed: {exc}"))
+            return out
+        self.counters.artifact_batches += 1
+        for i, token in zip(allowed, tokens, strict=True):
+            msg, outcome = batch[i]
+            out[i] = (msg, msgspec.structs.replace(outcome, artifact=token))
+        return out
 
-    async def _record(self, msg: Msg, ev: Evaluation, decision_id: str, now: float) -> None:
-        """Publish a deny or hold record (and the reply): never an allow."""
-        if ev.decision.effect is Effect.ALLOW:  # an allow reaches here only without artifact
-            failed = deny(Reason.INTERNAL_ERROR, "allow without artifact", self.policies())
-            ev = Evaluation(failed, ev.subject, ev.intent)
-        if ev.decision.effect is Effect.HOLD:
-            self.counters.held += 1
-        else:
-            self.counters.denied += 1
-        digest = payload_digest(msg.data)  # once for the record and the reply
-        await self._publish_record(msg, ev, decision_id, now, digest)
-        await self._reply(msg, ev, decision_id, now, digest)
+    async def _flush(self, batch: list[tuple[Msg, Outcome]]) -> None:
+        for msg, outcome in self._sign_batch(batch):
+            await self._complete(msg, outcome)
 
-    def _make_record(
-        self,
-        msg: Msg,
-        ev: Evaluation,
-        decision_id: str,
-        now: float,
-        digest: str | None,
-        *,
-        excerpt: int,
-    ) -> DecisionRecord:
-        decision = ev.decision
-        s = self.settings
-        extra: dict[str, Any] = payload_excerpt(msg.data, excerpt) if excerpt > 0 else {}
-        return DecisionRecord(
-            decision_id=decision_id,
-            effect=str(decision.effect),
-            reason=str(decision.reason),
-            message=decision.message,
-            subject=msg.subject,
-            principal=ev.subject.principal if ev.subject is not None else "",
-            action=ev.subject.action if ev.subject is not None else "",
-            rules=decision.rules,
-            policy_digest=decision.policy_digest,
-            policy_version=decision.policy_version,
-            mode=decision.mode,
-            would_deny=decision.would_deny,
-            intent_id=ev.intent.id if ev.intent is not None else "",
-            resource=ev.intent.resource if ev.intent is not None else "",
-            payload_sha256=payload_digest(msg.data) if digest is None else digest,
-            gateway=s.gateway_id,
-            ts=now,
-            **extra,
-        )
+    # -- publishing ------------------------------------------------------------------
 
-    async def _publish_record(
-        self, msg: Msg, ev: Evaluation, decision_id: str, now: float, digest: str | None = None
-    ) -> None:
-        # A hold keeps the whole payload: an approval forwards exactly those bytes later.
-        held = ev.decision.effect is Effect.HOLD
-        if ev.subject is not None:
-            target = (self._hold if held else self._deny) + msg.subject[self._in_prefix_len :]
-        else:
-            target = self._deny + INVALID_TOKEN
-        excerpt = self.settings.max_payload_bytes if held else self.settings.deny_payload_bytes
-        record = self._make_record(msg, ev, decision_id, now, digest, excerpt=excerpt)
+    async def _complete(self, msg: Msg, outcome: Outcome) -> None:
+        """Publish an outcome's outputs, count it, reply. Total: never raises, and if the
+        exec message cannot be handed to NATS the intent is denied instead."""
         try:
-            await self.nc.publish(target, encode_record(record))
-        except Exception:
-            self.counters.publish_failures += 1
-            log.exception("could not publish %s record for %s", ev.decision.effect, msg.subject)
+            outcome = await self._publish(msg, outcome)
+        except Exception:  # a bug: record a denial, never forward
+            log.exception("handler failed for %s", msg.subject)
+            self.counters.internal_errors += 1
+            outcome = failed(outcome, "gateway handler failed")
+            await self._publish(msg, outcome)
+        self.on_decided(outcome)
+        await self._reply(msg, outcome)
 
-    async def _reply(
-        self, msg: Msg, ev: Evaluation, decision_id: str, now: float, digest: str | None = None
-    ) -> None:
+    async def _publish(self, msg: Msg, outcome: Outcome) -> Outcome:
+        """Publish the outputs; the outcome that stands afterwards."""
+        s = self.settings
+        if unsigned_allow(outcome):  # cannot happen: _sign and _sign_batch deny instead
+            self.counters.internal_errors += 1
+        outputs = outputs_of(
+            outcome,
+            msg.data,
+            msg.headers,
+            prefix=s.prefix,
+            deny_payload_bytes=s.deny_payload_bytes,
+            max_payload_bytes=s.max_payload_bytes,
+        )
+        for out in outputs:
+            try:
+                await self.nc.publish(out.subject, out.data, headers=out.headers)
+            except Exception as exc:
+                self.counters.publish_failures += 1
+                if out.role != "exec":
+                    log.exception("could not publish %s record for %s", out.role, msg.subject)
+                    continue
+                log.exception("exec publish failed for %s", msg.subject)
+                denied = failed(outcome, f"exec publish failed: {exc}")
+                await self._publish(msg, denied)  # its deny record: no exec output left
+                return denied
+        return outcome
+
+    async def _reply(self, msg: Msg, outcome: Outcome) -> None:
         if not msg.reply:
             return
         if not msg.reply.startswith(_REPLY_PREFIXES):
@@ -395,21 +318,10 @@ class CoreIntake:
             log.warning("refused reply to %r for %s", msg.reply, msg.subject)
             return
         # The reply omits the payload: the requester already has it.
-        record = self._make_record(msg, ev, decision_id, now, digest, excerpt=0)
+        data = decision_record(outcome, msg.data, 0)
         try:
-            await self.nc.publish(msg.reply, encode_record(record))
+            await self.nc.publish(msg.reply, data)
             self.counters.replies_sent += 1
         except Exception:
             self.counters.publish_failures += 1
             log.exception("could not reply to %s", msg.reply)
-
-
-def _header(headers: dict[str, str], name: str) -> str | None:
-    for key, value in headers.items():
-        if key.lower() == name:
-            return value
-    return None
-
-
-def _core_lineage(intent: Intent) -> Lineage | None:
-    return _NO_LEDGER if intent.parents else None

@@ -29,8 +29,8 @@ from bus_guard.errors import ConfigError, GatewayError
 from bus_guard.intake._core import CoreIntake
 from bus_guard.intake._preflight import ensure
 from bus_guard.intake._stream import StreamIntake
-from bus_guard.ledger._records import CheckpointSigner, LedgerRecord
-from bus_guard.pipeline import PolicySetLike
+from bus_guard.ledger._records import CheckpointSigner
+from bus_guard.pipeline import PolicySetLike, Standing
 from bus_guard.settings import Settings
 from bus_guard.signing._signer import Signer
 
@@ -159,6 +159,7 @@ class Gateway:
                     self._signer,
                     self._clock,
                     self._counters,
+                    self._count,
                 )
                 self._sub = await self._nc.subscribe(
                     f"{s.prefix}.in.>",
@@ -230,7 +231,8 @@ class Gateway:
         finally:
             self._loop_done.set()
 
-    def _count(self, record: LedgerRecord) -> None:
+    def _count(self, record: Standing) -> None:
+        """Every decision that stands, in either mode, is counted here once."""
         if record.reason == "replay":
             self._counters.replays += 1
         if record.effect == "allow":

@@ -17,24 +17,23 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import anyio
 import msgspec
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
-from bus_guard.decision import Decision, Effect, Lineage, Reason, new_decision_id
+from bus_guard.decision import new_decision_id
 from bus_guard.errors import GatewayError
 from bus_guard.intake._jetstream import Committed, InDoubt, Rejected, commit, last_by_subject, read
 from bus_guard.intake._parents import ParentLookup
 from bus_guard.intake._preflight import Streams
-from bus_guard.intent import Intent, Malformed, Subject
+from bus_guard.intake._work import Decided
 from bus_guard.ledger._records import (
     CHAIN_START,
     CHECKPOINT,
+    DECISION,
     ChainBatch,
     ChainHead,
     CheckpointSigner,
@@ -43,13 +42,13 @@ from bus_guard.ledger._records import (
     decode_record,
     record_hash,
 )
-from bus_guard.pipeline import HeaderValue, PolicySetLike, deny
+from bus_guard.pipeline import HeaderValue, Outcome, claims_of, failed, outcome_of
 from bus_guard.settings import Settings
 from bus_guard.signing._batch import BatchSigner
-from bus_guard.signing._signer import Signer, payload_digest
+from bus_guard.signing._signer import Signer
 from bus_guard.verify import ArtifactClaims
 
-__all__ = ("ChainInDoubt", "Pending", "Recorder")
+__all__ = ("ChainInDoubt", "Recorder")
 
 log = logging.getLogger(__name__)
 
@@ -62,39 +61,17 @@ class ChainInDoubt(GatewayError):
     know its own chain's head and must not write another record."""
 
 
-@dataclass(slots=True)
-class Pending:
-    """One pulled intent on its way to a decision that stands."""
-
-    msg: Msg
-    intake: str  # "<stream>/<stream seq>/<stored at, ns>": which stored message this is
-    delivered: int
-    subject: Subject | None
-    intent: Intent | Malformed | None
-    decision_id: str
-    keyed: bool  # the id derives from the intent (not from the message)
-    decision: Decision | None = None
-    lineage: Lineage | None = None
-    record: LedgerRecord | None = None  # the decision that stands, once recorded or adopted
-    adopted: bool = False
-    first_decision: str = ""  # replay: the decision the intent id already had
-    failed: bool = False  # undecided this time: nak, it comes back
-    repeat: bool = False  # same decision id as an earlier intent of the batch
-
-
 class Recorder:
     def __init__(
         self,
         nc: Client,
         settings: Settings,
-        policies: Callable[[], PolicySetLike],
         signer: Signer,
         checkpoint_signer: CheckpointSigner,
         clock: Callable[[], float],
     ) -> None:
         self.nc = nc
         self.settings = settings
-        self.policies = policies
         self.signer = signer
         self.checkpoint_signer = checkpoint_signer
         self.clock = clock
@@ -144,17 +121,16 @@ class Recorder:
         """Whether this gateway recorded *decision_id* recently."""
         return decision_id in self._recent
 
-    async def record(self, items: list[Pending], now: float) -> Committed | Rejected:
-        """Record the decisions of *items* (all or none); sets ``record`` of each on success."""
+    async def record(self, items: Sequence[Decided], now: float) -> list[LedgerRecord] | Rejected:
+        """Record the decisions of *items*, all or none: their records, in order, once
+        stored (allows with their artifacts signed), or why the ledger refused them."""
         batch = self._build(items, now)
         result = await self._commit(batch)
-        if isinstance(result, Committed):
-            self._advance(batch)
-            for it, (_, _, record) in zip(items, batch.entries, strict=False):
-                it.record = record
-        else:
+        if not isinstance(result, Committed):
             self.refusals += 1
-        return result
+            return result
+        self._advance(batch)
+        return [record for _, _, record in batch.entries[: len(items)]]
 
     async def lookup(self, decision_id: str) -> LedgerRecord | None:
         stored = await last_by_subject(
@@ -184,85 +160,72 @@ class Recorder:
             ) from None
         return ChainHead(record.seq, record_hash(last.data))
 
-    def _build(self, items: list[Pending], now: float) -> ChainBatch:
+    def _build(self, items: Sequence[Decided], now: float) -> ChainBatch:
         batch = ChainBatch(self._head)
-        # Batched: every record of the batch gets the next seq in turn, so the claims
-        # (which name the seq) of all its allows are known, and signed, before any record.
-        signed = self._sign_batch(items, batch.next_seq, now) if self._batcher else None
-        for i, it in enumerate(items):
-            artifact = signed[i] if signed is not None else None
-            record = self._record(it, batch.next_seq, batch.prev, now, artifact)
-            batch.add(self._subjects.decision(it.decision_id), record)
+        first_seq = batch.next_seq
+        outcomes = [self._outcome(it, now) for it in items]
+        # Every record of the batch gets the next seq in turn, so the claims (which name
+        # the seq) of all its allows are known, and signed, before any record.
+        artifacts = self._sign(outcomes, first_seq, now)
+        for it, outcome, artifact in zip(items, outcomes, artifacts, strict=True):
+            if outcome.effect == "allow":
+                outcome = (
+                    msgspec.structs.replace(outcome, artifact=artifact)
+                    if artifact
+                    else failed(outcome, "signing failed")
+                )
+            record = LedgerRecord(
+                kind=DECISION,
+                seq=batch.next_seq,
+                prev=batch.prev,
+                intake=it.pulled.intake,
+                **msgspec.structs.asdict(outcome),
+            )
+            batch.add(self._subjects.decision(record.decision_id), record)
         if self._since_checkpoint + len(items) >= self._s.checkpoint_every:
             self._add_signed(batch, CHECKPOINT)
         return batch
 
-    def _record(
-        self, it: Pending, seq: int, prev: str, now: float, artifact: str | None = None
-    ) -> LedgerRecord:
-        """*artifact*: signed already (batched), ``""`` if that failed; ``None``: sign here."""
-        decision = it.decision
-        assert decision is not None
-        intent = it.intent if isinstance(it.intent, Intent) else None
-        principal = it.subject.principal if it.subject is not None else ""
-        action = it.subject.action if it.subject is not None else ""
-        lineage = it.lineage or Lineage(root=principal)
-        if decision.effect is not Effect.ALLOW:
-            artifact = ""
-        else:
-            if artifact is None:
-                artifact = self._sign(it, decision, seq, lineage, now)
-            if not artifact:
-                decision = it.decision = deny(
-                    Reason.INTERNAL_ERROR, "signing failed", self.policies()
-                )
-        return LedgerRecord(
-            kind="decision",
+    def _outcome(self, it: Decided, now: float) -> Outcome:
+        msg = it.pulled.msg
+        return outcome_of(
+            it.decision_id,
+            msg.subject,
+            msg.data,
+            it.pulled.decoded,
+            it.decision,
             gateway=self.settings.gateway_id,
-            seq=seq,
-            prev=prev,
-            ts=now,
-            decision_id=it.decision_id,
-            effect=str(decision.effect),
-            reason=str(decision.reason),
-            message=decision.message,
-            rules=decision.rules,
-            policy_digest=decision.policy_digest,
-            policy_version=decision.policy_version,
-            mode=decision.mode,
-            would_deny=decision.would_deny,
-            subject=it.msg.subject,
-            principal=principal,
-            action=action,
-            resource=intent.resource if intent is not None else "",
-            intent_id=intent.id if intent is not None else "",
-            payload_sha256=payload_digest(it.msg.data),
-            parents=intent.parents if intent is not None else (),
-            lineage_depth=lineage.depth,
-            lineage_root=lineage.root,
-            labels=tuple(sorted(lineage.labels)),
-            intake=it.intake,
-            artifact=artifact,
+            now=now,
+            lineage=it.lineage,
             first_decision=it.first_decision,
         )
 
-    def _sign_batch(self, items: list[Pending], first_seq: int, now: float) -> list[str]:
-        """The artifact of every allow among *items* (record seq ``first_seq + i``), signed
-        with one tree head per ``batch_max`` of them; ``""`` for the others, and for all
-        of a chunk whose signing failed (they are recorded as denials: fail closed)."""
-        assert self._batcher is not None
-        out = [""] * len(items)
+    def _sign(self, outcomes: Sequence[Outcome], first_seq: int, now: float) -> list[str]:
+        """The artifact of every allow among *outcomes* (record seq ``first_seq + i``);
+        ``""`` for the others, and for every allow whose signing failed (they are recorded
+        as denials: fail closed). Batched: one tree head per ``batch_max`` allows."""
+        out = [""] * len(outcomes)
         todo: list[tuple[int, ArtifactClaims]] = []
-        for i, it in enumerate(items):
-            decision = it.decision
-            if decision is None or decision.effect is not Effect.ALLOW:
+        signer, prefix = self.signer, self.settings.prefix
+        for i, outcome in enumerate(outcomes):
+            if outcome.effect != "allow":
                 continue
-            principal = it.subject.principal if it.subject is not None else ""
-            lineage = it.lineage or Lineage(root=principal)
             try:
-                todo.append((i, self._claims(it, decision, first_seq + i, lineage, now)))
+                claims = claims_of(
+                    outcome,
+                    issuer=signer.issuer,
+                    ttl_s=signer.ttl_s,
+                    prefix=prefix,
+                    ledger_seq=first_seq + i,
+                )
+                if self._batcher is None:
+                    out[i] = signer.sign(claims)
+                else:
+                    todo.append((i, claims))
             except Exception:  # synchronous: never a cancellation; deny rather than forward
-                log.exception("no claims for intent %s", it.decision_id)
+                log.exception("signing failed for decision %s", outcome.decision_id)
+        if self._batcher is None:
+            return out
         step = self.settings.batch_max
         for start in range(0, len(todo), step):
             chunk = todo[start : start + step]
@@ -275,38 +238,6 @@ class Recorder:
             for (i, _), token in zip(chunk, tokens, strict=True):
                 out[i] = token
         return out
-
-    def _sign(self, it: Pending, decision: Decision, seq: int, lineage: Lineage, now: float) -> str:
-        try:
-            return self.signer.sign(self._claims(it, decision, seq, lineage, now))
-        except Exception:  # synchronous: never a cancellation; deny rather than forward
-            log.exception("signing failed for intent %s", it.decision_id)
-            return ""
-
-    def _claims(
-        self, it: Pending, decision: Decision, seq: int, lineage: Lineage, now: float
-    ) -> ArtifactClaims:
-        assert it.subject is not None and isinstance(it.intent, Intent)
-        p = self.settings.prefix
-        return self.signer.build_claims(
-            now=now,
-            sub=it.subject.principal,
-            aud=f"{p}.exec.{it.msg.subject[len(p) + 4 :]}",
-            jti=it.decision_id,
-            action=it.subject.action,
-            resource=it.intent.resource,
-            intent_id=it.intent.id,
-            payload=it.msg.data,
-            policy_digest=decision.policy_digest,
-            policy_version=decision.policy_version,
-            rules=decision.rules,
-            mode=decision.mode,
-            would_deny=decision.would_deny,
-            parents=it.intent.parents,
-            lineage_depth=lineage.depth,
-            lineage_root=lineage.root,
-            ledger_seq=seq,
-        )
 
     def _add_signed(self, batch: ChainBatch, kind: str, *, final: bool = False) -> None:
         batch.add_signed(

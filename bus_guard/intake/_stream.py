@@ -1,20 +1,24 @@
 """Stream mode: pull intents from JetStream, decide each once, record, publish, then ack.
 
-For every pulled batch (SPEC §7, SCENARIOS S3/S4/S8):
+For every pulled batch (SPEC §7, SCENARIOS S3/S4/S8), each intent goes through the states
+of :mod:`bus_guard.intake._work`:
 
-1. decode each intent and derive its decision id: from principal + intent id, or from the
-   stored message when there is no intent to key on (:mod:`bus_guard.ledger`);
-2. look up in the ledger the decision of every intent that may have one already
-   (redeliveries, ids decided here recently, repeats within the batch): a redelivered
-   intent *adopts* the decision recorded for it; a new message reusing an intent id is a
-   ``replay`` denial;
-3. look up the parents of the rest (lineage) and evaluate them (the pure core);
-4. commit their ledger records, chained, as one atomic batch whose records can each be
-   created only once. Refused: find which ids are taken, adopt or deny ``replay``, commit the
-   rest again. In doubt (timeout, lost connection): commit the identical batch again until
-   the answer is definite; a gateway that cannot find out stops (:class:`ChainInDoubt`);
-5. publish the outputs (exec / deny / hold, ``Nats-Msg-Id`` = decision id) and wait for
-   every PubAck; ack the intents whose outputs are all stored, ``nak`` the rest with a delay.
+1. **pulled**: decode each intent and derive its decision id: from principal + intent id,
+   or from the stored message when there is no intent to key on;
+2. **resolved**: look up in the ledger the decision of every intent that may have one
+   already (redeliveries, ids decided here recently, repeats within the batch): a
+   redelivered intent *adopts* the decision recorded for it (``Recorded``); a new message
+   reusing an intent id is a ``replay`` denial (``Decided``);
+3. **decided**: look up the parents of the rest (lineage) and judge them (the pure
+   pipeline); a poison intent delivered more than ``max_deliveries`` times is denied;
+4. **recorded**: commit their ledger records, chained, as one atomic batch whose records
+   can each be created only once. Refused: find which ids are taken, adopt or deny
+   ``replay``, commit the rest again. In doubt (timeout, lost connection): commit the
+   identical batch again until the answer is definite; a gateway that cannot find out
+   stops (:class:`~bus_guard.intake._recorder.ChainInDoubt`);
+5. publish the outputs (:func:`~bus_guard.pipeline.outputs_of`, ``Nats-Msg-Id`` = decision
+   id) and wait for every PubAck; ack the intents whose outputs are all stored, ``nak`` the
+   rest (``Undecided`` ones too) with a delay.
 
 Nothing is acked before its decision record and its outputs are stored, and nothing is
 forwarded that is not recorded as an allow with its artifact. A crash anywhere leaves
@@ -30,26 +34,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 import anyio
-import msgspec
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus_guard.decision import Reason
-from bus_guard.intake._decider import Decider
-from bus_guard.intake._jetstream import Committed, Puller, find_msg_id
+from bus_guard.decision import Decision, Lineage, Reason, message_decision_id
+from bus_guard.intake._jetstream import Puller, find_msg_id
 from bus_guard.intake._preflight import Streams
 from bus_guard.intake._publisher import OutputPublisher
-from bus_guard.intake._recorder import ChainInDoubt, Pending, Recorder
-from bus_guard.ledger._records import CheckpointSigner, LedgerRecord
-from bus_guard.pipeline import Output, PolicySetLike, outputs_of
+from bus_guard.intake._recorder import ChainInDoubt, Recorder
+from bus_guard.intake._work import Decided, Item, Pulled, Recorded, Undecided, pulled
+from bus_guard.intent import Intent
+from bus_guard.ledger import LedgerRecord, lineage_of
+from bus_guard.ledger._records import CheckpointSigner
+from bus_guard.pipeline import Output, PolicySetLike, deny, judge, outputs_of, unsigned_allow
 from bus_guard.settings import Settings
-from bus_guard.signing._signer import Signer
+from bus_guard.signing import Signer
+from bus_guard.verify import payload_digest
 
 __all__ = ("IntakeCounters", "StreamIntake")
 
@@ -71,7 +77,13 @@ class IntakeCounters:
 
 @dataclass(slots=True)
 class _Batch:
-    items: list[Pending]
+    """One pulled batch on its way through the stages. ``items`` is replaced, item by
+    item, by each stage (the items themselves are immutable); ``repeats`` are the indices
+    of items whose decision id an earlier item of the batch has: they are resolved after
+    the first ones are recorded (then they are replays)."""
+
+    items: list[Item]
+    repeats: frozenset[int]
     policies: PolicySetLike  # read once per batch: a swap cannot mix bundles
     now: float
 
@@ -92,10 +104,8 @@ class StreamIntake:
         self._s = s.stream
         self._js = self.nc.jetstream(timeout=self._s.publish_timeout_s)
         self._streams = Streams(s.prefix)
-        self.recorder = Recorder(
-            self.nc, s, self.policies, self.signer, self.checkpoint_signer, self.clock
-        )
-        self.decider = Decider(s, self.recorder.parents)
+        self.recorder = Recorder(self.nc, s, self.signer, self.checkpoint_signer, self.clock)
+        self.parents = self.recorder.parents
         self.publisher = OutputPublisher(
             self.nc,
             self._js,
@@ -147,20 +157,23 @@ class StreamIntake:
     # -- the stages ----------------------------------------------------------------------
 
     async def _decide_stage(self, msgs: list[Msg]) -> _Batch | None:
-        """Decode, find what is decided already, evaluate the rest."""
+        """Decode, find what is decided already, judge the rest."""
         self.counters.received += len(msgs)
         try:
-            batch = _Batch([self.decider.prepare(m) for m in msgs], self.policies(), self.clock())
+            items: list[Item] = [pulled(m, self.settings) for m in msgs]
             seen: set[str] = set()
-            check = []
-            for it in batch.items:
-                it.repeat = it.decision_id in seen
+            repeats, check = set(), []
+            for i, it in enumerate(items):
+                assert isinstance(it, Pulled)
+                if it.decision_id in seen:
+                    repeats.add(i)
+                    continue
                 seen.add(it.decision_id)
-                if not it.repeat and (it.delivered > 1 or self.recorder.seen(it.decision_id)):
-                    check.append(it)
-            await self._resolve(check, batch.policies)
-            first = [it for it in batch.items if not it.repeat]
-            await self.decider.evaluate(first, batch.policies, batch.now)
+                if it.delivered > 1 or self.recorder.seen(it.decision_id):
+                    check.append(i)
+            batch = _Batch(items, frozenset(repeats), self.policies(), self.clock())
+            await self._resolve(batch, check)
+            await self._judge(batch, [i for i in range(len(items)) if i not in batch.repeats])
         except Exception:  # total: whatever went wrong, nothing undecided is acked
             log.exception("deciding %d intents failed; they will be redelivered", len(msgs))
             await self._nak(msgs)
@@ -186,129 +199,202 @@ class StreamIntake:
                         raise
                     except Exception:
                         log.exception("recording %d intents failed", len(batch.items))
-                        for it in batch.items:
-                            it.failed = it.failed or it.record is None
+                        batch.items = [
+                            it if isinstance(it, Recorded | Undecided) else _undecided(it, "ledger")
+                            for it in batch.items
+                        ]
                     await to_publish.send(batch)
                 await self.recorder.checkpoint(due_only=True)
 
     async def _record(self, batch: _Batch) -> None:
-        first = [it for it in batch.items if not it.repeat]
-        await self._commit(first, batch.policies, batch.now)
-        repeats = [it for it in batch.items if it.repeat]
-        if repeats:  # after the first of each id is committed: they are replays now
-            await self._resolve(repeats, batch.policies)
-            await self.decider.evaluate(repeats, batch.policies, batch.now)
-            await self._commit(repeats, batch.policies, batch.now)
+        firsts = [i for i in range(len(batch.items)) if i not in batch.repeats]
+        await self._commit(batch, firsts)
+        if batch.repeats:  # after the first of each id is committed: they are replays now
+            repeats = sorted(batch.repeats)
+            await self._resolve(batch, repeats)
+            await self._judge(batch, repeats)
+            await self._commit(batch, repeats)
 
     async def _output_stage(self, batches: ObjectReceiveStream[_Batch]) -> None:
         async with batches:
             async for batch in batches:
                 try:
-                    await self._publish_and_ack(batch.items, batch.now)
+                    await self._publish_and_ack(batch)
                 except Exception:
                     log.exception("publishing for %d intents failed", len(batch.items))
-                    await self._nak(it.msg for it in batch.items)
-                adopted = sum(it.adopted for it in batch.items)
+                    await self._nak(_msg(it) for it in batch.items)
+                adopted = sum(isinstance(it, Recorded) and it.adopted for it in batch.items)
                 if adopted:
                     log.info("%d redelivered intents adopted their recorded decisions", adopted)
 
     # -- deciding once -------------------------------------------------------------------
 
-    async def _resolve(self, items: list[Pending], policies: PolicySetLike) -> int:
-        """Look up each item's decision id; adopt, turn into a replay, or leave it fresh.
-        Returns how many items changed."""
-        changed = 0
-        pending = [it for it in items if it.record is None and not it.failed]
+    async def _resolve(self, batch: _Batch, indices: Sequence[int]) -> int:
+        """Look up the decision id of each item at *indices* that has no standing decision
+        yet: adopt it, turn it into a replay, or leave it. Returns how many changed."""
+        items, changed = batch.items, 0
+        pending = [i for i in indices if isinstance(items[i], Pulled | Decided)]
         for _ in range(2):  # a replay's own id may be taken too (a redelivered replay)
             if not pending:
                 break
+            open_ = [(i, it) for i in pending if isinstance(it := items[i], Pulled | Decided)]
+            ids = [it.decision_id for _, it in open_]
             found = await asyncio.gather(
-                *(self.recorder.lookup(it.decision_id) for it in pending), return_exceptions=True
+                *(self.recorder.lookup(d) for d in ids), return_exceptions=True
             )
             again = []
-            for it, result in zip(pending, found, strict=True):
+            for (i, it), decision_id, result in zip(open_, ids, found, strict=True):
+                p = it if isinstance(it, Pulled) else it.pulled
                 if isinstance(result, BaseException):
-                    log.warning("ledger lookup of %s failed: %s", it.decision_id, result)
-                    it.failed, changed = True, changed + 1
+                    log.warning("ledger lookup of %s failed: %s", decision_id, result)
+                    items[i] = Undecided(p, f"ledger lookup failed: {result}")
                 elif result is None:
                     continue
-                elif result.intake == it.intake:
-                    it.record, it.adopted, changed = result, True, changed + 1
-                elif it.keyed:
-                    self.decider.replay(it, result, policies)
-                    changed += 1
-                    again.append(it)
+                elif result.intake == p.intake:
+                    items[i] = Recorded(p, result, adopted=True)
+                elif decision_id == p.decision_id and p.keyed:
+                    items[i] = self._replay(p, result, batch.policies)
+                    again.append(i)
                 else:  # a message's own id taken by another message: cannot happen
-                    log.error("decision %s is not %s's", it.decision_id, it.intake)
-                    it.failed, changed = True, changed + 1
+                    log.error("decision %s is not %s's", decision_id, p.intake)
+                    items[i] = Undecided(p, f"decision {decision_id} belongs to another message")
+                changed += 1
             pending = again
         return changed
 
-    async def _commit(self, items: list[Pending], policies: PolicySetLike, now: float) -> None:
-        todo = [it for it in items if it.record is None and not it.failed]
+    def _replay(self, p: Pulled, first: LedgerRecord, policies: PolicySetLike) -> Decided:
+        """*p* reuses the intent id that *first* decided: deny it ``replay``, keyed by its
+        own message (so that a redelivery of it adopts this denial)."""
+        same = first.payload_sha256 == payload_digest(p.msg.data)
+        intent = p.decoded.intent
+        intent_id = intent.id if isinstance(intent, Intent) else ""
+        decision = deny(
+            Reason.REPLAY,
+            f"intent id {intent_id!r} was already decided: {first.decision_id} "
+            f"({first.effect}); this message has {'the same' if same else 'different'} bytes",
+            policies,
+        )
+        own_id = message_decision_id(self.settings.prefix, p.intake)
+        return Decided(p, own_id, decision, first_decision=first.decision_id)
+
+    async def _judge(self, batch: _Batch, indices: Sequence[int]) -> None:
+        """Decide every item at *indices* that is still only pulled (lineage first)."""
+        items = batch.items
+        todo = [i for i in indices if isinstance(items[i], Pulled)]
+        lineages = await self._lineage([p for i in todo if isinstance(p := items[i], Pulled)])
+        for i, lineage in zip(todo, lineages, strict=True):
+            p = items[i]
+            assert isinstance(p, Pulled)
+            if isinstance(lineage, str):
+                items[i] = Undecided(p, lineage)
+                continue
+            items[i] = Decided(p, p.decision_id, self._decide(p, batch, lineage), lineage)
+
+    async def _lineage(self, todo: list[Pulled]) -> list[Lineage | str | None]:
+        """Per item: its lineage (``None`` for a root), or why it could not be looked up."""
+        wanted = {
+            parent
+            for p in todo
+            if isinstance(p.decoded.intent, Intent)
+            for parent in p.decoded.intent.parents
+        }
+        if not wanted:
+            return [None] * len(todo)
+        ids = sorted(wanted)
+        found = await asyncio.gather(*(self.parents.get(p) for p in ids), return_exceptions=True)
+        failed = any(isinstance(r, BaseException) for r in found)
+        if failed:
+            log.warning("lineage lookup failed; intents with parents will be redelivered")
+        records = {p: r for p, r in zip(ids, found, strict=True) if isinstance(r, LedgerRecord)}
+        out: list[Lineage | str | None] = []
+        for p in todo:
+            subject, intent = p.decoded
+            if not isinstance(intent, Intent) or subject is None or not intent.parents:
+                out.append(None)
+            elif failed:
+                out.append("lineage lookup failed")
+            else:
+                out.append(
+                    lineage_of(
+                        subject.principal,
+                        intent.parents,
+                        records,
+                        max_depth=self._s.max_lineage_depth,
+                    )
+                )
+        return out
+
+    def _decide(self, p: Pulled, batch: _Batch, lineage: Lineage | None) -> Decision:
+        if p.delivered > self._s.max_deliveries:  # poison: bounded attempts
+            return deny(
+                Reason.INTERNAL_ERROR,
+                f"not decided after {p.delivered - 1} deliveries (poison intent)",
+                batch.policies,
+            )
+        return judge(
+            p.msg.subject,
+            p.decoded,
+            batch.policies,
+            now=batch.now,
+            checks=self.settings.checks,
+            lineage=lineage,
+        )
+
+    async def _commit(self, batch: _Batch, indices: Sequence[int]) -> None:
+        """Record the decided items at *indices*; refused, resolve the taken ids and
+        record the rest again (a bounded number of rounds, then they come back)."""
+        items = batch.items
         for _ in range(_RESOLVE_ROUNDS):
+            todo = [i for i in indices if isinstance(items[i], Decided)]
             if not todo:
                 return
-            result = await self.recorder.record(todo, now)
-            if isinstance(result, Committed):
-                for it in todo:
-                    if it.record is not None:
-                        self.on_decided(it.record)
+            decided = [it for i in todo if isinstance(it := items[i], Decided)]
+            result = await self.recorder.record(decided, batch.now)
+            if isinstance(result, list):
+                for i, it, record in zip(todo, decided, result, strict=True):
+                    items[i] = Recorded(it.pulled, record, adopted=False)
+                    self.on_decided(record)
                 return
-            taken = await self._resolve(todo, policies)
+            taken = await self._resolve(batch, todo)
             if not taken:
                 log.error("ledger refused %d records with no id taken: %s", len(todo), result)
                 break
             log.info("ledger refused a commit: %d decision ids taken (adopt / replay)", taken)
-            await self.decider.evaluate(todo, policies, now)  # decided afresh if need be
-            todo = [it for it in todo if it.record is None and not it.failed]
-        for it in todo:
-            it.failed = True
+        for i in indices:
+            if isinstance(items[i], Decided):
+                items[i] = _undecided(items[i], "ledger refused the records")
 
     # -- outputs and acks ----------------------------------------------------------------
 
-    async def _publish_and_ack(self, items: list[Pending], now: float) -> None:
+    async def _publish_and_ack(self, batch: _Batch) -> None:
         s = self.settings
-        decided: list[Pending] = []
+        decided: list[Recorded] = []
         groups: list[list[Output]] = []
-        for it in items:
-            if it.failed or it.record is None:
+        for it in batch.items:
+            if not isinstance(it, Recorded):
                 continue
-            try:
-                outs = outputs_of(
-                    it.record,
-                    it.msg.data,
-                    it.msg.headers,
-                    prefix=s.prefix,
-                    deny_payload_bytes=s.deny_payload_bytes,
-                    max_payload_bytes=s.max_payload_bytes,
-                )
-            except ValueError:  # a recorded allow without artifact: never forward it
+            record = it.record
+            if unsigned_allow(record):  # never forwarded: outputs_of denies it instead
                 log.error(
                     "decision %s is an allow without artifact: denied internal_error, not "
                     "forwarded",
-                    it.record.decision_id,
+                    record.decision_id,
                 )
                 self.counters.internal_errors += 1
-                # Operators see it on the deny stream (same decision id, so de-duplicated
-                # like any output); the ledger keeps what was recorded.
-                outs = outputs_of(
-                    msgspec.structs.replace(
-                        it.record,
-                        effect="deny",
-                        reason=str(Reason.INTERNAL_ERROR),
-                        message="recorded allow has no artifact: not forwarded",
-                    ),
-                    it.msg.data,
-                    it.msg.headers,
-                    prefix=s.prefix,
-                    deny_payload_bytes=s.deny_payload_bytes,
-                    max_payload_bytes=s.max_payload_bytes,
-                )
+            # Operators see such a denial on the deny stream (same decision id, so
+            # de-duplicated like any output); the ledger keeps what was recorded.
+            outs = outputs_of(
+                record,
+                it.pulled.msg.data,
+                it.pulled.msg.headers,
+                prefix=s.prefix,
+                deny_payload_bytes=s.deny_payload_bytes,
+                max_payload_bytes=s.max_payload_bytes,
+            )
             if it.adopted:
                 self.counters.adopted += 1
-                if now - it.record.ts > self._s.retry_horizon_s:
-                    outs = await self._not_yet_published(it.record, outs)
+                if batch.now - record.ts > self._s.retry_horizon_s:
+                    outs = await self._not_yet_published(record, outs)
             decided.append(it)
             groups.append(outs)
         published = await self.publisher.publish(groups)
@@ -319,11 +405,11 @@ class StreamIntake:
                 published.duplicates,
             )
         done = {id(it) for it, ok in zip(decided, published.stored, strict=True) if ok}
-        for it in items:
+        for it in batch.items:
             if id(it) in done:
-                await it.msg.ack()
+                await _msg(it).ack()
                 self.counters.acks += 1
-        await self._nak(it.msg for it in items if id(it) not in done)
+        await self._nak(_msg(it) for it in batch.items if id(it) not in done)
 
     async def _not_yet_published(self, record: LedgerRecord, outs: list[Output]) -> list[Output]:
         """Beyond the retry horizon de-duplication cannot tell: search the exec stream for
@@ -350,3 +436,11 @@ class StreamIntake:
                 self.counters.naks += 1
             except Exception as exc:  # it comes back after the ack wait anyway
                 log.warning("nak failed: %s", exc)
+
+
+def _msg(it: Item) -> Msg:
+    return it.msg if isinstance(it, Pulled) else it.pulled.msg
+
+
+def _undecided(it: Item, why: str) -> Undecided:
+    return Undecided(it if isinstance(it, Pulled) else it.pulled, why)
