@@ -91,7 +91,13 @@ def _gateway(settings: Settings, policies: PolicySet, key: Path) -> Gateway:
 
 
 def _headers(headers: dict[str, str] | None) -> dict[str, str]:
-    return {k: v for k, v in (headers or {}).items() if k not in DECISION_HEADERS}
+    # Nats-Batch-*: JetStream's atomic-batch headers, stored with outputs that stream mode
+    # published in one batch (storage, not the pipeline: they depend on the pull's size).
+    return {
+        k: v
+        for k, v in (headers or {}).items()
+        if k not in DECISION_HEADERS and not k.startswith("Nats-Batch-")
+    }
 
 
 def _claims(verifier: Verifier, subject: str, headers: dict[str, str], data: bytes) -> Any:

@@ -15,13 +15,15 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Final, Self
 
 import anyio
 import nats
+from anyio import AsyncContextManagerMixin
+from anyio.abc import TaskGroup
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
@@ -86,7 +88,7 @@ class _Counters:
     artifact_batches: int = 0
 
 
-class Gateway:
+class Gateway(AsyncContextManagerMixin):
     """One gateway process's worth of intake. An async context manager.
 
     Entering connects, subscribes and confirms the subscription with the server (ready);
@@ -123,13 +125,43 @@ class Gateway:
         self._ledger_signer = ledger_signer
         self._intake: StreamIntake | None = None
         self._core: CoreIntake | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
         self._stop = anyio.Event()
         self._loop_done = anyio.Event()
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        """Entering connects, starts the intake and confirms it with the server (ready);
+        leaving drains. The task group lives exactly as long as the context, and nothing
+        runs in it before the start-up succeeded: a start that fails halfway closes the
+        connection and raises its own error."""
+        nc = await self._connect()
+        started = False
+        try:
+            await self._start(nc)
+            started = True
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._spawn(tg)
+                    try:
+                        yield self
+                    finally:
+                        self._closing = True  # the handler keeps its connection while draining
+                        with anyio.CancelScope(shield=True):
+                            await self._stop_intake(nc, tg)
+            except BaseExceptionGroup as group:
+                # Our tasks never raise (they record why they stopped in ``failure``), so a
+                # group here holds the caller's own exception: raise it as they raised it.
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close_connection(nc, drain=started)
+        log.info("gateway %s stopped: %s", self.settings.gateway_id, self.statistics())
+
+    async def _connect(self) -> Client:
         s = self.settings
         try:
             self._nc = await nats.connect(
@@ -147,47 +179,52 @@ class Gateway:
             )
         except Exception as exc:
             raise GatewayError(f"cannot connect to {s.nats_url}: {exc}") from exc
-        try:
-            _check_max_payload(s, self._nc.max_payload)
-            if s.mode == "stream":
-                await self._start_stream()
-            else:
-                core = CoreIntake(
-                    self._nc,
-                    s,
-                    lambda: self._policies,
-                    self._signer,
-                    self._clock,
-                    self._counters,
-                    self._count,
-                )
-                self._sub = await self._nc.subscribe(
-                    f"{s.prefix}.in.>",
-                    queue=s.queue,
-                    cb=core.on_intent,
-                    pending_msgs_limit=s.pending_msgs_limit,
-                    pending_bytes_limit=s.pending_bytes_limit,
-                )
-                core.sub = self._sub
-                await round_trip(self._nc, timeout_s=s.connect_timeout_s)
-                if core.batched:
-                    # Intents taken before the flusher starts wait in its batch for it.
-                    self._core = core
-                    self._tg = anyio.create_task_group()
-                    await self._tg.__aenter__()
-                    self._tg.start_soon(self._run_flusher, core)
-        except BaseException:
-            self._closing = True
-            with anyio.CancelScope(shield=True):
-                await self._nc.close()
-            raise
+        return self._nc
+
+    async def _start(self, nc: Client) -> None:
+        s = self.settings
+        _check_max_payload(s, nc.max_payload)
+        if s.mode == "stream":
+            await self._start_stream(nc)
+        else:
+            await self._start_core(nc)
         how = f"consumer {s.queue}, stream mode" if s.mode == "stream" else f"queue {s.queue}"
         log.info("gateway %s ready on %s.in.> (%s)", s.gateway_id, s.prefix, how)
-        return self
 
-    async def _start_stream(self) -> None:
-        assert self._nc is not None and self._ledger_signer is not None
-        js = self._nc.jetstream(timeout=self.settings.connect_timeout_s)
+    def _spawn(self, tg: TaskGroup) -> None:
+        """The intake's long-lived tasks: stream mode's loop, batched core mode's flusher
+        (intents taken before it starts wait in its batch for it)."""
+        if self._intake is not None:
+            tg.start_soon(self._run_stream, self._intake)
+        elif self._core is not None:
+            tg.start_soon(self._run_flusher, self._core)
+
+    async def _start_core(self, nc: Client) -> None:
+        s = self.settings
+        core = CoreIntake(
+            nc,
+            s,
+            lambda: self._policies,
+            self._signer,
+            self._clock,
+            self._counters,
+            self._count,
+        )
+        self._sub = await nc.subscribe(
+            f"{s.prefix}.in.>",
+            queue=s.queue,
+            cb=core.on_intent,
+            pending_msgs_limit=s.pending_msgs_limit,
+            pending_bytes_limit=s.pending_bytes_limit,
+        )
+        core.sub = self._sub
+        await round_trip(nc, timeout_s=s.connect_timeout_s)
+        if core.batched:
+            self._core = core
+
+    async def _start_stream(self, nc: Client) -> None:
+        assert self._ledger_signer is not None
+        js = nc.jetstream(timeout=self.settings.connect_timeout_s)
         try:
             await ensure(js, self.settings)
         except nats.errors.Error as exc:
@@ -196,7 +233,7 @@ class Gateway:
                 "(enable JetStream, or run --mode core)"
             ) from exc
         intake = StreamIntake(
-            self._nc,
+            nc,
             self.settings,
             lambda: self._policies,
             self._signer,
@@ -205,11 +242,8 @@ class Gateway:
             self._count,
         )
         await intake.start()
-        await round_trip(self._nc, timeout_s=self.settings.connect_timeout_s)
+        await round_trip(nc, timeout_s=self.settings.connect_timeout_s)
         self._intake = intake
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self._run_stream, intake)
 
     async def _run_stream(self, intake: StreamIntake) -> None:
         try:
@@ -243,90 +277,72 @@ class Gateway:
         else:
             self._counters.denied += 1
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    async def _stop_intake(self, nc: Client, tg: TaskGroup) -> None:
+        """Stop taking intents and decide the ones taken (shielded by the caller)."""
+        if self._intake is not None:
+            await self._stop_stream(nc, tg, self._intake)
+        elif self._core is not None:
+            await self._stop_core_batches(nc, tg, self._core)
 
-    async def aclose(self) -> None:
-        """Drain: stop taking intents, decide those received, flush outputs, close."""
-        nc = self._nc
-        if nc is None or self._closing:
-            return
-        self._closing = True  # the handler keeps its connection while draining
-        await self._stop_stream()
-        await self._stop_core_batches()
-        with anyio.CancelScope(shield=True):
-            if not nc.is_closed:
-                try:
-                    # One round trip first: everything the server routed to us before it
-                    # is then read into the pending queue, which drain() processes. Without
-                    # it nats-py's drain was seen to close with routed intents unread.
-                    with anyio.move_on_after(self.settings.drain_timeout_s):
-                        await round_trip(nc)
-                    await nc.drain()
-                except Exception:
-                    log.exception("drain failed; closing")
-                    await nc.close()
-        self._log_drops()  # now, rather than up to a second later (or never)
-        log.info("gateway %s stopped: %s", self.settings.gateway_id, self.statistics())
-
-    async def _stop_stream(self) -> None:
+    async def _stop_stream(self, nc: Client, tg: TaskGroup, intake: StreamIntake) -> None:
         """Finish the batch in hand, seal the chain (final checkpoint), stop pulling."""
-        if self._tg is None or self._intake is None:
-            return
         self._stop.set()
-        # Scopes nest: the shield opens and closes inside the task group's scope.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.drain_timeout_s):
+        with anyio.move_on_after(self.settings.drain_timeout_s):
             await self._loop_done.wait()
         finished = self._loop_done.is_set()
         if not finished:
             log.warning("stream intake did not finish in time; its intents will be redelivered")
-            self._tg.cancel_scope.cancel()
-        tg, self._tg = self._tg, None
-        await tg.__aexit__(None, None, None)
-        if self.failure is None and finished and not self._nc_closed():
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._intake.finish()
-                except Exception:
-                    log.exception("could not write the final checkpoint")
+            tg.cancel_scope.cancel()
+            return
+        if self.failure is None and not nc.is_closed:
+            try:
+                await intake.finish()
+            except Exception:
+                log.exception("could not write the final checkpoint")
 
-    async def _stop_core_batches(self) -> None:
+    async def _stop_core_batches(self, nc: Client, tg: TaskGroup, core: CoreIntake) -> None:
         """Batched core mode: stop taking intents, let the callback decide every intent
         received, then let the flusher sign and publish the last batches, then stop it.
         The connection's own drain afterwards has no subscription left, only publishes."""
-        if self._tg is None or self._core is None:
-            return
-        nc, sub, s = self._nc, self._sub, self.settings
-        with anyio.CancelScope(shield=True):
-            if nc is not None and sub is not None and not nc.is_closed:
-                try:
-                    with anyio.move_on_after(s.drain_timeout_s):
-                        await round_trip(nc)  # see aclose: routed intents are read first
-                    with anyio.move_on_after(s.drain_timeout_s) as scope:
-                        # Unsubscribe, then every queued callback runs (nats-py leaves it
-                        # unannotated).
-                        await sub.drain()  # type: ignore[no-untyped-call]
-                    if scope.cancelled_caught:
-                        log.warning("intake did not drain in time; undecided intents dropped")
-                except Exception:
-                    log.exception("could not drain the intake subscription")
-            await self._core.close()
-            with anyio.move_on_after(s.drain_timeout_s):
-                await self._loop_done.wait()
+        s, sub = self.settings, self._sub
+        if sub is not None and not nc.is_closed:
+            try:
+                with anyio.move_on_after(s.drain_timeout_s):
+                    await round_trip(nc)  # see _close_connection: routed intents first
+                with anyio.move_on_after(s.drain_timeout_s) as scope:
+                    # Unsubscribe, then every queued callback runs (nats-py leaves it
+                    # unannotated).
+                    await sub.drain()  # type: ignore[no-untyped-call]
+                if scope.cancelled_caught:
+                    log.warning("intake did not drain in time; undecided intents dropped")
+            except Exception:
+                log.exception("could not drain the intake subscription")
+        await core.close()
+        with anyio.move_on_after(s.drain_timeout_s):
+            await self._loop_done.wait()
         if not self._loop_done.is_set():
             log.warning("the last artifact batch was not published in time")
-            self._tg.cancel_scope.cancel()
-        # Scopes nest: the task group's scope closes outside the shield.
-        tg, self._tg = self._tg, None
-        await tg.__aexit__(None, None, None)
+            tg.cancel_scope.cancel()
 
-    def _nc_closed(self) -> bool:
-        return self._nc is None or self._nc.is_closed
+    async def _close_connection(self, nc: Client, *, drain: bool) -> None:
+        """Drain (decide what was received, flush outputs), or close after a failed start."""
+        self._closing = True
+        if nc.is_closed:
+            return
+        if not drain:
+            await nc.close()
+            return
+        try:
+            # One round trip first: everything the server routed to us before it is then
+            # read into the pending queue, which drain() processes. Without it nats-py's
+            # drain was seen to close with routed intents unread.
+            with anyio.move_on_after(self.settings.drain_timeout_s):
+                await round_trip(nc)
+            await nc.drain()
+        except Exception:
+            log.exception("drain failed; closing")
+            await nc.close()
+        self._log_drops()  # now, rather than up to a second later (or never)
 
     def statistics(self) -> GatewayStatistics:
         counters = dataclasses.asdict(self._counters)
