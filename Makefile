@@ -23,7 +23,7 @@ demo: venv
 
 lint: dev
 	$(BIN)/ruff check bus_guard tests bench
-	$(BIN)/mypy --strict bus_guard
+	$(BIN)/mypy --strict bus_guard tests
 
 test: lint
 	$(BIN)/python -m pytest -q

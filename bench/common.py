@@ -28,7 +28,7 @@ def timed_calls(
     (~0.1 µs), the same for every engine measured this way.
     """
     clock = time.perf_counter_ns
-    lat = []
+    lat: list[int] = []
     append = lat.append
     deadline = clock() + budget_s * 1e9 if budget_s != float("inf") else None
     start = clock()

@@ -174,8 +174,8 @@ async def reconcile(nc: Client, accepted: set[tuple[str, str]], jwks_path: Path)
         except VerificationError:
             out.invalid += 1
             continue
-        record = by_id.get(claims.jti)
-        if record is None or record.effect != "allow":
+        recorded = by_id.get(claims.jti)
+        if recorded is None or recorded.effect != "allow":
             out.invalid += 1
         executed[(claims.sub, claims.intent_id)] += 1
         seen_outputs.add(claims.jti)

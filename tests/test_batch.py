@@ -465,9 +465,9 @@ def test_head_cache_is_bounded_lru(env: Env) -> None:
     v = Verifier(env.jwks, leeway_s=LEEWAY, max_cached_heads=2)
     batcher = BatchSigner(env.signer)
     batches = []
-    for b in range(4):
+    for seq in range(4):
         bodies = payloads(2)
-        claims = batch_claims(env.signer, bodies, ledger_seq=b)  # distinct trees
+        claims = batch_claims(env.signer, bodies, ledger_seq=seq)  # distinct trees
         batches.append((batcher.sign_batch(claims, now=NOW), bodies))
     (a, a_bodies), (b, b_bodies), (c, c_bodies), _ = batches
     check(v, a[0], a_bodies[0])

@@ -22,6 +22,7 @@ import pytest
 from joserfc import jws
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import KeySet
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus_guard.errors import SigningError
@@ -187,7 +188,7 @@ class _HeldPublisher:
     """The core intake's connection with every publish held until ``release`` is set: the
     flusher stops mid-batch (signed, nothing of it published) and ``held`` says so."""
 
-    def __init__(self, nc: nats.NATS) -> None:
+    def __init__(self, nc: Client) -> None:
         self._nc = nc
         self.held = anyio.Event()
         self.release = anyio.Event()

@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -46,7 +47,7 @@ _MIX = (
 
 def _intent(rng: random.Random, i: int) -> tuple[str, str, bytes]:
     principal, action, resource, params = _MIX[rng.randrange(len(_MIX))]
-    body = {
+    body: dict[str, Any] = {
         "id": f"s3-{i}-{uuid.UUID(int=rng.getrandbits(128)).hex[:12]}",
         "action": action,
         "resource": resource,

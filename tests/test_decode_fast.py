@@ -31,7 +31,8 @@ def _string(s: str, escape: bool) -> str:
 
 def _obj(draw: st.DrawFn, depth: int) -> str:
     pairs = draw(st.lists(st.tuples(KEYS, st.booleans()), max_size=4))
-    if pairs and draw(st.booleans()):  # force a duplicate somewhere
+    # bool(pairs): with `pairs and draw(...)` mypy infers draw's type from the list.
+    if bool(pairs) and draw(st.booleans()):  # force a duplicate somewhere
         pairs.append(draw(st.sampled_from(pairs)))
     ws = draw(WS)
     items = [

@@ -139,12 +139,13 @@ def holds(cond: dict[str, Any], request: Request, bundle: RefBundle) -> bool:
     if op in ("lt", "le", "gt", "ge"):
         if kind(value) != "number":
             return False
-        return {
+        compared: dict[str, bool] = {
             "lt": value < lit,
             "le": value <= lit,
             "gt": value > lit,
             "ge": value >= lit,
-        }[op]
+        }
+        return compared[op]
     if op == "in":
         return member(value, lit)
     if op == "not_in":

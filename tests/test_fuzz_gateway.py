@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -34,7 +35,7 @@ def bad_inputs(seed: int, n: int) -> list[tuple[bytes, str | None]]:
     rng = random.Random(seed)
     good = json.loads(intent("tools.search", "tool:search", {"q": "x"}))
     out: list[tuple[bytes, str | None]] = []
-    makers = [
+    makers: list[Callable[[], tuple[bytes, str | None]]] = [
         lambda: (rng.randbytes(rng.randint(0, 300)), None),
         lambda: (b'{"id": "\xff\xfe", "action": "tools.search"}', None),
         lambda: (json.dumps(good).encode()[:-1] + b', "id": "dup"}', None),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.client import Client
 
 from bus_guard.cli._main import main
 from bus_guard.intake._gateway import Gateway
@@ -72,7 +73,7 @@ class Agents:
     """Publish intents one at a time, each decided before the next (a child needs its
     parent's record)."""
 
-    def __init__(self, nc: nats.aio.client.Client) -> None:
+    def __init__(self, nc: Client) -> None:
         self.nc = nc
         self.js = nc.jetstream()
 

@@ -19,7 +19,9 @@ _TABLES = st.one_of(
 
 
 @given(st.text(), _TABLES)
-def test_header_value_translate_and_strip_equal_str(text: str, table: dict[int, object]) -> None:
+def test_header_value_translate_and_strip_equal_str(
+    text: str, table: dict[int, str | int | None]
+) -> None:
     value = HeaderValue(text)
     assert value.translate(table) == text.translate(table)
     assert value.strip() == text.strip()

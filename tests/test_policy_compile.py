@@ -118,9 +118,9 @@ def test_digest_is_deterministic_and_binds_names_and_bytes(tmp_path: Path) -> No
 def test_policy_set_is_immutable() -> None:
     policies = load_policies(POLICIES)
     with pytest.raises(AttributeError):
-        policies.mode = "observe"  # type: ignore[misc]
+        policies.mode = "observe"
     with pytest.raises(AttributeError):
-        policies.digest = "sha256:0"  # type: ignore[misc]
+        policies.digest = "sha256:0"
     assert policies.mode == "enforce"
 
 
@@ -598,7 +598,7 @@ def _mini_validate(value: Any, schema: dict[str, Any], root: dict[str, Any], pat
     kinds = schema.get("type")
     if kinds is not None:
         kinds = [kinds] if isinstance(kinds, str) else kinds
-        python = {
+        python: dict[str, type | tuple[type, ...]] = {
             "object": dict,
             "array": list,
             "string": str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import random
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -476,17 +477,18 @@ def ref_holds(cond: dict[str, Any], request: Request) -> bool:
     ((op, lit),) = [(k, v) for k, v in cond.items() if k != "field"]
     value = ref_value(cond["field"], request)
     if op == "exists":
-        return (value is not MISSING) == lit
+        wanted: bool = lit
+        return (value is not MISSING) == wanted
     if value is MISSING:
         return False
     if op in ("lt", "le", "gt", "ge"):
-        compare = {
+        compare: dict[str, Callable[[Any, Any], bool]] = {
             "lt": lambda a, b: a < b,
             "le": lambda a, b: a <= b,
             "gt": lambda a, b: a > b,
             "ge": lambda a, b: a >= b,
-        }[op]
-        return is_number(value) and compare(value, lit)
+        }
+        return is_number(value) and compare[op](value, lit)
     if op == "eq":
         return same_kind(value, lit) and value == lit
     if op == "ne":

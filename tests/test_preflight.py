@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -49,7 +50,7 @@ def test_what_bus_guard_creates_passes_its_own_preflight(role: str) -> None:
     ],
 )
 def test_each_unsafe_setting_is_refused(
-    role: str, change: dict[str, object], expect: str | None
+    role: str, change: dict[str, Any], expect: str | None
 ) -> None:
     problems = check_stream(role, replace(wanted_stream(role, SETTINGS), **change), SETTINGS)
     if expect is None:

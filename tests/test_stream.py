@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 from nats.js.api import StreamConfig
 
+from bus_guard.intake import Gateway
 from bus_guard.intake._work import intake_of
 from bus_guard.ledger._records import LedgerRecord, encode_record, intent_decision_id
 from bus_guard.policy._load import PolicySet
@@ -206,8 +207,8 @@ async def test_a_late_adoption_searches_the_exec_stream_instead_of_trusting_dedu
     await nc.close()
 
 
-async def _naked(gw: object) -> bool:
-    return gw.statistics().naks > 0  # type: ignore[attr-defined]
+async def _naked(gw: Gateway) -> bool:
+    return gw.statistics().naks > 0
 
 
 async def test_agent_msg_ids_on_intake_do_not_block_other_agents(

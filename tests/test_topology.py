@@ -20,6 +20,7 @@ nats-py lower-cases the server's error text, subjects included, hence ``.lower()
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import posixpath
@@ -662,9 +663,10 @@ async def test_gateway_can_run_jetstream_intake_outputs_and_kv(guard_nats: NatsS
         await kv.put("current", JWKS)
         assert (await kv.get("current")).value == JWKS
         watcher = await kv.watchall()
-        entry = await watcher.updates(timeout=5)
+        # nats-py's KeyWatcher methods carry no annotations.
+        entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
         assert entry is not None and entry.value == JWKS
-        await watcher.stop()
+        await watcher.stop()  # type: ignore[no-untyped-call]
         assert await gateway.errors() == await agent.errors() == []
 
 
@@ -1055,7 +1057,7 @@ async def test_cluster_auditor_and_consume_once(cluster: LocalCluster) -> None:
         )
         await until_ok(lambda: js.add_stream(r3))
         for i in range(3):
-            await until_ok(lambda i=i: js.publish(f"guard.ledger.gw-1.d.D{i}", b"%d" % i))
+            await until_ok(functools.partial(js.publish, f"guard.ledger.gw-1.d.D{i}", b"%d" % i))
 
         auditor = await bus.connect(n3.url, "auditor")
         ajs = auditor.nc.jetstream(timeout=2)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import anyio
 import nats
+from nats.aio.client import Client
 from rich.console import Console
 
 from bus_guard.cli._watch import WatchFilter, watch
@@ -35,7 +36,7 @@ async def _watched(nats_url: str, tmp_path: Path, filters: WatchFilter, count: i
 
 async def _drive(
     nats_url: str,
-    nc: nats.NATS,
+    nc: Client,
     signer: Signer,
     filters: WatchFilter,
     count: int,
