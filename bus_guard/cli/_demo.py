@@ -218,9 +218,10 @@ async def run_demo(
 
             nc = await nats.connect(url, name="bus-guard demo")
             try:
-                await nc.subscribe("guard.exec.>", cb=executor)
-                await nc.subscribe("guard.deny.>", cb=operator)
-                await nc.subscribe("guard.hold.>", cb=operator)
+                subjects = settings.subjects
+                await nc.subscribe(subjects.wildcard("exec"), cb=executor)
+                await nc.subscribe(subjects.wildcard("deny"), cb=operator)
+                await nc.subscribe(subjects.wildcard("hold"), cb=operator)
                 await round_trip(nc)
                 gateway = Gateway(settings, policies, signer, ledger_signer=CheckpointSigner(key))
                 async with gateway:
@@ -229,7 +230,7 @@ async def run_demo(
                         sent = _scenario(rng)
                         headers = {"Content-Type": sent.content_type} if sent.content_type else None
                         await nc.publish(
-                            f"guard.in.{sent.principal}.{sent.action}",
+                            subjects.intent(sent.principal, sent.action),
                             sent.payload,
                             headers=headers,
                         )

@@ -134,9 +134,9 @@ async def _cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
     import nats
 
     from bus_guard.errors import GatewayError
-    from bus_guard.intake._preflight import Streams
+    from bus_guard.subjects import Subjects
 
-    stream = Streams(args.prefix).ledger
+    stream = Subjects(args.prefix).streams.ledger
     jwks = None
     if args.command == "ledger":
         from bus_guard.verify import load_jwks

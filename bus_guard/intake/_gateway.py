@@ -161,7 +161,7 @@ class Gateway:
                     self._counters,
                 )
                 self._sub = await self._nc.subscribe(
-                    f"{s.prefix}.in.>",
+                    s.subjects.wildcard("in"),
                     queue=s.queue,
                     cb=core.on_intent,
                     pending_msgs_limit=s.pending_msgs_limit,
@@ -181,7 +181,7 @@ class Gateway:
                 await self._nc.close()
             raise
         how = f"consumer {s.queue}, stream mode" if s.mode == "stream" else f"queue {s.queue}"
-        log.info("gateway %s ready on %s.in.> (%s)", s.gateway_id, s.prefix, how)
+        log.info("gateway %s ready on %s (%s)", s.gateway_id, s.subjects.wildcard("in"), how)
         return self
 
     async def _start_stream(self) -> None:
