@@ -12,17 +12,21 @@ import signal
 import nats
 from nats.aio.msg import Msg
 
+from bus_guard.subjects import DEFAULT_PREFIX, Subjects
+
 
 async def relay(url: str, prefix: str) -> None:
     nc = await nats.connect(url)
-    cut = len(prefix) + 4
-    out = prefix + ".exec."
+    subjects = Subjects(prefix)
+    # Subjects.output("exec", ...) by hand: the baseline does the least work per message.
+    cut = len(subjects.root("in")) + 1
+    out = subjects.root("exec") + "."
 
     async def on_msg(msg: Msg) -> None:
         await nc.publish(out + msg.subject[cut:], msg.data, headers=msg.headers)
 
     await nc.subscribe(
-        f"{prefix}.in.>",
+        subjects.wildcard("in"),
         queue="bare",
         cb=on_msg,
         pending_msgs_limit=65536,
@@ -41,7 +45,7 @@ async def relay(url: str, prefix: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--nats", required=True)
-    p.add_argument("--prefix", default="guard")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX)
     args = p.parse_args()
     asyncio.run(relay(args.nats, args.prefix))
 

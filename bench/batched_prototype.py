@@ -29,6 +29,7 @@ from bus_guard.decision import Effect, new_decision_id
 from bus_guard.errors import SigningError
 from bus_guard.pipeline import evaluate
 from bus_guard.policy._load import load_policies
+from bus_guard.settings import Settings
 from bus_guard.signing._batch import BatchSigner
 from bus_guard.signing._keys import load_private_key
 from bus_guard.signing._signer import Signer
@@ -42,7 +43,8 @@ async def serve(args: argparse.Namespace) -> None:
     nc = await nats.connect(args.nats)
     pending: list[Msg] = []
     wake = asyncio.Event()
-    cut = len("guard.in.")
+    settings = Settings()  # the gateway's defaults: prefix, queue
+    subjects = settings.subjects
 
     async def on_msg(msg: Msg) -> None:
         pending.append(msg)
@@ -66,7 +68,7 @@ async def serve(args: argparse.Namespace) -> None:
                 ev = evaluate(msg.subject, msg.data, None, policies, now=now)
                 decision_id = new_decision_id()
                 if ev.decision.effect is Effect.ALLOW and ev.intent and ev.subject:
-                    exec_subject = "guard.exec." + msg.subject[cut:]
+                    exec_subject = subjects.output("exec", msg.subject)
                     d = ev.decision
                     allowed.append(
                         (
@@ -98,7 +100,7 @@ async def serve(args: argparse.Namespace) -> None:
                         decision_id.encode(),
                         str(ev.decision.reason).encode(),
                     )
-                    await nc.publish("guard.deny." + msg.subject[cut:], record)
+                    await nc.publish(subjects.output("deny", msg.subject), record)
             try:
                 tokens = batcher.sign_batch([c for _, _, c in allowed], now=now)
             except SigningError:
@@ -112,8 +114,8 @@ async def serve(args: argparse.Namespace) -> None:
                 await nc.publish(subject, msg.data, headers=headers)
 
     await nc.subscribe(
-        "guard.in.>",
-        queue="bus-guard",
+        subjects.wildcard("in"),
+        queue=settings.queue,
         cb=on_msg,
         pending_msgs_limit=65536,
         pending_bytes_limit=64 * 1024 * 1024,

@@ -47,9 +47,11 @@ from bus_guard.decision import Request
 from bus_guard.intent import Intent, decode_intent, parse_subject
 from bus_guard.pipeline import authorize
 from bus_guard.policy._evaluator import PolicySet
+from bus_guard.subjects import Subjects
 
 ROOT = Path(__file__).resolve().parent.parent
 _enc = msgspec.json.Encoder()
+_SUBJECTS = Subjects()
 
 
 def example_requests(n: int, seed: int = 1) -> list[tuple[str, bytes]]:
@@ -84,7 +86,7 @@ def example_requests(n: int, seed: int = 1) -> list[tuple[str, bytes]]:
             "params": params,
             "ts": now,
         }
-        out.append((f"guard.in.{principal}.{action}", _enc.encode(body)))
+        out.append((_SUBJECTS.intent(principal, action), _enc.encode(body)))
     return out
 
 
@@ -94,7 +96,7 @@ def run_examples(count: int, runs: int, budget_s: float) -> dict[str, Any]:
     now = time.time()
     pre = []
     for subject, payload in reqs:
-        sub, intent = parse_subject(subject, "guard"), decode_intent(payload)
+        sub, intent = parse_subject(subject, _SUBJECTS.prefix), decode_intent(payload)
         assert sub is not None and isinstance(intent, Intent)
         pre.append((sub, intent))
     variants: dict[str, tuple[Callable[[Any], object], list[Any]]] = {

@@ -26,8 +26,12 @@ from typing import Any
 import nats
 from nats.aio.msg import Msg
 
+from bus_guard.subjects import Subjects
+
 ROOT = Path(__file__).resolve().parent.parent
-SUBJECT = "guard.in.agent-1.tools.search"
+SUBJECTS = Subjects()
+SUBJECT = SUBJECTS.intent("agent-1", "tools.search")
+EXEC = SUBJECTS.wildcard("exec")
 _TEMPLATE = (
     b'{"id":"%032x","action":"tools.search","resource":"tool:search",'
     b'"params":{"q":"query %d","n":%d},"ts":%.3f}'
@@ -198,7 +202,7 @@ async def throughput(
         if received >= count:
             done.set()
 
-    await sub_nc.subscribe("guard.exec.>", cb=sink, pending_msgs_limit=-1, pending_bytes_limit=-1)
+    await sub_nc.subscribe(EXEC, cb=sink, pending_msgs_limit=-1, pending_bytes_limit=-1)
     await sub_nc.flush()
     start = time.perf_counter()
     for i in range(count):
@@ -233,7 +237,7 @@ async def paced(
         if len(lat) >= count:
             done.set()
 
-    await sub_nc.subscribe("guard.exec.>", cb=sink, pending_msgs_limit=-1, pending_bytes_limit=-1)
+    await sub_nc.subscribe(EXEC, cb=sink, pending_msgs_limit=-1, pending_bytes_limit=-1)
     await sub_nc.flush()
     start = clock()
     i = 0

@@ -38,13 +38,15 @@ from nats.aio.msg import Msg
 
 from bench import harness
 from bench.common import emit, machine, table
-from bus_guard.intake._preflight import ROLES, Streams, ensure
+from bus_guard.intake._preflight import ensure
 from bus_guard.server import NatsServer
 from bus_guard.settings import Settings
 from bus_guard.signing._keys import generate_key
+from bus_guard.subjects import ROLES
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBJECT = "guard.in.agent-1.tools.search"
+SUBJECT = harness.SUBJECT
+DEFAULTS = Settings(gateway_id="bench")  # the gateway's defaults: prefix, queue
 _TEMPLATE = (
     '{"id":"%032x","action":"tools.search","resource":"tool:search",'
     '"params":{"q":"query %d","n":%d},"ts":%.3f}'
@@ -55,12 +57,13 @@ async def bare_relay(url: str) -> None:
     """pull -> publish with msg id (PubAcks awaited) -> ack."""
     nc = await nats.connect(url)
     js = nc.jetstream()
-    sub = await js.pull_subscribe_bind("bus-guard", stream="GUARD_IN")
+    subjects = DEFAULTS.subjects
+    sub = await js.pull_subscribe_bind(DEFAULTS.queue, stream=subjects.streams.intake)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print("ready on guard.in.>", file=sys.stderr, flush=True)
+    print("ready on", subjects.wildcard("in"), file=sys.stderr, flush=True)
     while not stop.is_set():
         try:
             msgs: list[Msg] = await sub.fetch(128, timeout=0.5)
@@ -68,7 +71,7 @@ async def bare_relay(url: str) -> None:
             continue
         acks = [
             await js.publish_async(
-                "guard.exec." + m.subject[9:],
+                subjects.output("exec", m.subject),
                 m.data,
                 headers={"Nats-Msg-Id": str(m.metadata.sequence.stream)},
             )
@@ -84,7 +87,7 @@ async def _reset_and_load(url: str, count: int) -> None:
     """Fresh streams (bus_guard's preflight creates them), then a backlog of *count*."""
     nc = await nats.connect(url)
     js = nc.jetstream()
-    streams = Streams("guard")
+    streams = DEFAULTS.subjects.streams
     for role in ROLES:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(streams.name(role))
@@ -116,7 +119,7 @@ async def _measure(url: str, count: int, ready: asyncio.Event, timeout_s: float 
         if seen >= count:
             done.set()
 
-    await nc.subscribe("guard.exec.>", cb=on_exec, pending_msgs_limit=-1, pending_bytes_limit=-1)
+    await nc.subscribe(harness.EXEC, cb=on_exec, pending_msgs_limit=-1, pending_bytes_limit=-1)
     await nc.flush()
     await nc.flush()
     ready.set()

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Final, NamedTuple
 import msgspec
 
 from bus_guard.decision import Reason
+from bus_guard.subjects import Subjects
 
 __all__ = ("Intent", "Malformed", "Subject", "decode_intent", "parse_subject")
 
@@ -166,9 +167,8 @@ def parse_subject(subject: str, prefix: str) -> Subject | None:
         pass
     pattern = _subject_res.get(prefix)
     if pattern is None:
-        pattern = re.compile(
-            rf"{re.escape(prefix)}\.in\.([A-Za-z0-9_-]{{1,64}})\.({_TOKENS}(?:\.{_TOKENS})*)"
-        )
+        intake = re.escape(Subjects(prefix).root("in"))
+        pattern = re.compile(rf"{intake}\.([A-Za-z0-9_-]{{1,64}})\.({_TOKENS}(?:\.{_TOKENS})*)")
         _subject_res[prefix] = pattern
     m = pattern.fullmatch(subject)
     result = Subject(m.group(1), m.group(2)) if m is not None else None

@@ -39,11 +39,11 @@ from bus_guard.decision import (
     Request,
 )
 from bus_guard.intent import Intent, Malformed, Subject, decode_intent, parse_subject
+from bus_guard.subjects import DEFAULT_PREFIX, Subjects
 from bus_guard.verify import ARTIFACT_HEADER, DECISION_HEADER, ArtifactClaims, payload_digest
 
 __all__ = (
     "DEFAULT_CHECKS",
-    "INVALID_TOKEN",
     "Checks",
     "DecisionRecord",
     "Decoded",
@@ -62,7 +62,6 @@ __all__ = (
     "deny",
     "encode_record",
     "evaluate",
-    "exec_subject",
     "failed",
     "forwarded_headers",
     "judge",
@@ -224,7 +223,7 @@ def decode(
     payload: bytes,
     ctype: str | None,
     *,
-    prefix: str = "guard",
+    prefix: str = DEFAULT_PREFIX,
     max_payload_bytes: int = _MAX_PAYLOAD_BYTES,
     max_nesting_depth: int = _MAX_NESTING_DEPTH,
 ) -> Decoded:
@@ -270,7 +269,7 @@ def evaluate(
     policies: PolicySetLike,
     *,
     now: float,
-    prefix: str = "guard",
+    prefix: str = DEFAULT_PREFIX,
     checks: Checks = DEFAULT_CHECKS,
     max_payload_bytes: int = _MAX_PAYLOAD_BYTES,
     max_nesting_depth: int = _MAX_NESTING_DEPTH,
@@ -296,7 +295,7 @@ def decide(
     payload: bytes,
     *,
     now: float | None = None,
-    prefix: str = "guard",
+    prefix: str = DEFAULT_PREFIX,
     content_type: str | None = None,
     checks: Checks = DEFAULT_CHECKS,
 ) -> Decision:
@@ -382,20 +381,15 @@ def outcome_of(
     )
 
 
-def exec_subject(subject: str, prefix: str) -> str:
-    """Where an allowed intent on *subject* (``<prefix>.in.<tail>``) is forwarded."""
-    return f"{prefix}.exec.{subject[len(prefix) + 4 :]}"
-
-
 def claims_of(
-    outcome: Outcome, *, issuer: str, ttl_s: float, prefix: str, ledger_seq: int = 0
+    outcome: Outcome, *, issuer: str, ttl_s: float, subjects: Subjects, ledger_seq: int = 0
 ) -> ArtifactClaims:
     """The artifact claims of an allowed *outcome*, valid from ``int(ts)`` for *ttl_s*."""
     now = outcome.ts
     return ArtifactClaims(
         iss=issuer,
         sub=outcome.principal,
-        aud=exec_subject(outcome.subject, prefix),
+        aud=subjects.output("exec", outcome.subject),
         iat=int(now),
         nbf=int(now),
         exp=int(now + ttl_s),
@@ -477,7 +471,6 @@ def payload_excerpt(payload: bytes, limit: int) -> dict[str, Any]:
     return out
 
 
-INVALID_TOKEN: Final = "~invalid"  # deny-subject token for intents on a malformed subject
 _UNTRUSTED: Final = ("nats-", "guard-")
 
 
@@ -613,7 +606,7 @@ def outputs_of(
     payload: bytes,
     headers: Mapping[str, str] | None,
     *,
-    prefix: str,
+    subjects: Subjects,
     deny_payload_bytes: int,
     max_payload_bytes: int,
 ) -> list[Output]:
@@ -624,24 +617,24 @@ def outputs_of(
     """
     decision_id = HeaderValue(record.decision_id)
     msg_id: dict[str, str] = {"Nats-Msg-Id": decision_id}
-    tail = record.subject[len(prefix) + 4 :]  # after "<prefix>.in."
-    valid = parse_subject(record.subject, prefix) is not None
+    subject = record.subject
+    valid = parse_subject(subject, subjects.prefix) is not None
     out = []
     if record.effect == "allow" and record.artifact:
         forwarded = forwarded_headers(headers)
         forwarded[ARTIFACT_HEADER] = HeaderValue(record.artifact)
         forwarded[DECISION_HEADER] = decision_id
         forwarded.update(msg_id)
-        out.append(Output("exec", f"{prefix}.exec.{tail}", payload, forwarded))
+        out.append(Output("exec", subjects.output("exec", subject), payload, forwarded))
         if record.would_deny:  # observe mode: operators see what enforcement would block
             data = decision_record(record, payload, deny_payload_bytes)
-            out.append(Output("deny", f"{prefix}.deny.{tail}", data, msg_id))
+            out.append(Output("deny", subjects.output("deny", subject), data, msg_id))
     elif record.effect == "hold" and valid:
         # A hold keeps the whole payload: an approval forwards exactly those bytes later.
         data = decision_record(record, payload, max_payload_bytes)
-        out.append(Output("hold", f"{prefix}.hold.{tail}", data, msg_id))
+        out.append(Output("hold", subjects.output("hold", subject), data, msg_id))
     else:
-        target = f"{prefix}.deny.{tail}" if valid else f"{prefix}.deny.{INVALID_TOKEN}"
+        target = subjects.output("deny", subject) if valid else subjects.deny_invalid
         data = decision_record(
             record, payload, deny_payload_bytes, fail_closed=unsigned_allow(record)
         )

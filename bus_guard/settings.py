@@ -11,6 +11,7 @@ from typing import Literal
 
 from bus_guard.errors import ConfigError
 from bus_guard.pipeline import Checks
+from bus_guard.subjects import DEFAULT_PREFIX, Subjects
 
 __all__ = ("ArtifactMode", "IntakeMode", "Settings", "StreamSettings")
 
@@ -91,7 +92,7 @@ class Settings:
     """Everything the gateway needs to know, with units in the names."""
 
     nats_url: str = "nats://127.0.0.1:4222"
-    prefix: str = "guard"
+    prefix: str = DEFAULT_PREFIX
     queue: str = "bus-guard"
     # As `bus-guard run`: durable JetStream intake, decided once, every decision in the
     # ledger. "core" is the at-most-once queue subscription (no JetStream needed).
@@ -117,10 +118,13 @@ class Settings:
     artifacts: ArtifactMode = "per-message"
     batch_max: int = 256
     batch_delay_ms: float = 2.0
+    # Every subject, stream and bucket name under `prefix` (derived, not a setting).
+    subjects: Subjects = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not all(_TOKEN_RE.fullmatch(t) for t in self.prefix.split(".")):
             raise ConfigError(f"prefix {self.prefix!r}: must be dot-separated [A-Za-z0-9_-] tokens")
+        object.__setattr__(self, "subjects", Subjects(self.prefix))
         if not _TOKEN_RE.fullmatch(self.gateway_id):
             raise ConfigError(f"gateway_id {self.gateway_id!r}: must be 1-64 [A-Za-z0-9_-]")
         if self.mode not in ("core", "stream"):

@@ -14,9 +14,13 @@ from pathlib import Path
 import nats
 import pytest
 
+from bus_guard.cli._arguments import RUN_OPTIONS, field_default, parser, run_settings
 from bus_guard.cli._main import main
 from bus_guard.intake._gateway import round_trip
+from bus_guard.pipeline import Checks
 from bus_guard.server import NatsServer
+from bus_guard.settings import Settings, StreamSettings
+from bus_guard.signing._keys import DEFAULT_GRACE_S
 
 from .conftest import POLICIES
 from .crashkit import gateway_argv
@@ -141,6 +145,117 @@ def test_help_lists_every_command() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
+
+
+RUN = ["run", "--nats", "nats://bus:4222", "--policies", "p", "--key", "k"]
+
+
+def test_run_defaults_are_the_settings_defaults() -> None:
+    """`bus-guard run` with nothing but what it requires runs on the settings' defaults: the
+    parser holds no default of its own (every run option is a settings option), so a second
+    copy of a default cannot drift from the first."""
+    args = parser().parse_args(RUN)
+    not_settings = {"command", "log_level", "log_format", "policies", "key"}
+    assert set(vars(args)) == not_settings | {option.dest for option in RUN_OPTIONS}
+    settings = run_settings(args)
+    assert settings == Settings(nats_url="nats://bus:4222", gateway_id=settings.gateway_id)
+    assert settings.stream == StreamSettings() and settings.checks == Checks()
+    assert settings.gateway_id == Settings().gateway_id  # Settings' own <hostname>-<pid>
+    owners = {"": Settings(), "stream": StreamSettings(), "checks": Checks()}
+    for option in RUN_OPTIONS:
+        if option.required:
+            assert getattr(args, option.dest) == "nats://bus:4222", option.flag
+        elif option.computed:
+            assert getattr(args, option.dest) is None, option.flag
+        else:
+            section, _, name = option.field.rpartition(".")
+            assert getattr(args, option.dest) == getattr(owners[section], name), option.flag
+
+
+def test_the_other_commands_default_to_the_settings_too() -> None:
+    p = parser()
+    demo = p.parse_args(["demo"])
+    assert (demo.mode, demo.artifacts) == (Settings().mode, Settings().artifacts)
+    for argv in (
+        ["watch", "--nats", "u"],
+        ["ledger", "verify", "--nats", "u", "--jwks", "j"],
+        ["lineage", "d-1", "--nats", "u"],
+    ):
+        assert p.parse_args(argv).prefix == Settings().prefix == "guard", argv
+    assert p.parse_args(["keys", "rotate", "--dir", "d"]).grace == DEFAULT_GRACE_S
+
+
+def test_run_help_shows_each_default_from_the_settings(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapped help text
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    # one entry per option: its line, and the help argparse puts on the next when the
+    # option itself is long
+    entries = re.split(r"\n(?=  -)", capsys.readouterr().out)
+    lines = [" ".join(entry.split()) for entry in entries]
+    for option in RUN_OPTIONS:
+        (line,) = [x for x in lines if x.startswith(f"{option.flag} ")]
+        if option.required:
+            assert "(default" not in line
+        elif option.computed:
+            assert "(default: <hostname>-<pid>)" in line
+        elif option.default is None:
+            assert "(default" not in line, line  # --creds: not given, not used
+        else:
+            value = field_default(option.owner, option.name)
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            assert f"(default: {shown}" in line, line
+    assert any("--ack-wait SECONDS" in x and "(default: 30)" in x for x in lines)
+    assert any("--max-payload BYTES" in x and "(default: 65536)" in x for x in lines)
+
+
+def test_every_run_option_sets_its_setting() -> None:
+    """Flag names and meanings are unchanged: each one lands in the field it always set."""
+    argv = [
+        *RUN,
+        *("--mode", "core", "--prefix", "a.b", "--queue", "q", "--gateway-id", "gw-9"),
+        *("--creds", "c.creds", "--artifact-ttl", "61", "--max-payload", "1000"),
+        *("--max-skew", "301", "--reconnect-wait", "1.5", "--max-reconnects", "11"),
+        *("--artifacts", "batched", "--batch-max", "257", "--batch-delay-ms", "3"),
+        *("--ack-wait", "31", "--max-ack-pending", "1025", "--batch", "129"),
+        *("--max-deliveries", "12", "--retry-horizon", "121", "--dedup-window", "601"),
+        *("--replicas", "3", "--min-replicas", "2", "--checkpoint-every", "1001"),
+        *("--checkpoint-interval", "11", "--max-lineage-depth", "33"),
+    ]
+    assert run_settings(parser().parse_args(argv)) == Settings(
+        nats_url="nats://bus:4222",
+        mode="core",
+        prefix="a.b",
+        queue="q",
+        gateway_id="gw-9",
+        creds_file="c.creds",
+        artifact_ttl_s=61.0,
+        max_payload_bytes=1000,
+        checks=Checks(max_past_skew_s=301.0),
+        reconnect_wait_s=1.5,
+        max_reconnect_attempts=11,
+        artifacts="batched",
+        batch_max=257,
+        batch_delay_ms=3.0,
+        stream=StreamSettings(
+            ack_wait_s=31.0,
+            max_ack_pending=1025,
+            fetch_batch=129,
+            max_deliveries=12,
+            retry_horizon_s=121.0,
+            duplicate_window_s=601.0,
+            replicas=3,
+            min_replicas=2,
+            checkpoint_every=1001,
+            checkpoint_interval_s=11.0,
+            max_lineage_depth=33,
+        ),
+    )
+    # An empty --gateway-id leaves it to Settings, as before.
+    args = parser().parse_args([*RUN, "--gateway-id", ""])
+    assert run_settings(args).gateway_id == Settings().gateway_id
 
 
 @pytest.mark.parametrize("artifacts", ["per-message", "batched"])

@@ -17,6 +17,7 @@ from bus_guard.errors import ConfigError
 from bus_guard.intake._preflight import check_consumer, check_stream, wanted_stream
 from bus_guard.policy._load import load_policies
 from bus_guard.signing._keys import generate_key
+from bus_guard.subjects import ROLES, Role
 
 from .conftest import POLICIES
 from .crashkit import run_argv
@@ -25,8 +26,8 @@ from .streamkit import stream_gateway, stream_settings
 SETTINGS = stream_settings("nats://unused", retry_horizon_s=120, duplicate_window_s=600)
 
 
-@pytest.mark.parametrize("role", ["intake", "exec", "deny", "hold", "ledger"])
-def test_what_bus_guard_creates_passes_its_own_preflight(role: str) -> None:
+@pytest.mark.parametrize("role", ROLES)
+def test_what_bus_guard_creates_passes_its_own_preflight(role: Role) -> None:
     assert check_stream(role, wanted_stream(role, SETTINGS), SETTINGS) == []
 
 
@@ -50,7 +51,7 @@ def test_what_bus_guard_creates_passes_its_own_preflight(role: str) -> None:
     ],
 )
 def test_each_unsafe_setting_is_refused(
-    role: str, change: dict[str, Any], expect: str | None
+    role: Role, change: dict[str, Any], expect: str | None
 ) -> None:
     problems = check_stream(role, replace(wanted_stream(role, SETTINGS), **change), SETTINGS)
     if expect is None:

@@ -81,3 +81,11 @@ async def test_watch_filters_by_principal_and_reason(nats_url: str, tmp_path: Pa
         nats_url, tmp_path / "b", WatchFilter(reason="escalated_by_rule"), count=1
     )
     assert "HOLD" in text and "agent-9" in text and "DENY" not in text
+
+
+def test_watch_filters_narrow_on_the_server_through_the_subjects() -> None:
+    assert WatchFilter().subjects("guard") == ["guard.deny.*.>", "guard.hold.*.>"]
+    assert WatchFilter("agent-2", "payments.*").subjects("a.b") == [
+        "a.b.deny.agent-2.payments.*",
+        "a.b.hold.agent-2.payments.*",
+    ]

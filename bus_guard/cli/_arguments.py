@@ -1,13 +1,281 @@
-"""The command line's arguments: every command, option and default, in one parser."""
+"""The command line's arguments: every command, option and default, in one parser.
+
+A default that is also a setting is not written here: each ``bus-guard run`` option names
+the settings field it sets (:data:`RUN_OPTIONS`), its default is read from that field
+(:func:`field_default`) and shown in ``--help``, and :func:`run_settings` builds the
+:class:`Settings` from the parsed options. Where the command line departs from the
+settings on purpose, it says so below, in one place.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Final, get_args
 
 from bus_guard import __version__
+from bus_guard.pipeline import Checks
+from bus_guard.settings import ArtifactMode, IntakeMode, Settings, StreamSettings
+from bus_guard.signing._keys import DEFAULT_GRACE_S
 
-__all__ = ("parser",)
+__all__ = (
+    "DEFAULT_LOG_LEVEL",
+    "DEMO_LOG_LEVEL",
+    "RUN_OPTIONS",
+    "TOOL_RECONNECT_ATTEMPTS",
+    "SettingOption",
+    "field_default",
+    "parser",
+    "run_settings",
+)
+
+# --- where the command line departs from the settings' defaults, on purpose --------------
+# * `run --nats` is required: Settings.nats_url's default (a local server) serves the
+#   embedding API and tests; a deployed gateway names its servers.
+# * `run --gateway-id` left out (or empty): Settings' own default, <hostname>-<pid>.
+# * Logging is the command line's alone: info, but warning for `demo`, whose own output
+#   tells the story.
+# * `ledger verify` / `lineage` give up after TOOL_RECONNECT_ATTEMPTS reconnects, not the
+#   gateway's max_reconnect_attempts: an audit is one pass and should fail fast.
+DEFAULT_LOG_LEVEL: Final = "info"
+DEMO_LOG_LEVEL: Final = "warning"
+TOOL_RECONNECT_ATTEMPTS: Final = 3
+
+# Demo-only defaults (no setting holds them; `run_demo` takes them from here).
+_DEMO_COUNT: Final = 300
+_DEMO_RATE_PER_S: Final = 150.0
+_DEMO_SEED: Final = 7
+_DEMO_POLICIES: Final = Path("policies")
+
+_SECTIONS: Final[dict[str, type[Any]]] = {
+    "": Settings,
+    "stream": StreamSettings,
+    "checks": Checks,
+}
+
+
+def field_default(cls: type[Any], name: str) -> Any:
+    """The default of the dataclass field *name* of *cls* (a ``default_factory`` is called)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and f.init:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise LookupError(f"{cls.__name__}.{name} has no default")
+    raise LookupError(f"{cls.__name__} has no field {name!r}")
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _with_default(text: str, value: object) -> str:
+    """*text* with ``(default: X)`` where it says ``{default}``, else at its end (nothing
+    for ``None``: not given means not used)."""
+    if value is None:
+        return text
+    shown = _shown(value)
+    return text.format(default=shown) if "{default}" in text else f"{text} (default: {shown})"
+
+
+@dataclass(frozen=True, slots=True)
+class SettingOption:
+    """A ``bus-guard run`` option that sets one settings field, with that field's default."""
+
+    flag: str
+    field: str  # "artifact_ttl_s", "stream.ack_wait_s", "checks.max_past_skew_s"
+    help: str  # "(default: X)" is appended, or put where it says "{default}"
+    metavar: str | None = None
+    choices: Sequence[str] | None = None
+    required: bool = False
+    # Shown instead of the default when the field's default is computed (default_factory):
+    # the option is then None unless given, and Settings computes it.
+    computed: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def owner(self) -> type[Any]:
+        return _SECTIONS[self.field.rpartition(".")[0]]
+
+    @property
+    def name(self) -> str:
+        return self.field.rpartition(".")[2]
+
+    @property
+    def default(self) -> Any:
+        """What the option holds when it is not given: the field's default (or None)."""
+        return None if self.required or self.computed else field_default(self.owner, self.name)
+
+    def add_to(self, group: argparse._ActionsContainer) -> None:
+        value = self.default
+        kw: dict[str, Any] = {"dest": self.dest, "metavar": self.metavar}
+        if self.required:
+            kw.update(required=True, help=self.help)
+        elif self.computed:
+            kw.update(default=None, help=_with_default(self.help, self.computed))
+        else:
+            kw.update(default=value, help=_with_default(self.help, value))
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                kw["type"] = type(value)
+        if self.choices is not None:
+            kw["choices"] = list(self.choices)
+        group.add_argument(self.flag, **kw)
+
+
+_GATEWAY: Final = (
+    SettingOption(
+        "--nats",
+        "nats_url",
+        "NATS server URL(s), comma-separated for a cluster",
+        metavar="URL[,URL...]",
+        required=True,
+    ),
+    SettingOption(
+        "--mode",
+        "mode",
+        "intake mode: stream = JetStream, decided once, ledger; "
+        "core = queue subscription, at most once",
+        choices=get_args(IntakeMode),
+    ),
+    SettingOption("--prefix", "prefix", "subject prefix"),
+    SettingOption("--queue", "queue", "queue group"),
+    SettingOption(
+        "--gateway-id", "gateway_id", "issuer id in artifacts", computed="<hostname>-<pid>"
+    ),
+    SettingOption("--creds", "creds_file", "NATS credentials file", metavar="FILE"),
+    SettingOption("--artifact-ttl", "artifact_ttl_s", "artifact lifetime", metavar="SECONDS"),
+    SettingOption("--max-payload", "max_payload_bytes", "largest intent accepted", metavar="BYTES"),
+    SettingOption(
+        "--max-skew", "checks.max_past_skew_s", "oldest intent ts accepted", metavar="SECONDS"
+    ),
+    SettingOption(
+        "--reconnect-wait",
+        "reconnect_wait_s",
+        "wait between reconnect attempts",
+        metavar="SECONDS",
+    ),
+    SettingOption(
+        "--max-reconnects",
+        "max_reconnect_attempts",
+        "reconnect attempts before the gateway gives up and exits 1 "
+        "(default: {default}; the budget is N x --reconnect-wait)",
+        metavar="N",
+    ),
+)
+_ARTIFACTS: Final = (
+    SettingOption(
+        "--artifacts",
+        "artifacts",
+        "per-message = one Ed25519 signature per artifact; batched = one signed Merkle tree "
+        "head per batch, each artifact with its inclusion proof (faster; each message waits "
+        "for its batch, artifacts are larger)",
+        choices=get_args(ArtifactMode),
+    ),
+    SettingOption(
+        "--batch-max", "batch_max", "batched: at most N artifacts per signed tree", metavar="N"
+    ),
+    SettingOption(
+        "--batch-delay-ms",
+        "batch_delay_ms",
+        "batched, core mode: a batch is signed at the latest this long after its first "
+        "intent; sooner when full or when no further intent is waiting",
+        metavar="MS",
+    ),
+)
+_STREAM: Final = (
+    SettingOption(
+        "--ack-wait",
+        "stream.ack_wait_s",
+        "redeliver an intent not acked within this",
+        metavar="SECONDS",
+    ),
+    SettingOption(
+        "--max-ack-pending",
+        "stream.max_ack_pending",
+        "intents in flight over all replicas",
+        metavar="N",
+    ),
+    SettingOption(
+        "--batch", "stream.fetch_batch", "intents per pull and per ledger commit", metavar="N"
+    ),
+    SettingOption(
+        "--max-deliveries",
+        "stream.max_deliveries",
+        "deny an intent still undecided after N deliveries",
+        metavar="N",
+    ),
+    SettingOption(
+        "--retry-horizon",
+        "stream.retry_horizon_s",
+        "outputs re-published relying on de-dup within this",
+        metavar="SECONDS",
+    ),
+    SettingOption(
+        "--dedup-window",
+        "stream.duplicate_window_s",
+        "de-dup window of the output and ledger streams created",
+        metavar="SECONDS",
+    ),
+    SettingOption(
+        "--replicas",
+        "stream.replicas",
+        "replicas of the streams created (default: {default}; 3 on a cluster)",
+        metavar="N",
+    ),
+    SettingOption(
+        "--min-replicas",
+        "stream.min_replicas",
+        "refuse to start on streams with fewer replicas",
+        metavar="N",
+    ),
+    SettingOption(
+        "--checkpoint-every",
+        "stream.checkpoint_every",
+        "signed ledger checkpoint every N records (default: {default}) ...",
+        metavar="N",
+    ),
+    SettingOption(
+        "--checkpoint-interval",
+        "stream.checkpoint_interval_s",
+        "... or every so many seconds",
+        metavar="SECONDS",
+    ),
+    SettingOption(
+        "--max-lineage-depth",
+        "stream.max_lineage_depth",
+        "deny intents deeper in a chain of decisions",
+        metavar="N",
+    ),
+)
+# Every `bus-guard run` option that is a setting, in --help's order and groups.
+RUN_OPTIONS: Final = _GATEWAY + _ARTIFACTS + _STREAM
+
+
+def run_settings(args: argparse.Namespace) -> Settings:
+    """The :class:`Settings` of a parsed ``bus-guard run``: each option into its field."""
+    sections: dict[str, dict[str, Any]] = {section: {} for section in _SECTIONS}
+    for option in RUN_OPTIONS:
+        value = getattr(args, option.dest)
+        if option.computed and not value:
+            continue  # the field's own default_factory computes it
+        sections[option.field.rpartition(".")[0]][option.name] = value
+    return Settings(
+        **sections[""],
+        stream=StreamSettings(**sections["stream"]),
+        checks=Checks(**sections["checks"]),
+    )
+
+
+def _prefix_option(p: argparse.ArgumentParser) -> None:
+    prefix = field_default(Settings, "prefix")
+    p.add_argument("--prefix", default=prefix, help=_with_default("subject prefix", prefix))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,7 +290,8 @@ def parser() -> argparse.ArgumentParser:
         "--log-level",
         default=None,
         choices=["debug", "info", "warning", "error"],
-        help="default: info (warning for demo, whose own output tells the story)",
+        help=f"default: {DEFAULT_LOG_LEVEL} ({DEMO_LOG_LEVEL} for demo, whose own output tells "
+        "the story)",
     )
     p.add_argument("--log-format", default="text", choices=["text", "json"])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -35,12 +304,8 @@ def parser() -> argparse.ArgumentParser:
         "every replica, decides each intent once and records it in the ledger; core mode "
         "subscribes in a queue group, at most once.",
     )
-    run.add_argument(
-        "--nats",
-        required=True,
-        metavar="URL[,URL...]",
-        help="NATS server URL(s), comma-separated for a cluster",
-    )
+    for option in _GATEWAY[:1]:  # --nats first, then the files, then the rest
+        option.add_to(run)
     run.add_argument(
         "--policies",
         required=True,
@@ -55,186 +320,66 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="Ed25519 signing key (PEM), from 'bus-guard keys new'",
     )
-    run.add_argument(
-        "--mode",
-        default="stream",
-        choices=["core", "stream"],
-        help="intake mode: stream = JetStream, decided once, ledger (default); "
-        "core = queue subscription, at most once",
-    )
-    run.add_argument("--prefix", default="guard", help="subject prefix (default: guard)")
-    run.add_argument("--queue", default="bus-guard", help="queue group (default: bus-guard)")
-    run.add_argument(
-        "--gateway-id", default=None, help="issuer id in artifacts (default: <hostname>-<pid>)"
-    )
-    run.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
-    run.add_argument(
-        "--artifact-ttl",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="artifact lifetime (default: 60)",
-    )
-    run.add_argument(
-        "--max-payload",
-        type=int,
-        default=65536,
-        metavar="BYTES",
-        help="largest intent accepted (default: 65536)",
-    )
-    run.add_argument(
-        "--max-skew",
-        type=float,
-        default=300.0,
-        metavar="SECONDS",
-        help="oldest intent ts accepted (default: 300)",
-    )
-    run.add_argument(
-        "--reconnect-wait",
-        type=float,
-        default=1.0,
-        metavar="SECONDS",
-        help="wait between reconnect attempts (default: 1)",
-    )
-    run.add_argument(
-        "--max-reconnects",
-        type=int,
-        default=10,
-        metavar="N",
-        help="reconnect attempts before the gateway gives up and exits 1 "
-        "(default: 10; the budget is N x --reconnect-wait)",
-    )
+    for option in _GATEWAY[1:]:
+        option.add_to(run)
     art = run.add_argument_group("artifacts")
-    art.add_argument(
-        "--artifacts",
-        default="per-message",
-        choices=["per-message", "batched"],
-        help="per-message = one Ed25519 signature per artifact (default); batched = one "
-        "signed Merkle tree head per batch, each artifact with its inclusion proof (faster; "
-        "each message waits for its batch, artifacts are larger)",
-    )
-    art.add_argument(
-        "--batch-max",
-        type=int,
-        default=256,
-        metavar="N",
-        help="batched: at most N artifacts per signed tree (default: 256)",
-    )
-    art.add_argument(
-        "--batch-delay-ms",
-        type=float,
-        default=2.0,
-        metavar="MS",
-        help="batched, core mode: a batch is signed at the latest this long after its first "
-        "intent; sooner when full or when no further intent is waiting (default: 2)",
-    )
+    for option in _ARTIFACTS:
+        option.add_to(art)
     st = run.add_argument_group("stream mode")
-    st.add_argument(
-        "--ack-wait",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="redeliver an intent not acked within this (default: 30)",
-    )
-    st.add_argument(
-        "--max-ack-pending",
-        type=int,
-        default=1024,
-        metavar="N",
-        help="intents in flight over all replicas (default: 1024)",
-    )
-    st.add_argument(
-        "--batch",
-        type=int,
-        default=128,
-        metavar="N",
-        help="intents per pull and per ledger commit (default: 128)",
-    )
-    st.add_argument(
-        "--max-deliveries",
-        type=int,
-        default=10,
-        metavar="N",
-        help="deny an intent still undecided after N deliveries (default: 10)",
-    )
-    st.add_argument(
-        "--retry-horizon",
-        type=float,
-        default=120.0,
-        metavar="SECONDS",
-        help="outputs re-published relying on de-dup within this (default: 120)",
-    )
-    st.add_argument(
-        "--dedup-window",
-        type=float,
-        default=600.0,
-        metavar="SECONDS",
-        help="de-dup window of the output and ledger streams created (default: 600)",
-    )
-    st.add_argument(
-        "--replicas",
-        type=int,
-        default=1,
-        metavar="N",
-        help="replicas of the streams created (default: 1; 3 on a cluster)",
-    )
-    st.add_argument(
-        "--min-replicas",
-        type=int,
-        default=1,
-        metavar="N",
-        help="refuse to start on streams with fewer replicas (default: 1)",
-    )
-    st.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=1000,
-        metavar="N",
-        help="signed ledger checkpoint every N records (default: 1000) ...",
-    )
-    st.add_argument(
-        "--checkpoint-interval",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="... or every so many seconds (default: 10)",
-    )
-    st.add_argument(
-        "--max-lineage-depth",
-        type=int,
-        default=32,
-        metavar="N",
-        help="deny intents deeper in a chain of decisions (default: 32)",
-    )
+    for option in _STREAM:
+        option.add_to(st)
 
     demo = sub.add_parser("demo", help="run the live demo on an embedded nats-server")
-    demo.add_argument("--count", type=int, default=300, help="intents to send (default: 300)")
+    demo.add_argument(
+        "--count",
+        type=int,
+        default=_DEMO_COUNT,
+        help=_with_default("intents to send", _DEMO_COUNT),
+    )
     demo.add_argument(
         "--nats", default=None, metavar="URL", help="use this server instead of an embedded one"
     )
-    demo.add_argument("--policies", type=Path, default=Path("policies"), metavar="DIR")
+    demo.add_argument(
+        "--policies",
+        type=Path,
+        default=_DEMO_POLICIES,
+        metavar="DIR",
+        help=_with_default("policy bundles", _DEMO_POLICIES),
+    )
     demo.add_argument(
         "--rate",
         type=float,
-        default=150.0,
+        default=_DEMO_RATE_PER_S,
         metavar="PER_S",
-        help="intents per second the agents send (0 = as fast as possible)",
+        help=_with_default(
+            "intents per second the agents send (0 = as fast as possible)", _DEMO_RATE_PER_S
+        ),
     )
-    demo.add_argument("--seed", type=int, default=7)
     demo.add_argument(
-        "--mode", default="stream", choices=["core", "stream"], help="intake mode (default: stream)"
+        "--seed",
+        type=int,
+        default=_DEMO_SEED,
+        help=_with_default("random seed of the agents' mix", _DEMO_SEED),
     )
+    mode = field_default(Settings, "mode")
+    demo.add_argument(
+        "--mode",
+        default=mode,
+        choices=get_args(IntakeMode),
+        help=_with_default("intake mode", mode),
+    )
+    artifacts = field_default(Settings, "artifacts")
     demo.add_argument(
         "--artifacts",
-        default="per-message",
-        choices=["per-message", "batched"],
-        help="the gateway's artifacts (default: per-message; see `bus-guard run --help`)",
+        default=artifacts,
+        choices=get_args(ArtifactMode),
+        help=_with_default("the gateway's artifacts; see `bus-guard run --help`", artifacts),
     )
     demo.add_argument("--quiet", action="store_true", help="only print the summary")
 
     watch = sub.add_parser("watch", help="live view of denials and holds")
     watch.add_argument("--nats", required=True, metavar="URL")
-    watch.add_argument("--prefix", default="guard")
+    _prefix_option(watch)
     watch.add_argument("--principal", default=None, help="only this principal")
     watch.add_argument(
         "--action", default=None, help="only this action (NATS wildcards allowed: payments.*)"
@@ -257,9 +402,9 @@ def parser() -> argparse.ArgumentParser:
     rotate.add_argument(
         "--grace",
         type=float,
-        default=3600.0,
+        default=DEFAULT_GRACE_S,
         metavar="SECONDS",
-        help="how long the old key still verifies (default: 3600)",
+        help=_with_default("how long the old key still verifies", DEFAULT_GRACE_S),
     )
     revoke = keys.add_parser("revoke", help="refuse a key id from now on (key compromise)")
     revoke.add_argument("--jwks", required=True, type=Path, metavar="FILE")
@@ -293,7 +438,7 @@ def parser() -> argparse.ArgumentParser:
     )
     lv.add_argument("--nats", required=True, metavar="URL[,URL...]")
     lv.add_argument("--jwks", required=True, type=Path, metavar="FILE")
-    lv.add_argument("--prefix", default="guard")
+    _prefix_option(lv)
     lv.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
     lv.add_argument(
         "--require-sealed",
@@ -303,7 +448,7 @@ def parser() -> argparse.ArgumentParser:
     lin = sub.add_parser("lineage", help="ancestors and descendants of a decision, as trees")
     lin.add_argument("decision_id")
     lin.add_argument("--nats", required=True, metavar="URL[,URL...]")
-    lin.add_argument("--prefix", default="guard")
+    _prefix_option(lin)
     lin.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
 
     ver = sub.add_parser("verify", help="verify an authorization artifact")

@@ -148,17 +148,18 @@ async def _bus(nats_url: str | None) -> AsyncIterator[str]:
 
 async def run_demo(
     *,
-    count: int = 300,
-    nats_url: str | None = None,
-    policies_dir: Path = Path("policies"),
-    rate_per_s: float = 150.0,
-    seed: int = 7,
-    quiet: bool = False,
+    count: int,
+    nats_url: str | None,
+    policies_dir: Path,
+    rate_per_s: float,
+    seed: int,
+    quiet: bool,
+    mode: IntakeMode,
+    artifacts: ArtifactMode,
     timeout_s: float = 60.0,
     console: Console | None = None,
-    mode: IntakeMode = "stream",
-    artifacts: ArtifactMode = "per-message",
 ) -> int:
+    """The demo; ``bus-guard demo``'s options (and their defaults: cli._arguments)."""
     console = console or Console(highlight=False)
     policies = load_policies(policies_dir)
     rng = random.Random(seed)
@@ -166,7 +167,6 @@ async def run_demo(
     with tempfile.TemporaryDirectory(prefix="bus-guard-demo-") as tmp:
         key_path, jwks_path = generate_key(Path(tmp))
         key = load_private_key(key_path)
-        signer = Signer(key, issuer="demo-gateway", ttl_s=60)
         verifier = Verifier(jwks_path)
         async with _bus(nats_url) as url:
             console.print(
@@ -177,6 +177,7 @@ async def run_demo(
             settings = Settings(
                 nats_url=url, gateway_id="demo-gateway", mode=mode, artifacts=artifacts
             )
+            signer = Signer(key, issuer=settings.gateway_id, ttl_s=settings.artifact_ttl_s)
             all_decided = anyio.Event()
 
             def decided() -> None:
@@ -218,9 +219,10 @@ async def run_demo(
 
             nc = await nats.connect(url, name="bus-guard demo")
             try:
-                await nc.subscribe("guard.exec.>", cb=executor)
-                await nc.subscribe("guard.deny.>", cb=operator)
-                await nc.subscribe("guard.hold.>", cb=operator)
+                subjects = settings.subjects
+                await nc.subscribe(subjects.wildcard("exec"), cb=executor)
+                await nc.subscribe(subjects.wildcard("deny"), cb=operator)
+                await nc.subscribe(subjects.wildcard("hold"), cb=operator)
                 await round_trip(nc)
                 gateway = Gateway(settings, policies, signer, ledger_signer=CheckpointSigner(key))
                 async with gateway:
@@ -229,7 +231,7 @@ async def run_demo(
                         sent = _scenario(rng)
                         headers = {"Content-Type": sent.content_type} if sent.content_type else None
                         await nc.publish(
-                            f"guard.in.{sent.principal}.{sent.action}",
+                            subjects.intent(sent.principal, sent.action),
                             sent.payload,
                             headers=headers,
                         )

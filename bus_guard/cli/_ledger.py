@@ -12,7 +12,8 @@ from nats.aio.client import Client
 from bus_guard.intake._jetstream import read
 from bus_guard.ledger._audit import Auditor
 from bus_guard.ledger._lineage import render_tree
-from bus_guard.ledger._records import LedgerRecord, LedgerSubjects, decode_record
+from bus_guard.ledger._records import LedgerRecord, decode_record
+from bus_guard.subjects import Subjects
 from bus_guard.verify import Jwks
 
 __all__ = ("audit_stream", "show")
@@ -35,9 +36,10 @@ async def audit_stream(
     config = info.config
     last = info.state.last_seq
     auditor = Auditor(prefix, jwks, require_sealed=require_sealed)
+    everything = Subjects(prefix).ledger().all
     fed = 0  # stream seq of the last record audited
     for attempt in range(len(_CATCH_UP_S) + 1):
-        async for stored in read(nc, stream, f"{prefix}.ledger.>", start_seq=fed + 1):
+        async for stored in read(nc, stream, everything, start_seq=fed + 1):
             if stored.seq > last:
                 break  # written after we looked: the next audit covers it
             auditor.feed(stored)
@@ -69,10 +71,10 @@ async def audit_stream(
 
 async def show(nc: Client, stream: str, prefix: str, decision_id: str, *, out: TextIO) -> int:
     """Print the ancestors and descendants of *decision_id*; 1 if it is not in the ledger."""
-    subjects = LedgerSubjects(prefix, "*")
+    subjects = Subjects(prefix).ledger()
     records: dict[str, LedgerRecord] = {}
     children: dict[str, list[str]] = collections.defaultdict(list)
-    async for stored in read(nc, stream, f"{prefix}.ledger.*.d.*"):
+    async for stored in read(nc, stream, subjects.decision("*")):
         try:
             record = decode_record(stored.data)
         except msgspec.DecodeError:

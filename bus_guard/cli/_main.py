@@ -24,9 +24,15 @@ from typing import Any, TextIO
 
 import anyio
 
-from bus_guard.cli._arguments import parser
+from bus_guard.cli._arguments import (
+    DEFAULT_LOG_LEVEL,
+    DEMO_LOG_LEVEL,
+    TOOL_RECONNECT_ATTEMPTS,
+    field_default,
+    parser,
+    run_settings,
+)
 from bus_guard.errors import GuardError
-from bus_guard.pipeline import Checks
 
 __all__ = ("main",)
 
@@ -62,7 +68,7 @@ def _setup_logging(level: str, fmt: str) -> None:
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     args = parser().parse_args(argv)
-    level = args.log_level or ("warning" if args.command == "demo" else "info")
+    level = args.log_level or (DEMO_LOG_LEVEL if args.command == "demo" else DEFAULT_LOG_LEVEL)
     _setup_logging(level, args.log_format)
     try:
         return int(_dispatch(args, out))
@@ -134,9 +140,10 @@ async def _cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
     import nats
 
     from bus_guard.errors import GatewayError
-    from bus_guard.intake._preflight import Streams
+    from bus_guard.settings import Settings
+    from bus_guard.subjects import Subjects
 
-    stream = Streams(args.prefix).ledger
+    stream = Subjects(args.prefix).streams.ledger
     jwks = None
     if args.command == "ledger":
         from bus_guard.verify import load_jwks
@@ -146,8 +153,8 @@ async def _cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
         nc = await nats.connect(
             [u.strip() for u in args.nats.split(",") if u.strip()],
             user_credentials=args.creds,
-            connect_timeout=2,
-            max_reconnect_attempts=3,
+            connect_timeout=field_default(Settings, "connect_timeout_s"),
+            max_reconnect_attempts=TOOL_RECONNECT_ATTEMPTS,
         )
     except Exception as exc:
         raise GatewayError(f"cannot connect to {args.nats}: {exc}") from exc
@@ -229,42 +236,10 @@ def _read_file(path: Path) -> bytes:
 def _cmd_run(args: argparse.Namespace) -> int:
     from bus_guard.ledger._records import CheckpointSigner
     from bus_guard.policy._load import load_policies
-    from bus_guard.settings import Settings, StreamSettings
     from bus_guard.signing._keys import load_private_key
     from bus_guard.signing._signer import Signer
 
-    settings_kw: dict[str, Any] = {}
-    if args.gateway_id:
-        settings_kw["gateway_id"] = args.gateway_id
-    settings = Settings(
-        nats_url=args.nats,
-        prefix=args.prefix,
-        queue=args.queue,
-        mode=args.mode,
-        creds_file=args.creds,
-        artifact_ttl_s=args.artifact_ttl,
-        max_payload_bytes=args.max_payload,
-        checks=Checks(max_past_skew_s=args.max_skew),
-        reconnect_wait_s=args.reconnect_wait,
-        max_reconnect_attempts=args.max_reconnects,
-        artifacts=args.artifacts,
-        batch_max=args.batch_max,
-        batch_delay_ms=args.batch_delay_ms,
-        stream=StreamSettings(
-            ack_wait_s=args.ack_wait,
-            max_ack_pending=args.max_ack_pending,
-            fetch_batch=args.batch,
-            max_deliveries=args.max_deliveries,
-            retry_horizon_s=args.retry_horizon,
-            duplicate_window_s=args.dedup_window,
-            replicas=args.replicas,
-            min_replicas=args.min_replicas,
-            checkpoint_every=args.checkpoint_every,
-            checkpoint_interval_s=args.checkpoint_interval,
-            max_lineage_depth=args.max_lineage_depth,
-        ),
-        **settings_kw,
-    )
+    settings = run_settings(args)
     policies = load_policies(args.policies)
     key = load_private_key(args.key)
     signer = Signer(key, issuer=settings.gateway_id, ttl_s=settings.artifact_ttl_s)

@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from bus_guard.intake._gateway import round_trip
 from bus_guard.pipeline import DecisionRecord
+from bus_guard.subjects import DEFAULT_PREFIX, Subjects
 
 __all__ = ("WatchFilter", "format_record", "watch")
 
@@ -34,7 +35,8 @@ class WatchFilter:
         """Narrow on the server where the subject can: principal and action are tokens."""
         principal = self.principal or "*"
         action = self.action or ">"
-        return [f"{prefix}.deny.{principal}.{action}", f"{prefix}.hold.{principal}.{action}"]
+        subjects = Subjects(prefix)
+        return [subjects.subject(kind, principal, action) for kind in ("deny", "hold")]
 
     def matches(self, record: DecisionRecord) -> bool:
         return self.reason is None or record.reason == self.reason
@@ -56,7 +58,7 @@ def format_record(record: DecisionRecord) -> str:
 async def watch(
     nats_url: str,
     *,
-    prefix: str = "guard",
+    prefix: str = DEFAULT_PREFIX,
     filters: WatchFilter = WatchFilter(),
     count: int | None = None,
     as_json: bool = False,

@@ -164,7 +164,7 @@ class CoreIntake:
                 outcome,
                 issuer=self.signer.issuer,
                 ttl_s=self.signer.ttl_s,
-                prefix=self.settings.prefix,
+                subjects=self.settings.subjects,
             )
             return msgspec.structs.replace(outcome, artifact=self.signer.sign(claims))
         # Synchronous (and wrapped in SigningError by sign): never a cancellation.
@@ -245,7 +245,7 @@ class CoreIntake:
                     batch[i][1],
                     issuer=signer.issuer,
                     ttl_s=signer.ttl_s,
-                    prefix=self.settings.prefix,
+                    subjects=self.settings.subjects,
                 )
                 for i in allowed
             ]
@@ -292,7 +292,7 @@ class CoreIntake:
             outcome,
             msg.data,
             msg.headers,
-            prefix=s.prefix,
+            subjects=s.subjects,
             deny_payload_bytes=s.deny_payload_bytes,
             max_payload_bytes=s.max_payload_bytes,
         )

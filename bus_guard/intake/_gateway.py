@@ -189,7 +189,7 @@ class Gateway(AsyncContextManagerMixin):
         else:
             await self._start_core(nc)
         how = f"consumer {s.queue}, stream mode" if s.mode == "stream" else f"queue {s.queue}"
-        log.info("gateway %s ready on %s.in.> (%s)", s.gateway_id, s.prefix, how)
+        log.info("gateway %s ready on %s (%s)", s.gateway_id, s.subjects.wildcard("in"), how)
 
     def _spawn(self, tg: TaskGroup) -> None:
         """The intake's long-lived tasks: stream mode's loop, batched core mode's flusher
@@ -211,7 +211,7 @@ class Gateway(AsyncContextManagerMixin):
             self._count,
         )
         self._sub = await nc.subscribe(
-            f"{s.prefix}.in.>",
+            s.subjects.wildcard("in"),
             queue=s.queue,
             cb=core.on_intent,
             pending_msgs_limit=s.pending_msgs_limit,

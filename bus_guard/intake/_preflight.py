@@ -26,8 +26,6 @@ the consumer
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Final
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -42,58 +40,19 @@ from nats.js.errors import NotFoundError
 
 from bus_guard.errors import ConfigError
 from bus_guard.settings import Settings
+from bus_guard.subjects import ROLES, Role, Streams
 
+# ROLES and Streams live in bus_guard.subjects; re-exported for the modules that import
+# them from here.
 __all__ = ("ROLES", "Streams", "check_consumer", "check_stream", "ensure", "wanted_stream")
 
 log = logging.getLogger(__name__)
 
-ROLES: Final = ("intake", "exec", "deny", "hold", "ledger")
-_ROLE_SUBJECT: Final = {
-    "intake": "in",
-    "exec": "exec",
-    "deny": "deny",
-    "hold": "hold",
-    "ledger": "ledger",
-}
-_STREAM_SUFFIX: Final = {
-    "intake": "IN",
-    "exec": "EXEC",
-    "deny": "DENY",
-    "hold": "HOLD",
-    "ledger": "LEDGER",
-}
 
-
-@dataclass(frozen=True, slots=True)
-class Streams:
-    """Stream names for a subject prefix: ``guard`` → ``GUARD_IN``, ``GUARD_EXEC``, ..."""
-
-    prefix: str
-
-    def name(self, role: str) -> str:
-        base = self.prefix.upper().replace(".", "_")
-        return f"{base}_{_STREAM_SUFFIX[role]}"
-
-    def subject(self, role: str) -> str:
-        return f"{self.prefix}.{_ROLE_SUBJECT[role]}.>"
-
-    @property
-    def intake(self) -> str:
-        return self.name("intake")
-
-    @property
-    def exec(self) -> str:
-        return self.name("exec")
-
-    @property
-    def ledger(self) -> str:
-        return self.name("ledger")
-
-
-def wanted_stream(role: str, settings: Settings) -> StreamConfig:
+def wanted_stream(role: Role, settings: Settings) -> StreamConfig:
     """The configuration bus_guard creates a missing stream with."""
     s = settings.stream
-    streams = Streams(settings.prefix)
+    streams = settings.subjects.streams
     config = StreamConfig(
         name=streams.name(role),
         subjects=[streams.subject(role)],
@@ -118,10 +77,10 @@ def wanted_stream(role: str, settings: Settings) -> StreamConfig:
     return config
 
 
-def check_stream(role: str, config: StreamConfig, settings: Settings) -> list[str]:
+def check_stream(role: Role, config: StreamConfig, settings: Settings) -> list[str]:
     """Why *config* is unusable for *role* (empty when it is fine). Pure."""
     s = settings.stream
-    want = Streams(settings.prefix).subject(role)
+    want = settings.subjects.streams.subject(role)
     problems = []
     replicas = config.num_replicas or 1
     if replicas < s.min_replicas:
@@ -167,7 +126,7 @@ def check_stream(role: str, config: StreamConfig, settings: Settings) -> list[st
 
 def check_consumer(config: ConsumerConfig, settings: Settings) -> list[str]:
     """Why an existing intake consumer is unusable (empty when it is fine). Pure."""
-    want = Streams(settings.prefix).subject("intake")
+    want = settings.subjects.streams.subject("intake")
     problems = []
     if config.deliver_subject:
         problems.append("a push consumer: bus_guard pulls")
@@ -183,8 +142,8 @@ def check_consumer(config: ConsumerConfig, settings: Settings) -> list[str]:
     return problems
 
 
-async def _stream(js: JetStreamContext, role: str, settings: Settings) -> list[str]:
-    name = Streams(settings.prefix).name(role)
+async def _stream(js: JetStreamContext, role: Role, settings: Settings) -> list[str]:
+    name = settings.subjects.streams.name(role)
     try:
         info = await js.stream_info(name)
     except NotFoundError:
@@ -209,7 +168,7 @@ async def ensure(js: JetStreamContext, settings: Settings) -> None:
     for role in ROLES:
         problems += await _stream(js, role, settings)
     s = settings.stream
-    streams = Streams(settings.prefix)
+    streams = settings.subjects.streams
     if not problems:
         try:
             info = await js.consumer_info(streams.intake, settings.queue)

@@ -28,7 +28,6 @@ from bus_guard.decision import new_decision_id
 from bus_guard.errors import GatewayError
 from bus_guard.intake._jetstream import Committed, InDoubt, Rejected, commit, last_by_subject, read
 from bus_guard.intake._parents import ParentLookup
-from bus_guard.intake._preflight import Streams
 from bus_guard.intake._work import Decided
 from bus_guard.ledger._records import (
     CHAIN_START,
@@ -38,7 +37,6 @@ from bus_guard.ledger._records import (
     ChainHead,
     CheckpointSigner,
     LedgerRecord,
-    LedgerSubjects,
     decode_record,
     record_hash,
 )
@@ -82,8 +80,8 @@ class Recorder:
         )
         self._s = settings.stream
         self._js = nc.jetstream(timeout=self._s.publish_timeout_s)
-        self._streams = Streams(settings.prefix)
-        self._subjects = LedgerSubjects(settings.prefix, settings.gateway_id)
+        self._streams = settings.subjects.streams
+        self._subjects = settings.subjects.ledger(settings.gateway_id)
         self.parents = ParentLookup(
             self._js, self._streams.ledger, self._subjects, cache_size=_RECENT_IDS
         )
@@ -206,7 +204,7 @@ class Recorder:
         as denials: fail closed). Batched: one tree head per ``batch_max`` allows."""
         out = [""] * len(outcomes)
         todo: list[tuple[int, ArtifactClaims]] = []
-        signer, prefix = self.signer, self.settings.prefix
+        signer, subjects = self.signer, self.settings.subjects
         for i, outcome in enumerate(outcomes):
             if outcome.effect != "allow":
                 continue
@@ -215,7 +213,7 @@ class Recorder:
                     outcome,
                     issuer=signer.issuer,
                     ttl_s=signer.ttl_s,
-                    prefix=prefix,
+                    subjects=subjects,
                     ledger_seq=first_seq + i,
                 )
                 if self._batcher is None:

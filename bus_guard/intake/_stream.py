@@ -45,7 +45,6 @@ from nats.aio.msg import Msg
 
 from bus_guard.decision import Decision, Lineage, Reason, message_decision_id
 from bus_guard.intake._jetstream import Puller, find_msg_id
-from bus_guard.intake._preflight import Streams
 from bus_guard.intake._publisher import OutputPublisher
 from bus_guard.intake._recorder import ChainInDoubt, Recorder
 from bus_guard.intake._work import Decided, Item, Pulled, Recorded, Undecided, pulled
@@ -103,7 +102,7 @@ class StreamIntake:
         s = self.settings
         self._s = s.stream
         self._js = self.nc.jetstream(timeout=self._s.publish_timeout_s)
-        self._streams = Streams(s.prefix)
+        self._streams = s.subjects.streams
         self.recorder = Recorder(self.nc, s, self.signer, self.checkpoint_signer, self.clock)
         self.parents = self.recorder.parents
         self.publisher = OutputPublisher(
@@ -387,7 +386,7 @@ class StreamIntake:
                 record,
                 it.pulled.msg.data,
                 it.pulled.msg.headers,
-                prefix=s.prefix,
+                subjects=s.subjects,
                 deny_payload_bytes=s.deny_payload_bytes,
                 max_payload_bytes=s.max_payload_bytes,
             )

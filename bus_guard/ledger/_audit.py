@@ -41,6 +41,7 @@ from bus_guard.ledger._records import (
     decode_record,
     record_hash,
 )
+from bus_guard.subjects import LedgerSubjects
 from bus_guard.verify import Jwks
 
 __all__ = ("AuditReport", "Auditor", "ChainSummary", "Problem", "audit")
@@ -131,8 +132,12 @@ class Auditor:
     _subject_re: re.Pattern[str] = field(init=False)
 
     def __post_init__(self) -> None:
+        # The inverse of LedgerSubjects.chain / .decision(id): gateway, chain?, decision id.
+        ledger = LedgerSubjects(self.prefix, "")
+        gateway, decision_id = r"([A-Za-z0-9_-]{1,64})", r"([0-9A-Z]{26})"
+        chain, decision = re.escape(ledger.CHAIN), re.escape(ledger.DECISION)
         self._subject_re = re.compile(
-            re.escape(self.prefix) + r"\.ledger\.([A-Za-z0-9_-]{1,64})\.(?:(c)|d\.([0-9A-Z]{26}))"
+            rf"{re.escape(ledger.root)}\.{gateway}\.(?:({chain})|{decision}\.{decision_id})"
         )
 
     def _problem(self, stored: Stored, gateway: str, seq: int | None, message: str) -> None:

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bus_guard.decision import intent_decision_id, message_decision_id
 from bus_guard.errors import ConfigError
 from bus_guard.signing._keys import kid_for
+from bus_guard.subjects import LedgerSubjects  # re-exported: where the records go
 from bus_guard.verify import ALG, Jwks, b64url_decode, b64url_encode
 
 __all__ = (
@@ -142,33 +143,6 @@ class Stored:
     subject: str
     data: bytes
     headers: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerSubjects:
-    """Where a gateway's records go."""
-
-    prefix: str
-    gateway: str
-
-    @property
-    def all(self) -> str:
-        return f"{self.prefix}.ledger.>"
-
-    @property
-    def own(self) -> str:
-        return f"{self.prefix}.ledger.{self.gateway}.>"
-
-    @property
-    def chain(self) -> str:
-        return f"{self.prefix}.ledger.{self.gateway}.c"
-
-    def decision(self, decision_id: str) -> str:
-        return f"{self.prefix}.ledger.{self.gateway}.d.{decision_id}"
-
-    def any_decision(self, decision_id: str) -> str:
-        """The subject filter over every gateway's record of *decision_id*."""
-        return f"{self.prefix}.ledger.*.d.{decision_id}"
 
 
 # --- signing ------------------------------------------------------------------------------
