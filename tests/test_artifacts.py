@@ -33,6 +33,12 @@ from bus_guard.verify import (
     Jwks,
     Verifier,
     VerifyReason,
+    _base64url,
+    _format,
+    _jwks,
+    _merkle,
+    _strict_json,
+    _verifier,
     b64url_decode,
     b64url_encode,
     verify_message,
@@ -660,7 +666,9 @@ def test_verify_imports_nothing_heavy() -> None:
     assert [m for m in ours if not m.startswith("bus_guard.verify")] == ["bus_guard.errors"]
 
 
-@pytest.mark.parametrize("module", [verify, artifacts])
+@pytest.mark.parametrize(
+    "module", [verify, artifacts, _format, _base64url, _strict_json, _merkle, _jwks, _verifier]
+)
 def test_all_matches_public_names(module: Any) -> None:
     defined = {
         name
