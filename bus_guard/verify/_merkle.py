@@ -4,6 +4,10 @@ A leaf is ``SHA-256(0x00 || data)``, a node ``SHA-256(0x01 || left || right)``, 
 of any size have the RFC's shape. The signer builds trees with these two functions
 (:mod:`bus_guard.signing._batch`); the verifier walks inclusion proofs up to a signed
 root with :func:`proof_leads_to`, which remembers the states of proofs that reached it.
+
+There is one proof walk, ``_walk``: :func:`merkle_root_from_proof` is it with nothing
+remembered, :func:`proof_leads_to` with a memo, so the shortcut cannot drift from the
+full walk. The tests check the walk against the RFC's wording of the procedure.
 """
 
 from __future__ import annotations
@@ -39,26 +43,8 @@ def merkle_root_from_proof(leaf_hash: bytes, index: int, size: int, proof: bytes
 
     *proof* is the audit path: 32-byte hashes concatenated, from the leaf up.
     """
-    end = len(proof)
-    if not 0 <= index < size or end % _HASH_BYTES:
-        return None
-    fn, sn, r = index, size - 1, leaf_hash
-    sha256 = _sha256
-    for offset in range(0, end, _HASH_BYTES):
-        if sn == 0:
-            return None  # a longer path than the tree is deep
-        if fn & 1:
-            r = sha256(b"\x01" + proof[offset : offset + _HASH_BYTES] + r).digest()
-        elif fn == sn:
-            r = sha256(b"\x01" + proof[offset : offset + _HASH_BYTES] + r).digest()
-            while fn and not fn & 1:
-                fn >>= 1
-                sn >>= 1
-        else:
-            r = sha256(b"\x01" + r + proof[offset : offset + _HASH_BYTES]).digest()
-        fn >>= 1
-        sn >>= 1
-    return r if sn == 0 else None
+    # No root to meet and nothing remembered: the walk goes all the way up.
+    return _walk(leaf_hash, index, size, proof, None, {})
 
 
 # Proven path states of one tree: (node index, last index at its level) -> (node hash, the
@@ -80,20 +66,35 @@ def proof_leads_to(
     proof bytes, leads there again: the walk stops, with exactly the answer the full walk
     gives (not merely "included": a proof differing in any byte is still refused).
     """
+    return _walk(leaf_hash, index, size, proof, root, memo) == root
+
+
+def _walk(
+    leaf_hash: bytes, index: int, size: int, proof: bytes, root: bytes | None, memo: ProofMemo
+) -> bytes | None:
+    """The one proof walk, RFC 9162 §2.1.3.2: the root *proof* leads to, or ``None``.
+
+    Every state in *memo* is known to lead to *root* (*memo* holds one tree's states), so
+    meeting one ends the walk there; the states of a walk that ends at *root* are added.
+    With ``root=None`` and an empty *memo* this is the plain walk: nothing is met, and
+    nothing is added since no hash equals ``None``.
+    """
     end = len(proof)
     if not 0 <= index < size or end % _HASH_BYTES:
-        return False
+        return None
     fn, sn, r = index, size - 1, leaf_hash
     sha256 = _sha256
     walked = []
     for offset in range(0, end, _HASH_BYTES):
         if sn == 0:
-            return False  # a longer path than the tree is deep
+            return None  # a longer path than the tree is deep
         known = memo.get((fn, sn))
         if known is not None and known[0] == r and known[1] == proof[offset:]:
+            reached = root
             break
         walked.append((fn, sn, r, offset))
         sibling = proof[offset : offset + _HASH_BYTES]
+        # merkle_node_hash, inlined: a call per level costs more than the hash's concat.
         if fn & 1:
             r = sha256(b"\x01" + sibling + r).digest()
         elif fn == sn:
@@ -106,9 +107,10 @@ def proof_leads_to(
         fn >>= 1
         sn >>= 1
     else:
-        if sn != 0 or r != root:
-            return False
-    if len(memo) < _MEMO_STATES:
+        if sn != 0:
+            return None  # a shorter path than the tree is deep
+        reached = r
+    if reached == root and len(memo) < _MEMO_STATES:
         for fn, sn, r, offset in walked:
             memo[(fn, sn)] = (r, proof[offset:])
-    return True
+    return reached
