@@ -7,7 +7,7 @@ The embedding API::
     decision = bus_guard.decide(policies, "guard.in.agent-7.payments.transfer", payload)
     decision.effect, decision.reason, decision.rules
 
-Names are imported lazily, so that ``import bus_guard.verify._verifier`` in an executor pulls in
+Names are imported lazily, so that ``import bus_guard.verify`` in an executor pulls in
 neither NATS nor the policy compiler.
 """
 

@@ -7,7 +7,6 @@ built once, at import.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Annotated, Any, Final, NamedTuple
@@ -16,6 +15,7 @@ import msgspec
 
 from bus_guard.decision import Reason
 from bus_guard.subjects import Subjects
+from bus_guard.verify._strict_json import DuplicateMember, strict_loads
 
 __all__ = ("Intent", "Malformed", "Subject", "decode_intent", "parse_subject")
 
@@ -77,36 +77,13 @@ _msgpack_enc: Final = msgspec.msgpack.Encoder()
 _json_enc: Final = msgspec.json.Encoder()
 
 
-class _Duplicate(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _Duplicate(key)
-            seen.add(key)
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name}")
-
-
-# Only used to detect duplicate keys and non-finite constants; msgspec does the typing.
-_dup_scanner: Final = json.JSONDecoder(
-    object_pairs_hook=_no_duplicates, parse_constant=_no_constant
-)
-
-
 def _surely_no_duplicates(payload: bytes, shape: _Shape) -> bool:
     """``True`` only if the JSON *payload*, which decoded to *shape*, has no duplicate keys.
 
-    ``False`` means "cannot tell cheaply": the caller then runs the stdlib scan. The test
-    is a count of ``:`` bytes, at C speed, and it is exact. Proof:
+    ``False`` means "cannot tell cheaply": the caller then runs the stdlib scan
+    (:func:`~bus_guard.verify._strict_json.strict_loads`, only to see duplicates and
+    non-finite constants; msgspec does the typing). The test is a count of ``:`` bytes, at
+    C speed, and it is exact. Proof:
 
     * *payload* is valid JSON (msgspec decoded all of it, params included), so outside
       string tokens a ``:`` is exactly a name separator: ``raw = N + S``, with ``N`` the
@@ -218,7 +195,7 @@ def decode_intent(
         if ctype in JSON_TYPES:
             shape = _json_shape.decode(payload)
             if not _surely_no_duplicates(payload, shape):
-                _dup_scanner.decode(payload.decode("utf-8"))
+                strict_loads(payload)
             intent = _intent(shape)
         elif ctype in MSGPACK_TYPES:
             intent = _msgpack_intent.decode(payload)
@@ -228,8 +205,8 @@ def decode_intent(
                 return Malformed(Reason.MALFORMED, "duplicate keys or non-minimal msgpack")
         else:
             return Malformed(Reason.MALFORMED, f"unsupported content type {ctype!r}")
-    except _Duplicate as exc:
-        return Malformed(Reason.MALFORMED, f"duplicate key {exc.args[0]!r}")
+    except DuplicateMember as exc:
+        return Malformed(Reason.MALFORMED, f"duplicate key {exc.name!r}")
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return Malformed(Reason.MALFORMED, str(exc))
     except UnicodeDecodeError:

@@ -33,6 +33,12 @@ from bus_guard.verify import (
     Jwks,
     Verifier,
     VerifyReason,
+    _base64url,
+    _format,
+    _jwks,
+    _merkle,
+    _strict_json,
+    _verifier,
     b64url_decode,
     b64url_encode,
     verify_message,
@@ -660,7 +666,9 @@ def test_verify_imports_nothing_heavy() -> None:
     assert [m for m in ours if not m.startswith("bus_guard.verify")] == ["bus_guard.errors"]
 
 
-@pytest.mark.parametrize("module", [verify, artifacts])
+@pytest.mark.parametrize(
+    "module", [verify, artifacts, _format, _base64url, _strict_json, _merkle, _jwks, _verifier]
+)
 def test_all_matches_public_names(module: Any) -> None:
     defined = {
         name
@@ -680,3 +688,38 @@ def test_crit_header_is_refused_by_name(env: Env) -> None:
     with pytest.raises(VerificationError, match="bad_header: critical header") as e:
         env.verifier.verify(token, subject=SUBJECT, payload=PAYLOAD, now=NOW)
     assert e.value.reason == VerifyReason.BAD_HEADER
+
+
+# --- strict JSON (the header, claims not in our encoder's bytes, JWKS files, intents) ------
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_json_values)
+def test_strict_loads_is_json_loads_on_plain_json(value: Any) -> None:
+    text = json.dumps(value)
+    assert _strict_json.strict_loads(text) == json.loads(text)
+    assert _strict_json.strict_loads(text.encode()) == json.loads(text)
+
+
+def test_strict_loads_refuses_what_msgspec_would_hide() -> None:
+    with pytest.raises(_strict_json.DuplicateMember, match="duplicate member 'b'") as e:
+        _strict_json.strict_loads(b'{"a": [{"b": 1, "c": 2, "b": 1}]}')
+    assert e.value.name == "b"
+    assert msgspec.json.decode(b'{"b": 1, "b": 2}') == {"b": 2}  # what it would hide
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        with pytest.raises(ValueError, match=f"non-finite number {constant}"):
+            _strict_json.strict_loads(f'{{"a": {constant}}}')
+    with pytest.raises(ValueError, match="BOM"):  # as json.loads says
+        _strict_json.strict_loads(b"\xef\xbb\xbf{}")
+    with pytest.raises(UnicodeDecodeError):
+        _strict_json.strict_loads(b'"\xff"')

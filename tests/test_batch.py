@@ -29,7 +29,6 @@ from bus_guard.verify import (
     BATCH_PREFIX,
     Jwks,
     Verifier,
-    _verifier,
     b64url_decode,
     merkle_leaf_hash,
     merkle_node_hash,
@@ -37,6 +36,7 @@ from bus_guard.verify import (
     proof_leads_to,
     verify_message,
 )
+from bus_guard.verify._base64url import b64url_decode_or_none
 
 from .test_artifacts import (
     ISSUER,
@@ -83,6 +83,29 @@ def ref_path(m: int, leaves: list[bytes]) -> list[bytes]:
     if m < k:
         return [*ref_path(m, leaves[:k]), ref_root(leaves[k:])]
     return [*ref_path(m - k, leaves[k:]), ref_root(leaves[:k])]
+
+
+def ref_root_from_proof(leaf_hash: bytes, index: int, size: int, proof: bytes) -> bytes | None:
+    """The root of RFC 9162 §2.1.3.2's verification procedure, step by step as the RFC
+    words it; ``None`` where it says to fail. Only the tests walk proofs this way: the
+    library has one walk (``bus_guard.verify._merkle``), checked against this one."""
+    if not 0 <= index < size or len(proof) % 32:
+        return None
+    fn, sn, r = index, size - 1, leaf_hash
+    for p in (proof[i : i + 32] for i in range(0, len(proof), 32)):
+        if sn == 0:
+            return None
+        if fn % 2 == 1 or fn == sn:
+            r = hashlib.sha256(b"\x01" + p + r).digest()
+            if fn % 2 == 0:
+                while not (fn % 2 == 1 or fn == 0):
+                    fn //= 2
+                    sn //= 2
+        else:
+            r = hashlib.sha256(b"\x01" + r + p).digest()
+        fn //= 2
+        sn //= 2
+    return r if sn == 0 else None
 
 
 @settings(max_examples=150, deadline=None)
@@ -137,6 +160,30 @@ def test_memoised_proof_walk_gives_the_full_walks_answer(n: int, data: st.DataOb
             size = data.draw(st.integers(1, n + 2))
         full = merkle_root_from_proof(leaf, index, size, bytes(proof)) == root
         assert proof_leads_to(leaf, index, size, bytes(proof), root, memo) == full
+        assert (ref_root_from_proof(leaf, index, size, bytes(proof)) == root) == full
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 70), data=st.data())
+def test_full_walk_is_the_rfc_procedure(n: int, data: st.DataObject) -> None:
+    # merkle_root_from_proof and proof_leads_to share one walk; it must give the root the
+    # RFC's own wording gives for any leaf, index, size and proof, genuine or not.
+    hashes = [merkle_leaf_hash(i.to_bytes(4, "big")) for i in range(n)]
+    levels = merkle_levels(hashes)
+    m = data.draw(st.integers(0, n - 1))
+    genuine = inclusion_proof(levels, m)
+    proof = data.draw(
+        st.just(genuine)
+        | st.binary(max_size=len(genuine) + 64)
+        | st.sampled_from(hashes).map(lambda h: genuine + h)
+        | st.just(genuine[:-32])
+    )
+    index = data.draw(st.integers(-1, n + 1) | st.just(m))
+    size = data.draw(st.integers(0, n + 2) | st.just(n))
+    leaf = data.draw(st.sampled_from(hashes))
+    assert merkle_root_from_proof(leaf, index, size, proof) == ref_root_from_proof(
+        leaf, index, size, proof
+    )
 
 
 def test_known_vectors() -> None:
@@ -525,7 +572,7 @@ def test_strict_decoder_agrees_with_b64url_decode(text: str) -> None:
         expected: bytes | None = b64url_decode(text)
     except ValueError:
         expected = None
-    assert _verifier._b64decode_strict(text) == expected
+    assert b64url_decode_or_none(text) == expected
 
 
 def test_module_surface() -> None:

@@ -363,7 +363,8 @@ def test_run_refuses_a_missing_key_with_a_clear_error(tmp_path: Path, nats_url: 
 
 
 def test_keys_rotate_keeps_the_old_key_valid_for_the_grace_period(tmp_path: Path) -> None:
-    from bus_guard.signing._keys import kid_for, load_jwks, load_private_key
+    from bus_guard.signing._keys import kid_for, load_private_key
+    from bus_guard.verify import load_jwks
 
     assert _run("keys", "new", "--out", str(tmp_path))[0] == 0
     old_kid = kid_for(load_private_key(tmp_path / "signing-key.pem").public_key())

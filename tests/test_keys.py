@@ -20,13 +20,12 @@ from bus_guard.signing._keys import (
     add_key_to_jwks,
     generate_key,
     kid_for,
-    load_jwks,
     load_private_key,
     public_jwk,
     revoke_key,
     rotate_key,
 )
-from bus_guard.verify import Jwks, b64url_decode
+from bus_guard.verify import Jwks, b64url_decode, load_jwks
 
 NOW = 1_764_150_000.0
 

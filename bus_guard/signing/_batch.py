@@ -5,8 +5,10 @@ else the gateway does for an intent. In batched mode the gateway collects the cl
 short window of allowed intents, hashes each claims set as a leaf of an RFC 9162 Merkle
 tree, signs the tree head once (:meth:`~bus_guard.signing._signer.Signer.sign_tree_head`) and
 gives every message its own artifact: its leaf claims, the inclusion proof from that leaf
-to the root, and the signed head. The format and how it is verified are documented in
-:mod:`bus_guard.verify`, which accepts both kinds transparently.
+to the root, and the signed head. The format is documented in :mod:`bus_guard.verify._format`
+and how it is verified in :mod:`bus_guard.verify._verifier`, which accepts both kinds
+transparently. Trees are hashed with :mod:`bus_guard.verify._merkle`'s leaf and node
+hashes, the ones the verifier checks proofs with.
 
 :meth:`BatchSigner.sign_batch` is pure and synchronous; it fails closed: any failure
 raises :class:`~bus_guard.errors.SigningError` and yields no artifact for any message of
@@ -20,7 +22,6 @@ batch and a verifier checks one signature per batch (the head is cached), hashes
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Final
 
@@ -28,7 +29,13 @@ import msgspec
 
 from bus_guard.errors import ConfigError, SigningError
 from bus_guard.signing._signer import Signer
-from bus_guard.verify import BATCH_PREFIX, ArtifactClaims, b64url_encode
+from bus_guard.verify import (
+    BATCH_PREFIX,
+    ArtifactClaims,
+    b64url_encode,
+    merkle_leaf_hash,
+    merkle_node_hash,
+)
 
 __all__ = ("MAX_BATCH", "BatchSigner", "inclusion_proof", "merkle_levels")
 
@@ -38,7 +45,6 @@ MAX_BATCH: Final = 1 << 20
 # Same configuration as the signer's and the verifier's: the leaf bytes are exactly what a
 # per-message artifact would carry as its claims segment.
 _ENCODER: Final = msgspec.json.Encoder()
-_sha256: Final = hashlib.sha256
 
 
 def merkle_levels(leaf_hashes: Sequence[bytes]) -> list[list[bytes]]:
@@ -52,9 +58,10 @@ def merkle_levels(leaf_hashes: Sequence[bytes]) -> list[list[bytes]]:
     level = list(leaf_hashes)
     levels = [level]
     while len(level) > 1:
-        up = [
-            _sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)
-        ]
+        # map over the even and odd slices pairs the nodes and stops at the shorter, leaving
+        # an odd last node out. The call per node costs ~25 ns over an inlined hash (~2% of
+        # sign_batch for 256 claims): the price of one definition of the hash.
+        up = list(map(merkle_node_hash, level[0::2], level[1::2]))
         if len(level) & 1:
             up.append(level[-1])
         levels.append(up)
@@ -128,7 +135,7 @@ class BatchSigner:
             for c in claims:
                 if c.iss != issuer:
                     raise SigningError(f"claims issuer {c.iss!r} is not this signer's")
-            levels = merkle_levels([_sha256(b"\x00" + leaf).digest() for leaf in leaves])
+            levels = merkle_levels(list(map(merkle_leaf_hash, leaves)))
             head = "~" + self._signer.sign_tree_head(root=levels[-1][0], size=n, now=now)
             return [
                 f"{BATCH_PREFIX}{i}~{b64url_encode(leaf).decode('ascii')}~"

@@ -9,7 +9,11 @@ retired key gets a ``not_after`` member (unix seconds) at the end of a grace per
 enough for every verifier to fetch the new JWKS and for artifacts already signed with the
 old key to expire. ``revoked_at`` is the emergency variant: the key is refused from that
 instant on. Both are extension members that :mod:`bus_guard.verify` enforces; a generic
-JOSE verifier ignores them, so give it :meth:`Jwks.usable_at` instead.
+JOSE verifier ignores them, so give it :meth:`~bus_guard.verify.Jwks.usable_at` instead.
+
+The JWKS model (:class:`~bus_guard.verify.JwkEntry`, :class:`~bus_guard.verify.Jwks`,
+:func:`~bus_guard.verify.load_jwks`) is the verifier's; this module only makes entries
+from keys and edits the file.
 """
 
 from __future__ import annotations
@@ -22,27 +26,26 @@ import secrets
 import stat
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from bus_guard.errors import ConfigError
-from bus_guard.verify import ALG, JwkEntry, Jwks, b64url_encode, load_jwks
+from bus_guard.verify import JwkEntry, Jwks, b64url_encode, load_jwks
 
 __all__ = (
     "DEFAULT_GRACE_S",
     "JWKS_FILENAME",
     "KEY_FILENAME",
-    "Jwks",
     "Rotation",
     "add_key_to_jwks",
     "generate_key",
     "jwk_entry",
     "kid_for",
-    "load_jwks",
     "load_private_key",
     "public_jwk",
     "revoke_key",
@@ -59,28 +62,20 @@ DEFAULT_GRACE_S = 3600.0
 _MAX_KEY_FILE_BYTES = 64 * 1024
 
 
-def _raw_public(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
-    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
-    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+def _public(key: Ed25519PrivateKey | Ed25519PublicKey) -> Ed25519PublicKey:
+    return key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+
+
+def _x(public: Ed25519PublicKey) -> str:
+    """The JWK ``x`` member: the raw public key, base64url."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return b64url_encode(raw).decode("ascii")
 
 
 def kid_for(public_key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     """RFC 7638 JWK thumbprint: base64url SHA-256 of ``{"crv","kty","x"}`` in that order."""
-    x = b64url_encode(_raw_public(public_key)).decode("ascii")
-    canonical = f'{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}'.encode("ascii")
-    return b64url_encode(hashlib.sha256(canonical).digest()).decode("ascii")
-
-
-def public_jwk(key: Ed25519PrivateKey | Ed25519PublicKey) -> dict[str, str]:
-    """The public JWK of *key* (never the private part)."""
-    return {
-        "kty": "OKP",
-        "crv": "Ed25519",
-        "x": b64url_encode(_raw_public(key)).decode("ascii"),
-        "kid": kid_for(key),
-        "alg": ALG,
-        "use": "sig",
-    }
+    canonical = f'{{"crv":"Ed25519","kty":"OKP","x":"{_x(_public(public_key))}"}}'
+    return b64url_encode(hashlib.sha256(canonical.encode("ascii")).digest()).decode("ascii")
 
 
 def jwk_entry(
@@ -89,16 +84,20 @@ def jwk_entry(
     not_after: float | None = None,
     revoked_at: float | None = None,
 ) -> JwkEntry:
-    jwk = public_jwk(key)
-    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    """The JWKS entry of *key*'s public half, ``kid`` its thumbprint (:func:`kid_for`)."""
+    public = _public(key)
     return JwkEntry(
-        kid=jwk["kid"],
+        kid=kid_for(public),
         public_key=public,
-        x=jwk["x"],
+        x=_x(public),
         not_after=not_after,
         revoked_at=revoked_at,
-        members=jwk,
     )
+
+
+def public_jwk(key: Ed25519PrivateKey | Ed25519PublicKey) -> dict[str, Any]:
+    """The public JWK of *key* (never the private part), as the JWKS model writes it."""
+    return jwk_entry(key).to_jwk()
 
 
 # --- files ------------------------------------------------------------------------------
@@ -256,7 +255,7 @@ def add_key_to_jwks(
         old = jwks.entry(kid)
         assert old is not None  # checked above
         if old.not_after is None or old.not_after > end:
-            jwks = jwks.replace(_with_window(old, not_after=end, revoked_at=old.revoked_at))
+            jwks = jwks.replace(replace(old, not_after=end))
     _write_jwks(jwks_path, jwks)
     return jwks
 
@@ -269,20 +268,9 @@ def revoke_key(jwks_path: Path, kid: str, *, now: float | None = None) -> Jwks:
     if entry is None:
         raise ConfigError(f"{jwks_path}: no key {kid!r} to revoke")
     if entry.revoked_at is None or entry.revoked_at > now:
-        jwks = jwks.replace(_with_window(entry, not_after=entry.not_after, revoked_at=now))
+        jwks = jwks.replace(replace(entry, revoked_at=now))
         _write_jwks(jwks_path, jwks)
     return jwks
-
-
-def _with_window(entry: JwkEntry, *, not_after: float | None, revoked_at: float | None) -> JwkEntry:
-    return JwkEntry(
-        kid=entry.kid,
-        public_key=entry.public_key,
-        x=entry.x,
-        not_after=not_after,
-        revoked_at=revoked_at,
-        members=entry.members,
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,21 @@
 """Verify authorization artifacts: what an executor imports, and nothing else.
 
 No NATS client, YAML or pydantic: ``import bus_guard.verify`` pulls in msgspec and
-cryptography only.
+cryptography only. The modules, read in the order the data flows:
+
+* ``_format``: the artifact format: header names, token types, :class:`ArtifactClaims`,
+  :class:`TreeHead`, the :class:`VerifyReason` codes, :func:`protected_header` and
+  :func:`payload_digest`;
+* ``_base64url``: unpadded base64url, decoded strictly (one encoding per byte string);
+* ``_strict_json``: the standard JSON parser refusing duplicate members and NaN/Infinity;
+* ``_merkle``: RFC 9162 leaf and node hashes and the inclusion-proof walk;
+* ``_jwks``: the JWKS model: :class:`JwkEntry`, :class:`Jwks`, :func:`load_jwks`;
+* ``_verifier``: :class:`Verifier` and the verification procedure, step by step, with
+  :func:`verify_message` and :func:`verify_message_once` around it.
 """
 
-from bus_guard.verify._verifier import (
+from bus_guard.verify._base64url import b64url_decode, b64url_encode
+from bus_guard.verify._format import (
     ALG,
     ARTIFACT_HEADER,
     BATCH_PREFIX,
@@ -12,22 +23,22 @@ from bus_guard.verify._verifier import (
     TREE_HEAD_TYP,
     TYP,
     ArtifactClaims,
-    CreateOnly,
-    JwkEntry,
-    Jwks,
     TreeHead,
-    Verifier,
-    VerifierStatistics,
     VerifyReason,
-    b64url_decode,
-    b64url_encode,
-    load_jwks,
+    payload_digest,
+    protected_header,
+)
+from bus_guard.verify._jwks import JwkEntry, Jwks, load_jwks
+from bus_guard.verify._merkle import (
     merkle_leaf_hash,
     merkle_node_hash,
     merkle_root_from_proof,
-    payload_digest,
     proof_leads_to,
-    protected_header,
+)
+from bus_guard.verify._verifier import (
+    CreateOnly,
+    Verifier,
+    VerifierStatistics,
     verify_message,
     verify_message_once,
 )
