@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from bus_guard.cli import _policy as policytest
 from bus_guard.errors import PolicyError
 from bus_guard.policy import _conditions as conditions
 from bus_guard.policy import _evaluator as compiler
@@ -19,7 +20,6 @@ from bus_guard.policy import _load as policy
 from bus_guard.policy import _model as policy_model
 from bus_guard.policy import _patterns as patterns
 from bus_guard.policy import _rules as rules
-from bus_guard.policy import _testing as policytest
 from bus_guard.policy import _types as policy_types
 from bus_guard.policy._load import PolicySet, load_policies, load_policy_sources, policy_json_schema
 from bus_guard.policy._model import OPERATORS

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from bus_guard.cli._policy import DEFAULT_NOW, check_policies, explain, run_policy_tests
 from bus_guard.pipeline import decide
 from bus_guard.policy._load import load_policies, load_yaml
-from bus_guard.policy._testing import DEFAULT_NOW, check_policies, explain, run_policy_tests
 
 from .conftest import POLICIES
 

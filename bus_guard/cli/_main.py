@@ -201,7 +201,7 @@ def _cmd_keys(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
-    from bus_guard.policy import _testing as policytest
+    from bus_guard.cli import _policy as policytest
     from bus_guard.policy._load import load_policies, policy_json_schema
 
     match args.policy_command:

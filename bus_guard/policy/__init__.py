@@ -1,13 +1,13 @@
-"""Policies: the YAML model, loading, compilation and the evaluator, and policy tests.
+"""Policies: the YAML model, loading, compilation and the evaluator.
 
     >>> policies = load_policies("policies")     # PolicySet: compiled, immutable
-    >>> policies.evaluate(request)         # a Decision
+    >>> policies.evaluate(request)               # a Decision
 
 Modules, read top to bottom as a bundle flows: ``_types`` and ``_model`` (what a bundle
 may say, validated by pydantic), ``_load`` (files → validated bundles, with file, rule
 and line in every error), ``_patterns``, ``_conditions`` and ``_rules`` (compiling each
-part), ``_evaluator`` (the compiled :class:`PolicySet` and how it decides), ``_testing``
-(``bus-guard policy test | explain | check``).
+part), ``_evaluator`` (the compiled :class:`PolicySet` and how it decides). The policy
+tests and ``explain`` (``bus-guard policy test | explain | check``) are in :mod:`bus_guard.cli`.
 """
 
 from bus_guard.policy._evaluator import (
@@ -24,7 +24,6 @@ from bus_guard.policy._load import (
     policy_json_schema,
 )
 from bus_guard.policy._model import Bundle, Rule
-from bus_guard.policy._testing import check_policies, explain, run_policy_tests
 
 __all__ = (
     "Bundle",
@@ -33,12 +32,9 @@ __all__ = (
     "PolicySet",
     "Rule",
     "RuleTrace",
-    "check_policies",
     "compile_policy_set",
-    "explain",
     "load_policies",
     "load_policy_sources",
     "load_yaml",
     "policy_json_schema",
-    "run_policy_tests",
 )
