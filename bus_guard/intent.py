@@ -14,6 +14,7 @@ from typing import Annotated, Any, Final, NamedTuple
 import msgspec
 
 from bus_guard.decision import Reason
+from bus_guard.settings import MAX_NESTING_DEPTH, MAX_PAYLOAD_BYTES
 from bus_guard.subjects import Subjects
 from bus_guard.verify._strict_json import DuplicateMember, strict_loads
 
@@ -184,8 +185,8 @@ def decode_intent(
     payload: bytes,
     content_type: str | None = None,
     *,
-    max_bytes: int = 65536,
-    max_depth: int = 8,
+    max_bytes: int = MAX_PAYLOAD_BYTES,
+    max_depth: int = MAX_NESTING_DEPTH,
 ) -> Intent | Malformed:
     """Decode and validate one intent; total: any input gives a value, never an exception."""
     if len(payload) > max_bytes:

@@ -39,6 +39,7 @@ from bus_guard.decision import (
     Request,
 )
 from bus_guard.intent import Intent, Malformed, Subject, decode_intent, parse_subject
+from bus_guard.settings import MAX_NESTING_DEPTH, MAX_PAYLOAD_BYTES, Checks
 from bus_guard.subjects import DEFAULT_PREFIX, Subjects
 from bus_guard.verify import ARTIFACT_HEADER, DECISION_HEADER, ArtifactClaims, payload_digest
 
@@ -87,14 +88,6 @@ class PolicySetLike(Protocol):
     @property
     def mode(self) -> Mode: ...
     def evaluate(self, request: Request) -> Decision: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Checks:
-    """Bounds the core applies before policy; part of the settings."""
-
-    max_past_skew_s: float = 300.0  # older intents are ``expired``
-    max_future_skew_s: float = 30.0  # intents from further ahead are ``clock_skew``
 
 
 DEFAULT_CHECKS: Final = Checks()
@@ -198,9 +191,6 @@ def _observed(decision: Decision, policies: PolicySetLike) -> Decision:
 
 # --- bytes to a decision ----------------------------------------------------------------
 
-_MAX_PAYLOAD_BYTES: Final = 65536
-_MAX_NESTING_DEPTH: Final = 8
-
 
 class Decoded(NamedTuple):
     """An intake message as the pipeline reads it, before any policy."""
@@ -224,8 +214,8 @@ def decode(
     ctype: str | None,
     *,
     prefix: str = DEFAULT_PREFIX,
-    max_payload_bytes: int = _MAX_PAYLOAD_BYTES,
-    max_nesting_depth: int = _MAX_NESTING_DEPTH,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    max_nesting_depth: int = MAX_NESTING_DEPTH,
 ) -> Decoded:
     """Parse the subject and, for an intent subject, decode the payload strictly. Total."""
     parsed = parse_subject(subject, prefix)
@@ -271,8 +261,8 @@ def evaluate(
     now: float,
     prefix: str = DEFAULT_PREFIX,
     checks: Checks = DEFAULT_CHECKS,
-    max_payload_bytes: int = _MAX_PAYLOAD_BYTES,
-    max_nesting_depth: int = _MAX_NESTING_DEPTH,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    max_nesting_depth: int = MAX_NESTING_DEPTH,
     lineage: Lineage | None = None,
 ) -> Evaluation:
     """:func:`decode` then :func:`judge`, with what was decoded (``policy explain``)."""

@@ -7,15 +7,25 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 from bus_guard.errors import ConfigError
-from bus_guard.pipeline import Checks
 from bus_guard.subjects import DEFAULT_PREFIX, Subjects
 
-__all__ = ("ArtifactMode", "IntakeMode", "Settings", "StreamSettings")
+__all__ = (
+    "MAX_NESTING_DEPTH",
+    "MAX_PAYLOAD_BYTES",
+    "ArtifactMode",
+    "Checks",
+    "IntakeMode",
+    "Settings",
+    "StreamSettings",
+)
 
 IntakeMode = Literal["core", "stream"]
+# Decoding bounds, also the embedding API's defaults (bus_guard.decide).
+MAX_PAYLOAD_BYTES: Final = 65536
+MAX_NESTING_DEPTH: Final = 8
 ArtifactMode = Literal["per-message", "batched"]
 
 # As bus_guard.signing._batch.MAX_BATCH (not imported: settings stays free of the signing code).
@@ -27,6 +37,14 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 def _default_gateway_id() -> str:
     host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
     return f"{host}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Checks:
+    """Bounds the core applies before policy; part of the settings."""
+
+    max_past_skew_s: float = 300.0  # older intents are ``expired``
+    max_future_skew_s: float = 30.0  # intents from further ahead are ``clock_skew``
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +117,8 @@ class Settings:
     mode: IntakeMode = "stream"
     gateway_id: str = field(default_factory=_default_gateway_id)
     creds_file: str | None = None
-    max_payload_bytes: int = 65536
-    max_nesting_depth: int = 8
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    max_nesting_depth: int = MAX_NESTING_DEPTH
     deny_payload_bytes: int = 4096  # how much of a denied payload the deny record keeps
     artifact_ttl_s: float = 60.0
     checks: Checks = field(default_factory=Checks)

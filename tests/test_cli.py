@@ -17,9 +17,8 @@ import pytest
 from bus_guard.cli._arguments import RUN_OPTIONS, field_default, parser, run_settings
 from bus_guard.cli._main import main
 from bus_guard.intake._gateway import round_trip
-from bus_guard.pipeline import Checks
 from bus_guard.server import NatsServer
-from bus_guard.settings import Settings, StreamSettings
+from bus_guard.settings import Checks, Settings, StreamSettings
 from bus_guard.signing._keys import DEFAULT_GRACE_S
 
 from .conftest import POLICIES

@@ -17,8 +17,9 @@ import pytest
 
 from bus_guard import decide
 from bus_guard.decision import Decision, Effect, Lineage, Mode, Reason, Request
-from bus_guard.pipeline import Checks, evaluate
+from bus_guard.pipeline import evaluate
 from bus_guard.policy import PolicySet, load_policy_sources
+from bus_guard.settings import Checks
 
 BUNDLE = """
 bundle: reasons

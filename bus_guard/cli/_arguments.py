@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, Final, get_args
 
 from bus_guard import __version__
-from bus_guard.pipeline import Checks
-from bus_guard.settings import ArtifactMode, IntakeMode, Settings, StreamSettings
+from bus_guard.settings import ArtifactMode, Checks, IntakeMode, Settings, StreamSettings
 from bus_guard.signing._keys import DEFAULT_GRACE_S
 
 __all__ = (
