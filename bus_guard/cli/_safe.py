@@ -1,0 +1,110 @@
+"""Text that is safe to print on an operator's terminal.
+
+Agents control most of what the command-line tools print: subjects, principals, actions,
+resources, intent ids, payloads, and the messages and ledger lines built from them. Printed
+raw, a control character in any of them is an instruction to the terminal (``ESC [2J``
+clears the screen, ``ESC ]0;...BEL`` sets the window title, ``ESC ]52;c;...BEL`` writes the
+clipboard), a CR or LF starts a line the gateway did not write (a fake ``ALLOW``), and a
+bidi override reorders what the operator reads.
+
+:func:`safe` escapes every character that Python does not call printable (the definition
+``repr()`` uses, :meth:`str.isprintable`): C0 and C1 controls, DEL, format characters
+(bidi overrides and isolates, zero-width joiners, tag characters), line and paragraph
+separators, spaces other than the ASCII space, lone surrogates (a subject decoded with
+``surrogateescape``), private-use and unassigned code points. Each is shown as ``repr()``
+would show it (``\\x1b``, ``\\n``, ``\\u202e``, ``\\udcff``), so the operator sees that
+something was there and what. Printable text, non-ASCII letters included, is unchanged, and
+so are backslashes: a payload's own JSON escapes stay readable, at the price that an agent
+can type a literal ``\\x1b`` that looks like an escaped one (harmless: it is text).
+
+:func:`safe_json` does the same for JSON text, with JSON escapes (``\\u001b``), so the
+output still decodes to the same value.
+
+Both are one :meth:`str.isprintable` call (C speed) for text with nothing to escape, and one
+:meth:`str.translate` over a table filled as characters are met otherwise; ``watch`` calls
+them on every field of every record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final, TextIO
+
+__all__ = ("safe", "safe_json", "safe_lines", "say")
+
+# Distinct code points remembered per table; the rest are computed each time they are met,
+# so a stream of ever-new characters cannot grow the table without bound (~100 bytes each).
+_CACHE_MAX: Final = 1 << 16
+
+_SHORT: Final = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+
+
+def _repr_escape(cp: int) -> str:
+    if cp in _SHORT:
+        return _SHORT[cp]
+    if cp < 0x100:
+        return f"\\x{cp:02x}"
+    if cp < 0x10000:
+        return f"\\u{cp:04x}"
+    return f"\\U{cp:08x}"
+
+
+def _json_escape(cp: int) -> str:
+    if cp < 0x10000:
+        return f"\\u{cp:04x}"
+    cp -= 0x10000  # JSON spells a code point beyond the BMP as a UTF-16 surrogate pair
+    return f"\\u{0xD800 + (cp >> 10):04x}\\u{0xDC00 + (cp & 0x3FF):04x}"
+
+
+class _Table(dict[int, str]):
+    """Code point -> what to print for it, for :meth:`str.translate`, filled on demand.
+
+    A complete table would mean asking about all 1.1M code points at import; this one asks
+    once per distinct code point met (``translate`` looks up every character, ``__missing__``
+    answers the new ones).
+    """
+
+    def __init__(self, escape: Callable[[int], str]) -> None:
+        super().__init__()
+        self._escape = escape
+
+    def __missing__(self, cp: int) -> str:
+        char = chr(cp)
+        shown = char if char.isprintable() else self._escape(cp)
+        if len(self) < _CACHE_MAX:
+            self[cp] = shown
+        return shown
+
+
+_TEXT: Final = _Table(_repr_escape)
+_JSON: Final = _Table(_json_escape)
+
+
+def safe(text: str) -> str:
+    """*text* with every non-printable character escaped as ``repr()`` would: one line."""
+    return text if text.isprintable() else text.translate(_TEXT)
+
+
+def safe_json(text: str) -> str:
+    """One line of JSON text with every non-printable character as a JSON ``\\u`` escape.
+
+    For compact JSON (no newlines between tokens): outside strings JSON has only ASCII
+    punctuation and whitespace, and inside a string ``\\uXXXX`` means the character it
+    replaces, so the result decodes to the same value. Indented JSON: :func:`safe_lines`
+    with this per line.
+    """
+    return text if text.isprintable() else text.translate(_JSON)
+
+
+def safe_lines(text: str, line: Callable[[str], str] = safe) -> str:
+    """Multi-line text we formatted (a traceback, indented JSON): each line made safe.
+
+    Only for text whose line breaks are our own; a value that may hold a line break goes
+    through :func:`safe` whole, so that it cannot start a line.
+    """
+    return "\n".join(map(line, text.split("\n")))
+
+
+def say(out: TextIO, line: str) -> None:
+    """Print one line (ours, with values in it) to *out*: the values cannot break it."""
+    print(safe(line), file=out)
