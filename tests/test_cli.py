@@ -10,6 +10,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -23,7 +24,7 @@ from bus_guard.signing._keys import DEFAULT_GRACE_S
 
 from .conftest import POLICIES
 from .crashkit import gateway_argv
-from .helpers import Collector, intent, make_signer
+from .helpers import HOSTILE, Collector, intent, make_signer, terminal_safe
 
 
 def _run(*argv: str) -> tuple[int, str]:
@@ -396,3 +397,52 @@ def test_run_refuses_a_max_payload_the_server_cannot_carry(nats_url: str, key: P
         str(1024 * 1024),
     )
     assert code == 2
+
+
+# -- what agents wrote reaches the operator escaped ---------------------------------------
+
+
+def _artifact(tmp_path: Path, **claims: Any) -> tuple[Path, Path, str]:
+    """(jwks, payload file, token): an artifact over the payload, with *claims* changed."""
+    import time
+
+    from bus_guard.signing._keys import generate_key
+    from bus_guard.signing._signer import payload_digest
+    from bus_guard.verify import ArtifactClaims
+
+    key, jwks = generate_key(tmp_path)
+    payload = tmp_path / "p.bin"
+    payload.write_bytes(b'{"hello": "world"}')
+    now = int(time.time())
+    base: dict[str, Any] = {
+        "iss": "gw",
+        "sub": "agent-7",
+        "aud": "guard.exec.agent-7.x",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 60,
+        "jti": "D1",
+        "action": "x",
+        "resource": "r",
+        "intent_id": "i1",
+        "payload_sha256": payload_digest(payload.read_bytes()),
+        "policy_digest": "sha256:0",
+        "policy_version": "v",
+        "rules": ("r1",),
+        "mode": "enforce",
+    }
+    token = make_signer(key, issuer="gw").sign(ArtifactClaims(**{**base, **claims}))
+    return jwks, payload, token
+
+
+def test_verify_prints_an_agents_claims_escaped_as_the_same_json(tmp_path: Path) -> None:
+    jwks, payload, token = _artifact(tmp_path, action=HOSTILE, resource=HOSTILE, rules=(HOSTILE,))
+    argv = ["verify", "--jwks", str(jwks), "--payload", str(payload), "--artifact", token]
+    code, text = _run(*argv, "--subject", "guard.exec.agent-7.x")
+    assert code == 0, text
+    terminal_safe(text)
+    claims = json.loads(text)
+    assert claims["action"] == claims["resource"] == HOSTILE and claims["rules"] == [HOSTILE]
+    assert "\\u001b" in text and "\\u009b" in text and "\\u202e" in text
+    code, text = _run(*argv, "--subject", f"guard.exec.agent-7.x{HOSTILE}\udcff")
+    assert code == 1 and "wrong_audience" in terminal_safe(text, 1)[0]

@@ -22,7 +22,7 @@ from bus_guard.signing._keys import generate_key
 from bus_guard.signing._signer import Signer
 
 from .conftest import POLICIES
-from .helpers import intent, make_signer
+from .helpers import intent, make_signer, terminal_safe
 
 
 async def _watched(nats_url: str, tmp_path: Path, filters: WatchFilter, count: int) -> str:
@@ -109,7 +109,6 @@ HOSTILE = {
     "intent_id": "i\u200d\u2066",
     "payload": '{"id": "\x1b[H"}\n\x85',
 }
-_UNSAFE = {"Cc", "Cf", "Zl", "Zp", "Cs"}
 
 
 def _hostile(**fields: object) -> DecisionRecord:
@@ -117,20 +116,10 @@ def _hostile(**fields: object) -> DecisionRecord:
     return DecisionRecord(**{**values, **fields})  # type: ignore[arg-type]
 
 
-def _assert_safe_lines(text: str, lines: int) -> list[str]:
-    assert text.endswith("\n")
-    out = text[:-1].split("\n")
-    assert len(out) == lines, text
-    for line in out:
-        assert line.isprintable(), ascii(line)  # no control, format, separator, surrogate
-        assert not line.startswith("ALLOW")
-    return out
-
-
 def test_a_record_is_one_escaped_line() -> None:
     record = _hostile(rules=("no-shell", "[bold]x[/]"))
     plain = format_record(record).plain
-    _assert_safe_lines(plain + "\n", 1)
+    terminal_safe(plain + "\n", 1)
     assert "agent-7\\x1b[2J" in plain and "tool:sh\\x1b]52;c;cm0gLXJmIH4=\\x07" in plain
     assert "x\\r\\nALLOW" in plain and "denied_by_rule\\u202e" in plain
     assert "d1\\x9b2J\\u2028" in plain and "[bold]x[/]" in plain  # text, never markup
@@ -158,14 +147,14 @@ def _records(text: st.SearchStrategy[str]) -> st.SearchStrategy[DecisionRecord]:
 @settings(max_examples=200, deadline=None)
 @given(_records(_any_text))
 def test_any_record_is_one_safe_line(record: DecisionRecord) -> None:
-    _assert_safe_lines(format_record(record).plain + "\n", 1)
+    terminal_safe(format_record(record).plain + "\n", 1)
 
 
 @settings(max_examples=200, deadline=None)
 @given(_records(_wire_text))
 def test_any_records_json_is_one_safe_line_that_decodes_to_it(record: DecisionRecord) -> None:
     line = format_json(encode_record(record))
-    _assert_safe_lines(line + "\n", 1)
+    terminal_safe(line + "\n", 1)
     assert msgspec.json.decode(line, type=DecisionRecord) == record
 
 
@@ -201,7 +190,7 @@ async def test_watch_prints_hostile_records_escaped_one_line_each(nats_url: str)
     # Only the first counts: records on deny and hold may arrive in either order.
     junk = ("guard.deny.agent-7\x1b[2J.x", b"\x1b]0;title\x07 not json")
     text = await _watch_published(nats_url, [junk, *_PUBLISHED], count=2)
-    lines = _assert_safe_lines(text, 3)
+    lines = terminal_safe(text, 3)
     assert lines[0].startswith("unreadable record on guard.deny.agent-7\\x1b[2J.x: ")
     assert sorted(line.split()[0] for line in lines[1:]) == ["DENY", "HOLD"]
     assert all("\\r\\nALLOW" in line for line in lines[1:])
@@ -209,7 +198,7 @@ async def test_watch_prints_hostile_records_escaped_one_line_each(nats_url: str)
 
 async def test_watch_json_is_one_safe_line_per_record_and_decodes_to_it(nats_url: str) -> None:
     text = await _watch_published(nats_url, _PUBLISHED, count=2, as_json=True)
-    lines = _assert_safe_lines(text, 2)
+    lines = terminal_safe(text, 2)
     got = sorted(msgspec.json.decode(line, type=DecisionRecord).effect for line in lines)
     assert got == ["deny", "hold"]
     for line in lines:
@@ -239,7 +228,7 @@ async def test_an_agents_intent_reaches_watch_escaped(nats_url: str, tmp_path: P
             hostile = intent("tools.shell", HOSTILE["resource"] + "\r\nALLOW", {})
             await nc.publish("guard.in.agent-1.tools.shell", hostile)
     await nc.drain()
-    (line,) = _assert_safe_lines(buf.getvalue(), 1)
+    (line,) = terminal_safe(buf.getvalue(), 1)
     assert line.startswith("DENY") and "tool:sh\\x1b]52;c;cm0gLXJmIH4=\\x07\\r\\nALLOW" in line
 
 
@@ -264,5 +253,5 @@ def test_the_demos_executed_line_is_escaped_too() -> None:
         rules=("r\u202e",),
         mode="enforce",
     )
-    (line,) = _assert_safe_lines(_executed(claims).plain + "\n", 1)
+    (line,) = terminal_safe(_executed(claims).plain + "\n", 1)
     assert line.startswith("EXECUTED") and "r\\r\\nALLOW" in line and "r\\u202e" in line
