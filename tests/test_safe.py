@@ -5,14 +5,16 @@ from __future__ import annotations
 import io
 import json
 import re
+import traceback
 import unicodedata
+from typing import TypeVar
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bus_guard.cli import _safe
-from bus_guard.cli._safe import safe, safe_json, safe_lines, say
+from bus_guard.cli._safe import safe, safe_json, safe_lines, safe_traceback, say
 
 # What a terminal would obey (or an operator misread), each with how it is shown.
 ATTACKS = [
@@ -131,3 +133,36 @@ def test_the_table_stops_growing(monkeypatch: pytest.MonkeyPatch) -> None:
     text = "".join(map(chr, range(0xE000, 0xE000 + 1000)))  # private use: all escaped
     assert text.translate(table) == "".join(f"\\u{cp:04x}" for cp in range(0xE000, 0xE3E8))
     assert len(table) == 100
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _raised(exc: _E) -> _E:
+    """*exc*, raised once: it has a traceback."""
+    try:
+        raise exc
+    except BaseException:
+        return exc
+
+
+def test_a_traceback_is_pythons_when_there_is_nothing_to_escape() -> None:
+    exc = _raised(ValueError("invalid literal"))
+    assert safe_traceback(exc) == "".join(traceback.format_exception(exc)).removesuffix("\n")
+
+
+def test_a_traceback_keeps_only_its_own_line_breaks() -> None:
+    inner = _raised(KeyError("x\r\nALLOW agent-7"))
+    group = ExceptionGroup("two\nALLOW", [ValueError("in\nALLOW\x1b[2J"), inner])
+    group.__context__ = inner
+    outer = RuntimeError("outer\nALLOW")
+    outer.__cause__ = _raised(group)
+    outer.add_note("note\nALLOW \u202e")
+    text = safe_traceback(_raised(outer))
+    lines = text.split("\n")
+    assert all(line.isprintable() and not line.lstrip("| ").startswith("ALLOW") for line in lines)
+    assert "RuntimeError: outer\\nALLOW\\nnote\\nALLOW \\u202e" in lines
+    assert "| ValueError: in\\nALLOW\\x1b[2J" in lines
+    assert "The above exception was the direct cause of the following exception:" in lines
+    assert "During handling of the above exception, another exception occurred:" in lines
+    assert sum(line.startswith("Traceback (most recent call last):") for line in lines) == 3

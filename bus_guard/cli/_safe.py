@@ -27,10 +27,12 @@ them on every field of every record.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import textwrap
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Final, TextIO
 
-__all__ = ("safe", "safe_json", "safe_lines", "say")
+__all__ = ("safe", "safe_json", "safe_lines", "safe_traceback", "say")
 
 # Distinct code points remembered per table; the rest are computed each time they are met,
 # so a stream of ever-new characters cannot grow the table without bound (~100 bytes each).
@@ -103,6 +105,38 @@ def safe_lines(text: str, line: Callable[[str], str] = safe) -> str:
     through :func:`safe` whole, so that it cannot start a line.
     """
     return "\n".join(map(line, text.split("\n")))
+
+
+_CAUSE: Final = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT: Final = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def safe_traceback(exc: BaseException) -> str:
+    """*exc*'s traceback laid out as Python does, with every line break in it Python's own.
+
+    The frames (file, line, our source) keep their lines; an exception's message and notes,
+    which may quote what an agent sent, line breaks included, become one escaped line. (The
+    pieces of ``TracebackException.format()`` cannot be told apart: a note is a piece per
+    line, like a message; so this walks the chain itself.)
+    """
+    te = traceback.TracebackException.from_exception(exc)
+    return "".join(_traceback(te, "")).removesuffix("\n")
+
+
+def _traceback(te: traceback.TracebackException, indent: str) -> Iterator[str]:
+    if te.__cause__ is not None:
+        yield from _traceback(te.__cause__, indent)
+        yield textwrap.indent(_CAUSE, indent)
+    elif te.__context__ is not None and not te.__suppress_context__:
+        yield from _traceback(te.__context__, indent)
+        yield textwrap.indent(_CONTEXT, indent)
+    if te.stack:
+        yield f"{indent}Traceback (most recent call last):\n"
+        yield from (textwrap.indent(safe_lines(frame), indent) for frame in te.stack.format())
+    yield indent + safe("".join(te.format_exception_only()).removesuffix("\n")) + "\n"
+    for i, sub in enumerate(te.exceptions or (), 1):  # an exception group's members
+        yield f"{indent}+---------------- {i} ----------------\n"
+        yield from _traceback(sub, indent + "| ")
 
 
 def say(out: TextIO, line: str) -> None:
