@@ -147,7 +147,14 @@ def _raised(exc: _E) -> _E:
 
 
 def test_a_traceback_is_pythons_when_there_is_nothing_to_escape() -> None:
-    exc = _raised(ValueError("invalid literal"))
+    exc: Exception = _raised(ValueError("invalid literal"))
+    for i in range(3):  # a chain: causes and contexts
+        link = KeyError(i)
+        if i % 2:
+            link.__cause__ = exc
+        else:
+            link.__context__ = exc
+        exc = _raised(link)
     assert safe_traceback(exc) == "".join(traceback.format_exception(exc)).removesuffix("\n")
 
 

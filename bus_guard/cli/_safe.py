@@ -20,9 +20,13 @@ can type a literal ``\\x1b`` that looks like an escaped one (harmless: it is tex
 :func:`safe_json` does the same for JSON text, with JSON escapes (``\\u001b``), so the
 output still decodes to the same value.
 
-Both are one :meth:`str.isprintable` call (C speed) for text with nothing to escape, and one
-:meth:`str.translate` over a table filled as characters are met otherwise; ``watch`` calls
-them on every field of every record.
+:func:`say` prints one line of ours with values in it; :func:`safe_traceback` keeps a
+traceback's own line breaks and makes each exception message one line.
+
+``watch`` calls :func:`safe` on every field of every record, so it is one
+:meth:`str.isprintable` call (C speed) when there is nothing to escape (0.4 us for a
+260-character field), else one :meth:`str.translate` over a table filled as characters are
+met (8 us for 4 KB ending in an ESC; a loop over the characters in Python: 83 us).
 """
 
 from __future__ import annotations
@@ -124,12 +128,26 @@ def safe_traceback(exc: BaseException) -> str:
 
 
 def _traceback(te: traceback.TracebackException, indent: str) -> Iterator[str]:
-    if te.__cause__ is not None:
-        yield from _traceback(te.__cause__, indent)
-        yield textwrap.indent(_CAUSE, indent)
-    elif te.__context__ is not None and not te.__suppress_context__:
-        yield from _traceback(te.__context__, indent)
-        yield textwrap.indent(_CONTEXT, indent)
+    # The chain of causes and contexts, newest first, walked without recursion as Python
+    # does (TracebackException has already cut any cycle).
+    chain, links = [te], []
+    while True:
+        last = chain[-1]
+        if last.__cause__ is not None:
+            links.append(_CAUSE)
+            chain.append(last.__cause__)
+        elif last.__context__ is not None and not last.__suppress_context__:
+            links.append(_CONTEXT)
+            chain.append(last.__context__)
+        else:
+            break
+    for i in reversed(range(len(chain))):
+        yield from _exception(chain[i], indent)
+        if i:
+            yield textwrap.indent(links[i - 1], indent)
+
+
+def _exception(te: traceback.TracebackException, indent: str) -> Iterator[str]:
     if te.stack:
         yield f"{indent}Traceback (most recent call last):\n"
         yield from (textwrap.indent(safe_lines(frame), indent) for frame in te.stack.format())
