@@ -287,3 +287,50 @@ def test_nan_and_huge_numbers_in_msgpack_are_malformed() -> None:
     for value in (math.nan, math.inf):
         payload = _enc(_intent(params={"amount": value}))
         assert isinstance(decode_intent(payload, MSGPACK), Malformed)
+
+
+# --- declared param types are enforced ------------------------------------------------------
+
+_TYPED = b"""
+bundle: typed
+version: "1"
+schemas:
+  pay.*: {amount: number, count: integer, memo: string, extra: any}
+rules:
+  - {id: allow-pay, effect: allow, actions: [pay.send]}
+  - id: deny-big
+    effect: deny
+    actions: [pay.send]
+    when: {field: params.amount, gt: 10000}
+"""
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"amount": 10}, Reason.ALLOWED_BY_RULE),
+        ({"amount": 99999}, Reason.DENIED_BY_RULE),
+        ({"amount": "99999"}, Reason.MALFORMED),  # a deny evaded by type, before this
+        ({"amount": True}, Reason.MALFORMED),
+        ({"amount": [99999]}, Reason.MALFORMED),
+        ({"count": 2.0, "amount": 1}, Reason.ALLOWED_BY_RULE),  # a whole float is an integer
+        ({"count": 2.5}, Reason.MALFORMED),
+        ({"memo": 5}, Reason.MALFORMED),
+        ({"extra": {"x": [1]}}, Reason.ALLOWED_BY_RULE),  # "any" declares nothing
+        ({"amount": None}, Reason.ALLOWED_BY_RULE),  # null is missing: the rules judge it
+        ({}, Reason.ALLOWED_BY_RULE),
+    ],
+)
+def test_params_of_another_type_than_declared_are_malformed(
+    params: dict[str, Any], reason: Reason
+) -> None:
+    from bus_guard.policy import load_policy_sources
+
+    policies = load_policy_sources({"typed.yaml": _TYPED})
+    payload = msgspec.json.encode(
+        {"id": "t", "action": "pay.send", "resource": "r", "params": params, "ts": NOW}
+    )
+    d = decide(policies, "guard.in.agent-1.pay.send", payload, now=NOW)
+    assert d.reason is reason, d.message
+    if reason is Reason.MALFORMED:
+        assert d.effect is Effect.DENY and "schema 'pay.*' declares" in d.message

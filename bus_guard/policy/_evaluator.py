@@ -15,7 +15,7 @@ candidates' resource patterns and conditions are then tested.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
@@ -119,6 +119,7 @@ _EFFECTS: Final = {
     Reason.ESCALATED_BY_RULE: Effect.HOLD,
     Reason.ALLOWED_BY_RULE: Effect.ALLOW,
     Reason.NO_MATCHING_RULE: Effect.DENY,
+    Reason.MALFORMED: Effect.DENY,  # params of a type their schema does not declare
 }
 _MESSAGES: Final = {
     Reason.DENIED_BY_RULE: "denied by rule",
@@ -140,6 +141,9 @@ class PolicySet:
         "_glob_principal",
         "_infos",
         "_rules",
+        "_schema_decls",
+        "_schema_index",
+        "_schemas",
         "_steps",
         "digest",
         "mode",
@@ -159,11 +163,21 @@ class PolicySet:
     _cache: dict[tuple[str, str], _Candidates]
     _decisions: dict[tuple[Reason, tuple[str, ...]], Decision]
     _steps: dict[tuple[Reason, tuple[str, ...]], _Step]
+    _schema_decls: tuple[tuple[tuple[str, str, str], ...], ...]
+    _schema_index: ActionIndex
+    _schemas: dict[str, tuple[tuple[str, str, str], ...]]
 
     def __init__(
-        self, rules: Sequence[CompiledRule], infos: Sequence[BundleInfo], digest: str, mode: Mode
+        self,
+        rules: Sequence[CompiledRule],
+        infos: Sequence[BundleInfo],
+        digest: str,
+        mode: Mode,
+        schemas: Sequence[tuple[str, Mapping[str, str]]] = (),
     ) -> None:
         ordered = tuple(sorted(rules, key=lambda r: r.id))  # index order = id order
+        typed = [(key, decl) for key, decl in schemas if any(k != "any" for k in decl.values())]
+        decls = tuple(tuple((key, n, k) for n, k in decl.items()) for key, decl in typed)
         infos_ = tuple(sorted(infos, key=lambda b: b.name))
         by_principal: dict[str, list[int]] = {}
         for i, rule in enumerate(ordered):
@@ -198,6 +212,13 @@ class PolicySet:
             # (reason, rule ids) -> _Step, same bound: pairs whose groups hold the same
             # rules (every pair meets a wildcard-principal deny) share one step object.
             "_steps": {},
+            # Declared param types: (schema key, param, type) per schema; per action, the
+            # declarations that cover it (computed once per action, bounded like _cache).
+            "_schema_decls": decls,
+            "_schema_index": ActionIndex(
+                (parse_action_pattern(key), i) for i, (key, _) in enumerate(typed)
+            ),
+            "_schemas": {},
         }
         for name, value in fields.items():
             object.__setattr__(self, name, value)
@@ -232,6 +253,11 @@ class PolicySet:
         return tuple(sorted(r.id for step in steps for r in step.rules))
 
     def evaluate(self, request: Request) -> Decision:
+        declared = self._schemas.get(request.action)
+        if declared is None:
+            declared = self._declared(request.action)
+        if declared and (wrong := _wrong_type(declared, request.params)) is not None:
+            return self._decision(Reason.MALFORMED, (), wrong)
         found = self._cache.get((request.principal, request.action))
         if found is None:
             found = self._candidates(request.principal, request.action)
@@ -274,6 +300,9 @@ class PolicySet:
             if hits:
                 decision = self._ruled(reason, hits)
                 break
+        wrong = _wrong_type(self._declared(request.action), request.params)
+        if wrong is not None:  # as evaluate: a declared type is checked before any rule
+            decision = self._decision(Reason.MALFORMED, (), wrong)
         return Explanation(request, decision, tuple(traces))
 
     def _ruled(self, reason: Reason, rules: tuple[str, ...]) -> Decision:
@@ -328,6 +357,15 @@ class PolicySet:
             self._steps[key] = step
         return step
 
+    def _declared(self, action: str) -> tuple[tuple[str, str, str], ...]:
+        """Every (schema, param, type) the bundles declare for *action*."""
+        decls = self._schema_decls
+        found = tuple(d for i in sorted(self._schema_index.match(action)) for d in decls[i])
+        if len(self._schemas) >= CACHE_SIZE:
+            self._schemas.clear()
+        self._schemas[action] = found
+        return found
+
     def _candidates(self, principal: str, action: str) -> _Candidates:
         rules = self._rules
         named = self._by_principal.get(principal, ())
@@ -375,11 +413,13 @@ def compile_policy_set(
     bundle_files: dict[str, str] = {}
     shared: dict[Any, Predicate] = {}  # rules with the same condition share its closure
     infos = []
+    declared: list[tuple[str, Mapping[str, str]]] = []
     for file, bundle in sources:
         if (other := bundle_files.setdefault(bundle.bundle, file)) != file:
             message = f"bundle name {bundle.bundle!r} is also used by {other}"
             problems.append(Problem(file, None, None, ("bundle",), message))
         schemas = [(k, parse_action_pattern(k), decl) for k, decl in bundle.schemas.items()]
+        declared += bundle.schemas.items()
         for index, rule in enumerate(bundle.rules):
             if rule.id in where:
                 message = f"duplicate rule id, first defined in {where[rule.id][0]}"
@@ -406,6 +446,40 @@ def compile_policy_set(
         problems.append(Problem(dead.file, dead.id, where[dead.id][1], (), message))
     if problems:
         return None, problems
-    policy_set = PolicySet(rules, infos, digest, first.mode if first is not None else "enforce")
+    mode = first.mode if first is not None else "enforce"
+    policy_set = PolicySet(rules, infos, digest, mode, declared)
     log.debug("compiled %s: %d rules, %s", policy_set.version, policy_set.rule_count, digest)
     return policy_set, []
+
+
+def _fits(value: object, kind: str) -> bool:
+    """Whether *value* (a decoded JSON / msgpack value) is of the declared *kind*."""
+    match kind:
+        case "number":
+            return type(value) is int or type(value) is float
+        case "integer":
+            return type(value) is int or (type(value) is float and value.is_integer())
+        case "string":
+            return type(value) is str
+        case "boolean":
+            return type(value) is bool
+        case "list":
+            return type(value) is list or type(value) is tuple
+        case "object":
+            return type(value) is dict
+    return True  # "any"
+
+
+def _wrong_type(declared: tuple[tuple[str, str, str], ...], params: dict[str, Any]) -> str | None:
+    """Why *params* break a declared type; ``None`` if they do not.
+
+    Conditions never hold on a value of the wrong type (a string is not ``gt 10000``), so
+    a deny rule would not apply to ``"amount": "99999"``: where a bundle declares a param's
+    type, an intent that sends another type is malformed, whatever the rules say. A
+    missing or null param is for the rules to judge (``exists``)."""
+    for schema, name, kind in declared:
+        value = params.get(name)
+        if value is not None and not _fits(value, kind):
+            got = type(value).__name__
+            return f"params.{name} is {got}, but schema {schema!r} declares {kind}"
+    return None
