@@ -40,7 +40,7 @@ from bus_guard.decision import (
     Request,
 )
 from bus_guard.intent import Intent, Malformed, Subject, decode_intent, parse_subject, wire_safe
-from bus_guard.settings import MAX_NESTING_DEPTH, MAX_PAYLOAD_BYTES, Checks
+from bus_guard.settings import MAX_NESTING_DEPTH, MAX_PAYLOAD_BYTES, Checks, Settings
 from bus_guard.subjects import DEFAULT_PREFIX, Subjects
 from bus_guard.verify import ARTIFACT_HEADER, DECISION_HEADER, ArtifactClaims, payload_digest
 
@@ -63,6 +63,7 @@ __all__ = (
     "decide",
     "decision_record",
     "decode",
+    "decode_message",
     "deny",
     "encode_record",
     "evaluate",
@@ -281,6 +282,21 @@ def decode(
         return Decoded(parsed, Malformed(Reason.MALFORMED, problem))
     intent = decode_intent(payload, ctype, max_bytes=max_payload_bytes, max_depth=max_nesting_depth)
     return Decoded(parsed, intent)
+
+
+def decode_message(
+    subject: str, payload: bytes, headers: Mapping[str, str] | None, settings: Settings
+) -> Decoded:
+    """:func:`decode` of a message as an intake receives it, with the gateway's bounds."""
+    return decode(
+        subject,
+        payload,
+        content_type(headers),
+        headers=headers,
+        prefix=settings.prefix,
+        max_payload_bytes=settings.max_payload_bytes,
+        max_nesting_depth=settings.max_nesting_depth,
+    )
 
 
 def judge(

@@ -30,7 +30,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus_guard.decision import Lineage, Reason, new_decision_id
+from bus_guard.decision import Decision, Lineage, Reason, new_decision_id
 from bus_guard.intent import Intent, parse_subject, wire_safe
 from bus_guard.pipeline import (
     Decoded,
@@ -38,9 +38,8 @@ from bus_guard.pipeline import (
     PolicySetLike,
     Standing,
     claims_of,
-    content_type,
     decision_record,
-    decode,
+    decode_message,
     deny,
     failed,
     judge,
@@ -51,6 +50,7 @@ from bus_guard.pipeline import (
 )
 from bus_guard.settings import Settings
 from bus_guard.signing import BatchSigner, Signer
+from bus_guard.verify import ArtifactClaims
 
 __all__ = ("CoreCounters", "CoreIntake")
 
@@ -119,50 +119,33 @@ class CoreIntake:
     def _decide(self, msg: Msg, policies: PolicySetLike) -> Outcome:
         s = self.settings
         now = self.clock()
-        decoded = decode(
-            msg.subject,
-            msg.data,
-            content_type(msg.headers),
-            headers=msg.headers,
-            prefix=s.prefix,
-            max_payload_bytes=s.max_payload_bytes,
-            max_nesting_depth=s.max_nesting_depth,
-        )
+        decoded = decode_message(msg.subject, msg.data, msg.headers, s)
         intent = decoded.intent
         lineage = _NO_LEDGER if isinstance(intent, Intent) and intent.parents else None
         decision = judge(msg.subject, decoded, policies, now=now, checks=s.checks, lineage=lineage)
-        return outcome_of(
-            new_decision_id(),
-            msg.subject,
-            msg.data,
-            decoded,
-            decision,
-            gateway=s.gateway_id,
-            now=now,
-        )
+        return self._outcome(msg, decoded, decision, now)
 
     def _failure(self, msg: Msg, policies: PolicySetLike) -> Outcome:
-        s = self.settings
-        decoded = Decoded(parse_subject(msg.subject, s.prefix), None)
+        decoded = Decoded(parse_subject(msg.subject, self.settings.prefix), None)
         decision = deny(Reason.INTERNAL_ERROR, "gateway handler failed", policies)
+        return self._outcome(msg, decoded, decision, self.clock())
+
+    def _outcome(self, msg: Msg, decoded: Decoded, decision: Decision, now: float) -> Outcome:
+        # Core mode keeps no ledger: a fresh decision id per decision.
+        gateway = self.settings.gateway_id
         return outcome_of(
-            new_decision_id(),
-            msg.subject,
-            msg.data,
-            decoded,
-            decision,
-            gateway=s.gateway_id,
-            now=self.clock(),
+            new_decision_id(), msg.subject, msg.data, decoded, decision, gateway=gateway, now=now
+        )
+
+    def _claims(self, outcome: Outcome) -> ArtifactClaims:
+        signer = self.signer
+        return claims_of(
+            outcome, issuer=signer.issuer, ttl_s=signer.ttl_s, subjects=self.settings.subjects
         )
 
     def _sign(self, outcome: Outcome) -> Outcome:
         try:
-            claims = claims_of(
-                outcome,
-                issuer=self.signer.issuer,
-                ttl_s=self.signer.ttl_s,
-                subjects=self.settings.subjects,
-            )
+            claims = self._claims(outcome)
             return msgspec.structs.replace(outcome, artifact=self.signer.sign(claims))
         # Synchronous (and wrapped in SigningError by sign): never a cancellation.
         except Exception as exc:
@@ -236,16 +219,7 @@ class CoreIntake:
             return batch
         out = list(batch)
         try:
-            signer = self.signer
-            claims = [
-                claims_of(
-                    batch[i][1],
-                    issuer=signer.issuer,
-                    ttl_s=signer.ttl_s,
-                    subjects=self.settings.subjects,
-                )
-                for i in allowed
-            ]
+            claims = [self._claims(batch[i][1]) for i in allowed]
             tokens = self._batcher.sign_batch(claims, now=self.clock())
         # Synchronous and wrapped in SigningError by sign_batch: never a cancellation.
         except Exception as exc:

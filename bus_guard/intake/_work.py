@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from bus_guard.decision import Decision, Lineage, intent_decision_id, message_decision_id
 from bus_guard.intent import Intent
 from bus_guard.ledger import LedgerRecord
-from bus_guard.pipeline import Decoded, content_type, decode
+from bus_guard.pipeline import Decoded, decode_message
 from bus_guard.settings import Settings
 
 __all__ = ("Decided", "Item", "Pulled", "Recorded", "Undecided", "intake_of", "pulled")
@@ -85,15 +85,7 @@ def pulled(msg: Msg, settings: Settings) -> Pulled:
     to an intent, else from the stored message itself (malformed, bad subject)."""
     s = settings
     intake, delivered = intake_of(msg)
-    decoded = decode(
-        msg.subject,
-        msg.data,
-        content_type(msg.headers),
-        headers=msg.headers,
-        prefix=s.prefix,
-        max_payload_bytes=s.max_payload_bytes,
-        max_nesting_depth=s.max_nesting_depth,
-    )
+    decoded = decode_message(msg.subject, msg.data, msg.headers, s)
     subject, intent = decoded
     if subject is not None and isinstance(intent, Intent):
         return Pulled(
