@@ -194,3 +194,23 @@ async def test_outputs_the_server_refuses_end_after_max_deliveries(
     assert gave_up["decision_id"].endswith("-undeliverable")
     assert msgspec.json.decode(gave_up["payload"])["id"] == "big"
     await nc.close()
+
+
+async def test_an_output_nats_py_will_not_send_fails_alone(nats_url: str) -> None:
+    """One output with a header name nats-py refuses to write is refused for good (never
+    retried as if in doubt); the other outputs of the same call are stored."""
+    from bus_guard.intake._publisher import OutputPublisher
+    from bus_guard.pipeline import Output
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="OUT", subjects=["out.>"], allow_direct=True))
+    publisher = OutputPublisher(nc, js, name="t", timeout_s=5)
+    good = Output("exec", "out.a", b"a", {"Nats-Msg-Id": "a"})
+    bad = Output("exec", "out.b", b"b", {"X(1)": "v"})
+    over = Output("exec", "nowhere.c", b"c", {})  # no stream: in doubt, not refused
+    published = await publisher.publish([[good], [bad], [over]])
+    assert published.stored == [True, False, False]
+    assert published.refused == [False, True, False]
+    assert [m.subject for m in await stored(nc, "OUT")] == ["out.a"]
+    await nc.close()

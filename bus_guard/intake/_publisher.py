@@ -16,6 +16,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import nats.errors
 import nats.js.errors
@@ -100,11 +101,22 @@ class OutputPublisher:
         except nats.js.errors.BadRequestError as exc:  # 400: the same message, the same answer
             log.error("the server refused an output on %s: %s", out.subject, exc)
             return exc
-        except nats.errors.Error as exc:  # timeouts, no responders, 503s: worth another try
-            return exc
-        except (ValueError, TypeError) as exc:  # refused by nats-py itself: it never left
+        except _UNSENDABLE as exc:  # refused by nats-py itself: it never left, and never will
             log.error("output on %s cannot be published: %r", out.subject, exc)
             return _Unsendable(repr(exc))
+        except nats.errors.Error as exc:  # timeouts, no responders, 503s: worth another try
+            return exc
+
+
+# What nats-py raises before a message leaves the client (a header name it will not write,
+# a subject with whitespace, a payload over max_payload): publishing it again gives the same.
+_UNSENDABLE: Final = (
+    nats.errors.BadHeaderError,
+    nats.errors.BadSubjectError,
+    nats.errors.MaxPayloadError,
+    ValueError,
+    TypeError,
+)
 
 
 class _Unsendable(Exception):
