@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from bus_guard.decision import Effect, Request
 from bus_guard.policy import load_policy_sources
 from bus_guard.policy._patterns import glob_covers, glob_matcher, set_matcher
-from bus_guard.policy._regex import searcher
+from bus_guard.policy._regex import compile_regex, searcher
 
 # Generous against a noisy shared machine: the backtracking matchers these tests replace
 # took seconds to minutes on the same inputs; the linear ones take microseconds.
@@ -175,6 +175,32 @@ def test_the_issue_regex_is_decided_fast_end_to_end() -> None:
 
 
 @pytest.mark.parametrize(
+    ("regex", "refused"),
+    [
+        (r"a{,3}", "'{,n}' at position 1"),
+        (r"[ab]x{,12}", "'{,n}' at position 5"),
+        (r"\{,3}", None),  # escaped: the text '{,3}'
+        (r"[{,3}]", None),  # in a class
+        (r"[]{,3}]", None),  # ']' first in a class is literal
+        (r"[[:alpha:]{,3}]", None),  # a POSIX class inside a class
+        (r"\Q{,3}\E", None),  # quoted text
+        (r"a{,}", "'{,n}' at position 1"),  # 'a*' in Python
+        (r"(?P<x>a)(?P=x)", "a backreference '(?P=name)'"),
+        (r"a++", "a possessive quantifier '++'"),
+        (r"(?>ab)", "an atomic group"),
+        ("a" * 4097, "longer than 4096 characters"),
+        (r"\pL{1000}" * 8, "too large for the linear-time engine"),
+    ],
+)
+def test_which_regexes_are_refused(regex: str, refused: str | None) -> None:
+    if refused is None:
+        compile_regex(regex)
+    else:
+        with pytest.raises(ValueError, match=re.escape(refused)):
+            compile_regex(regex)
+
+
+@pytest.mark.parametrize(
     "regex", [r"(a|aa)*$", r"(a*)*b", r"(\w+\s?)*!$", r"^(a|a?)+$", r"(.*a){12}$"]
 )
 def test_regexes_that_backtrack_in_python_are_fast(regex: str) -> None:
@@ -225,6 +251,9 @@ def test_documented_differences_from_python_re() -> None:
     # RE2's \d \w \s are ASCII; Python's are Unicode.
     assert re.search(r"^\d+$", "١٢٣") and not searcher(r"^\d+$")("١٢٣")
     assert searcher(r"^\pN+$")("١٢٣")
+    # POSIX classes are classes, not the characters '[:alph'.
+    assert searcher(r"^[[:alpha:]]+$")("ab") and not searcher(r"^[[:alpha:]]+$")(":")
+    assert searcher(r"\B")("") and not re.search(r"\B", "")
     # Non-ASCII text is matched by character, as in Python.
     assert searcher(r"^é.$")("éé") and not searcher(r"^é$")("e")
     # A lone surrogate has no UTF-8 form: still an answer, not an exception.
