@@ -5,21 +5,29 @@ can shape to make matching or loading slow.
   backtracking regex translation they replace, and timed on the issue's shapes.
 * ``matches`` regexes run on RE2: checked against ``re.search`` where the two agree, with
   the documented differences pinned, and timed on the issue's regex.
+* YAML: files above 1 MiB, and aliases that expand a document past the node bound or into
+  itself, are refused before anything walks them, through every way policies are read.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bus_guard.cli._main import main
 from bus_guard.decision import Effect, Request
-from bus_guard.policy import load_policy_sources
+from bus_guard.errors import PolicyError
+from bus_guard.policy import load_policies, load_policy_sources, load_yaml
+from bus_guard.policy._load import MAX_FILE_BYTES, MAX_NODES
 from bus_guard.policy._patterns import glob_covers, glob_matcher, set_matcher
 from bus_guard.policy._regex import compile_regex, searcher
 
@@ -258,3 +266,110 @@ def test_documented_differences_from_python_re() -> None:
     assert searcher(r"^é.$")("éé") and not searcher(r"^é$")("e")
     # A lone surrogate has no UTF-8 form: still an answer, not an exception.
     assert searcher("^a.b$")("a\ud800b")
+
+
+# --- YAML ------------------------------------------------------------------------------
+
+HEAD = "bundle: b\nversion: '1'\nrules:\n  - {id: r1, effect: allow, actions: [a]}\n"
+
+
+def laughs(levels: int = 9, width: int = 9) -> str:
+    """The billion laughs: each level a list of ``width`` aliases of the one below, so a
+    few hundred bytes stand for ``width ** levels`` strings."""
+    lines = [f"lol0: &lol0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def merges(levels: int = 9, width: int = 9) -> str:
+    """The same with merge keys: each mapping merges ``width`` copies of the one below."""
+    lines = ["m0: &m0 {k0: v}"]
+    lines += [
+        f"m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * width)}], k{i}: v}}"
+        for i in range(1, levels)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def conditions(levels: int = 9, width: int = 9) -> str:
+    """A condition of ``width ** levels`` comparisons, each level ``all`` of the one below:
+    valid all the way down, so validation and compilation would walk every one."""
+    lines = ["c0: &c0 {field: params.x, eq: 1}"]
+    lines += [
+        f"c{i}: &c{i} {{all: [{', '.join([f'*c{i - 1}'] * width)}]}}" for i in range(1, levels)
+    ]
+    rule = f"  - {{id: r2, effect: deny, actions: [a], when: *c{levels - 1}}}\n"
+    return "defs:\n" + "".join(f"  {line}\n" for line in lines) + HEAD + rule
+
+
+def under(key: str, block: str) -> str:
+    return f"{key}:\n" + "".join(f"  {line}\n" for line in block.splitlines())
+
+
+HOSTILE = [
+    pytest.param(HEAD + under("extra", laughs()), "aliases expand", id="laughs"),
+    pytest.param(conditions(), "aliases expand", id="laughs-in-a-condition"),
+    pytest.param(HEAD + under("extra", merges()), "aliases expand", id="merge-keys"),
+    pytest.param(HEAD + "extra: &a [x, *a]\n", "line 5: an alias refers to the node", id="cycle"),
+    pytest.param(
+        HEAD + "extra: &m {k: {<<: *m}}\n", "an alias refers to the node", id="merge-cycle"
+    ),
+    pytest.param(
+        HEAD + "#" * MAX_FILE_BYTES + "\n", "larger than 1,048,576 bytes (1 MiB)", id="size"
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "reason"), HOSTILE)
+def test_hostile_yaml_is_refused_fast_naming_file_and_reason(
+    tmp_path: Path, text: str, reason: str
+) -> None:
+    data = text.encode()
+    start = time.perf_counter()
+    with pytest.raises(PolicyError) as refused:
+        load_policy_sources({"bomb.yaml": data})
+    assert time.perf_counter() - start < 1.0  # the bomb took over 30 s
+    (problem,) = refused.value.problems
+    assert problem.startswith("bomb.yaml: ") and reason in problem, problem
+
+    (tmp_path / "ok.yaml").write_text("bundle: ok\nversion: '1'\nrules: []\n")
+    (tmp_path / "bomb.yaml").write_bytes(data)
+    with pytest.raises(PolicyError) as refused:
+        load_policies(tmp_path)
+    (problem,) = refused.value.problems
+    assert problem.startswith(f"{tmp_path / 'bomb.yaml'}: ") and reason in problem, problem
+
+    out = io.StringIO()
+    assert main(["policy", "check", str(tmp_path)], out=out) == 1
+    assert f"{tmp_path / 'bomb.yaml'}: " in out.getvalue() and reason in out.getvalue()
+
+    with pytest.raises(yaml.YAMLError, match=re.escape(reason)):
+        load_yaml(text)  # also how `policy test` reads its case files
+
+
+def test_aliases_within_the_bound_still_load() -> None:
+    shared = (
+        "bundle: b\nversion: '1'\nrules:\n"
+        "  - {id: r1, effect: allow, actions: &pay [pay.send, pay.refund], principals: [a]}\n"
+        "  - {id: r2, effect: deny, actions: *pay, principals: [b]}\n"
+    )
+    policies = load_policy_sources({"b.yaml": shared.encode()})
+    assert policies.evaluate(Request("a", "pay.refund", "r", {})).effect is Effect.ALLOW
+    assert policies.evaluate(Request("b", "pay.send", "r", {})).effect is Effect.DENY
+    # Just under the bound (9**6 strings and the lists holding them): not refused for its
+    # size (only for the unknown key); one level more is.
+    assert 9**6 < MAX_NODES < 9**7
+    with pytest.raises(PolicyError) as refused:
+        load_policy_sources({"b.yaml": (HEAD + under("extra", laughs(6))).encode()})
+    (problem,) = refused.value.problems
+    assert problem.startswith("b.yaml: top level: unknown key 'extra'"), problem
+    with pytest.raises(PolicyError, match="aliases expand"):
+        load_policy_sources({"b.yaml": (HEAD + under("extra", laughs(7))).encode()})
+
+
+def test_a_file_at_the_size_bound_loads(tmp_path: Path) -> None:
+    text = HEAD + "#" * (MAX_FILE_BYTES - len(HEAD) - 1) + "\n"
+    assert len(text.encode()) == MAX_FILE_BYTES
+    (tmp_path / "b.yaml").write_text(text)
+    assert load_policies(tmp_path).rule_count == 1
+    assert load_policy_sources({"b.yaml": text.encode()}).rule_count == 1
