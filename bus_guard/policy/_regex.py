@@ -36,8 +36,9 @@ import re2
 __all__ = ("MAX_REGEX_CHARS", "MAX_REGEX_MEMORY_BYTES", "compile_regex", "searcher")
 
 MAX_REGEX_CHARS: Final = 4096
-"""The longest regex a policy may hold: bounds what compiling one costs (RE2's parser is
-quadratic on some invalid shapes), far above what a readable condition needs."""
+"""The longest regex a policy may hold: far above what a readable condition needs, and a
+bound on what compiling and checking one costs (the ``{,n}`` scan below is quadratic at
+worst)."""
 
 MAX_REGEX_MEMORY_BYTES: Final = 1 << 20
 """RE2's memory budget for one regex: its compiled program and its DFA cache. Larger
