@@ -19,6 +19,7 @@ from bus_guard.policy import _evaluator as compiler
 from bus_guard.policy import _load as policy
 from bus_guard.policy import _model as policy_model
 from bus_guard.policy import _patterns as patterns
+from bus_guard.policy import _regex as regex
 from bus_guard.policy import _rules as rules
 from bus_guard.policy import _types as policy_types
 from bus_guard.policy._load import PolicySet, load_policies, load_policy_sources, policy_json_schema
@@ -126,7 +127,7 @@ def test_policy_set_is_immutable() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    [policy, policy_model, policy_types, compiler, conditions, patterns, rules, policytest],
+    [policy, policy_model, policy_types, compiler, conditions, patterns, regex, rules, policytest],
 )
 def test_public_surface(module: Any) -> None:
     assert isinstance(module.__all__, tuple)
@@ -200,6 +201,33 @@ RULE_PROBLEMS = [
         "- {id: r1, effect: allow, actions: [a], when: {field: params.x, matches: '(('}}",
         "when.matches: invalid regular expression '(('",
         id="bad-regex",
+    ),
+    # What the linear-time engine (RE2) cannot run is refused at compile time, with why.
+    pytest.param(
+        "- {id: r1, effect: allow, actions: [a], when: {field: params.x, matches: 'a(?=b)'}}",
+        "when.matches: invalid regular expression 'a(?=b)': regex uses lookahead '(?=...)',"
+        " which the linear-time engine (RE2) does not support",
+        id="regex-lookahead",
+    ),
+    pytest.param(
+        "- {id: r1, effect: allow, actions: [a], when: {field: params.x, matches: '(?<!a)b'}}",
+        "regex uses negative lookbehind '(?<!...)', which the linear-time engine",
+        id="regex-lookbehind",
+    ),
+    pytest.param(
+        "- {id: r1, effect: allow, actions: [a], when: {field: params.x, matches: '(a)\\1'}}",
+        "regex uses a backreference '\\1', which the linear-time engine (RE2) does not support",
+        id="regex-backreference",
+    ),
+    pytest.param(
+        "- {id: r1, effect: allow, actions: [a], when: {field: params.x, matches: 'a{,3}'}}",
+        "'{,n}' at position 1 is literal text in RE2 but a repetition in Python",
+        id="regex-open-minimum",
+    ),
+    pytest.param(
+        "- {id: r1, effect: allow, actions: [a], when: {field: resource, matches: 'x\\Z'}}",
+        "'\\Z' is not supported; write '\\z' for the end of the text",
+        id="regex-python-end",
     ),
     pytest.param(
         "- {id: r1, effect: allow, actions: [a], when: {field: params.x, le: '1000'}}",

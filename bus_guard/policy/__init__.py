@@ -5,9 +5,10 @@
 
 Modules, read top to bottom as a bundle flows: ``_types`` and ``_model`` (what a bundle
 may say, validated by pydantic), ``_load`` (files → validated bundles, with file, rule
-and line in every error), ``_patterns``, ``_conditions`` and ``_rules`` (compiling each
-part), ``_evaluator`` (the compiled :class:`PolicySet` and how it decides). The policy
-tests and ``explain`` (``bus-guard policy test | explain | check``) are in :mod:`bus_guard.cli`.
+and line in every error), ``_patterns``, ``_regex`` (RE2), ``_conditions`` and ``_rules``
+(compiling each part), ``_evaluator`` (the compiled :class:`PolicySet` and how it
+decides). The policy tests and ``explain`` (``bus-guard policy test | explain | check``)
+are in :mod:`bus_guard.cli`.
 """
 
 from bus_guard.policy._evaluator import (

@@ -12,7 +12,8 @@ Semantics (two-valued, no errors at request time):
 * When the field's value is a list (``lineage.labels``, list params or attributes),
   ``in`` holds if any element is one of the values and ``not_in`` if none is.
 * ``exists: true`` holds when the field is present and not null; ``exists: false`` when
-  it is missing or null. ``matches`` uses ``re.search``: anchor with ``^``/``$``.
+  it is missing or null. ``matches`` searches like ``re.search`` (anchor with ``^``/``$``)
+  but with RE2, in linear time, over RE2 syntax: see :mod:`bus_guard.policy._regex`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
 from bus_guard.decision import Request
 from bus_guard.policy._model import AllOf, AnyOf, Condition, Leaf, NotOf, Scalar, parse_field
+from bus_guard.policy._regex import searcher
 
 __all__ = ("ConditionNode", "ConditionTrace", "Scope", "compile_condition", "predicate", "trace")
 
@@ -203,8 +204,8 @@ def _test(op: str, lit: Any) -> Test:
         case "not_in":
             return _not_member_test(lit)
         case "matches":
-            search = re.compile(lit).search
-            return lambda v: type(v) is str and search(v) is not None
+            search = searcher(lit)
+            return lambda v: type(v) is str and search(v)
         case "exists":
             return (lambda v: v is not None) if lit else (lambda v: v is None)
     raise AssertionError(f"unknown operator {op}")  # the model admits no other

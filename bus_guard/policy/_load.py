@@ -6,6 +6,12 @@ whose ``problems`` read ``"<file>: rule <id>: <field path>: <message> (line N)"`
 
 YAML is read with YAML 1.2 booleans: only ``true``/``false`` are booleans, so country codes
 like ``NO`` and words like ``yes``/``on`` stay strings. Duplicate keys are errors.
+
+Hostile YAML is refused before anything walks it: a file larger than
+:data:`MAX_FILE_BYTES`, and a document whose aliases would expand it past
+:data:`MAX_NODES` nodes or into itself (a "billion laughs" document of a few hundred
+bytes stands for 10⁹ nodes; PyYAML composes it as a small graph, but every later step
+walks it as a tree).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from bus_guard.policy._evaluator import (
 from bus_guard.policy._model import AllOf, AnyOf, Bundle, ConditionTag, Leaf, NotOf, Rule, describe
 
 __all__ = (
+    "MAX_FILE_BYTES",
+    "MAX_NODES",
     "Bundle",
     "BundleInfo",
     "CompiledRule",
@@ -49,6 +57,16 @@ __all__ = (
     "load_yaml",
     "policy_json_schema",
 )
+
+MAX_FILE_BYTES: Final = 1 << 20
+"""The largest policy file, 1 MiB: over 10,000 rules written one a line, and NATS's
+default largest message (so also the most a KV bucket entry holds)."""
+
+MAX_NODES: Final = 1 << 20
+"""The most YAML nodes (scalars, lists, mappings) a document may stand for once its
+aliases are expanded. Without aliases a file within :data:`MAX_FILE_BYTES` holds fewer
+(a node takes a byte or more), so aliases cannot make a document more work than the
+largest file allowed."""
 
 Loc = tuple[str | int, ...]
 _Found = tuple[str, int, str]  # (file, line, problem text), to sort into source order
@@ -82,9 +100,91 @@ _KNOWN_KEYS: Final = sorted(
 )
 
 
+class _Refused(yaml.YAMLError):
+    """A document refused for its size or its aliases; ``line`` 0 when it is the whole."""
+
+    def __init__(self, message: str, line: int = 0) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document that, aliases expanded, exceeds :data:`MAX_NODES` nodes or
+    contains itself.
+
+    Aliases make the node graph a DAG, or a cycle for an alias inside its own anchor.
+    What counts is the size of the tree it stands for, computed here once per distinct
+    list or mapping from the sizes of its children (a scalar is one node), without
+    expanding anything: a billion-laughs document is refused in microseconds.
+    """
+    sizes: dict[int, int] = {}  # id(list or mapping node) -> nodes once expanded
+    measuring: set[int] = set()  # the lists and mappings on the path being walked
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            measuring.discard(key)
+            size = 1 + sum(sizes.get(id(child), 1) for child in _children(node))
+            if size > MAX_NODES:
+                raise _Refused(
+                    f"aliases expand this document to more than {MAX_NODES:,} YAML nodes,"
+                    " the most a policy file may hold; write the values out or use fewer aliases"
+                )
+            sizes[key] = size
+        elif key not in sizes:
+            if key in measuring:  # reached again from inside itself
+                line = node.start_mark.line + 1
+                raise _Refused(f"line {line}: an alias refers to the node that contains it", line)
+            measuring.add(key)
+            stack.append((node, True))
+            stack.extend(
+                (child, False)
+                for child in _children(node)
+                if not isinstance(child, yaml.ScalarNode)
+            )
+
+
+def _compose(text: str) -> yaml.Node | None:
+    """The document's node graph, within the limits; ``None`` for an empty document.
+    Raises ``yaml.YAMLError`` (:class:`_Refused` for a limit)."""
+    if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
+        raise _Refused(_too_large())
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+    finally:
+        loader.dispose()
+    if node is not None:
+        _check_expansion(node)  # 0.1-0.2 s on a 1 MiB file, which takes ~3 s to load
+    return node
+
+
+def _construct(node: yaml.Node) -> Any:
+    loader = _Loader("")
+    try:
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _too_large() -> str:
+    return f"larger than {MAX_FILE_BYTES:,} bytes (1 MiB), the most a policy file may be"
+
+
 def load_yaml(text: str) -> Any:
-    """Parse YAML the way policy files are read (YAML 1.2 booleans); raises ``yaml.YAMLError``."""
-    return yaml.load(text, Loader=_Loader)  # safe: _Loader is a SafeLoader
+    """Parse YAML the way policy files are read (YAML 1.2 booleans, the same limits);
+    raises ``yaml.YAMLError``."""
+    node = _compose(text)
+    return None if node is None else _construct(node)
 
 
 def load_policies(path: str | os.PathLike[str]) -> PolicySet:
@@ -101,7 +201,8 @@ def load_policies(path: str | os.PathLike[str]) -> PolicySet:
     sources: dict[str, bytes] = {}
     for file in files:
         try:
-            sources[file.name] = file.read_bytes()
+            with file.open("rb") as f:  # no more than the limit and a byte to tell
+                sources[file.name] = f.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
             raise PolicyError([f"{file}: cannot read: {exc.strerror or exc}"]) from exc
     return load_policy_sources(sources, base=files[0].parent)
@@ -195,21 +296,25 @@ def _digest(sources: Mapping[str, bytes]) -> str:
 
 
 def _parse(file: str, data: bytes, problems: list[_Found]) -> tuple[Any, yaml.Node] | None:
+    if len(data) > MAX_FILE_BYTES:
+        problems.append((file, 0, f"{file}: {_too_large()}"))
+        return None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         problems.append((file, 0, f"{file}: not UTF-8 text"))
         return None
-    loader = _Loader(text)
     try:
-        node = loader.get_single_node()
+        node = _compose(text)
         if node is None:
             message = "the file is empty; a bundle needs bundle, version, rules"
             problems.append((file, 0, f"{file}: {message}"))
             return None
         if _duplicate_keys(file, node, problems):
             return None
-        return loader.construct_document(node), node
+        return _construct(node), node
+    except _Refused as exc:
+        problems.append((file, exc.line, f"{file}: {exc}"))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0
@@ -217,17 +322,20 @@ def _parse(file: str, data: bytes, problems: list[_Found]) -> tuple[Any, yaml.No
         problems.append((file, line, f"{file}: {where}invalid YAML: {exc.problem or exc.context}"))
     except yaml.YAMLError as exc:
         problems.append((file, 0, f"{file}: invalid YAML: {exc}"))
-    finally:
-        loader.dispose()
     return None
 
 
 def _duplicate_keys(file: str, node: yaml.Node, problems: list[_Found]) -> bool:
-    """Report keys given twice in one mapping (PyYAML would keep the last silently)."""
+    """Report keys given twice in one mapping (PyYAML would keep the last silently).
+    A mapping reached through several aliases is looked at once."""
     found = False
     stack = [node]
+    walked: set[int] = set()
     while stack:
         current = stack.pop()
+        if id(current) in walked:
+            continue
+        walked.add(id(current))
         if isinstance(current, yaml.MappingNode):
             seen: set[str] = set()
             for key, value in current.value:
@@ -238,9 +346,10 @@ def _duplicate_keys(file: str, node: yaml.Node, problems: list[_Found]) -> bool:
                         problems.append((file, line, text))
                         found = True
                     seen.add(key.value)
-                stack.append(value)
+                if not isinstance(value, yaml.ScalarNode):  # scalars hold no keys
+                    stack.append(value)
         elif isinstance(current, yaml.SequenceNode):
-            stack.extend(current.value)
+            stack.extend(v for v in current.value if not isinstance(v, yaml.ScalarNode))
     return found
 
 

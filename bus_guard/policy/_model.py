@@ -82,7 +82,9 @@ class Leaf(BaseModel):
         None, description="Present, of the values' type, and equal to none of them."
     )
     matches: Regex | None = Field(
-        None, description="A string in which the regex is found (re.search; anchor with ^ $)."
+        None,
+        description="A string in which the regex is found (RE2 syntax; searched like"
+        " re.search, so anchor with ^ $).",
     )
     exists: bool | None = Field(
         None, description="true: present and not null; false: missing or null."

@@ -6,8 +6,9 @@ globs where ``*`` matches any run of characters (including none) and ``?`` one c
 every other character is literal (there are no ``[...]`` classes, so nothing surprises).
 
 Everything here runs at compile time except the matchers, which are built once per rule
-and specialised (equality, ``startswith``, or a compiled regex) so that a request pays only
-for the kind of pattern it meets.
+and specialised (equality, ``startswith``, or a split at ``*`` matched left to right, see
+:func:`glob_matcher`) so that a request pays only for the kind of pattern it meets, and
+never more than linear time in the value for each pattern.
 """
 
 from __future__ import annotations
@@ -97,27 +98,103 @@ def _literal_prefix(pattern: str) -> str:
     return pattern
 
 
-@functools.lru_cache(maxsize=4096)  # compile-time only: coverage checks repeat patterns
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    parts = [".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern]
-    return re.compile("".join(parts), re.DOTALL)
-
-
 def _always(_: str) -> bool:
     return True
 
 
+def _fixed(segment: str) -> re.Pattern[str]:
+    """A segment with ``?`` as a regex of fixed length: literals and ``.`` only, no
+    quantifier and no alternation, so one attempt costs at most ``len(segment)`` steps."""
+    return re.compile("".join("." if ch == "?" else re.escape(ch) for ch in segment), re.DOTALL)
+
+
+def _literal_glob(head: str, middle: tuple[str, ...], tail: str) -> Matcher:
+    """``head*m1*m2*...*tail`` without ``?``: C-level string operations only.
+
+    ``endswith(tail, len(head))`` looks for the tail after the head only, so the two never
+    share characters (``ab*ba`` does not match ``aba``); once it holds, the middle search
+    window ``[len(head), len(value) - len(tail))`` is well formed.
+    """
+    start, back = len(head), len(tail)
+    if not middle:
+        return lambda value: value.startswith(head) and value.endswith(tail, start)
+    if len(middle) == 1:  # the common 'bucket:*/reports/*.csv': no loop
+        (one,) = middle
+        return lambda value: (
+            value.startswith(head)
+            and value.endswith(tail, start)
+            and value.find(one, start, len(value) - back) >= 0
+        )
+
+    def match(value: str) -> bool:
+        if not (value.startswith(head) and value.endswith(tail, start)):
+            return False
+        pos, end = start, len(value) - back
+        for segment in middle:
+            found = value.find(segment, pos, end)
+            if found < 0:
+                return False
+            pos = found + len(segment)
+        return True
+
+    return match
+
+
+def _wild_glob(head: str, middle: tuple[str, ...], tail: str) -> Matcher:
+    """``head*m1*...*tail`` where some segment has ``?``: each segment a fixed-length regex."""
+    need, start, back = len(head) + len(tail) + sum(map(len, middle)), len(head), len(tail)
+    head_at, tail_at = _fixed(head).match, _fixed(tail).match
+    if not middle:
+        return lambda value: (
+            len(value) >= need
+            and head_at(value) is not None
+            and tail_at(value, len(value) - back) is not None
+        )
+    finders = tuple(_fixed(segment).search for segment in middle)
+
+    def match(value: str) -> bool:
+        end = len(value) - back
+        if len(value) < need or head_at(value) is None or tail_at(value, end) is None:
+            return False
+        pos = start
+        for search in finders:
+            found = search(value, pos, end)
+            if found is None:
+                return False
+            pos = found.end()
+        return True
+
+    return match
+
+
+@functools.lru_cache(maxsize=4096)  # compile-time only: rules and coverage checks repeat globs
 def glob_matcher(pattern: str) -> Matcher:
-    """A matcher for one glob, specialised by its shape."""
+    """A matcher for one glob, specialised by its shape; never backtracks.
+
+    The glob is split at its ``*``: ``head*m1*...*mk*tail``. A value matches when it
+    starts with ``head``, ends with ``tail`` (not overlapping), and holds ``m1`` ... ``mk``
+    in order in between. Taking each ``mi`` at its leftmost place is enough: all places of
+    one segment have the same length, so the leftmost ends first and leaves the most room
+    for the rest. One match costs at most ``len(value) * len(pattern)`` character steps,
+    in ``str.startswith`` / ``endswith`` / ``find`` (or a fixed-length regex per segment
+    holding ``?``), where the backtracking regex this replaces took
+    ``len(value) ** stars``: 20 s for ``bucket:*/*/*/*/*.csv`` on a 407-character value.
+    """
     if pattern.strip("*") == "":
         return _always
-    prefix = _literal_prefix(pattern)
     if not is_glob(pattern):
         return pattern.__eq__
+    prefix = _literal_prefix(pattern)
     if pattern == prefix + "*":
         return lambda value: value.startswith(prefix)
-    fullmatch = _glob_regex(pattern).fullmatch
-    return lambda value: fullmatch(value) is not None
+    if "*" not in pattern:  # only '?': one fixed-length comparison
+        size, fullmatch = len(pattern), _fixed(pattern).fullmatch
+        return lambda value: len(value) == size and fullmatch(value) is not None
+    head, *rest, tail = pattern.split("*")
+    middle = tuple(segment for segment in rest if segment)  # '**' is one '*'
+    if "?" in pattern:
+        return _wild_glob(head, middle, tail)
+    return _literal_glob(head, middle, tail)
 
 
 def only_prefix(patterns: Sequence[str]) -> str | None:
@@ -136,7 +213,7 @@ def only_prefix(patterns: Sequence[str]) -> str | None:
 
 def set_matcher(patterns: Iterable[str]) -> Matcher:
     """One matcher for a list of globs: a set for exact values, a tuple of prefixes for
-    ``prefix*`` and one alternation regex for the rest."""
+    ``prefix*`` and :func:`glob_matcher` for each of the rest."""
     exact: set[str] = set()
     prefixes: list[str] = []
     others: list[str] = []
@@ -164,9 +241,13 @@ def set_matcher(patterns: Iterable[str]) -> Matcher:
                 return starts_with
             return lambda value: value.startswith(starts)
         return lambda value: value in frozen or value.startswith(starts)
-    rx = re.compile("|".join(f"(?:{_glob_regex(p).pattern})" for p in others), re.DOTALL)
-    fullmatch = rx.fullmatch
-    return lambda value: value in frozen or value.startswith(starts) or fullmatch(value) is not None
+    if len(others) == 1:
+        other = glob_matcher(others[0])
+        return lambda value: value in frozen or value.startswith(starts) or other(value)
+    matchers = tuple(glob_matcher(p) for p in others)
+    return lambda value: (
+        value in frozen or value.startswith(starts) or any(m(value) for m in matchers)
+    )
 
 
 def glob_covers(outer: str, inner: str) -> bool:
@@ -177,7 +258,7 @@ def glob_covers(outer: str, inner: str) -> bool:
     if not is_glob(outer):
         return False
     if not is_glob(inner):
-        return _glob_regex(outer).fullmatch(inner) is not None
+        return glob_matcher(outer)(inner)
     prefix = _literal_prefix(outer)
     # 'p*' covers any glob whose literal start begins with p (e.g. 'acct-*' ⊆ 'acct*').
     return outer == prefix + "*" and _literal_prefix(inner).startswith(prefix)

@@ -22,6 +22,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
 from bus_guard.policy._patterns import parse_action_pattern
+from bus_guard.policy._regex import MAX_REGEX_CHARS, compile_regex
 
 __all__ = (
     "FIELD_HELP",
@@ -134,8 +135,8 @@ def _attribute(value: object) -> Scalar | list[Scalar]:
 
 def _regex(value: str) -> str:
     try:
-        re.compile(value)
-    except re.error as exc:
+        compile_regex(value)
+    except ValueError as exc:
         raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
     return value
 
@@ -169,7 +170,11 @@ Attribute = Annotated[
     PlainValidator(_attribute),
     WithJsonSchema({"anyOf": [_SCALAR_SCHEMA, _LIST_SCHEMA]}),
 ]
-Regex = Annotated[str, AfterValidator(_regex), WithJsonSchema({"type": "string"})]
+Regex = Annotated[
+    str,
+    AfterValidator(_regex),
+    WithJsonSchema({"type": "string", "maxLength": MAX_REGEX_CHARS}),
+]
 FieldPath = Annotated[
     str,
     AfterValidator(_field),
