@@ -377,7 +377,8 @@ def test_keys_rotate_keeps_the_old_key_valid_for_the_grace_period(tmp_path: Path
     old = jwks.entry(old_kid)
     assert old is not None and old.not_after is not None
     assert set(jwks) == {old_kid, new_kid}
-    code, _ = _run("keys", "revoke", "--jwks", str(tmp_path / "jwks.json"), old_kid)
+    # "--": a kid may start with "-" (base64url), which argparse would take for an option.
+    code, _ = _run("keys", "revoke", "--jwks", str(tmp_path / "jwks.json"), "--", old_kid)
     revoked = load_jwks(tmp_path / "jwks.json").entry(old_kid)
     assert code == 0 and revoked is not None and revoked.revoked_at is not None
 

@@ -430,7 +430,11 @@ def parser() -> argparse.ArgumentParser:
     )
     revoke = keys.add_parser("revoke", help="refuse a key id from now on (key compromise)")
     revoke.add_argument("--jwks", required=True, type=Path, metavar="FILE")
-    revoke.add_argument("kid")
+    # A kid is base64url: about one in 64 starts with "-", which argparse would read as an
+    # option; "--" before it (or --kid=KID) always works, and the help says so.
+    revoke.add_argument(
+        "kid", help="the key id to revoke; one that starts with '-' goes after '--'"
+    )
 
     pol = sub.add_parser("policy", help="check, test and explain policies").add_subparsers(
         dest="policy_command", required=True, metavar="ACTION"
