@@ -48,6 +48,7 @@ __all__ = (
     "DEFAULT_CHECKS",
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
+    "UNREADABLE_HEADERS",
     "Checks",
     "DecisionRecord",
     "Decoded",
@@ -217,8 +218,17 @@ _BAD_VALUE: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 _RESERVED: Final = frozenset({"status", "description"})
 
 
+# Set by the gateway's client (bus_guard.intake) when nats-py would not read the raw header
+# block faithfully (it drops or rewrites what it cannot decode); its value says why. Not a
+# name any message can carry: a header name never holds a NUL.
+UNREADABLE_HEADERS: Final = "\x00unreadable-headers"
+
+
 def header_problem(headers: Mapping[str, str]) -> str | None:
     """Why inbound *headers* cannot be accepted (and forwarded); ``None`` if they can."""
+    unreadable = headers.get(UNREADABLE_HEADERS)
+    if unreadable is not None:
+        return unreadable
     if len(headers) > MAX_HEADERS:
         return f"{len(headers)} headers (at most {MAX_HEADERS})"
     size = 0

@@ -214,3 +214,28 @@ async def test_an_output_nats_py_will_not_send_fails_alone(nats_url: str) -> Non
     assert published.refused == [False, True, False]
     assert [m.subject for m in await stored(nc, "OUT")] == ["out.a"]
     await nc.close()
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"NATS/1.0\r\nX Y: v\r\ntraceparent: t\r\n\r\n",  # nats-py drops every header
+        b"NATS/1.0\r\nX-\xc3\xa9: v\r\n\r\n",  # a name that is not ASCII
+        b"NATS/1.0\r\nX-A: \xff\xfe\r\n\r\n",  # nats-py forwards U+FFFD instead
+        b"NATS/1.0\r\nno colon\r\n\r\n",
+    ],
+)
+async def test_headers_nats_py_would_not_read_faithfully_are_denied(
+    nats_url: str, signer: Signer, policies: PolicySet, block: bytes
+) -> None:
+    """An allowed intent whose header block nats-py would drop or rewrite is denied
+    malformed: the gateway never forwards other headers than the ones it was sent."""
+    nc = await nats.connect(nats_url)
+    out = await outputs(nc)
+    async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer):
+        _raw_publish(nats_url, [_hpub(TRANSFER.encode(), block, _small())])
+        await sentinel(nc, out, 1)
+    assert out.exec.msgs == []
+    [record] = [r for r in out.deny.records() if r.get("subject") == TRANSFER]
+    assert record["reason"] == "malformed" and "header" in record["message"]
+    await nc.close()

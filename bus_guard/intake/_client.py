@@ -10,15 +10,30 @@ subject kills the read loop; decode with errors='surrogateescape'").
 :class:`GuardClient` decodes them with ``surrogateescape`` instead: every byte survives as
 itself or as a lone surrogate (U+DC80..U+DCFF), so the message is delivered, its subject
 does not parse as an intent subject (``bad_subject``, on ``<prefix>.deny.~invalid``), and a
-reply subject with surrogates is refused. It is the one place where bus_guard overrides
-nats-py (a private method, because nats-py offers no public hook before the decode);
-``tests/test_client.py`` fails if a nats-py release changes what it overrides.
+reply subject with surrogates is refused.
+
+Headers likewise: nats-py's parser is lossy where an agent is hostile (a header name
+with a space or a byte that is not UTF-8 makes it drop *every* header of the message; a
+value that is not UTF-8 is forwarded with U+FFFD in place of its bytes). The gateway
+must not forward headers other than the ones it was sent, so :class:`GuardClient` checks
+the raw header block first and, when nats-py would not read it faithfully, adds
+:data:`~bus_guard.pipeline.UNREADABLE_HEADERS` with the reason: the pipeline denies the
+intent ``malformed``.
+
+These are the only places where bus_guard overrides nats-py (private methods, because
+nats-py offers no public hook before it decodes); ``tests/test_layout.py`` and
+``tests/test_intake_inputs.py`` fail if a nats-py release changes what they override.
 """
 
 from __future__ import annotations
 
+import re
+from typing import Final
+
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+
+from bus_guard.pipeline import UNREADABLE_HEADERS
 
 __all__ = ("GuardClient",)
 
@@ -42,3 +57,40 @@ class GuardClient(Client):
             _client=self,
             _sid=sid,
         )
+
+    async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
+        parsed: dict[str, str] | None = await super()._process_headers(headers)
+        if not headers:
+            return parsed
+        problem = _unreadable(headers)
+        if problem is None:
+            return parsed
+        out = dict(parsed or {})
+        out[UNREADABLE_HEADERS] = problem
+        return out
+
+
+# "NATS/1.0", an optional status (code and description), CRLF; then "Name: value" lines.
+_STATUS_LINE: Final = re.compile(rb"NATS/1\.0(?: [0-9]{3}(?: [^\r\n]*)?)?\r\n")
+_NAME: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _unreadable(block: bytes) -> str | None:
+    """Why nats-py would not read the raw header *block* faithfully; ``None`` if it would."""
+    head = _STATUS_LINE.match(block)
+    if head is None:
+        return "header block does not start with NATS/1.0"
+    for line in block[head.end() :].split(b"\r\n"):
+        if not line:
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or _NAME.fullmatch(name) is None:
+            return f"header line {line[:64]!r} has no RFC 7230 token name"
+        if _BAD_VALUE.search(value) is not None:
+            return f"header {name.decode()!r} has a control character in its value"
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"header {name.decode()!r} has a value that is not UTF-8"
+    return None
