@@ -24,6 +24,7 @@ corpus runs with ``-m slow``.
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import struct
@@ -52,6 +53,7 @@ from .hostilekit import (
     Report,
     arena,
     header_block,
+    refused,
     run_attack,
 )
 
@@ -62,6 +64,9 @@ LARGE_MAX_PAYLOAD: Final = 8 * 1024 * 1024  # the class-4 server's, to let 1 MiB
 JS_HEADER_LIMIT: Final = 65535  # JetStream refuses to store larger header blocks
 PARENTS_PER_INTENT: Final = 5000
 PARENT_FLOOD_INTENTS: Final = 60
+CORPUS_SEED: Final = 18
+CORPUS_SIZE: Final = 320
+SLOW_CORPUS_SIZE: Final = 3000
 
 MSGPACK: Final = "application/msgpack"
 MSGPACK_HEADERS: Final = header_block([(b"Content-Type", MSGPACK.encode())])
@@ -620,3 +625,545 @@ async def test_reply_to_another_agents_inbox(
     if mode == "core":
         assert [d.subject for d in agent2.deliveries if d.subject in theirs] == []
         assert len(gateway_replies(agent1, {own})) == 1
+
+
+# -- the generated corpus ------------------------------------------------------------------
+
+_NON_TOKEN_NAME_CHARS: Final = b'()<>@,;\\"/[]?={} \x7f'
+_CONTROL: Final = bytes([*range(0, 9), *range(10, 32), 0x7F])  # all but HTAB
+_SUBJECT_CONTROL: Final = bytes([*range(1, 9), *range(14, 32), 0x7F])  # not split by the server
+_ACTIONS: Final = (
+    "tools.search",
+    "tools.shell",
+    "tools.http.get",
+    "payments.transfer",
+    "files.read",
+    "files.annotate",
+)
+
+
+class Corpus:
+    """Hostile inputs from one seed; the same seed and clock give the same bytes."""
+
+    def __init__(self, seed: int, *, now: float, max_payload: int) -> None:
+        self.rng = random.Random(seed)
+        self.seed, self.now, self.max_payload = seed, now, max_payload
+        self.n = 0
+
+    def cases(self, count: int) -> list[Case]:
+        makers = (self.subject_case, self.header_case, self.json_case, self.msgpack_case)
+        out = []
+        for i in range(count):
+            self.n = i
+            out.append(makers[i % len(makers)]())
+        return out
+
+    @property
+    def name(self) -> str:
+        return f"c{self.seed}-{self.n:04d}"
+
+    # a valid intent, of any kind, with a unique id
+
+    def valid(self) -> dict[str, Any]:
+        rng = self.rng
+        action = rng.choice(_ACTIONS)
+        params: dict[str, Any]
+        match action:
+            case "payments.transfer":
+                params = {
+                    "amount": rng.choice([1, 10.5, 999.99, 1000, 1000.01, 5000, 0, 1e9]),
+                    "currency": rng.choice(["USD", "EUR", "GBP"]),
+                    "to": "account:acct-9",
+                }
+                resource = rng.choice(["account:acct-1", "account:sanctioned-7", "account:acct-2"])
+            case "tools.http.get":
+                params = {"url": rng.choice(["https://api.example.com/x", "http://evil.test/"])}
+                resource = "tool:http"
+            case "files.read":
+                resource = rng.choice(["bucket:a/b/c/d/e.csv", "bucket:a/b.csv", "bucket:x"])
+                params = {}
+            case "files.annotate":
+                params = {"memo": rng.choice(["hello world", "a b c", "no!"])}
+                resource = "doc:1"
+            case _:
+                params = {"q": "x" * rng.randint(0, 40)}
+                resource = f"tool:{action.rsplit('.', 1)[1]}"
+        return body(action, resource, params, id=self.name, ts=self.now)
+
+    def search_intent(self) -> bytes:
+        return as_json(body("tools.search", "tool:search", {"q": "x"}, id=self.name, ts=self.now))
+
+    # subjects
+
+    def subject_case(self) -> Case:
+        rng, name = self.rng, self.name
+        intent = self.valid()
+        payload = as_json(intent)
+        action = intent["action"].encode()
+        kind = rng.choice(
+            [
+                "invalid-utf8",
+                "non-ascii",
+                "control",
+                "wildcard",
+                "long-token",
+                "line-too-long",
+                "many-tokens",
+                "empty-token",
+                "other-principal",
+                "no-action",
+            ]
+        )
+        bad_subject = Expect(outcome="deny", reasons=frozenset({"bad_subject"}))
+        match kind:
+            case "invalid-utf8":
+                junk = bytes(rng.randint(0x80, 0xFF) for _ in range(rng.randint(1, 6)))
+                token = rng.choice([junk, b"x" + junk, junk + b"y"])
+                return Case(name, Raw(subject("tools.") + token, payload), bad_subject)
+            case "non-ascii":
+                token = rng.choice(["é", "ß", "t\u043e\u043els", "数据", "\U0001f600"]).encode()
+                return Case(name, Raw(subject("tools.") + token, payload), ORACLE)
+            case "control":
+                c = bytes([rng.choice(_SUBJECT_CONTROL)])
+                return Case(name, Raw(subject("tools.") + b"a" + c + b"b", payload), ORACLE)
+            case "wildcard":
+                tail = rng.choice([b"*", b">", b"payments.*", b"tools.>", b"*.search"])
+                return Case(name, Raw(subject("") + tail, payload), ORACLE)
+            case "long-token":
+                token = bytes(rng.choice(b"abcXYZ019_-") for _ in range(rng.randint(129, 3800)))
+                return Case(name, Raw(subject("tools.") + token, payload), ORACLE)
+            case "line-too-long":  # the server's max control line is 4096 bytes
+                token = b"x" * rng.randint(4300, 9000)
+                return Case(name, Raw(subject("tools.") + token, payload), refused())
+            case "many-tokens":
+                tokens = ".".join(
+                    rng.choice(["a", "bb", "c-d", "e_f"]) for _ in range(rng.randint(2, 120))
+                )
+                intent["action"] = tokens
+                return Case(name, Raw(subject(tokens), as_json(intent)), ORACLE)
+            case "empty-token":
+                s = rng.choice(
+                    [
+                        b"guard.in.agent-7..x",
+                        b"guard.in.agent-7.x.",
+                        b"guard.in.agent-7.x..y",
+                        b"guard.in.agent-7.",
+                    ]
+                )
+                return Case(name, Raw(s, payload), refused())
+            case "other-principal":
+                other = rng.choice(["agent-9", "agent-77", "AGENT-7", "agent-1", "gateway"])
+                return Case(name, Raw(subject(action.decode(), other), payload), refused())
+            case _:
+                return Case(name, Raw(b"guard.in.agent-7", payload), refused())
+
+    # headers, on an intent that is otherwise forwarded
+
+    def header_case(self) -> Case:
+        rng, name = self.rng, self.name
+        payload = self.search_intent()
+        s = subject("tools.search")
+        kind = rng.choice(
+            [
+                "benign",
+                "non-token-name",
+                "control-value",
+                "invalid-utf8",
+                "status",
+                "inline-status",
+                "many",
+                "big",
+                "too-big",
+                "forged",
+                "jetstream",
+                "garbage-version",
+                "content-type",
+            ]
+        )
+
+        def case(pairs: list[tuple[bytes, bytes]], expect: Expect, **kw: Any) -> Case:
+            return Case(name, Raw(s, payload, header_block(pairs, **kw)), expect)
+
+        def token(n: int = 8) -> bytes:
+            return b"X-" + bytes(
+                rng.choice(b"abcdefghijklmnopqrstuvwxyz0123456789-") for _ in range(n)
+            )
+
+        match kind:
+            case "benign":
+                pairs = [(token(), token(rng.randint(1, 40))) for _ in range(rng.randint(1, 6))]
+                if rng.random() < 0.5:
+                    pairs.append(
+                        (
+                            b"traceparent",
+                            b"00-%032x-%016x-01" % (rng.getrandbits(128), rng.getrandbits(64)),
+                        )
+                    )
+                return case(pairs, ORACLE)
+            case "non-token-name":
+                bad = bytes([rng.choice(_NON_TOKEN_NAME_CHARS)])
+                n = token(4)
+                return case([(n[:3] + bad + n[3:], b"v")], MALFORMED)
+            case "control-value":
+                c = bytes([rng.choice(_CONTROL)])
+                if c == b"\n":
+                    c = b"\x0b"  # a LF would end the line: a different header
+                return case([(token(), b"a" + c + b"b")], MALFORMED)
+            case "invalid-utf8":
+                junk = bytes(rng.randint(0x80, 0xFF) for _ in range(rng.randint(1, 4)))
+                pair = rng.choice([(b"X-" + junk, b"v"), (token(), junk)])
+                return case([pair], DENIED)
+            case "status":
+                pairs = [
+                    (
+                        rng.choice([b"Status", b"status", b"STATUS"]),
+                        str(rng.randint(100, 599)).encode(),
+                    )
+                ]
+                if rng.random() < 0.5:
+                    pairs.append((b"Description", b"No Messages"))
+                return case(pairs, MALFORMED)
+            case "inline-status":
+                code = rng.choice(
+                    [b"100", b"404", b"408", b"409", b"503", str(rng.randint(100, 599)).encode()]
+                )
+                desc = rng.choice([b"", b" Idle Heartbeat", b" No Messages", b" Bad"])
+                return case(
+                    [(token(), b"v")] if rng.random() < 0.5 else [], MALFORMED, status=code + desc
+                )
+            case "many":
+                count = rng.randint(2000, 4500)
+                return case([(b"X-%d" % i, b"v") for i in range(count)], MALFORMED)
+            case "big":  # 32 KiB .. 62 KiB of header: stored by JetStream, forwarded copy is not
+                size = rng.randint(32 * 1024, 62 * 1024)
+                return case([(b"X-Pad", b"v" * size)], DENIED)
+            case "too-big":  # over JetStream's 64 KiB header limit
+                size = rng.randint(66 * 1024, 200 * 1024)
+                expect = Expect(refused=frozenset({"stream"}), outcome="deny")
+                return case([(b"X-Pad", b"v" * size)], expect)
+            case "forged":
+                forged = rng.choice(
+                    [b"Guard-Artifact", b"Guard-Decision", b"guard-artifact", b"Nats-Msg-Id"]
+                )
+                return case([(forged, b"forged-" + name.encode())], ORACLE)
+            case "jetstream":  # JetStream acts on these (refuses to store); core: stripped
+                pair = rng.choice(
+                    [
+                        (b"Nats-Expected-Stream", b"nope"),
+                        (b"Nats-Rollup", b"all"),
+                        (b"Nats-Expected-Last-Sequence", b"999999"),
+                        (b"Nats-TTL", b"1s"),
+                    ]
+                )
+                return case([pair], Expect(refused=frozenset({"stream"}), oracle=True))
+            case "garbage-version":
+                block = rng.choice(
+                    [
+                        b"NATS/2.0\r\nX-A: b\r\n\r\n",
+                        b"HTTP/1.1 200 OK\r\n\r\n",
+                        b"GARBAGE\r\n\r\n",
+                        b"NATS/1.0\r\nno colon here\r\n\r\n",
+                    ]
+                )
+                return Case(name, Raw(s, payload, block), POLICY)
+            case _:
+                ctype = rng.choice(
+                    [
+                        b"application/json",
+                        b"APPLICATION/JSON",
+                        b"application/json; charset=utf-8",
+                        b"text/plain",
+                        b"application/msgpack",
+                    ]
+                )
+                pairs = [(b"Content-Type", ctype)]
+                if rng.random() < 0.3:  # two content types: which one does an executor read?
+                    pairs.append((b"content-type", b"application/msgpack"))
+                    return case(pairs, POLICY)
+                return Case(name, Raw(s, payload, header_block(pairs)), ORACLE, ctype.decode())
+
+    # JSON payloads
+
+    def json_case(self) -> Case:
+        rng, name = self.rng, self.name
+        intent = self.valid()
+        s = subject(intent["action"])
+        kind = rng.choice(
+            [
+                "valid",
+                "deep",
+                "huge-int",
+                "non-finite",
+                "duplicate",
+                "invalid-utf8",
+                "wrong-type",
+                "unknown-field",
+                "spoof",
+                "stale",
+                "blob",
+                "over-gateway",
+                "max-payload",
+                "over-max-payload",
+                "random",
+                "parents",
+                "noise",
+            ]
+        )
+        payload: bytes
+        match kind:
+            case "valid":
+                payload = as_json(intent)
+            case "deep":
+                depth = rng.randint(9, 60)
+                intent["params"]["deep"] = None
+                payload = as_json(intent).replace(
+                    b'"deep":null', b'"deep":' + b"[" * depth + b"]" * depth
+                )
+            case "huge-int":
+                intent["params"]["n"] = 0
+                big = str(rng.choice([1, -1]) * 10 ** rng.randint(19, 400)).encode()
+                payload = as_json(intent).replace(b'"n":0', b'"n":' + big)
+            case "non-finite":
+                intent["params"]["x"] = 0
+                literal = rng.choice([b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e400"])
+                payload = as_json(intent).replace(b'"x":0', b'"x":' + literal)
+            case "duplicate":
+                raw = as_json(intent)
+                if rng.random() < 0.5:
+                    payload = raw[:-1] + b',"resource":"account:sanctioned-1"}'
+                else:
+                    payload = raw.replace(b'"params":{', b'"params":{"amount":5000,', 1)
+                    payload = payload.replace(
+                        b'"params":{"amount":5000,}', b'"params":{"amount":5000}'
+                    )
+            case "invalid-utf8":
+                junk = bytes(rng.randint(0x80, 0xFF) for _ in range(rng.randint(1, 4)))
+                intent["resource"] = "r-placeholder"
+                payload = as_json(intent).replace(b"r-placeholder", b"r-" + junk)
+            case "wrong-type":
+                field, value = rng.choice(
+                    [
+                        ("id", 7),
+                        ("ts", "now"),
+                        ("params", [1]),
+                        ("parents", "p"),
+                        ("principal", 7),
+                        ("resource", None),
+                        ("action", ["tools"]),
+                        ("ts", True),
+                    ]
+                )
+                intent[field] = value
+                payload = as_json(intent)
+            case "unknown-field":
+                intent[rng.choice(["surprise", "Resource", "effect", "allow"])] = True
+                payload = as_json(intent)
+            case "spoof":
+                field, value = rng.choice(
+                    [
+                        ("principal", "agent-9"),
+                        ("action", "tools.search"),
+                        ("principal", "agent-7"),
+                        ("action", "tools.shell"),
+                    ]
+                )
+                intent[field] = value
+                payload = as_json(intent)
+            case "stale":
+                intent["ts"] = self.now + rng.choice([-1000.0, -400.0, 120.0, 1e12, -1e12])
+                payload = as_json(intent)
+            case "blob":
+                intent["params"]["memo"] = "z" * rng.randint(1024, 60 * 1024)
+                payload = as_json(intent)
+            case "over-gateway":  # over the gateway's 64 KiB, within the server's max_payload
+                intent["params"]["memo"] = "z" * rng.randint(70 * 1024, self.max_payload // 2)
+                payload = as_json(intent)
+            case "max-payload":  # exactly the server's max_payload
+                intent["params"]["memo"] = ""
+                raw = as_json(intent)
+                payload = raw.replace(
+                    b'"memo":""', b'"memo":"' + b"z" * (self.max_payload - len(raw)) + b'"'
+                )
+                assert len(payload) == self.max_payload
+            case "over-max-payload":
+                intent["params"]["memo"] = "z" * (self.max_payload + rng.randint(1, 64 * 1024))
+                return Case(name, Raw(s, as_json(intent)), refused())
+            case "random":
+                payload = name.encode() + rng.randbytes(rng.randint(0, 300))
+            case "parents":
+                intent["parents"] = [
+                    f"{rng.getrandbits(48):012x}" for _ in range(rng.randint(1, 50))
+                ]
+                lineage = Expect(
+                    outcome="deny", reasons=frozenset({"malformed", "lineage_violation"})
+                )
+                return Case(name, Raw(s, as_json(intent)), lineage)
+            case _:
+                raw = as_json(intent)
+                payload = rng.choice(
+                    [
+                        b"\xef\xbb\xbf" + raw,
+                        raw + b"garbage",
+                        b"  \n" + raw + b"\n ",
+                        raw.replace(b'"id"', b'"\\u0069d"'),
+                        raw + raw,
+                        b"[" + raw + b"]",
+                        raw.replace(b"{", b'{"x":"\\ud800",', 1),
+                    ]
+                )
+        return Case(name, Raw(s, payload), ORACLE)
+
+    # msgpack payloads
+
+    def msgpack_case(self) -> Case:
+        rng, name = self.rng, self.name
+        intent = self.valid()
+        s = subject(intent["action"])
+        kind = rng.choice(
+            [
+                "valid",
+                "random",
+                "truncated",
+                "non-canonical",
+                "bin-resource",
+                "ext",
+                "huge-int",
+                "nan",
+                "deep",
+                "invalid-utf8",
+                "int-key",
+                "wrong-type",
+                "blob",
+            ]
+        )
+        payload: bytes
+        expect = ORACLE
+        match kind:
+            case "valid":
+                payload = msgspec.msgpack.encode(intent)
+            case "random":
+                payload = b"\x80" + name.encode() + rng.randbytes(rng.randint(0, 200))
+            case "truncated":
+                raw = msgspec.msgpack.encode(intent)
+                payload = raw[: rng.randint(len(raw) // 2, len(raw) - 1)]
+            case "non-canonical":
+                expect = MALFORMED
+                payload = self.noncanonical(intent)
+            case "bin-resource":
+                intent["resource"] = b"account:acct-1"
+                payload = msgspec.msgpack.encode(intent)
+            case "ext":
+                intent["params"]["x"] = msgspec.msgpack.Ext(rng.randint(0, 127), rng.randbytes(8))
+                payload = msgspec.msgpack.encode(intent)
+            case "huge-int":
+                intent["params"]["n"] = 0
+                raw = msgspec.msgpack.encode(intent)
+                # a uint64: beyond int64, or a non-minimal encoding of a smaller value
+                payload = raw.replace(
+                    mp_str("n") + b"\x00", mp_str("n") + b"\xcf" + rng.randbytes(8)
+                )
+            case "nan":
+                intent["params"]["x"] = rng.choice([math.nan, math.inf, -math.inf])
+                payload = msgspec.msgpack.encode(intent)
+            case "deep":
+                deep: Any = []
+                for _ in range(rng.randint(9, 60)):
+                    deep = [deep]
+                intent["params"]["deep"] = deep
+                payload = msgspec.msgpack.encode(intent)
+            case "invalid-utf8":
+                intent["resource"] = "r-placeholder"
+                junk = bytes(rng.randint(0x80, 0xFF) for _ in range(4))
+                payload = msgspec.msgpack.encode(intent).replace(
+                    b"r-placeholder", b"r-placeh" + junk + b"r"
+                )
+            case "int-key":
+                intent["params"] = {1: "one"}
+                payload = msgspec.msgpack.encode(intent)
+            case "wrong-type":
+                intent[rng.choice(["id", "ts", "params", "parents"])] = rng.choice(
+                    [None, 7, "x", [1], {}]
+                )
+                payload = msgspec.msgpack.encode(intent)
+            case _:
+                intent["params"]["memo"] = rng.randbytes(rng.randint(1024, 60 * 1024))
+                payload = msgspec.msgpack.encode(intent)
+        return Case(name, Raw(s, payload, MSGPACK_HEADERS), expect, MSGPACK)
+
+    def noncanonical(self, intent: dict[str, Any]) -> bytes:
+        """*intent* in msgpack with one non-minimal encoding or a duplicate key."""
+        rng = self.rng
+        raw = msgspec.msgpack.encode(intent)
+        key = mp_str("resource")
+        choice = rng.choice(["dup-resource", "str8", "map16", "uint64-ts", "float32-param"])
+        match choice:
+            case "dup-resource":
+                dup = key + mp_str("account:sanctioned-1")
+                return bytes([raw[0] + 1]) + dup + raw[1:]  # one more entry in the fixmap
+            case "str8":
+                return raw.replace(key, mp_str("resource", wide=True), 1)
+            case "map16":
+                return mp_map(raw[0] & 0x0F, wide=True) + raw[1:]
+            case "uint64-ts":
+                i = raw.index(mp_str("ts")) + len(mp_str("ts"))
+                return raw[:i] + mp_uint(int(self.now), 8) + raw[i + 9 :]
+            case _:
+                intent["params"]["f"] = 0.5
+                raw = msgspec.msgpack.encode(intent)
+                return raw.replace(mp_str("f") + mp_f64(0.5), mp_str("f") + mp_f32(0.5))
+
+
+def corpus(seed: int, count: int, *, now: float, max_payload: int) -> list[Case]:
+    return Corpus(seed, now=now, max_payload=max_payload).cases(count)
+
+
+def test_corpus_is_deterministic_and_hostile() -> None:
+    """The same seed and clock give the same bytes; the corpus is large and varied enough."""
+    now = time.time()
+    first = corpus(CORPUS_SEED, CORPUS_SIZE, now=now, max_payload=1 << 20)
+    again = corpus(CORPUS_SEED, CORPUS_SIZE, now=now, max_payload=1 << 20)
+    assert [c.msg for c in first] == [c.msg for c in again]
+    assert len(first) >= 300
+    assert len({c.digest for c in first}) == len(first)
+    assert sum(bool(c.expect.refused) for c in first) >= 20
+    assert sum(c.msg.headers is not None and c.content_type == MSGPACK for c in first) >= 60
+    invalid_utf8 = 0
+    for c in first:
+        try:
+            c.msg.subject.decode()
+        except UnicodeDecodeError:
+            invalid_utf8 += 1
+    assert invalid_utf8 >= 3
+
+
+async def corpus_attack(
+    mode: Mode, tmp: Path, policies: Path, keys: tuple[Path, Path], seed: int, count: int
+) -> Report:
+    key, jwks = keys
+    with arena(tmp, mode, policies=policies, key=key, jwks=jwks) as a:
+        async with RawClient(a.server.port, *a.login(ATTACKER)) as probe:
+            max_payload = probe.max_payload
+        cases = corpus(seed, count, now=time.time(), max_payload=max_payload)
+        return await run_attack(a, cases, label=f"corpus-{seed}")
+
+
+@MODES
+async def test_generated_corpus(
+    mode: Mode, tmp_path: Path, hostile_policies: Path, hostile_keys: tuple[Path, Path]
+) -> None:
+    report = await corpus_attack(
+        mode, tmp_path, hostile_policies, hostile_keys, CORPUS_SEED, CORPUS_SIZE
+    )
+    report.check()
+
+
+@pytest.mark.slow
+@MODES
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_generated_corpus_large(
+    mode: Mode, seed: int, tmp_path: Path, hostile_policies: Path, hostile_keys: tuple[Path, Path]
+) -> None:
+    report = await corpus_attack(
+        mode, tmp_path, hostile_policies, hostile_keys, seed, SLOW_CORPUS_SIZE
+    )
+    report.check()
