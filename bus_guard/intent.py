@@ -18,7 +18,15 @@ from bus_guard.settings import MAX_NESTING_DEPTH, MAX_PAYLOAD_BYTES
 from bus_guard.subjects import Subjects
 from bus_guard.verify._strict_json import DuplicateMember, strict_loads
 
-__all__ = ("Intent", "Malformed", "Subject", "decode_intent", "parse_subject")
+__all__ = (
+    "MAX_PARENTS",
+    "Intent",
+    "Malformed",
+    "Subject",
+    "decode_intent",
+    "parse_subject",
+    "wire_safe",
+)
 
 ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,128}$"
 
@@ -31,6 +39,10 @@ JSON_TYPES: Final = frozenset({"", "application/json"})
 # JSON integers beyond 64 bits are not interchangeable between languages; deny them.
 MAX_INT: Final = 2**63 - 1
 MIN_INT: Final = -(2**63)
+# Parents an intent may name: each is a ledger lookup (bounded work per intent).
+MAX_PARENTS: Final = 16
+
+Parents = Annotated[tuple[IntentId, ...], msgspec.Meta(max_length=MAX_PARENTS)]
 
 
 class Intent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -41,7 +53,7 @@ class Intent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     resource: Annotated[str, msgspec.Meta(max_length=1024)]
     ts: float
     params: dict[str, Any] = {}
-    parents: tuple[IntentId, ...] = ()
+    parents: Parents = ()
     principal: Principal | None = None
 
 
@@ -55,7 +67,7 @@ class _Shape(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     resource: Annotated[str, msgspec.Meta(max_length=1024)]
     ts: float
     params: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
-    parents: tuple[IntentId, ...] | msgspec.UnsetType = msgspec.UNSET
+    parents: Parents | msgspec.UnsetType = msgspec.UNSET
     principal: Principal | msgspec.UnsetType | None = msgspec.UNSET
 
 
@@ -200,10 +212,18 @@ def decode_intent(
             intent = _intent(shape)
         elif ctype in MSGPACK_TYPES:
             intent = _msgpack_intent.decode(payload)
-            # msgspec keeps the last of duplicate map keys; a minimal re-encoding of what
-            # was decoded is then shorter than the input. Non-minimal encodings are refused.
-            if len(_msgpack_enc.encode(_msgpack_any.decode(payload))) != len(payload):
-                return Malformed(Reason.MALFORMED, "duplicate keys or non-minimal msgpack")
+            # Canonical by construction: the payload must be exactly msgspec's encoding of
+            # what it decodes to. That encoding has unique map keys (a dict cannot repeat
+            # one), the shortest form of every integer, length and string header, float64
+            # floats and no bin/ext, so any conforming decoder, first-key or last-key,
+            # reads what was authorized. (Comparing lengths only was fooled: a float32
+            # re-encodes longer and balances what a duplicate key removes.)
+            if _msgpack_enc.encode(_msgpack_any.decode(payload)) != payload:
+                return Malformed(
+                    Reason.MALFORMED,
+                    "msgpack is not canonical (duplicate keys, non-minimal integers or "
+                    "lengths, float32, bin or ext)",
+                )
         else:
             return Malformed(Reason.MALFORMED, f"unsupported content type {ctype!r}")
     except DuplicateMember as exc:
@@ -221,4 +241,35 @@ def decode_intent(
         return Malformed(Reason.MALFORMED, problem)
     if not math.isfinite(intent.ts):
         return Malformed(Reason.MALFORMED, "ts is not a finite number")
+    resource = intent.resource
+    if not (resource.isascii() and resource.isprintable()) or " " in resource:
+        return Malformed(Reason.MALFORMED, f"resource is not canonical: {_why_not(resource)}")
     return intent
+
+
+def _why_not(resource: str) -> str:
+    """Where *resource* leaves its canonical form: printable ASCII without whitespace.
+
+    Resources are identifiers that policies match with globs; a spelling a policy does
+    not foresee (a leading space, a look-alike letter from another script, a control
+    character) must not slip past a deny, so anything else is refused: percent-encode it.
+    """
+    for i, ch in enumerate(resource):
+        if not ("!" <= ch <= "~"):
+            return (
+                f"U+{ord(ch):04X} at offset {i}; resources are printable ASCII without "
+                "whitespace (percent-encode anything else)"
+            )
+    return "unknown"  # unreachable: the caller found a character outside "!".."~"
+
+
+def wire_safe(text: str) -> str:
+    """*text* with every lone surrogate as a visible ``\\xNN`` escape.
+
+    The gateway's client decodes subjects with ``surrogateescape`` (a subject is bytes, and
+    an agent may send any); what a record or a log line carries of a subject must be valid
+    UTF-8 for JSON. ASCII, the common case, is returned as is.
+    """
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,13 +39,15 @@ from bus_guard.decision import (
     Reason,
     Request,
 )
-from bus_guard.intent import Intent, Malformed, Subject, decode_intent, parse_subject
+from bus_guard.intent import Intent, Malformed, Subject, decode_intent, parse_subject, wire_safe
 from bus_guard.settings import MAX_NESTING_DEPTH, MAX_PAYLOAD_BYTES, Checks
 from bus_guard.subjects import DEFAULT_PREFIX, Subjects
 from bus_guard.verify import ARTIFACT_HEADER, DECISION_HEADER, ArtifactClaims, payload_digest
 
 __all__ = (
     "DEFAULT_CHECKS",
+    "MAX_HEADERS",
+    "MAX_HEADER_BYTES",
     "Checks",
     "DecisionRecord",
     "Decoded",
@@ -65,10 +68,12 @@ __all__ = (
     "evaluate",
     "failed",
     "forwarded_headers",
+    "header_problem",
     "judge",
     "outcome_of",
     "outputs_of",
     "payload_excerpt",
+    "reply_allowed",
     "unsigned_allow",
 )
 
@@ -199,6 +204,55 @@ class Decoded(NamedTuple):
     intent: Intent | Malformed | None  # None when the subject is not an intent subject
 
 
+# Inbound headers: bounded and validated before anything else (they are forwarded to exec
+# and must fit the server's limits there; SPEC §2: other headers pass through).
+MAX_HEADERS: Final = 32
+MAX_HEADER_BYTES: Final = 8192  # names + values + ": " and CRLF per header
+_TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")  # RFC 7230 token
+# Control characters (tab allowed), DEL, and lone surrogates (bytes that were not UTF-8).
+_BAD_VALUE: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+# The NATS status protocol's names: a message carrying them is taken for a server status
+# (no responders, heartbeat, flow control) by clients, nats-py included.
+_RESERVED: Final = frozenset({"status", "description"})
+
+
+def header_problem(headers: Mapping[str, str]) -> str | None:
+    """Why inbound *headers* cannot be accepted (and forwarded); ``None`` if they can."""
+    if len(headers) > MAX_HEADERS:
+        return f"{len(headers)} headers (at most {MAX_HEADERS})"
+    size = 0
+    for name, value in headers.items():
+        if _TOKEN.fullmatch(name) is None:
+            return f"header name {wire_safe(name)[:64]!r} is not an RFC 7230 token"
+        if name.lower() in _RESERVED:
+            return f"header {name!r} is reserved for NATS status messages"
+        if _BAD_VALUE.search(value) is not None:
+            return f"header {name!r} has a control character in its value"
+        size += len(name) + len(value.encode("utf-8")) + 4
+    if size > MAX_HEADER_BYTES:
+        return f"{size} bytes of headers (at most {MAX_HEADER_BYTES})"
+    return None
+
+
+# A reply subject is chosen by the agent and published to with the gateway's credentials:
+# only inbox-shaped subjects of plain tokens, so that no reply lands in exec/deny, the $JS
+# API, or (with ``principal``) another agent's inbox.
+_REPLY: Final = re.compile(r"(?:_R_|_INBOX)(?:\.[A-Za-z0-9_-]{1,64}){1,8}")
+
+
+def reply_allowed(reply: str, principal: str | None, *, inbox: str = "principal") -> bool:
+    """Whether a decision may be sent to *reply*, the reply subject of an intent by
+    *principal* (``None``: the subject did not parse). ``_R_.`` is the alias the server
+    substitutes for replies that cross accounts (the compose topology): clients cannot
+    forge a working one. *inbox* ``principal``: ``_INBOX.<principal>.`` only (agents connect
+    with ``inbox_prefix="_INBOX.<principal>"``); ``any``: every ``_INBOX.`` subject."""
+    if len(reply) > 256 or _REPLY.fullmatch(reply) is None:
+        return False
+    if reply.startswith("_R_.") or inbox == "any":
+        return True
+    return principal is not None and reply.startswith(f"_INBOX.{principal}.")
+
+
 def content_type(headers: Mapping[str, str] | None) -> str | None:
     """The ``Content-Type`` header, whatever its case; ``None`` without one."""
     if headers:
@@ -213,14 +267,18 @@ def decode(
     payload: bytes,
     ctype: str | None,
     *,
+    headers: Mapping[str, str] | None = None,
     prefix: str = DEFAULT_PREFIX,
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     max_nesting_depth: int = MAX_NESTING_DEPTH,
 ) -> Decoded:
-    """Parse the subject and, for an intent subject, decode the payload strictly. Total."""
+    """Parse the subject and, for an intent subject, check the message's *headers* and
+    decode the payload strictly. Total: any input gives a value."""
     parsed = parse_subject(subject, prefix)
     if parsed is None:
         return Decoded(None, None)
+    if headers and (problem := header_problem(headers)) is not None:
+        return Decoded(parsed, Malformed(Reason.MALFORMED, problem))
     intent = decode_intent(payload, ctype, max_bytes=max_payload_bytes, max_depth=max_nesting_depth)
     return Decoded(parsed, intent)
 
@@ -355,7 +413,7 @@ def outcome_of(
         policy_version=decision.policy_version,
         mode=decision.mode,
         would_deny=decision.would_deny,
-        subject=subject,
+        subject=wire_safe(subject),
         principal=principal,
         action=parsed.action if parsed is not None else "",
         resource=intent.resource if intent is not None else "",

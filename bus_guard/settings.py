@@ -18,6 +18,7 @@ __all__ = (
     "ArtifactMode",
     "Checks",
     "IntakeMode",
+    "ReplyInbox",
     "Settings",
     "StreamSettings",
 )
@@ -27,6 +28,10 @@ IntakeMode = Literal["core", "stream"]
 MAX_PAYLOAD_BYTES: Final = 65536
 MAX_NESTING_DEPTH: Final = 8
 ArtifactMode = Literal["per-message", "batched"]
+# Where core mode sends a decision to an intent's reply subject: only to the requesting
+# principal's own inbox (`_INBOX.<principal>.`, or the server's cross-account `_R_.` alias),
+# or to any `_INBOX.` subject (a single-account bus whose agents keep nats-py's default).
+ReplyInbox = Literal["principal", "any"]
 
 # As bus_guard.signing._batch.MAX_BATCH (not imported: settings stays free of the signing code).
 _MAX_BATCH = 1 << 20
@@ -119,6 +124,7 @@ class Settings:
     creds_file: str | None = None
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
     max_nesting_depth: int = MAX_NESTING_DEPTH
+    reply_inbox: ReplyInbox = "principal"
     deny_payload_bytes: int = 4096  # how much of a denied payload the deny record keeps
     artifact_ttl_s: float = 60.0
     checks: Checks = field(default_factory=Checks)
@@ -145,6 +151,8 @@ class Settings:
         object.__setattr__(self, "subjects", Subjects(self.prefix))
         if not _TOKEN_RE.fullmatch(self.gateway_id):
             raise ConfigError(f"gateway_id {self.gateway_id!r}: must be 1-64 [A-Za-z0-9_-]")
+        if self.reply_inbox not in ("principal", "any"):
+            raise ConfigError(f"reply_inbox {self.reply_inbox!r}: must be 'principal' or 'any'")
         if self.mode not in ("core", "stream"):
             raise ConfigError(f"mode {self.mode!r}: must be 'core' or 'stream'")
         if problems := self.stream.problems():

@@ -99,7 +99,7 @@ def _check_execs(msgs: list[Msg], jwks: Path) -> dict[str, int]:
 async def test_batched_core_forwards_each_allowed_intent_once_in_order(
     nats_url: str, keys: tuple[Path, Path], signer: Signer, policies: PolicySet
 ) -> None:
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, inbox_prefix="_INBOX.agent-7")  # replies: agent-7's
     out = await outputs(nc)
     allowed = [_small_transfer(id=f"a-{i}") for i in range(200)]
     denied = intent("tools.shell", "tool:shell", {"cmd": "id"})

@@ -305,7 +305,7 @@ def key(tmp_path: Path) -> Iterator[Path]:
 async def test_run_decides_intents_and_drains_on_sigterm(nats_url: str, key: Path) -> None:
     proc = _gateway_process(nats_url, key, "--mode", "core")  # core: decisions as replies
     try:
-        nc = await nats.connect(nats_url)
+        nc = await nats.connect(nats_url, inbox_prefix="_INBOX.agent-1")
         execs = await Collector.on(nc, "guard.exec.>")
         reply = await nc.request(
             "guard.in.agent-1.tools.search",

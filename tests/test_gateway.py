@@ -25,7 +25,7 @@ from bus_guard.decision import Decision, Request
 from bus_guard.errors import SigningError
 from bus_guard.intake._gateway import Gateway, round_trip
 from bus_guard.policy._load import PolicySet
-from bus_guard.settings import Settings
+from bus_guard.settings import ReplyInbox, Settings
 from bus_guard.signing._keys import load_private_key
 from bus_guard.signing._signer import Signer
 from bus_guard.verify import ArtifactClaims, Verifier, verify_message
@@ -257,16 +257,45 @@ async def test_forged_guard_and_nats_headers_never_reach_executors(
 async def test_requester_gets_the_decision_as_reply(
     nats_url: str, signer: Signer, policies: PolicySet
 ) -> None:
-    nc = await nats.connect(nats_url)
+    # Each agent receives on its own inbox prefix (as compose/auth.conf makes them).
+    agent7 = await nats.connect(nats_url, inbox_prefix="_INBOX.agent-7")
+    agent1 = await nats.connect(nats_url, inbox_prefix="_INBOX.agent-1")
     async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer):
-        allowed = await nc.request(TRANSFER, _small_transfer(), timeout=5)
-        denied = await nc.request(
+        allowed = await agent7.request(TRANSFER, _small_transfer(), timeout=5)
+        denied = await agent1.request(
             "guard.in.agent-1.tools.shell", intent("tools.shell", "tool:shell", {}), timeout=5
         )
     a, d = json.loads(allowed.data), json.loads(denied.data)
     assert a["effect"] == "allow" and a["reason"] == "allowed_by_rule"
     assert d["effect"] == "deny" and d["reason"] == "denied_by_rule"
     assert "payload" not in a and "payload" not in d
+    await agent7.drain()
+    await agent1.drain()
+
+
+@pytest.mark.parametrize("inbox", ["principal", "any"])
+async def test_replies_go_only_to_the_requesting_principals_inbox(
+    nats_url: str, signer: Signer, policies: PolicySet, inbox: ReplyInbox
+) -> None:
+    """An agent cannot aim decisions at another agent's inbox (nor at a non-UTF-8 or
+    non-inbox subject); ``reply_inbox="any"`` opens every ``_INBOX.`` subject."""
+    nc = await nats.connect(nats_url)
+    out = await outputs(nc)
+    victim = await Collector.on(nc, "_INBOX.agent-2.>")
+    own = await Collector.on(nc, "_INBOX.agent-1.>")
+    settings = Settings(nats_url=nats_url, mode="core", reply_inbox=inbox)
+    async with Gateway(settings, policies, signer) as gw:
+        denied = intent("tools.shell", "tool:shell", {})
+        await nc.publish("guard.in.agent-1.tools.shell", denied, reply="_INBOX.agent-2.x")
+        await nc.publish("guard.in.agent-1.tools.shell", denied, reply="_INBOX.agent-1.x")
+        await nc.publish("guard.in.agent-1.tools.shell", denied, reply="_INBOX.agent-1.>")
+        await sentinel(nc, out, 3)
+        stats = gw.statistics()
+    assert len(own.msgs) == 1 and json.loads(own.msgs[0].data)["effect"] == "deny"
+    if inbox == "principal":
+        assert victim.msgs == [] and stats.replies_refused == 2
+    else:
+        assert len(victim.msgs) == 1 and stats.replies_refused == 1
     await nc.drain()
 
 

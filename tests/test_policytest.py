@@ -222,7 +222,7 @@ def test_explain_shows_candidates_conditions_and_decision() -> None:
     assert "allow    transfer-small  (" in text
     assert "fails  params.amount le 1000  (actual: 1500)" in text
     assert 'holds  params.currency in ["USD", "EUR"]  (actual: "USD")' in text
-    assert "resource NO (account:sanctioned-*)" in text
+    assert 'fails  resource matches "(?i)^account:sanctioned-"  (actual: "account:acct-1")' in text
     assert text.rstrip().endswith(
         "policy decision: hold escalated_by_rule [transfer-large]:"
         " held for approval by rule transfer-large"

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any, Final, get_args
 
 from bus_guard import __version__
-from bus_guard.settings import ArtifactMode, Checks, IntakeMode, Settings, StreamSettings
+from bus_guard.settings import (
+    ArtifactMode,
+    Checks,
+    IntakeMode,
+    ReplyInbox,
+    Settings,
+    StreamSettings,
+)
 from bus_guard.signing._keys import DEFAULT_GRACE_S
 
 __all__ = (
@@ -150,6 +157,14 @@ _GATEWAY: Final = (
     ),
     SettingOption("--creds", "creds_file", "NATS credentials file", metavar="FILE"),
     SettingOption("--artifact-ttl", "artifact_ttl_s", "artifact lifetime", metavar="SECONDS"),
+    SettingOption(
+        "--reply-inbox",
+        "reply_inbox",
+        "core mode: send a decision to an intent's reply subject only if it is the principal's "
+        "own inbox (_INBOX.<principal>.) or the server's cross-account alias (_R_.); any = "
+        "every _INBOX. subject",
+        choices=get_args(ReplyInbox),
+    ),
     SettingOption("--max-payload", "max_payload_bytes", "largest intent accepted", metavar="BYTES"),
     SettingOption(
         "--max-skew", "checks.max_past_skew_s", "oldest intent ts accepted", metavar="SECONDS"

@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus_guard.decision import Lineage, Reason, new_decision_id
-from bus_guard.intent import Intent, parse_subject
+from bus_guard.intent import Intent, parse_subject, wire_safe
 from bus_guard.pipeline import (
     Decoded,
     Outcome,
@@ -46,6 +46,7 @@ from bus_guard.pipeline import (
     judge,
     outcome_of,
     outputs_of,
+    reply_allowed,
     unsigned_allow,
 )
 from bus_guard.settings import Settings
@@ -55,11 +56,6 @@ __all__ = ("CoreCounters", "CoreIntake")
 
 log = logging.getLogger(__name__)
 
-# Replies go only to inboxes: a reply subject is chosen by the agent, and the gateway's
-# credentials could otherwise be used to publish into exec/deny or the $JS API.
-# ``_R_.`` is the alias the server substitutes for replies that cross accounts (the
-# compose/ topology); clients cannot forge it.
-_REPLY_PREFIXES: Final = ("_INBOX.", "_R_.")
 _NO_LEDGER: Final = Lineage(violation="core mode keeps no ledger: parents cannot be checked")
 
 
@@ -127,6 +123,7 @@ class CoreIntake:
             msg.subject,
             msg.data,
             content_type(msg.headers),
+            headers=msg.headers,
             prefix=s.prefix,
             max_payload_bytes=s.max_payload_bytes,
             max_nesting_depth=s.max_nesting_depth,
@@ -313,9 +310,10 @@ class CoreIntake:
     async def _reply(self, msg: Msg, outcome: Outcome) -> None:
         if not msg.reply:
             return
-        if not msg.reply.startswith(_REPLY_PREFIXES):
+        principal = outcome.principal or None
+        if not reply_allowed(msg.reply, principal, inbox=self.settings.reply_inbox):
             self.counters.replies_refused += 1
-            log.warning("refused reply to %r for %s", msg.reply, msg.subject)
+            log.warning("refused reply to %r for %s", wire_safe(msg.reply), outcome.subject)
             return
         # The reply omits the payload: the requester already has it.
         data = decision_record(outcome, msg.data, 0)

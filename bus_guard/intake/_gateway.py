@@ -28,11 +28,12 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
 from bus_guard.errors import ConfigError, GatewayError
+from bus_guard.intake._client import GuardClient
 from bus_guard.intake._core import CoreIntake
 from bus_guard.intake._preflight import ensure
 from bus_guard.intake._stream import StreamIntake
 from bus_guard.ledger._records import CheckpointSigner
-from bus_guard.pipeline import PolicySetLike, Standing
+from bus_guard.pipeline import MAX_HEADER_BYTES, PolicySetLike, Standing
 from bus_guard.settings import Settings
 from bus_guard.signing._signer import Signer
 
@@ -68,6 +69,7 @@ class GatewayStatistics:
     naks: int = 0  # intents sent back undecided or with outputs not stored
     duplicate_outputs: int = 0  # outputs stored before (a crash, a lost PubAck): kept once
     late_adoptions: int = 0  # adopted past the retry horizon: exec stream searched first
+    undeliverable: int = 0  # outputs refused by the server max_deliveries times: terminated
     artifact_batches: int = 0  # batched artifacts: signed tree heads (one per batch)
 
 
@@ -164,12 +166,14 @@ class Gateway(AsyncContextManagerMixin):
     async def _connect(self) -> Client:
         s = self.settings
         try:
-            self._nc = await nats.connect(
+            self._nc = nc = GuardClient()
+            await nc.connect(
                 [u.strip() for u in s.nats_url.split(",") if u.strip()],
                 name=f"bus-guard {s.gateway_id}",
                 user_credentials=s.creds_file,
                 connect_timeout=max(1, round(s.connect_timeout_s)),
-                reconnect_time_wait=s.reconnect_wait_s,
+                # nats-py annotates an int; it sleeps for whatever it is given
+                reconnect_time_wait=s.reconnect_wait_s,  # type: ignore[arg-type]
                 max_reconnect_attempts=s.max_reconnect_attempts,
                 drain_timeout=max(1, round(s.drain_timeout_s)),
                 error_cb=self._on_error,
@@ -357,6 +361,7 @@ class Gateway(AsyncContextManagerMixin):
                 naks=c.naks,
                 duplicate_outputs=c.duplicate_outputs,
                 late_adoptions=c.late_adoptions,
+                undeliverable=c.undeliverable,
                 artifact_batches=r.artifact_batches,
             )
             counters["received"] = c.received
@@ -437,22 +442,31 @@ async def round_trip(nc: Client, *, timeout_s: float = 5.0) -> None:
     await nc.flush(timeout=timeout)
 
 
-# What an output adds to an intent's bytes: artifact headers (a batched artifact with its
-# proof is ~1.5 KB) and the JSON fields of a deny/hold record.
+# What an output adds to an intent's bytes besides the forwarded headers: the artifact
+# headers (a batched artifact with its proof is ~1.5 KB) and the JSON fields of a deny or
+# hold record.
 _OUTPUT_OVERHEAD_BYTES: Final = 8 * 1024
 
 
 def _check_max_payload(settings: Settings, server_max_payload: int) -> None:
     """Refuse to start when an accepted intent could not be forwarded or recorded.
 
-    A hold record carries the whole payload, base64-encoded when it is not UTF-8 (4/3 of
-    its size); nats-py checks only the payload against the server's limit, not headers, so
-    an exec message over the limit would make the server close the gateway's connection.
+    The server counts headers and payload against ``max_payload`` and closes the
+    connection of a client that publishes more; nats-py checks only the payload. The
+    largest output is an exec message (payload, the inbound headers it forwards, at most
+    ``MAX_HEADER_BYTES`` since larger ones are denied, and the artifact headers) or a hold
+    record (the whole payload, base64-encoded when it is not UTF-8: 4/3 of its size).
     """
-    worst = -(-settings.max_payload_bytes * 4 // 3) + _OUTPUT_OVERHEAD_BYTES
+    payload = settings.max_payload_bytes
+    worst = max(
+        payload + MAX_HEADER_BYTES + _OUTPUT_OVERHEAD_BYTES,
+        -(-payload * 4 // 3) + _OUTPUT_OVERHEAD_BYTES,
+    )
     if worst > server_max_payload:
+        room = server_max_payload - _OUTPUT_OVERHEAD_BYTES
+        fits = min(room - MAX_HEADER_BYTES, room * 3 // 4)
         raise ConfigError(
-            f"--max-payload {settings.max_payload_bytes} is too large for this server's "
-            f"max_payload {server_max_payload}: an output could need {worst} bytes; lower "
-            f"--max-payload to at most {(server_max_payload - _OUTPUT_OVERHEAD_BYTES) * 3 // 4}"
+            f"--max-payload {payload} is too large for this server's max_payload "
+            f"{server_max_payload}: an output could need {worst} bytes; lower --max-payload "
+            f"to at most {fits}"
         )

@@ -306,11 +306,16 @@ class Puller:
 
     async def _on_msg(self, msg: Msg) -> None:
         self._last_heard = time.monotonic()
-        status = msg.headers.get("Status") if msg.headers else None
-        if status is None:
+        # A delivery is told by its ack subject, never by its headers: an agent can put a
+        # Status header (even an inline status line) on an intent, and a delivery taken
+        # for a status message would be neither decided nor acked, pinning the consumer.
+        if msg.reply.startswith("$JS.ACK."):
             self._queue.append(msg)
             self._outstanding = max(0, self._outstanding - 1)
-        elif status == "100":
+            self._arrived.set()
+            return
+        status = msg.headers.get("Status") if msg.headers else None
+        if status == "100":
             pass  # idle heartbeat: the request is alive
         elif status in ("404", "408"):
             self._outstanding = 0  # the request ended (expired, or nothing to wait for)

@@ -16,11 +16,12 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import anyio
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from bus_guard.intake._jetstream import Committed, Rejected, commit
 from bus_guard.pipeline import Output
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Published:
     stored: list[bool]  # per group: every output of the group is stored
+    refused: list[bool]  # per group: an output was refused for good (not in doubt)
     duplicates: int  # outputs JetStream already had
 
 
@@ -52,43 +54,58 @@ class OutputPublisher:
             for out in outs:
                 by_role.setdefault(out.role, []).append((g, out))
         ok = [True] * len(groups)
+        refused = [False] * len(groups)
         duplicates = 0
         results = await asyncio.gather(*(self._role(role, outs) for role, outs in by_role.items()))
-        for placed, (stored, dups) in zip(by_role.values(), results, strict=True):
+        for placed, (stored, no, dups) in zip(by_role.values(), results, strict=True):
             duplicates += dups
-            for (g, _), good in zip(placed, stored, strict=True):
+            for (g, _), good, bad in zip(placed, stored, no, strict=True):
                 ok[g] = ok[g] and good
-        return Published(ok, duplicates)
+                refused[g] = refused[g] or bad
+        return Published(ok, refused, duplicates)
 
-    async def _role(self, role: str, outs: list[tuple[int, Output]]) -> tuple[list[bool], int]:
+    async def _role(
+        self, role: str, outs: list[tuple[int, Output]]
+    ) -> tuple[list[bool], list[bool], int]:
         if self._atomic.get(role, True) and len(outs) > 1:
             entries = [(o.subject, o.data, o.headers) for _, o in outs]
             batch_id = f"{self._name}-{role}-{next(self._batches)}"
             result = await commit(self._nc, entries, batch_id=batch_id, timeout_s=self._timeout_s)
             if isinstance(result, Committed):
-                return [True] * len(outs), 0
+                return [True] * len(outs), [False] * len(outs), 0
             if isinstance(result, Rejected) and "disabled" in result.description:
                 log.info("%s stream refuses atomic batches; publishing one by one", role)
                 self._atomic[role] = False
         return await self._one_by_one([o for _, o in outs])
 
-    async def _one_by_one(self, outs: list[Output]) -> tuple[list[bool], int]:
-        futures = [
-            await self._js.publish_async(o.subject, o.data, headers=dict(o.headers)) for o in outs
-        ]
-        with anyio.move_on_after(self._timeout_s):
-            await asyncio.gather(*futures, return_exceptions=True)
-        stored = []
-        duplicates = 0
-        for f in futures:
-            good = _stored_ok(f)
-            stored.append(good)
-            if good and f.result().duplicate:
-                duplicates += 1
-            elif not f.done():
-                f.cancel()
-        return stored, duplicates
+    async def _one_by_one(self, outs: list[Output]) -> tuple[list[bool], list[bool], int]:
+        """Publish each output on its own, concurrently: (stored, refused for good,
+        duplicates). One output that nats-py or the server refuses (a message over a
+        stream's limit) fails alone: the others are still published and stored.
+
+        ``js.publish`` rather than ``publish_async``: nats-py 2.16's ``publish_async``
+        never resolves the future of a PubAck that carries an error (``APIError.from_error``
+        raises inside its reply callback), so a refusal would look like a timeout."""
+        results = await asyncio.gather(*(self._publish(o) for o in outs))
+        stored = [isinstance(r, PubAck) for r in results]
+        refused = [isinstance(r, nats.js.errors.BadRequestError | _Unsendable) for r in results]
+        duplicates = sum(1 for r in results if isinstance(r, PubAck) and r.duplicate)
+        return stored, refused, duplicates
+
+    async def _publish(self, out: Output) -> PubAck | BaseException:
+        try:
+            return await self._js.publish(
+                out.subject, out.data, timeout=self._timeout_s, headers=out.headers
+            )
+        except nats.js.errors.BadRequestError as exc:  # 400: the same message, the same answer
+            log.error("the server refused an output on %s: %s", out.subject, exc)
+            return exc
+        except nats.errors.Error as exc:  # timeouts, no responders, 503s: worth another try
+            return exc
+        except (ValueError, TypeError) as exc:  # refused by nats-py itself: it never left
+            log.error("output on %s cannot be published: %r", out.subject, exc)
+            return _Unsendable(repr(exc))
 
 
-def _stored_ok(future: asyncio.Future[Any]) -> bool:
-    return future.done() and not future.cancelled() and future.exception() is None
+class _Unsendable(Exception):
+    """nats-py refused to send an output: sending it again gives the same."""

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import anyio
+import msgspec
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -72,6 +73,7 @@ class IntakeCounters:
     late_adoptions: int = 0
     duplicate_outputs: int = 0
     internal_errors: int = 0  # recorded allows without artifact: denied, not forwarded
+    undeliverable: int = 0  # outputs refused for good max_deliveries times: terminated
 
 
 @dataclass(slots=True)
@@ -404,11 +406,61 @@ class StreamIntake:
                 published.duplicates,
             )
         done = {id(it) for it, ok in zip(decided, published.stored, strict=True) if ok}
+        # Outputs the server refuses for good (not a timeout: an outage only delays) can
+        # never be stored: after max_deliveries such an intent ends here, so that no
+        # message loops forever, adopted decisions included.
+        undeliverable = {
+            id(it): it
+            for it, ok, refused in zip(decided, published.stored, published.refused, strict=True)
+            if not ok and refused and it.pulled.delivered >= self._s.max_deliveries
+        }
         for it in batch.items:
             if id(it) in done:
                 await _msg(it).ack()
                 self.counters.acks += 1
-        await self._nak(_msg(it) for it in batch.items if id(it) not in done)
+        for it in undeliverable.values():
+            await self._give_up(it)
+        await self._nak(
+            _msg(it) for it in batch.items if id(it) not in done and id(it) not in undeliverable
+        )
+
+    async def _give_up(self, it: Recorded) -> None:
+        """End an intent whose recorded decision's outputs the server keeps refusing: its
+        denial goes to the deny stream (best effort) and the message is terminated."""
+        record, s = it.record, self.settings
+        self.counters.undeliverable += 1
+        log.error(
+            "decision %s (%s): outputs refused %d times; the intent is terminated, not forwarded",
+            record.decision_id,
+            record.effect,
+            it.pulled.delivered,
+        )
+        denial = msgspec.structs.replace(
+            record,
+            decision_id=f"{record.decision_id}-undeliverable",
+            effect="deny",
+            reason=Reason.INTERNAL_ERROR.value,
+            message=f"its {record.effect} ({record.decision_id}) could not be published: "
+            f"the server refused its outputs {it.pulled.delivered} times",
+            would_deny=False,
+            artifact="",
+        )
+        outs = outputs_of(
+            denial,
+            it.pulled.msg.data,
+            None,
+            subjects=s.subjects,
+            deny_payload_bytes=s.deny_payload_bytes,
+            max_payload_bytes=s.max_payload_bytes,
+        )
+        try:
+            await self.publisher.publish([outs])
+        except Exception as exc:
+            log.warning("could not publish the denial of %s: %s", record.decision_id, exc)
+        try:
+            await it.pulled.msg.term()
+        except Exception as exc:  # it comes back after the ack wait, and ends here again
+            log.warning("term failed: %s", exc)
 
     async def _not_yet_published(self, record: LedgerRecord, outs: list[Output]) -> list[Output]:
         """Beyond the retry horizon de-duplication cannot tell: search the exec stream for

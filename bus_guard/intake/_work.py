@@ -89,6 +89,7 @@ def pulled(msg: Msg, settings: Settings) -> Pulled:
         msg.subject,
         msg.data,
         content_type(msg.headers),
+        headers=msg.headers,
         prefix=s.prefix,
         max_payload_bytes=s.max_payload_bytes,
         max_nesting_depth=s.max_nesting_depth,
