@@ -433,12 +433,19 @@ class Expect:
       verify, as always); with ``oracle`` the effect and reason must be ``decide``'s.
     * ``deny``: a denial, with a reason in ``reasons`` (any reason when empty).
     * ``not-exec``: a denial or a hold, never forwarded.
+
+    ``stream``: what it must come to in stream mode instead, where JetStream stores the
+    message first and the gateway gets it as stored (e.g. without an inline status line).
     """
 
     refused: frozenset[Mode] = frozenset()
     outcome: Literal["policy", "deny", "not-exec"] = "policy"
     reasons: frozenset[str] = frozenset()
     oracle: bool = False
+    stream: Expect | None = None
+
+    def in_mode(self, mode: Mode) -> Expect:
+        return self.stream if mode == "stream" and self.stream is not None else self
 
 
 POLICY: Final = Expect()
@@ -579,11 +586,12 @@ class Report:
 
 
 def _case_problems(report: Report, case: Case) -> list[str]:
-    expect, mode, outcomes = case.expect, report.mode, report.of(case)
+    mode, outcomes = report.mode, report.of(case)
+    expect = case.expect.in_mode(mode)
     answer = report.answers.get(case.name, Answer())
     said = f"{answer.errors or ''}{' closed' if answer.closed else ''}"
     ack = report.acks.get(case.name, "ok")
-    if mode in expect.refused:
+    if mode in case.expect.refused:
         if not report.refused_by_server(case):
             return [f"{case.name}: expected a server refusal, the server accepted it"]
         if outcomes:
