@@ -89,8 +89,8 @@ VICTIM_BOUND_S: Final = 2.0  # each of the victim's intents decided within this,
 VICTIM_MIN_INTENTS: Final = 5  # the victim publishes at least this many per attack
 VICTIM_INTERVAL_S: Final = 0.05  # its pace (a rate, not a synchronisation)
 OUTCOME_TIMEOUT_S: Final = 10.0  # every accepted input decided within this after the last
-RSS_MAX_MIB: Final = 400  # the gateway's resident set at the end of an attack ...
-RSS_GROWTH_MAX_MIB: Final = 150  # ... and its growth during it
+RSS_MAX_MIB: Final = 200  # the gateway's resident set at the end of an attack ...
+RSS_GROWTH_MAX_MIB: Final = 64  # ... and its growth during it
 
 CREDENTIALS: Final = credentials()
 _MAX_PAYLOAD_RE: Final = re.compile(r"^(\s*max_payload\s*[:=]\s*).*$", re.MULTILINE)

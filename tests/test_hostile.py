@@ -953,7 +953,7 @@ class Corpus:
             case "wrong-type":
                 field, value = rng.choice(
                     [
-                        ("id", 7),
+                        ("id", self.n),  # a number: unique like the name it replaces
                         ("ts", "now"),
                         ("params", [1]),
                         ("parents", "p"),
@@ -1091,9 +1091,14 @@ class Corpus:
                 intent["params"] = {1: "one"}
                 payload = msgspec.msgpack.encode(intent)
             case "wrong-type":
-                intent[rng.choice(["id", "ts", "params", "parents"])] = rng.choice(
-                    [None, 7, "x", [1], {}]
+                field = rng.choice(["id", "ts", "params", "parents"])
+                # the id keeps the case unique: a number, a list or a map holding the name
+                wrong = (
+                    [self.n, [self.name], {"id": self.name}]
+                    if field == "id"
+                    else [None, 7, "x", [1], {}]
                 )
+                intent[field] = rng.choice(wrong)
                 payload = msgspec.msgpack.encode(intent)
             case _:
                 intent["params"]["memo"] = rng.randbytes(rng.randint(1024, 60 * 1024))
@@ -1135,6 +1140,9 @@ def test_corpus_is_deterministic_and_hostile() -> None:
     assert [c.msg for c in first] == [c.msg for c in again]
     assert len(first) >= 300
     assert len({c.digest for c in first}) == len(first)
+    for seed in (1, 2, 3):  # the slow corpora: unique payloads too
+        large = corpus(seed, SLOW_CORPUS_SIZE, now=now, max_payload=1 << 20)
+        assert len({c.digest for c in large}) == len(large)
     assert sum(bool(c.expect.refused) for c in first) >= 20
     assert sum(c.msg.headers is not None and c.content_type == MSGPACK for c in first) >= 60
     invalid_utf8 = 0
