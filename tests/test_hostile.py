@@ -1139,10 +1139,7 @@ def test_corpus_is_deterministic_and_hostile() -> None:
     again = corpus(CORPUS_SEED, CORPUS_SIZE, now=now, max_payload=1 << 20)
     assert [c.msg for c in first] == [c.msg for c in again]
     assert len(first) >= 300
-    assert len({c.digest for c in first}) == len(first)
-    for seed in (1, 2, 3):  # the slow corpora: unique payloads too
-        large = corpus(seed, SLOW_CORPUS_SIZE, now=now, max_payload=1 << 20)
-        assert len({c.digest for c in large}) == len(large)
+    assert len({c.digest for c in first}) == len(first)  # run_attack asserts it for any
     assert sum(bool(c.expect.refused) for c in first) >= 20
     assert sum(c.msg.headers is not None and c.content_type == MSGPACK for c in first) >= 60
     invalid_utf8 = 0
