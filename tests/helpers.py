@@ -91,3 +91,22 @@ async def sentinel(nc: Client, out: Outputs, denies_before: int) -> None:
     msgs = await out.deny.wait_for(denies_before + 1)
     assert json.loads(msgs[-1].data)["subject"] == "guard.in.sentinel.done"
     del out.deny.msgs[-1]
+
+
+# What an agent could write to take over an operator's terminal: clear the screen, set the
+# window title, write the clipboard (OSC 52), draw a line of its own, reorder text (bidi),
+# an 8-bit CSI and a line separator.
+HOSTILE = "\x1b[2J\x1b]0;all clear\x07\x1b]52;c;cm0gLXJmIH4=\x07\r\nALLOW agent-7 \u202e\x9b\u2028"
+
+
+def terminal_safe(text: str, lines: int | None = None) -> list[str]:
+    """The lines of CLI output *text*, asserting each is printable (no control, format,
+    separator or surrogate character) and none is a line an agent drew."""
+    assert text.endswith("\n"), ascii(text)
+    out = text[:-1].split("\n")
+    if lines is not None:
+        assert len(out) == lines, text
+    for line in out:
+        assert line.isprintable(), ascii(line)
+        assert not line.startswith("ALLOW"), line
+    return out

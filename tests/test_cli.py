@@ -10,12 +10,14 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 
 from bus_guard.cli._arguments import RUN_OPTIONS, field_default, parser, run_settings
 from bus_guard.cli._main import main
+from bus_guard.cli._safe import safe
 from bus_guard.intake._gateway import round_trip
 from bus_guard.server import NatsServer
 from bus_guard.settings import Checks, Settings, StreamSettings
@@ -23,7 +25,7 @@ from bus_guard.signing._keys import DEFAULT_GRACE_S
 
 from .conftest import POLICIES
 from .crashkit import gateway_argv
-from .helpers import Collector, intent, make_signer
+from .helpers import HOSTILE, Collector, intent, make_signer, terminal_safe
 
 
 def _run(*argv: str) -> tuple[int, str]:
@@ -396,3 +398,95 @@ def test_run_refuses_a_max_payload_the_server_cannot_carry(nats_url: str, key: P
         str(1024 * 1024),
     )
     assert code == 2
+
+
+# -- what agents wrote reaches the operator escaped ---------------------------------------
+
+
+def _artifact(tmp_path: Path, **claims: Any) -> tuple[Path, Path, str]:
+    """(jwks, payload file, token): an artifact over the payload, with *claims* changed."""
+    import time
+
+    from bus_guard.signing._keys import generate_key
+    from bus_guard.signing._signer import payload_digest
+    from bus_guard.verify import ArtifactClaims
+
+    key, jwks = generate_key(tmp_path)
+    payload = tmp_path / "p.bin"
+    payload.write_bytes(b'{"hello": "world"}')
+    now = int(time.time())
+    base: dict[str, Any] = {
+        "iss": "gw",
+        "sub": "agent-7",
+        "aud": "guard.exec.agent-7.x",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 60,
+        "jti": "D1",
+        "action": "x",
+        "resource": "r",
+        "intent_id": "i1",
+        "payload_sha256": payload_digest(payload.read_bytes()),
+        "policy_digest": "sha256:0",
+        "policy_version": "v",
+        "rules": ("r1",),
+        "mode": "enforce",
+    }
+    token = make_signer(key, issuer="gw").sign(ArtifactClaims(**{**base, **claims}))
+    return jwks, payload, token
+
+
+def test_verify_prints_an_agents_claims_escaped_as_the_same_json(tmp_path: Path) -> None:
+    jwks, payload, token = _artifact(tmp_path, action=HOSTILE, resource=HOSTILE, rules=(HOSTILE,))
+    argv = ["verify", "--jwks", str(jwks), "--payload", str(payload), "--artifact", token]
+    code, text = _run(*argv, "--subject", "guard.exec.agent-7.x")
+    assert code == 0, text
+    terminal_safe(text)
+    claims = json.loads(text)
+    assert claims["action"] == claims["resource"] == HOSTILE and claims["rules"] == [HOSTILE]
+    assert "\\u001b" in text and "\\u009b" in text and "\\u202e" in text
+    code, text = _run(*argv, "--subject", f"guard.exec.agent-7.x{HOSTILE}\udcff")
+    assert code == 1 and "wrong_audience" in terminal_safe(text, 1)[0]
+
+
+def test_errors_on_stderr_are_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / f"intent{HOSTILE}.json"
+    argv = ["policy", "explain", "--policies", str(POLICIES), "--subject", "s"]
+    code, _ = _run(*argv, "--payload", str(missing))
+    assert code == 2
+    (line,) = terminal_safe(capsys.readouterr().err, 1)
+    assert line.startswith("bus-guard: ") and safe(str(missing)) in line
+
+
+def test_usage_errors_quote_arguments_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["policy", HOSTILE])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert safe(HOSTILE) in terminal_safe(err)[-1]
+
+
+def test_log_lines_are_escaped_text_and_json() -> None:
+    import logging
+    import sys
+
+    from bus_guard.cli._main import _JsonFormatter, _TextFormatter
+
+    try:
+        raise ValueError(f"bad intent {HOSTILE}\x7f")
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord(
+        "bus_guard.intake", logging.ERROR, __file__, 1, "handler failed for %s", (HOSTILE,), None
+    )
+    text = _TextFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert terminal_safe(text + "\n", 1) == [
+        f"ERROR bus_guard.intake: handler failed for {safe(HOSTILE)}"
+    ]
+    record.exc_info, record.exc_text = exc_info, None
+    lines = terminal_safe(_TextFormatter().format(record) + "\n")
+    assert lines[-1] == f"ValueError: bad intent {safe(HOSTILE)}\\x7f"
+    record.exc_text = None
+    (line,) = terminal_safe(_JsonFormatter().format(record) + "\n", 1)
+    logged = json.loads(line)
+    assert logged["msg"] == f"handler failed for {HOSTILE}" and HOSTILE in logged["exc"]

@@ -23,6 +23,7 @@ from nats.js.api import StreamConfig
 
 from bus_guard.cli import _ledger as audit_module
 from bus_guard.cli._main import main
+from bus_guard.cli._safe import safe
 from bus_guard.intake._jetstream import Stored, read
 from bus_guard.ledger._audit import audit
 from bus_guard.policy._load import load_policies
@@ -31,7 +32,7 @@ from bus_guard.signing._keys import generate_key
 from bus_guard.verify import load_jwks
 
 from .conftest import POLICIES
-from .helpers import intent
+from .helpers import HOSTILE, intent, terminal_safe
 from .streamkit import drained, eventually, stored, stream_gateway, stream_settings
 
 
@@ -265,3 +266,15 @@ async def test_a_replica_behind_the_leader_is_read_again_not_called_a_deletion(
     code, text = await asyncio.to_thread(_verify, ledger, "lag", "--require-sealed")
     assert code == 0, text
     assert reads == [1, len(ledger.msgs) - 2]  # the rest, from where the first read stopped
+
+
+async def test_what_the_audit_quotes_is_escaped(ledger: Ledger) -> None:
+    msgs = list(ledger.msgs)
+    first, second = _decisions(msgs)[1:3]
+    msgs[first] = _edit(msgs[first], kind=HOSTILE)
+    msgs[second] = _edit(msgs[second], gateway=HOSTILE, message=HOSTILE)
+    await _copy(ledger, "hostile", msgs)
+    code, text = await asyncio.to_thread(_verify, ledger, "hostile")
+    assert code == 1, text
+    lines = terminal_safe(text)
+    assert sum(safe(HOSTILE) in line for line in lines) == 2, text

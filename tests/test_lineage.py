@@ -8,20 +8,22 @@ import asyncio
 import io
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
 
 from bus_guard.cli._main import main
+from bus_guard.cli._safe import safe
 from bus_guard.intake._gateway import Gateway
-from bus_guard.ledger._records import LedgerRecord, intent_decision_id
+from bus_guard.ledger._records import LedgerRecord, encode_record, intent_decision_id
 from bus_guard.policy._load import PolicySet, load_policies
 from bus_guard.settings import Settings
 from bus_guard.signing._keys import generate_key
 from bus_guard.verify import Verifier, verify_message
 
 from .conftest import POLICIES
-from .helpers import intent, make_signer
+from .helpers import HOSTILE, intent, make_signer, terminal_safe
 from .streamkit import (
     drained,
     eventually,
@@ -78,11 +80,18 @@ class Agents:
         self.js = nc.jetstream()
 
     async def send(
-        self, principal: str, action: str, intent_id: str, parents: tuple[str, ...] = ()
+        self,
+        principal: str,
+        action: str,
+        intent_id: str,
+        parents: tuple[str, ...] = (),
+        *,
+        resource: str | None = None,
     ) -> LedgerRecord:
+        resource = f"tool:{action}" if resource is None else resource
         await self.js.publish(
             f"guard.in.{principal}.{action}",
-            intent(action, f"tool:{action}", {"amount": 1}, id=intent_id, parents=list(parents)),
+            intent(action, resource, {"amount": 1}, id=intent_id, parents=list(parents)),
         )
         await eventually(lambda: drained(self.js), what="intake drained")
         ledger = {r.decision_id: r for r in await ledger_decisions(self.nc)}
@@ -211,6 +220,30 @@ async def test_bus_guard_lineage_prints_ancestors_and_descendants(
     assert "└── " in descendants and "deny" in descendants and "no_matching_rule" in descendants
     out = io.StringIO()
     assert await asyncio.to_thread(main, ["lineage", "NOPE", "--nats", nats_url], out=out) == 1
+
+
+async def test_bus_guard_lineage_escapes_what_the_ledger_holds(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """The gateway refuses resources that are not printable ASCII, but a ledger can hold
+    records written by others (an older gateway, an admin): the tree printer escapes."""
+    nc = await nats.connect(nats_url)
+    agents = Agents(nc)
+    async with stream_gateway(stream_settings(nats_url), policies, keys[0]):
+        a = await agents.send("agent-1", "tools.search", "a")
+    child = msgspec.structs.replace(
+        a, decision_id="B" * 26, resource=HOSTILE, parents=(a.decision_id,), seq=a.seq + 100
+    )
+    await nc.jetstream().publish(
+        f"guard.ledger.gw-other.d.{child.decision_id}", encode_record(child)
+    )
+    await nc.close()
+    out = io.StringIO()
+    code = await asyncio.to_thread(main, ["lineage", a.decision_id, "--nats", nats_url], out=out)
+    lines = terminal_safe(out.getvalue(), 5)
+    assert code == 0
+    assert lines[1].startswith(f"  {a.decision_id}  allow")
+    assert lines[4].startswith(f"  └── {child.decision_id}  allow") and safe(HOSTILE) in lines[4]
 
 
 async def test_core_mode_cannot_check_parents_so_it_denies_them(

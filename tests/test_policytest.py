@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 
 from bus_guard.cli._policy import DEFAULT_NOW, check_policies, explain, run_policy_tests
+from bus_guard.cli._safe import safe
 from bus_guard.pipeline import decide
 from bus_guard.policy._load import load_policies, load_yaml
 
 from .conftest import POLICIES
+from .helpers import HOSTILE, terminal_safe
 
 
 def run(policies: Path, tests: Path | None = None) -> tuple[int, str]:
@@ -280,3 +282,48 @@ def test_check_lists_every_problem(tmp_path: Path) -> None:
     assert lines[1].startswith(f"  {tmp_path / 'a.yaml'}: rule r1: principals[0]: unknown group")
     assert lines[2].startswith(f"  {tmp_path / 'a.yaml'}: rule r2: when.matches: invalid regular")
     assert "digest" not in out.getvalue()
+
+
+# ---------------------------------------------------------------- what agents wrote, escaped
+
+
+def test_explain_escapes_the_intent_it_echoes() -> None:
+    payload = intent(action="tools.http.get", resource="api:x", params={"url": HOSTILE})
+    text = explained("guard.in.agent-3.tools.http.get", payload)
+    terminal_safe(text)
+    assert "\\r\\nALLOW agent-7" in text and "\\u202e" in text
+    # A resource outside its canonical form is refused before any rule; its message names
+    # the offending character, never echoes it.
+    refused = explained(
+        "guard.in.agent-3.tools.http.get", intent(action="tools.http.get", resource=HOSTILE)
+    )
+    assert "U+001B" in refused and "malformed" in terminal_safe(refused)[0]
+    # A subject is checked before anything else: a bad one is named, escaped.
+    for subject in (f"guard.in.agent-1{HOSTILE}.tools.search", "guard.in.\udcff.x"):
+        bad = explained(subject, intent(action="tools.search"))
+        assert "bad_subject" in terminal_safe(bad, 2)[0]
+    malformed = explained("guard.in.agent-1.tools.search", HOSTILE.encode())
+    assert "malformed" in terminal_safe(malformed, 2)[0]
+
+
+def test_policy_test_escapes_case_names_and_what_it_got(tmp_path: Path) -> None:
+    name = json.dumps(f"case {HOSTILE}")  # YAML reads JSON strings, escapes and all
+    (tmp_path / "t.yaml").write_text(
+        "cases:\n"
+        f"  - name: {name}\n"
+        f"    subject: {json.dumps('guard.in.agent-1.tools.search' + HOSTILE)}\n"
+        "    payload: '{}'\n"
+        "    expect: {effect: allow}\n"
+        f"  - name: {name}\n"
+        "    subject: s\n"
+        "    payload: '{}'\n"
+        "    expect: {effect: deny}\n"
+    )
+    (tmp_path / "bad.yaml").write_text(f"cases:\n  - {{name: {name}, subject: s}}\n")
+    status, output = run(POLICIES, tmp_path)
+    assert status == 1
+    lines = terminal_safe(output, 6)
+    assert lines[0].startswith("ERROR ") and f"case #1 ({safe('case ' + HOSTILE)})" in lines[0]
+    assert lines[1] == f"FAIL t.yaml: {safe('case ' + HOSTILE)}"
+    assert lines[3].startswith("     got      deny bad_subject [")
+    assert lines[4] == f"PASS t.yaml: {safe('case ' + HOSTILE)}"

@@ -6,19 +6,23 @@ import io
 from pathlib import Path
 
 import anyio
+import msgspec
 import nats
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nats.aio.client import Client
 from rich.console import Console
 
-from bus_guard.cli._watch import WatchFilter, watch
+from bus_guard.cli._watch import WatchFilter, format_json, format_record, watch
 from bus_guard.intake._gateway import Gateway
+from bus_guard.pipeline import DecisionRecord, encode_record
 from bus_guard.policy._load import load_policies
 from bus_guard.settings import Settings
 from bus_guard.signing._keys import generate_key
 from bus_guard.signing._signer import Signer
 
 from .conftest import POLICIES
-from .helpers import intent, make_signer
+from .helpers import intent, make_signer, terminal_safe
 
 
 async def _watched(nats_url: str, tmp_path: Path, filters: WatchFilter, count: int) -> str:
@@ -84,8 +88,179 @@ async def test_watch_filters_by_principal_and_reason(nats_url: str, tmp_path: Pa
 
 
 def test_watch_filters_narrow_on_the_server_through_the_subjects() -> None:
-    assert WatchFilter().subjects("guard") == ["guard.deny.*.>", "guard.hold.*.>"]
+    # Unfiltered: every deny, the invalid-subject ones (guard.deny.~invalid) included.
+    assert WatchFilter().subjects("guard") == ["guard.deny.>", "guard.hold.>"]
+    assert WatchFilter("agent-2").subjects("guard") == [
+        "guard.deny.agent-2.>",
+        "guard.hold.agent-2.>",
+    ]
     assert WatchFilter("agent-2", "payments.*").subjects("a.b") == [
         "a.b.deny.agent-2.payments.*",
         "a.b.hold.agent-2.payments.*",
     ]
+
+
+# -- what agents write cannot reach the operator's terminal -------------------------------
+
+# Each value is something a terminal would obey or an operator would misread.
+HOSTILE = {
+    "principal": "agent-7\x1b[2J",  # clear screen
+    "action": "tools.shell\x1b]0;all clear\x07",  # window title
+    "resource": "tool:sh\x1b]52;c;cm0gLXJmIH4=\x07",  # OSC 52: the operator's clipboard
+    "subject": "guard.deny.agent-7.\udcff",  # a subject byte decoded with surrogateescape
+    "reason": "denied_by_rule\u202e",  # right-to-left override
+    "message": "x\r\nALLOW      agent-7      payments.transfer  allowed_by_rule",  # fake line
+    "decision_id": "d1\x9b2J\u2028",  # C1 CSI, line separator
+    "intent_id": "i\u200d\u2066",
+    "payload": '{"id": "\x1b[H"}\n\x85',
+}
+
+
+def _hostile(**fields: object) -> DecisionRecord:
+    values: dict[str, object] = {"effect": "deny", **HOSTILE, "rules": ("no-shell\x1b[0m",)}
+    return DecisionRecord(**{**values, **fields})  # type: ignore[arg-type]
+
+
+def test_a_record_is_one_escaped_line() -> None:
+    record = _hostile(rules=("no-shell", "[bold]x[/]"))
+    plain = format_record(record).plain
+    terminal_safe(plain + "\n", 1)
+    assert "agent-7\\x1b[2J" in plain and "tool:sh\\x1b]52;c;cm0gLXJmIH4=\\x07" in plain
+    assert "x\\r\\nALLOW" in plain and "denied_by_rule\\u202e" in plain
+    assert "d1\\x9b2J\\u2028" in plain and "[bold]x[/]" in plain  # text, never markup
+    what = format_record(_hostile(action="", resource="")).plain
+    assert "guard.deny.agent-7.\\udcff" in what  # the subject, when there is no action
+
+
+_wire_text = st.text(st.characters(codec="utf-8"), max_size=20)  # no lone surrogates
+# Lone surrogates only off the wire: msgspec refuses to encode or decode them, but a subject
+# decoded with surrogateescape can hold them.
+_any_text = st.text(
+    st.one_of(st.characters(exclude_categories=()), st.integers(0xD800, 0xDFFF).map(chr)),
+    max_size=20,
+)
+
+
+def _records(text: st.SearchStrategy[str]) -> st.SearchStrategy[DecisionRecord]:
+    fields = st.fixed_dictionaries(
+        {name: text for name in HOSTILE},
+        optional={"effect": text, "would_deny": st.booleans(), "rules": st.tuples(text, text)},
+    )
+    return fields.map(lambda f: _hostile(**f))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_records(_any_text))
+def test_any_record_is_one_safe_line(record: DecisionRecord) -> None:
+    terminal_safe(format_record(record).plain + "\n", 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_records(_wire_text))
+def test_any_records_json_is_one_safe_line_that_decodes_to_it(record: DecisionRecord) -> None:
+    line = format_json(encode_record(record))
+    terminal_safe(line + "\n", 1)
+    assert msgspec.json.decode(line, type=DecisionRecord) == record
+
+
+async def _watch_published(
+    nats_url: str, published: list[tuple[str, bytes]], *, count: int, as_json: bool = False
+) -> str:
+    buf = io.StringIO()
+    # Narrow: a record longer than the console must still be one line, never wrapped by rich.
+    console = Console(file=buf, width=60, color_system=None)
+    ready = anyio.Event()
+    nc = await nats.connect(nats_url)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+
+            async def run_watch() -> None:
+                await watch(nats_url, count=count, as_json=as_json, console=console, ready=ready)
+
+            tg.start_soon(run_watch)
+            await ready.wait()
+            for subject, data in published:
+                await nc.publish(subject, data)
+    await nc.drain()
+    return buf.getvalue()
+
+
+_PUBLISHED = [
+    ("guard.deny.agent-7.tools.shell", encode_record(_hostile(subject="guard.deny.a"))),
+    ("guard.hold.agent-7.tools.shell", encode_record(_hostile(effect="hold", subject="s"))),
+]
+
+
+async def test_watch_prints_hostile_records_escaped_one_line_each(nats_url: str) -> None:
+    # Only the first counts: records on deny and hold may arrive in either order.
+    junk = ("guard.deny.agent-7\x1b[2J.x", b"\x1b]0;title\x07 not json")
+    text = await _watch_published(nats_url, [junk, *_PUBLISHED], count=2)
+    lines = terminal_safe(text, 3)
+    assert lines[0].startswith("unreadable record on guard.deny.agent-7\\x1b[2J.x: ")
+    assert sorted(line.split()[0] for line in lines[1:]) == ["DENY", "HOLD"]
+    assert all("\\r\\nALLOW" in line for line in lines[1:])
+
+
+async def test_watch_json_is_one_safe_line_per_record_and_decodes_to_it(nats_url: str) -> None:
+    text = await _watch_published(nats_url, _PUBLISHED, count=2, as_json=True)
+    lines = terminal_safe(text, 2)
+    got = sorted(msgspec.json.decode(line, type=DecisionRecord).effect for line in lines)
+    assert got == ["deny", "hold"]
+    for line in lines:
+        record = msgspec.json.decode(line, type=DecisionRecord)
+        assert record.message == HOSTILE["message"] and record.payload == HOSTILE["payload"]
+        assert "\\u009b" in line and "\\u2028" in line and "\\u202e" in line  # JSON escapes
+
+
+async def test_an_agents_intent_reaches_watch_escaped(nats_url: str, tmp_path: Path) -> None:
+    key, _ = generate_key(tmp_path)
+    buf = io.StringIO()
+    console = Console(file=buf, width=60, color_system=None)
+    ready = anyio.Event()
+    nc = await nats.connect(nats_url)
+    settings_ = Settings(nats_url=nats_url, mode="core")
+    with anyio.fail_after(10):
+        async with (
+            Gateway(settings_, load_policies(POLICIES), make_signer(key, issuer="gw")),
+            anyio.create_task_group() as tg,
+        ):
+
+            async def run_watch() -> None:
+                await watch(nats_url, count=1, console=console, ready=ready)
+
+            tg.start_soon(run_watch)
+            await ready.wait()
+            # Resources are refused unless printable ASCII; a subject token can still carry
+            # control characters (not whitespace): it is a bad subject, recorded as sent.
+            await nc.publish(
+                "guard.in.agent-1.tools.sh\x1b]52;c;cm0gLXJmIH4=\x07ALLOW",
+                intent("tools.shell", "tool:shell", {}),
+            )
+    await nc.drain()
+    (line,) = terminal_safe(buf.getvalue(), 1)
+    assert line.startswith("DENY") and "sh\\x1b]52;c;cm0gLXJmIH4=\\x07ALLOW" in line
+
+
+def test_the_demos_executed_line_is_escaped_too() -> None:
+    from bus_guard.cli._demo import _executed
+    from bus_guard.verify import ArtifactClaims
+
+    claims = ArtifactClaims(
+        iss="gw",
+        sub="agent-7\x1b[2J",
+        aud="guard.exec.agent-7.x",
+        iat=0,
+        nbf=0,
+        exp=1,
+        jti="d1\u2028",
+        action="x\x1b]0;t\x07",
+        resource="r\r\nALLOW",
+        intent_id="i",
+        payload_sha256="A" * 43,
+        policy_digest="sha256:0",
+        policy_version="1",
+        rules=("r\u202e",),
+        mode="enforce",
+    )
+    (line,) = terminal_safe(_executed(claims).plain + "\n", 1)
+    assert line.startswith("EXECUTED") and "r\\r\\nALLOW" in line and "r\\u202e" in line

@@ -14,9 +14,10 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, get_args
+from typing import Any, Final, NoReturn, get_args
 
 from bus_guard import __version__
+from bus_guard.cli._safe import safe
 from bus_guard.settings import (
     ArtifactMode,
     Checks,
@@ -292,8 +293,15 @@ def _prefix_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default=prefix, help=_with_default("subject prefix", prefix))
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors quote the arguments: escaped like everything else the CLI prints."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(safe(message))
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bus-guard",
         description="Pre-execution authorization gateway for agents on NATS. Agents publish "
         "intents to <prefix>.in.<principal>.<action>; approved ones are forwarded to "

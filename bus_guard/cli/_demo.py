@@ -26,7 +26,9 @@ from nats.aio.msg import Msg
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from bus_guard.cli._safe import safe
 from bus_guard.cli._watch import format_record
 from bus_guard.errors import VerificationError
 from bus_guard.intake._gateway import Gateway, round_trip
@@ -37,7 +39,13 @@ from bus_guard.server import NatsServer
 from bus_guard.settings import ArtifactMode, IntakeMode, Settings
 from bus_guard.signing._keys import generate_key, load_private_key
 from bus_guard.signing._signer import Signer
-from bus_guard.verify import ARTIFACT_HEADER, BATCH_PREFIX, Verifier, verify_message
+from bus_guard.verify import (
+    ARTIFACT_HEADER,
+    BATCH_PREFIX,
+    ArtifactClaims,
+    Verifier,
+    verify_message,
+)
 
 __all__ = ("run_demo",)
 
@@ -137,6 +145,28 @@ class _Tally:
     decided: int = 0
 
 
+def _markup(text: str) -> str:
+    return escape(safe(text))
+
+
+def _executed(claims: ArtifactClaims) -> Text:
+    """What the executor ran: the claims of a verified artifact, values escaped."""
+    return Text.assemble(
+        (f"{'EXECUTED':<10}", "bold green"),
+        " ",
+        (f"{safe(claims.sub):<12}", "cyan"),
+        f" {safe(claims.action)} {safe(claims.resource)}  ",
+        ("artifact ok", "magenta"),
+        f" rules={safe(','.join(claims.rules))} ",
+        (f"id={safe(claims.jti)}", "dim"),
+    )
+
+
+def _show(console: Console, line: Text) -> None:
+    # soft_wrap: rich would break a long line in two, the second starting with agent text.
+    console.print(line, soft_wrap=True)
+
+
 @contextlib.asynccontextmanager
 async def _bus(nats_url: str | None) -> AsyncIterator[str]:
     if nats_url is not None:
@@ -170,8 +200,8 @@ async def run_demo(
         verifier = Verifier(jwks_path)
         async with _bus(nats_url) as url:
             console.print(
-                f"[bold]bus_guard demo[/] bus={url} mode={mode} artifacts={artifacts} "
-                f"policies={policies.version} "
+                f"[bold]bus_guard demo[/] bus={_markup(url)} mode={mode} artifacts={artifacts} "
+                f"policies={_markup(policies.version)} "
                 f"digest={policies.digest[:19]}… rules={policies.rule_count}"
             )
             settings = Settings(
@@ -192,7 +222,10 @@ async def run_demo(
                     )
                 except VerificationError as exc:
                     tally.bad_artifacts += 1
-                    console.print(f"[bold red]REFUSED[/] {escape(msg.subject)}: {exc}")
+                    _show(
+                        console,
+                        Text.assemble(("REFUSED", "bold red"), safe(f" {msg.subject}: {exc}")),
+                    )
                 else:
                     tally.executed.add(claims.jti)
                     if (msg.headers or {}).get(ARTIFACT_HEADER, "").startswith(BATCH_PREFIX):
@@ -201,11 +234,7 @@ async def run_demo(
                     tally.effects["allow"] += 1
                     tally.reasons[("allow", "allowed_by_rule")] += 1
                     if not quiet:
-                        console.print(
-                            f"[bold green]{'EXECUTED':<10}[/] [cyan]{claims.sub:<12}[/] "
-                            f"{claims.action} {escape(claims.resource)}  [magenta]artifact ok[/] "
-                            f"rules={','.join(claims.rules)} [dim]id={claims.jti}[/]"
-                        )
+                        _show(console, _executed(claims))
                 decided()
 
             async def operator(msg: Msg) -> None:
@@ -214,7 +243,7 @@ async def run_demo(
                 tally.reasons[(record.effect, record.reason)] += 1
                 tally.not_allowed.add(record.payload_sha256)
                 if not quiet:
-                    console.print(format_record(record))
+                    _show(console, format_record(record))
                 decided()
 
             nc = await nats.connect(url, name="bus-guard demo")
@@ -265,7 +294,7 @@ def _summary(
     table.add_column("reason")
     table.add_column("count", justify="right")
     for (effect, reason), n in sorted(tally.reasons.items()):
-        table.add_row(effect, reason, str(n))
+        table.add_row(Text(safe(effect)), Text(safe(reason)), str(n))
     table.add_section()
     table.add_row("sent", "", str(count))
     table.add_row("received by gateway", "", str(received))

@@ -9,6 +9,7 @@ import anyio
 import msgspec
 from nats.aio.client import Client
 
+from bus_guard.cli._safe import say
 from bus_guard.intake._jetstream import read
 from bus_guard.ledger._audit import Auditor
 from bus_guard.ledger._lineage import render_tree
@@ -51,21 +52,21 @@ async def audit_stream(
         # tail deleted (a real gap stays one: the retries only cost their bounded delay).
         await anyio.sleep(_CATCH_UP_S[attempt])
     report = auditor.finish(last_stream_seq=last)
-    print(
+    say(
+        out,
         f"ledger {stream}: {report.messages} record(s), stream seq "
         f"{info.state.first_seq}..{info.state.last_seq}; deny_delete={config.deny_delete} "
         f"deny_purge={config.deny_purge}",
-        file=out,
     )
     for chain in report.chains:
-        print(f"  {chain}", file=out)
+        say(out, f"  {chain}")
     if report.ok:
-        print("OK: every chain is complete, linked and signed where it says so", file=out)
+        say(out, "OK: every chain is complete, linked and signed where it says so")
         return 0
-    print(f"FAIL: {len(report.problems)} problem(s); the first bad record:", file=out)
-    print(f"  {report.problems[0]}", file=out)
+    say(out, f"FAIL: {len(report.problems)} problem(s); the first bad record:")
+    say(out, f"  {report.problems[0]}")
     for problem in report.problems[1:20]:
-        print(f"  then: {problem}", file=out)
+        say(out, f"  then: {problem}")
     return 1
 
 
@@ -83,13 +84,13 @@ async def show(nc: Client, stream: str, prefix: str, decision_id: str, *, out: T
         for parent in record.parents:
             children[parent].append(record.decision_id)
     if decision_id not in records:
-        print(f"{decision_id}: no such decision in {stream} ({subjects.all})", file=out)
+        say(out, f"{decision_id}: no such decision in {stream} ({subjects.all})")
         return 1
     ancestors = {rid: list(r.parents) for rid, r in records.items()}
-    print("ancestors (caused by):", file=out)
+    say(out, "ancestors (caused by):")
     for line in render_tree(decision_id, ancestors, records):
-        print(f"  {line}", file=out)
-    print("descendants (caused):", file=out)
+        say(out, f"  {line}")
+    say(out, "descendants (caused):")
     for line in render_tree(decision_id, children, records):
-        print(f"  {line}", file=out)
+        say(out, f"  {line}")
     return 0

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TextIO
 
 import anyio
@@ -32,6 +33,7 @@ from bus_guard.cli._arguments import (
     parser,
     run_settings,
 )
+from bus_guard.cli._safe import safe, safe_json, safe_lines, safe_traceback, say
 from bus_guard.errors import GuardError
 
 __all__ = ("main",)
@@ -39,6 +41,23 @@ __all__ = ("main",)
 log = logging.getLogger("bus_guard")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class _TextFormatter(logging.Formatter):
+    """Log lines with values escaped: the gateway logs subjects and ids agents chose."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return safe(super().formatMessage(record))
+
+    def formatException(
+        self, ei: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+    ) -> str:
+        if ei[1] is None:
+            return super().formatException((None, None, None))
+        return safe_traceback(ei[1])
+
+    def formatStack(self, stack_info: str) -> str:
+        return safe_lines(super().formatStack(stack_info))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -51,7 +70,7 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+        return safe_json(json.dumps(out))  # ensure_ascii escapes all but DEL
 
 
 def _setup_logging(level: str, fmt: str) -> None:
@@ -59,7 +78,7 @@ def _setup_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -73,7 +92,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     try:
         return int(_dispatch(args, out))
     except GuardError as exc:
-        print(f"bus-guard: {exc}", file=sys.stderr)
+        say(sys.stderr, f"bus-guard: {exc}")
         return EXIT_USAGE if _is_config_error(exc) else EXIT_FAIL
     except KeyboardInterrupt:
         return 130
@@ -185,18 +204,18 @@ def _cmd_keys(args: argparse.Namespace, out: TextIO) -> int:
     match args.keys_command:
         case "new":
             key, jwks = keys.generate_key(args.out, overwrite=args.force)
-            print(f"wrote {key} (private, mode 0600) and {jwks}", file=out)
+            say(out, f"wrote {key} (private, mode 0600) and {jwks}")
         case "rotate":
             r = keys.rotate_key(args.dir, grace_s=args.grace)
-            print(
+            say(
+                out,
                 f"new key {r.new_kid} in {r.key_path}; old key {r.retired_kid} verifies until "
                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(r.not_after))} "
                 f"(restart or reload gateways, publish {r.jwks_path} to verifiers first)",
-                file=out,
             )
         case "revoke":
             keys.revoke_key(args.jwks, args.kid)
-            print(f"revoked {args.kid} in {args.jwks}", file=out)
+            say(out, f"revoked {args.kid} in {args.jwks}")
     return EXIT_OK
 
 

@@ -25,6 +25,7 @@ from typing import Any, Final, Literal, TextIO
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bus_guard.cli._safe import say
 from bus_guard.decision import Decision, Reason, Request
 from bus_guard.errors import PolicyError
 from bus_guard.pipeline import decide, evaluate
@@ -81,7 +82,7 @@ def run_policy_tests(policies_dir: Path, tests_path: Path | None = None, *, out:
     path = Path(tests_path) if tests_path is not None else Path(policies_dir) / "tests"
     files = _test_files(path)
     if not files:
-        print(f"no test files (*.yaml, *.yml) at {path}", file=out)
+        say(out, f"no test files (*.yaml, *.yml) at {path}")
         return 1
     passed = failed = broken = 0
     for file in files:
@@ -94,16 +95,16 @@ def run_policy_tests(policies_dir: Path, tests_path: Path | None = None, *, out:
             problem = _compare(case.expect, got)
             if problem is None:
                 passed += 1
-                print(f"PASS {file.name}: {case.name}", file=out)
+                say(out, f"PASS {file.name}: {case.name}")
             else:
                 failed += 1
-                print(f"FAIL {file.name}: {case.name}", file=out)
-                print(f"     expected {_show_expect(case.expect)}", file=out)
-                print(f"     got      {_show(got)}: {got.message}", file=out)
+                say(out, f"FAIL {file.name}: {case.name}")
+                say(out, f"     expected {_show_expect(case.expect)}")
+                say(out, f"     got      {_show(got)}: {got.message}")
     summary = f"{passed} passed, {failed} failed"
     if broken:
         summary += f", {broken} test file{'s' if broken > 1 else ''} with errors"
-    print(summary, file=out)
+    say(out, summary)
     return 0 if failed == 0 and broken == 0 else 1
 
 
@@ -117,7 +118,7 @@ def _read_suite(file: Path, out: TextIO) -> _Suite | None:
     try:
         raw = load_yaml(file.read_text("utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        print(f"ERROR {file}: cannot read test file: {exc}", file=out)
+        say(out, f"ERROR {file}: cannot read test file: {exc}")
         return None
     try:
         return _Suite.model_validate(raw)
@@ -132,7 +133,7 @@ def _read_suite(file: Path, out: TextIO) -> _Suite | None:
                 label = f"case #{loc[1] + 1}" + (f" ({name})" if isinstance(name, str) else "")
                 where = ": ".join(x for x in (label, ".".join(map(str, loc[2:]))) if x)
             message = error["msg"].removeprefix("Value error, ")
-            print(f"ERROR {file}: {where}: {message}", file=out)
+            say(out, f"ERROR {file}: {where}: {message}")
         return None
 
 
@@ -180,8 +181,8 @@ def explain(policies: PolicySet, subject: str, payload: bytes, *, now: float, ou
     """Print which rules were considered for one intent, how each fared, and the decision."""
     result = evaluate(subject, payload, None, policies, now=now)
     if result.subject is None or result.intent is None:
-        print(f"not evaluated against the rules: {_show(result.decision)}", file=out)
-        print(f"  {result.decision.message}", file=out)
+        say(out, f"not evaluated against the rules: {_show(result.decision)}")
+        say(out, f"  {result.decision.message}")
         return 0
     intent = result.intent
     # The Request authorize() builds: identity from the subject, the rest from the payload.
@@ -203,35 +204,35 @@ def explain(policies: PolicySet, subject: str, payload: bytes, *, now: float, ou
         explanation.decision.rules,
     ) or final.would_deny:
         # Checks before the rules (spoofing, clock) or observe mode changed the outcome.
-        print(f"final decision: {_show(final)}: {final.message}", file=out)
+        say(out, f"final decision: {_show(final)}: {final.message}")
     return 0
 
 
 def _render(explanation: Explanation, out: TextIO) -> None:
     request = explanation.request
-    print(f"intent {request.intent_id}: {request.principal} {request.action}", file=out)
-    print(f"  resource: {request.resource}", file=out)
-    print(f"  params:   {json.dumps(request.params, sort_keys=True, default=repr)}", file=out)
-    print(f"rules considered: {len(explanation.rules)}", file=out)
+    say(out, f"intent {request.intent_id}: {request.principal} {request.action}")
+    say(out, f"  resource: {request.resource}")
+    say(out, f"  params:   {json.dumps(request.params, sort_keys=True, default=repr)}")
+    say(out, f"rules considered: {len(explanation.rules)}")
     for rule_trace in explanation.rules:
         _render_rule(rule_trace, out)
     decision = explanation.decision
-    print(f"policy decision: {_show(decision)}: {decision.message}", file=out)
+    say(out, f"policy decision: {_show(decision)}: {decision.message}")
 
 
 def _render_rule(t: RuleTrace, out: TextIO) -> None:
     rule = t.rule
     verdict = "APPLIES" if t.applies else "does not apply"
-    print(f"  {rule.effect:<8} {rule.id}  ({rule.file})  {verdict}", file=out)
+    say(out, f"  {rule.effect:<8} {rule.id}  ({rule.file})  {verdict}")
 
     def mark(ok: bool, patterns: tuple[str, ...]) -> str:
         return f"{'yes' if ok else 'NO'} ({', '.join(patterns)})"
 
-    print(
+    say(
+        out,
         f"    principal {mark(t.principal, rule.principals)}"
         f"  action {mark(t.action, rule.actions)}"
         f"  resource {mark(t.resource, rule.resources)}",
-        file=out,
     )
     if t.condition is not None:
         _render_condition(t.condition, 2, out)
@@ -241,12 +242,12 @@ def _render_condition(node: ConditionTrace, depth: int, out: TextIO) -> None:
     pad = "  " * depth
     status = "holds" if node.held else "fails"
     if node.children:
-        print(f"{pad}{status}  {node.text}:", file=out)
+        say(out, f"{pad}{status}  {node.text}:")
         for child in node.children:
             _render_condition(child, depth + 1, out)
         return
     actual = json.dumps(node.actual, default=repr) if node.present else "missing"
-    print(f"{pad}{status}  {node.text}  (actual: {actual})", file=out)
+    say(out, f"{pad}{status}  {node.text}  (actual: {actual})")
 
 
 def check_policies(path: Path | str, *, out: TextIO) -> int:
@@ -257,19 +258,19 @@ def check_policies(path: Path | str, *, out: TextIO) -> int:
         _problems(f"{path}: policies do not compile", exc, out)
         return 1
     bundles = len(policies.bundles)
-    print(
+    say(
+        out,
         f"{policies.rule_count} rules in {bundles} bundle{'s' if bundles != 1 else ''},"
         f" mode {policies.mode}",
-        file=out,
     )
     for info in policies.bundle_info:
-        print(f"  {info.name}@{info.version}: {info.rule_count} rules ({info.file})", file=out)
-    print(f"digest {policies.digest}", file=out)
+        say(out, f"  {info.name}@{info.version}: {info.rule_count} rules ({info.file})")
+    say(out, f"digest {policies.digest}")
     return 0
 
 
 def _problems(title: str, exc: PolicyError, out: TextIO) -> None:
     count = len(exc.problems)
-    print(f"{title} ({count} problem{'s' if count != 1 else ''}):", file=out)
+    say(out, f"{title} ({count} problem{'s' if count != 1 else ''}):")
     for problem in exc.problems:
-        print(f"  {problem}", file=out)
+        say(out, f"  {problem}")

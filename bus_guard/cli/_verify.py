@@ -7,6 +7,7 @@ from typing import TextIO
 
 import msgspec
 
+from bus_guard.cli._safe import safe_json, safe_lines, say
 from bus_guard.errors import ConfigError, VerificationError
 from bus_guard.verify import Verifier
 
@@ -33,16 +34,16 @@ def main_verify(
         else:
             token = artifact.strip()
         body = payload.read_bytes()
-    except ConfigError as exc:
-        out.write(f"error: {exc}\n")
-        return 2
-    except (OSError, UnicodeDecodeError) as exc:
-        out.write(f"error: {exc}\n")
+    except (ConfigError, OSError, UnicodeDecodeError) as exc:
+        say(out, f"error: {exc}")
         return 2
     try:
         claims = verifier.verify(token, subject=subject, payload=body, now=now)
     except VerificationError as exc:
-        out.write(f"invalid: {exc}\n")
+        say(out, f"invalid: {exc}")
         return 1
-    out.write(msgspec.json.format(msgspec.json.encode(claims), indent=2).decode() + "\n")
+    # Claims carry the agent's action and resource: JSON escapes for DEL, C1, bidi and the
+    # like, line by line (the encoder escapes C0 in strings, so the line breaks are its own).
+    text = msgspec.json.format(msgspec.json.encode(claims), indent=2).decode()
+    out.write(safe_lines(text, safe_json) + "\n")
     return 0
