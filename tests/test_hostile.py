@@ -821,7 +821,11 @@ class Corpus:
                     c = b"\x0b"  # a LF would end the line: a different header
                 return case([(token(), b"a" + c + b"b")], MALFORMED)
             case "invalid-utf8":
-                junk = bytes(rng.randint(0x80, 0xFF) for _ in range(rng.randint(1, 4)))
+                # A lone continuation byte first: never valid UTF-8 (random high bytes can
+                # form a valid character, such as \xc2\xab, which is forwarded faithfully).
+                junk = bytes([rng.randint(0x80, 0xBF)]) + bytes(
+                    rng.randint(0x80, 0xFF) for _ in range(rng.randint(0, 3))
+                )
                 pair = rng.choice([(b"X-" + junk, b"v"), (token(), junk)])
                 return case([pair], DENIED)
             case "status":
