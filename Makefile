@@ -23,6 +23,7 @@ demo: venv
 
 lint: dev
 	$(BIN)/ruff check bus_guard tests bench
+	$(BIN)/ruff format --check bus_guard tests bench
 	$(BIN)/mypy --strict bus_guard tests
 
 test: lint
