@@ -381,10 +381,13 @@ def decide(
 # --- a decision that stands -------------------------------------------------------------
 
 
-class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+class Outcome(msgspec.Struct, frozen=True):
     """A decision with everything its outputs and its artifact need: what core mode
     publishes, and what stream mode records (a ledger record is an outcome with a place
-    in its gateway's chain). Field names are the ledger record's."""
+    in its gateway's chain). Field names are the ledger record's.
+
+    Built once per intent, positionally: msgspec builds it from 23 positional arguments
+    in ~0.1 µs, from keywords in ~0.9 µs (``python /tmp`` timings in the commit)."""
 
     decision_id: str
     effect: str
@@ -427,31 +430,38 @@ def outcome_of(
     parsed = decoded.subject
     intent = decoded.intent if isinstance(decoded.intent, Intent) else None
     principal = parsed.principal if parsed is not None else ""
-    # Without a lineage the intent is a root: depth 0, its own principal as root.
-    found = lineage if lineage is not None else Lineage(root=principal)
+    labels: tuple[str, ...] = ()
+    if lineage is None:  # a root: depth 0, its own principal as root, no labels
+        depth, root = 0, principal
+    else:
+        depth, root = lineage.depth, lineage.root
+        if lineage.labels:
+            labels = tuple(sorted(lineage.labels))
+    # Positional, in Outcome's field order (see Outcome: a fraction of the keyword cost).
     return Outcome(
-        decision_id=decision_id,
-        effect=decision.effect.value,
-        reason=decision.reason.value,
-        message=decision.message,
-        rules=decision.rules,
-        policy_digest=decision.policy_digest,
-        policy_version=decision.policy_version,
-        mode=decision.mode,
-        would_deny=decision.would_deny,
-        subject=wire_safe(subject),
-        principal=principal,
-        action=parsed.action if parsed is not None else "",
-        resource=intent.resource if intent is not None else "",
-        intent_id=intent.id if intent is not None else "",
-        payload_sha256=payload_digest(payload),
-        parents=intent.parents if intent is not None else (),
-        lineage_depth=found.depth,
-        lineage_root=found.root,
-        labels=tuple(sorted(found.labels)),
-        gateway=gateway,
-        ts=now,
-        first_decision=first_decision,
+        decision_id,
+        decision.effect.value,
+        decision.reason.value,
+        decision.message,
+        decision.rules,
+        decision.policy_digest,
+        decision.policy_version,
+        decision.mode,
+        decision.would_deny,
+        wire_safe(subject),
+        principal,
+        parsed.action if parsed is not None else "",
+        intent.resource if intent is not None else "",
+        intent.id if intent is not None else "",
+        payload_digest(payload),
+        intent.parents if intent is not None else (),
+        depth,
+        root,
+        labels,
+        gateway,
+        now,
+        "",
+        first_decision,
     )
 
 
@@ -460,27 +470,28 @@ def claims_of(
 ) -> ArtifactClaims:
     """The artifact claims of an allowed *outcome*, valid from ``int(ts)`` for *ttl_s*."""
     now = outcome.ts
+    # Positional, in ArtifactClaims' field order (as Outcome: keywords cost ~0.8 µs more).
     return ArtifactClaims(
-        iss=issuer,
-        sub=outcome.principal,
-        aud=subjects.output("exec", outcome.subject),
-        iat=int(now),
-        nbf=int(now),
-        exp=int(now + ttl_s),
-        jti=outcome.decision_id,
-        action=outcome.action,
-        resource=outcome.resource,
-        intent_id=outcome.intent_id,
-        payload_sha256=outcome.payload_sha256,
-        policy_digest=outcome.policy_digest,
-        policy_version=outcome.policy_version,
-        rules=outcome.rules,
-        mode=outcome.mode,
-        would_deny=outcome.would_deny,
-        parents=outcome.parents,
-        lineage_depth=outcome.lineage_depth,
-        lineage_root=outcome.lineage_root,
-        ledger_seq=ledger_seq,
+        issuer,
+        outcome.principal,
+        subjects.output("exec", outcome.subject),
+        int(now),
+        int(now),
+        int(now + ttl_s),
+        outcome.decision_id,
+        outcome.action,
+        outcome.resource,
+        outcome.intent_id,
+        outcome.payload_sha256,
+        outcome.policy_digest,
+        outcome.policy_version,
+        outcome.rules,
+        outcome.mode,
+        outcome.would_deny,
+        outcome.parents,
+        outcome.lineage_depth,
+        outcome.lineage_root,
+        ledger_seq,
     )
 
 
@@ -621,8 +632,7 @@ class Standing(Protocol):
     def artifact(self) -> str: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Output:
+class Output(NamedTuple):
     role: str  # "exec" | "deny" | "hold"
     subject: str
     data: bytes
@@ -692,7 +702,6 @@ def outputs_of(
     decision_id = HeaderValue(record.decision_id)
     msg_id: dict[str, str] = {"Nats-Msg-Id": decision_id}
     subject = record.subject
-    valid = parse_subject(subject, subjects.prefix) is not None
     out = []
     if record.effect == "allow" and record.artifact:
         forwarded = forwarded_headers(headers)
@@ -703,11 +712,12 @@ def outputs_of(
         if record.would_deny:  # observe mode: operators see what enforcement would block
             data = decision_record(record, payload, deny_payload_bytes)
             out.append(Output("deny", subjects.output("deny", subject), data, msg_id))
-    elif record.effect == "hold" and valid:
+    elif record.effect == "hold" and (valid := parse_subject(subject, subjects.prefix) is not None):
         # A hold keeps the whole payload: an approval forwards exactly those bytes later.
         data = decision_record(record, payload, max_payload_bytes)
         out.append(Output("hold", subjects.output("hold", subject), data, msg_id))
     else:
+        valid = parse_subject(subject, subjects.prefix) is not None
         target = subjects.output("deny", subject) if valid else subjects.deny_invalid
         data = decision_record(
             record, payload, deny_payload_bytes, fail_closed=unsigned_allow(record)

@@ -84,7 +84,7 @@ _Id = Annotated[str, msgspec.Meta(min_length=1)]
 _Digest = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{43}$")]
 
 
-class ArtifactClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class ArtifactClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The claims an artifact binds (SPEC §6). Registered claims per RFC 7519."""
 
     iss: _Id  # gateway id
