@@ -59,9 +59,9 @@ class GuardClient(Client):
         )
 
     async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
-        parsed: dict[str, str] | None = await super()._process_headers(headers)
         if not headers:
-            return parsed
+            return None  # as nats-py's own, without a second coroutine per message
+        parsed: dict[str, str] | None = await super()._process_headers(headers)
         problem = _unreadable(headers)
         if problem is None:
             return parsed
