@@ -217,7 +217,11 @@ class Subjects:
         """The *kind* subject of an intent on *intake_subject*, same tail:
         ``guard.in.a.b`` → ``guard.exec.a.b``. An intent whose subject does not parse goes
         to :attr:`deny_invalid` instead (its tail could be anything, or nothing)."""
-        return self._dotted[kind] + self.tail(intake_subject)
+        # tail()'s check inline: twice per allowed intent on the gateway's path.
+        tail_at = self._tail_at
+        if len(intake_subject) > tail_at and intake_subject.startswith(self._dotted["in"]):
+            return self._dotted[kind] + intake_subject[tail_at:]
+        return self._dotted[kind] + self.tail(intake_subject)  # raises ValueError
 
     def ledger(self, gateway: str = "*") -> LedgerSubjects:
         """The ledger subjects of *gateway* (default ``*``: every gateway's)."""

@@ -252,7 +252,8 @@ class CoreIntake:
             outcome = failed(outcome, "gateway handler failed")
             await self._publish(msg, outcome)
         self.on_decided(outcome)
-        await self._reply(msg, outcome)
+        if msg.reply:
+            await self._reply(msg, outcome)
 
     async def _publish(self, msg: Msg, outcome: Outcome) -> Outcome:
         """Publish the outputs; the outcome that stands afterwards."""
