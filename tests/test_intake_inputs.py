@@ -223,6 +223,8 @@ async def test_an_output_nats_py_will_not_send_fails_alone(nats_url: str) -> Non
         b"NATS/1.0\r\nX-\xc3\xa9: v\r\n\r\n",  # a name that is not ASCII
         b"NATS/1.0\r\nX-A: \xff\xfe\r\n\r\n",  # nats-py forwards U+FFFD instead
         b"NATS/1.0\r\nno colon\r\n\r\n",
+        b"NATS/1.0 503 \xff\xfe\r\nX-A: v\r\n\r\n",  # nats-py raises in its reader on these
+        b"NATS/1.0 \xff\xfe\xfd Bad\r\n\r\n",
     ],
 )
 async def test_headers_nats_py_would_not_read_faithfully_are_denied(

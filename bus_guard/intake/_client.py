@@ -61,13 +61,16 @@ class GuardClient(Client):
     async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
         if not headers:
             return None  # as nats-py's own, without a second coroutine per message
-        parsed: dict[str, str] | None = await super()._process_headers(headers)
         problem = _unreadable(headers)
-        if problem is None:
-            return parsed
-        out = dict(parsed or {})
-        out[UNREADABLE_HEADERS] = problem
-        return out
+        if problem is not None:
+            # Not handed to nats-py at all: its parser raises on some such blocks (a status
+            # line that is not UTF-8), inside the read loop.
+            return {UNREADABLE_HEADERS: problem}
+        try:
+            parsed: dict[str, str] | None = await super()._process_headers(headers)
+        except Exception as exc:  # defence in depth: a reader that raises stops reading
+            return {UNREADABLE_HEADERS: f"headers nats-py cannot read: {exc!r}"[:200]}
+        return parsed
 
 
 # "NATS/1.0", an optional status (code and description), CRLF; then "Name: value" lines.
@@ -81,6 +84,10 @@ def _unreadable(block: bytes) -> str | None:
     head = _STATUS_LINE.match(block)
     if head is None:
         return "header block does not start with NATS/1.0"
+    try:
+        block[: head.end()].decode("ascii")
+    except UnicodeDecodeError:
+        return "header status line is not ASCII"
     for line in block[head.end() :].split(b"\r\n"):
         if not line:
             continue
