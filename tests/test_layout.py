@@ -31,12 +31,8 @@ NATS_PACKAGES = ("intake", "cli")
 # Imports of nats outside NATS_PACKAGES that are allowed, as (subpackage or top-level module
 # of bus_guard, enclosing function) -> why. Each must be inside a function (never module
 # level), and each must still exist: a stale entry fails too.
-ALLOWED_NATS_IMPORTS = {
-    # An executor helper that takes a NATS KV bucket (typed as a Protocol) and needs
-    # nats-py's KeyWrongLastSequenceError to tell a replay; an executor that calls it has
-    # nats-py, and `import bus_guard.verify` itself must not pull it in (see below).
-    ("verify", "verify_message_once"): "executor helper over a nats KV bucket",
-}
+# Function-level imports of nats outside intake/ and cli/ that are allowed, with why: none.
+ALLOWED_NATS_IMPORTS: dict[tuple[str, str], str] = {}
 
 
 class NatsImport(NamedTuple):
