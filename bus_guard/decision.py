@@ -19,14 +19,17 @@ import msgspec
 __all__ = (
     "Decision",
     "Effect",
+    "HoldTerms",
     "Lineage",
     "Mode",
     "Reason",
     "Request",
+    "approval_decision_id",
     "crockford_128",
     "intent_decision_id",
     "message_decision_id",
     "new_decision_id",
+    "resolution_decision_id",
 )
 
 Mode = Literal["enforce", "observe"]
@@ -36,6 +39,8 @@ class Effect(enum.StrEnum):
     ALLOW = "allow"
     DENY = "deny"
     HOLD = "hold"
+    APPROVE = "approve"  # an approver's vote for a hold (a ledger decision, never forwarded)
+    REJECT = "reject"  # an approver's vote against a hold
 
 
 class Reason(enum.StrEnum):
@@ -57,8 +62,13 @@ class Reason(enum.StrEnum):
     LINEAGE_VIOLATION = "lineage_violation"
     POLICY_STALE = "policy_stale"  # active bundle older than the configured max age
     INTERNAL_ERROR = "internal_error"  # evaluation, signing or publishing failed
-    APPROVED = "approved"  # a human approved a hold
-    REJECTED = "rejected"  # a human rejected a hold
+    APPROVED = "approved"  # approvers approved a hold (their vote; and the release at quorum)
+    REJECTED = "rejected"  # an approver rejected a hold (the vote, and the hold's denial)
+    BAD_SIGNATURE = "bad_signature"  # an approval whose JWS does not verify
+    APPROVER_NOT_ALLOWED = "approver_not_allowed"  # unknown/revoked key, or not the rule's
+    UNKNOWN_HOLD = "unknown_hold"  # an approval for a decision that is not a hold
+    HOLD_RESOLVED = "hold_resolved"  # an approval for a hold already released or denied
+    DUPLICATE_APPROVAL = "duplicate_approval"  # the approver already voted on this hold
 
 
 # Reasons that observe mode may turn into ``allow`` + ``would_deny``: only policy outcomes.
@@ -106,6 +116,15 @@ class Lineage(msgspec.Struct, frozen=True):
     violation: str | None = None
 
 
+class HoldTerms(msgspec.Struct, frozen=True):
+    """Who may release a hold and until when: from the escalate rules that held it (several
+    rules: the approvers every one of them names, the largest quorum, the shortest ttl)."""
+
+    approvers: tuple[str, ...]  # approver ids (groups expanded), sorted
+    quorum: int
+    ttl_s: float
+
+
 class Decision(msgspec.Struct, frozen=True):
     effect: Effect
     reason: Reason
@@ -115,6 +134,9 @@ class Decision(msgspec.Struct, frozen=True):
     policy_version: str = ""
     mode: Mode = "enforce"
     would_deny: bool = False
+    # allow: the labels the allowing rules add to the intent's lineage (its children inherit)
+    taints: tuple[str, ...] = ()
+    hold: HoldTerms | None = None  # hold: who may approve it, how many, until when
 
     @property
     def allowed(self) -> bool:
@@ -203,3 +225,15 @@ def message_decision_id(prefix: str, intake: str) -> str:
     """The decision id for a stored message that has no intent of its own to key on
     (malformed, bad subject) or whose intent id was decided before (replay)."""
     return _derived_id("guard-message", prefix, intake)
+
+
+def approval_decision_id(prefix: str, hold_id: str, approver: str) -> str:
+    """The decision id of *approver*'s vote on the hold *hold_id*: one per approver and hold,
+    on every replica (a second vote cannot be recorded: ``duplicate_approval``)."""
+    return _derived_id("guard-approval", prefix, hold_id, approver)
+
+
+def resolution_decision_id(prefix: str, hold_id: str) -> str:
+    """The decision id of the hold *hold_id*'s resolution (released at quorum, rejected or
+    expired): one per hold, whichever replica gets there first."""
+    return _derived_id("guard-resolution", prefix, hold_id)

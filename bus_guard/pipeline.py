@@ -412,6 +412,34 @@ class Outcome(msgspec.Struct, frozen=True):
     ts: float
     artifact: str = ""  # allow: the signed Guard-Artifact, once signed
     first_decision: str = ""  # replay: the decision the intent id already had
+    # allow: the labels its rules add (children inherit them with ``labels`` and the
+    # action), and its numeric top-level params (a child may not exceed them: "scope")
+    taints: tuple[str, ...] = ()
+    scope: dict[str, int | float] = {}
+    # hold: who may approve it (approver ids), how many, and when it expires (unix s)
+    approvers: tuple[str, ...] = ()
+    quorum: int = 0
+    expires: float = 0.0
+    # an approver's vote (approve / reject / refused) and a hold's resolution: the hold
+    hold: str = ""
+    approver: str = ""  # a vote: the approver's id
+    approvals: tuple[str, ...] = ()  # a release: the decision ids of the votes counted
+
+
+MAX_SCOPE: Final = 16  # numeric params kept per allowed intent for its children's scope
+
+
+def scope_of(params: Mapping[str, Any]) -> dict[str, int | float]:
+    """The numeric top-level params of an allowed intent (at most :data:`MAX_SCOPE`, by
+    name): what a ``within_parent`` constraint compares a child's params with."""
+    out: dict[str, int | float] = {}
+    for name in sorted(params)[: MAX_SCOPE * 4]:
+        value = params[name]
+        if type(value) is int or type(value) is float:
+            out[name] = value
+            if len(out) == MAX_SCOPE:
+                break
+    return out
 
 
 def outcome_of(
@@ -438,7 +466,7 @@ def outcome_of(
         if lineage.labels:
             labels = tuple(sorted(lineage.labels))
     # Positional, in Outcome's field order (see Outcome: a fraction of the keyword cost).
-    return Outcome(
+    outcome = Outcome(
         decision_id,
         decision.effect.value,
         decision.reason.value,
@@ -463,6 +491,17 @@ def outcome_of(
         "",
         first_decision,
     )
+    effect = decision.effect
+    if effect is Effect.ALLOW:
+        scope = scope_of(intent.params) if intent is not None and intent.params else None
+        if scope or decision.taints:
+            outcome = msgspec.structs.replace(outcome, taints=decision.taints, scope=scope or {})
+    elif effect is Effect.HOLD and decision.hold is not None:
+        terms = decision.hold
+        outcome = msgspec.structs.replace(
+            outcome, approvers=terms.approvers, quorum=terms.quorum, expires=now + terms.ttl_s
+        )
+    return outcome
 
 
 def claims_of(
@@ -492,6 +531,11 @@ def claims_of(
         outcome.lineage_depth,
         outcome.lineage_root,
         ledger_seq,
+        outcome.labels,
+        outcome.taints,
+        outcome.scope,
+        outcome.hold,
+        outcome.approvals,
     )
 
 

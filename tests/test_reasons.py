@@ -279,8 +279,13 @@ NOT_ON_THE_PURE_PATH = {
     Reason.RATE_LIMITED: "not produced yet (limits)",
     Reason.BUDGET_EXCEEDED: "not produced yet (limits)",
     Reason.POLICY_STALE: "not produced yet (bundle max age)",
-    Reason.APPROVED: "not produced yet (human approval of a hold)",
-    Reason.REJECTED: "not produced yet (human rejection of a hold)",
+    Reason.APPROVED: "approvals: a vote, and a hold released at quorum (tests/test_approvals.py)",
+    Reason.REJECTED: "approvals: a vote against, and the hold's denial (tests/test_approvals.py)",
+    Reason.BAD_SIGNATURE: "approvals: a vote whose JWS does not verify (tests/test_approvals.py)",
+    Reason.APPROVER_NOT_ALLOWED: "approvals: a key or approver the rule does not name",
+    Reason.UNKNOWN_HOLD: "approvals: a vote for a decision that is not a hold",
+    Reason.HOLD_RESOLVED: "approvals: a vote for a hold already resolved",
+    Reason.DUPLICATE_APPROVAL: "approvals: a second vote by the same approver",
 }
 
 

@@ -98,6 +98,14 @@ class LedgerRecord(
     intake: str = ""  # "<stream>/<stream seq>/<stored at, µs>" of the intent message decided
     artifact: str = ""  # allow: the Guard-Artifact forwarded to exec
     first_decision: str = ""  # replay: the decision the intent id already had
+    taints: tuple[str, ...] = ()  # allow: labels its rules add for its children
+    scope: dict[str, int | float] = {}  # allow: its numeric top-level params
+    approvers: tuple[str, ...] = ()  # hold: who may approve it
+    quorum: int = 0  # hold: how many distinct approvers release it
+    expires: float = 0.0  # hold: unresolved at this time (unix s), it is denied ``expired``
+    hold: str = ""  # a vote on a hold, or a hold's resolution: the hold's decision id
+    approver: str = ""  # a vote: the approver
+    approvals: tuple[str, ...] = ()  # a release: the votes (decision ids) counted
     # -- chain_start / checkpoint
     epoch: str = ""  # the gateway process that wrote it
     final: bool = False  # checkpoint written at clean shutdown

@@ -84,8 +84,11 @@ _Id = Annotated[str, msgspec.Meta(min_length=1)]
 _Digest = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{43}$")]
 
 
-class ArtifactClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The claims an artifact binds (SPEC §6). Registered claims per RFC 7519."""
+class ArtifactClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The claims an artifact binds (SPEC §6). Registered claims per RFC 7519.
+
+    Claims at their default value are left out of the token (``omit_defaults``): an
+    absent ``parents`` is no parents, an absent ``hold`` no hold."""
 
     iss: _Id  # gateway id
     sub: _Id  # principal
@@ -107,6 +110,15 @@ class ArtifactClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lineage_depth: _JsonInt = 0
     lineage_root: str = ""
     ledger_seq: _JsonInt = 0
+    # What the decision passes on to its children (bound, so a forged ledger record
+    # cannot launder them): the labels it inherited, the ones its rules added, and its
+    # numeric top-level params (a child's scope is compared with them).
+    labels: tuple[str, ...] = ()
+    taints: tuple[str, ...] = ()
+    scope: dict[str, int | float] = {}
+    # A released hold: the hold's decision id and the approvals (decision ids) counted.
+    hold: str = ""
+    approvals: tuple[str, ...] = ()
 
 
 class TreeHead(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
