@@ -10,7 +10,7 @@ With the default prefix ``guard`` (what README, ``compose/`` and the tests use):
     hold     guard.hold.<principal>.<action...>           GUARD_HOLD
     ledger   guard.ledger.<gateway>.d.<decision id>       GUARD_LEDGER
              guard.ledger.<gateway>.c  (chain starts and checkpoints)
-    approve  guard.approve.>  (operators' approvals of holds; reserved, nothing uses it yet)
+    approve  guard.approve.<hold decision id>             GUARD_APPROVE (approvers' votes)
 
     bucket          stream              holds
     guard-jwks      KV_guard-jwks       the JWKS executors look keys up in
@@ -51,8 +51,9 @@ INVALID_TOKEN: Final = "~invalid"  # deny-subject token for intents on a malform
 Family = Literal["in", "exec", "deny", "hold", "ledger", "approve"]
 FAMILIES: Final[tuple[Family, ...]] = ("in", "exec", "deny", "hold", "ledger", "approve")
 OutputKind = Literal["exec", "deny", "hold"]  # the families a decision is published on
-Role = Literal["intake", "exec", "deny", "hold", "ledger"]  # a stream's role (preflight)
-ROLES: Final[tuple[Role, ...]] = ("intake", "exec", "deny", "hold", "ledger")
+# A stream's role (preflight).
+Role = Literal["intake", "exec", "deny", "hold", "ledger", "approve"]
+ROLES: Final[tuple[Role, ...]] = ("intake", "exec", "deny", "hold", "ledger", "approve")
 
 _ROLE_FAMILY: Final[dict[Role, Family]] = {
     "intake": "in",
@@ -60,6 +61,7 @@ _ROLE_FAMILY: Final[dict[Role, Family]] = {
     "deny": "deny",
     "hold": "hold",
     "ledger": "ledger",
+    "approve": "approve",
 }
 
 
@@ -102,6 +104,10 @@ class Streams:
     @property
     def ledger(self) -> str:
         return self.name("ledger")
+
+    @property
+    def approve(self) -> str:
+        return self.name("approve")
 
     @property
     def jwks_bucket(self) -> str:

@@ -103,6 +103,7 @@ def test_a_dotted_prefix() -> None:
         "A_B_DENY",
         "A_B_HOLD",
         "A_B_LEDGER",
+        "A_B_APPROVE",
     ]
     assert [s.streams.subject(r) for r in ROLES] == [
         "a.b.in.>",
@@ -110,6 +111,7 @@ def test_a_dotted_prefix() -> None:
         "a.b.deny.>",
         "a.b.hold.>",
         "a.b.ledger.>",
+        "a.b.approve.>",
     ]
     assert (s.streams.jwks_bucket, s.streams.executed_bucket) == ("a-b-jwks", "a-b-executed")
     ledger = s.ledger("gw-1")
@@ -123,13 +125,14 @@ def test_a_dotted_prefix() -> None:
 
 def test_streams_and_buckets_under_the_default_prefix() -> None:
     streams = Subjects().streams
-    assert ROLES == ("intake", "exec", "deny", "hold", "ledger")
+    assert ROLES == ("intake", "exec", "deny", "hold", "ledger", "approve")
     assert [streams.name(r) for r in ROLES] == [
         "GUARD_IN",
         "GUARD_EXEC",
         "GUARD_DENY",
         "GUARD_HOLD",
         "GUARD_LEDGER",
+        "GUARD_APPROVE",
     ]
     assert (streams.intake, streams.exec, streams.deny, streams.hold, streams.ledger) == (
         "GUARD_IN",
@@ -144,6 +147,7 @@ def test_streams_and_buckets_under_the_default_prefix() -> None:
         "guard.deny.>",
         "guard.hold.>",
         "guard.ledger.>",
+        "guard.approve.>",
     ]
     assert (streams.jwks_bucket, streams.executed_bucket) == ("guard-jwks", "guard-executed")
     assert Streams.kv_stream(streams.jwks_bucket) == "KV_guard-jwks"

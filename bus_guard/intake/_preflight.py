@@ -66,6 +66,10 @@ def wanted_stream(role: Role, settings: Settings) -> StreamConfig:
         config.retention = RetentionPolicy.WORK_QUEUE
         config.duplicate_window = s.intake_duplicate_window_s
         config.description = "bus_guard: intents, until decided"
+    elif role == "approve":
+        config.retention = RetentionPolicy.WORK_QUEUE
+        config.duplicate_window = s.intake_duplicate_window_s
+        config.description = "bus_guard: approvers' votes on holds, until recorded"
     elif role == "ledger":
         config.deny_delete = True
         config.deny_purge = True
@@ -91,7 +95,7 @@ def check_stream(role: Role, config: StreamConfig, settings: Settings) -> list[s
         problems.append("sealed: nothing can be stored")
     discards_old = config.discard in (None, DiscardPolicy.OLD)
     ages_out = bool(config.max_age) or bool(config.allow_msg_ttl) or config.allow_rollup_hdrs
-    if role == "intake":
+    if role in ("intake", "approve"):
         if discards_old:
             problems.append("discard=old: a full stream would drop accepted, undecided intents")
         if config.max_age:
