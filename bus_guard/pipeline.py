@@ -580,6 +580,13 @@ class DecisionRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     payload_truncated: bool = False
     gateway: str = ""
     ts: float = 0.0
+    # a hold: who may approve it, how many, until when; a vote or resolution: its hold
+    approvers: tuple[str, ...] = ()
+    quorum: int = 0
+    expires: float = 0.0
+    hold: str = ""
+    approver: str = ""
+    approvals: tuple[str, ...] = ()
 
 
 _json_enc: Final = msgspec.json.Encoder()
@@ -674,6 +681,18 @@ class Standing(Protocol):
     def ts(self) -> float: ...
     @property
     def artifact(self) -> str: ...
+    @property
+    def approvers(self) -> tuple[str, ...]: ...
+    @property
+    def quorum(self) -> int: ...
+    @property
+    def expires(self) -> float: ...
+    @property
+    def hold(self) -> str: ...
+    @property
+    def approver(self) -> str: ...
+    @property
+    def approvals(self) -> tuple[str, ...]: ...
 
 
 class Output(NamedTuple):
@@ -724,6 +743,12 @@ def decision_record(
             payload_sha256=record.payload_sha256,
             gateway=record.gateway,
             ts=record.ts,
+            approvers=record.approvers,
+            quorum=record.quorum,
+            expires=record.expires,
+            hold=record.hold,
+            approver=record.approver,
+            approvals=record.approvals,
             **extra,
         )
     )

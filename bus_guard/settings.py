@@ -79,6 +79,7 @@ class StreamSettings:
     checkpoint_every: int = 1000  # ledger records between signed checkpoints ...
     checkpoint_interval_s: float = 10.0  # ... or seconds, whichever comes first
     max_lineage_depth: int = 32  # deeper chains of decisions are a lineage_violation
+    hold_sweep_s: float = 5.0  # how often unresolved holds past their expiry are denied
 
     def problems(self) -> list[str]:
         counts = ("max_ack_pending", "fetch_batch", "max_deliveries", "checkpoint_every")
@@ -93,6 +94,7 @@ class StreamSettings:
             "publish_timeout_s",
             "retry_horizon_s",
             "checkpoint_interval_s",
+            "hold_sweep_s",
         )
         out += [f"{name} must be positive" for name in durations if not getattr(self, name) > 0]
         if self.heartbeat_s * 2 > self.fetch_timeout_s:

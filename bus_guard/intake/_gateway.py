@@ -28,6 +28,7 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
 from bus_guard.errors import ConfigError, GatewayError
+from bus_guard.intake._approvals import Approvals
 from bus_guard.intake._client import GuardClient
 from bus_guard.intake._core import CoreIntake
 from bus_guard.intake._preflight import ensure
@@ -71,6 +72,12 @@ class GatewayStatistics:
     late_adoptions: int = 0  # adopted past the retry horizon: exec stream searched first
     undeliverable: int = 0  # outputs refused by the server max_deliveries times: terminated
     artifact_batches: int = 0  # batched artifacts: signed tree heads (one per batch)
+    # approvals (stream mode)
+    votes: int = 0  # approvers' votes recorded
+    votes_refused: int = 0  # votes refused (each recorded as a denial)
+    holds_released: int = 0  # holds released at quorum (by this gateway)
+    holds_rejected: int = 0
+    holds_expired: int = 0
 
 
 @dataclass(slots=True)
@@ -127,6 +134,8 @@ class Gateway(AsyncContextManagerMixin):
         self._ledger_signer = ledger_signer
         self._intake: StreamIntake | None = None
         self._core: CoreIntake | None = None
+        self._approvals: Approvals | None = None
+        self._approvals_done = anyio.Event()
         self._stop = anyio.Event()
         self._loop_done = anyio.Event()
 
@@ -200,6 +209,8 @@ class Gateway(AsyncContextManagerMixin):
         (intents taken before it starts wait in its batch for it)."""
         if self._intake is not None:
             tg.start_soon(self._run_stream, self._intake)
+            if self._approvals is not None:
+                tg.start_soon(self._run_approvals, self._approvals)
         elif self._core is not None:
             tg.start_soon(self._run_flusher, self._core)
 
@@ -246,8 +257,18 @@ class Gateway(AsyncContextManagerMixin):
             self._count,
         )
         await intake.start()
+        approvals = Approvals(
+            nc,
+            self.settings,
+            intake.recorder,
+            intake.publisher,
+            lambda: self._policies,
+            self._clock,
+        )
+        await approvals.start()
         await round_trip(nc, timeout_s=self.settings.connect_timeout_s)
         self._intake = intake
+        self._approvals = approvals
 
     async def _run_stream(self, intake: StreamIntake) -> None:
         try:
@@ -258,6 +279,16 @@ class Gateway(AsyncContextManagerMixin):
             self.closed.set()
         finally:
             self._loop_done.set()
+
+    async def _run_approvals(self, approvals: Approvals) -> None:
+        try:
+            await approvals.run(self._stop)
+        except Exception as exc:  # a chain in doubt, a lost bus: stop, never release
+            log.exception("approvals stopped")
+            self.failure = exc
+            self.closed.set()
+        finally:
+            self._approvals_done.set()
 
     async def _run_flusher(self, core: CoreIntake) -> None:
         try:
@@ -293,7 +324,12 @@ class Gateway(AsyncContextManagerMixin):
         self._stop.set()
         with anyio.move_on_after(self.settings.drain_timeout_s):
             await self._loop_done.wait()
-        finished = self._loop_done.is_set()
+            if self._approvals is not None:  # no vote recorded after the final checkpoint
+                await self._approvals_done.wait()
+                await self._approvals.stop()
+        finished = self._loop_done.is_set() and (
+            self._approvals is None or self._approvals_done.is_set()
+        )
         if not finished:
             log.warning("stream intake did not finish in time; its intents will be redelivered")
             tg.cancel_scope.cancel()
@@ -366,6 +402,15 @@ class Gateway(AsyncContextManagerMixin):
             )
             counters["received"] = c.received
             counters["internal_errors"] += c.internal_errors
+        if self._approvals is not None:
+            a = self._approvals.counters
+            counters.update(
+                votes=a.votes,
+                votes_refused=a.refused,
+                holds_released=a.released,
+                holds_rejected=a.rejected,
+                holds_expired=a.expired,
+            )
         return GatewayStatistics(**counters)
 
     @property

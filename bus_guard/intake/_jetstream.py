@@ -45,6 +45,7 @@ __all__ = (
     "Rejected",
     "Stored",
     "commit",
+    "find_by_msg_id",
     "find_msg_id",
     "last_by_subject",
     "read",
@@ -138,13 +139,16 @@ async def commit(
     return Committed(answer["seq"])
 
 
-async def last_by_subject(js: JetStreamContext, stream: str, subject: str) -> Stored | None:
-    """The last message on *subject* (wildcards allowed), or ``None``; direct get.
+async def last_by_subject(
+    js: JetStreamContext, stream: str, subject: str, *, direct: bool = True
+) -> Stored | None:
+    """The last message on *subject* (wildcards allowed), or ``None``; a direct get (any
+    replica answers), or with ``direct=False`` the stream leader's answer.
 
     Transport failures raise (``nats.errors.Error``): "could not look" is not "absent".
     """
     try:
-        raw = await js.get_msg(stream, subject=subject, direct=True)
+        raw = await js.get_msg(stream, subject=subject, direct=direct)
     except nats.js.errors.NotFoundError:
         return None
     headers = {k: v for k, v in (raw.headers or {}).items() if not k.startswith("Nats-")}
@@ -235,6 +239,24 @@ async def find_msg_id(
 ) -> bool:
     """Whether *stream* holds a message with ``Nats-Msg-Id`` *msg_id* on *subject*, stored
     between *since* and *until* (unix seconds). Raises on transport failures."""
+    found = await find_by_msg_id(
+        nc, stream, subject, msg_id, since=since, until=until, timeout_s=timeout_s
+    )
+    return found is not None
+
+
+async def find_by_msg_id(
+    nc: Client,
+    stream: str,
+    subject: str,
+    msg_id: str,
+    *,
+    since: float,
+    until: float,
+    timeout_s: float = 5.0,
+) -> Stored | None:
+    """The message of *stream* with ``Nats-Msg-Id`` *msg_id* on *subject*, stored between
+    *since* and *until* (unix seconds), or ``None``. Raises on transport failures."""
     request: dict[str, Any] = {"start_time": _rfc3339(since), "next_by_subj": subject}
     while True:
         reply = await nc.request(
@@ -243,15 +265,19 @@ async def find_msg_id(
         answer = json.loads(reply.data)
         if "error" in answer:
             if answer["error"].get("code") == 404:
-                return False
+                return None
             raise nats.js.errors.APIError.from_error(answer["error"])
         message = answer["message"]
         stored_at = datetime.datetime.fromisoformat(message["time"].replace("Z", "+00:00"))
         if stored_at.timestamp() > until:
-            return False
+            return None
         raw_headers = base64.b64decode(message.get("hdrs") or b"")
         if f"Nats-Msg-Id: {msg_id}\r\n".encode() in raw_headers.removeprefix(_HDR_LINE):
-            return True
+            return Stored(
+                int(message["seq"]),
+                message.get("subject", subject),
+                base64.b64decode(message.get("data") or b""),
+            )
         request = {"seq": int(message["seq"]) + 1, "next_by_subj": subject}
 
 

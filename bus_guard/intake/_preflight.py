@@ -195,5 +195,21 @@ async def ensure(js: JetStreamContext, settings: Settings) -> None:
                 f"consumer {settings.queue} on {streams.intake}: {p}"
                 for p in check_consumer(info.config, settings)
             ]
+        votes = f"{settings.queue}-approve"
+        try:
+            await js.consumer_info(streams.approve, votes)
+        except NotFoundError:
+            await js.add_consumer(
+                streams.approve,
+                ConsumerConfig(
+                    durable_name=votes,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=s.ack_wait_s,
+                    max_deliver=-1,
+                    filter_subject=streams.subject("approve"),
+                    description="bus_guard gateways: approvers' votes on holds",
+                ),
+            )
+            log.info("created consumer %s on %s", votes, streams.approve)
     if problems:
         raise ConfigError("stream mode refused to start (preflight):\n  " + "\n  ".join(problems))

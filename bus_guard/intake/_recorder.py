@@ -87,6 +87,9 @@ class Recorder:
         )
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.epoch = new_decision_id()
+        # The chain has one writer at a time: the intake's record stage, approvals, and
+        # checkpoints each build on the head the previous commit left.
+        self._lock = anyio.Lock()
         self._head = ChainHead()
         self._since_checkpoint = 0
         self._checkpoint_at = time.monotonic()
@@ -102,8 +105,9 @@ class Recorder:
 
     async def start(self) -> None:
         """Continue this gateway's chain from the ledger with a signed chain start."""
-        self._head = await self._find_tail()
-        await self._commit_signed(CHAIN_START)
+        async with self._lock:
+            self._head = await self._find_tail()
+            await self._commit_signed(CHAIN_START)
 
     async def checkpoint(self, *, final: bool = False, due_only: bool = False) -> None:
         """A signed checkpoint (``final`` at clean shutdown); with *due_only*, only if the
@@ -113,7 +117,8 @@ class Recorder:
             and time.monotonic() - self._checkpoint_at >= self._s.checkpoint_interval_s
         ):
             return
-        await self._commit_signed(CHECKPOINT, final=final)
+        async with self._lock:
+            await self._commit_signed(CHECKPOINT, final=final)
 
     def seen(self, decision_id: str) -> bool:
         """Whether this gateway recorded *decision_id* recently."""
@@ -122,17 +127,28 @@ class Recorder:
     async def record(self, items: Sequence[Decided], now: float) -> list[LedgerRecord] | Rejected:
         """Record the decisions of *items*, all or none: their records, in order, once
         stored (allows with their artifacts signed), or why the ledger refused them."""
-        batch = self._build(items, now)
-        result = await self._commit(batch)
-        if not isinstance(result, Committed):
-            self.refusals += 1
-            return result
-        self._advance(batch)
-        return [record for _, _, record in batch.entries[: len(items)]]
+        outcomes = [self._outcome(it, now) for it in items]
+        return await self.record_outcomes(outcomes, [it.pulled.intake for it in items], now)
 
-    async def lookup(self, decision_id: str) -> LedgerRecord | None:
+    async def record_outcomes(
+        self, outcomes: Sequence[Outcome], intakes: Sequence[str], now: float
+    ) -> list[LedgerRecord] | Rejected:
+        """Record *outcomes* (the message each decides: *intakes*), all or none, as
+        :meth:`record` does: approvals record their votes and resolutions through here."""
+        async with self._lock:
+            batch = self._build(outcomes, intakes, now)
+            result = await self._commit(batch)
+            if not isinstance(result, Committed):
+                self.refusals += 1
+                return result
+            self._advance(batch)
+        return [record for _, _, record in batch.entries[: len(outcomes)]]
+
+    async def lookup(self, decision_id: str, *, direct: bool = True) -> LedgerRecord | None:
+        """The ledger record of *decision_id*; ``direct=False`` asks the stream leader (a
+        read that sees every commit acknowledged before it: what counting votes needs)."""
         stored = await last_by_subject(
-            self._js, self._streams.ledger, self._subjects.any_decision(decision_id)
+            self._js, self._streams.ledger, self._subjects.any_decision(decision_id), direct=direct
         )
         return decode_record(stored.data) if stored is not None else None
 
@@ -158,14 +174,13 @@ class Recorder:
             ) from None
         return ChainHead(record.seq, record_hash(last.data))
 
-    def _build(self, items: Sequence[Decided], now: float) -> ChainBatch:
+    def _build(self, outcomes: Sequence[Outcome], intakes: Sequence[str], now: float) -> ChainBatch:
         batch = ChainBatch(self._head)
         first_seq = batch.next_seq
-        outcomes = [self._outcome(it, now) for it in items]
         # Every record of the batch gets the next seq in turn, so the claims (which name
         # the seq) of all its allows are known, and signed, before any record.
         artifacts = self._sign(outcomes, first_seq, now)
-        for it, outcome, artifact in zip(items, outcomes, artifacts, strict=True):
+        for intake, outcome, artifact in zip(intakes, outcomes, artifacts, strict=True):
             if outcome.effect == "allow":
                 outcome = (
                     msgspec.structs.replace(outcome, artifact=artifact)
@@ -176,11 +191,11 @@ class Recorder:
                 kind=DECISION,
                 seq=batch.next_seq,
                 prev=batch.prev,
-                intake=it.pulled.intake,
+                intake=intake,
                 **msgspec.structs.asdict(outcome),
             )
             batch.add(self._subjects.decision(record.decision_id), record)
-        if self._since_checkpoint + len(items) >= self._s.checkpoint_every:
+        if self._since_checkpoint + len(outcomes) >= self._s.checkpoint_every:
             self._add_signed(batch, CHECKPOINT)
         return batch
 

@@ -24,6 +24,7 @@ from bus_guard.policy._conditions import ConditionTrace, Predicate, trace
 from bus_guard.policy._model import Bundle
 from bus_guard.policy._patterns import ActionIndex, only_prefix, parse_action_pattern
 from bus_guard.policy._rules import CompiledRule, Problem, compile_rule, shadowed
+from bus_guard.verify import JwkEntry
 
 __all__ = (
     "BundleInfo",
@@ -251,6 +252,11 @@ class PolicySet:
         condition), i.e. all that ``evaluate`` will look at."""
         steps = self._candidates(principal, action)
         return tuple(sorted(r.id for step in steps for r in step.rules))
+
+    def approver_key(self, kid: str) -> tuple[str, JwkEntry] | None:
+        """The approver id and key entry of *kid*; ``None``: this set names no approvers
+        yet (the ``approvers:`` section of a bundle is being added)."""
+        return None
 
     def evaluate(self, request: Request) -> Decision:
         declared = self._schemas.get(request.action)

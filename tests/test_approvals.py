@@ -1,0 +1,362 @@
+"""Approvals end to end (stream mode, real nats-server): holds released at quorum exactly
+once, rejections and expiry denied, and every bad vote refused and recorded (SCENARIOS S20).
+
+The policy set here is the shipped one, wrapped so that its holds name approvers with
+keys made per test (:class:`_Approving`): these tests are about the gateway's vote
+handling; the ``approvers:`` section of the policy language has its own tests.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from joserfc import jwt
+from joserfc.errors import SecurityWarning
+from joserfc.jwk import KeySet
+from nats.aio.client import Client
+
+from bus_guard.approval import ApprovalClaims, sign_approval
+from bus_guard.decision import (
+    Decision,
+    Effect,
+    HoldTerms,
+    Request,
+    approval_decision_id,
+    intent_decision_id,
+    resolution_decision_id,
+)
+from bus_guard.ledger import LedgerRecord
+from bus_guard.policy._load import PolicySet
+from bus_guard.signing._keys import kid_for
+from bus_guard.verify import JwkEntry, Verifier, b64url_encode, load_jwks, verify_message
+
+from .helpers import intent
+from .streamkit import (
+    drained,
+    eventually,
+    ledger_decisions,
+    records,
+    stored,
+    stream_gateway,
+    stream_settings,
+)
+
+TRANSFER = "guard.in.agent-7.payments.transfer"
+
+
+@dataclass
+class _Approver:
+    name: str
+    key: Ed25519PrivateKey
+
+    @property
+    def kid(self) -> str:
+        return kid_for(self.key.public_key())
+
+    def entry(self, **kw: Any) -> JwkEntry:
+        raw = self.key.public_key().public_bytes_raw()
+        x = b64url_encode(raw).decode()
+        jwks = load_jwks(
+            {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": self.kid, **kw}]}
+        )
+        [entry] = jwks.entries
+        return entry
+
+    def vote(self, hold: LedgerRecord, verdict: str = "approve", **kw: Any) -> bytes:
+        claims = ApprovalClaims(
+            hold=kw.pop("hold_id", hold.decision_id),
+            payload_sha256=kw.pop("payload_sha256", hold.payload_sha256),
+            approver=kw.pop("approver", self.name),
+            verdict=verdict,  # type: ignore[arg-type]
+            iat=time.time(),
+            reason=kw.pop("reason", ""),
+        )
+        return sign_approval(kw.pop("key", self.key), kw.pop("kid", self.kid), claims).encode()
+
+
+class _Approving:
+    """The shipped policies, with hold terms and approvers' keys added."""
+
+    def __init__(
+        self,
+        inner: PolicySet,
+        approvers: list[_Approver],
+        *,
+        quorum: int,
+        ttl_s: float = 3600.0,
+        eligible: list[str] | None = None,
+        revoked: frozenset[str] = frozenset(),
+    ) -> None:
+        self.inner = inner
+        names = eligible if eligible is not None else [a.name for a in approvers]
+        self.terms = HoldTerms(tuple(sorted(names)), quorum, ttl_s)
+        self.keys = {
+            a.kid: (a.name, a.entry(revoked_at=1) if a.name in revoked else a.entry())
+            for a in approvers
+        }
+        self.digest, self.version, self.mode = inner.digest, inner.version, inner.mode
+
+    def evaluate(self, request: Request) -> Decision:
+        decision = self.inner.evaluate(request)
+        if decision.effect is Effect.HOLD:
+            return msgspec.structs.replace(decision, hold=self.terms)
+        return decision
+
+    def approver_key(self, kid: str) -> tuple[str, JwkEntry] | None:
+        return self.keys.get(kid)
+
+
+def _transfer(amount: float, **kw: Any) -> bytes:
+    return intent(
+        "payments.transfer",
+        "account:acct-1",
+        {"amount": amount, "currency": "USD", "to": "account:acct-9"},
+        **kw,
+    )
+
+
+def _people(*names: str) -> list[_Approver]:
+    return [_Approver(n, Ed25519PrivateKey.generate()) for n in names]
+
+
+async def _hold(nc: Client, intent_id: str = "i-hold") -> LedgerRecord:
+    js = nc.jetstream()
+    await js.publish(TRANSFER, _transfer(25000, id=intent_id))
+    hold_id = intent_decision_id("guard", "agent-7", intent_id)
+    found: list[LedgerRecord] = []
+
+    async def recorded() -> bool:
+        found[:] = [r for r in await ledger_decisions(nc) if r.decision_id == hold_id]
+        return bool(found)
+
+    await eventually(recorded, what="the hold recorded")
+    [hold] = found
+    assert hold.effect == "hold"
+    return hold
+
+
+async def _send(nc: Client, hold_id: str, body: bytes) -> None:
+    await nc.jetstream().publish(f"guard.approve.{hold_id}", body)
+
+
+async def _settled(nc: Client) -> bool:
+    info = await nc.jetstream().consumer_info("GUARD_APPROVE", "bus-guard-approve")
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+
+async def _by_id(nc: Client) -> dict[str, LedgerRecord]:
+    return {r.decision_id: r for r in await ledger_decisions(nc)}
+
+
+def _joserfc_claims(jwks_path: Path, token: str) -> dict[str, Any]:
+    keyset = KeySet.import_key_set(msgspec.json.decode(jwks_path.read_bytes()))
+    with warnings.catch_warnings():  # "EdDSA" is what SPEC §6 fixes (RFC 9864 warns)
+        warnings.simplefilter("ignore", SecurityWarning)
+        return dict(jwt.decode(token, keyset, algorithms=["EdDSA"]).claims)
+
+
+@pytest.mark.parametrize("quorum", [1, 2])
+async def test_quorum_releases_the_held_bytes_once_with_an_artifact_naming_the_votes(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, quorum: int
+) -> None:
+    alice, bob = approvers = _people("alice", "bob")
+    nc = await nats.connect(nats_url)
+    wrapped = _Approving(policies, approvers, quorum=quorum)
+    async with stream_gateway(stream_settings(nats_url), wrapped, keys[0]) as gw:  # type: ignore[arg-type]
+        hold = await _hold(nc)
+        assert hold.quorum == quorum and hold.approvers == ("alice", "bob")
+        assert hold.expires > hold.ts
+        await _send(nc, hold.decision_id, alice.vote(hold, reason="looks fine"))
+        await eventually(lambda: _settled(nc), what="vote settled")
+        if quorum == 2:
+            assert await stored(nc, "GUARD_EXEC") == []  # one vote of two: still held
+            await _send(nc, hold.decision_id, bob.vote(hold))
+            await eventually(lambda: _settled(nc), what="second vote settled")
+        stats = gw.statistics()
+    [released] = await stored(nc, "GUARD_EXEC")
+    [hold_msg] = records(await stored(nc, "GUARD_HOLD"))
+    assert released.data == hold_msg["payload"].encode()  # the held bytes, unchanged
+    assert released.subject == "guard.exec.agent-7.payments.transfer"
+    ledger = await _by_id(nc)
+    votes = [approval_decision_id("guard", hold.decision_id, a.name) for a in approvers[:quorum]]
+    resolution = ledger[resolution_decision_id("guard", hold.decision_id)]
+    assert (resolution.effect, resolution.reason) == ("allow", "approved")
+    assert sorted(resolution.approvals) == sorted(votes)
+    assert released.headers["Guard-Decision"] == resolution.decision_id
+    for vote_id in votes:
+        vote = ledger[vote_id]
+        assert (vote.effect, vote.parents, vote.hold) == (
+            "approve",
+            (hold.decision_id,),
+            hold.decision_id,
+        )
+    claims = verify_message(
+        Verifier(keys[1]), subject=released.subject, headers=released.headers, payload=released.data
+    )
+    assert claims.hold == hold.decision_id and sorted(claims.approvals) == sorted(votes)
+    independent = _joserfc_claims(keys[1], released.headers["Guard-Artifact"])
+    assert independent["hold"] == hold.decision_id and independent["jti"] == resolution.decision_id
+    assert stats.votes == quorum and stats.holds_released == 1 and stats.votes_refused == 0
+    await nc.close()
+
+
+async def test_a_rejection_denies_the_hold_and_later_votes_are_refused(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    alice, bob = approvers = _people("alice", "bob")
+    nc = await nats.connect(nats_url)
+    wrapped = _Approving(policies, approvers, quorum=2)
+    async with stream_gateway(stream_settings(nats_url), wrapped, keys[0]) as gw:  # type: ignore[arg-type]
+        hold = await _hold(nc)
+        await _send(nc, hold.decision_id, alice.vote(hold, "reject", reason="unknown payee"))
+        await eventually(lambda: _settled(nc), what="rejection settled")
+        await _send(nc, hold.decision_id, bob.vote(hold))
+        await eventually(lambda: _settled(nc), what="late vote settled")
+        stats = gw.statistics()
+    assert await stored(nc, "GUARD_EXEC") == []
+    denials = records(await stored(nc, "GUARD_DENY"))
+    reasons = sorted(d["reason"] for d in denials)
+    assert reasons == ["hold_resolved", "rejected"]
+    resolution = (await _by_id(nc))[resolution_decision_id("guard", hold.decision_id)]
+    assert (resolution.effect, resolution.reason) == ("deny", "rejected")
+    assert stats.holds_rejected == 1 and stats.votes_refused == 1
+    await nc.close()
+
+
+async def test_an_unresolved_hold_expires_into_a_denial(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    approvers = _people("alice")
+    nc = await nats.connect(nats_url)
+    wrapped = _Approving(policies, approvers, quorum=1, ttl_s=0.5)
+    settings = stream_settings(nats_url, hold_sweep_s=0.2)
+    async with stream_gateway(settings, wrapped, keys[0]) as gw:  # type: ignore[arg-type]
+        hold = await _hold(nc)
+
+        async def denied() -> bool:
+            return any(d["reason"] == "expired" for d in records(await stored(nc, "GUARD_DENY")))
+
+        await eventually(denied, what="the expiry denial")
+        await _send(nc, hold.decision_id, approvers[0].vote(hold))  # too late
+        await eventually(lambda: _settled(nc), what="late vote settled")
+        stats = gw.statistics()
+    assert await stored(nc, "GUARD_EXEC") == []
+    resolution = (await _by_id(nc))[resolution_decision_id("guard", hold.decision_id)]
+    assert (resolution.effect, resolution.reason) == ("deny", "expired")
+    assert sorted(d["reason"] for d in records(await stored(nc, "GUARD_DENY"))) == [
+        "expired",
+        "hold_resolved",
+    ]
+    assert stats.holds_expired == 1
+    await nc.close()
+
+
+async def test_every_bad_vote_is_refused_recorded_and_changes_nothing(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    alice, bob, carol, mallory = _people("alice", "bob", "carol", "mallory")
+    nc = await nats.connect(nats_url)
+    # carol has a key but is not eligible for these holds; bob's key is revoked
+    wrapped = _Approving(
+        policies,
+        [alice, bob, carol],
+        quorum=2,
+        eligible=["alice", "bob"],
+        revoked=frozenset({"bob"}),
+    )
+    async with stream_gateway(stream_settings(nats_url), wrapped, keys[0]) as gw:  # type: ignore[arg-type]
+        hold = await _hold(nc)
+        other = await _hold(nc, "i-other")
+        allowed_id = intent_decision_id("guard", "agent-7", "i-small")
+        await nc.jetstream().publish(TRANSFER, _transfer(10, id="i-small"))
+        bad: dict[str, tuple[str, bytes]] = {
+            "malformed": (hold.decision_id, b"not a token"),
+            "bad_signature": (
+                hold.decision_id,
+                alice.vote(hold, key=Ed25519PrivateKey.generate()),
+            ),
+            "approver_not_allowed": (hold.decision_id, mallory.vote(hold)),  # unknown key
+            "revoked": (hold.decision_id, bob.vote(hold)),
+            "ineligible": (hold.decision_id, carol.vote(hold)),
+            "impersonation": (hold.decision_id, alice.vote(hold, approver="bob")),
+            "other bytes": (
+                hold.decision_id,
+                alice.vote(hold, payload_sha256=other.payload_sha256),
+            ),
+            "other hold": (hold.decision_id, alice.vote(hold, hold_id=other.decision_id)),
+            "unknown_hold": (
+                "01NOSUCHDECISION000000000",
+                alice.vote(hold, hold_id="01NOSUCHDECISION000000000"),
+            ),
+        }
+        await eventually(lambda: drained(nc.jetstream()), what="intents decided")
+        bad["not a hold"] = (allowed_id, alice.vote(hold, hold_id=allowed_id))
+        for hold_id, body in bad.values():
+            await _send(nc, hold_id, body)
+        await eventually(lambda: _settled(nc), what="bad votes settled")
+        # one real vote, then the same approver again: duplicate
+        await _send(nc, hold.decision_id, alice.vote(hold))
+        await _send(nc, hold.decision_id, alice.vote(hold, reason="again"))
+        await eventually(lambda: _settled(nc), what="duplicate settled")
+        stats = gw.statistics()
+    denials = [d for d in records(await stored(nc, "GUARD_DENY"))]
+    got = sorted(d["reason"] for d in denials)
+    assert got == sorted(
+        [
+            "malformed",
+            "bad_signature",
+            "approver_not_allowed",
+            "approver_not_allowed",
+            "approver_not_allowed",
+            "approver_not_allowed",
+            "malformed",
+            "malformed",
+            "unknown_hold",
+            "unknown_hold",
+            "duplicate_approval",
+        ]
+    )
+    # exec holds only the small allowed transfer: nothing was released
+    [only] = await stored(nc, "GUARD_EXEC")
+    assert only.headers["Guard-Decision"] == allowed_id
+    ledger = await _by_id(nc)
+    assert resolution_decision_id("guard", hold.decision_id) not in ledger  # still open
+    refused = [r for r in ledger.values() if r.effect == "deny" and r.reason in set(got)]
+    assert len(refused) == len(got)
+    assert all(r.parents == (r.hold or r.parents[0],) for r in refused if r.parents)
+    assert stats.votes == 1 and stats.votes_refused == len(got) and stats.holds_released == 0
+    await nc.close()
+
+
+async def test_two_gateways_racing_on_one_hold_resolve_it_once(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    approvers = _people("alice", "bob", "carol")
+    nc = await nats.connect(nats_url)
+    wrapped = _Approving(policies, approvers, quorum=2)
+    async with (
+        stream_gateway(stream_settings(nats_url, "gw-1"), wrapped, keys[0]) as gw1,  # type: ignore[arg-type]
+        stream_gateway(stream_settings(nats_url, "gw-2"), wrapped, keys[0]) as gw2,  # type: ignore[arg-type]
+    ):
+        holds = [await _hold(nc, f"i-{i}") for i in range(6)]
+        for hold in holds:  # three votes each, all at once: quorum reached on either
+            for a in approvers:
+                await _send(nc, hold.decision_id, a.vote(hold))
+        await eventually(lambda: _settled(nc), what="votes settled")
+        s1, s2 = gw1.statistics(), gw2.statistics()
+    exec_msgs = await stored(nc, "GUARD_EXEC")
+    decisions = sorted(m.headers["Guard-Decision"] for m in exec_msgs)
+    assert decisions == sorted(resolution_decision_id("guard", h.decision_id) for h in holds)
+    assert s1.holds_released + s2.holds_released == len(holds)
+    # a third vote lands before the resolution (counted) or after it (refused)
+    assert s1.votes + s2.votes + s1.votes_refused + s2.votes_refused == 3 * len(holds)
+    assert s1.votes + s2.votes >= 2 * len(holds)
+    await nc.close()
