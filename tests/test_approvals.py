@@ -360,3 +360,40 @@ async def test_two_gateways_racing_on_one_hold_resolve_it_once(
     assert s1.votes + s2.votes + s1.votes_refused + s2.votes_refused == 3 * len(holds)
     assert s1.votes + s2.votes >= 2 * len(holds)
     await nc.close()
+
+
+async def test_a_release_recorded_but_not_published_is_published_once_after_a_restart(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """The resolution is in the ledger, its exec message is not (the exec stream is gone):
+    the vote is not acked; a fresh gateway (another process's state) takes the redelivered
+    vote, adopts the vote and the resolution, and publishes the release exactly once."""
+    [alice] = approvers = _people("alice")
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    wrapped = _Approving(policies, approvers, quorum=1)
+    async with stream_gateway(stream_settings(nats_url, "gw-1"), wrapped, keys[0]) as gw1:  # type: ignore[arg-type]
+        hold = await _hold(nc)
+        exec_config = (await js.stream_info("GUARD_EXEC")).config
+        await js.delete_stream("GUARD_EXEC")
+        await _send(nc, hold.decision_id, alice.vote(hold))
+        resolution_id = resolution_decision_id("guard", hold.decision_id)
+
+        async def resolved() -> bool:
+            return resolution_id in await _by_id(nc)
+
+        await eventually(resolved, what="the resolution recorded")
+        first = gw1.statistics()
+    assert first.holds_released == 1
+    assert not await _settled(nc)  # the vote was not acked: its release is not stored
+    await js.add_stream(exec_config)
+    async with stream_gateway(stream_settings(nats_url, "gw-2"), wrapped, keys[0]) as gw2:  # type: ignore[arg-type]
+        await eventually(lambda: _settled(nc), timeout_s=30, what="vote settled on gw-2")
+        second = gw2.statistics()
+    [released] = await stored(nc, "GUARD_EXEC")
+    assert released.headers["Guard-Decision"] == resolution_id
+    ledger = await _by_id(nc)
+    assert ledger[resolution_id].gateway == "gw-1"  # recorded once, by the first gateway
+    assert second.votes == 0 and second.holds_released == 0  # adopted, not decided again
+    assert released.headers["Guard-Artifact"] == ledger[resolution_id].artifact
+    await nc.close()
