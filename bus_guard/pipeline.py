@@ -429,12 +429,15 @@ class Outcome(msgspec.Struct, frozen=True):
 MAX_SCOPE: Final = 16  # numeric params kept per allowed intent for its children's scope
 
 
+_NO_SCOPE: Final[dict[str, int | float]] = {}  # shared, never written (Outcome is frozen)
+
+
 def scope_of(params: Mapping[str, Any]) -> dict[str, int | float]:
-    """The numeric top-level params of an allowed intent (at most :data:`MAX_SCOPE`, by
-    name): what a ``within_parent`` constraint compares a child's params with."""
+    """The numeric top-level params of an allowed intent, the first :data:`MAX_SCOPE` in
+    the payload's order (the same bytes, the same scope): what a ``within_parent``
+    constraint compares a child's params with."""
     out: dict[str, int | float] = {}
-    for name in sorted(params)[: MAX_SCOPE * 4]:
-        value = params[name]
+    for name, value in params.items():
         if type(value) is int or type(value) is float:
             out[name] = value
             if len(out) == MAX_SCOPE:
@@ -465,10 +468,21 @@ def outcome_of(
         depth, root = lineage.depth, lineage.root
         if lineage.labels:
             labels = tuple(sorted(lineage.labels))
+    effect = decision.effect
+    taints: tuple[str, ...] = ()
+    scope: dict[str, int | float] = _NO_SCOPE
+    approvers: tuple[str, ...] = ()
+    quorum, expires = 0, 0.0
+    if effect is Effect.ALLOW:
+        taints = decision.taints
+        if intent is not None and intent.params:
+            scope = scope_of(intent.params)
+    elif effect is Effect.HOLD and (terms := decision.hold) is not None:
+        approvers, quorum, expires = terms.approvers, terms.quorum, now + terms.ttl_s
     # Positional, in Outcome's field order (see Outcome: a fraction of the keyword cost).
-    outcome = Outcome(
+    return Outcome(
         decision_id,
-        decision.effect.value,
+        effect.value,
         decision.reason.value,
         decision.message,
         decision.rules,
@@ -490,18 +504,12 @@ def outcome_of(
         now,
         "",
         first_decision,
+        taints,
+        scope,
+        approvers,
+        quorum,
+        expires,
     )
-    effect = decision.effect
-    if effect is Effect.ALLOW:
-        scope = scope_of(intent.params) if intent is not None and intent.params else None
-        if scope or decision.taints:
-            outcome = msgspec.structs.replace(outcome, taints=decision.taints, scope=scope or {})
-    elif effect is Effect.HOLD and decision.hold is not None:
-        terms = decision.hold
-        outcome = msgspec.structs.replace(
-            outcome, approvers=terms.approvers, quorum=terms.quorum, expires=now + terms.ttl_s
-        )
-    return outcome
 
 
 def claims_of(
