@@ -34,6 +34,7 @@ from bus_guard.decision import (
     resolution_decision_id,
 )
 from bus_guard.ledger import LedgerRecord
+from bus_guard.ledger._audit import audit
 from bus_guard.policy._load import PolicySet
 from bus_guard.signing._keys import kid_for
 from bus_guard.verify import JwkEntry, Verifier, b64url_encode, load_jwks, verify_message
@@ -152,6 +153,13 @@ async def _settled(nc: Client) -> bool:
     return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
+async def _audited(nc: Client, jwks: Path) -> None:
+    """The ledger, votes and resolutions included, verifies whole and sealed."""
+    ledger = await stored(nc, "GUARD_LEDGER", "guard.ledger.>")
+    report = audit(ledger, prefix="guard", jwks=load_jwks(jwks), require_sealed=True)
+    assert report.ok, report.problems
+
+
 async def _by_id(nc: Client) -> dict[str, LedgerRecord]:
     return {r.decision_id: r for r in await ledger_decisions(nc)}
 
@@ -205,6 +213,7 @@ async def test_quorum_releases_the_held_bytes_once_with_an_artifact_naming_the_v
     independent = _joserfc_claims(keys[1], released.headers["Guard-Artifact"])
     assert independent["hold"] == hold.decision_id and independent["jti"] == resolution.decision_id
     assert stats.votes == quorum and stats.holds_released == 1 and stats.votes_refused == 0
+    await _audited(nc, keys[1])
     await nc.close()
 
 
@@ -333,6 +342,7 @@ async def test_every_bad_vote_is_refused_recorded_and_changes_nothing(
     assert len(refused) == len(got)
     assert all(r.parents == (r.hold or r.parents[0],) for r in refused if r.parents)
     assert stats.votes == 1 and stats.votes_refused == len(got) and stats.holds_released == 0
+    await _audited(nc, keys[1])
     await nc.close()
 
 
@@ -359,6 +369,7 @@ async def test_two_gateways_racing_on_one_hold_resolve_it_once(
     # a third vote lands before the resolution (counted) or after it (refused)
     assert s1.votes + s2.votes + s1.votes_refused + s2.votes_refused == 3 * len(holds)
     assert s1.votes + s2.votes >= 2 * len(holds)
+    await _audited(nc, keys[1])
     await nc.close()
 
 

@@ -245,7 +245,9 @@ class Auditor:
                 record.seq,
                 f"decision {record.decision_id} recorded twice (first at stream seq {earlier})",
             )
-        if record.intent_id and record.reason != _REPLAY:
+        # Votes on a hold and its resolution name the held intent too (``hold`` is set):
+        # they are decisions about the hold, not further decisions of the intent.
+        if record.intent_id and record.reason != _REPLAY and not record.hold:
             key = (record.principal, record.intent_id)
             first = self._intents.setdefault(key, record.decision_id)
             if first != record.decision_id:
