@@ -15,7 +15,7 @@ from typing import Final, TextIO
 import msgspec
 
 from bus_guard.cli._connect import connect
-from bus_guard.cli._safe import safe_json, say
+from bus_guard.cli._safe import safe, safe_json, say
 from bus_guard.errors import ConfigError
 from bus_guard.intake._approver import OpenHold, Vote, approve, check_vote, open_holds, reject
 from bus_guard.ledger._records import LedgerRecord
@@ -107,7 +107,7 @@ def _resolution_line(record: LedgerRecord) -> str:
 
 
 def format_hold(hold: OpenHold, now: float) -> str:
-    """One line (escaped by :func:`say`): id, age, who, what, why, votes, expiry."""
+    """One line, escaped: id, age, who, what, why, votes, expiry."""
     what = " ".join(x for x in (hold.action, hold.resource) if x) or hold.subject
     if not hold.in_ledger:
         votes = "not in the ledger (cannot be voted on)"
@@ -125,7 +125,7 @@ def format_hold(hold: OpenHold, now: float) -> str:
         expiry = f"expires in {span(hold.expires - now)}"
     else:
         expiry = f"expired {span(now - hold.expires)} ago"
-    return (
+    return safe(
         f"{hold.decision_id}  {span(now - hold.ts):>6} old  {hold.principal or '?'}  {what}  "
         f"rules={','.join(hold.rules) or '-'}  {votes}  {expiry}"
     )
