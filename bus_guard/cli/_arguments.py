@@ -408,7 +408,14 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quiet", action="store_true", help="only print the summary")
 
-    watch = sub.add_parser("watch", help="live view of denials and holds")
+    watch = sub.add_parser(
+        "watch",
+        help="live view of denials and holds, and of approvers' votes and hold resolutions",
+        description="Live view, one line per record: denials and holds (narrowed on the "
+        "server by --principal / --action), and from the ledger the approvers' votes "
+        "(counted or refused) and the holds' resolutions (released, rejected, expired), "
+        "filtered here by the principal, action and reason they name.",
+    )
     watch.add_argument("--nats", required=True, metavar="URL")
     _prefix_option(watch)
     watch.add_argument("--principal", default=None, help="only this principal")

@@ -193,7 +193,12 @@ async def _vote(
             await watch.stop()
     if recorded is None:
         return vote
-    resolution = watch.resolution or await ledger.get(resolution_decision_id(prefix, decision_id))
+    resolution = watch.resolution
+    if resolution is None:
+        try:
+            resolution = await ledger.get(resolution_decision_id(prefix, decision_id))
+        except GatewayError as exc:  # the vote is stored and recorded: say that much
+            log.warning("cannot look up the resolution of hold %s: %s", decision_id, exc)
     return Vote(token, claims, kid, subject, stream, seq, hold, recorded, resolution)
 
 
