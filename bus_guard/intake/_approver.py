@@ -20,12 +20,14 @@ hold streams, and (for ``wait_s``) subscribe to ``<prefix>.ledger.*.d.*``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import anyio
 import msgspec
@@ -41,7 +43,7 @@ from bus_guard.decision import Reason, approval_decision_id, resolution_decision
 from bus_guard.errors import ApprovalRefused, GatewayError
 from bus_guard.intake._gateway import round_trip
 from bus_guard.intake._jetstream import _rfc3339, last_by_subject, read
-from bus_guard.ledger._records import DECISION, LedgerRecord, decode_record
+from bus_guard.ledger._records import DECISION, LedgerRecord, Stored, decode_record
 from bus_guard.pipeline import DecisionRecord
 from bus_guard.signing._keys import kid_for
 from bus_guard.subjects import DEFAULT_PREFIX, Subjects
@@ -457,22 +459,29 @@ async def open_holds(
     seen: set[str] = set()
     if not first:
         return Holds(found, more=False)
+    # read() is an async generator (annotated as the iterator it is used as): closed here,
+    # it unsubscribes at once when the limit stops the loop early.
+    messages = cast(
+        AsyncGenerator[Stored, None],
+        read(nc, stream, wanted, start_seq=first, timeout_s=timeout_s),
+    )
     try:
-        async for stored in read(nc, stream, wanted, start_seq=first, timeout_s=timeout_s):
-            try:
-                message = _hold_decoder.decode(stored.data)
-            except msgspec.DecodeError:
-                log.warning("hold message %d is not a decision record; ignored", stored.seq)
-                continue
-            if message.effect != "hold" or message.decision_id in seen:
-                continue
-            seen.add(message.decision_id)
-            hold = await _still_open(ledger, message)
-            if hold is None:
-                continue
-            if len(found) == limit:
-                return Holds(found, more=True)
-            found.append(hold)
+        async with contextlib.aclosing(messages):
+            async for stored in messages:
+                try:
+                    message = _hold_decoder.decode(stored.data)
+                except msgspec.DecodeError:
+                    log.warning("hold message %d is not a decision record; ignored", stored.seq)
+                    continue
+                if message.effect != "hold" or message.decision_id in seen:
+                    continue
+                seen.add(message.decision_id)
+                hold = await _still_open(ledger, message)
+                if hold is None:
+                    continue
+                if len(found) == limit:
+                    return Holds(found, more=True)
+                found.append(hold)
     except nats.errors.Error as exc:  # TimeoutError, APIError: the read stopped
         raise GatewayError(f"cannot read the hold stream {stream}: {exc!r}") from None
     return Holds(found, more=False)
