@@ -7,6 +7,11 @@ The embedding API::
     decision = bus_guard.decide(policies, "guard.in.agent-7.payments.transfer", payload)
     decision.effect, decision.reason, decision.rules
 
+and, for an approver's tool, a vote on a held intent (a JetStream publish; see README,
+"Approvals")::
+
+    vote = await bus_guard.approve(nc, hold_decision_id, approver_private_key)
+
 Names are imported lazily, so that ``import bus_guard.verify`` in an executor pulls in
 neither NATS nor the policy compiler.
 """
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = (
+    "ApprovalRefused",
     "ConfigError",
     "Decision",
     "Effect",
@@ -31,19 +37,24 @@ __all__ = (
     "SigningError",
     "VerificationError",
     "__version__",
+    "approve",
     "decide",
     "evaluate",
     "load_policies",
+    "reject",
 )
 
 _LAZY = {
     "decide": "pipeline",
     "evaluate": "pipeline",
     "load_policies": "policy",
+    "approve": "intake",
+    "reject": "intake",
     "Decision": "decision",
     "Effect": "decision",
     "Reason": "decision",
     "Request": "decision",
+    "ApprovalRefused": "errors",
     "ConfigError": "errors",
     "GatewayError": "errors",
     "GuardError": "errors",
@@ -56,6 +67,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from bus_guard.decision import Decision, Effect, Reason, Request
     from bus_guard.errors import (
+        ApprovalRefused,
         ConfigError,
         GatewayError,
         GuardError,
@@ -64,6 +76,7 @@ if TYPE_CHECKING:
         SigningError,
         VerificationError,
     )
+    from bus_guard.intake import approve, reject
     from bus_guard.pipeline import decide, evaluate
     from bus_guard.policy._load import load_policies
 

@@ -10,12 +10,14 @@ Exceptions are reserved for real failures, in one small tree::
     ├── SigningError             an artifact could not be signed
     ├── VerificationError        an artifact did not verify (``.reason``)
     ├── ServerError              the embedded nats-server failed to start or stop
-    └── GatewayError             the gateway could not start or lost the bus
+    ├── GatewayError             the gateway could not start or lost the bus
+    └── ApprovalRefused          a vote not sent: the decision is no open hold (``.reason``)
 """
 
 from __future__ import annotations
 
 __all__ = (
+    "ApprovalRefused",
     "ConfigError",
     "GatewayError",
     "GuardError",
@@ -66,3 +68,14 @@ class ServerError(GuardError):
 
 class GatewayError(GuardError):
     """The gateway could not start, or lost the bus beyond its reconnect budget."""
+
+
+class ApprovalRefused(GuardError):
+    """An approver's vote was not published: the decision is not an open hold the approver
+    can vote on. ``reason`` is the code the gateway would record for such a vote
+    (:class:`~bus_guard.decision.Reason`: ``unknown_hold``, ``hold_resolved``, ``expired``,
+    ``duplicate_approval``, ``approver_not_allowed``)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)

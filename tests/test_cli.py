@@ -181,8 +181,13 @@ def test_the_other_commands_default_to_the_settings_too() -> None:
         ["watch", "--nats", "u"],
         ["ledger", "verify", "--nats", "u", "--jwks", "j"],
         ["lineage", "d-1", "--nats", "u"],
+        ["approve", "d-1", "--key", "k"],
+        ["reject", "d-1", "--key", "k"],
+        ["holds"],
     ):
         assert p.parse_args(argv).prefix == Settings().prefix == "guard", argv
+    for argv in (["approve", "d-1", "--key", "k"], ["holds"]):
+        assert p.parse_args(argv).nats == Settings().nats_url, argv
     assert p.parse_args(["keys", "rotate", "--dir", "d"]).grace == DEFAULT_GRACE_S
 
 

@@ -1,9 +1,11 @@
-"""``bus-guard watch`` on a real server: what operators see, and what filters hide."""
+"""``bus-guard watch`` on a real server: what operators see (denials, holds, votes and hold
+resolutions), and what filters hide."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -13,8 +15,17 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 from rich.console import Console
 
-from bus_guard.cli._watch import WatchFilter, format_json, format_record, watch
+from bus_guard.cli._watch import (
+    WatchFilter,
+    format_json,
+    format_ledger_record,
+    format_record,
+    subject_matches,
+    watch,
+)
 from bus_guard.intake._gateway import Gateway
+from bus_guard.ledger._records import LedgerRecord
+from bus_guard.ledger._records import encode_record as encode_ledger
 from bus_guard.pipeline import DecisionRecord, encode_record
 from bus_guard.policy._load import load_policies
 from bus_guard.settings import Settings
@@ -264,3 +275,127 @@ def test_the_demos_executed_line_is_escaped_too() -> None:
     )
     (line,) = terminal_safe(_executed(claims).plain + "\n", 1)
     assert line.startswith("EXECUTED") and "r\\r\\nALLOW" in line and "r\\u202e" in line
+
+
+# -- votes and resolutions, from the ledger -------------------------------------------------
+#
+# Records as the gateway writes them about holds (its contract, LedgerRecord: a vote has
+# ``hold`` and ``approver``, parent the hold; a resolution has ``hold`` and no approver). The
+# gateway's side is not on this branch: the test publishes them on the ledger subjects.
+
+
+def _ledger(decision_id: str, effect: str, reason: str, **fields: Any) -> LedgerRecord:
+    return LedgerRecord(
+        kind="decision",
+        gateway="gw-1",
+        seq=1,
+        prev="",
+        ts=1.0,
+        decision_id=decision_id,
+        effect=effect,
+        reason=reason,
+        **fields,
+    )
+
+
+_ALLOW = _ledger("A1", "allow", "allowed_by_rule", principal="agent-9", action="payments.transfer")
+_VOTE = _ledger("V1", "approve", "approved", hold="H1", approver="alice", parents=("H1",))
+_REFUSED = _ledger(
+    "V2",
+    "deny",
+    "approver_not_allowed",
+    message="mallory is not an approver of this hold",
+    hold="H1",
+    approver="mallory",
+    parents=("H1",),
+)
+_RELEASED = _ledger(
+    "R1",
+    "allow",
+    "approved",
+    hold="H1",
+    principal="agent-9",
+    action="payments.transfer",
+    resource="account:acct-1",
+    approvals=("V1", "V3"),
+    parents=("H1",),
+)
+
+
+def _on_ledger(*records: LedgerRecord) -> list[tuple[str, bytes]]:
+    return [(f"guard.ledger.gw-1.d.{r.decision_id}", encode_ledger(r)) for r in records]
+
+
+async def test_watch_shows_votes_and_resolutions_not_other_decisions(nats_url: str) -> None:
+    # The allow comes first on the one ledger subscription: were it shown, it would be
+    # among the three lines `count` waits for.
+    published = _on_ledger(_ALLOW, _VOTE, _REFUSED, _RELEASED)
+    lines = terminal_safe(await _watch_published(nats_url, published, count=3), 3)
+    assert [line.split()[:3] for line in lines] == [
+        ["APPROVE", "alice", "hold=H1"],
+        ["REFUSED", "mallory", "hold=H1"],
+        ["RELEASED", "agent-9", "hold=H1"],
+    ]
+    assert "approver_not_allowed" in lines[1] and "mallory is not an approver" in lines[1]
+    assert "payments.transfer account:acct-1  approved approvals=V1,V3" in lines[2]
+    assert "id=A1" not in "".join(lines)
+
+
+async def test_watch_json_prints_ledger_records_as_received(nats_url: str) -> None:
+    text = await _watch_published(nats_url, _on_ledger(_ALLOW, _VOTE), count=1, as_json=True)
+    (line,) = terminal_safe(text, 1)
+    assert msgspec.json.decode(line, type=LedgerRecord) == _VOTE
+
+
+async def test_watch_filters_votes_and_resolutions_here(nats_url: str) -> None:
+    other = msgspec.structs.replace(_RELEASED, decision_id="R2", principal="agent-2")
+    buf = io.StringIO()
+    console = Console(file=buf, width=200, color_system=None)
+    ready = anyio.Event()
+    nc = await nats.connect(nats_url)
+    filters = WatchFilter(principal="agent-2", action="payments.*")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+
+            async def run_watch() -> None:
+                await watch(nats_url, filters=filters, count=1, console=console, ready=ready)
+
+            tg.start_soon(run_watch)
+            await ready.wait()
+            # a vote names no principal, the first resolution another one: both left out
+            for subject, data in _on_ledger(_VOTE, _RELEASED, other):
+                await nc.publish(subject, data)
+    await nc.drain()
+    (line,) = terminal_safe(buf.getvalue(), 1)
+    assert line.startswith("RELEASED") and "agent-2" in line and "id=R2" in line
+
+
+def test_subject_patterns_match_as_nats_does() -> None:
+    assert subject_matches("payments.*", "payments.transfer")
+    assert not subject_matches("payments.*", "payments.transfer.big")
+    assert subject_matches("payments.>", "payments.transfer.big")
+    assert not subject_matches("payments.>", "payments")
+    assert subject_matches("payments.transfer", "payments.transfer")
+    assert not subject_matches("payments.transfer", "payments.transfers")
+    assert not subject_matches("payments.*", "")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {
+            "approver": _any_text,
+            "principal": _any_text,
+            "action": _any_text,
+            "resource": _any_text,
+            "reason": _any_text,
+            "message": _any_text,
+            "hold": _any_text.filter(bool),
+            "decision_id": _any_text,
+            "effect": st.sampled_from(["approve", "reject", "deny", "allow"]),
+            "approvals": st.tuples(_any_text, _any_text),
+        }
+    )
+)
+def test_any_vote_or_resolution_is_one_safe_line(fields: dict[str, Any]) -> None:
+    terminal_safe(format_ledger_record(_ledger(**fields)).plain + "\n", 1)

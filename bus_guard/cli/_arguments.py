@@ -31,9 +31,11 @@ from bus_guard.signing._keys import DEFAULT_GRACE_S
 __all__ = (
     "DEFAULT_LOG_LEVEL",
     "DEMO_LOG_LEVEL",
+    "DURATION_UNITS",
     "RUN_OPTIONS",
     "TOOL_RECONNECT_ATTEMPTS",
     "SettingOption",
+    "duration",
     "field_default",
     "parser",
     "run_settings",
@@ -45,11 +47,18 @@ __all__ = (
 # * `run --gateway-id` left out (or empty): Settings' own default, <hostname>-<pid>.
 # * Logging is the command line's alone: info, but warning for `demo`, whose own output
 #   tells the story.
-# * `ledger verify` / `lineage` give up after TOOL_RECONNECT_ATTEMPTS reconnects, not the
-#   gateway's max_reconnect_attempts: an audit is one pass and should fail fast.
+# * `ledger verify`, `lineage`, `approve`, `reject` and `holds` give up after
+#   TOOL_RECONNECT_ATTEMPTS reconnects, not the gateway's max_reconnect_attempts: a tool
+#   does one thing and should fail fast.
+# * `approve`, `reject` and `holds` default --nats to Settings.nats_url (a local server):
+#   an approver runs them by hand, often next to the bus. Their other defaults (--wait 0,
+#   --since 24h, --limit 100) are theirs alone: `open_holds` takes both bounds from its
+#   caller.
 DEFAULT_LOG_LEVEL: Final = "info"
 DEMO_LOG_LEVEL: Final = "warning"
 TOOL_RECONNECT_ATTEMPTS: Final = 3
+_HOLDS_WINDOW: Final = "24h"
+_HOLDS_LIMIT: Final = 100
 
 # Demo-only defaults (no setting holds them; `run_demo` takes them from here).
 _DEMO_COUNT: Final = 300
@@ -399,7 +408,14 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quiet", action="store_true", help="only print the summary")
 
-    watch = sub.add_parser("watch", help="live view of denials and holds")
+    watch = sub.add_parser(
+        "watch",
+        help="live view of denials and holds, and of approvers' votes and hold resolutions",
+        description="Live view, one line per record: denials and holds (narrowed on the "
+        "server by --principal / --action), and from the ledger the approvers' votes "
+        "(counted or refused) and the holds' resolutions (released, rejected, expired), "
+        "filtered here by the principal, action and reason they name.",
+    )
     watch.add_argument("--nats", required=True, metavar="URL")
     _prefix_option(watch)
     watch.add_argument("--principal", default=None, help="only this principal")
@@ -477,9 +493,178 @@ def parser() -> argparse.ArgumentParser:
     _prefix_option(lin)
     lin.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
 
+    _approval_commands(sub)
+
     ver = sub.add_parser("verify", help="verify an authorization artifact")
     ver.add_argument("--jwks", required=True, type=Path, metavar="FILE")
     ver.add_argument("--subject", required=True, help="the exec subject the message arrived on")
     ver.add_argument("--payload", required=True, type=Path, metavar="FILE")
     ver.add_argument("--artifact", required=True, help="the JWS, or @FILE")
     return p
+
+
+# --- approvals ---------------------------------------------------------------------------
+
+DURATION_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``30m``, ``24h`` or ``7d`` (argparse type)."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
+    try:
+        value = float(number) * DURATION_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (90, 90s, 30m, 24h, 7d)"
+        ) from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be 0 or more")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def _connection_options(p: argparse.ArgumentParser) -> None:
+    url = field_default(Settings, "nats_url")
+    p.add_argument(
+        "--nats",
+        default=url,
+        metavar="URL[,URL...]",
+        help=_with_default("NATS server URL(s)", url),
+    )
+    p.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
+    _prefix_option(p)
+
+
+_VOTE_DESCRIPTION: Final = """\
+{what}: sign a vote ({verb}) with the approver's key and store it on
+<prefix>.approve.<DECISION_ID> (a JetStream publish: exit 0 means the approve stream holds
+it). The gateway checks the vote against the approvers the policy names, records it in the
+ledger as a decision whose parent is the hold, and releases the held intent once its quorum
+approved, or denies it on a rejection.
+"""
+
+_VOTE_EPILOG: Final = """\
+examples:
+  bus-guard holds                                   # the open holds, with their decision ids
+  bus-guard {verb} 5QF3J8RZ0T7W2M4K9XH6B1N0CD --key approvers/alice/signing-key.pem \\
+      --reason "{example}"
+  bus-guard {verb} 5QF3J8RZ0T7W2M4K9XH6B1N0CD --key alice.pem --approver alice --wait 10
+
+The token is a compact JWS (EdDSA, typ guard-approval+jwt, kid of the key) over the hold's
+decision id and the held payload's SHA-256, the approver, the verdict, the reason and the
+time (README, "Approvals"). Nothing is published for a decision that is no open hold.
+
+exit codes:
+  0  the vote is stored in the approve stream (--wait: and the gateway counted it)
+  1  refused: no such decision, not a hold, already resolved or expired, already voted,
+     not an approver of the hold; NATS unreachable, no ledger or approve stream, no
+     acknowledgement; --wait: the gateway refused the vote, or did not record it in time
+  2  usage or configuration: unreadable key or credentials, a malformed decision id,
+     --approver or --reason
+"""
+
+_HOLDS_EPILOG: Final = """\
+examples:
+  bus-guard holds --nats nats://127.0.0.1:4222
+  bus-guard holds --principal agent-9 --action 'payments.*' --since 7d
+  bus-guard holds --json | jq -r .decision_id
+
+One line per open hold, oldest first: decision id, age, principal, action, resource, the
+rules that held it, approvals so far / quorum (and who), rejections, expiry. A hold with a
+resolution in the ledger (released, rejected, expired) is not open. --json: one object per
+line (JSON Lines) with decision_id, subject, principal, action, resource, rules, ts,
+payload_sha256, approvers, quorum, expires, approved_by, rejected_by, in_ledger.
+
+exit codes: 0 listed (none is not an error), 1 NATS unreachable or no hold / ledger
+stream, 2 usage.
+"""
+
+
+def _approval_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    verbs = {
+        "approve": ("vote to release a held intent", "invoice 4711 checked with the customer"),
+        "reject": ("vote to deny a held intent", "not ordered by finance"),
+    }
+    for verb, (what, example) in verbs.items():
+        vote = sub.add_parser(
+            verb,
+            help=f"{what} (a signed vote on its hold)",
+            description=_VOTE_DESCRIPTION.format(what=what.capitalize(), verb=verb),
+            epilog=_VOTE_EPILOG.format(verb=verb, example=example),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        vote.add_argument("decision_id", metavar="DECISION_ID", help="the hold's decision id")
+        vote.add_argument(
+            "--key",
+            required=True,
+            type=Path,
+            metavar="FILE",
+            help="the approver's Ed25519 key (PEM), from 'bus-guard keys new'",
+        )
+        vote.add_argument(
+            "--reason", default="", metavar="TEXT", help="why (in the token and the ledger)"
+        )
+        vote.add_argument(
+            "--approver",
+            default=None,
+            metavar="ID",
+            help="the approver claim: your id in the policy (default: the key's kid, which "
+            "the gateway maps to the approver the policy names)",
+        )
+        vote.add_argument(
+            "--wait",
+            type=_seconds,
+            default=0.0,
+            metavar="SECONDS",
+            help="then wait this long for the gateway's record of the vote and say whether "
+            "it was counted or refused, and why (default: 0, do not wait)",
+        )
+        _connection_options(vote)
+
+    holds = sub.add_parser(
+        "holds",
+        help="list the open holds, with approvals so far",
+        description="List the holds that wait for approvers: the hold stream within --since,\n"
+        "with each hold's ledger record (approvers, quorum, expiry) and its votes.",
+        epilog=_HOLDS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _connection_options(holds)
+    holds.add_argument("--principal", default=None, help="only this principal's holds")
+    holds.add_argument(
+        "--action", default=None, help="only this action (NATS wildcards allowed: payments.*)"
+    )
+    holds.add_argument(
+        "--since",
+        type=duration,
+        default=duration(_HOLDS_WINDOW),
+        metavar="DURATION",
+        help=f"only holds from this far back: 90s, 30m, 24h, 7d (default: {_HOLDS_WINDOW})",
+    )
+    holds.add_argument(
+        "--limit",
+        type=_positive,
+        default=_HOLDS_LIMIT,
+        metavar="N",
+        help=_with_default("show at most N holds", _HOLDS_LIMIT),
+    )
+    holds.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -8,6 +8,8 @@ bus-guard policy    check | test | explain | schema
 bus-guard verify    check an artifact as an executor would
 bus-guard ledger    verify the ledger's chains and checkpoints
 bus-guard lineage   ancestors and descendants of a decision
+bus-guard approve   vote to release a held intent (reject: to deny it)
+bus-guard holds     the open holds, with approvals so far
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ import anyio
 from bus_guard.cli._arguments import (
     DEFAULT_LOG_LEVEL,
     DEMO_LOG_LEVEL,
-    TOOL_RECONNECT_ATTEMPTS,
-    field_default,
     parser,
     run_settings,
 )
@@ -140,6 +140,14 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
             return _cmd_keys(args, out)
         case "ledger" | "lineage":
             return anyio.run(_cmd_ledger, args, out)
+        case "approve" | "reject":
+            from bus_guard.cli._approve import cmd_vote
+
+            return anyio.run(cmd_vote, args, out)
+        case "holds":
+            from bus_guard.cli._approve import cmd_holds
+
+            return anyio.run(cmd_holds, args, out)
         case "policy":
             return _cmd_policy(args, out)
         case "verify":
@@ -158,8 +166,8 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
 async def _cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
     import nats
 
+    from bus_guard.cli._connect import connect
     from bus_guard.errors import GatewayError
-    from bus_guard.settings import Settings
     from bus_guard.subjects import Subjects
 
     stream = Subjects(args.prefix).streams.ledger
@@ -168,15 +176,7 @@ async def _cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
         from bus_guard.verify import load_jwks
 
         jwks = load_jwks(args.jwks)
-    try:
-        nc = await nats.connect(
-            [u.strip() for u in args.nats.split(",") if u.strip()],
-            user_credentials=args.creds,
-            connect_timeout=field_default(Settings, "connect_timeout_s"),
-            max_reconnect_attempts=TOOL_RECONNECT_ATTEMPTS,
-        )
-    except Exception as exc:
-        raise GatewayError(f"cannot connect to {args.nats}: {exc}") from exc
+    nc = await connect(args.nats, creds=args.creds, name=f"bus-guard {args.command}")
     try:
         if jwks is not None:
             from bus_guard.cli._ledger import audit_stream

@@ -1,4 +1,12 @@
-"""``bus-guard watch``: a live view of denials and holds for operators."""
+"""``bus-guard watch``: a live view of denials and holds for operators, and of what
+approvers did about the holds.
+
+Denials and holds come from the deny and hold subjects (:class:`DecisionRecord`), narrowed on
+the server by principal and action. Votes and hold resolutions come from the ledger's
+decision records (:class:`LedgerRecord`, ``<prefix>.ledger.*.d.*``): every decision record
+passes by, and only those that name a hold (a non-empty ``hold``: an approver's vote,
+counted or refused, and a hold's release or denial) are decoded and shown, filtered here.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +23,48 @@ from rich.text import Text
 
 from bus_guard.cli._safe import safe, safe_json
 from bus_guard.intake._gateway import round_trip
+from bus_guard.ledger._records import LedgerRecord, decode_record
 from bus_guard.pipeline import DecisionRecord
 from bus_guard.subjects import DEFAULT_PREFIX, Subjects
 
-__all__ = ("WatchFilter", "format_json", "format_record", "watch")
+__all__ = (
+    "WatchFilter",
+    "format_json",
+    "format_ledger_record",
+    "format_record",
+    "subject_matches",
+    "watch",
+)
 
 log = logging.getLogger(__name__)
 
 _decoder: Final = msgspec.json.Decoder(DecisionRecord)
-_STYLE: Final = {"deny": "bold red", "hold": "bold yellow", "allow": "bold green"}
+_STYLE: Final = {
+    "deny": "bold red",
+    "hold": "bold yellow",
+    "allow": "bold green",
+    "approve": "bold green",
+    "reject": "bold red",
+    "refused": "bold magenta",
+    "released": "bold green",
+    "denied": "bold red",
+}
+# In a ledger record's JSON only a record about a hold has this: ``hold`` is left out when
+# empty (omit_defaults), and a quote inside any string value is escaped (``\"hold\":``),
+# so the bytes are searched before anything is decoded.
+_HOLD_KEY: Final = b'"hold":"'
+
+
+def subject_matches(pattern: str, value: str) -> bool:
+    """Whether the dotted *value* matches the NATS subject *pattern* (``*`` one token,
+    a final ``>`` one or more)."""
+    want, got = pattern.split("."), value.split(".")
+    for i, token in enumerate(want):
+        if token == ">" and i == len(want) - 1:
+            return len(got) > i
+        if i >= len(got) or (token != "*" and token != got[i]):
+            return False
+    return len(got) == len(want)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +83,22 @@ class WatchFilter:
         action = self.action or ">"
         return [subjects.subject(kind, principal, action) for kind in ("deny", "hold")]
 
-    def matches(self, record: DecisionRecord) -> bool:
+    def ledger_subject(self, prefix: str) -> str:
+        """Every decision record of every gateway: votes and resolutions are filtered here
+        (their subjects name the decision, not the principal or the action)."""
+        return Subjects(prefix).ledger().any_decision("*")
+
+    def matches(self, record: DecisionRecord | LedgerRecord) -> bool:
         return self.reason is None or record.reason == self.reason
+
+    def matches_ledger(self, record: LedgerRecord) -> bool:
+        """A vote or resolution: the principal and action it names (a record that names
+        none is left out when filtering on it), and the reason."""
+        if self.principal is not None and record.principal != self.principal:
+            return False
+        if self.action is not None and not subject_matches(self.action, record.action):
+            return False
+        return self.matches(record)
 
 
 def format_record(record: DecisionRecord) -> Text:
@@ -57,6 +112,31 @@ def format_record(record: DecisionRecord) -> Text:
         f" {safe(what)}  ",
         (safe(record.reason), "magenta"),
         f" rules={safe(','.join(record.rules) or '-')}  ",
+        (f"{safe(record.message)} id={safe(record.decision_id)}", "dim"),
+    )
+
+
+def _ledger_effect(record: LedgerRecord) -> str:
+    if record.approver:  # a vote: counted (approve / reject) or refused (deny)
+        return record.effect if record.effect in ("approve", "reject") else "refused"
+    return "released" if record.effect == "allow" else "denied"
+
+
+def format_ledger_record(record: LedgerRecord) -> Text:
+    """One line for a vote (who voted on which hold: counted, or refused and why) or a
+    hold's resolution (released or denied, and why); every field escaped."""
+    effect = _ledger_effect(record)
+    who = record.approver or record.principal or "?"
+    held = (record.principal if record.approver else "", record.action, record.resource)
+    what = " ".join(x for x in held if x)
+    approvals = f" approvals={','.join(record.approvals)}" if record.approvals else ""
+    return Text.assemble(
+        (f"{safe(effect.upper()):<10}", _STYLE.get(effect, "bold")),
+        " ",
+        (f"{safe(who):<12}", "cyan"),
+        f" hold={safe(record.hold)}{' ' if what else ''}{safe(what)}  ",
+        (safe(record.reason), "magenta"),
+        f"{safe(approvals)}  ",
         (f"{safe(record.message)} id={safe(record.decision_id)}", "dim"),
     )
 
@@ -76,7 +156,8 @@ async def watch(
     console: Console | None = None,
     ready: anyio.Event | None = None,
 ) -> int:
-    """Print deny/hold records until interrupted (or ``count`` records were shown)."""
+    """Print deny/hold records, votes and hold resolutions until interrupted (or ``count``
+    records were shown)."""
     console = console or Console(highlight=False)
     done = anyio.Event()
     shown = 0
@@ -85,6 +166,23 @@ async def watch(
         # soft_wrap: rich would break a long line in two, and the second would start with an
         # agent's text (the terminal's own wrapping adds no line to the output).
         console.print(line, soft_wrap=True, highlight=False, markup=False, emoji=False)
+
+    async def on_ledger(msg: Msg) -> None:
+        nonlocal shown
+        if _HOLD_KEY not in msg.data:
+            return  # an intent's decision: not about a hold
+        try:
+            record = decode_record(msg.data)
+            if not record.hold or not filters.matches_ledger(record):
+                return
+            line = format_json(msg.data) if as_json else format_ledger_record(record)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            show(Text(safe(f"unreadable record on {msg.subject}: {exc}"), "red"))
+            return
+        show(line)
+        shown += 1
+        if count is not None and shown >= count:
+            done.set()
 
     async def on_record(msg: Msg) -> None:
         nonlocal shown
@@ -105,6 +203,7 @@ async def watch(
     try:
         for subject in filters.subjects(prefix):
             await nc.subscribe(subject, cb=on_record)
+        await nc.subscribe(filters.ledger_subject(prefix), cb=on_ledger)
         await round_trip(nc)
         if ready is not None:
             ready.set()

@@ -4,10 +4,22 @@
 subscription), ``_stream`` (stream mode: pull, decide once, record, publish, ack) with
 ``_recorder`` (writes the gateway's ledger chain), ``_parents`` (lineage lookups),
 ``_publisher`` (stores outputs), ``_jetstream`` (JetStream requests nats-py lacks) and
-``_preflight`` (creates or checks the streams and the consumer). What is decided and what
+``_preflight`` (creates or checks the streams and the consumer). ``_approver`` is the
+approvers' side of approvals (list the open holds, vote on one). What is decided and what
 is published is :mod:`bus_guard.pipeline`'s: this package only moves bytes.
 """
 
+from bus_guard.intake._approver import Holds, OpenHold, Vote, approve, open_holds, reject
 from bus_guard.intake._gateway import Gateway, GatewayStatistics, round_trip
 
-__all__ = ("Gateway", "GatewayStatistics", "round_trip")
+__all__ = (
+    "Gateway",
+    "GatewayStatistics",
+    "Holds",
+    "OpenHold",
+    "Vote",
+    "approve",
+    "open_holds",
+    "reject",
+    "round_trip",
+)
