@@ -408,3 +408,40 @@ async def test_a_release_recorded_but_not_published_is_published_once_after_a_re
     assert second.votes == 0 and second.holds_released == 0  # adopted, not decided again
     assert released.headers["Guard-Artifact"] == ledger[resolution_id].artifact
     await nc.close()
+
+
+async def test_the_python_api_votes_by_key_id_and_waits_for_the_gateways_record(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """``bus_guard.approve``/``reject`` with ``wait_s`` against a running gateway: the
+    approver claim defaults to the key's kid, which the gateway maps to the policy's id;
+    the caller gets the recorded vote and, at quorum, the resolution."""
+    from bus_guard import approve, reject
+
+    alice, bob, carol = approvers = _people("alice", "bob", "carol")
+    nc = await nats.connect(nats_url)
+    wrapped = _Approving(policies, approvers, quorum=2, eligible=["alice", "bob"])
+    async with stream_gateway(stream_settings(nats_url), wrapped, keys[0]):  # type: ignore[arg-type]
+        hold = await _hold(nc)
+        # carol's key is an approver's, but not one this hold names: only the gateway
+        # knows (the caller signs with a kid), and --wait reports its refusal
+        refused = await approve(nc, hold.decision_id, carol.key, wait_s=20)
+        assert refused.recorded is not None and refused.resolution is None
+        assert (refused.recorded.effect, refused.recorded.reason) == (
+            "deny",
+            "approver_not_allowed",
+        )
+        first = await approve(nc, hold.decision_id, alice.key, reason="ok", wait_s=20)
+        assert first.claims.approver == alice.kid  # the default: the key's id
+        assert first.recorded is not None and first.recorded.effect == "approve"
+        assert first.recorded.approver == "alice" and first.resolution is None
+        second = await approve(nc, hold.decision_id, bob.key, wait_s=20)
+        assert second.recorded is not None and second.recorded.approver == "bob"
+        assert second.resolution is not None
+        assert (second.resolution.effect, second.resolution.reason) == ("allow", "approved")
+        other = await _hold(nc, "i-other")
+        rejected = await reject(nc, other.decision_id, bob.key, reason="no", wait_s=20)
+        assert rejected.resolution is not None and rejected.resolution.reason == "rejected"
+    [released] = await stored(nc, "GUARD_EXEC")
+    assert released.headers["Guard-Decision"] == second.resolution.decision_id
+    await nc.close()

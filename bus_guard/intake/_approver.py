@@ -189,7 +189,11 @@ async def _vote(
         vote = Vote(token, claims, kid, subject, stream, seq, hold)
         if watch is None:
             return vote
+        started = time.monotonic()
         recorded = await watch.recorded(stream, seq, wait_s)
+        if recorded is not None and await _completes(ledger, hold, recorded):
+            # the gateway records the resolution right after the vote that completes it
+            await watch.resolved(max(0.0, wait_s - (time.monotonic() - started)))
     finally:
         if watch is not None:
             await watch.stop()
@@ -310,6 +314,20 @@ async def _open_hold(ledger: _Ledger, hold_id: str, approver: str, kid: str) -> 
     return hold
 
 
+async def _completes(ledger: _Ledger, hold: LedgerRecord, vote: LedgerRecord) -> bool:
+    """Whether the recorded *vote* resolves *hold*: a rejection, or the approval that
+    brings the approvals to the quorum."""
+    if vote.effect == "reject":
+        return True
+    if vote.effect != "approve":
+        return False
+    approvals = 0
+    for approver in hold.approvers:
+        other = await ledger.get(approval_decision_id(ledger.prefix, hold.decision_id, approver))
+        approvals += other is not None and other.effect == "approve"
+    return approvals >= max(1, hold.quorum)
+
+
 class _VoteWatch:
     """The gateway's records about one hold, as they are stored (a subscription to every
     decision record, made before the vote is published, so none can be missed).
@@ -353,7 +371,7 @@ class _VoteWatch:
             return
         if record.decision_id == self._resolution_id:
             self.resolution = record
-        elif record.approver:
+        else:  # a vote counted (``approver`` set) or refused (told by its ``intake``)
             self._votes.append(record)
         self._arrived.set()
 
@@ -363,6 +381,14 @@ class _VoteWatch:
             or record.approver == self._approver
             or record.intake.startswith(f"{stream}/{seq}/")
         )
+
+    async def resolved(self, wait_s: float) -> LedgerRecord | None:
+        """The hold's resolution, waiting up to *wait_s* for it to be recorded."""
+        with anyio.move_on_after(wait_s):
+            while self.resolution is None:
+                self._arrived = anyio.Event()
+                await self._arrived.wait()
+        return self.resolution
 
     async def recorded(self, stream: str, seq: int, wait_s: float) -> LedgerRecord | None:
         """The record of the vote stored as *stream* / *seq*, waiting up to *wait_s*."""
