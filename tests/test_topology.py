@@ -26,6 +26,7 @@ import json
 import posixpath
 import re
 import subprocess
+import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack
@@ -1206,3 +1207,46 @@ async def test_compose_credentials_log_in_as_their_users(guard_nats: NatsServer)
             f"nats://{parts.username}:{parts.password}@{local}", allow_reconnect=False
         )
         await nc.close()
+
+
+async def test_operator_lists_and_approves_a_hold_as_the_shipped_users(tmp_path: Path) -> None:
+    """With the shipped permissions: a stream-mode gateway (as `gateway`) holds an agent's
+    large transfer; the operator (as `operator`) lists it with `open_holds`, votes with
+    `bus_guard.approve` (a JetStream publish on guard.approve.<id> through the service
+    import, a PubAck back, ledger look-ups through the mapped direct gets) and sees its
+    vote recorded and the hold released; the executor receives the released bytes."""
+    from bus_guard import approve
+    from bus_guard.intake import open_holds
+    from tests.test_approvals import _Approving, _people
+
+    key, _ = generate_key(tmp_path / "keys")
+    [alice] = approvers = _people("alice")
+    policies = _Approving(load_policies(POLICIES), approvers, quorum=1)
+    with local_server(tmp_path / "nats") as server:
+        url = server.url
+        async with Bus() as bus:
+            gateway = await bus.connect(url, "gateway")
+            agent = await bus.connect(url, "agent-7")
+            operator = await bus.connect(url, "operator")
+            executor = await bus.connect(url, "executor")
+            execs = await executor.collect("guard.exec.>")
+            settings = stream_settings(user_url(url, "gateway"))
+            async with stream_gateway(settings, policies, key):  # type: ignore[arg-type]
+                params = {"amount": 25000, "currency": "USD", "to": "account:acct-9"}
+                payload = intent(TRANSFER, "account:acct-1", params, id="big")
+                await agent.nc.jetstream().publish(f"guard.in.agent-7.{TRANSFER}", payload)
+                hold_id = intent_decision_id("guard", "agent-7", "big")
+
+                async def listed() -> bool:
+                    found = await open_holds(operator.nc, since=time.time() - 3600, limit=10)
+                    return [h.decision_id for h in found.holds] == [hold_id]
+
+                await eventually(listed, what="the hold listed for the operator")
+                vote = await approve(operator.nc, hold_id, alice.key, wait_s=20)
+                assert vote.recorded is not None and vote.recorded.effect == "approve"
+                assert vote.resolution is not None and vote.resolution.reason == "approved"
+                await execs.wait_for(f"guard.exec.agent-7.{TRANSFER}")
+            [released] = execs.msgs
+            assert released.data == payload
+            for peer in (gateway, agent, operator, executor):
+                assert await peer.errors() == []
