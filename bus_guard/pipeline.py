@@ -480,10 +480,12 @@ def outcome_of(
     elif effect is Effect.HOLD and (terms := decision.hold) is not None:
         approvers, quorum, expires = terms.approvers, terms.quorum, now + terms.ttl_s
     # Positional, in Outcome's field order (see Outcome: a fraction of the keyword cost).
+    # ``_value_``, not ``value``: the enum's ``value`` is a Python-level property (two
+    # Python calls per read), ``_value_`` the plain attribute behind it.
     return Outcome(
         decision_id,
-        effect.value,
-        decision.reason.value,
+        effect._value_,
+        decision.reason._value_,
         decision.message,
         decision.rules,
         decision.policy_digest,
