@@ -59,6 +59,16 @@ log = logging.getLogger(__name__)
 _NO_LEDGER: Final = Lineage(violation="core mode keeps no ledger: parents cannot be checked")
 
 
+def _set_artifact(outcome: Outcome, token: str) -> None:
+    """Complete a fresh *outcome* with its signed artifact, in place.
+
+    Only for an outcome this module has just built and handed to no one yet (the decision
+    it carries is settled; the artifact is the last field written): an Outcome is frozen
+    for everyone else. In place, not ``msgspec.structs.replace``: a copy of 31 fields and
+    a second Outcome per allowed intent (callgrind: ~2.5k of ~850k cycles per intent)."""
+    msgspec.structs.force_setattr(outcome, "artifact", token)
+
+
 class CoreCounters(Protocol):
     received: int
     internal_errors: int
@@ -145,13 +155,14 @@ class CoreIntake:
 
     def _sign(self, outcome: Outcome) -> Outcome:
         try:
-            claims = self._claims(outcome)
-            return msgspec.structs.replace(outcome, artifact=self.signer.sign(claims))
+            token = self.signer.sign(self._claims(outcome))
         # Synchronous (and wrapped in SigningError by sign): never a cancellation.
         except Exception as exc:
             log.exception("signing failed for intent %s", outcome.intent_id)
             self.counters.internal_errors += 1
             return failed(outcome, f"signing failed: {exc}")
+        _set_artifact(outcome, token)
+        return outcome
 
     # -- batched artifacts -----------------------------------------------------------
 
@@ -232,7 +243,8 @@ class CoreIntake:
         self.counters.artifact_batches += 1
         for i, token in zip(allowed, tokens, strict=True):
             msg, outcome = batch[i]
-            out[i] = (msg, msgspec.structs.replace(outcome, artifact=token))
+            _set_artifact(outcome, token)
+            out[i] = (msg, outcome)
         return out
 
     async def _flush(self, batch: list[tuple[Msg, Outcome]]) -> None:
