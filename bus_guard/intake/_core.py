@@ -30,7 +30,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus_guard.decision import Decision, Lineage, Reason, new_decision_id
+from bus_guard.decision import Lineage, Reason, new_decision_id
 from bus_guard.intent import Intent, parse_subject, wire_safe
 from bus_guard.pipeline import (
     Decoded,
@@ -46,11 +46,9 @@ from bus_guard.pipeline import (
     outcome_of,
     outputs_of,
     reply_allowed,
-    unsigned_allow,
 )
 from bus_guard.settings import Settings
 from bus_guard.signing import BatchSigner, Signer
-from bus_guard.verify import ArtifactClaims
 
 __all__ = ("CoreCounters", "CoreIntake")
 
@@ -126,36 +124,41 @@ class CoreIntake:
             outcome = self._sign(outcome)
         await self._complete(msg, outcome)
 
+    # Core mode keeps no ledger: each outcome has a fresh decision id (new_decision_id).
+
     def _decide(self, msg: Msg, policies: PolicySetLike) -> Outcome:
         s = self.settings
         now = self.clock()
-        decoded = decode_message(msg.subject, msg.data, msg.headers, s)
+        subject, data = msg.subject, msg.data
+        decoded = decode_message(subject, data, msg.headers, s)
         intent = decoded.intent
         lineage = _NO_LEDGER if isinstance(intent, Intent) and intent.parents else None
-        decision = judge(msg.subject, decoded, policies, now=now, checks=s.checks, lineage=lineage)
-        return self._outcome(msg, decoded, decision, now)
-
-    def _failure(self, msg: Msg, policies: PolicySetLike) -> Outcome:
-        decoded = Decoded(parse_subject(msg.subject, self.settings.prefix), None)
-        decision = deny(Reason.INTERNAL_ERROR, "gateway handler failed", policies)
-        return self._outcome(msg, decoded, decision, self.clock())
-
-    def _outcome(self, msg: Msg, decoded: Decoded, decision: Decision, now: float) -> Outcome:
-        # Core mode keeps no ledger: a fresh decision id per decision.
-        gateway = self.settings.gateway_id
+        decision = judge(subject, decoded, policies, now=now, checks=s.checks, lineage=lineage)
         return outcome_of(
-            new_decision_id(), msg.subject, msg.data, decoded, decision, gateway=gateway, now=now
+            new_decision_id(), subject, data, decoded, decision, gateway=s.gateway_id, now=now
         )
 
-    def _claims(self, outcome: Outcome) -> ArtifactClaims:
-        signer = self.signer
-        return claims_of(
-            outcome, issuer=signer.issuer, ttl_s=signer.ttl_s, subjects=self.settings.subjects
+    def _failure(self, msg: Msg, policies: PolicySetLike) -> Outcome:
+        s = self.settings
+        decoded = Decoded(parse_subject(msg.subject, s.prefix), None)
+        decision = deny(Reason.INTERNAL_ERROR, "gateway handler failed", policies)
+        return outcome_of(
+            new_decision_id(),
+            msg.subject,
+            msg.data,
+            decoded,
+            decision,
+            gateway=s.gateway_id,
+            now=self.clock(),
         )
 
     def _sign(self, outcome: Outcome) -> Outcome:
+        signer = self.signer
         try:
-            token = self.signer.sign(self._claims(outcome))
+            claims = claims_of(
+                outcome, issuer=signer.issuer, ttl_s=signer.ttl_s, subjects=self.settings.subjects
+            )
+            token = signer.sign(claims)
         # Synchronous (and wrapped in SigningError by sign): never a cancellation.
         except Exception as exc:
             log.exception("signing failed for intent %s", outcome.intent_id)
@@ -230,7 +233,11 @@ class CoreIntake:
             return batch
         out = list(batch)
         try:
-            claims = [self._claims(batch[i][1]) for i in allowed]
+            signer, subjects = self.signer, self.settings.subjects
+            claims = [
+                claims_of(batch[i][1], issuer=signer.issuer, ttl_s=signer.ttl_s, subjects=subjects)
+                for i in allowed
+            ]
             tokens = self._batcher.sign_batch(claims, now=self.clock())
         # Synchronous and wrapped in SigningError by sign_batch: never a cancellation.
         except Exception as exc:
@@ -270,7 +277,9 @@ class CoreIntake:
     async def _publish(self, msg: Msg, outcome: Outcome) -> Outcome:
         """Publish the outputs; the outcome that stands afterwards."""
         s = self.settings
-        if unsigned_allow(outcome):  # cannot happen: _sign and _sign_batch deny instead
+        # An unsigned allow (pipeline.unsigned_allow, inline: one call less per intent)
+        # cannot happen: _sign and _sign_batch deny instead.
+        if outcome.effect == "allow" and not outcome.artifact:
             self.counters.internal_errors += 1
         outputs = outputs_of(
             outcome,
