@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, NamedTuple, Protocol, TypeAlias, TypeVar
 
 import msgspec
 
@@ -199,11 +199,11 @@ def _observed(decision: Decision, policies: PolicySetLike) -> Decision:
 # --- bytes to a decision ----------------------------------------------------------------
 
 
-class Decoded(NamedTuple):
-    """An intake message as the pipeline reads it, before any policy."""
-
-    subject: Subject | None  # None: not an intent subject
-    intent: Intent | Malformed | None  # None when the subject is not an intent subject
+# An intake message as the pipeline reads it, before any policy: ``(subject, intent)``, the
+# subject ``None`` when it is not an intent subject (and the intent ``None`` then too).
+# A plain tuple, unpacked by its readers: a NamedTuple costs a Python-level ``__new__`` and
+# a type of its own per intent (callgrind, core mode: ~4.5k of ~850k cycles per intent).
+Decoded: TypeAlias = tuple[Subject | None, Intent | Malformed | None]
 
 
 # Inbound headers: bounded and validated before anything else (they are forwarded to exec
@@ -287,11 +287,11 @@ def decode(
     decode the payload strictly. Total: any input gives a value."""
     parsed = parse_subject(subject, prefix)
     if parsed is None:
-        return Decoded(None, None)
+        return (None, None)
     if headers and (problem := header_problem(headers)) is not None:
-        return Decoded(parsed, Malformed(Reason.MALFORMED, problem))
+        return (parsed, Malformed(Reason.MALFORMED, problem))
     intent = decode_intent(payload, ctype, max_bytes=max_payload_bytes, max_depth=max_nesting_depth)
-    return Decoded(parsed, intent)
+    return (parsed, intent)
 
 
 def decode_message(
@@ -359,8 +359,8 @@ def evaluate(
         max_nesting_depth=max_nesting_depth,
     )
     decision = judge(subject, decoded, policies, now=now, checks=checks, lineage=lineage)
-    intent = decoded.intent if isinstance(decoded.intent, Intent) else None
-    return Evaluation(decision, decoded.subject, intent)
+    parsed, intent = decoded
+    return Evaluation(decision, parsed, intent if isinstance(intent, Intent) else None)
 
 
 def decide(
@@ -458,8 +458,8 @@ def outcome_of(
     first_decision: str = "",
 ) -> Outcome:
     """The outcome of *decision* on the message (*subject*, *payload*) as *decoded*."""
-    parsed = decoded.subject
-    intent = decoded.intent if isinstance(decoded.intent, Intent) else None
+    parsed, decoded_intent = decoded
+    intent = decoded_intent if isinstance(decoded_intent, Intent) else None
     principal = parsed.principal if parsed is not None else ""
     labels: tuple[str, ...] = ()
     if lineage is None:  # a root: depth 0, its own principal as root, no labels

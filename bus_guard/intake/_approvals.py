@@ -433,8 +433,7 @@ class Approvals:
             return None
         if payload_digest(payload) != hold.payload_sha256:
             return None
-        decoded = decode_message(hold.subject, payload, None, s)
-        intent = decoded.intent
+        _, intent = decode_message(hold.subject, payload, None, s)
         scope = scope_of(intent.params) if isinstance(intent, Intent) else {}
         return payload, scope
 

@@ -131,7 +131,7 @@ class CoreIntake:
         now = self.clock()
         subject, data = msg.subject, msg.data
         decoded = decode_message(subject, data, msg.headers, s)
-        intent = decoded.intent
+        _, intent = decoded
         lineage = _NO_LEDGER if isinstance(intent, Intent) and intent.parents else None
         decision = judge(subject, decoded, policies, now=now, checks=s.checks, lineage=lineage)
         return outcome_of(
@@ -140,7 +140,7 @@ class CoreIntake:
 
     def _failure(self, msg: Msg, policies: PolicySetLike) -> Outcome:
         s = self.settings
-        decoded = Decoded(parse_subject(msg.subject, s.prefix), None)
+        decoded: Decoded = (parse_subject(msg.subject, s.prefix), None)
         decision = deny(Reason.INTERNAL_ERROR, "gateway handler failed", policies)
         return outcome_of(
             new_decision_id(),
