@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, Protocol, TypeAlias, TypeVar
+from typing import Any, Final, Protocol, TypeAlias, TypeVar
 
 import msgspec
 
@@ -705,11 +705,10 @@ class Standing(Protocol):
     def approvals(self) -> tuple[str, ...]: ...
 
 
-class Output(NamedTuple):
-    role: str  # "exec" | "deny" | "hold"
-    subject: str
-    data: bytes
-    headers: dict[str, str]  # as nats-py takes them (not copied per publish)
+# One message to publish: ``(role, subject, data, headers)``, the role ``exec``, ``deny`` or
+# ``hold``, the headers as nats-py takes them (not copied per publish). A plain tuple,
+# unpacked by its readers, as :data:`Decoded` (callgrind, core mode: ~4k cycles per intent).
+Output: TypeAlias = tuple[str, str, bytes, dict[str, str]]
 
 
 def forwarded_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -781,25 +780,25 @@ def outputs_of(
     decision_id = HeaderValue(record.decision_id)
     msg_id: dict[str, str] = {"Nats-Msg-Id": decision_id}
     subject = record.subject
-    out = []
+    out: list[Output] = []
     if record.effect == "allow" and record.artifact:
         forwarded = forwarded_headers(headers)
         forwarded[ARTIFACT_HEADER] = HeaderValue(record.artifact)
         forwarded[DECISION_HEADER] = decision_id
         forwarded.update(msg_id)
-        out.append(Output("exec", subjects.output("exec", subject), payload, forwarded))
+        out.append(("exec", subjects.output("exec", subject), payload, forwarded))
         if record.would_deny:  # observe mode: operators see what enforcement would block
             data = decision_record(record, payload, deny_payload_bytes)
-            out.append(Output("deny", subjects.output("deny", subject), data, msg_id))
+            out.append(("deny", subjects.output("deny", subject), data, msg_id))
     elif record.effect == "hold" and (valid := parse_subject(subject, subjects.prefix) is not None):
         # A hold keeps the whole payload: an approval forwards exactly those bytes later.
         data = decision_record(record, payload, max_payload_bytes)
-        out.append(Output("hold", subjects.output("hold", subject), data, msg_id))
+        out.append(("hold", subjects.output("hold", subject), data, msg_id))
     else:
         valid = parse_subject(subject, subjects.prefix) is not None
         target = subjects.output("deny", subject) if valid else subjects.deny_invalid
         data = decision_record(
             record, payload, deny_payload_bytes, fail_closed=unsigned_allow(record)
         )
-        out.append(Output("deny", target, data, msg_id))
+        out.append(("deny", target, data, msg_id))
     return out

@@ -289,13 +289,13 @@ class CoreIntake:
             deny_payload_bytes=s.deny_payload_bytes,
             max_payload_bytes=s.max_payload_bytes,
         )
-        for out in outputs:
+        for role, subject, data, headers in outputs:
             try:
-                await self.nc.publish(out.subject, out.data, headers=out.headers)
+                await self.nc.publish(subject, data, headers=headers)
             except Exception as exc:
                 self.counters.publish_failures += 1
-                if out.role != "exec":
-                    log.exception("could not publish %s record for %s", out.role, msg.subject)
+                if role != "exec":
+                    log.exception("could not publish %s record for %s", role, msg.subject)
                     continue
                 log.exception("exec publish failed for %s", msg.subject)
                 denied = failed(outcome, f"exec publish failed: {exc}")

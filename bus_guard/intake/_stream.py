@@ -468,10 +468,11 @@ class StreamIntake:
         self.counters.late_adoptions += 1
         kept = []
         for out in outs:
-            if out.role == "exec" and await find_msg_id(
+            role, subject, _, _ = out
+            if role == "exec" and await find_msg_id(
                 self.nc,
                 self._streams.exec,
-                out.subject,
+                subject,
                 record.decision_id,
                 since=record.ts - 60.0,
                 until=self.clock() + 60.0,
