@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeAlias, TypeVar
 
 import msgspec
 
@@ -199,11 +199,11 @@ def _observed(decision: Decision, policies: PolicySetLike) -> Decision:
 # --- bytes to a decision ----------------------------------------------------------------
 
 
-class Decoded(NamedTuple):
-    """An intake message as the pipeline reads it, before any policy."""
-
-    subject: Subject | None  # None: not an intent subject
-    intent: Intent | Malformed | None  # None when the subject is not an intent subject
+# An intake message as the pipeline reads it, before any policy: ``(subject, intent)``, the
+# subject ``None`` when it is not an intent subject (and the intent ``None`` then too).
+# A plain tuple, unpacked by its readers: a NamedTuple costs a Python-level ``__new__`` and
+# a type of its own per intent (callgrind, core mode: ~4.5k of ~850k cycles per intent).
+Decoded: TypeAlias = tuple[Subject | None, Intent | Malformed | None]
 
 
 # Inbound headers: bounded and validated before anything else (they are forwarded to exec
@@ -287,11 +287,11 @@ def decode(
     decode the payload strictly. Total: any input gives a value."""
     parsed = parse_subject(subject, prefix)
     if parsed is None:
-        return Decoded(None, None)
+        return (None, None)
     if headers and (problem := header_problem(headers)) is not None:
-        return Decoded(parsed, Malformed(Reason.MALFORMED, problem))
+        return (parsed, Malformed(Reason.MALFORMED, problem))
     intent = decode_intent(payload, ctype, max_bytes=max_payload_bytes, max_depth=max_nesting_depth)
-    return Decoded(parsed, intent)
+    return (parsed, intent)
 
 
 def decode_message(
@@ -359,8 +359,8 @@ def evaluate(
         max_nesting_depth=max_nesting_depth,
     )
     decision = judge(subject, decoded, policies, now=now, checks=checks, lineage=lineage)
-    intent = decoded.intent if isinstance(decoded.intent, Intent) else None
-    return Evaluation(decision, decoded.subject, intent)
+    parsed, intent = decoded
+    return Evaluation(decision, parsed, intent if isinstance(intent, Intent) else None)
 
 
 def decide(
@@ -458,8 +458,8 @@ def outcome_of(
     first_decision: str = "",
 ) -> Outcome:
     """The outcome of *decision* on the message (*subject*, *payload*) as *decoded*."""
-    parsed = decoded.subject
-    intent = decoded.intent if isinstance(decoded.intent, Intent) else None
+    parsed, decoded_intent = decoded
+    intent = decoded_intent if isinstance(decoded_intent, Intent) else None
     principal = parsed.principal if parsed is not None else ""
     labels: tuple[str, ...] = ()
     if lineage is None:  # a root: depth 0, its own principal as root, no labels
@@ -480,10 +480,12 @@ def outcome_of(
     elif effect is Effect.HOLD and (terms := decision.hold) is not None:
         approvers, quorum, expires = terms.approvers, terms.quorum, now + terms.ttl_s
     # Positional, in Outcome's field order (see Outcome: a fraction of the keyword cost).
+    # ``_value_``, not ``value``: the enum's ``value`` is a Python-level property (two
+    # Python calls per read), ``_value_`` the plain attribute behind it.
     return Outcome(
         decision_id,
-        effect.value,
-        decision.reason.value,
+        effect._value_,
+        decision.reason._value_,
         decision.message,
         decision.rules,
         decision.policy_digest,
@@ -703,11 +705,10 @@ class Standing(Protocol):
     def approvals(self) -> tuple[str, ...]: ...
 
 
-class Output(NamedTuple):
-    role: str  # "exec" | "deny" | "hold"
-    subject: str
-    data: bytes
-    headers: dict[str, str]  # as nats-py takes them (not copied per publish)
+# One message to publish: ``(role, subject, data, headers)``, the role ``exec``, ``deny`` or
+# ``hold``, the headers as nats-py takes them (not copied per publish). A plain tuple,
+# unpacked by its readers, as :data:`Decoded` (callgrind, core mode: ~4k cycles per intent).
+Output: TypeAlias = tuple[str, str, bytes, dict[str, str]]
 
 
 def forwarded_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -779,25 +780,25 @@ def outputs_of(
     decision_id = HeaderValue(record.decision_id)
     msg_id: dict[str, str] = {"Nats-Msg-Id": decision_id}
     subject = record.subject
-    out = []
+    out: list[Output] = []
     if record.effect == "allow" and record.artifact:
         forwarded = forwarded_headers(headers)
         forwarded[ARTIFACT_HEADER] = HeaderValue(record.artifact)
         forwarded[DECISION_HEADER] = decision_id
         forwarded.update(msg_id)
-        out.append(Output("exec", subjects.output("exec", subject), payload, forwarded))
+        out.append(("exec", subjects.output("exec", subject), payload, forwarded))
         if record.would_deny:  # observe mode: operators see what enforcement would block
             data = decision_record(record, payload, deny_payload_bytes)
-            out.append(Output("deny", subjects.output("deny", subject), data, msg_id))
+            out.append(("deny", subjects.output("deny", subject), data, msg_id))
     elif record.effect == "hold" and (valid := parse_subject(subject, subjects.prefix) is not None):
         # A hold keeps the whole payload: an approval forwards exactly those bytes later.
         data = decision_record(record, payload, max_payload_bytes)
-        out.append(Output("hold", subjects.output("hold", subject), data, msg_id))
+        out.append(("hold", subjects.output("hold", subject), data, msg_id))
     else:
         valid = parse_subject(subject, subjects.prefix) is not None
         target = subjects.output("deny", subject) if valid else subjects.deny_invalid
         data = decision_record(
             record, payload, deny_payload_bytes, fail_closed=unsigned_allow(record)
         )
-        out.append(Output("deny", target, data, msg_id))
+        out.append(("deny", target, data, msg_id))
     return out

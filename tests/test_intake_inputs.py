@@ -206,9 +206,9 @@ async def test_an_output_nats_py_will_not_send_fails_alone(nats_url: str) -> Non
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name="OUT", subjects=["out.>"], allow_direct=True))
     publisher = OutputPublisher(nc, js, name="t", timeout_s=5)
-    good = Output("exec", "out.a", b"a", {"Nats-Msg-Id": "a"})
-    bad = Output("exec", "out.b", b"b", {"X(1)": "v"})
-    over = Output("exec", "nowhere.c", b"c", {})  # no stream: in doubt, not refused
+    good: Output = ("exec", "out.a", b"a", {"Nats-Msg-Id": "a"})
+    bad: Output = ("exec", "out.b", b"b", {"X(1)": "v"})
+    over: Output = ("exec", "nowhere.c", b"c", {})  # no stream: in doubt, not refused
     published = await publisher.publish([[good], [bad], [over]])
     assert published.stored == [True, False, False]
     assert published.refused == [False, True, False]

@@ -433,8 +433,7 @@ class Approvals:
             return None
         if payload_digest(payload) != hold.payload_sha256:
             return None
-        decoded = decode_message(hold.subject, payload, None, s)
-        intent = decoded.intent
+        _, intent = decode_message(hold.subject, payload, None, s)
         scope = scope_of(intent.params) if isinstance(intent, Intent) else {}
         return payload, scope
 
@@ -460,10 +459,11 @@ class Approvals:
             # Beyond de-duplication's window: look for the first copy before sending again.
             kept = []
             for out in outs:
-                if out.role == "exec" and await find_msg_id(
+                role, subject, _, _ = out
+                if role == "exec" and await find_msg_id(
                     self.nc,
                     self._streams.exec,
-                    out.subject,
+                    subject,
                     record.decision_id,
                     since=record.ts - 60.0,
                     until=self.clock() + 60.0,

@@ -30,7 +30,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus_guard.decision import Decision, Lineage, Reason, new_decision_id
+from bus_guard.decision import Lineage, Reason, new_decision_id
 from bus_guard.intent import Intent, parse_subject, wire_safe
 from bus_guard.pipeline import (
     Decoded,
@@ -46,17 +46,25 @@ from bus_guard.pipeline import (
     outcome_of,
     outputs_of,
     reply_allowed,
-    unsigned_allow,
 )
 from bus_guard.settings import Settings
 from bus_guard.signing import BatchSigner, Signer
-from bus_guard.verify import ArtifactClaims
 
 __all__ = ("CoreCounters", "CoreIntake")
 
 log = logging.getLogger(__name__)
 
 _NO_LEDGER: Final = Lineage(violation="core mode keeps no ledger: parents cannot be checked")
+
+
+def _set_artifact(outcome: Outcome, token: str) -> None:
+    """Complete a fresh *outcome* with its signed artifact, in place.
+
+    Only for an outcome this module has just built and handed to no one yet (the decision
+    it carries is settled; the artifact is the last field written): an Outcome is frozen
+    for everyone else. In place, not ``msgspec.structs.replace``: a copy of 31 fields and
+    a second Outcome per allowed intent (callgrind: ~2.5k of ~850k cycles per intent)."""
+    msgspec.structs.force_setattr(outcome, "artifact", token)
 
 
 class CoreCounters(Protocol):
@@ -116,42 +124,48 @@ class CoreIntake:
             outcome = self._sign(outcome)
         await self._complete(msg, outcome)
 
+    # Core mode keeps no ledger: each outcome has a fresh decision id (new_decision_id).
+
     def _decide(self, msg: Msg, policies: PolicySetLike) -> Outcome:
         s = self.settings
         now = self.clock()
-        decoded = decode_message(msg.subject, msg.data, msg.headers, s)
-        intent = decoded.intent
+        subject, data = msg.subject, msg.data
+        decoded = decode_message(subject, data, msg.headers, s)
+        _, intent = decoded
         lineage = _NO_LEDGER if isinstance(intent, Intent) and intent.parents else None
-        decision = judge(msg.subject, decoded, policies, now=now, checks=s.checks, lineage=lineage)
-        return self._outcome(msg, decoded, decision, now)
-
-    def _failure(self, msg: Msg, policies: PolicySetLike) -> Outcome:
-        decoded = Decoded(parse_subject(msg.subject, self.settings.prefix), None)
-        decision = deny(Reason.INTERNAL_ERROR, "gateway handler failed", policies)
-        return self._outcome(msg, decoded, decision, self.clock())
-
-    def _outcome(self, msg: Msg, decoded: Decoded, decision: Decision, now: float) -> Outcome:
-        # Core mode keeps no ledger: a fresh decision id per decision.
-        gateway = self.settings.gateway_id
+        decision = judge(subject, decoded, policies, now=now, checks=s.checks, lineage=lineage)
         return outcome_of(
-            new_decision_id(), msg.subject, msg.data, decoded, decision, gateway=gateway, now=now
+            new_decision_id(), subject, data, decoded, decision, gateway=s.gateway_id, now=now
         )
 
-    def _claims(self, outcome: Outcome) -> ArtifactClaims:
-        signer = self.signer
-        return claims_of(
-            outcome, issuer=signer.issuer, ttl_s=signer.ttl_s, subjects=self.settings.subjects
+    def _failure(self, msg: Msg, policies: PolicySetLike) -> Outcome:
+        s = self.settings
+        decoded: Decoded = (parse_subject(msg.subject, s.prefix), None)
+        decision = deny(Reason.INTERNAL_ERROR, "gateway handler failed", policies)
+        return outcome_of(
+            new_decision_id(),
+            msg.subject,
+            msg.data,
+            decoded,
+            decision,
+            gateway=s.gateway_id,
+            now=self.clock(),
         )
 
     def _sign(self, outcome: Outcome) -> Outcome:
+        signer = self.signer
         try:
-            claims = self._claims(outcome)
-            return msgspec.structs.replace(outcome, artifact=self.signer.sign(claims))
+            claims = claims_of(
+                outcome, issuer=signer.issuer, ttl_s=signer.ttl_s, subjects=self.settings.subjects
+            )
+            token = signer.sign(claims)
         # Synchronous (and wrapped in SigningError by sign): never a cancellation.
         except Exception as exc:
             log.exception("signing failed for intent %s", outcome.intent_id)
             self.counters.internal_errors += 1
             return failed(outcome, f"signing failed: {exc}")
+        _set_artifact(outcome, token)
+        return outcome
 
     # -- batched artifacts -----------------------------------------------------------
 
@@ -219,7 +233,11 @@ class CoreIntake:
             return batch
         out = list(batch)
         try:
-            claims = [self._claims(batch[i][1]) for i in allowed]
+            signer, subjects = self.signer, self.settings.subjects
+            claims = [
+                claims_of(batch[i][1], issuer=signer.issuer, ttl_s=signer.ttl_s, subjects=subjects)
+                for i in allowed
+            ]
             tokens = self._batcher.sign_batch(claims, now=self.clock())
         # Synchronous and wrapped in SigningError by sign_batch: never a cancellation.
         except Exception as exc:
@@ -232,7 +250,8 @@ class CoreIntake:
         self.counters.artifact_batches += 1
         for i, token in zip(allowed, tokens, strict=True):
             msg, outcome = batch[i]
-            out[i] = (msg, msgspec.structs.replace(outcome, artifact=token))
+            _set_artifact(outcome, token)
+            out[i] = (msg, outcome)
         return out
 
     async def _flush(self, batch: list[tuple[Msg, Outcome]]) -> None:
@@ -258,7 +277,9 @@ class CoreIntake:
     async def _publish(self, msg: Msg, outcome: Outcome) -> Outcome:
         """Publish the outputs; the outcome that stands afterwards."""
         s = self.settings
-        if unsigned_allow(outcome):  # cannot happen: _sign and _sign_batch deny instead
+        # An unsigned allow (pipeline.unsigned_allow, inline: one call less per intent)
+        # cannot happen: _sign and _sign_batch deny instead.
+        if outcome.effect == "allow" and not outcome.artifact:
             self.counters.internal_errors += 1
         outputs = outputs_of(
             outcome,
@@ -268,13 +289,13 @@ class CoreIntake:
             deny_payload_bytes=s.deny_payload_bytes,
             max_payload_bytes=s.max_payload_bytes,
         )
-        for out in outputs:
+        for role, subject, data, headers in outputs:
             try:
-                await self.nc.publish(out.subject, out.data, headers=out.headers)
+                await self.nc.publish(subject, data, headers=headers)
             except Exception as exc:
                 self.counters.publish_failures += 1
-                if out.role != "exec":
-                    log.exception("could not publish %s record for %s", out.role, msg.subject)
+                if role != "exec":
+                    log.exception("could not publish %s record for %s", role, msg.subject)
                     continue
                 log.exception("exec publish failed for %s", msg.subject)
                 denied = failed(outcome, f"exec publish failed: {exc}")

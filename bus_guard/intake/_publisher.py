@@ -53,7 +53,7 @@ class OutputPublisher:
         by_role: dict[str, list[tuple[int, Output]]] = {}
         for g, outs in enumerate(groups):
             for out in outs:
-                by_role.setdefault(out.role, []).append((g, out))
+                by_role.setdefault(out[0], []).append((g, out))  # by its role
         ok = [True] * len(groups)
         refused = [False] * len(groups)
         duplicates = 0
@@ -69,7 +69,7 @@ class OutputPublisher:
         self, role: str, outs: list[tuple[int, Output]]
     ) -> tuple[list[bool], list[bool], int]:
         if self._atomic.get(role, True) and len(outs) > 1:
-            entries = [(o.subject, o.data, o.headers) for _, o in outs]
+            entries = [(subject, data, headers) for _, (_, subject, data, headers) in outs]
             batch_id = f"{self._name}-{role}-{next(self._batches)}"
             result = await commit(self._nc, entries, batch_id=batch_id, timeout_s=self._timeout_s)
             if isinstance(result, Committed):
@@ -94,15 +94,14 @@ class OutputPublisher:
         return stored, refused, duplicates
 
     async def _publish(self, out: Output) -> PubAck | BaseException:
+        _, subject, data, headers = out
         try:
-            return await self._js.publish(
-                out.subject, out.data, timeout=self._timeout_s, headers=out.headers
-            )
+            return await self._js.publish(subject, data, timeout=self._timeout_s, headers=headers)
         except nats.js.errors.BadRequestError as exc:  # 400: the same message, the same answer
-            log.error("the server refused an output on %s: %s", out.subject, exc)
+            log.error("the server refused an output on %s: %s", subject, exc)
             return exc
         except _UNSENDABLE as exc:  # refused by nats-py itself: it never left, and never will
-            log.error("output on %s cannot be published: %r", out.subject, exc)
+            log.error("output on %s cannot be published: %r", subject, exc)
             return _Unsendable(repr(exc))
         except nats.errors.Error as exc:  # timeouts, no responders, 503s: worth another try
             return exc

@@ -267,7 +267,7 @@ class StreamIntake:
         """*p* reuses the intent id that *first* decided: deny it ``replay``, keyed by its
         own message (so that a redelivery of it adopts this denial)."""
         same = first.payload_sha256 == payload_digest(p.msg.data)
-        intent = p.decoded.intent
+        _, intent = p.decoded
         intent_id = intent.id if isinstance(intent, Intent) else ""
         decision = deny(
             Reason.REPLAY,
@@ -295,9 +295,9 @@ class StreamIntake:
         """Per item: its lineage (``None`` for a root), or why it could not be looked up."""
         wanted = {
             parent
-            for p in todo
-            if isinstance(p.decoded.intent, Intent)
-            for parent in p.decoded.intent.parents
+            for _, intent in (p.decoded for p in todo)
+            if isinstance(intent, Intent)
+            for parent in intent.parents
         }
         if not wanted:
             return [None] * len(todo)
@@ -468,10 +468,11 @@ class StreamIntake:
         self.counters.late_adoptions += 1
         kept = []
         for out in outs:
-            if out.role == "exec" and await find_msg_id(
+            role, subject, _, _ = out
+            if role == "exec" and await find_msg_id(
                 self.nc,
                 self._streams.exec,
-                out.subject,
+                subject,
                 record.decision_id,
                 since=record.ts - 60.0,
                 until=self.clock() + 60.0,
