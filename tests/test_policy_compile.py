@@ -690,6 +690,9 @@ def test_json_schema_describes_the_language() -> None:
         "actions",
         "resources",
         "when",
+        "approval",
+        "labels",
+        "lineage",
     }
     assert rule["properties"]["effect"]["enum"] == ["allow", "deny", "escalate"]
     assert all("description" in rule["properties"][k] for k in ("principals", "actions"))
