@@ -25,6 +25,7 @@ from bus_guard.ledger._lineage import MAX_LABELS
 from bus_guard.ledger._records import DECISION
 from bus_guard.pipeline import decide, decode, outcome_of
 from bus_guard.policy import PolicySet, load_policies, load_policy_sources
+from bus_guard.policy._conditions import _member_test, _not_member_test
 from bus_guard.policy._lineage import within_resource
 
 from .conftest import POLICIES
@@ -355,6 +356,10 @@ def test_another_allow_rule_deny_and_escalate_take_precedence() -> None:
     assert outcome(denied) == (DENY, Reason.DENIED_BY_RULE, ("no-gbp",))
 
 
+def test_candidates_name_each_rule_once(child_pay: PolicySet) -> None:
+    assert child_pay.candidates("agent-1", "pay.send") == ("child-pay",)
+
+
 def test_several_failing_rules_are_all_named() -> None:
     policies = compile_rules(
         """\
@@ -440,6 +445,21 @@ def test_the_fast_predicate_agrees_with_the_reasons(
     request = Request("p", "pay.send", resource, params, lineage_depth=depth, lineage_parents=views)
     assert rule.check(request) is (rule.lineage.failure(request) is None)
     assert rule.lineage.holds(request) is all(c.held for c in rule.lineage.trace(request))
+
+
+label_values = st.sampled_from(["t", "u", "1", "true", ""]) | st.integers(0, 2) | st.booleans()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(label_values, min_size=1, max_size=4),
+    st.frozensets(st.sampled_from(["t", "u", "v", "1", "true", ""]) | st.integers(0, 2)),
+)
+def test_label_sets_are_tested_like_lists(literals: list[Any], labels: frozenset[Any]) -> None:
+    """``in`` / ``not_in`` on a frozenset (lineage.labels) take a set operation; the
+    element-wise test of lists is the slow path it replaces."""
+    for test in (_member_test(literals), _not_member_test(literals)):
+        assert test(labels) is test(list(labels))
 
 
 # ---------------------------------------------------------------- compile errors

@@ -290,7 +290,8 @@ class PolicySet:
         """Ids of the rules that match ``principal`` and ``action`` (before resource and
         condition), i.e. all that ``evaluate`` will look at."""
         steps = self._candidates(principal, action)
-        return tuple(sorted(r.id for step in steps for r in step.rules))
+        # A set: a lineage-constrained allow rule is in its allow step and in the last.
+        return tuple(sorted({r.id for step in steps for r in step.rules}))
 
     def evaluate(self, request: Request) -> Decision:
         declared = self._schemas.get(request.action)
