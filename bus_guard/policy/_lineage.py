@@ -67,19 +67,6 @@ class LineageCheck:
     parent_tokens: tuple[Tokens, ...] = dataclasses.field(repr=False, compare=False)
     holds: Callable[[Request], bool] = dataclasses.field(repr=False, compare=False)
 
-    @property
-    def texts(self) -> tuple[str, ...]:
-        """Each constraint as ``explain`` and messages write it."""
-        out = []
-        if self.max_depth is not None:
-            out.append(f"max_depth {self.max_depth}")
-        if self.requires_parent:
-            out.append(f"requires_parent [{', '.join(self.requires_parent)}]")
-        out.extend(f"within_parent params.{name}" for name in self.within_params)
-        if self.within_resource:
-            out.append("within_parent resource")
-        return tuple(out)
-
     def _matches_parent(self, action: str) -> bool:
         tokens = tuple(action.split("."))
         return any(action_matches(p, tokens) for p in self.parent_tokens)
