@@ -22,6 +22,7 @@ __all__ = (
     "HoldTerms",
     "Lineage",
     "Mode",
+    "ParentView",
     "Reason",
     "Request",
     "approval_decision_id",
@@ -85,6 +86,16 @@ POLICY_REASONS = frozenset(
 )
 
 
+class ParentView(msgspec.Struct, frozen=True):
+    """What a child's lineage constraints (``requires_parent``, ``within_parent``) see of
+    one parent: its ledger record's action, resource and scope, never the agent's claims."""
+
+    decision_id: str
+    action: str
+    resource: str
+    scope: dict[str, int | float] = {}  # the parent's numeric top-level params
+
+
 class Request(msgspec.Struct, frozen=True):
     """What the policy sees of one intent; identity comes from the subject.
 
@@ -101,6 +112,8 @@ class Request(msgspec.Struct, frozen=True):
     lineage_depth: int = 0
     lineage_root: str = ""
     labels: frozenset[str] = frozenset()
+    # the parents as the ledger knows them (a root has none), for lineage constraints
+    lineage_parents: tuple[ParentView, ...] = ()
 
 
 class Lineage(msgspec.Struct, frozen=True):
@@ -114,6 +127,7 @@ class Lineage(msgspec.Struct, frozen=True):
     root: str = ""
     labels: frozenset[str] = frozenset()
     violation: str | None = None
+    parents: tuple[ParentView, ...] = ()  # one per parent named, in the intent's order
 
 
 class HoldTerms(msgspec.Struct, frozen=True):

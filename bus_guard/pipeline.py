@@ -42,7 +42,13 @@ from bus_guard.decision import (
 from bus_guard.intent import Intent, Malformed, Subject, decode_intent, parse_subject, wire_safe
 from bus_guard.settings import MAX_NESTING_DEPTH, MAX_PAYLOAD_BYTES, Checks, Settings
 from bus_guard.subjects import DEFAULT_PREFIX, Subjects
-from bus_guard.verify import ARTIFACT_HEADER, DECISION_HEADER, ArtifactClaims, payload_digest
+from bus_guard.verify import (
+    ARTIFACT_HEADER,
+    DECISION_HEADER,
+    ArtifactClaims,
+    JwkEntry,
+    payload_digest,
+)
 
 __all__ = (
     "DEFAULT_CHECKS",
@@ -95,6 +101,10 @@ class PolicySetLike(Protocol):
     @property
     def mode(self) -> Mode: ...
     def evaluate(self, request: Request) -> Decision: ...
+    def approver_key(self, kid: str) -> tuple[str, JwkEntry] | None:
+        """The approver id and key for an approval signed with *kid* (``None``: no
+        approver of the set has it); the caller checks ``entry.usable_at(now)``."""
+        ...
 
 
 DEFAULT_CHECKS: Final = Checks()
@@ -160,11 +170,11 @@ def authorize(
             )
         if lineage is not None and lineage.violation is not None:
             return _observed(deny(Reason.LINEAGE_VIOLATION, lineage.violation, policies), policies)
-        # A root (no lineage): depth 0, its own principal as root, no labels.
-        depth, root, labels = (
-            (0, principal, _NO_LABELS)
+        # A root (no lineage): depth 0, its own principal as root, no labels, no parents.
+        depth, root, labels, parents = (
+            (0, principal, _NO_LABELS, ())
             if lineage is None
-            else (lineage.depth, lineage.root or principal, lineage.labels)
+            else (lineage.depth, lineage.root or principal, lineage.labels, lineage.parents)
         )
         request = Request(
             principal,
@@ -176,6 +186,7 @@ def authorize(
             depth,
             root,
             labels,
+            parents,
         )
         decision = policies.evaluate(request)
         if not isinstance(decision, Decision):  # fail closed on a contract breach
@@ -372,10 +383,13 @@ def decide(
     prefix: str = DEFAULT_PREFIX,
     content_type: str | None = None,
     checks: Checks = DEFAULT_CHECKS,
+    lineage: Lineage | None = None,
 ) -> Decision:
-    """Decide one intent in-process, exactly as the gateway would."""
+    """Decide one intent in-process, exactly as the gateway would; *lineage*: what the
+    ledger says of its parents (``None``: a root)."""
     decoded = decode(subject, payload, content_type, prefix=prefix)
-    return judge(subject, decoded, policies, now=time.time() if now is None else now, checks=checks)
+    now = time.time() if now is None else now
+    return judge(subject, decoded, policies, now=now, checks=checks, lineage=lineage)
 
 
 # --- a decision that stands -------------------------------------------------------------

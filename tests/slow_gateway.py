@@ -18,6 +18,7 @@ import anyio
 from bus_guard.decision import Decision, Request
 from bus_guard.policy._load import PolicySet, load_policies
 from bus_guard.settings import Settings, StreamSettings
+from bus_guard.verify import JwkEntry
 
 from .conftest import POLICIES
 from .streamkit import stream_gateway
@@ -31,6 +32,9 @@ class SlowPolicies:
     def evaluate(self, request: Request) -> Decision:
         time.sleep(self._delay_s)  # simulated slow evaluation (blocks, like CPU work)
         return self._inner.evaluate(request)
+
+    def approver_key(self, kid: str) -> tuple[str, JwkEntry] | None:
+        return self._inner.approver_key(kid)
 
 
 async def main(args: argparse.Namespace) -> int:

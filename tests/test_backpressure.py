@@ -15,6 +15,7 @@ from bus_guard.decision import Decision, Request
 from bus_guard.intake._gateway import Gateway, round_trip
 from bus_guard.policy._load import PolicySet
 from bus_guard.settings import Settings
+from bus_guard.verify import JwkEntry
 
 from .helpers import Collector, intent, make_signer
 
@@ -29,6 +30,9 @@ class _SlowPolicies:
     def evaluate(self, request: Request) -> Decision:
         time.sleep(0.003)  # simulated work inside the decision, not test synchronisation
         return self._inner.evaluate(request)
+
+    def approver_key(self, kid: str) -> tuple[str, JwkEntry] | None:
+        return self._inner.approver_key(kid)
 
 
 async def test_overflow_is_counted_and_nothing_undecided_is_forwarded(

@@ -1,13 +1,14 @@
 """SCENARIOS S16: the compiled evaluator against a small reference interpreter.
 
-Hypothesis draws random bundles (one or two files, each with its own groups and principal
-attributes, dumped to YAML so the real loader, models and compiler run) and random
-requests; every pair is decided by ``PolicySet.evaluate`` and by :func:`reference`, a
-direct reading of SPEC §4-§5 and the README ("Decisions", "Conditions") with its own
-matching code: no index, no cache, no compiled closures. Effect, reason and the rule ids
-must agree. Bundles the compiler rejects as having an unreachable rule are skipped
-(``assume``); any other rejection fails the test, since the generator only writes valid,
-type-correct policies.
+Hypothesis draws random bundles (one or two files, each with its own groups, principal
+attributes and approvers, dumped to YAML so the real loader, models and compiler run) and
+random requests (with lineage: depth, labels and parents); every pair is decided by
+``PolicySet.evaluate`` and by :func:`reference`, a direct reading of SPEC §4-§5 and the
+README ("Decisions", "Conditions", "Approvals, taints and lineage constraints") with its
+own matching code: no index, no cache, no compiled closures. Effect, reason, the rule ids,
+an allow's taints and a hold's terms must agree. Bundles the compiler rejects as having an
+unreachable rule are skipped (``assume``); any other rejection fails the test, since the
+generator only writes valid, type-correct policies.
 
 ``test_policy_set_agrees_with_the_reference_interpreter`` is the CI-sized run;
 ``test_differential_soak`` (``-m slow``) covers more than 10^5 (policy, request) pairs and
@@ -16,22 +17,26 @@ prints how many and how many disagreed.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from bus_guard.decision import Effect, Reason, Request
+from bus_guard.decision import Effect, HoldTerms, ParentView, Reason, Request
 from bus_guard.errors import PolicyError
 from bus_guard.policy._load import PolicySet, load_policy_sources
+from bus_guard.signing import public_jwk
 
-Outcome = tuple[Effect, Reason, tuple[str, ...]]
+# effect, reason, rule ids, taints (allow), hold terms (hold)
+Outcome = tuple[Effect, Reason, tuple[str, ...], tuple[str, ...], HoldTerms | None]
 
 # -- the reference interpreter ----------------------------------------------------------
 
@@ -43,6 +48,7 @@ class RefBundle:
     groups: Mapping[str, list[str]]
     principals: Mapping[str, Mapping[str, Any]]
     rules: list[dict[str, Any]]
+    approvers: Mapping[str, Any] = field(default_factory=dict)
 
 
 def glob_matches(pattern: str, value: str) -> bool:
@@ -155,6 +161,7 @@ def holds(cond: dict[str, Any], request: Request, bundle: RefBundle) -> bool:
 
 
 def applies(rule: dict[str, Any], request: Request, bundle: RefBundle) -> bool:
+    """Principal, action, resource and condition: everything but lineage constraints."""
     return (
         any(principal_matches(p, request.principal, bundle) for p in rule["principals"])
         and any(action_matches(a.split("."), request.action.split(".")) for a in rule["actions"])
@@ -163,20 +170,96 @@ def applies(rule: dict[str, Any], request: Request, bundle: RefBundle) -> bool:
     )
 
 
+def within(child: str, parent: str) -> bool:
+    return child == parent or child.startswith((parent + "/", parent + ":"))
+
+
+def lineage_holds(rule: dict[str, Any], request: Request) -> bool:
+    """README: every constraint holds; a root intent fails requires_parent and
+    within_parent."""
+    constraints = rule.get("lineage", {})
+    parents = request.lineage_parents
+    if "max_depth" in constraints and request.lineage_depth > constraints["max_depth"]:
+        return False
+    if "requires_parent" in constraints and not any(
+        action_matches(pattern.split("."), p.action.split("."))
+        for pattern in constraints["requires_parent"]
+        for p in parents
+    ):
+        return False
+    for name in constraints.get("within_parent", ()):
+        if not parents:
+            return False
+        if name == "resource":
+            if not all(within(request.resource, p.resource) for p in parents):
+                return False
+            continue
+        value = request.params.get(name.removeprefix("params."), MISSING)
+        if kind(value) != "number":
+            return False
+        for p in parents:
+            limit = p.scope.get(name.removeprefix("params."), MISSING)
+            if kind(limit) != "number" or not value <= limit:
+                return False
+    return True
+
+
+DURATIONS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(ttl: Any) -> float:
+    if isinstance(ttl, str):
+        return float(ttl[:-1]) * DURATIONS[ttl[-1]]
+    return float(ttl)
+
+
+def terms(rule: dict[str, Any], bundle: RefBundle) -> HoldTerms:
+    """README: default every approver of the bundle, quorum 1, ttl 24 h."""
+    members = bundle.approvers.get("members", {})
+    groups = bundle.approvers.get("groups", {})
+    approval = rule.get("approval", {})
+    eligible: set[str] = set()
+    for name in approval.get("approvers", list(members)):
+        eligible.update(groups.get(name, [name]))
+    return HoldTerms(
+        tuple(sorted(eligible)), approval.get("quorum", 1), seconds(approval.get("ttl", "24h"))
+    )
+
+
 def reference(bundles: list[RefBundle], request: Request) -> Outcome:
-    hits: dict[str, list[str]] = {"allow": [], "deny": [], "escalate": []}
+    hits: dict[str, list[tuple[str, dict[str, Any], RefBundle]]] = {
+        "allow": [],
+        "deny": [],
+        "escalate": [],
+    }
+    unmet: list[str] = []  # allow rules that apply but for their lineage constraints
     for bundle in bundles:
         for rule in bundle.rules:
             if applies(rule, request, bundle):
-                hits[rule["effect"]].append(rule["id"])
-    for effect, outcome, reason in (
-        ("deny", Effect.DENY, Reason.DENIED_BY_RULE),
-        ("escalate", Effect.HOLD, Reason.ESCALATED_BY_RULE),
-        ("allow", Effect.ALLOW, Reason.ALLOWED_BY_RULE),
-    ):
-        if hits[effect]:
-            return outcome, reason, tuple(sorted(hits[effect]))
-    return Effect.DENY, Reason.NO_MATCHING_RULE, ()
+                if rule["effect"] == "allow" and not lineage_holds(rule, request):
+                    unmet.append(rule["id"])
+                else:
+                    hits[rule["effect"]].append((rule["id"], rule, bundle))
+    if hits["deny"]:
+        return Effect.DENY, Reason.DENIED_BY_RULE, ids(hits["deny"]), (), None
+    if hits["escalate"]:
+        # Several rules: every rule's terms must be met.
+        each = [terms(rule, bundle) for _, rule, bundle in hits["escalate"]]
+        approvers = set.intersection(*(set(t.approvers) for t in each))
+        hold = HoldTerms(
+            tuple(sorted(approvers)), max(t.quorum for t in each), min(t.ttl_s for t in each)
+        )
+        return Effect.HOLD, Reason.ESCALATED_BY_RULE, ids(hits["escalate"]), (), hold
+    if hits["allow"]:
+        taints = sorted({label for _, rule, _ in hits["allow"] for label in rule.get("labels", ())})
+        return Effect.ALLOW, Reason.ALLOWED_BY_RULE, ids(hits["allow"]), tuple(taints), None
+    if unmet:
+        return Effect.DENY, Reason.LINEAGE_VIOLATION, tuple(sorted(unmet)), (), None
+    return Effect.DENY, Reason.NO_MATCHING_RULE, (), (), None
+
+
+def ids(hits: list[tuple[str, dict[str, Any], RefBundle]]) -> tuple[str, ...]:
+    return tuple(sorted(rule_id for rule_id, _, _ in hits))
 
 
 # -- generators ------------------------------------------------------------------------
@@ -187,7 +270,18 @@ GROUPS = ["g0", "g1", "g2"]
 ATTRS = ["team", "tier", "roles", "flag"]
 STRINGS = ["x", "y", "xy", "", "agent-1", "a.b", "1", "true", "t"]
 REGEXES = ["^x", "y$", "^$", "x|y", "^[xy]+$", "1", r"\.", "^agent-", "t"]
-LABELS = ["t", "u", "v"]
+LABELS = ["t", "u", "v", "w:x"]
+APPROVERS = ["ann", "ben", "cat"]
+APPROVER_GROUPS = ["leads", "all"]
+TTLS: list[Any] = [60, 0.5, "90s", "15m", "24h", "1.5h", "7d"]
+# One key per approver, one file each, the same in every bundle (an approver id names one
+# person across the set); the private halves are never used.
+KEY_FILES = {
+    f"approvers/{name}.json": json.dumps(
+        {"keys": [public_jwk(Ed25519PrivateKey.generate())]}
+    ).encode()
+    for name in APPROVERS
+}
 ACTION_TOKENS = ["a", "b"]
 RESOURCE_CHARS = ["x", "y", ".", "[", "]", "+", ":"]
 
@@ -335,6 +429,18 @@ def bundle(draw: st.DrawFn, name: str) -> dict[str, Any]:
     principal_patterns = st.sampled_from(
         [*IDS, *PRINCIPAL_GLOBS, "*", "*", "*", *(f"group:{g}" for g in sorted(groups))]
     )
+    members = draw(st.lists(st.sampled_from(APPROVERS), max_size=3, unique=True))
+    approver_groups = (
+        draw(
+            st.dictionaries(
+                st.sampled_from(APPROVER_GROUPS),
+                st.lists(st.sampled_from(sorted(members)), min_size=1, max_size=3, unique=True),
+                max_size=2,
+            )
+        )
+        if members
+        else {}
+    )
     rules = []
     for i in range(draw(st.integers(1, 8))):
         effect = draw(st.sampled_from(["allow", "allow", "deny", "escalate"]))
@@ -348,18 +454,75 @@ def bundle(draw: st.DrawFn, name: str) -> dict[str, Any]:
         # Unconditional denies and escalates are what make other rules unreachable.
         if draw(st.integers(0, 9)) < (5 if effect == "allow" else 8):
             rule["when"] = draw(condition(attributes))
+        if effect == "allow":
+            if draw(st.booleans()):
+                rule["labels"] = draw(
+                    st.lists(st.sampled_from(LABELS), min_size=1, max_size=2, unique=True)
+                )
+            if draw(st.integers(0, 2)) > 0:
+                rule["lineage"] = draw(lineage_constraints())
+        elif effect == "escalate" and draw(st.booleans()):
+            rule["approval"] = draw(approval(members, approver_groups))
         rules.append(rule)
     data: dict[str, Any] = {"bundle": name, "version": "1", "rules": rules}
     if groups:
         data["groups"] = groups
     if attributes:
         data["principals"] = attributes
+    if members:
+        data["approvers"] = {
+            "members": {m: f"approvers/{m}.json" for m in members},
+            "groups": approver_groups,
+        }
     return data
+
+
+@st.composite
+def lineage_constraints(draw: st.DrawFn) -> dict[str, Any]:
+    """A non-empty set of constraints."""
+    out: dict[str, Any] = {}
+    while not out:
+        if draw(st.booleans()):
+            out["max_depth"] = draw(st.integers(0, 3))
+        if draw(st.booleans()):
+            out["requires_parent"] = draw(st.lists(action_patterns, min_size=1, max_size=2))
+        if draw(st.booleans()):
+            out["within_parent"] = draw(
+                st.lists(st.sampled_from(["params.n", "resource"]), min_size=1, unique=True)
+            )
+    return out
+
+
+@st.composite
+def approval(
+    draw: st.DrawFn, members: list[str], groups: Mapping[str, list[str]]
+) -> dict[str, Any]:
+    """A valid approval: known names, a quorum the eligible approvers can reach."""
+    out: dict[str, Any] = {}
+    eligible = set(members)
+    if bool(members) and draw(st.booleans()):
+        names = draw(st.lists(st.sampled_from(sorted([*members, *groups])), min_size=1, max_size=3))
+        out["approvers"] = names
+        eligible = {m for n in names for m in groups.get(n, [n])}
+    if bool(eligible) and draw(st.booleans()):
+        out["quorum"] = draw(st.integers(1, len(eligible)))
+    if draw(st.booleans()):
+        out["ttl"] = draw(st.sampled_from(TTLS))
+    return out
 
 
 param_leaves = scalars | st.none() | st.lists(scalars | st.none(), max_size=3)
 param_values = param_leaves | st.fixed_dictionaries(
     {}, optional={"k": param_leaves, "o": st.fixed_dictionaries({}, optional={"k": param_leaves})}
+)
+
+
+parent_views = st.builds(
+    ParentView,
+    st.sampled_from(["P1", "P2"]),
+    st.lists(st.sampled_from([*ACTION_TOKENS, "c"]), min_size=1, max_size=3).map(".".join),
+    st.sampled_from(["x", "x:y", "x/y", "", "xy", "y"]),
+    st.fixed_dictionaries({}, optional={"n": numbers}),
 )
 
 
@@ -381,13 +544,14 @@ def request(draw: st.DrawFn) -> Request:
         lineage_depth=depth,
         lineage_root=draw(st.sampled_from(["", "agent-1", "x"])) if depth else "",
         labels=frozenset(draw(st.lists(st.sampled_from(LABELS), max_size=2))),
+        lineage_parents=tuple(draw(st.lists(parent_views, max_size=2))) if depth else (),
     )
 
 
 def compile_or_skip(bundles: list[dict[str, Any]]) -> PolicySet:
     sources = {f"{b['bundle']}.yaml": yaml.safe_dump(b, sort_keys=False).encode() for b in bundles}
     try:
-        return load_policy_sources(sources)
+        return load_policy_sources(sources, files=KEY_FILES)
     except PolicyError as exc:
         problems = exc.problems
         # The generator writes only valid, type-correct bundles; an unreachable rule is
@@ -403,6 +567,9 @@ class Tally:
     disagreements: int = 0
     bundles: int = 0
     outcomes: dict[Reason, int] | None = None
+    constrained_allows: int = 0  # allowed by a rule with lineage constraints
+    tainted: int = 0  # allows carrying taints
+    approvers_held: int = 0  # holds with approvers to ask
 
 
 def instance(pattern: str, wild: str, one: str) -> str:
@@ -426,7 +593,11 @@ def aimed(bundles: list[dict[str, Any]], requests: list[Request]) -> list[Reques
 
 def check(bundles: list[dict[str, Any]], requests: list[Request], tally: Tally) -> None:
     policies = compile_or_skip(bundles)
-    ref = [RefBundle(b.get("groups", {}), b.get("principals", {}), b["rules"]) for b in bundles]
+    ref = [
+        RefBundle(b.get("groups", {}), b.get("principals", {}), b["rules"], b.get("approvers", {}))
+        for b in bundles
+    ]
+    constrained = {r["id"] for b in bundles for r in b["rules"] if "lineage" in r}
     tally.bundles += 1
     tally.outcomes = tally.outcomes or {}
     mismatches = []
@@ -436,16 +607,27 @@ def check(bundles: list[dict[str, Any]], requests: list[Request], tally: Tally) 
             r = msgspec.structs.replace(base, principal=principal)
             expected = reference(ref, r)
             decision = policies.evaluate(r)
-            got = (decision.effect, decision.reason, decision.rules)
+            got = (
+                decision.effect,
+                decision.reason,
+                decision.rules,
+                decision.taints,
+                decision.hold,
+            )
             tally.pairs += 1
             tally.outcomes[expected[1]] = tally.outcomes.get(expected[1], 0) + 1
+            if expected[1] is Reason.ALLOWED_BY_RULE:
+                tally.constrained_allows += bool(constrained & set(expected[2]))
+                tally.tainted += bool(expected[3])
+            if expected[4] is not None and expected[4].approvers:
+                tally.approvers_held += 1
             if got != expected:
                 tally.disagreements += 1
                 mismatches.append((r, got, expected))
     assert not mismatches, f"{len(mismatches)} disagreements, first: {mismatches[0]}"
     # explain() decides by its own linear scan: it must agree as well.
-    r = requests[0]
-    assert policies.explain(r).decision == policies.evaluate(r)
+    for r in aimed(bundles, requests):
+        assert policies.explain(r).decision == policies.evaluate(r)
 
 
 bundle_sets = st.lists(st.just(0), min_size=1, max_size=2).flatmap(
@@ -476,9 +658,15 @@ def test_the_ci_run_exercised_every_outcome() -> None:
         Reason.DENIED_BY_RULE,
         Reason.ESCALATED_BY_RULE,
         Reason.NO_MATCHING_RULE,
+        Reason.LINEAGE_VIOLATION,
     }, CI.outcomes
+    assert CI.constrained_allows and CI.tainted and CI.approvers_held, CI
     assert CI.disagreements == 0
-    print(f"\nS16 CI run: bundles={CI.bundles} pairs={CI.pairs} outcomes={CI.outcomes}")
+    print(
+        f"\nS16 CI run: bundles={CI.bundles} pairs={CI.pairs} outcomes={CI.outcomes}"
+        f" constrained_allows={CI.constrained_allows} tainted={CI.tainted}"
+        f" approvers_held={CI.approvers_held}"
+    )
 
 
 SOAK = Tally()

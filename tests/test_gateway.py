@@ -28,7 +28,7 @@ from bus_guard.policy._load import PolicySet
 from bus_guard.settings import ReplyInbox, Settings
 from bus_guard.signing._keys import load_private_key
 from bus_guard.signing._signer import Signer
-from bus_guard.verify import ArtifactClaims, Verifier, verify_message
+from bus_guard.verify import ArtifactClaims, JwkEntry, Verifier, verify_message
 
 from .helpers import Collector, intent, outputs, sentinel
 
@@ -184,6 +184,9 @@ class _ExplodingPolicies:
 
     def evaluate(self, request: Request) -> Decision:
         raise RuntimeError("boom")
+
+    def approver_key(self, kid: str) -> tuple[str, JwkEntry] | None:
+        return self._inner.approver_key(kid)
 
 
 class _BrokenSigner(Signer):

@@ -102,10 +102,12 @@ rules:
 
 @pytest.fixture(scope="module")
 def hostile_policies(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped bundles (``policies/*.yaml``) plus :data:`HOSTILE_BUNDLE`."""
+    """The shipped bundles (``policies/*.yaml``, with their approvers' keys) plus
+    :data:`HOSTILE_BUNDLE`."""
     directory = tmp_path_factory.mktemp("policies")
     for bundle in POLICIES.glob("*.yaml"):
         shutil.copy(bundle, directory / bundle.name)
+    shutil.copytree(POLICIES / "approvers", directory / "approvers")  # their keys
     (directory / "hostile.yaml").write_text(HOSTILE_BUNDLE)
     return directory
 

@@ -13,9 +13,12 @@ import pytest
 import yaml
 
 from bus_guard.cli import _policy as policytest
+from bus_guard.decision import HoldTerms
 from bus_guard.errors import PolicyError
+from bus_guard.policy import _approvers as approvers
 from bus_guard.policy import _conditions as conditions
 from bus_guard.policy import _evaluator as compiler
+from bus_guard.policy import _lineage as lineage
 from bus_guard.policy import _load as policy
 from bus_guard.policy import _model as policy_model
 from bus_guard.policy import _patterns as patterns
@@ -24,6 +27,7 @@ from bus_guard.policy import _rules as rules
 from bus_guard.policy import _types as policy_types
 from bus_guard.policy._load import PolicySet, load_policies, load_policy_sources, policy_json_schema
 from bus_guard.policy._model import OPERATORS
+from bus_guard.verify import load_jwks
 
 from .conftest import POLICIES
 
@@ -71,9 +75,9 @@ def test_shipped_policies_load() -> None:
     policies = load_policies(POLICIES)
     assert isinstance(policies, PolicySet)
     assert policies.bundles == ("payments", "tools")
-    assert policies.version == "payments@1.0.0,tools@1.0.0"
+    assert policies.version == "payments@1.1.0,tools@1.1.0"
     assert policies.mode == "enforce"
-    assert policies.rule_count == 6
+    assert policies.rule_count == 7
     assert {r.id for r in policies.rules} == {
         "transfer-small",
         "transfer-large",
@@ -81,8 +85,18 @@ def test_shipped_policies_load() -> None:
         "search-for-all",
         "no-shell",
         "http-get-api",
+        "no-payments-from-untrusted-input",
     }
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", policies.digest)
+    # The example approvers: both must approve a large transfer, within a day.
+    assert policies.approvers == ("alice", "bob")
+    (large,) = [r for r in policies.rules if r.id == "transfer-large"]
+    assert large.hold == HoldTerms(("alice", "bob"), 2, 86400.0)
+    (fetch,) = [r for r in policies.rules if r.id == "http-get-api"]
+    assert fetch.taints == ("untrusted-input",)
+    for name in ("alice", "bob"):
+        (entry,) = load_jwks(POLICIES / "approvers" / f"{name}.jwks.json").entries
+        assert policies.approver_key(entry.kid) == (name, entry)
 
 
 def test_directory_load_skips_subdirectories(tmp_path: Path) -> None:
@@ -113,7 +127,8 @@ def test_digest_is_deterministic_and_binds_names_and_bytes(tmp_path: Path) -> No
     assert load_policies(copy).digest != first
     sources = {p.name: p.read_bytes() for p in POLICIES.glob("*.yaml")}
     reversed_sources = dict(reversed(list(sources.items())))
-    assert load_policy_sources(reversed_sources).digest == first
+    keys = {f"approvers/{p.name}": p.read_bytes() for p in (POLICIES / "approvers").iterdir()}
+    assert load_policy_sources(reversed_sources, files=keys).digest == first
 
 
 def test_policy_set_is_immutable() -> None:
@@ -127,7 +142,19 @@ def test_policy_set_is_immutable() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    [policy, policy_model, policy_types, compiler, conditions, patterns, regex, rules, policytest],
+    [
+        policy,
+        policy_model,
+        policy_types,
+        compiler,
+        conditions,
+        patterns,
+        regex,
+        rules,
+        approvers,
+        lineage,
+        policytest,
+    ],
 )
 def test_public_surface(module: Any) -> None:
     assert isinstance(module.__all__, tuple)
@@ -690,6 +717,9 @@ def test_json_schema_describes_the_language() -> None:
         "actions",
         "resources",
         "when",
+        "approval",
+        "labels",
+        "lineage",
     }
     assert rule["properties"]["effect"]["enum"] == ["allow", "deny", "escalate"]
     assert all("description" in rule["properties"][k] for k in ("principals", "actions"))

@@ -219,7 +219,9 @@ def test_explain_shows_candidates_conditions_and_decision() -> None:
         "guard.in.agent-7.payments.transfer",
         intent(action="payments.transfer", params={"amount": 1500, "currency": "USD"}),
     )
-    assert "rules considered: 3" in text
+    assert "rules considered: 4" in text
+    assert "  lineage:  depth 0, root agent-7, labels []\n  parents:  none (a root intent)" in text
+    assert 'fails  lineage.labels in ["untrusted-input"]  (actual: [])' in text
     assert "escalate transfer-large" in text and "APPLIES" in text
     assert "allow    transfer-small  (" in text
     assert "fails  params.amount le 1000  (actual: 1500)" in text
@@ -227,7 +229,8 @@ def test_explain_shows_candidates_conditions_and_decision() -> None:
     assert 'fails  resource matches "(?i)^account:sanctioned-"  (actual: "account:acct-1")' in text
     assert text.rstrip().endswith(
         "policy decision: hold escalated_by_rule [transfer-large]:"
-        " held for approval by rule transfer-large"
+        " held for approval by rule transfer-large\n"
+        "  carrying approvers=[alice, bob] quorum=2 ttl=86400s"
     )
     assert "tools" not in text  # rules for other actions and principals are not listed
     assert "final decision" not in text
@@ -263,9 +266,9 @@ def test_check_reports_bundles_and_digest() -> None:
     assert check_policies(POLICIES, out=out) == 0
     text = out.getvalue()
     policies = load_policies(POLICIES)
-    assert text.splitlines()[0] == "6 rules in 2 bundles, mode enforce"
-    assert "  payments@1.0.0: 3 rules (" in text
-    assert "  tools@1.0.0: 3 rules (" in text
+    assert text.splitlines()[0] == "7 rules in 2 bundles, mode enforce"
+    assert "  payments@1.1.0: 4 rules (" in text
+    assert "  tools@1.1.0: 3 rules (" in text
     assert text.splitlines()[-1] == f"digest {policies.digest}"
 
 

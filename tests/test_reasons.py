@@ -20,6 +20,7 @@ from bus_guard.decision import Decision, Effect, Lineage, Mode, Reason, Request
 from bus_guard.pipeline import evaluate
 from bus_guard.policy import PolicySet, load_policy_sources
 from bus_guard.settings import Checks
+from bus_guard.verify import JwkEntry
 
 BUNDLE = """
 bundle: reasons
@@ -53,6 +54,9 @@ class _Raising:
 
     def evaluate(self, request: Request) -> Decision:
         raise RuntimeError("evaluator bug")
+
+    def approver_key(self, kid: str) -> tuple[str, JwkEntry] | None:
+        return None
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,20 @@ elsewhere. A test file (``policies/tests/*.yaml`` by default) reads like ``opa t
         expect: {effect: allow, reason: allowed_by_rule, rules: [transfer-small]}
 
 ``payload:`` (raw text) may replace ``intent:`` to test malformed input. ``reason``,
-``rules`` (compared as a set) and ``would_deny`` are optional in ``expect``. Each case runs
-through :func:`bus_guard.pipeline.decide`, i.e. exactly what the gateway decides.
+``rules`` (compared as a set) and ``would_deny`` are optional in ``expect``, and so are
+what a decision carries: ``taints`` (allow), ``approvers`` and ``quorum`` (hold). Each case
+runs through :func:`bus_guard.pipeline.decide`, i.e. exactly what the gateway decides.
+
+A case may give the intent's lineage, as the gateway would have found it in the ledger
+(without it, the intent is a root)::
+
+      lineage:
+        depth: 1                       # default: 1 with parents, else 0
+        root: agent-1                  # default: the intent's principal
+        labels: [untrusted-input]      # the inherited labels
+        parents:                       # what lineage constraints see of each parent
+          - {id: P1, action: payments.approve-invoice, resource: "account:acct-1",
+             scope: {amount: 500}}
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bus_guard.cli._safe import say
-from bus_guard.decision import Decision, Reason, Request
+from bus_guard.decision import Decision, Lineage, ParentView, Reason, Request
 from bus_guard.errors import PolicyError
 from bus_guard.pipeline import decide, evaluate
 from bus_guard.policy._conditions import ConditionTrace
@@ -45,6 +57,35 @@ class _Expect(BaseModel):
     reason: Reason | None = None
     rules: list[str] | None = None
     would_deny: bool | None = None
+    taints: list[str] | None = None
+    approvers: list[str] | None = None
+    quorum: int | None = None
+
+
+class _Parent(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = ""
+    action: str = Field(min_length=1)
+    resource: str = ""
+    scope: dict[str, int | float] = Field(default_factory=dict)
+
+
+class _Lineage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    depth: int | None = Field(None, ge=0)
+    root: str = ""
+    labels: list[str] = Field(default_factory=list)
+    parents: list[_Parent] = Field(default_factory=list)
+
+    def lineage(self) -> Lineage:
+        parents = tuple(
+            ParentView(p.id or f"parent-{i + 1}", p.action, p.resource, dict(p.scope))
+            for i, p in enumerate(self.parents)
+        )
+        depth = self.depth if self.depth is not None else 1 if parents else 0
+        return Lineage(depth, self.root, frozenset(self.labels), parents=parents)
 
 
 class _Case(BaseModel):
@@ -55,6 +96,7 @@ class _Case(BaseModel):
     intent: dict[str, Any] | None = None
     payload: str | None = None
     content_type: str | None = None
+    lineage: _Lineage | None = None
     expect: _Expect
 
     @model_validator(mode="after")
@@ -101,6 +143,8 @@ def run_policy_tests(policies_dir: Path, tests_path: Path | None = None, *, out:
                 say(out, f"FAIL {file.name}: {case.name}")
                 say(out, f"     expected {_show_expect(case.expect)}")
                 say(out, f"     got      {_show(got)}: {got.message}")
+                if carries := _carries(got):
+                    say(out, f"     carrying {carries}")
     summary = f"{passed} passed, {failed} failed"
     if broken:
         summary += f", {broken} test file{'s' if broken > 1 else ''} with errors"
@@ -149,6 +193,7 @@ def _decide(policies: PolicySet, suite: _Suite, case: _Case) -> Decision:
         now=suite.now,
         prefix=suite.prefix,
         content_type=case.content_type,
+        lineage=None if case.lineage is None else case.lineage.lineage(),
     )
 
 
@@ -161,6 +206,15 @@ def _compare(expect: _Expect, got: Decision) -> str | None:
         return "rules"
     if expect.would_deny is not None and got.would_deny != expect.would_deny:
         return "would_deny"
+    if expect.taints is not None and sorted(set(expect.taints)) != list(got.taints):
+        return "taints"
+    hold = got.hold
+    if expect.approvers is not None and (
+        hold is None or sorted(set(expect.approvers)) != list(hold.approvers)
+    ):
+        return "approvers"
+    if expect.quorum is not None and (hold is None or hold.quorum != expect.quorum):
+        return "quorum"
     return None
 
 
@@ -169,6 +223,12 @@ def _show_expect(expect: _Expect) -> str:
     parts.append("(any rules)" if expect.rules is None else f"[{', '.join(sorted(expect.rules))}]")
     if expect.would_deny is not None:
         parts.append(f"would_deny={str(expect.would_deny).lower()}")
+    if expect.taints is not None:
+        parts.append(f"taints=[{', '.join(sorted(expect.taints))}]")
+    if expect.approvers is not None:
+        parts.append(f"approvers=[{', '.join(sorted(expect.approvers))}]")
+    if expect.quorum is not None:
+        parts.append(f"quorum={expect.quorum}")
     return " ".join(parts)
 
 
@@ -177,23 +237,50 @@ def _show(decision: Decision) -> str:
     return text + (" would_deny=true" if decision.would_deny else "")
 
 
-def explain(policies: PolicySet, subject: str, payload: bytes, *, now: float, out: TextIO) -> int:
-    """Print which rules were considered for one intent, how each fared, and the decision."""
-    result = evaluate(subject, payload, None, policies, now=now)
+def _carries(decision: Decision) -> str:
+    """What an allow or a hold carries besides its rules ("" for nothing)."""
+    parts = []
+    if decision.taints:
+        parts.append(f"taints=[{', '.join(decision.taints)}]")
+    if decision.hold is not None:
+        terms = decision.hold
+        parts.append(
+            f"approvers=[{', '.join(terms.approvers)}] quorum={terms.quorum} ttl={terms.ttl_s:g}s"
+        )
+    return " ".join(parts)
+
+
+def explain(
+    policies: PolicySet,
+    subject: str,
+    payload: bytes,
+    *,
+    now: float,
+    out: TextIO,
+    lineage: Lineage | None = None,
+) -> int:
+    """Print which rules were considered for one intent, how each fared, and the decision.
+    *lineage*: what the ledger says of the intent's parents (``None``: a root)."""
+    result = evaluate(subject, payload, None, policies, now=now, lineage=lineage)
     if result.subject is None or result.intent is None:
         say(out, f"not evaluated against the rules: {_show(result.decision)}")
         say(out, f"  {result.decision.message}")
         return 0
     intent = result.intent
-    # The Request authorize() builds: identity from the subject, the rest from the payload.
+    principal = result.subject.principal
+    # The Request authorize() builds: identity from the subject, the rest from the payload,
+    # lineage from the ledger.
     request = Request(
-        principal=result.subject.principal,
+        principal=principal,
         action=result.subject.action,
         resource=intent.resource,
         params=intent.params,
         intent_id=intent.id,
         parents=intent.parents,
-        lineage_root=result.subject.principal,
+        lineage_depth=0 if lineage is None else lineage.depth,
+        lineage_root=principal if lineage is None else lineage.root or principal,
+        labels=frozenset() if lineage is None else lineage.labels,
+        lineage_parents=() if lineage is None else lineage.parents,
     )
     explanation = policies.explain(request)
     _render(explanation, out)
@@ -213,11 +300,27 @@ def _render(explanation: Explanation, out: TextIO) -> None:
     say(out, f"intent {request.intent_id}: {request.principal} {request.action}")
     say(out, f"  resource: {request.resource}")
     say(out, f"  params:   {json.dumps(request.params, sort_keys=True, default=repr)}")
+    labels = json.dumps(sorted(request.labels))
+    say(
+        out,
+        f"  lineage:  depth {request.lineage_depth}, root {request.lineage_root}, labels {labels}",
+    )
+    if not request.lineage_parents:
+        say(out, "  parents:  none (a root intent)")
+    for parent in request.lineage_parents:
+        scope = json.dumps(parent.scope, sort_keys=True)
+        say(
+            out,
+            f"  parent:   {parent.decision_id} {parent.action} {json.dumps(parent.resource)}"
+            f" scope {scope}",
+        )
     say(out, f"rules considered: {len(explanation.rules)}")
     for rule_trace in explanation.rules:
         _render_rule(rule_trace, out)
     decision = explanation.decision
     say(out, f"policy decision: {_show(decision)}: {decision.message}")
+    if carries := _carries(decision):
+        say(out, f"  carrying {carries}")
 
 
 def _render_rule(t: RuleTrace, out: TextIO) -> None:
@@ -236,6 +339,10 @@ def _render_rule(t: RuleTrace, out: TextIO) -> None:
     )
     if t.condition is not None:
         _render_condition(t.condition, 2, out)
+    for constraint in t.lineage or ():
+        status = "holds" if constraint.held else "fails"
+        actual = json.dumps(constraint.actual, sort_keys=True, default=repr)
+        say(out, f"    {status}  lineage {constraint.text}  (actual: {actual})")
 
 
 def _render_condition(node: ConditionTrace, depth: int, out: TextIO) -> None:

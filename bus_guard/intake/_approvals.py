@@ -41,7 +41,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol, runtime_checkable
+from typing import Final
 
 import anyio
 import msgspec
@@ -71,9 +71,9 @@ from bus_guard.pipeline import (
     scope_of,
 )
 from bus_guard.settings import Settings
-from bus_guard.verify import JwkEntry, payload_digest
+from bus_guard.verify import payload_digest
 
-__all__ = ("ApprovalCounters", "Approvals", "Approvers", "approve_consumer")
+__all__ = ("ApprovalCounters", "Approvals", "approve_consumer")
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,6 @@ class ApprovalCounters:
     expired: int = 0  # holds denied at expiry
     adopted: int = 0  # resolutions another replica (or an earlier attempt) recorded first
     errors: int = 0  # votes nak'd after an error: redelivered
-
-
-@runtime_checkable
-class Approvers(Protocol):
-    """What approvals need of a policy set besides deciding: the approvers' keys."""
-
-    def approver_key(self, kid: str) -> tuple[str, JwkEntry] | None: ...
 
 
 class _Refused(Exception):
@@ -218,8 +211,7 @@ class Approvals:
             raise _Refused(Reason.MALFORMED, f"the vote names hold {claims.hold}, not {hold_id}")
         if claims.payload_sha256 != hold.payload_sha256:
             raise _Refused(Reason.MALFORMED, "the vote is for other bytes than the held intent's")
-        policies = self.policies()
-        found = policies.approver_key(token.kid) if isinstance(policies, Approvers) else None
+        found = self.policies().approver_key(token.kid)
         if found is None:
             raise _Refused(Reason.APPROVER_NOT_ALLOWED, f"key {token.kid} is no approver's")
         approver, entry = found

@@ -9,9 +9,14 @@ and computes the intent's place from what it finds, never from what the agent cl
 * ``depth`` is one more than the deepest parent's; an intent without parents has depth 0;
 * ``root`` is the first parent's root; an intent without parents is its own root (its
   principal);
-* ``labels`` are inherited taint: the union of the parents' labels and the parents' actions,
-  so a policy can say ``{field: lineage.labels, not_in: [tools.http.get]}`` ("nothing that
-  descends from a web fetch").
+* ``labels`` are inherited taint: the union over the parents of each parent's labels, the
+  labels its allowing rules added (its ``taints``, from an allow rule's ``labels:``) and its
+  action, so a policy can say ``{field: lineage.labels, not_in: [tools.http.get]}``
+  ("nothing that descends from a web fetch") or ``{field: lineage.labels, in:
+  [untrusted-input]}`` (whatever an allow rule labelled ``untrusted-input`` let through, and
+  everything after it);
+* ``parents`` are views of the parents' records (decision id, action, resource, scope) for
+  the lineage constraints of allow rules (``requires_parent``, ``within_parent``).
 
 :func:`show` prints a decision's ancestors and descendants as trees (``bus-guard lineage``).
 """
@@ -21,12 +26,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Final
 
-from bus_guard.decision import Lineage
+from bus_guard.decision import Lineage, ParentView
 from bus_guard.ledger._records import DECISION, LedgerRecord
 
 __all__ = ("MAX_LABELS", "lineage_of", "render_tree")
 
-MAX_LABELS: Final = 64  # inherited labels kept per decision (sorted, first ones)
+MAX_LABELS: Final = 64
+"""The most inherited labels an intent may carry. Beyond it the intent is a
+``lineage_violation``: a truncated set could drop the one label a deny rule (or an allow
+rule's ``not_in``) looks for, and let a tainted descendant through."""
 
 
 def lineage_of(
@@ -55,12 +63,18 @@ def lineage_of(
     labels: set[str] = set()
     for r in records:
         labels.update(r.labels)
+        labels.update(r.taints)
         labels.add(r.action)
+    if len(labels) > MAX_LABELS:
+        return Lineage(
+            violation=f"lineage carries {len(labels)} inherited labels (at most {MAX_LABELS})"
+        )
     first = records[0]
     return Lineage(
         depth=depth,
         root=first.lineage_root or first.principal,
-        labels=frozenset(sorted(labels)[:MAX_LABELS]),
+        labels=frozenset(labels),
+        parents=tuple(ParentView(r.decision_id, r.action, r.resource, r.scope) for r in records),
     )
 
 

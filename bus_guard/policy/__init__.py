@@ -5,7 +5,8 @@
 
 Modules, read top to bottom as a bundle flows: ``_types`` and ``_model`` (what a bundle
 may say, validated by pydantic), ``_load`` (files → validated bundles, with file, rule
-and line in every error), ``_patterns``, ``_regex`` (RE2), ``_conditions`` and ``_rules``
+and line in every error), ``_patterns``, ``_regex`` (RE2), ``_conditions``, ``_lineage``
+(lineage constraints), ``_approvers`` (hold terms and approver keys) and ``_rules``
 (compiling each part), ``_evaluator`` (the compiled :class:`PolicySet` and how it
 decides). The policy tests and ``explain`` (``bus-guard policy test | explain | check``)
 are in :mod:`bus_guard.cli`.

@@ -151,8 +151,16 @@ def _member_test(values: Sequence[Scalar]) -> Test:
             return v in nums
         return c is bool and v in bools
 
+    others = bool(nums or bools)
+
     def test(v: Any) -> bool:
-        if type(v) is list or type(v) is frozenset:
+        c = type(v)
+        if c is frozenset:
+            # lineage.labels, on every payment of a policy that denies tainted ones: a set
+            # operation in C, 0.26-0.37 µs -> 0.07 µs. A string equals no other type, so only
+            # number and boolean literals need the element-wise test.
+            return not strs.isdisjoint(v) or (others and any(scalar_in(x) for x in v))
+        if c is list:
             return any(scalar_in(x) for x in v)
         return scalar_in(v)
 
@@ -166,9 +174,12 @@ def _not_member_test(values: Sequence[Scalar]) -> Test:
     )
 
     def test(v: Any) -> bool:
-        if type(v) is list or type(v) is frozenset:
+        c = type(v)
+        if c is frozenset:  # lineage.labels: strings only; member() tests them as a set
+            return not member(v)
+        if c is list:
             return not any(member(x) for x in v)
-        return type(v) in classes and not member(v)
+        return c in classes and not member(v)
 
     return test
 

@@ -3,8 +3,20 @@
 Evaluation is Cedar's: default deny; any applicable ``deny`` rule decides (naming every
 applicable deny rule); else any applicable ``escalate`` rule holds; else any applicable
 ``allow`` rule allows; else ``deny no_matching_rule``. A rule applies when the principal,
-the action and the resource each match one of its patterns and its condition holds. Rule
-order never matters: every applicable rule of the deciding effect is named, sorted.
+the action and the resource each match one of its patterns, its condition holds and (allow
+rules) its lineage constraints hold. Rule order never matters: every applicable rule of
+the deciding effect is named, sorted.
+
+An allow rule that matches in everything but its lineage constraints does not allow; if
+nothing else decides, the denial is ``lineage_violation`` naming those rules and the
+constraint each failed, rather than ``no_matching_rule``: a rule was written for this
+intent, and its lineage is what is wrong.
+
+What a decision carries besides its rules is fixed at compile time: a hold's terms (one
+escalate rule: its approvers, quorum and ttl; several: the approvers all of them accept,
+the largest quorum, the shortest ttl) and an allow's taints (the sorted union of the
+allowing rules' ``labels``). Decisions are cached per (reason, rules), so neither costs
+anything per request.
 
 Cost per request does not grow with the rule count: the rules that can apply to a
 (principal, action) pair come from a dict + token trie over actions and a dict over
@@ -19,8 +31,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from bus_guard.decision import Decision, Effect, Mode, Reason, Request
+from bus_guard.decision import Decision, Effect, HoldTerms, Mode, Reason, Request
+from bus_guard.policy._approvers import ApproverKeys, KeyFiles, approver_keys
 from bus_guard.policy._conditions import ConditionTrace, Predicate, trace
+from bus_guard.policy._lineage import ConstraintTrace
 from bus_guard.policy._model import Bundle
 from bus_guard.policy._patterns import ActionIndex, only_prefix, parse_action_pattern
 from bus_guard.policy._rules import CompiledRule, Problem, compile_rule, shadowed
@@ -65,11 +79,17 @@ class RuleTrace:
     action: bool
     resource: bool
     condition: ConditionTrace | None  # None: the rule has no condition
+    lineage: tuple[ConstraintTrace, ...] | None = None  # None: no lineage constraints
+
+    @property
+    def matches(self) -> bool:
+        """Patterns and condition hold: the rule applies unless its lineage fails."""
+        held = self.condition is None or self.condition.held
+        return self.principal and self.action and self.resource and held
 
     @property
     def applies(self) -> bool:
-        held = self.condition is None or self.condition.held
-        return self.principal and self.action and self.resource and held
+        return self.matches and (self.lineage is None or all(c.held for c in self.lineage))
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +140,7 @@ _EFFECTS: Final = {
     Reason.ESCALATED_BY_RULE: Effect.HOLD,
     Reason.ALLOWED_BY_RULE: Effect.ALLOW,
     Reason.NO_MATCHING_RULE: Effect.DENY,
+    Reason.LINEAGE_VIOLATION: Effect.DENY,  # allow rules matched, their lineage did not
     Reason.MALFORMED: Effect.DENY,  # params of a type their schema does not declare
 }
 _MESSAGES: Final = {
@@ -134,8 +155,10 @@ class PolicySet:
 
     __slots__ = (
         "_any_principal",
+        "_approver_keys",
         "_by_action",
         "_by_action_wild",
+        "_by_id",
         "_by_principal",
         "_cache",
         "_decisions",
@@ -155,6 +178,8 @@ class PolicySet:
     version: str
     mode: Mode
     _rules: tuple[CompiledRule, ...]
+    _by_id: dict[str, CompiledRule]
+    _approver_keys: ApproverKeys
     _infos: tuple[BundleInfo, ...]
     _by_principal: dict[str, tuple[int, ...]]
     _any_principal: frozenset[int]
@@ -175,6 +200,7 @@ class PolicySet:
         digest: str,
         mode: Mode,
         schemas: Sequence[tuple[str, Mapping[str, str]]] = (),
+        approver_keys: ApproverKeys | None = None,
     ) -> None:
         ordered = tuple(sorted(rules, key=lambda r: r.id))  # index order = id order
         typed = [(key, decl) for key, decl in schemas if any(k != "any" for k in decl.values())]
@@ -190,6 +216,8 @@ class PolicySet:
             "mode": mode,
             "version": ",".join(f"{b.name}@{b.version}" for b in infos_),
             "_rules": ordered,
+            "_by_id": {r.id: r for r in ordered},
+            "_approver_keys": dict(approver_keys or {}),
             "_infos": infos_,
             "_by_principal": {k: tuple(v) for k, v in by_principal.items()},
             "_any_principal": frozenset(i for i, r in enumerate(ordered) if r.any_principal),
@@ -247,16 +275,23 @@ class PolicySet:
         """Every rule, sorted by id."""
         return self._rules
 
+    @property
+    def approvers(self) -> tuple[str, ...]:
+        """The ids of every approver with a key in the set, sorted."""
+        return tuple(sorted({approver for approver, _ in self._approver_keys.values()}))
+
+    def approver_key(self, kid: str) -> tuple[str, JwkEntry] | None:
+        """The approver whose key has id *kid*, and the key; ``None`` for an unknown kid.
+        Whether the key may still be used is the caller's check (``entry.usable_at(now)``:
+        a JWKS file may mark a key revoked or retired)."""
+        return self._approver_keys.get(kid)
+
     def candidates(self, principal: str, action: str) -> tuple[str, ...]:
         """Ids of the rules that match ``principal`` and ``action`` (before resource and
         condition), i.e. all that ``evaluate`` will look at."""
         steps = self._candidates(principal, action)
-        return tuple(sorted(r.id for step in steps for r in step.rules))
-
-    def approver_key(self, kid: str) -> tuple[str, JwkEntry] | None:
-        """The approver id and key entry of *kid*; ``None``: this set names no approvers
-        yet (the ``approvers:`` section of a bundle is being added)."""
-        return None
+        # A set: a lineage-constrained allow rule is in its allow step and in the last.
+        return tuple(sorted({r.id for step in steps for r in step.rules}))
 
     def evaluate(self, request: Request) -> Decision:
         declared = self._schemas.get(request.action)
@@ -275,6 +310,8 @@ class PolicySet:
                 ):
                     return single  # type: ignore[return-value]  # set with match
                 continue
+            if single is not None:  # the last step of a pair with lineage-constrained rules
+                return self._unmet(request, rules, single)
             hits = [
                 r.id
                 for r in rules  # sorted by id already
@@ -294,11 +331,9 @@ class PolicySet:
             if not (by_action or (by_principal and not rule.any_principal)):
                 continue
             cond = None if rule.condition is None else trace(rule.condition, request)
-            traces.append(
-                RuleTrace(
-                    rule, by_principal, by_action, rule.match_resource(request.resource), cond
-                )
-            )
+            lineage = None if rule.lineage is None else rule.lineage.trace(request)
+            resource = rule.match_resource(request.resource)
+            traces.append(RuleTrace(rule, by_principal, by_action, resource, cond, lineage))
         matched = any(t.principal and t.action and t.rule.effect == "allow" for t in traces)
         decision = self._no_match(request.principal, request.action, matched)
         for effect, reason in _PRECEDENCE:
@@ -306,6 +341,9 @@ class PolicySet:
             if hits:
                 decision = self._ruled(reason, hits)
                 break
+        else:
+            unmet = tuple(t.rule for t in traces if t.matches and t.rule.lineage is not None)
+            decision = self._unmet(request, unmet, decision)
         wrong = _wrong_type(self._declared(request.action), request.params)
         if wrong is not None:  # as evaluate: a declared type is checked before any rule
             decision = self._decision(Reason.MALFORMED, (), wrong)
@@ -317,8 +355,18 @@ class PolicySet:
         decision = self._decisions.get((reason, rules))
         if decision is None:
             plural = "s" if len(rules) > 1 else ""
+            hold: HoldTerms | None = None
+            taints: tuple[str, ...] = ()
+            if reason is Reason.ESCALATED_BY_RULE:
+                hold = _combined([self._by_id[r].hold for r in rules])
+            elif reason is Reason.ALLOWED_BY_RULE:
+                taints = tuple(sorted({t for r in rules for t in self._by_id[r].taints}))
             decision = self._decision(
-                reason, rules, f"{_MESSAGES[reason]}{plural} {', '.join(rules)}"
+                reason,
+                rules,
+                f"{_MESSAGES[reason]}{plural} {', '.join(rules)}",
+                hold=hold,
+                taints=taints,
             )
             if len(self._decisions) >= CACHE_SIZE:
                 self._decisions.clear()
@@ -331,7 +379,41 @@ class PolicySet:
             message += " with this resource and params"
         return self._decision(Reason.NO_MATCHING_RULE, (), message)
 
-    def _decision(self, reason: Reason, rules: tuple[str, ...], message: str) -> Decision:
+    def _unmet(
+        self, request: Request, rules: Sequence[CompiledRule], no_match: Decision
+    ) -> Decision:
+        """The decision when no rule applied: ``lineage_violation`` naming the allow rules
+        that matched in all but their lineage constraints (and the first constraint each
+        failed), else *no_match*. The slow path: a denial."""
+        failed = []
+        resource = request.resource
+        for rule in rules:
+            lineage = rule.lineage
+            if (
+                lineage is not None
+                and rule.match_resource(resource)
+                and (rule.when is None or rule.when(request))
+                and (why := lineage.failure(request)) is not None
+            ):
+                failed.append((rule.id, why))
+        if not failed:
+            return no_match
+        failed.sort()
+        message = "lineage constraints not met: " + "; ".join(
+            f"rule {rule}: {why}" for rule, why in failed
+        )
+        ids = tuple(rule for rule, _ in failed)
+        return self._decision(Reason.LINEAGE_VIOLATION, ids, message)
+
+    def _decision(
+        self,
+        reason: Reason,
+        rules: tuple[str, ...],
+        message: str,
+        *,
+        hold: HoldTerms | None = None,
+        taints: tuple[str, ...] = (),
+    ) -> Decision:
         return Decision(
             _EFFECTS[reason],
             reason,
@@ -340,6 +422,8 @@ class PolicySet:
             policy_digest=self.digest,
             policy_version=self.version,
             mode=self.mode,
+            taints=taints,
+            hold=hold,
         )
 
     def _step(self, reason: Reason, group: tuple[CompiledRule, ...]) -> _Step:
@@ -399,10 +483,15 @@ class PolicySet:
             for effect, reason in _PRECEDENCE
         )
         no_match = self._no_match(principal, action, any(r.effect == "allow" for r in found_rules))
-        found = (
-            *(self._step(reason, g) for reason, g in groups if g),
-            _Step(_anything, "", None, no_match, no_match.reason, ()),
+        constrained = tuple(r for r in found_rules if r.lineage is not None)
+        last = (
+            # Not ruled out yet: a lineage_violation. A multi-rule step (match None) whose
+            # ``single`` is set: evaluate() hands it to _unmet.
+            _Step(None, None, None, no_match, Reason.LINEAGE_VIOLATION, constrained)
+            if constrained
+            else _Step(_anything, "", None, no_match, no_match.reason, ())
         )
+        found = (*(self._step(reason, g) for reason, g in groups if g), last)
         if len(self._cache) >= CACHE_SIZE:
             self._cache.clear()
         self._cache[(principal, action)] = found
@@ -410,10 +499,19 @@ class PolicySet:
 
 
 def compile_policy_set(
-    sources: Sequence[tuple[str, Bundle]], digest: str
+    sources: Sequence[tuple[str, Bundle]], digest: str, key_files: KeyFiles | None = None
 ) -> tuple[PolicySet | None, list[Problem]]:
-    """Compile validated bundles (``(file, bundle)`` pairs, in file order) together."""
+    """Compile validated bundles (``(file, bundle)`` pairs, in file order) together.
+
+    *key_files*: the approvers' JWKS files the loader read (see
+    :data:`~bus_guard.policy._approvers.KeyFiles`); every file a bundle names must be in it.
+    """
     problems: list[Problem] = []
+
+    def bundle_problem(file: str, loc: tuple[str | int, ...], message: str) -> None:
+        problems.append(Problem(file, None, None, loc, message))
+
+    keys = approver_keys(sources, key_files or {}, bundle_problem)
     rules: list[CompiledRule] = []
     where: dict[str, tuple[str, int]] = {}  # rule id -> (file, index) where first seen
     bundle_files: dict[str, str] = {}
@@ -453,9 +551,22 @@ def compile_policy_set(
     if problems:
         return None, problems
     mode = first.mode if first is not None else "enforce"
-    policy_set = PolicySet(rules, infos, digest, mode, declared)
+    policy_set = PolicySet(rules, infos, digest, mode, declared, keys)
     log.debug("compiled %s: %d rules, %s", policy_set.version, policy_set.rule_count, digest)
     return policy_set, []
+
+
+def _combined(terms: Sequence[HoldTerms | None]) -> HoldTerms:
+    """The terms of a hold by several escalate rules: every rule's terms must be met, so
+    the approvers all of them accept, the largest quorum, the shortest ttl. (When fewer
+    approvers remain than the quorum, the hold can only expire.)"""
+    given = [t for t in terms if t is not None]  # every escalate rule has terms
+    if len(given) == 1:
+        return given[0]
+    approvers = set(given[0].approvers).intersection(*(t.approvers for t in given[1:]))
+    return HoldTerms(
+        tuple(sorted(approvers)), max(t.quorum for t in given), min(t.ttl_s for t in given)
+    )
 
 
 def _fits(value: object, kind: str) -> bool:

@@ -4,6 +4,11 @@ Loading reports every problem of every file at once, in a :class:`~bus_guard.err
 whose ``problems`` read ``"<file>: rule <id>: <field path>: <message> (line N)"``, or
 ``"<file>: <field path>: <message> (line N)"`` for bundle-level problems.
 
+Bundles may name other files: the approvers' JWKS files (``approvers.members``), by paths
+relative to the policy file that stay inside the policy directory. :func:`load_policies`
+reads them from the directory; :func:`load_policy_sources` takes them as ``files``. They
+are part of the policy set: its digest covers their bytes, like the bundles'.
+
 YAML is read with YAML 1.2 booleans: only ``true``/``false`` are booleans, so country codes
 like ``NO`` and words like ``yes``/``on`` stay strings. Duplicate keys are errors.
 
@@ -19,8 +24,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -29,7 +35,8 @@ from pydantic import ValidationError
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import ErrorDetails, core_schema
 
-from bus_guard.errors import PolicyError
+from bus_guard.errors import ConfigError, PolicyError
+from bus_guard.policy._approvers import KeyFiles
 from bus_guard.policy._conditions import ConditionTrace
 from bus_guard.policy._evaluator import (
     BundleInfo,
@@ -39,7 +46,20 @@ from bus_guard.policy._evaluator import (
     RuleTrace,
     compile_policy_set,
 )
-from bus_guard.policy._model import AllOf, AnyOf, Bundle, ConditionTag, Leaf, NotOf, Rule, describe
+from bus_guard.policy._model import (
+    AllOf,
+    AnyOf,
+    Approval,
+    Approvers,
+    Bundle,
+    ConditionTag,
+    Leaf,
+    LineageRule,
+    NotOf,
+    Rule,
+    describe,
+)
+from bus_guard.verify import Jwks, load_jwks
 
 __all__ = (
     "MAX_FILE_BYTES",
@@ -94,7 +114,7 @@ _Loader.add_implicit_resolver(
 _KNOWN_KEYS: Final = sorted(
     {
         info.alias or name
-        for model in (Bundle, Rule, Leaf, AllOf, AnyOf, NotOf)
+        for model in (Bundle, Rule, Leaf, AllOf, AnyOf, NotOf, Approvers, Approval, LineageRule)
         for name, info in model.model_fields.items()
     }
 )
@@ -201,19 +221,32 @@ def load_policies(path: str | os.PathLike[str]) -> PolicySet:
     sources: dict[str, bytes] = {}
     for file in files:
         try:
-            with file.open("rb") as f:  # no more than the limit and a byte to tell
-                sources[file.name] = f.read(MAX_FILE_BYTES + 1)
+            sources[file.name] = _read(file)
         except OSError as exc:
             raise PolicyError([f"{file}: cannot read: {exc.strerror or exc}"]) from exc
-    return load_policy_sources(sources, base=files[0].parent)
+    folder = files[0].parent
+    return load_policy_sources(
+        sources, base=folder, files=lambda name: _read(folder.joinpath(*name.split("/")))
+    )
+
+
+def _read(file: Path) -> bytes:
+    with file.open("rb") as f:  # no more than the limit and a byte to tell
+        return f.read(MAX_FILE_BYTES + 1)
 
 
 def load_policy_sources(
-    sources: Mapping[str, bytes], *, base: str | os.PathLike[str] | None = None
+    sources: Mapping[str, bytes],
+    *,
+    base: str | os.PathLike[str] | None = None,
+    files: Mapping[str, bytes] | Callable[[str], bytes] | None = None,
 ) -> PolicySet:
     """Compile in-memory files (relative name → bytes), e.g. from a KV bucket.
 
     ``base`` only prefixes names in messages; the digest covers the relative names.
+    ``files``: the other files bundles name (approver JWKS), by their path relative to
+    the policy directory (``approvers/alice.jwks.json``): a mapping, or a function that
+    reads one (raising ``OSError``). The digest covers them too.
     """
     problems: list[_Found] = []
     bundles: list[tuple[str, Bundle]] = []
@@ -235,7 +268,11 @@ def load_policy_sources(
             bundles.append((file, bundle))
     if not sources:
         problems.append((str(base or "."), 0, f"{base or '.'}: no policy files"))
-    policy_set, compile_problems = compile_policy_set(bundles, _digest(sources))
+    names = {os.path.join(base, n) if base is not None else n: n for n in sources}
+    key_files, read = _key_files(bundles, names, files)
+    policy_set, compile_problems = compile_policy_set(
+        bundles, _digest({**read, **sources}), key_files
+    )
     for p in compile_problems:
         if p.rule_index is None:
             loc = p.loc
@@ -282,6 +319,56 @@ def _validate(
         return None
     rule_indexes[file] = dict(enumerate(kept))
     return bundle
+
+
+def _key_files(
+    bundles: list[tuple[str, Bundle]],
+    names: Mapping[str, str],
+    files: Mapping[str, bytes] | Callable[[str], bytes] | None,
+) -> tuple[KeyFiles, dict[str, bytes]]:
+    """Read and load every JWKS file the bundles name: ``(key files for the compiler,
+    the bytes read by path, for the digest)``. A file is read once, however many
+    bundles name it; what fails to load is reported by the compiler, against the bundle."""
+    out: dict[tuple[str, str], tuple[str, Jwks | str]] = {}
+    read: dict[str, bytes] = {}
+    loaded: dict[str, Jwks | str] = {}
+    for file, bundle in bundles:
+        folder = posixpath.dirname(names[file])
+        for paths in bundle.approvers.members.values():
+            for path in paths:
+                where = posixpath.join(folder, path) if folder else path
+                if where not in loaded:
+                    loaded[where] = _load_key_file(where, files, read)
+                out[(file, path)] = (where, loaded[where])
+    return out, read
+
+
+def _load_key_file(
+    path: str,
+    files: Mapping[str, bytes] | Callable[[str], bytes] | None,
+    read: dict[str, bytes],
+) -> Jwks | str:
+    """The JWKS at *path* (recording its bytes in *read*), or why it cannot be used."""
+    try:
+        if files is None:
+            return "not found: no files were given with the policy sources"
+        if callable(files):
+            data = files(path)
+        elif path in files:
+            data = files[path]
+        else:
+            return "not found among the policy files"
+    except FileNotFoundError:
+        return "JWKS file not found"
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    if len(data) > MAX_FILE_BYTES:
+        return f"larger than {MAX_FILE_BYTES:,} bytes"
+    read[path] = data
+    try:
+        return load_jwks(data)
+    except ConfigError as exc:
+        return str(exc).removeprefix("JWKS: ")
 
 
 def _digest(sources: Mapping[str, bytes]) -> str:

@@ -7,6 +7,9 @@ are the compiler's (:mod:`bus_guard.policy._evaluator`).
 
 All models are frozen, strict (YAML ``"1000"`` is not the number 1000) and forbid unknown
 keys. A later ``limits:`` key on allow rules will be a new optional field of :class:`Rule`.
+
+Which effect may carry what (``approval`` only escalate rules, ``labels`` and ``lineage``
+only allow rules) is the compiler's check, so that the message names the rule's effect.
 """
 
 from __future__ import annotations
@@ -20,15 +23,21 @@ from bus_guard.policy._types import (
     FIELD_HELP,
     OPERATORS,
     ActionPattern,
+    ApproverId,
     Attribute,
     AttrName,
+    Duration,
     FieldPath,
     GroupName,
+    KeyFile,
+    Label,
     Name,
+    NonNegative,
     Number,
     ParamType,
     PrincipalId,
     PrincipalPattern,
+    Quorum,
     Regex,
     ResourcePattern,
     RuleId,
@@ -36,17 +45,22 @@ from bus_guard.policy._types import (
     ScalarList,
     ScalarValue,
     Version,
+    WithinField,
     describe,
     parse_field,
 )
 
 __all__ = (
+    "DEFAULT_TTL_S",
     "OPERATORS",
     "AllOf",
     "AnyOf",
+    "Approval",
+    "Approvers",
     "Bundle",
     "Condition",
     "Leaf",
+    "LineageRule",
     "NotOf",
     "ParamType",
     "Rule",
@@ -56,6 +70,8 @@ __all__ = (
 )
 
 _CONFIG: Final = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+DEFAULT_TTL_S: Final = 86400.0  # a hold waits 24 h for its approvers unless a rule says
 
 
 class Leaf(BaseModel):
@@ -177,6 +193,78 @@ Condition = Annotated[
 ConditionTag: Final = frozenset({"{field}", "{all}", "{any}", "{not}"})
 
 
+class Approval(BaseModel):
+    """Who may release what an escalate rule holds, how many of them, and for how long."""
+
+    model_config = _CONFIG
+
+    approvers: list[ApproverId] | None = Field(
+        None,
+        min_length=1,
+        description="Approver ids or approver group names of this bundle (default: every"
+        " approver of the bundle).",
+    )
+    quorum: Quorum | None = Field(
+        None,
+        description="Distinct approvers needed (default 1); at most the number of eligible"
+        " approvers.",
+    )
+    ttl: Duration = Field(
+        DEFAULT_TTL_S,
+        description='How long the hold waits: seconds, or "90s", "15m", "24h" (default), "7d";'
+        " at most 30 days.",
+    )
+
+
+class LineageRule(BaseModel):
+    """Constraints on an intent's lineage; an allow rule with them allows only if all hold."""
+
+    model_config = _CONFIG
+
+    max_depth: NonNegative | None = Field(
+        None, description="Applies only if the intent's lineage depth is at most this."
+    )
+    requires_parent: list[ActionPattern] | None = Field(
+        None,
+        min_length=1,
+        description="Action patterns: some parent's action must match one (a root intent"
+        " has no parent and fails).",
+    )
+    within_parent: list[WithinField] | None = Field(
+        None,
+        min_length=1,
+        description="params.<name>: a number at most that param in every parent's scope;"
+        " resource: every parent's resource, or below it after '/' or ':'. A root intent"
+        " fails.",
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> LineageRule:
+        if self.max_depth is None and self.requires_parent is None and self.within_parent is None:
+            raise ValueError("give at least one of max_depth, requires_parent, within_parent")
+        if self.within_parent is not None and len(set(self.within_parent)) != len(
+            self.within_parent
+        ):
+            raise ValueError("within_parent lists a field twice")
+        return self
+
+
+class Approvers(BaseModel):
+    """The people who may approve holds: each with the Ed25519 keys they sign with."""
+
+    model_config = _CONFIG
+
+    members: dict[ApproverId, KeyFile] = Field(
+        default_factory=dict,
+        description="Approver id -> JWKS file(s) of the approver's Ed25519 public keys, relative"
+        " to the policy file.",
+    )
+    groups: dict[GroupName, Annotated[list[ApproverId], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="Named sets of approvers, usable in a rule's approval.approvers.",
+    )
+
+
 class Rule(BaseModel):
     """One rule. It applies when the principal, action and resource each match one of its
     patterns and its condition (if any) holds."""
@@ -204,6 +292,18 @@ class Rule(BaseModel):
         description="Exact resources or globs ('*' any run of characters, '?' one).",
     )
     when: Condition | None = Field(None, description="Optional condition.")
+    approval: Approval | None = Field(
+        None, description="escalate rules: who may approve the hold, how many, how long."
+    )
+    labels: list[Label] | None = Field(
+        None,
+        min_length=1,
+        description="allow rules: labels (taint) the allowed intent passes to its"
+        " descendants' lineage.labels.",
+    )
+    lineage: LineageRule | None = Field(
+        None, description="allow rules: constraints on the intent's parents and depth."
+    )
 
 
 class Bundle(BaseModel):
@@ -238,11 +338,18 @@ class Bundle(BaseModel):
         description="Declared param types per action pattern, checked against conditions"
         " of rules whose actions the pattern covers.",
     )
+    approvers: Approvers = Field(
+        default_factory=Approvers,
+        description="Who may approve this bundle's holds, with their public keys.",
+    )
     rules: list[Rule] = Field(description="The rules; their order never matters.")
 
 
 AllOf.model_rebuild()
 AnyOf.model_rebuild()
 NotOf.model_rebuild()
+Approval.model_rebuild()
+LineageRule.model_rebuild()
+Approvers.model_rebuild()
 Rule.model_rebuild()
 Bundle.model_rebuild()

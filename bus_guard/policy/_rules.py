@@ -3,7 +3,9 @@
 A :class:`CompiledRule` carries its patterns both as written (for messages and ``explain``)
 and as matchers specialised once: a frozenset for exact principals and actions, prefix
 checks or one regex for globs, a token matcher for action wildcards, and a closure for the
-condition.
+condition (and, for an allow rule with lineage constraints, the condition and the
+constraints). What a decision by the rule carries is compiled once too: an escalate rule's
+hold terms (:mod:`bus_guard.policy._approvers`) and an allow rule's labels (taints).
 
 Shadowing is proved, never guessed: an allow or escalate rule is reported unreachable only
 when a single unconditional rule of a stronger effect covers every principal, action and
@@ -18,7 +20,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bus_guard.decision import Request
+from bus_guard.decision import HoldTerms, Request
+from bus_guard.policy._approvers import hold_terms
 from bus_guard.policy._conditions import (
     ConditionNode,
     Predicate,
@@ -26,6 +29,7 @@ from bus_guard.policy._conditions import (
     compile_condition,
     predicate,
 )
+from bus_guard.policy._lineage import LineageCheck, compile_lineage
 from bus_guard.policy._model import Bundle, Rule
 from bus_guard.policy._patterns import (
     ActionIndex,
@@ -70,10 +74,16 @@ class CompiledRule:
     principal_globs: tuple[str, ...]
     action_tokens: tuple[Tokens, ...]
     condition: ConditionNode | None
+    hold: HoldTerms | None  # escalate rules: who may release the hold, how many, how long
+    taints: tuple[str, ...]  # allow rules: the labels (sorted) its allowed intents carry on
+    lineage: LineageCheck | None  # allow rules: constraints on the intent's lineage
     match_principal: Callable[[str], bool] = field(repr=False, compare=False)
     match_action: Callable[[str], bool] = field(repr=False, compare=False)
     match_resource: Callable[[str], bool] = field(repr=False, compare=False)
+    # Whether the rule applies, beyond its patterns: the condition and the lineage
+    # constraints (None: nothing to check). ``when`` is the condition alone.
     check: Callable[[Request], bool] | None = field(repr=False, compare=False)
+    when: Callable[[Request], bool] | None = field(repr=False, compare=False)
 
 
 def _action_matcher(patterns: Sequence[Tokens]) -> Callable[[str], bool]:
@@ -131,6 +141,31 @@ def compile_rule(
         condition = compile_condition(rule.when, scope, ("when",), cond_problems)
         for loc, message in cond_problems:
             problem(loc, message)
+    hold = hold_terms(rule, bundle, problem)
+    for key in ("labels", "lineage"):
+        if getattr(rule, key) is not None and rule.effect != "allow":
+            what = "labels taint" if key == "labels" else "lineage constraints limit"
+            problem(
+                (key,),
+                f"{key} is for allow rules ({what} what the rule allows); this rule's"
+                f" effect is {rule.effect}",
+            )
+    lineage = None
+    if rule.lineage is not None and rule.effect == "allow":
+        within = rule.lineage.within_parent or []
+        for i, name in enumerate(within):
+            if name.startswith("params."):
+                _numeric_param(
+                    name.removeprefix("params."), scope, ("lineage", "within_parent", i), problem
+                )
+        lineage = compile_lineage(
+            rule.lineage.max_depth, rule.lineage.requires_parent or [], within
+        )
+    when = None if condition is None else predicate(condition, shared)
+    check = when
+    if lineage is not None:
+        holds = lineage.holds
+        check = holds if when is None else _both(when, holds)
     return CompiledRule(
         id=rule.id,
         effect=rule.effect,
@@ -145,11 +180,37 @@ def compile_rule(
         principal_globs=tuple(globs),
         action_tokens=tokens,
         condition=condition,
+        hold=hold,
+        taints=tuple(sorted(set(rule.labels or ()))) if rule.effect == "allow" else (),
+        lineage=lineage,
         match_principal=set_matcher(["*"] if any_principal else [*sorted(ids), *globs]),
         match_action=_action_matcher(tokens),
         match_resource=set_matcher(rule.resources),
-        check=None if condition is None else predicate(condition, shared),
+        check=check,
+        when=when,
     )
+
+
+def _both(
+    first: Callable[[Request], bool], second: Callable[[Request], bool]
+) -> Callable[[Request], bool]:
+    return lambda r: first(r) and second(r)
+
+
+def _numeric_param(name: str, scope: Scope, loc: Loc, problem: Callable[[Loc, str], None]) -> None:
+    """``within_parent: [params.<name>]`` compares numbers: a schema covering the rule's
+    actions must declare the param a number or an integer (if it declares it)."""
+    declared = [(key, decl[name]) for key, decl in scope.schemas if name in decl]
+    if not declared and scope.complete:
+        names = ", ".join(sorted({n for _, decl in scope.schemas for n in decl}))
+        problem(loc, f"param {name!r} is not declared in the schema (declared: {names})")
+    for key, kind in declared:
+        if kind not in ("number", "integer"):
+            problem(
+                loc,
+                f"within_parent compares numbers, but params.{name} is declared {kind}"
+                f" in schema {key!r}",
+            )
 
 
 def _principals_cover(outer: CompiledRule, inner: CompiledRule) -> bool:

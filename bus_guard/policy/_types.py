@@ -26,17 +26,24 @@ from bus_guard.policy._regex import MAX_REGEX_CHARS, compile_regex
 
 __all__ = (
     "FIELD_HELP",
+    "MAX_TTL_S",
     "OPERATORS",
     "ActionPattern",
+    "ApproverId",
     "AttrName",
     "Attribute",
+    "Duration",
     "FieldPath",
     "GroupName",
+    "KeyFile",
+    "Label",
     "Name",
+    "NonNegative",
     "Number",
     "ParamType",
     "PrincipalId",
     "PrincipalPattern",
+    "Quorum",
     "Regex",
     "ResourcePattern",
     "RuleId",
@@ -44,6 +51,7 @@ __all__ = (
     "ScalarList",
     "ScalarValue",
     "Version",
+    "WithinField",
     "describe",
     "parse_field",
 )
@@ -159,6 +167,79 @@ def _field(path: str) -> str:
     return path
 
 
+MAX_TTL_S: Final = 30 * 86400.0
+"""The longest a hold may wait for its approvers: 30 days. A hold keeps its whole payload
+and a place in every gateway's open-holds view until it is resolved."""
+
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_RE: Final = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)([smhd])")
+
+
+def _duration(value: object) -> float:
+    """Seconds from a number of seconds or ``"90s"`` / ``"15m"`` / ``"24h"`` / ``"7d"``."""
+    found = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
+    if found is not None:
+        seconds = float(found[1]) * _UNITS[found[2]]
+    elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        seconds = float(value)
+    else:
+        raise ValueError(
+            f'expected seconds or a duration like "90s", "15m", "24h", "7d", got {describe(value)}'
+        )
+    if not 0 < seconds <= MAX_TTL_S:
+        raise ValueError(f"must be more than 0 and at most 30 days, got {describe(value)}")
+    return seconds
+
+
+def _whole(minimum: int) -> Any:
+    def check(value: object) -> int:
+        if type(value) is not int:
+            hint = " (quoted numbers are strings)" if isinstance(value, str) else ""
+            raise ValueError(f"expected a whole number, got {describe(value)}{hint}")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return PlainValidator(check)
+
+
+def _key_file(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a file path, got {describe(value)}")
+    parts = value.split("/")
+    if (
+        not value
+        or len(value) > 1024
+        or value.startswith("/")
+        or "\\" in value
+        or any(part in ("", ".", "..") for part in parts)
+        or any(ord(c) < 0x20 or c == "\x7f" for c in value)
+    ):
+        raise ValueError(
+            f"{value!r} is not a relative path inside the policy directory"
+            " (like approvers/alice.jwks.json: no '..', '.', empty parts or leading '/')"
+        )
+    return value
+
+
+def _key_files(value: object) -> list[str]:
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("the list is empty")
+        return [_key_file(item) for item in value]
+    return [_key_file(value)]
+
+
+def _within_field(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected params.<name> or resource, got {describe(value)}")
+    if value == "resource" or re.fullmatch(rf"params\.{_NAME}", value):
+        return value
+    if value.startswith("params.") and "." in value[len("params.") :]:
+        raise ValueError(f"{value!r}: within_parent compares top-level params only")
+    raise ValueError(f"{value!r} is not params.<name> or resource")
+
+
 _SCALAR_SCHEMA: Final = {"type": ["string", "number", "boolean"]}
 _LIST_SCHEMA: Final = {"type": "array", "items": _SCALAR_SCHEMA, "minItems": 1}
 
@@ -181,6 +262,40 @@ FieldPath = Annotated[
     WithJsonSchema({"type": "string", "pattern": f"^(?:{_FIELD_RE.pattern})$"}),
 ]
 
+Duration = Annotated[
+    float,
+    PlainValidator(_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TTL_S},
+                {"type": "string", "pattern": f"^(?:{_DURATION_RE.pattern})$"},
+            ]
+        }
+    ),
+]
+_KEY_FILE_SCHEMA: Final = {"type": "string", "minLength": 1, "maxLength": 1024}
+KeyFile = Annotated[
+    list[str],
+    PlainValidator(_key_files),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                _KEY_FILE_SCHEMA,
+                {"type": "array", "items": _KEY_FILE_SCHEMA, "minItems": 1},
+            ]
+        }
+    ),
+]
+WithinField = Annotated[
+    str,
+    PlainValidator(_within_field),
+    WithJsonSchema({"type": "string", "pattern": rf"^(?:params\.{_NAME}|resource)$"}),
+]
+Quorum = Annotated[int, _whole(1), WithJsonSchema({"type": "integer", "minimum": 1})]
+NonNegative = Annotated[int, _whole(0), WithJsonSchema({"type": "integer", "minimum": 0})]
+Label = Annotated[str, _Text(r"[A-Za-z0-9_.:-]{1,64}", "label (1-64 of A-Z a-z 0-9 _ . : -)")]
+ApproverId = Annotated[str, _Text(_NAME, "approver id (1-64 of A-Z a-z 0-9 _ -)")]
 Name = Annotated[str, _Text(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", "name (letters, digits, _ . -)")]
 Version = Annotated[str, _Text(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", 'version (e.g. "1.0.0")')]
 RuleId = Annotated[
