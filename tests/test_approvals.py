@@ -24,6 +24,7 @@ from joserfc.jwk import KeySet
 from nats.aio.client import Client
 
 from bus_guard.approval import ApprovalClaims, sign_approval
+from bus_guard.cli._watch import format_ledger_record
 from bus_guard.decision import (
     Decision,
     Effect,
@@ -198,6 +199,7 @@ async def test_quorum_releases_the_held_bytes_once_with_an_artifact_naming_the_v
     resolution = ledger[resolution_decision_id("guard", hold.decision_id)]
     assert (resolution.effect, resolution.reason) == ("allow", "approved")
     assert sorted(resolution.approvals) == sorted(votes)
+    assert format_ledger_record(resolution).plain.split()[0] == "RELEASED"
     assert released.headers["Guard-Decision"] == resolution.decision_id
     for vote_id in votes:
         vote = ledger[vote_id]
@@ -236,6 +238,7 @@ async def test_a_rejection_denies_the_hold_and_later_votes_are_refused(
     assert reasons == ["hold_resolved", "rejected"]
     resolution = (await _by_id(nc))[resolution_decision_id("guard", hold.decision_id)]
     assert (resolution.effect, resolution.reason) == ("deny", "rejected")
+    assert format_ledger_record(resolution).plain.split()[0] == "DENIED"
     assert stats.holds_rejected == 1 and stats.votes_refused == 1
     await nc.close()
 
@@ -340,6 +343,8 @@ async def test_every_bad_vote_is_refused_recorded_and_changes_nothing(
     assert resolution_decision_id("guard", hold.decision_id) not in ledger  # still open
     refused = [r for r in ledger.values() if r.effect == "deny" and r.reason in set(got)]
     assert len(refused) == len(got)
+    # `bus-guard watch` tells the engine's refused votes from resolutions
+    assert {format_ledger_record(r).plain.split()[0] for r in refused} == {"REFUSED"}
     assert all(r.parents == (r.hold or r.parents[0],) for r in refused if r.parents)
     assert stats.votes == 1 and stats.votes_refused == len(got) and stats.holds_released == 0
     await _audited(nc, keys[1])

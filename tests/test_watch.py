@@ -308,6 +308,7 @@ _REFUSED = _ledger(
     hold="H1",
     approver="mallory",
     parents=("H1",),
+    intake="GUARD_APPROVE/7/1764150000000000000",
 )
 _RELEASED = _ledger(
     "R1",
@@ -319,6 +320,7 @@ _RELEASED = _ledger(
     resource="account:acct-1",
     approvals=("V1", "V3"),
     parents=("H1",),
+    intake="GUARD_HOLD/resolution/H1",
 )
 
 

@@ -117,9 +117,13 @@ def format_record(record: DecisionRecord) -> Text:
 
 
 def _ledger_effect(record: LedgerRecord) -> str:
-    if record.approver:  # a vote: counted (approve / reject) or refused (deny)
-        return record.effect if record.effect in ("approve", "reject") else "refused"
-    return "released" if record.effect == "allow" else "denied"
+    if record.effect in ("approve", "reject"):  # a vote counted
+        return record.effect
+    # The gateway records a hold's resolution with intake "<hold stream>/resolution/<hold>"
+    # and a refused vote with the vote message's "<approve stream>/<seq>/<time>".
+    if record.intake.split("/")[1:2] == ["resolution"]:
+        return "released" if record.effect == "allow" else "denied"
+    return "refused"
 
 
 def format_ledger_record(record: LedgerRecord) -> Text:

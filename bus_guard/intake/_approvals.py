@@ -100,6 +100,7 @@ class _Refused(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.approver = ""  # who the vote claims to be, once its token could be read
 
 
 class _Retry(Exception):
@@ -206,6 +207,13 @@ class Approvals:
             token = read_approval(body)
         except ApprovalError as exc:
             raise _Refused(Reason.MALFORMED, str(exc)) from None
+        try:
+            return token, self._checked(token, hold_id, hold)
+        except _Refused as refused:
+            refused.approver = token.claims.approver  # as claimed: shown, never trusted
+            raise
+
+    def _checked(self, token: ReadApproval, hold_id: str, hold: LedgerRecord) -> str:
         claims = token.claims
         if claims.hold != hold_id:
             raise _Refused(Reason.MALFORMED, f"the vote names hold {claims.hold}, not {hold_id}")
@@ -229,7 +237,7 @@ class Approvals:
                 Reason.APPROVER_NOT_ALLOWED,
                 f"{approver} is not among the hold's approvers {list(hold.approvers)}",
             )
-        return token, approver
+        return approver
 
     async def _record_vote(
         self, intake: str, body: bytes, hold: LedgerRecord, token: ReadApproval, approver: str
@@ -247,10 +255,7 @@ class Approvals:
                 body,
                 hold.decision_id,
                 hold,
-                _Refused(
-                    Reason.DUPLICATE_APPROVAL,
-                    f"{approver} already voted on {hold.decision_id} ({existing.decision_id})",
-                ),
+                _duplicate(approver, hold.decision_id, existing.decision_id),
             )
             return None
         resolution = await self._lookup(resolution_decision_id(prefix, hold.decision_id))
@@ -490,6 +495,7 @@ class Approvals:
                 parents=parents,
                 hold_id=hold_id if hold is not None else "",
                 payload=body,
+                approver=refused.approver,
             )
             result = await self.recorder.record_outcomes([outcome], [intake], self.clock())
             if isinstance(result, Rejected):
@@ -597,6 +603,14 @@ class Approvals:
         self._sweep_from = oldest_open if oldest_open is not None else last + 1
         if len(self._resolved) > 100_000:
             self._resolved.clear()
+
+
+def _duplicate(approver: str, hold_id: str, first: str) -> _Refused:
+    refused = _Refused(
+        Reason.DUPLICATE_APPROVAL, f"{approver} already voted on {hold_id} ({first})"
+    )
+    refused.approver = approver
+    return refused
 
 
 def approve_consumer(settings: Settings) -> str:
