@@ -8,6 +8,7 @@ handling; the ``approvers:`` section of the policy language has its own tests.
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from bus_guard.decision import (
 from bus_guard.ledger import LedgerRecord
 from bus_guard.ledger._audit import audit
 from bus_guard.policy._load import PolicySet
+from bus_guard.server import NatsServer
 from bus_guard.signing._keys import kid_for
 from bus_guard.verify import JwkEntry, Verifier, b64url_encode, load_jwks, verify_message
 
@@ -449,4 +451,101 @@ async def test_the_python_api_votes_by_key_id_and_waits_for_the_gateways_record(
         assert rejected.resolution is not None and rejected.resolution.reason == "rejected"
     [released] = await stored(nc, "GUARD_EXEC")
     assert released.headers["Guard-Decision"] == second.resolution.decision_id
+    await nc.close()
+
+
+def _approving_policies(tmp_path: Path) -> tuple[Path, dict[str, Ed25519PrivateKey]]:
+    """The shipped policies with fresh approver keys: the shipped approvers' JWKS files are
+    public keys whose private halves were thrown away, so each is replaced."""
+    from bus_guard.signing._keys import generate_key, load_private_key
+
+    from .conftest import POLICIES
+
+    target = tmp_path / "policies"
+    shutil.copytree(POLICIES, target)
+    keys: dict[str, Ed25519PrivateKey] = {}
+    for jwks in sorted((target / "approvers").glob("*.jwks.json")):
+        name = jwks.name.removesuffix(".jwks.json")
+        private, public = generate_key(tmp_path / "approver-keys" / name)
+        shutil.copyfile(public, jwks)
+        keys[name] = load_private_key(private)
+    return target, keys
+
+
+async def test_the_shipped_policy_needs_both_treasury_leads(
+    nats_url: str, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The real policy path: `approvers:` and `approval: {quorum: 2}` in YAML; one vote is
+    not enough, the second releases; a non-lead's key is refused."""
+    from bus_guard import approve
+    from bus_guard.policy._load import load_policies
+
+    directory, approver_keys = _approving_policies(tmp_path)
+    policies = load_policies(directory)
+    nc = await nats.connect(nats_url)
+    async with stream_gateway(stream_settings(nats_url), policies, keys[0]):
+        hold = await _hold(nc)
+        assert (hold.approvers, hold.quorum) == (("alice", "bob"), 2)
+        assert hold.rules == ("transfer-large",)
+        assert 86390 < hold.expires - hold.ts <= 86400  # ttl: 24h
+        first = await approve(nc, hold.decision_id, approver_keys["alice"], wait_s=20)
+        assert first.recorded is not None and first.resolution is None
+        stranger = Ed25519PrivateKey.generate()
+        refused = await approve(nc, hold.decision_id, stranger, wait_s=20)
+        assert refused.recorded is not None
+        assert refused.recorded.reason == "approver_not_allowed"
+        assert await stored(nc, "GUARD_EXEC") == []
+        second = await approve(nc, hold.decision_id, approver_keys["bob"], wait_s=20)
+        assert second.resolution is not None and second.resolution.reason == "approved"
+    [released] = await stored(nc, "GUARD_EXEC")
+    assert released.headers["Guard-Decision"] == second.resolution.decision_id
+    await nc.close()
+
+
+async def test_a_gateway_killed_between_approval_and_release_releases_once_after_restart(
+    nats_server: NatsServer, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """SCENARIOS S20 with real processes: both votes recorded and the resolution recorded,
+    but its exec message not stored (the exec stream is gone), then SIGKILL. After the
+    stream is back and a gateway restarts, the redelivered vote adopts what was recorded
+    and the held intent is released exactly once."""
+    from bus_guard import approve
+
+    from .crashkit import GatewayProcess, run_argv
+
+    directory, approver_keys = _approving_policies(tmp_path)
+    url = nats_server.url
+    argv = run_argv(url, keys[0], "gw-kill", "--policies", str(directory))
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    first = GatewayProcess(argv)
+    first.start()
+    try:
+        hold = await _hold(nc)
+        exec_config = (await js.stream_info("GUARD_EXEC")).config
+        await js.delete_stream("GUARD_EXEC")
+        await approve(nc, hold.decision_id, approver_keys["alice"])
+        await approve(nc, hold.decision_id, approver_keys["bob"])
+        resolution_id = resolution_decision_id("guard", hold.decision_id)
+
+        async def resolved() -> bool:
+            return resolution_id in await _by_id(nc)
+
+        await eventually(resolved, what="the release recorded")
+    finally:
+        first.kill()  # SIGKILL: the last vote is not acked
+    assert not await _settled(nc)
+    await js.add_stream(exec_config)
+    second = GatewayProcess(argv)
+    second.start()
+    try:
+        await eventually(lambda: _settled(nc), timeout_s=60, what="the vote settled after restart")
+    finally:
+        second.stop()
+    [released] = await stored(nc, "GUARD_EXEC")
+    assert released.headers["Guard-Decision"] == resolution_id
+    ledger = await _by_id(nc)
+    assert released.headers["Guard-Artifact"] == ledger[resolution_id].artifact
+    [hold_msg] = records(await stored(nc, "GUARD_HOLD"))
+    assert released.data == hold_msg["payload"].encode()
     await nc.close()
