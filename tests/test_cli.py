@@ -275,6 +275,13 @@ def test_demo_passes_end_to_end(artifacts: str, capsys: pytest.CaptureFixture[st
     assert executed is not None and batched is not None, out
     assert int(executed[1]) > 0  # the executor verified artifacts of the kind asked for
     assert int(batched[1]) == (int(executed[1]) if artifacts == "batched" else 0)
+    # the approvers at work (stream mode, the default): both treasury leads release the
+    # first hold, the second is rejected; the release is executed with a verified artifact
+    released = re.search(r"holds: released\D*(\d+)", out)
+    rejected = re.search(r"holds: rejected\D*(\d+)", out)
+    assert released is not None and rejected is not None, out
+    assert (int(released[1]), int(rejected[1])) == (1, 1)
+    assert "RELEASED" in out and "APPROVED   alice" in out and "APPROVED   bob" in out
 
 
 # -- the gateway as a real process -------------------------------------------------------

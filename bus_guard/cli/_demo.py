@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import random
+import shutil
 import tempfile
 import time
 import uuid
@@ -22,6 +23,8 @@ from typing import Final
 import anyio
 import msgspec
 import nats
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from rich.console import Console
 from rich.markup import escape
@@ -30,7 +33,8 @@ from rich.text import Text
 
 from bus_guard.cli._safe import safe
 from bus_guard.cli._watch import format_record
-from bus_guard.errors import VerificationError
+from bus_guard.errors import ApprovalRefused, GatewayError, VerificationError
+from bus_guard.intake._approver import approve, reject
 from bus_guard.intake._gateway import Gateway, round_trip
 from bus_guard.ledger._records import CheckpointSigner
 from bus_guard.pipeline import DecisionRecord
@@ -143,6 +147,14 @@ class _Tally:
     bad_artifacts: int = 0
     batched_artifacts: int = 0  # verified artifacts that were batched (a tree head and a proof)
     decided: int = 0
+    holds: list[str] = field(default_factory=list)  # hold decision ids, in arrival order
+    released: set[str] = field(default_factory=set)  # payload digests released by approvals
+    resolutions: collections.Counter[str] = field(default_factory=collections.Counter)
+    resolved: anyio.Event = field(default_factory=anyio.Event)  # a resolution arrived
+
+    def resolution(self, what: str) -> None:
+        self.resolutions[what] += 1
+        self.resolved.set()
 
 
 def _markup(text: str) -> str:
@@ -151,6 +163,16 @@ def _markup(text: str) -> str:
 
 def _executed(claims: ArtifactClaims) -> Text:
     """What the executor ran: the claims of a verified artifact, values escaped."""
+    if claims.hold:  # a held intent its approvers released
+        return Text.assemble(
+            (f"{'RELEASED':<10}", "bold green"),
+            " ",
+            (f"{safe(claims.sub):<12}", "cyan"),
+            f" {safe(claims.action)} {safe(claims.resource)}  ",
+            ("artifact ok", "magenta"),
+            f" hold={safe(claims.hold)} votes={len(claims.approvals)} ",
+            (f"id={safe(claims.jti)}", "dim"),
+        )
     return Text.assemble(
         (f"{'EXECUTED':<10}", "bold green"),
         " ",
@@ -191,10 +213,11 @@ async def run_demo(
 ) -> int:
     """The demo; ``bus-guard demo``'s options (and their defaults: cli._arguments)."""
     console = console or Console(highlight=False)
-    policies = load_policies(policies_dir)
     rng = random.Random(seed)
     tally = _Tally()
     with tempfile.TemporaryDirectory(prefix="bus-guard-demo-") as tmp:
+        policies_dir, approvers = _with_demo_approvers(policies_dir, Path(tmp))
+        policies = load_policies(policies_dir)
         key_path, jwks_path = generate_key(Path(tmp))
         key = load_private_key(key_path)
         verifier = Verifier(jwks_path)
@@ -231,6 +254,11 @@ async def run_demo(
                     if (msg.headers or {}).get(ARTIFACT_HEADER, "").startswith(BATCH_PREFIX):
                         tally.batched_artifacts += 1
                     tally.executed_digests.add(claims.payload_sha256)
+                    if claims.hold:  # a hold released by its approvers, not a new decision
+                        tally.released.add(claims.payload_sha256)
+                        tally.resolution("released")
+                        _show(console, _executed(claims))
+                        return
                     tally.effects["allow"] += 1
                     tally.reasons[("allow", "allowed_by_rule")] += 1
                     if not quiet:
@@ -239,6 +267,12 @@ async def run_demo(
 
             async def operator(msg: Msg) -> None:
                 record = _record.decode(msg.data)
+                if record.hold:  # a hold's denial (rejected, expired) or a refused vote
+                    tally.resolution(record.reason)
+                    _show(console, format_record(record))
+                    return
+                if record.effect == "hold":
+                    tally.holds.append(record.decision_id)
                 tally.effects[record.effect] += 1
                 tally.reasons[(record.effect, record.reason)] += 1
                 tally.not_allowed.add(record.payload_sha256)
@@ -270,20 +304,90 @@ async def run_demo(
                     with anyio.move_on_after(timeout_s):
                         await all_decided.wait()
                     elapsed = time.perf_counter() - started
+                    if mode == "stream" and approvers:
+                        await _approvals(console, nc, tally, approvers, timeout_s)
+                    elif tally.holds:
+                        console.print(
+                            "[dim]core mode keeps no ledger: its holds cannot be approved "
+                            "(run the demo in stream mode to see approvals)[/]"
+                        )
                     stats = gateway.statistics()
             finally:
                 with anyio.CancelScope(shield=True):
                     await nc.drain()
-    leaked = tally.executed_digests & tally.not_allowed
+    # Held intents released by their approvers were executed rightly: not a leak.
+    leaked = (tally.executed_digests & tally.not_allowed) - tally.released
     _summary(console, tally, count, elapsed, stats.received, leaked)
     ok = tally.decided == count and tally.bad_artifacts == 0 and not leaked
     console.print(
         "[bold green]PASS[/]: every executed action carried a valid artifact; "
-        "nothing denied or held was executed"
+        "nothing denied, or held and not approved, was executed"
         if ok
         else "[bold red]FAIL[/]"
     )
     return 0 if ok else 1
+
+
+def _with_demo_approvers(
+    policies_dir: Path, tmp: Path
+) -> tuple[Path, dict[str, Ed25519PrivateKey]]:
+    """A copy of *policies_dir* whose approvers (``approvers/<id>.jwks.json``) get keys made
+    for this demo, so that it can approve its holds: the shipped approver keys are public
+    halves whose private halves do not exist. Without such files: the directory as it is."""
+    if not any((policies_dir / "approvers").glob("*.jwks.json")):
+        return policies_dir, {}
+    copy = tmp / "policies"
+    shutil.copytree(policies_dir, copy)
+    approvers: dict[str, Ed25519PrivateKey] = {}
+    for jwks in sorted((copy / "approvers").glob("*.jwks.json")):
+        name = jwks.name.removesuffix(".jwks.json")
+        private, public = generate_key(tmp / "approvers" / name)
+        shutil.copyfile(public, jwks)
+        approvers[name] = load_private_key(private)
+    return copy, approvers
+
+
+async def _approvals(
+    console: Console,
+    nc: Client,
+    tally: _Tally,
+    approvers: dict[str, Ed25519PrivateKey],
+    timeout_s: float,
+) -> None:
+    """The approvers at work: the first hold approved by every approver (any quorum), the
+    second rejected by the first approver; each vote waits for the gateway's record."""
+    if not tally.holds:
+        return
+    console.print("[bold]approvers[/]: votes on the first holds (bus-guard approve / reject)")
+    plan: list[tuple[str, str, bool]] = [(tally.holds[0], name, True) for name in approvers]
+    if len(tally.holds) > 1:
+        plan.append((tally.holds[1], next(iter(approvers)), False))
+    expected = 0  # resolutions recorded: their exec / deny messages are on their way
+    for hold_id, name, yes in plan:
+        vote = approve if yes else reject
+        try:
+            done = await vote(
+                nc, hold_id, approvers[name], approver=name, reason="demo", wait_s=timeout_s
+            )
+        except (ApprovalRefused, GatewayError) as exc:
+            console.print(f"  {_markup(name)}: {_markup(str(exc))}")
+            continue
+        recorded = done.recorded
+        verdict = "APPROVED" if yes else "REJECTED"
+        state = "recorded" if recorded is not None else "not recorded in time"
+        console.print(
+            Text.assemble(
+                (f"{verdict:<10}", "bold yellow"),
+                f" {safe(name)} on hold {safe(hold_id)}: {state}",
+            )
+        )
+        if done.resolution is not None:
+            expected += 1
+    # The resolutions' outputs follow their records: wait for them to arrive here.
+    with anyio.move_on_after(timeout_s):
+        while sum(tally.resolutions.values()) < expected:
+            tally.resolved = anyio.Event()
+            await tally.resolved.wait()
 
 
 def _summary(
@@ -302,6 +406,8 @@ def _summary(
     table.add_row("executed (artifact verified)", "", str(len(tally.executed)))
     table.add_row("  of which batched artifacts", "", str(tally.batched_artifacts))
     table.add_row("refused by executor (bad artifact)", "", str(tally.bad_artifacts))
+    for what, n in sorted(tally.resolutions.items()):
+        table.add_row(f"holds: {what}", "", str(n))
     table.add_row("denied/held but executed", "", str(len(leaked)))
     table.add_row("elapsed", "", f"{elapsed:.2f}s")
     console.print(table)
