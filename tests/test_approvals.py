@@ -8,6 +8,8 @@ handling; the ``approvers:`` section of the policy language has its own tests.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import shutil
 import time
 import warnings
@@ -25,6 +27,7 @@ from joserfc.jwk import KeySet
 from nats.aio.client import Client
 
 from bus_guard.approval import ApprovalClaims, sign_approval
+from bus_guard.cli._main import main
 from bus_guard.cli._watch import format_ledger_record
 from bus_guard.decision import (
     Decision,
@@ -218,6 +221,12 @@ async def test_quorum_releases_the_held_bytes_once_with_an_artifact_naming_the_v
     assert independent["hold"] == hold.decision_id and independent["jti"] == resolution.decision_id
     assert stats.votes == quorum and stats.holds_released == 1 and stats.votes_refused == 0
     await _audited(nc, keys[1])
+    # `bus-guard lineage` shows the votes and the release under the hold
+    out = io.StringIO()
+    code = await asyncio.to_thread(main, ["lineage", hold.decision_id, "--nats", nats_url], out=out)
+    descendants = out.getvalue().split("descendants (caused):")[1]
+    assert code == 0 and resolution.decision_id in descendants
+    assert all(vote_id in descendants for vote_id in votes)
     await nc.close()
 
 

@@ -81,12 +81,12 @@ async def show(nc: Client, stream: str, prefix: str, decision_id: str, *, out: T
         except msgspec.DecodeError:
             continue
         records[record.decision_id] = record
-        for parent in record.parents:
+        for parent in _caused_by(record):
             children[parent].append(record.decision_id)
     if decision_id not in records:
         say(out, f"{decision_id}: no such decision in {stream} ({subjects.all})")
         return 1
-    ancestors = {rid: list(r.parents) for rid, r in records.items()}
+    ancestors = {rid: _caused_by(r) for rid, r in records.items()}
     say(out, "ancestors (caused by):")
     for line in render_tree(decision_id, ancestors, records):
         say(out, f"  {line}")
@@ -94,3 +94,12 @@ async def show(nc: Client, stream: str, prefix: str, decision_id: str, *, out: T
     for line in render_tree(decision_id, children, records):
         say(out, f"  {line}")
     return 0
+
+
+def _caused_by(record: LedgerRecord) -> list[str]:
+    """What caused *record*: its parents, and for a hold's release or denial the hold (a
+    vote names the hold as its parent already)."""
+    parents = list(record.parents)
+    if record.hold and record.hold not in parents:
+        parents.append(record.hold)
+    return parents
