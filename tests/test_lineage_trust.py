@@ -9,6 +9,7 @@ it writes records of its own. A "restart" is a new gateway process's worth of st
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -47,6 +48,14 @@ def keys(tmp_path: Path) -> tuple[Path, Path]:
 def policies(tmp_path: Path) -> PolicySet:
     (tmp_path / "lineage.yaml").write_text(BUNDLE)
     return load_policies(tmp_path)
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Client]:
+    """A client of the test's own (closed even when the test fails)."""
+    client = await nats.connect(nats_url)
+    yield client
+    await client.close()
 
 
 async def forge(nc: Client, record: LedgerRecord) -> None:
@@ -91,11 +100,10 @@ FORGERIES = (
 
 @pytest.mark.parametrize("forgery", FORGERIES)
 async def test_a_forged_parent_record_never_counts(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, forgery: str
+    nats_url: str, nc: Client, keys: tuple[Path, Path], policies: PolicySet, forgery: str
 ) -> None:
     """After a restart (no cache), a child naming a parent whose only allow record is
     forged is denied ``lineage_violation`` at once and never reaches ``guard.exec``."""
-    nc = await nats.connect(nats_url)
     agents = Agents(nc)
     async with stream_gateway(settings_for(nats_url), policies, keys[0]):
         denied = await agents.send("agent-1", "tools.shell", "denied")
@@ -143,17 +151,15 @@ async def test_a_forged_parent_record_never_counts(
         assert stats.forged_parents == 1
     assert stats.lineage_waits == 0
     assert await exec_ids(nc) == [allowed.decision_id]
-    await nc.close()
 
 
 async def test_later_forged_records_neither_break_nor_fool_a_child(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, nc: Client, keys: tuple[Path, Path], policies: PolicySet
 ) -> None:
     """A forger can always add a record after the genuine one. The first record of a
     decision id is the gateway's (create-only), so: a forged denial of an allowed parent
     does not break its child (allowed), and a web fetch laundered into a search does not
     fool the policy (its child still carries the ``tools.http.get`` taint)."""
-    nc = await nats.connect(nats_url)
     agents = Agents(nc)
     async with stream_gateway(settings_for(nats_url), policies, keys[0]):
         search = await agents.send("agent-1", "tools.search", "search")
@@ -175,14 +181,12 @@ async def test_later_forged_records_neither_break_nor_fool_a_child(
     assert "tools.http.get" in c2.labels
     assert stats.forged_parents == 0
     assert c2.decision_id not in await exec_ids(nc)
-    await nc.close()
 
 
 @pytest.mark.parametrize("artifacts", ["per-message", "batched"])
 async def test_a_genuine_parent_counts_after_a_restart(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, artifacts: ArtifactMode
+    nats_url: str, nc: Client, keys: tuple[Path, Path], policies: PolicySet, artifacts: ArtifactMode
 ) -> None:
-    nc = await nats.connect(nats_url)
     agents = Agents(nc)
     settings = settings_for(nats_url, artifacts=artifacts)
     async with stream_gateway(settings, policies, keys[0]):
@@ -195,7 +199,6 @@ async def test_a_genuine_parent_counts_after_a_restart(
     assert child.effect == "allow", child.message
     assert (child.lineage_depth, child.lineage_root) == (1, "agent-1")
     assert stats.forged_parents == 0
-    await nc.close()
 
 
 @pytest.mark.parametrize(
@@ -208,10 +211,9 @@ async def test_a_genuine_parent_counts_after_a_restart(
     ],
 )
 async def test_parents_verify_with_the_trusted_jwks(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, jwks: str, counts: bool
+    nats_url: str, nc: Client, keys: tuple[Path, Path], policies: PolicySet, jwks: str, counts: bool
 ) -> None:
     key, jwks_path = keys
-    nc = await nats.connect(nats_url)
     agents = Agents(nc)
     async with stream_gateway(settings_for(nats_url), policies, key):
         parent = await agents.send("agent-1", "tools.search", "parent")
@@ -232,16 +234,14 @@ async def test_parents_verify_with_the_trusted_jwks(
     else:
         assert child.effect == "deny" and "is not a known decision" in child.message
         assert stats.forged_parents == 1
-    await nc.close()
 
 
 # --- B: children wait for undecided and held parents ------------------------------------
 
 
 async def test_a_child_published_before_its_parent_waits_for_it(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, nc: Client, keys: tuple[Path, Path], policies: PolicySet
 ) -> None:
-    nc = await nats.connect(nats_url)
     agents = Agents(nc)
     settings = settings_for(nats_url, lineage_wait_s=30.0, lineage_nak_delay_s=0.2)
     parent_id = did("agent-1", "parent")
@@ -262,13 +262,11 @@ async def test_a_child_published_before_its_parent_waits_for_it(
     assert (child.lineage_depth, child.parents) == (1, (parent_id,))
     assert child.decision_id in await exec_ids(nc)
     assert stats.lineage_waiting == 0
-    await nc.close()
 
 
 async def test_a_child_of_a_held_parent_waits_then_is_denied(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, nc: Client, keys: tuple[Path, Path], policies: PolicySet
 ) -> None:
-    nc = await nats.connect(nats_url)
     agents = Agents(nc)
     settings = settings_for(nats_url, lineage_wait_s=1.5, lineage_nak_delay_s=0.2)
     gateway = stream_gateway(settings, policies, keys[0])
@@ -282,17 +280,15 @@ async def test_a_child_of_a_held_parent_waits_then_is_denied(
     assert child.ts - stored_at(child.intake) >= 1.5  # it waited, the whole time
     assert stats.lineage_waits >= 2 and stats.lineage_waiting == 0
     assert await exec_ids(nc) == []
-    await nc.close()
 
 
 @pytest.mark.parametrize("release", ["genuine", "forged"])
 async def test_a_released_hold_is_the_parent_its_children_see(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, release: str
+    nats_url: str, nc: Client, keys: tuple[Path, Path], policies: PolicySet, release: str
 ) -> None:
     """The approvals engine (played here) resolves a hold with a release record of its own
     id, signed, whose ``hold`` names the hold: a waiting child then descends from the held
     intent. A release that does not verify resolves nothing: the child is denied at once."""
-    nc = await nats.connect(nats_url)
     agents = Agents(nc)
     settings = settings_for(nats_url, lineage_wait_s=30.0, lineage_nak_delay_s=0.2)
     gateway = stream_gateway(settings, policies, keys[0])
@@ -331,15 +327,13 @@ async def test_a_released_hold_is_the_parent_its_children_see(
         assert child.effect == "deny" and child.reason == "lineage_violation"
         assert f"parent {hold.decision_id} is hold, not allowed" in child.message
         assert stats.forged_parents == 1
-    await nc.close()
 
 
 async def test_waiting_children_are_bounded(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, nc: Client, keys: tuple[Path, Path], policies: PolicySet
 ) -> None:
     """At most ``lineage_max_waiting`` children wait at once; the next one is decided now:
     an agent cannot park unbounded work (each waiting child holds an ack-pending slot)."""
-    nc = await nats.connect(nats_url)
     js = nc.jetstream()
     settings = settings_for(
         nats_url, lineage_wait_s=30.0, lineage_nak_delay_s=0.2, lineage_max_waiting=2
@@ -368,7 +362,6 @@ async def test_waiting_children_are_bounded(
         await eventually(lambda: drained(js), what="intake drained")
     ledger = {r.intent_id: r for r in await ledger_decisions(nc) if r.principal == "agent-2"}
     assert [ledger[f"child-{i}"].effect for i in range(3)] == ["allow", "allow", "deny"]
-    await nc.close()
 
 
 def test_lineage_settings_are_checked() -> None:
