@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import msgspec
 import nats
 import pytest
@@ -29,8 +30,9 @@ from bus_guard.settings import ArtifactMode, Checks, Settings, StreamSettings
 from bus_guard.signing._keys import generate_key, kid_for, load_private_key, revoke_key, rotate_key
 from bus_guard.signing._signer import Signer
 from bus_guard.subjects import Subjects
-from bus_guard.verify import load_jwks
+from bus_guard.verify import Jwks, load_jwks
 
+from .crashkit import GatewayProcess, run_argv
 from .helpers import intent
 from .streamkit import drained, eventually, ledger_decisions, stored, stream_gateway
 from .streamkit import stream_settings as settings_for
@@ -372,3 +374,47 @@ def test_lineage_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="max_past_skew_s"):
         Settings(stream=StreamSettings(lineage_wait_s=60), checks=Checks(max_past_skew_s=60))
     assert Settings(stream=StreamSettings(lineage_wait_s=0, lineage_max_waiting=0))
+
+
+@pytest.mark.parametrize("jwks", ["next-to-the-key", "--jwks-without-the-old-key"])
+async def test_bus_guard_run_verifies_parents_with_its_jwks(
+    nats_url: str, nc: Client, keys: tuple[Path, Path], tmp_path: Path, jwks: str
+) -> None:
+    """``bus-guard run`` trusts the ``jwks.json`` next to ``--key`` (rotated keys included),
+    or the ``--jwks`` it is given: a parent signed with a retired key counts only if that
+    key is in it."""
+    key, jwks_path = keys
+    js = nc.jetstream()
+    extra: tuple[str, ...] = ()
+    if jwks != "next-to-the-key":
+        extra = ("--jwks", str(tmp_path / "new-only.json"))
+    argv = run_argv(nats_url, key, "gw-cli", "--ack-wait", "2", *extra)
+
+    async def decide(principal: str, intent_id: str, *parents: str) -> LedgerRecord:
+        gateway = GatewayProcess(argv)
+        await anyio.to_thread.run_sync(gateway.start)
+        try:
+            await js.publish(
+                f"guard.in.{principal}.tools.search",
+                intent("tools.search", "t", id=intent_id, parents=list(parents)),
+            )
+            await eventually(lambda: drained(js), what="intake drained")
+        finally:
+            assert await anyio.to_thread.run_sync(gateway.stop) == 0
+        ledger = {r.decision_id: r for r in await ledger_decisions(nc)}
+        return ledger[did(principal, intent_id)]
+
+    if extra:  # the first gateway's own key, until the rotation
+        (tmp_path / "new-only.json").write_bytes(jwks_path.read_bytes())
+    parent = await decide("agent-1", "parent")
+    rotation = rotate_key(key.parent)
+    if extra:  # the new key alone: the parent's signature no longer verifies
+        entry = load_jwks(jwks_path).entry(rotation.new_kid)
+        assert entry is not None
+        (tmp_path / "new-only.json").write_bytes(Jwks([entry]).to_json())
+    child = await decide("agent-2", "child", parent.decision_id)
+    assert parent.effect == "allow"
+    if jwks == "next-to-the-key":
+        assert child.effect == "allow", child.message
+    else:
+        assert child.effect == "deny" and "is not a known decision" in child.message
