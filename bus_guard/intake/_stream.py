@@ -489,13 +489,14 @@ class StreamIntake:
                 self.counters.acks += 1
         for it in undeliverable.values():
             await self._give_up(it)
-        later = [it for it in batch.items if id(it) not in done and id(it) not in undeliverable]
-        waits = [_msg(it) for it in later if isinstance(it, Undecided) and it.retry_in_s]
-        self.counters.lineage_waits += len(waits)
-        await self._nak(
-            _msg(it) for it in later if not (isinstance(it, Undecided) and it.retry_in_s)
-        )
-        await self._nak(waits, delay_s=self._s.lineage_nak_delay_s)
+        for it in batch.items:
+            if id(it) in done or id(it) in undeliverable:
+                continue
+            if isinstance(it, Undecided) and it.retry_in_s:  # a child waiting for a parent
+                self.counters.lineage_waits += 1
+                await self._nak([_msg(it)], delay_s=it.retry_in_s)
+            else:
+                await self._nak([_msg(it)])
 
     async def _give_up(self, it: Recorded) -> None:
         """End an intent whose recorded decision's outputs the server keeps refusing: its
