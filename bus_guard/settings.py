@@ -79,6 +79,14 @@ class StreamSettings:
     checkpoint_every: int = 1000  # ledger records between signed checkpoints ...
     checkpoint_interval_s: float = 10.0  # ... or seconds, whichever comes first
     max_lineage_depth: int = 32  # deeper chains of decisions are a lineage_violation
+    # A child whose parent is not decided yet (not in the ledger) or held waits, nak'd and
+    # looked at again every lineage_nak_delay_s, until lineage_wait_s after it was stored;
+    # then it is denied lineage_violation. At most lineage_max_waiting intents wait at once
+    # per gateway (beyond, they are decided now): a nak'd intent keeps its slot in the
+    # consumer's max_ack_pending while it waits, so the others must keep room there.
+    lineage_wait_s: float = 30.0
+    lineage_nak_delay_s: float = 1.0
+    lineage_max_waiting: int = 256
     hold_sweep_s: float = 5.0  # how often unresolved holds past their expiry are denied
 
     def problems(self) -> list[str]:
@@ -109,6 +117,15 @@ class StreamSettings:
             out.append("replicas is below min_replicas")
         if self.max_lineage_depth < 0:
             out.append("max_lineage_depth must not be negative")
+        if not (math.isfinite(self.lineage_wait_s) and self.lineage_wait_s >= 0):
+            out.append("lineage_wait_s must be a finite number >= 0")
+        if not (math.isfinite(self.lineage_nak_delay_s) and self.lineage_nak_delay_s > 0):
+            out.append("lineage_nak_delay_s must be positive")
+        if not 0 <= self.lineage_max_waiting < self.max_ack_pending:
+            out.append(
+                "lineage_max_waiting must be 0..max_ack_pending - 1 (waiting intents hold "
+                "ack-pending slots; the others need room)"
+            )
         return out
 
 
@@ -162,6 +179,11 @@ class Settings:
         for name in ("max_payload_bytes", "max_nesting_depth", "pending_msgs_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.stream.lineage_wait_s >= self.checks.max_past_skew_s:
+            raise ConfigError(
+                "stream.lineage_wait_s must be below checks.max_past_skew_s: a child that "
+                "waited that long for its parent would be denied expired"
+            )
         if self.artifact_ttl_s <= 0 or self.drain_timeout_s <= 0:
             raise ConfigError("artifact_ttl_s and drain_timeout_s must be positive")
         if self.artifacts not in ("per-message", "batched"):

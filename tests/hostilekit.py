@@ -89,6 +89,9 @@ VICTIM_BOUND_S: Final = 2.0  # each of the victim's intents decided within this,
 VICTIM_MIN_INTENTS: Final = 5  # the victim publishes at least this many per attack
 VICTIM_INTERVAL_S: Final = 0.05  # its pace (a rate, not a synchronisation)
 OUTCOME_TIMEOUT_S: Final = 10.0  # every accepted input decided within this after the last
+# Stream mode: a child of parents that are not in the ledger waits this long for them, then
+# it is denied (the gateway's --lineage-wait; well within OUTCOME_TIMEOUT_S).
+LINEAGE_WAIT_S: Final = 2.0
 RSS_MAX_MIB: Final = 200  # the gateway's resident set at the end of an attack ...
 RSS_GROWTH_MAX_MIB: Final = 64  # ... and its growth during it
 
@@ -408,6 +411,8 @@ def arena(
                 mode,
                 "--gateway-id",
                 f"hostile-{mode}",
+                "--lineage-wait",
+                str(LINEAGE_WAIT_S),
             ]
         )
         gateway.start(timeout_s=30)

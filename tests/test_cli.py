@@ -156,7 +156,7 @@ def test_run_defaults_are_the_settings_defaults() -> None:
     parser holds no default of its own (every run option is a settings option), so a second
     copy of a default cannot drift from the first."""
     args = parser().parse_args(RUN)
-    not_settings = {"command", "log_level", "log_format", "policies", "key"}
+    not_settings = {"command", "log_level", "log_format", "policies", "key", "jwks"}
     assert set(vars(args)) == not_settings | {option.dest for option in RUN_OPTIONS}
     settings = run_settings(args)
     assert settings == Settings(nats_url="nats://bus:4222", gateway_id=settings.gateway_id)
@@ -229,6 +229,7 @@ def test_every_run_option_sets_its_setting() -> None:
         *("--max-deliveries", "12", "--retry-horizon", "121", "--dedup-window", "601"),
         *("--replicas", "3", "--min-replicas", "2", "--checkpoint-every", "1001"),
         *("--checkpoint-interval", "11", "--max-lineage-depth", "33"),
+        *("--lineage-wait", "31", "--lineage-retry", "0.5", "--lineage-max-waiting", "99"),
     ]
     assert run_settings(parser().parse_args(argv)) == Settings(
         nats_url="nats://bus:4222",
@@ -257,6 +258,9 @@ def test_every_run_option_sets_its_setting() -> None:
             checkpoint_every=1001,
             checkpoint_interval_s=11.0,
             max_lineage_depth=33,
+            lineage_wait_s=31.0,
+            lineage_nak_delay_s=0.5,
+            lineage_max_waiting=99,
         ),
     )
     # An empty --gateway-id leaves it to Settings, as before.

@@ -1,6 +1,8 @@
 """Lineage: parents are decision ids looked up in the ledger; depth, root and inherited
-labels are computed there, never taken from the agent; unknown, denied or held parents and
-chains deeper than the cap are ``lineage_violation``; ``bus-guard lineage`` prints trees."""
+labels are computed there, never taken from the agent; denied parents, unknown or held
+ones (after the child waited for them) and chains deeper than the cap are
+``lineage_violation``; ``bus-guard lineage`` prints trees. Which parent records count
+(verified ones) and the waiting: tests/test_lineage_trust.py."""
 
 from __future__ import annotations
 
@@ -156,16 +158,19 @@ async def test_labels_are_inherited_taint(
     ("parent", "expect"),
     [
         ("denied", "was denied (no_matching_rule)"),
-        ("held", "is hold, not allowed"),
-        ("unknown", "is not a known decision"),
+        ("held", "is still held after 1 s"),
+        ("unknown", "is still unknown after 1 s"),
     ],
 )
 async def test_a_child_of_a_denied_held_or_unknown_parent_is_a_lineage_violation(
     nats_url: str, keys: tuple[Path, Path], policies: PolicySet, parent: str, expect: str
 ) -> None:
+    """A denied parent is final at once; a held or unknown one after the child waited
+    (``lineage_wait_s``, here 1 s: tests/test_lineage_trust.py has the waiting itself)."""
     nc = await nats.connect(nats_url)
     agents = Agents(nc)
-    async with stream_gateway(stream_settings(nats_url), policies, keys[0]):
+    settings = stream_settings(nats_url, lineage_wait_s=1.0, lineage_nak_delay_s=0.2)
+    async with stream_gateway(settings, policies, keys[0]):
         if parent == "denied":
             first = await agents.send("agent-1", "tools.shell", "p")  # no rule: denied
             assert first.effect == "deny"

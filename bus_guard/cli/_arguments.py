@@ -277,6 +277,27 @@ _STREAM: Final = (
         "deny intents deeper in a chain of decisions",
         metavar="N",
     ),
+    SettingOption(
+        "--lineage-wait",
+        "stream.lineage_wait_s",
+        "a child whose parent is not decided yet, or held, waits this long after it was "
+        "stored; then it is denied lineage_violation (0: never wait)",
+        metavar="SECONDS",
+    ),
+    SettingOption(
+        "--lineage-retry",
+        "stream.lineage_nak_delay_s",
+        "a waiting child is looked at again every so often",
+        metavar="SECONDS",
+    ),
+    SettingOption(
+        "--lineage-max-waiting",
+        "stream.lineage_max_waiting",
+        "at most N children wait at once (per gateway; beyond, they are decided now); "
+        "waiting children hold ack-pending slots, so keep N x replicas below "
+        "--max-ack-pending",
+        metavar="N",
+    ),
 )
 # Every `bus-guard run` option that is a setting, in --help's order and groups.
 RUN_OPTIONS: Final = _GATEWAY + _ARTIFACTS + _STREAM
@@ -350,6 +371,15 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="Ed25519 signing key (PEM), from 'bus-guard keys new'",
+    )
+    run.add_argument(
+        "--jwks",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="stream mode: the JWKS whose keys' artifacts make a parent decision's ledger "
+        "record count (every gateway's keys, rotated ones included; default: jwks.json next "
+        "to --key if there is one, else the signing key alone)",
     )
     for option in _GATEWAY[1:]:
         option.add_to(run)

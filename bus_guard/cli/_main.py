@@ -263,6 +263,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     key = load_private_key(args.key)
     signer = Signer(key, issuer=settings.gateway_id, ttl_s=settings.artifact_ttl_s)
     ledger_signer = CheckpointSigner(key)
+    trusted = _trusted_keys(args.jwks, args.key)
     log.info(
         "policies %s (%s), %d rules, mode %s; artifacts %s",
         policies.version,
@@ -271,10 +272,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         policies.mode,
         settings.artifacts,
     )
-    return anyio.run(_serve, settings, policies, signer, ledger_signer)
+    return anyio.run(_serve, settings, policies, signer, ledger_signer, trusted)
 
 
-async def _serve(settings: Any, policies: Any, signer: Any, ledger_signer: Any) -> int:
+def _trusted_keys(jwks: Path | None, key: Path) -> Any:
+    """The JWKS parents are verified with: ``--jwks``, else ``jwks.json`` next to the key
+    if there is one, else ``None`` (the signing key alone)."""
+    from bus_guard.signing._keys import JWKS_FILENAME
+    from bus_guard.verify import load_jwks
+
+    if jwks is None:
+        jwks = key.parent / JWKS_FILENAME
+        if not jwks.exists():
+            log.info("no %s: parents verify with the signing key alone", jwks)
+            return None
+    return load_jwks(jwks)
+
+
+async def _serve(
+    settings: Any, policies: Any, signer: Any, ledger_signer: Any, trusted: Any
+) -> int:
     from bus_guard.intake._gateway import Gateway
 
     stop = anyio.Event()
@@ -287,7 +304,7 @@ async def _serve(settings: Any, policies: Any, signer: Any, ledger_signer: Any) 
                 stop.set()
                 return
 
-    gateway = Gateway(settings, policies, signer, ledger_signer=ledger_signer)
+    gateway = Gateway(settings, policies, signer, ledger_signer=ledger_signer, trusted_keys=trusted)
     async with gateway, anyio.create_task_group() as tg:
         tg.start_soon(on_signals)
 

@@ -2,10 +2,11 @@
 
 ``_gateway`` (connect, start the intake, drain), ``_core`` (core mode: a queue-group
 subscription), ``_stream`` (stream mode: pull, decide once, record, publish, ack) with
-``_recorder`` (writes the gateway's ledger chain), ``_parents`` (lineage lookups),
-``_publisher`` (stores outputs), ``_jetstream`` (JetStream requests nats-py lacks) and
-``_preflight`` (creates or checks the streams and the consumer). ``_approver`` is the
-approvers' side of approvals (list the open holds, vote on one). What is decided and what
+``_recorder`` (writes the gateway's ledger chain), ``_parents`` (lineage lookups: a parent
+record counts once verified), ``_publisher`` (stores outputs), ``_jetstream`` (JetStream
+requests nats-py lacks) and ``_preflight`` (creates or checks the streams and the
+consumer). ``_approvals`` takes approvers' votes and resolves holds; ``_approver`` is the
+approvers' side (list the open holds, vote on one). What is decided and what
 is published is :mod:`bus_guard.pipeline`'s: this package only moves bytes.
 """
 

@@ -37,6 +37,7 @@ from bus_guard.ledger._records import CheckpointSigner
 from bus_guard.pipeline import MAX_HEADER_BYTES, PolicySetLike, Standing
 from bus_guard.settings import Settings
 from bus_guard.signing._signer import Signer
+from bus_guard.verify import Jwks
 
 __all__ = ("Gateway", "GatewayStatistics", "round_trip")
 
@@ -72,6 +73,9 @@ class GatewayStatistics:
     late_adoptions: int = 0  # adopted past the retry horizon: exec stream searched first
     undeliverable: int = 0  # outputs refused by the server max_deliveries times: terminated
     artifact_batches: int = 0  # batched artifacts: signed tree heads (one per batch)
+    forged_parents: int = 0  # parent records that claimed an allow and did not verify
+    lineage_waits: int = 0  # naks of children waiting for a parent not decided yet or held
+    lineage_waiting: int = 0  # children waiting now (at most stream.lineage_max_waiting)
     # approvals (stream mode)
     votes: int = 0  # approvers' votes recorded
     votes_refused: int = 0  # votes refused (each recorded as a denial)
@@ -113,9 +117,12 @@ class Gateway(AsyncContextManagerMixin):
         *,
         clock: Callable[[], float] = time.time,
         ledger_signer: CheckpointSigner | None = None,
+        trusted_keys: Jwks | None = None,
     ) -> None:
         """*ledger_signer* signs the ledger's checkpoints (stream mode); it should hold the
-        key of *signer*, so that the same JWKS verifies artifacts and the ledger."""
+        key of *signer*, so that the same JWKS verifies artifacts and the ledger.
+        *trusted_keys* (stream mode): the JWKS whose keys' artifacts make a parent decision's
+        ledger record count (default: *signer*'s key alone; see ``bus-guard run --jwks``)."""
         if settings.mode == "stream" and ledger_signer is None:
             raise ConfigError("stream mode needs a ledger_signer for the ledger checkpoints")
         self.settings = settings
@@ -132,6 +139,7 @@ class Gateway(AsyncContextManagerMixin):
         self.closed = anyio.Event()
         self.failure: BaseException | None = None  # why stream intake stopped, if it did
         self._ledger_signer = ledger_signer
+        self._trusted_keys = trusted_keys
         self._intake: StreamIntake | None = None
         self._core: CoreIntake | None = None
         self._approvals: Approvals | None = None
@@ -255,6 +263,7 @@ class Gateway(AsyncContextManagerMixin):
             self._ledger_signer,
             self._clock,
             self._count,
+            trusted_keys=self._trusted_keys,
         )
         await intake.start()
         approvals = Approvals(
@@ -399,6 +408,9 @@ class Gateway(AsyncContextManagerMixin):
                 late_adoptions=c.late_adoptions,
                 undeliverable=c.undeliverable,
                 artifact_batches=r.artifact_batches,
+                forged_parents=r.parents.forged,
+                lineage_waits=c.lineage_waits,
+                lineage_waiting=len(self._intake.waiting),
             )
             counters["received"] = c.received
             counters["internal_errors"] += c.internal_errors

@@ -3,8 +3,9 @@
 * :func:`commit` stores a list of messages all-or-nothing (an ADR-50 atomic batch; one
   message is a plain publish) and says whether it was stored, refused, or whether that
   cannot be known (a timeout or a lost connection: *in doubt*).
-* :func:`last_by_subject` is a direct get of the last message on a subject (wildcards
-  allowed): how a decision record is found by its id.
+* :func:`first_by_subject` and :func:`last_by_subject` are direct gets of the first and
+  the last message on a subject (wildcards allowed): how a decision record is found by its
+  id (the first: see :mod:`bus_guard.intake._parents` for why).
 * :func:`read` iterates over a stream's stored messages in order (batched direct gets: no
   consumer, so a reader needs no right to create one): how the ledger is audited and
   searched.
@@ -33,6 +34,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 
 from bus_guard.ledger._records import Stored
 from bus_guard.pipeline import HeaderValue
@@ -47,6 +49,7 @@ __all__ = (
     "commit",
     "find_by_msg_id",
     "find_msg_id",
+    "first_by_subject",
     "last_by_subject",
     "read",
 )
@@ -151,6 +154,25 @@ async def last_by_subject(
         raw = await js.get_msg(stream, subject=subject, direct=direct)
     except nats.js.errors.NotFoundError:
         return None
+    return _stored(raw, subject)
+
+
+async def first_by_subject(
+    js: JetStreamContext, stream: str, subject: str, *, direct: bool = True
+) -> Stored | None:
+    """The first message on *subject* (wildcards allowed), or ``None``; a direct get (any
+    replica answers), or with ``direct=False`` the stream leader's answer.
+
+    Transport failures raise (``nats.errors.Error``): "could not look" is not "absent".
+    """
+    try:
+        raw = await js.get_msg(stream, seq=1, subject=subject, direct=direct, next=True)
+    except nats.js.errors.NotFoundError:
+        return None
+    return _stored(raw, subject)
+
+
+def _stored(raw: RawStreamMsg, subject: str) -> Stored:
     headers = {k: v for k, v in (raw.headers or {}).items() if not k.startswith("Nats-")}
     return Stored(raw.seq or 0, raw.subject or subject, raw.data or b"", headers)
 

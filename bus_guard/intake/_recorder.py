@@ -26,7 +26,15 @@ from nats.aio.client import Client
 
 from bus_guard.decision import new_decision_id
 from bus_guard.errors import GatewayError
-from bus_guard.intake._jetstream import Committed, InDoubt, Rejected, commit, last_by_subject, read
+from bus_guard.intake._jetstream import (
+    Committed,
+    InDoubt,
+    Rejected,
+    commit,
+    first_by_subject,
+    last_by_subject,
+    read,
+)
 from bus_guard.intake._parents import ParentLookup
 from bus_guard.intake._work import Decided
 from bus_guard.ledger._records import (
@@ -44,7 +52,7 @@ from bus_guard.pipeline import HeaderValue, Outcome, claims_of, failed, outcome_
 from bus_guard.settings import Settings
 from bus_guard.signing._batch import BatchSigner
 from bus_guard.signing._signer import Signer
-from bus_guard.verify import ArtifactClaims
+from bus_guard.verify import ArtifactClaims, Jwks
 
 __all__ = ("ChainInDoubt", "Recorder")
 
@@ -67,7 +75,9 @@ class Recorder:
         signer: Signer,
         checkpoint_signer: CheckpointSigner,
         clock: Callable[[], float],
+        trusted: Jwks,
     ) -> None:
+        """*trusted*: the keys whose artifacts make a parent decision's record count."""
         self.nc = nc
         self.settings = settings
         self.signer = signer
@@ -82,9 +92,7 @@ class Recorder:
         self._js = nc.jetstream(timeout=self._s.publish_timeout_s)
         self._streams = settings.subjects.streams
         self._subjects = settings.subjects.ledger(settings.gateway_id)
-        self.parents = ParentLookup(
-            self._js, self._streams.ledger, self._subjects, cache_size=_RECENT_IDS
-        )
+        self.parents = ParentLookup(self._js, settings.subjects, trusted, cache_size=_RECENT_IDS)
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.epoch = new_decision_id()
         # The chain has one writer at a time: the intake's record stage, approvals, and
@@ -145,9 +153,11 @@ class Recorder:
         return [record for _, _, record in batch.entries[: len(outcomes)]]
 
     async def lookup(self, decision_id: str, *, direct: bool = True) -> LedgerRecord | None:
-        """The ledger record of *decision_id*; ``direct=False`` asks the stream leader (a
-        read that sees every commit acknowledged before it: what counting votes needs)."""
-        stored = await last_by_subject(
+        """The record that stands for *decision_id*: the first one stored (a decision record
+        is created only on an empty subject; anything after it is not the gateway's).
+        ``direct=False`` asks the stream leader (a read that sees every commit acknowledged
+        before it: what counting votes needs)."""
+        stored = await first_by_subject(
             self._js, self._streams.ledger, self._subjects.any_decision(decision_id), direct=direct
         )
         return decode_record(stored.data) if stored is not None else None
@@ -314,10 +324,11 @@ class Recorder:
 
     async def _stored(self, batch: ChainBatch) -> bool:
         subject, data, record = batch.entries[0]
-        if record.kind == "decision":
-            subject = self._subjects.any_decision(record.decision_id)
+        get = last_by_subject
+        if record.kind == "decision":  # the one that stands is the first (see lookup)
+            subject, get = self._subjects.any_decision(record.decision_id), first_by_subject
         try:
-            stored = await last_by_subject(self._js, self._streams.ledger, subject)
+            stored = await get(self._js, self._streams.ledger, subject)
         except Exception as exc:
             raise ChainInDoubt(f"cannot tell whether the ledger stored a batch: {exc}") from exc
         return stored is not None and stored.data == data

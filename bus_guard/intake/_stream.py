@@ -9,8 +9,12 @@ of :mod:`bus_guard.intake._work`:
    already (redeliveries, ids decided here recently, repeats within the batch): a
    redelivered intent *adopts* the decision recorded for it (``Recorded``); a new message
    reusing an intent id is a ``replay`` denial (``Decided``);
-3. **decided**: look up the parents of the rest (lineage) and judge them (the pure
-   pipeline); a poison intent delivered more than ``max_deliveries`` times is denied;
+3. **decided**: look up the parents of the rest (lineage, :mod:`bus_guard.intake._parents`:
+   only verified records count) and judge them (the pure pipeline); a child whose parent
+   is not decided yet or held *waits* (``Undecided``, nak'd with ``lineage_nak_delay_s``)
+   until ``lineage_wait_s`` after it was stored, at most ``lineage_max_waiting`` at once;
+   a poison intent delivered more than ``max_deliveries`` times (plus the deliveries a
+   child may spend waiting) is denied;
 4. **recorded**: commit their ledger records, chained, as one atomic batch whose records
    can each be created only once. Refused: find which ids are taken, adopt or deny
    ``replay``, commit the rest again. In doubt (timeout, lost connection): commit the
@@ -34,7 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -46,16 +51,17 @@ from nats.aio.msg import Msg
 
 from bus_guard.decision import Decision, Lineage, Reason, message_decision_id
 from bus_guard.intake._jetstream import Puller, find_msg_id
+from bus_guard.intake._parents import Parent
 from bus_guard.intake._publisher import OutputPublisher
 from bus_guard.intake._recorder import ChainInDoubt, Recorder
-from bus_guard.intake._work import Decided, Item, Pulled, Recorded, Undecided, pulled
+from bus_guard.intake._work import Decided, Item, Pulled, Recorded, Undecided, pulled, stored_at
 from bus_guard.intent import Intent
 from bus_guard.ledger import LedgerRecord, lineage_of
 from bus_guard.ledger._records import CheckpointSigner
 from bus_guard.pipeline import Output, PolicySetLike, deny, judge, outputs_of, unsigned_allow
 from bus_guard.settings import Settings
 from bus_guard.signing import Signer
-from bus_guard.verify import payload_digest
+from bus_guard.verify import Jwks, load_jwks, payload_digest
 
 __all__ = ("IntakeCounters", "StreamIntake")
 
@@ -74,6 +80,7 @@ class IntakeCounters:
     duplicate_outputs: int = 0
     internal_errors: int = 0  # recorded allows without artifact: denied, not forwarded
     undeliverable: int = 0  # outputs refused for good max_deliveries times: terminated
+    lineage_waits: int = 0  # naks of children waiting for a parent not decided yet or held
 
 
 @dataclass(slots=True)
@@ -99,14 +106,24 @@ class StreamIntake:
     clock: Callable[[], float]
     on_decided: Callable[[LedgerRecord], None]
     counters: IntakeCounters = field(default_factory=IntakeCounters)
+    # The keys whose artifacts make a parent's ledger record count (the gateway's JWKS,
+    # rotated keys included); the signer's own key is always one of them.
+    trusted_keys: Jwks | None = None
 
     def __post_init__(self) -> None:
         s = self.settings
         self._s = s.stream
         self._js = self.nc.jetstream(timeout=self._s.publish_timeout_s)
         self._streams = s.subjects.streams
-        self.recorder = Recorder(self.nc, s, self.signer, self.checkpoint_signer, self.clock)
+        self.recorder = Recorder(
+            self.nc, s, self.signer, self.checkpoint_signer, self.clock, self._trusted()
+        )
         self.parents = self.recorder.parents
+        # Children waiting for a parent: decision id -> when the wait ends (stored + wait).
+        self.waiting: dict[str, float] = {}
+        # Deliveries a child may spend waiting: one per lineage_nak_delay_s (each nak delays
+        # the next one at least that long), and the first.
+        self._wait_deliveries = math.ceil(self._s.lineage_wait_s / self._s.lineage_nak_delay_s) + 1
         self.publisher = OutputPublisher(
             self.nc,
             self._js,
@@ -121,6 +138,19 @@ class StreamIntake:
             expires_s=self._s.fetch_timeout_s,
             heartbeat_s=self._s.heartbeat_s,
         )
+
+    def _trusted(self) -> Jwks:
+        own = load_jwks(self.signer.jwks())
+        if self.trusted_keys is None:
+            return own
+        if self.signer.kid not in self.trusted_keys:
+            log.warning(
+                "the trusted JWKS does not hold the signing key %s: added (executors verifying "
+                "with that JWKS refuse this gateway's artifacts)",
+                self.signer.kid,
+            )
+            return self.trusted_keys.replace(own.entries[0])
+        return self.trusted_keys
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -282,17 +312,19 @@ class StreamIntake:
         """Decide every item at *indices* that is still only pulled (lineage first)."""
         items = batch.items
         todo = [i for i in indices if isinstance(items[i], Pulled)]
-        lineages = await self._lineage([p for i in todo if isinstance(p := items[i], Pulled)])
+        pulled_ = [p for i in todo if isinstance(p := items[i], Pulled)]
+        lineages = await self._lineage(pulled_, batch.now)
         for i, lineage in zip(todo, lineages, strict=True):
             p = items[i]
             assert isinstance(p, Pulled)
-            if isinstance(lineage, str):
-                items[i] = Undecided(p, lineage)
+            if isinstance(lineage, Undecided):
+                items[i] = lineage
                 continue
             items[i] = Decided(p, p.decision_id, self._decide(p, batch, lineage), lineage)
 
-    async def _lineage(self, todo: list[Pulled]) -> list[Lineage | str | None]:
-        """Per item: its lineage (``None`` for a root), or why it could not be looked up."""
+    async def _lineage(self, todo: list[Pulled], now: float) -> list[Lineage | Undecided | None]:
+        """Per item: its lineage (``None`` for a root), or ``Undecided``: its parents could
+        not be looked up, or it waits for one."""
         wanted = {
             parent
             for _, intent in (p.decoded for p in todo)
@@ -306,27 +338,64 @@ class StreamIntake:
         failed = any(isinstance(r, BaseException) for r in found)
         if failed:
             log.warning("lineage lookup failed; intents with parents will be redelivered")
-        records = {p: r for p, r in zip(ids, found, strict=True) if isinstance(r, LedgerRecord)}
-        out: list[Lineage | str | None] = []
+        parents = {p: r for p, r in zip(ids, found, strict=True) if isinstance(r, Parent)}
+        if len(self.waiting) >= self._s.lineage_max_waiting:  # at most once per batch
+            self.waiting = {d: end for d, end in self.waiting.items() if end > now}
+        out: list[Lineage | Undecided | None] = []
         for p in todo:
             subject, intent = p.decoded
             if not isinstance(intent, Intent) or subject is None or not intent.parents:
                 out.append(None)
             elif failed:
-                out.append("lineage lookup failed")
+                out.append(Undecided(p, "lineage lookup failed"))
             else:
-                out.append(
-                    lineage_of(
-                        subject.principal,
-                        intent.parents,
-                        records,
-                        max_depth=self._s.max_lineage_depth,
-                    )
-                )
+                out.append(self._place(p, subject.principal, intent.parents, parents, now))
         return out
 
+    def _place(
+        self,
+        p: Pulled,
+        principal: str,
+        names: Sequence[str],
+        parents: Mapping[str, Parent],
+        now: float,
+    ) -> Lineage | Undecided:
+        """The lineage of *p*, a child of *names*; ``Undecided`` while it waits for a parent
+        that is not decided yet or held, within the bounds of time and count."""
+        s = self._s
+        records = {n: parents[n].record for n in names}
+        pending = [n for n in names if parents[n].pending]
+        final_no = [n for n in names if not parents[n].pending and not _allows(parents[n])]
+        if pending and not final_no:  # a denied or unknowable parent: no use waiting
+            first = pending[0]
+            state = "held" if records[first] is not None else "unknown"
+            ends = stored_at(p.intake) + s.lineage_wait_s
+            if now >= ends or p.delivered > self._max_deliveries(p):
+                self.waiting.pop(p.decision_id, None)
+                return Lineage(
+                    violation=f"parent {first} is still {state} after {s.lineage_wait_s:g} s"
+                )
+            if p.decision_id not in self.waiting:
+                if len(self.waiting) >= s.lineage_max_waiting:
+                    return Lineage(
+                        violation=f"parent {first} is {state}, and {len(self.waiting)} "
+                        "intents wait for parents already"
+                    )
+                self.waiting[p.decision_id] = ends
+            return Undecided(p, f"waits for parent {first} ({state})", s.lineage_nak_delay_s)
+        self.waiting.pop(p.decision_id, None)
+        # The first parent that cannot count is the one lineage_of names.
+        ordered = sorted(names, key=lambda n: n not in final_no) if final_no else names
+        return lineage_of(principal, ordered, records, max_depth=s.max_lineage_depth)
+
+    def _max_deliveries(self, p: Pulled) -> int:
+        """The poison bound of *p*: a child may spend deliveries waiting for its parents."""
+        _, intent = p.decoded
+        waits = isinstance(intent, Intent) and bool(intent.parents)
+        return self._s.max_deliveries + (self._wait_deliveries if waits else 0)
+
     def _decide(self, p: Pulled, batch: _Batch, lineage: Lineage | None) -> Decision:
-        if p.delivered > self._s.max_deliveries:  # poison: bounded attempts
+        if p.delivered > self._max_deliveries(p):  # poison: bounded attempts
             return deny(
                 Reason.INTERNAL_ERROR,
                 f"not decided after {p.delivered - 1} deliveries (poison intent)",
@@ -412,7 +481,7 @@ class StreamIntake:
         undeliverable = {
             id(it): it
             for it, ok, refused in zip(decided, published.stored, published.refused, strict=True)
-            if not ok and refused and it.pulled.delivered >= self._s.max_deliveries
+            if not ok and refused and it.pulled.delivered >= self._max_deliveries(it.pulled)
         }
         for it in batch.items:
             if id(it) in done:
@@ -420,9 +489,14 @@ class StreamIntake:
                 self.counters.acks += 1
         for it in undeliverable.values():
             await self._give_up(it)
-        await self._nak(
-            _msg(it) for it in batch.items if id(it) not in done and id(it) not in undeliverable
-        )
+        for it in batch.items:
+            if id(it) in done or id(it) in undeliverable:
+                continue
+            if isinstance(it, Undecided) and it.retry_in_s:  # a child waiting for a parent
+                self.counters.lineage_waits += 1
+                await self._nak([_msg(it)], delay_s=it.retry_in_s)
+            else:
+                await self._nak([_msg(it)])
 
     async def _give_up(self, it: Recorded) -> None:
         """End an intent whose recorded decision's outputs the server keeps refusing: its
@@ -481,10 +555,11 @@ class StreamIntake:
             kept.append(out)
         return kept
 
-    async def _nak(self, msgs: Iterable[Msg]) -> None:
+    async def _nak(self, msgs: Iterable[Msg], delay_s: float | None = None) -> None:
+        delay = self._s.nak_delay_s if delay_s is None else delay_s
         for msg in msgs:
             try:
-                await msg.nak(delay=self._s.nak_delay_s)
+                await msg.nak(delay=delay)
                 self.counters.naks += 1
             except Exception as exc:  # it comes back after the ack wait anyway
                 log.warning("nak failed: %s", exc)
@@ -492,6 +567,10 @@ class StreamIntake:
 
 def _msg(it: Item) -> Msg:
     return it.msg if isinstance(it, Pulled) else it.pulled.msg
+
+
+def _allows(parent: Parent) -> bool:
+    return parent.record is not None and parent.record.effect == "allow"
 
 
 def _undecided(it: Item, why: str) -> Undecided:

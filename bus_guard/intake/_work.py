@@ -20,7 +20,16 @@ from bus_guard.ledger import LedgerRecord
 from bus_guard.pipeline import Decoded, decode_message
 from bus_guard.settings import Settings
 
-__all__ = ("Decided", "Item", "Pulled", "Recorded", "Undecided", "intake_of", "pulled")
+__all__ = (
+    "Decided",
+    "Item",
+    "Pulled",
+    "Recorded",
+    "Undecided",
+    "intake_of",
+    "pulled",
+    "stored_at",
+)
 
 
 class Pulled(NamedTuple):
@@ -53,10 +62,12 @@ class Recorded(NamedTuple):
 
 
 class Undecided(NamedTuple):
-    """Nothing could be recorded for *pulled* this time: nak it, it comes back."""
+    """Nothing could be recorded for *pulled* this time: nak it, it comes back (after
+    *retry_in_s*; 0: the usual nak delay)."""
 
     pulled: Pulled
     why: str
+    retry_in_s: float = 0.0  # a child waiting for its parent: the lineage nak delay
 
 
 Item = Pulled | Decided | Recorded | Undecided
@@ -78,6 +89,14 @@ def intake_of(msg: Msg) -> tuple[str, int]:
     md = msg.metadata
     stored_ns = tokens[7] if len(tokens) == 9 else tokens[9]
     return f"{md.stream}/{md.sequence.stream}/{stored_ns}", md.num_delivered
+
+
+def stored_at(intake: str) -> float:
+    """When the stream stored the message *intake* names (unix s; 0.0 if it does not say)."""
+    try:
+        return int(intake.rpartition("/")[2]) / 1e9
+    except ValueError:
+        return 0.0
 
 
 def pulled(msg: Msg, settings: Settings) -> Pulled:

@@ -52,6 +52,10 @@ every message. For the last few trees, the proof walks that reached the root are
 remembered (:func:`~bus_guard.verify._merkle.proof_leads_to`): leaves of one tree share
 their upper path, so a proof usually meets a proven state after a hash or two, with
 exactly the full walk's answer.
+
+A token of the past (:meth:`Verifier.signed_claims`: the gateway checking the artifact of a
+parent decision in its ledger) goes through steps 1-6 only, the key's revocation left to
+the caller, who compares it with the token's ``iat``.
 """
 
 from __future__ import annotations
@@ -210,15 +214,33 @@ class Verifier:
         if type(token) is not str or len(token) > MAX_TOKEN_CHARS:
             raise _fail(VerifyReason.MALFORMED, "artifact is not a compact JWS string")
         if token.startswith(BATCH_PREFIX):
-            claims = self._verify_batched(token, now)
+            claims, _ = self._verify_batched(token, now)
         else:
-            claims = self._verify_jws(token, now)
+            claims, _ = self._verify_jws(token, now)
         return self._check_claims(claims, subject, payload, now)
 
-    def _verify_jws(self, token: str, now: float) -> ArtifactClaims:
-        claims_raw, _ = self._authenticate(token, now, TYP, self._by_header, "")
+    def signed_claims(self, token: str) -> tuple[ArtifactClaims, float]:
+        """Steps 1-6 of :meth:`verify` and nothing else: the claims of *token* (per-message
+        or batched) once its signature verified with a key of the JWKS (batched: the tree
+        head's signature and the inclusion proof), and the instant from which that key is
+        refused (``inf`` if never).
+
+        Audience, time, issuer and payload are not checked, nor is the key's revocation:
+        for a caller judging a token of the past itself, e.g. the gateway trusting a parent
+        decision's artifact from the ledger (older than its ``exp``; signed before its key
+        was refused: ``iat < refused_from``). Raises
+        :class:`~bus_guard.errors.VerificationError`, and nothing else, for any *token*.
+        """
+        if type(token) is not str or len(token) > MAX_TOKEN_CHARS:
+            raise _fail(VerifyReason.MALFORMED, "artifact is not a compact JWS string")
+        if token.startswith(BATCH_PREFIX):
+            return self._verify_batched(token, -math.inf)
+        return self._verify_jws(token, -math.inf)
+
+    def _verify_jws(self, token: str, now: float) -> tuple[ArtifactClaims, float]:
+        claims_raw, refused_from = self._authenticate(token, now, TYP, self._by_header, "")
         # Only now, with the bytes authenticated, are the claims parsed.
-        return self._decode(claims_raw, _CLAIMS_DECODER, "claims")
+        return self._decode(claims_raw, _CLAIMS_DECODER, "claims"), refused_from
 
     def _authenticate(
         self,
@@ -254,7 +276,7 @@ class Verifier:
             raise _fail(VerifyReason.BAD_SIGNATURE, f"{whose}signature does not verify") from None
         return claims_raw, refused_from
 
-    def _verify_batched(self, token: str, now: float) -> ArtifactClaims:
+    def _verify_batched(self, token: str, now: float) -> tuple[ArtifactClaims, float]:
         parts = token.split("~")
         if len(parts) != 5:
             raise _fail(VerifyReason.MALFORMED, "not gb1~index~leaf~proof~head")
@@ -294,7 +316,7 @@ class Verifier:
         claims = self._decode(leaf_raw, _CLAIMS_DECODER, "claims")
         if claims.iss != head_iss:
             raise _fail(VerifyReason.WRONG_ISSUER, f"leaf issuer {claims.iss!r} is not the head's")
-        return claims
+        return claims, refused_from
 
     def _verify_head(self, head: str, now: float) -> _HeadEntry:
         """Verify a signed tree head and cache it."""
