@@ -558,3 +558,41 @@ async def test_a_gateway_killed_between_approval_and_release_releases_once_after
     [hold_msg] = records(await stored(nc, "GUARD_HOLD"))
     assert released.data == hold_msg["payload"].encode()
     await nc.close()
+
+
+async def test_a_child_of_a_hold_waits_and_descends_from_its_release(
+    nats_url: str, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A child naming a held decision as its parent waits (not denied for good); once the
+    approvers release the hold, the child is decided against the release: allowed, with
+    the held intent's lineage. A child of a rejected hold is denied."""
+    from bus_guard import approve, reject
+    from bus_guard.policy._load import load_policies
+
+    directory, approver_keys = _approving_policies(tmp_path)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    settings = stream_settings(nats_url, lineage_wait_s=60.0, lineage_nak_delay_s=0.1)
+    async with stream_gateway(settings, load_policies(directory), keys[0]) as gw:
+        hold = await _hold(nc)
+        rejected_hold = await _hold(nc, "i-rejected")
+        for parent, child_id in ((hold, "child"), (rejected_hold, "orphan")):
+            await js.publish(TRANSFER, _transfer(10, id=child_id, parents=[parent.decision_id]))
+
+        async def waiting() -> bool:
+            return gw.statistics().lineage_waits >= 2
+
+        await eventually(waiting, what="both children waiting")
+        for name in ("alice", "bob"):
+            await approve(nc, hold.decision_id, approver_keys[name], wait_s=20)
+        await reject(nc, rejected_hold.decision_id, approver_keys["alice"], wait_s=20)
+        await eventually(lambda: drained(js), timeout_s=30, what="children decided")
+    ledger = await _by_id(nc)
+    child = ledger[intent_decision_id("guard", "agent-7", "child")]
+    orphan = ledger[intent_decision_id("guard", "agent-7", "orphan")]
+    assert (child.effect, child.parents) == ("allow", (hold.decision_id,))
+    assert child.lineage_depth == hold.lineage_depth + 1
+    assert (orphan.effect, orphan.reason) == ("deny", "lineage_violation")
+    executed = {m.headers["Guard-Decision"] for m in await stored(nc, "GUARD_EXEC")}
+    assert executed == {child.decision_id, resolution_decision_id("guard", hold.decision_id)}
+    await nc.close()
