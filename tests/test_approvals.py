@@ -40,6 +40,7 @@ from bus_guard.decision import (
 )
 from bus_guard.ledger import LedgerRecord
 from bus_guard.ledger._audit import audit
+from bus_guard.ledger._records import encode_record
 from bus_guard.policy._load import PolicySet
 from bus_guard.server import NatsServer
 from bus_guard.signing._keys import kid_for
@@ -595,4 +596,36 @@ async def test_a_child_of_a_hold_waits_and_descends_from_its_release(
     assert (orphan.effect, orphan.reason) == ("deny", "lineage_violation")
     executed = {m.headers["Guard-Decision"] for m in await stored(nc, "GUARD_EXEC")}
     assert executed == {child.decision_id, resolution_decision_id("guard", hold.decision_id)}
+    await nc.close()
+
+
+async def test_a_forged_release_in_the_ledger_is_never_forwarded(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """Whoever can write the ledger stores a "release" under the hold's resolution id
+    before the approvers vote: the gateway adopts only a resolution that verifies, so the
+    held bytes never reach exec with that record's artifact, and it says why."""
+    [alice] = approvers = _people("alice")
+    nc = await nats.connect(nats_url)
+    wrapped = _Approving(policies, approvers, quorum=1)
+    async with stream_gateway(stream_settings(nats_url), wrapped, keys[0]) as gw:  # type: ignore[arg-type]
+        hold = await _hold(nc)
+        resolution_id = resolution_decision_id("guard", hold.decision_id)
+        forged = msgspec.structs.replace(
+            hold,
+            gateway="evil",
+            decision_id=resolution_id,
+            effect="allow",
+            reason="approved",
+            hold=hold.decision_id,
+            artifact="eyJhbGciOiJFZERTQSJ9.e30.AAAA",
+        )
+        await nc.jetstream().publish(f"guard.ledger.evil.d.{resolution_id}", encode_record(forged))
+        await _send(nc, hold.decision_id, alice.vote(hold))
+        await eventually(lambda: _settled(nc), what="vote settled")
+        stats = gw.statistics()
+    assert await stored(nc, "GUARD_EXEC") == []
+    assert stats.forged_resolutions == 1 and stats.holds_released == 0
+    [refused] = records(await stored(nc, "GUARD_DENY"))
+    assert refused["reason"] == "hold_resolved" and "does not verify" in refused["message"]
     await nc.close()

@@ -90,6 +90,7 @@ class ApprovalCounters:
     rejected: int = 0  # holds denied by a rejection
     expired: int = 0  # holds denied at expiry
     adopted: int = 0  # resolutions another replica (or an earlier attempt) recorded first
+    forged: int = 0  # resolutions in the ledger that do not verify: never forwarded
     errors: int = 0  # votes nak'd after an error: redelivered
 
 
@@ -261,9 +262,13 @@ class Approvals:
         resolution = await self._lookup(resolution_decision_id(prefix, hold.decision_id))
         refusal = None
         if resolution is not None:
+            forged = self._forged(resolution, hold)
             refusal = _Refused(
                 Reason.HOLD_RESOLVED,
-                f"{hold.decision_id} was resolved: {resolution.effect} ({resolution.reason})",
+                f"{hold.decision_id} was resolved: {resolution.effect} ({resolution.reason})"
+                if forged is None
+                else f"{hold.decision_id} can no longer be resolved: its resolution id holds "
+                f"a record that does not verify ({forged})",
             )
         elif hold.expires and self.clock() >= hold.expires:
             refusal = _Refused(Reason.EXPIRED, f"{hold.decision_id} expired")
@@ -329,8 +334,7 @@ class Approvals:
         resolution_id = resolution_decision_id(prefix, hold.decision_id)
         existing = await self._lookup(resolution_id)
         if existing is not None:
-            self.counters.adopted += 1
-            await self._publish(existing, hold)
+            await self._adopt(existing, hold)
             return
         payload = b""
         scope: dict[str, int | float] = {}
@@ -385,8 +389,7 @@ class Approvals:
             existing = await self._lookup(resolution_id)
             if existing is None:
                 raise _Retry(f"resolution {resolution_id} refused but not found")
-            self.counters.adopted += 1
-            await self._publish(existing, hold)
+            await self._adopt(existing, hold)
             return
         record = result[0]
         if record.effect == Effect.ALLOW.value:
@@ -398,6 +401,34 @@ class Approvals:
         log.info("hold %s resolved: %s (%s)", hold.decision_id, record.effect, record.reason)
         self._resolved.add(hold.decision_id)
         await self._publish(record, hold, payload)
+
+    async def _adopt(self, resolution: LedgerRecord, hold: LedgerRecord) -> None:
+        """Publish the outputs of a resolution recorded before (by another replica, or by
+        an attempt that did not finish): a release only if it verifies as the gateways'
+        own. A forged one (whoever can write the ledger) is never forwarded; it holds the
+        resolution's id, so the hold can no longer be resolved: logged and counted."""
+        if self._forged(resolution, hold) is not None:
+            return
+        self.counters.adopted += 1
+        await self._publish(resolution, hold)
+
+    def _forged(self, resolution: LedgerRecord, hold: LedgerRecord) -> str | None:
+        """Why the release *resolution* is not the gateways' own (logged and counted), or
+        ``None``: a denial needs no signature (it can only deny), a release must verify."""
+        if resolution.effect != Effect.ALLOW.value:
+            return None
+        why = self.recorder.parents.unverified(resolution)
+        if why is None and resolution.hold != hold.decision_id:
+            why = f"it releases {resolution.hold!r}, not {hold.decision_id}"
+        if why is not None:
+            self.counters.forged += 1
+            log.error(
+                "the resolution of hold %s does not verify (%s): nothing is forwarded, and "
+                "the hold can no longer be resolved",
+                hold.decision_id,
+                why,
+            )
+        return why
 
     async def _held_payload(
         self, hold: LedgerRecord

@@ -82,6 +82,7 @@ class GatewayStatistics:
     holds_released: int = 0  # holds released at quorum (by this gateway)
     holds_rejected: int = 0
     holds_expired: int = 0
+    forged_resolutions: int = 0  # hold resolutions in the ledger that did not verify
 
 
 @dataclass(slots=True)
@@ -422,6 +423,7 @@ class Gateway(AsyncContextManagerMixin):
                 holds_released=a.released,
                 holds_rejected=a.rejected,
                 holds_expired=a.expired,
+                forged_resolutions=a.forged,
             )
         return GatewayStatistics(**counters)
 

@@ -165,6 +165,14 @@ class ParentLookup:
             return f"a {record.kind} record for {record.decision_id!r}"
         return record
 
+    def unverified(self, record: LedgerRecord) -> str | None:
+        """``None`` if the allow *record*'s artifact verifies with a trusted key and binds
+        exactly its fields, else why not (a record this process committed is trusted)."""
+        cached = self._cache.get(record.decision_id)
+        if cached is not None and cached.record == record:
+            return None
+        return self._unverified(record)
+
     def _unverified(self, record: LedgerRecord) -> str | None:
         """``None`` if *record*'s artifact verifies and binds exactly its fields, else why not."""
         try:
