@@ -230,6 +230,7 @@ def test_every_run_option_sets_its_setting() -> None:
         *("--replicas", "3", "--min-replicas", "2", "--checkpoint-every", "1001"),
         *("--checkpoint-interval", "11", "--max-lineage-depth", "33"),
         *("--lineage-wait", "31", "--lineage-retry", "0.5", "--lineage-max-waiting", "99"),
+        *("--hold-sweep", "7"),
     ]
     assert run_settings(parser().parse_args(argv)) == Settings(
         nats_url="nats://bus:4222",
@@ -261,6 +262,7 @@ def test_every_run_option_sets_its_setting() -> None:
             lineage_wait_s=31.0,
             lineage_nak_delay_s=0.5,
             lineage_max_waiting=99,
+            hold_sweep_s=7.0,
         ),
     )
     # An empty --gateway-id leaves it to Settings, as before.

@@ -298,6 +298,12 @@ _STREAM: Final = (
         "--max-ack-pending",
         metavar="N",
     ),
+    SettingOption(
+        "--hold-sweep",
+        "stream.hold_sweep_s",
+        "every SECONDS, deny the unresolved holds past their expiry (reason expired)",
+        metavar="SECONDS",
+    ),
 )
 # Every `bus-guard run` option that is a setting, in --help's order and groups.
 RUN_OPTIONS: Final = _GATEWAY + _ARTIFACTS + _STREAM
