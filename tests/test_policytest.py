@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from bus_guard.cli._main import main
 from bus_guard.cli._policy import DEFAULT_NOW, check_policies, explain, run_policy_tests
 from bus_guard.cli._safe import safe
 from bus_guard.pipeline import decide
@@ -330,3 +331,32 @@ def test_policy_test_escapes_case_names_and_what_it_got(tmp_path: Path) -> None:
     assert lines[1] == f"FAIL t.yaml: {safe('case ' + HOSTILE)}"
     assert lines[3].startswith("     got      deny bad_subject [")
     assert lines[4] == f"PASS t.yaml: {safe('case ' + HOSTILE)}"
+
+
+def test_explain_takes_the_lineage_from_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`policy explain --lineage FILE`: the intent as a child, with the lineage the ledger
+    would give it; a bad file is a configuration error (exit 2) naming the field."""
+    payload = tmp_path / "intent.json"
+    payload.write_bytes(
+        intent(action="payments.transfer", params={"amount": 10, "currency": "USD"})
+    )
+    lineage = tmp_path / "lineage.yaml"
+    lineage.write_text(
+        "labels: [untrusted-input]\n"
+        "parents: [{id: P1, action: tools.http.get, resource: 'tool:http'}]\n"
+    )
+    argv = ["policy", "explain", "--policies", str(POLICIES)]
+    argv += ["--subject", "guard.in.agent-7.payments.transfer", "--payload", str(payload)]
+    argv += ["--now", str(DEFAULT_NOW)]
+    out = io.StringIO()
+    assert main([*argv, "--lineage", str(lineage)], out=out) == 0
+    text = out.getvalue()
+    assert 'lineage:  depth 1, root agent-7, labels ["untrusted-input"]' in text
+    assert "P1" in text and "tools.http.get" in text
+    assert "denied_by_rule [no-payments-from-untrusted-input]" in text
+    lineage.write_text("parents: [{resource: x}]\n")
+    capsys.readouterr()
+    assert main([*argv, "--lineage", str(lineage)], out=io.StringIO()) == 2
+    assert "lineage.yaml: parents.0.action: Field required" in capsys.readouterr().err

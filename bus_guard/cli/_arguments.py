@@ -503,6 +503,15 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("--subject", required=True, help="e.g. guard.in.agent-7.payments.transfer")
     explain.add_argument("--payload", required=True, type=Path, metavar="FILE")
     explain.add_argument("--now", type=float, default=None, help="evaluation time (unix s)")
+    explain.add_argument(
+        "--lineage",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the intent's lineage as the ledger would give it (YAML/JSON: depth, root, "
+        "labels, parents: [{id, action, resource, scope}]; the shape of a test case's "
+        "`lineage:`); default: a root intent",
+    )
     schema = pol.add_parser("schema", help="print the JSON Schema of policy bundles")
     schema.add_argument("--out", type=Path, default=None, metavar="FILE")
 

@@ -232,7 +232,13 @@ def _cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
             policies = load_policies(args.policies)
             payload = _read_file(args.payload)
             now = time.time() if args.now is None else args.now
-            return policytest.explain(policies, args.subject, payload, now=now, out=out)
+            lineage = None
+            if args.lineage is not None:
+                text = _read_file(args.lineage).decode("utf-8", "replace")
+                lineage = policytest.read_lineage(args.lineage, text)
+            return policytest.explain(
+                policies, args.subject, payload, now=now, out=out, lineage=lineage
+            )
         case "schema":
             text = json.dumps(policy_json_schema(), indent=2)
             if args.out is None:

@@ -45,7 +45,7 @@ from bus_guard.policy._conditions import ConditionTrace
 from bus_guard.policy._evaluator import Explanation, PolicySet, RuleTrace
 from bus_guard.policy._load import load_policies, load_yaml
 
-__all__ = ("DEFAULT_NOW", "check_policies", "explain", "run_policy_tests")
+__all__ = ("DEFAULT_NOW", "check_policies", "explain", "read_lineage", "run_policy_tests")
 
 DEFAULT_NOW: Final = 1_750_000_000.0  # a fixed clock makes test runs reproducible
 
@@ -86,6 +86,23 @@ class _Lineage(BaseModel):
         )
         depth = self.depth if self.depth is not None else 1 if parents else 0
         return Lineage(depth, self.root, frozenset(self.labels), parents=parents)
+
+
+def read_lineage(path: Path, text: str) -> Lineage:
+    """The lineage in *text* (YAML or JSON, the shape of a test case's ``lineage:``), for
+    ``policy explain --lineage``; :class:`~bus_guard.errors.ConfigError` names what is wrong."""
+    from bus_guard.errors import ConfigError
+
+    try:
+        data = load_yaml(text)
+        return _Lineage.model_validate(data).lineage()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not YAML: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'lineage'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
 
 
 class _Case(BaseModel):
