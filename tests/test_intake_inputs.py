@@ -5,16 +5,23 @@ and go on deciding everyone else's intents."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from bus_guard.intake import Gateway, round_trip
+from bus_guard.intake._client import GuardClient
+from bus_guard.pipeline import HeaderValue
 from bus_guard.policy import PolicySet
 from bus_guard.settings import IntakeMode, Settings
 from bus_guard.signing import Signer
@@ -241,3 +248,48 @@ async def test_headers_nats_py_would_not_read_faithfully_are_denied(
     [record] = [r for r in out.deny.records() if r.get("subject") == TRANSFER]
     assert record["reason"] == "malformed" and "header" in record["message"]
     await nc.close()
+
+
+# --- the client's header block: nats-py's bytes, fewer calls ----------------------------
+
+_HEADER_TEXT = st.text(
+    alphabet=st.sampled_from([*"ab-_.:/ \t\r\n\u00e9\u2028", "\x0b", "\x1c", "\u3000"]),
+    max_size=12,
+)
+
+
+async def _pub_cmd(client: Client, headers: dict[str, Any]) -> bytes | type[Exception]:
+    """What *client*'s ``_send_publish`` hands to ``_send_command`` (or the error class)."""
+    sent: list[bytes] = []
+
+    async def capture(cmd: bytes, priority: bool = False) -> None:
+        sent.append(bytes(cmd))
+
+    client._send_command = capture  # type: ignore[method-assign]
+    client._flush_queue = None
+    try:
+        await client._send_publish("guard.exec.a.b", "", b"{}", 2, headers)
+    except Exception as exc:
+        return type(exc)
+    [cmd] = sent
+    return cmd
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.one_of(_HEADER_TEXT, st.sampled_from(["Guard-Artifact", "traceparent", " x "])),
+        st.one_of(_HEADER_TEXT, st.builds(HeaderValue, _HEADER_TEXT)),
+        max_size=4,
+    )
+)
+def test_the_clients_header_block_is_nats_pys(headers: dict[str, str]) -> None:
+    """GuardClient builds the header block without nats-py's per-value strip/translate
+    calls when they change nothing: the published bytes (or the error) must be exactly
+    nats-py's for any headers, the gateway's own HeaderValues and agents' values alike."""
+
+    async def both() -> tuple[object, object]:
+        return await _pub_cmd(Client(), headers), await _pub_cmd(GuardClient(), headers)
+
+    ours_theirs = asyncio.run(both())
+    assert ours_theirs[1] == ours_theirs[0]

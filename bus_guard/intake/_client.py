@@ -28,10 +28,12 @@ nats-py offers no public hook before it decodes); ``tests/test_layout.py`` and
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Any, Final
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.protocol.command import hpub_cmd
 
 from bus_guard.pipeline import UNREADABLE_HEADERS
 
@@ -58,6 +60,28 @@ class GuardClient(Client):
             _sid=sid,
         )
 
+    async def _send_publish(
+        self,
+        subject: str,
+        reply: str,
+        payload: bytes,
+        payload_size: int,
+        headers: dict[str, Any] | None,
+    ) -> None:
+        # nats-py's own, but the header block is built by _header_block: the same bytes,
+        # without two Python-level calls per value (see _header_block).
+        if headers is None:
+            await super()._send_publish(subject, reply, payload, payload_size, headers)
+            return
+        if subject == "":
+            raise nats.errors.BadSubjectError
+        pub_cmd = hpub_cmd(subject, reply, _header_block(headers), payload)
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += payload_size
+        await self._send_command(pub_cmd)
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
+
     async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
         if not headers:
             return None  # as nats-py's own, without a second coroutine per message
@@ -71,6 +95,42 @@ class GuardClient(Client):
         except Exception as exc:  # defence in depth: a reader that raises stops reading
             return {UNREADABLE_HEADERS: f"headers nats-py cannot read: {exc!r}"[:200]}
         return parsed
+
+
+_HEADER_KEY: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # nats-py's _HEADER_KEY_RE
+_NEWLINES: Final = str.maketrans({"\r": " ", "\n": " "})  # nats-py's _HEADER_VALUE_NEWLINES
+
+
+def _header_block(headers: dict[str, Any]) -> bytearray:
+    """The header block nats-py 2.16's ``_send_publish`` builds for *headers*, byte for
+    byte (keys and values stripped, empty keys skipped, a key that is no RFC 7230 token
+    refused with ``BadHeaderError``, CR/LF in a value turned into spaces), but a value that
+    needs none of that (the gateway's own: decision ids, artifacts) is taken as it is,
+    checked with C-level string methods instead of ``strip()`` and ``translate()`` calls.
+    ``tests/test_intake_inputs.py`` compares it with nats-py's on generated headers."""
+    hdr = bytearray(b"NATS/1.0\r\n")
+    for k, v in headers.items():
+        key = k.strip()
+        if not key:
+            continue
+        if _HEADER_KEY.fullmatch(key) is None:
+            raise nats.errors.BadHeaderError(key)
+        hdr += key.encode()
+        hdr += b": "
+        clean = (
+            isinstance(v, str)
+            and v
+            and not v[0].isspace()
+            and not v[-1].isspace()
+            and "\r" not in v
+            and "\n" not in v
+        )
+        if not clean:
+            v = v.strip().translate(_NEWLINES)
+        hdr += v.encode()
+        hdr += b"\r\n"
+    hdr += b"\r\n"
+    return hdr
 
 
 # "NATS/1.0", an optional status (code and description), CRLF; then "Name: value" lines.
