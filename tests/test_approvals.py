@@ -629,3 +629,28 @@ async def test_a_forged_release_in_the_ledger_is_never_forwarded(
     [refused] = records(await stored(nc, "GUARD_DENY"))
     assert refused["reason"] == "hold_resolved" and "does not verify" in refused["message"]
     await nc.close()
+
+
+async def test_a_hold_that_expired_while_no_gateway_swept_is_denied_after_a_restart(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """The sweep starts at the holds that can still be open (stored within the longest
+    ttl), found at start-up: a hold left by a gateway that stopped before its expiry is
+    denied by the next gateway's first sweep."""
+    approvers = _people("alice")
+    nc = await nats.connect(nats_url)
+    wrapped = _Approving(policies, approvers, quorum=1, ttl_s=1.0)
+    quiet = stream_settings(nats_url, "gw-1", hold_sweep_s=3600.0)  # swept at start only
+    async with stream_gateway(quiet, wrapped, keys[0]):  # type: ignore[arg-type]
+        hold = await _hold(nc)
+    assert resolution_decision_id("guard", hold.decision_id) not in await _by_id(nc)
+    sweeping = stream_settings(nats_url, "gw-2", hold_sweep_s=0.2)
+    async with stream_gateway(sweeping, wrapped, keys[0]) as gw:  # type: ignore[arg-type]
+
+        async def denied() -> bool:
+            return gw.statistics().holds_expired == 1
+
+        await eventually(denied, what="the expired hold denied")
+    resolution = (await _by_id(nc))[resolution_decision_id("guard", hold.decision_id)]
+    assert (resolution.effect, resolution.reason, resolution.gateway) == ("deny", "expired", "gw-2")
+    await nc.close()

@@ -56,7 +56,14 @@ from bus_guard.decision import (
     message_decision_id,
     resolution_decision_id,
 )
-from bus_guard.intake._jetstream import Puller, Rejected, find_by_msg_id, find_msg_id, read
+from bus_guard.intake._jetstream import (
+    Puller,
+    Rejected,
+    find_by_msg_id,
+    find_msg_id,
+    first_seq_since,
+    read,
+)
 from bus_guard.intake._publisher import OutputPublisher
 from bus_guard.intake._recorder import Recorder
 from bus_guard.intake._work import intake_of
@@ -70,6 +77,7 @@ from bus_guard.pipeline import (
     outputs_of,
     scope_of,
 )
+from bus_guard.policy._types import MAX_TTL_S
 from bus_guard.settings import Settings
 from bus_guard.verify import payload_digest
 
@@ -131,12 +139,28 @@ class Approvals:
             expires_s=s.stream.fetch_timeout_s,
             heartbeat_s=s.stream.heartbeat_s,
         )
-        self._swept_at = 0.0
+        self._swept_at = -float("inf")
         self._sweep_from = 1  # hold stream seq of the oldest hold that may still be open
         self._resolved: set[str] = set()  # holds known resolved (bounded, see _sweep)
 
     async def start(self) -> None:
         await self._puller.start()
+        # Sweep only the holds that can still be open: none outlives the longest ttl a
+        # policy may give (older ones are denied when a vote for them comes).
+        s = self.settings
+        since = self.clock() - MAX_TTL_S - 86400.0
+        hold_stream, holds = self._streams.hold, s.subjects.wildcard("hold")
+        try:
+            first = await first_seq_since(
+                self.nc, hold_stream, holds, since, timeout_s=s.stream.publish_timeout_s
+            )
+            if first == 0:  # none since: start after the last message of the stream
+                info = await self.nc.jetstream().stream_info(hold_stream)
+                first = info.state.last_seq + 1
+        except Exception as exc:  # the first sweep then reads the whole hold stream
+            log.warning("cannot find where the open holds start (%s); sweeping from 1", exc)
+            first = 1
+        self._sweep_from = max(1, first)
 
     async def stop(self) -> None:
         """Stop pulling votes (votes taken and not acked come back to a replica)."""
@@ -148,15 +172,17 @@ class Approvals:
     async def run(self, stop: anyio.Event) -> None:
         s = self.settings.stream
         while not stop.is_set():
-            msgs = await self._puller.pull(_PULL, s.fetch_timeout_s)
-            for msg in msgs:
-                await self._take(msg)
+            # First thing after a start (holds that expired while no gateway ran), then
+            # every hold_sweep_s.
             if self.clock() - self._swept_at >= s.hold_sweep_s:
                 try:
                     await self._sweep()
                 except Exception:  # the next sweep tries again; nothing is released
                     log.exception("hold expiry sweep failed")
                 self._swept_at = self.clock()
+            msgs = await self._puller.pull(_PULL, s.fetch_timeout_s)
+            for msg in msgs:
+                await self._take(msg)
 
     # -- one vote --------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from bus_guard.approval import ApprovalClaims, ApprovalError, Verdict, read_appr
 from bus_guard.decision import Reason, approval_decision_id, resolution_decision_id
 from bus_guard.errors import ApprovalRefused, GatewayError
 from bus_guard.intake._gateway import round_trip
-from bus_guard.intake._jetstream import _rfc3339, last_by_subject, read
+from bus_guard.intake._jetstream import first_seq_since, last_by_subject, read
 from bus_guard.ledger._records import DECISION, LedgerRecord, Stored, decode_record
 from bus_guard.pipeline import DecisionRecord
 from bus_guard.signing._keys import kid_for
@@ -437,23 +437,14 @@ class Holds:
 async def _first_seq(nc: Client, stream: str, subject: str, since: float, timeout_s: float) -> int:
     """The stream sequence of the first message on *subject* stored at or after *since*;
     0 when there is none."""
-    body = {"start_time": _rfc3339(since), "next_by_subj": subject}
     try:
-        reply = await nc.request(
-            f"$JS.API.DIRECT.GET.{stream}", json.dumps(body).encode(), timeout=timeout_s
-        )
+        return await first_seq_since(nc, stream, subject, since, timeout_s=timeout_s)
     except nats.errors.NoRespondersError:
         raise GatewayError(
             f"no hold stream {stream} answers: holds are published by stream-mode gateways"
         ) from None
     except nats.errors.Error as exc:
         raise GatewayError(f"cannot read the hold stream {stream}: {exc!r}") from None
-    headers = reply.headers or {}
-    if headers.get("Status") == "404":
-        return 0
-    if "Status" in headers:
-        raise GatewayError(f"cannot read the hold stream {stream}: {headers}")
-    return int(headers["Nats-Sequence"])
 
 
 async def open_holds(

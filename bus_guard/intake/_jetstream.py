@@ -50,6 +50,7 @@ __all__ = (
     "find_by_msg_id",
     "find_msg_id",
     "first_by_subject",
+    "first_seq_since",
     "last_by_subject",
     "read",
 )
@@ -247,6 +248,27 @@ async def read(
 
 def _rfc3339(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+async def first_seq_since(
+    nc: Client, stream: str, subject: str, since: float, *, timeout_s: float = 5.0
+) -> int:
+    """The stream sequence of the first message on *subject* stored at or after *since*
+    (unix seconds), 0 when there is none; a direct get. Raises ``nats.errors.Error`` when
+    it cannot look (``APIError`` for an unexpected status)."""
+    body = {"start_time": _rfc3339(since), "next_by_subj": subject}
+    reply = await nc.request(
+        f"{_JS_API}.DIRECT.GET.{stream}", json.dumps(body).encode(), timeout=timeout_s
+    )
+    headers = reply.headers or {}
+    status = headers.get("Status")
+    if status == "404":
+        return 0
+    if status is not None:
+        raise nats.js.errors.APIError(
+            code=int(status), description=headers.get("Description"), stream=stream
+        )
+    return int(headers["Nats-Sequence"])
 
 
 async def find_msg_id(
