@@ -60,11 +60,10 @@ from bus_guard.intake._jetstream import (
     Puller,
     Rejected,
     find_by_msg_id,
-    find_msg_id,
     first_seq_since,
     read,
 )
-from bus_guard.intake._publisher import OutputPublisher
+from bus_guard.intake._publisher import OutputPublisher, not_yet_published
 from bus_guard.intake._recorder import Recorder
 from bus_guard.intake._work import intake_of
 from bus_guard.intent import Intent
@@ -511,20 +510,9 @@ class Approvals:
         )
         if self.clock() - record.ts > s.stream.retry_horizon_s:
             # Beyond de-duplication's window: look for the first copy before sending again.
-            kept = []
-            for out in outs:
-                role, subject, _, _ = out
-                if role == "exec" and await find_msg_id(
-                    self.nc,
-                    self._streams.exec,
-                    subject,
-                    record.decision_id,
-                    since=record.ts - 60.0,
-                    until=self.clock() + 60.0,
-                ):
-                    continue
-                kept.append(out)
-            outs = kept
+            outs = await not_yet_published(
+                self.nc, self._streams.exec, record.decision_id, record.ts, outs, now=self.clock()
+            )
         published = await self.publisher.publish([outs])
         if not published.stored[0]:
             raise _Retry(f"outputs of {record.decision_id} not stored")

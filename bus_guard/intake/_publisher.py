@@ -24,10 +24,10 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from bus_guard.intake._jetstream import Committed, Rejected, commit
+from bus_guard.intake._jetstream import Committed, Rejected, commit, find_msg_id
 from bus_guard.pipeline import Output
 
-__all__ = ("OutputPublisher", "Published")
+__all__ = ("OutputPublisher", "Published", "not_yet_published")
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +120,26 @@ _UNSENDABLE: Final = (
 
 class _Unsendable(Exception):
     """nats-py refused to send an output: sending it again gives the same."""
+
+
+async def not_yet_published(
+    nc: Client,
+    exec_stream: str,
+    decision_id: str,
+    decided_at: float,
+    outs: Sequence[Output],
+    *,
+    now: float,
+) -> list[Output]:
+    """*outs* without the exec message the exec stream already holds for *decision_id*:
+    beyond the retry horizon de-duplication cannot tell, so the stream is searched for a
+    copy stored since the decision (allowing a minute of clock difference)."""
+    kept = []
+    for out in outs:
+        role, subject, _, _ = out
+        if role == "exec" and await find_msg_id(
+            nc, exec_stream, subject, decision_id, since=decided_at - 60.0, until=now + 60.0
+        ):
+            continue
+        kept.append(out)
+    return kept

@@ -50,9 +50,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus_guard.decision import Decision, Lineage, Reason, message_decision_id
-from bus_guard.intake._jetstream import Puller, find_msg_id
+from bus_guard.intake._jetstream import Puller
 from bus_guard.intake._parents import Parent
-from bus_guard.intake._publisher import OutputPublisher
+from bus_guard.intake._publisher import OutputPublisher, not_yet_published
 from bus_guard.intake._recorder import ChainInDoubt, Recorder
 from bus_guard.intake._work import Decided, Item, Pulled, Recorded, Undecided, pulled, stored_at
 from bus_guard.intent import Intent
@@ -540,20 +540,9 @@ class StreamIntake:
         """Beyond the retry horizon de-duplication cannot tell: search the exec stream for
         a copy stored since the decision (allowing a minute of clock difference)."""
         self.counters.late_adoptions += 1
-        kept = []
-        for out in outs:
-            role, subject, _, _ = out
-            if role == "exec" and await find_msg_id(
-                self.nc,
-                self._streams.exec,
-                subject,
-                record.decision_id,
-                since=record.ts - 60.0,
-                until=self.clock() + 60.0,
-            ):
-                continue
-            kept.append(out)
-        return kept
+        return await not_yet_published(
+            self.nc, self._streams.exec, record.decision_id, record.ts, outs, now=self.clock()
+        )
 
     async def _nak(self, msgs: Iterable[Msg], delay_s: float | None = None) -> None:
         delay = self._s.nak_delay_s if delay_s is None else delay_s
