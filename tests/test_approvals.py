@@ -654,3 +654,33 @@ async def test_a_hold_that_expired_while_no_gateway_swept_is_denied_after_a_rest
     resolution = (await _by_id(nc))[resolution_decision_id("guard", hold.decision_id)]
     assert (resolution.effect, resolution.reason, resolution.gateway) == ("deny", "expired", "gw-2")
     await nc.close()
+
+
+async def test_a_hold_without_expiry_does_not_pin_the_sweep(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """A hold stored without an expiry (held under a policy set that gave it no terms)
+    never expires: the sweep moves past it instead of reading from it on every round."""
+    nc = await nats.connect(nats_url)
+    settings = stream_settings(nats_url, hold_sweep_s=0.1)
+    async with stream_gateway(settings, policies, keys[0]) as gw:
+        record = msgspec.json.encode(
+            {
+                "decision_id": "NOEXPIRY",
+                "effect": "hold",
+                "reason": "escalated_by_rule",
+                "message": "",
+                "subject": TRANSFER,
+                "principal": "agent-7",
+                "action": "payments.transfer",
+            }
+        )
+        ack = await nc.jetstream().publish("guard.hold.agent-7.payments.transfer", record)
+        approvals = gw._approvals
+        assert approvals is not None
+
+        async def moved_past() -> bool:
+            return approvals._sweep_from > ack.seq
+
+        await eventually(moved_past, what="the sweep moved past the hold")
+    await nc.close()

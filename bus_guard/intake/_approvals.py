@@ -635,9 +635,11 @@ class Approvals:
             except msgspec.DecodeError:
                 continue
             hold_id = held.decision_id
-            if held.effect != Effect.HOLD.value or hold_id in self._resolved:
+            # A hold without an expiry (held under a policy set that gave it no terms)
+            # never expires: it must not keep every later sweep reading from it.
+            if held.effect != Effect.HOLD.value or hold_id in self._resolved or not held.expires:
                 continue
-            if not held.expires or now < held.expires:
+            if now < held.expires:
                 oldest_open = stored.seq if oldest_open is None else oldest_open
                 continue
             if await self._lookup(resolution_decision_id(s.prefix, hold_id)) is None:
