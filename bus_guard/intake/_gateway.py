@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, Self
@@ -216,12 +217,16 @@ class Gateway(AsyncContextManagerMixin):
     def _spawn(self, tg: TaskGroup) -> None:
         """The intake's long-lived tasks: stream mode's loop, batched core mode's flusher
         (intents taken before it starts wait in its batch for it)."""
+        stop = self._stop
         if self._intake is not None:
-            tg.start_soon(self._run_stream, self._intake)
-            if self._approvals is not None:
-                tg.start_soon(self._run_approvals, self._approvals)
+            pull = functools.partial(self._intake.run, stop)
+            tg.start_soon(self._run, "stream intake", pull, self._loop_done)
         elif self._core is not None:
-            tg.start_soon(self._run_flusher, self._core)
+            flush = self._core.run_flusher
+            tg.start_soon(self._run, "artifact batch flusher", flush, self._loop_done)
+        if self._approvals is not None:  # stream mode: votes on holds
+            votes = functools.partial(self._approvals.run, stop)
+            tg.start_soon(self._run, "approvals", votes, self._approvals_done)
 
     async def _start_core(self, nc: Client) -> None:
         s = self.settings
@@ -280,35 +285,17 @@ class Gateway(AsyncContextManagerMixin):
         self._intake = intake
         self._approvals = approvals
 
-    async def _run_stream(self, intake: StreamIntake) -> None:
+    async def _run(self, what: str, run: Callable[[], Awaitable[None]], done: anyio.Event) -> None:
+        """One of the intake's long-lived tasks. Whatever stops it (a chain in doubt, a lost
+        bus, a bug) stops the gateway: recorded in ``failure``, never a forward or release."""
         try:
-            await intake.run(self._stop)
-        except Exception as exc:  # a chain in doubt, a lost bus: stop, never forward
-            log.exception("stream intake stopped")
+            await run()
+        except Exception as exc:
+            log.exception("%s stopped", what)
             self.failure = exc
             self.closed.set()
         finally:
-            self._loop_done.set()
-
-    async def _run_approvals(self, approvals: Approvals) -> None:
-        try:
-            await approvals.run(self._stop)
-        except Exception as exc:  # a chain in doubt, a lost bus: stop, never release
-            log.exception("approvals stopped")
-            self.failure = exc
-            self.closed.set()
-        finally:
-            self._approvals_done.set()
-
-    async def _run_flusher(self, core: CoreIntake) -> None:
-        try:
-            await core.run_flusher()
-        except Exception as exc:  # a bug: stop, never forward unsigned
-            log.exception("artifact batch flusher stopped")
-            self.failure = exc
-            self.closed.set()
-        finally:
-            self._loop_done.set()
+            done.set()
 
     def _count(self, record: Standing) -> None:
         """Every decision that stands, in either mode, is counted here once."""
