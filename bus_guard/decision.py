@@ -20,6 +20,8 @@ __all__ = (
     "Decision",
     "Effect",
     "HoldTerms",
+    "LimitSpec",
+    "LimitUse",
     "Lineage",
     "Mode",
     "ParentView",
@@ -139,6 +141,41 @@ class HoldTerms(msgspec.Struct, frozen=True):
     ttl_s: float
 
 
+LimitKind = Literal["count", "sum"]
+LimitPer = Literal["principal", "group", "resource", "lineage_root"]
+
+
+class LimitSpec(msgspec.Struct, frozen=True):
+    """One limit of an allow rule, as compiled: at most *max* requests (``count``) or at
+    most *max* of the numeric param *param* summed (``sum``) per sliding window of
+    *window_s* seconds, per value of *per* (the intent's principal, the rule's group
+    *group*, its resource, or its lineage root)."""
+
+    rule: str  # the allow rule's id
+    name: str  # unique in its policy set: "<rule id>/<index>" unless the rule names it
+    kind: LimitKind
+    max: float  # count: a whole number
+    window_s: float
+    per: LimitPer
+    group: str = ""  # per group: the group's name (every intent of the rule shares it)
+    param: str = ""  # sum: the param whose values are summed
+
+
+class LimitUse(msgspec.Struct, frozen=True):
+    """What one limit said about one intent: recorded with the decision (an allow: what it
+    spent; a ``rate_limited`` / ``budget_exceeded`` denial: the limit that was full)."""
+
+    limit: str  # LimitSpec.name
+    rule: str
+    kind: LimitKind
+    max: float
+    window_s: float
+    per: LimitPer
+    key: str  # the value of *per* this intent counts against
+    used: float  # spent in the window before this intent
+    amount: float  # what this intent costs (count: 1)
+
+
 class Decision(msgspec.Struct, frozen=True):
     effect: Effect
     reason: Reason
@@ -151,6 +188,14 @@ class Decision(msgspec.Struct, frozen=True):
     # allow: the labels the allowing rules add to the intent's lineage (its children inherit)
     taints: tuple[str, ...] = ()
     hold: HoldTerms | None = None  # hold: who may approve it, how many, until when
+    # allow: the limits to spend before it stands, one group per applicable allow rule
+    # that has limits, sorted by rule id; () when nothing is to be spent (no applicable
+    # allow rule has limits, or one has none). The intake spends the first group that has
+    # room (all its limits) and turns the allow into rate_limited / budget_exceeded when
+    # none has; the pure evaluator never does.
+    limits: tuple[tuple[LimitSpec, ...], ...] = ()
+    # after the limits were checked: what was spent (allow) or which limit was full (deny)
+    limit_use: tuple[LimitUse, ...] = ()
 
     @property
     def allowed(self) -> bool:
