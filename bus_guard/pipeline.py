@@ -34,6 +34,7 @@ from bus_guard.decision import (
     POLICY_REASONS,
     Decision,
     Effect,
+    LimitUse,
     Lineage,
     Mode,
     Reason,
@@ -78,10 +79,12 @@ __all__ = (
     "forwarded_headers",
     "header_problem",
     "judge",
+    "limited",
     "outcome_of",
     "outputs_of",
     "payload_excerpt",
     "reply_allowed",
+    "request_of",
     "unsigned_allow",
 )
 
@@ -170,25 +173,7 @@ def authorize(
             )
         if lineage is not None and lineage.violation is not None:
             return _observed(deny(Reason.LINEAGE_VIOLATION, lineage.violation, policies), policies)
-        # A root (no lineage): depth 0, its own principal as root, no labels, no parents.
-        depth, root, labels, parents = (
-            (0, principal, _NO_LABELS, ())
-            if lineage is None
-            else (lineage.depth, lineage.root or principal, lineage.labels, lineage.parents)
-        )
-        request = Request(
-            principal,
-            action,
-            intent.resource,
-            intent.params,
-            intent.id,
-            intent.parents,
-            depth,
-            root,
-            labels,
-            parents,
-        )
-        decision = policies.evaluate(request)
+        decision = policies.evaluate(request_of(subject, intent, lineage))
         if not isinstance(decision, Decision):  # fail closed on a contract breach
             return deny(Reason.INTERNAL_ERROR, "evaluator returned no decision", policies)
         if decision.effect is Effect.ALLOW:
@@ -197,6 +182,58 @@ def authorize(
     except Exception as exc:  # the boundary: sync code, nothing here can be cancelled
         log.exception("evaluation failed for intent %s", intent.id)
         return deny(Reason.INTERNAL_ERROR, f"evaluation failed: {type(exc).__name__}", policies)
+
+
+def request_of(subject: Subject, intent: Intent, lineage: Lineage | None) -> Request:
+    """What the policy sees of *intent* on *subject*, a child of *lineage* (``None``: a root:
+    depth 0, its own principal as root, no labels, no parents)."""
+    principal = subject.principal
+    depth, root, labels, parents = (
+        (0, principal, _NO_LABELS, ())
+        if lineage is None
+        else (lineage.depth, lineage.root or principal, lineage.labels, lineage.parents)
+    )
+    # Positional, in Request's field order (as Outcome: a fraction of the keyword cost).
+    return Request(
+        principal,
+        subject.action,
+        intent.resource,
+        intent.params,
+        intent.id,
+        intent.parents,
+        depth,
+        root,
+        labels,
+        parents,
+    )
+
+
+def limited(
+    decision: Decision, uses: tuple[LimitUse, ...], ok: bool, policies: PolicySetLike
+) -> Decision:
+    """An allow whose limits were checked: *ok*, it stands with what it spent (*uses*);
+    else the denial of the first full limit (*uses*: that one): ``rate_limited`` for a
+    count, ``budget_exceeded`` for a sum, naming the rule (observe mode: allowed, marked)."""
+    if ok:
+        return msgspec.structs.replace(decision, limits=(), limit_use=uses)
+    use = uses[0]
+    per = f"per {use.per} {use.key!r}"
+    if use.kind == "count":
+        reason = Reason.RATE_LIMITED
+        message = (
+            f"rate limit {use.limit} of rule {use.rule}: {use.max:g} per {use.window_s:g}s "
+            f"{per}; {use.used:g} used"
+        )
+    else:
+        reason = Reason.BUDGET_EXCEEDED
+        message = (
+            f"budget {use.limit} of rule {use.rule}: {use.max:g} per {use.window_s:g}s {per}; "
+            f"{use.used:g} spent, this intent {use.amount:g}"
+        )
+    denial = msgspec.structs.replace(
+        deny(reason, message, policies), rules=(use.rule,), limit_use=uses
+    )
+    return _observed(denial, policies)
 
 
 def _observed(decision: Decision, policies: PolicySetLike) -> Decision:
@@ -438,6 +475,8 @@ class Outcome(msgspec.Struct, frozen=True):
     hold: str = ""
     approver: str = ""  # a vote: the approver's id
     approvals: tuple[str, ...] = ()  # a release: the decision ids of the votes counted
+    # limits: what an allow spent, or the limit a rate_limited / budget_exceeded found full
+    limits: tuple[LimitUse, ...] = ()
 
 
 MAX_SCOPE: Final = 16  # numeric params kept per allowed intent for its children's scope
@@ -496,7 +535,7 @@ def outcome_of(
     # Positional, in Outcome's field order (see Outcome: a fraction of the keyword cost).
     # ``_value_``, not ``value``: the enum's ``value`` is a Python-level property (two
     # Python calls per read), ``_value_`` the plain attribute behind it.
-    return Outcome(
+    outcome = Outcome(
         decision_id,
         effect._value_,
         decision.reason._value_,
@@ -526,6 +565,9 @@ def outcome_of(
         quorum,
         expires,
     )
+    if decision.limit_use:  # rare: set on the fresh value (no keyword Outcome per intent)
+        msgspec.structs.force_setattr(outcome, "limits", decision.limit_use)
+    return outcome
 
 
 def claims_of(
@@ -611,6 +653,7 @@ class DecisionRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     hold: str = ""
     approver: str = ""
     approvals: tuple[str, ...] = ()
+    limits: tuple[LimitUse, ...] = ()  # the limit that was full (or what an allow spent)
 
 
 _json_enc: Final = msgspec.json.Encoder()
@@ -717,6 +760,8 @@ class Standing(Protocol):
     def approver(self) -> str: ...
     @property
     def approvals(self) -> tuple[str, ...]: ...
+    @property
+    def limits(self) -> tuple[LimitUse, ...]: ...
 
 
 # One message to publish: ``(role, subject, data, headers)``, the role ``exec``, ``deny`` or
@@ -772,6 +817,7 @@ def decision_record(
             hold=record.hold,
             approver=record.approver,
             approvals=record.approvals,
+            limits=record.limits,
             **extra,
         )
     )

@@ -119,6 +119,11 @@ class Streams:
         """Executors' consume-once bucket (README, "Executors")."""
         return self._bucket("executed")
 
+    @property
+    def limits_bucket(self) -> str:
+        """The gateways' sliding-window logs of rate limits and budgets (README, "Limits")."""
+        return self._bucket("limits")
+
     @staticmethod
     def kv_stream(bucket: str) -> str:
         """The stream behind a key-value bucket (what permissions name): ``KV_<bucket>``."""

@@ -30,7 +30,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus_guard.decision import Lineage, Reason, new_decision_id
+from bus_guard.decision import Decision, Lineage, Reason, new_decision_id
+from bus_guard.intake._limits import Limited, LimitStore
 from bus_guard.intent import Intent, parse_subject, wire_safe
 from bus_guard.pipeline import (
     Decoded,
@@ -53,6 +54,9 @@ from bus_guard.signing import BatchSigner, Signer
 __all__ = ("CoreCounters", "CoreIntake")
 
 log = logging.getLogger(__name__)
+
+# An allow with limits to spend: (decoded, decision, now), finished by CoreIntake._spend.
+_ToSpend = tuple[Decoded, Decision, float]
 
 _NO_LEDGER: Final = Lineage(violation="core mode keeps no ledger: parents cannot be checked")
 
@@ -94,6 +98,7 @@ class CoreIntake:
     clock: Callable[[], float]
     counters: CoreCounters
     on_decided: Callable[[Standing], None]
+    limits: LimitStore | None = None  # None: an allow with limits is denied (cannot spend)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -112,7 +117,13 @@ class CoreIntake:
         self.counters.received += 1
         policies = self.policies()  # one read: a swap mid-message cannot mix bundles
         try:
-            outcome = self._decide(msg, policies)
+            decided = self._decide(msg, policies)
+            # An allow with limits (rare: an attribute test on the way) spends them first.
+            outcome = (
+                decided
+                if isinstance(decided, Outcome)
+                else await self._spend(msg, policies, *decided)
+            )
         except Exception:  # total handler: a recorded denial, never a forward
             log.exception("handler failed for %s", msg.subject)
             self.counters.internal_errors += 1
@@ -126,7 +137,7 @@ class CoreIntake:
 
     # Core mode keeps no ledger: each outcome has a fresh decision id (new_decision_id).
 
-    def _decide(self, msg: Msg, policies: PolicySetLike) -> Outcome:
+    def _decide(self, msg: Msg, policies: PolicySetLike) -> Outcome | _ToSpend:
         s = self.settings
         now = self.clock()
         subject, data = msg.subject, msg.data
@@ -134,8 +145,28 @@ class CoreIntake:
         _, intent = decoded
         lineage = _NO_LEDGER if isinstance(intent, Intent) and intent.parents else None
         decision = judge(subject, decoded, policies, now=now, checks=s.checks, lineage=lineage)
+        if decision.limits:
+            return (decoded, decision, now)
         return outcome_of(
             new_decision_id(), subject, data, decoded, decision, gateway=s.gateway_id, now=now
+        )
+
+    async def _spend(
+        self, msg: Msg, policies: PolicySetLike, decoded: Decoded, decision: Decision, now: float
+    ) -> Outcome:
+        """An allow with limits: spent in the limit store first (the decision that stands
+        may be rate_limited, budget_exceeded, or internal_error if the store cannot say)."""
+        decision_id = new_decision_id()
+        subject, intent = decoded
+        assert subject is not None and isinstance(intent, Intent)  # an allow has both
+        if self.limits is None:
+            decision = deny(Reason.INTERNAL_ERROR, "limits unavailable: no limit store", policies)
+        else:
+            item = Limited(decision_id, decision, subject, intent, None)
+            [decision] = await self.limits.settle([item], policies)
+        s = self.settings
+        return outcome_of(
+            decision_id, msg.subject, msg.data, decoded, decision, gateway=s.gateway_id, now=now
         )
 
     def _failure(self, msg: Msg, policies: PolicySetLike) -> Outcome:

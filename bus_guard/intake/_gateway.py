@@ -32,6 +32,7 @@ from bus_guard.errors import ConfigError, GatewayError
 from bus_guard.intake._approvals import Approvals
 from bus_guard.intake._client import GuardClient
 from bus_guard.intake._core import CoreIntake
+from bus_guard.intake._limits import LimitStore
 from bus_guard.intake._preflight import ensure
 from bus_guard.intake._stream import StreamIntake
 from bus_guard.ledger._records import CheckpointSigner
@@ -84,6 +85,10 @@ class GatewayStatistics:
     holds_rejected: int = 0
     holds_expired: int = 0
     forged_resolutions: int = 0  # hold resolutions in the ledger that did not verify
+    # limits (both modes)
+    limit_failures: int = 0  # batches of allows denied: the limit store could not say
+    limit_conflicts: int = 0  # compare-and-set writes lost to another gateway (retried)
+    limit_cached_denials: int = 0  # limits full in the local cache: denied without I/O
 
 
 @dataclass(slots=True)
@@ -143,7 +148,8 @@ class Gateway(AsyncContextManagerMixin):
         self._ledger_signer = ledger_signer
         self._trusted_keys = trusted_keys
         self._intake: StreamIntake | None = None
-        self._core: CoreIntake | None = None
+        self._core: CoreIntake | None = None  # batched core mode (its flusher to stop)
+        self._core_intake: CoreIntake | None = None
         self._approvals: Approvals | None = None
         self._approvals_done = anyio.Event()
         self._stop = anyio.Event()
@@ -238,6 +244,12 @@ class Gateway(AsyncContextManagerMixin):
             self._clock,
             self._counters,
             self._count,
+            LimitStore(
+                nc.jetstream(timeout=s.stream.publish_timeout_s),
+                s.subjects.streams.limits_bucket,
+                timeout_s=s.stream.publish_timeout_s,
+                replicas=s.stream.replicas,
+            ),
         )
         self._sub = await nc.subscribe(
             s.subjects.wildcard("in"),
@@ -247,6 +259,7 @@ class Gateway(AsyncContextManagerMixin):
             pending_bytes_limit=s.pending_bytes_limit,
         )
         core.sub = self._sub
+        self._core_intake = core
         await round_trip(nc, timeout_s=s.connect_timeout_s)
         if core.batched:
             self._core = core
@@ -402,6 +415,19 @@ class Gateway(AsyncContextManagerMixin):
             )
             counters["received"] = c.received
             counters["internal_errors"] += c.internal_errors
+        store = (
+            self._intake.limits
+            if self._intake is not None
+            else self._core_intake.limits
+            if self._core_intake is not None
+            else None
+        )
+        if store is not None:
+            counters.update(
+                limit_failures=store.failures,
+                limit_conflicts=store.conflicts,
+                limit_cached_denials=store.cached_denials,
+            )
         if self._approvals is not None:
             a = self._approvals.counters
             counters.update(

@@ -51,6 +51,7 @@ from nats.aio.msg import Msg
 
 from bus_guard.decision import Decision, Lineage, Reason, message_decision_id
 from bus_guard.intake._jetstream import Puller
+from bus_guard.intake._limits import Limited, LimitStore
 from bus_guard.intake._parents import Parent
 from bus_guard.intake._publisher import OutputPublisher, not_yet_published
 from bus_guard.intake._recorder import ChainInDoubt, Recorder
@@ -129,6 +130,12 @@ class StreamIntake:
             self._js,
             name=f"{s.gateway_id}-{self.recorder.epoch}",
             timeout_s=self._s.publish_timeout_s,
+        )
+        self.limits = LimitStore(
+            self._js,
+            self._streams.limits_bucket,
+            timeout_s=self._s.publish_timeout_s,
+            replicas=self._s.replicas,
         )
         self.puller = Puller(
             self.nc,
@@ -321,6 +328,29 @@ class StreamIntake:
                 items[i] = lineage
                 continue
             items[i] = Decided(p, p.decision_id, self._decide(p, batch, lineage), lineage)
+        await self._spend(batch, todo)
+
+    async def _spend(self, batch: _Batch, indices: Sequence[int]) -> None:
+        """Spend the limits of every allow at *indices* that has some, in one round of
+        the limit store for the batch: each becomes the decision that stands (the allow,
+        or rate_limited, budget_exceeded, malformed, internal_error)."""
+        items = batch.items
+        todo = [i for i in indices if isinstance(it := items[i], Decided) and it.decision.limits]
+        if not todo:
+            return
+        asks = []
+        for i in todo:
+            it = items[i]
+            assert isinstance(it, Decided)
+            subject, intent = it.pulled.decoded
+            assert subject is not None and isinstance(intent, Intent)  # an allow has both
+            fresh = it.pulled.delivered == 1
+            asks.append(Limited(it.decision_id, it.decision, subject, intent, it.lineage, fresh))
+        settled = await self.limits.settle(asks, batch.policies)
+        for i, decision in zip(todo, settled, strict=True):
+            it = items[i]
+            assert isinstance(it, Decided)
+            items[i] = it._replace(decision=decision)
 
     async def _lineage(self, todo: list[Pulled], now: float) -> list[Lineage | Undecided | None]:
         """Per item: its lineage (``None`` for a root), or ``Undecided``: its parents could

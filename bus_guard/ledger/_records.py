@@ -35,7 +35,7 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bus_guard.decision import intent_decision_id, message_decision_id
+from bus_guard.decision import LimitUse, intent_decision_id, message_decision_id
 from bus_guard.errors import ConfigError
 from bus_guard.signing._keys import kid_for
 from bus_guard.subjects import LedgerSubjects  # re-exported: where the records go
@@ -106,6 +106,8 @@ class LedgerRecord(
     hold: str = ""  # a vote on a hold, or a hold's resolution: the hold's decision id
     approver: str = ""  # a vote: the approver
     approvals: tuple[str, ...] = ()  # a release: the votes (decision ids) counted
+    # an allow: what it spent of its limits; rate_limited / budget_exceeded: the full one
+    limits: tuple[LimitUse, ...] = ()
     # -- chain_start / checkpoint
     epoch: str = ""  # the gateway process that wrote it
     final: bool = False  # checkpoint written at clean shutdown
