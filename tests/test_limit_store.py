@@ -9,13 +9,18 @@ gateway processes would.
 from __future__ import annotations
 
 import asyncio
+import functools
+import io
+import json
 import math
 from collections.abc import AsyncIterator
 
+import anyio
 import nats
 import pytest
 from nats.aio.client import Client
 
+from bus_guard.cli._main import main
 from bus_guard.decision import Decision, Effect, LimitSpec, Reason
 from bus_guard.intake._limits import (
     MAX_ENTRIES,
@@ -230,3 +235,36 @@ async def test_a_store_that_cannot_answer_denies(nats_server: NatsServer) -> Non
 
 def test_unavailable_is_an_exception_the_intake_turns_into_a_denial() -> None:
     assert issubclass(Unavailable, Exception)
+
+
+async def _cli(*argv: str) -> tuple[int, str]:
+    """``bus-guard ARGV`` as the command line runs it (its own event loop, in a thread)."""
+    out = io.StringIO()
+    code = await anyio.to_thread.run_sync(functools.partial(main, list(argv), out=out))
+    return code, out.getvalue()
+
+
+async def test_the_limits_command_shows_usage_per_key(
+    clients: list[Client], nats_server: NatsServer
+) -> None:
+    count = LimitSpec("r", "r/0", "count", 3, 60.0, "principal")
+    store = LimitStore(clients[0].jetstream(), "guard-limits")
+    items = [_limited(i, count) for i in range(2)]
+    await store.settle(items, _Policies())  # type: ignore[arg-type]
+    code, text = await _cli("limits", "--nats", nats_server.url)
+    assert code == 0
+    [line] = text.splitlines()
+    assert "r/0 (rule r)" in line and "'agent-7'" in line and "2/3 requests" in line
+    assert "FULL" not in line
+    await store.settle([_limited(9, count)], _Policies())  # type: ignore[arg-type]
+    code, text = await _cli("limits", "--nats", nats_server.url, "--json")
+    [row] = [json.loads(x) for x in text.splitlines()]
+    assert (row["used"], row["max"], row["key"], row["spends"]) == (3, 3, "agent-7", 3)
+    assert 0 < row["frees_in_s"] <= 60
+    code, text = await _cli("limits", "--nats", nats_server.url, "--principal", "agent-9")
+    assert (code, text.strip()) == (0, "no limit has spends in its window now for 'agent-9'")
+
+
+async def test_the_limits_command_without_a_bucket_lists_nothing(nats_server: NatsServer) -> None:
+    code, text = await _cli("limits", "--nats", nats_server.url)
+    assert (code, text.strip()) == (0, "no limit has spends in its window now")

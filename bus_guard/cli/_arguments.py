@@ -627,6 +627,22 @@ exit codes:
      --approver or --reason
 """
 
+_LIMITS_EPILOG: Final = """\
+examples:
+  bus-guard limits --nats nats://127.0.0.1:4222
+  bus-guard limits --principal agent-7
+  bus-guard limits --json | jq 'select(.used >= .max)'
+
+One line per limit key with spends inside its window now: the limit (its name, the rule),
+the key it counts against (a principal, group, resource or lineage root), what is used of
+it, its window, and when the oldest spend leaves the window. Read from the guard-limits
+key-value bucket that every gateway spends from (README, "Limits"). --principal: only keys
+that are that principal (or its lineage root). --json: one object per line with limit, rule,
+kind, max, window_s, per, key, used, spends, frees_in_s.
+
+exit codes: 0 listed (none is not an error), 1 NATS unreachable, 2 bad arguments
+"""
+
 _HOLDS_EPILOG: Final = """\
 examples:
   bus-guard holds --nats nats://127.0.0.1:4222
@@ -713,3 +729,17 @@ def _approval_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
         help=_with_default("show at most N holds", _HOLDS_LIMIT),
     )
     holds.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    limits = sub.add_parser(
+        "limits",
+        help="current usage of rate limits and budgets, per key",
+        description="Show what every limit key has used of its window now, as the gateways\n"
+        "see it (the guard-limits key-value bucket).",
+        epilog=_LIMITS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _connection_options(limits)
+    limits.add_argument(
+        "--principal", default=None, help="only keys that are this principal (or lineage root)"
+    )
+    limits.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -10,6 +10,7 @@ bus-guard ledger    verify the ledger's chains and checkpoints
 bus-guard lineage   ancestors and descendants of a decision
 bus-guard approve   vote to release a held intent (reject: to deny it)
 bus-guard holds     the open holds, with approvals so far
+bus-guard limits    what rate limits and budgets have used, per key
 """
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
             from bus_guard.cli._approve import cmd_holds
 
             return anyio.run(cmd_holds, args, out)
+        case "limits":
+            from bus_guard.cli._limits import cmd_limits
+
+            return anyio.run(cmd_limits, args, out)
         case "policy":
             return _cmd_policy(args, out)
         case "verify":

@@ -87,6 +87,7 @@ __all__ = (
     "LimitStore",
     "Limited",
     "Unavailable",
+    "Usage",
     "ask_of",
     "ensure_bucket",
     "kv_key",
@@ -130,6 +131,21 @@ class LimitLog(msgspec.Struct, array_like=True):
     def holds(self, decision_id: str, now: float) -> bool:
         start = now - self.window_s
         return any(d == decision_id and t > start for t, _, d in self.entries)
+
+
+class Usage(msgspec.Struct, frozen=True):
+    """One key's use of its limit now (``bus-guard limits``)."""
+
+    limit: str
+    rule: str
+    kind: str
+    max: float
+    window_s: float
+    per: str
+    key: str
+    used: float  # inside the window now
+    spends: int  # entries inside the window (merged ones count once)
+    frees_in_s: float  # when the oldest of them leaves the window
 
 
 _encode: Final = msgspec.json.Encoder().encode
@@ -484,12 +500,44 @@ class LimitStore:
                     out[i] = limited(todo[i].decision, fit.uses, fit.ok, policies)
         return [d for d in out if d is not None]
 
+    async def usage(self, principal: str | None = None) -> list[Usage]:
+        """What every key with spends in its window has used now (``bus-guard limits``);
+        *principal*: only keys that are that principal (per principal or lineage root)."""
+        now = self.clock()
+        out = []
+        for lg in await self.logs():
+            if principal is not None and (
+                lg.per not in ("principal", "lineage_root") or lg.key != principal
+            ):
+                continue
+            at = max(now, lg.newest())
+            start = at - lg.window_s
+            live = [(t, a) for t, a, _ in lg.entries if t > start]
+            if not live:
+                continue
+            frees = live[0][0] + lg.window_s - at
+            out.append(
+                Usage(
+                    lg.limit,
+                    lg.rule,
+                    lg.kind,
+                    lg.max,
+                    lg.window_s,
+                    lg.per,
+                    lg.key,
+                    sum(a for _, a in live),
+                    len(live),
+                    round(frees, 3),
+                )
+            )
+        return sorted(out, key=lambda u: (u.limit, u.key))
+
     async def logs(self) -> list[LimitLog]:
         """Every stored log (for ``bus-guard limits``): read from the leader."""
-        kv = await self.js.key_value(self.bucket)
         try:
+            kv = await self.js.key_value(self.bucket)
             keys = await kv.keys()
-        except NotFoundError:
+        except NotFoundError:  # no bucket (nothing spent yet), or no keys
             return []
         out = []
         for key in keys:
