@@ -1,0 +1,273 @@
+"""SCENARIOS S13: one principal floods at 20x its rate limit; do the others notice?
+
+A gateway (``bus-guard run``, stream mode by default) runs a bench bundle: four
+principals (``agent-1`` .. ``agent-4``) may call ``tools.search`` without limit, and
+``flooder`` may call it ``--limit`` times per second. Each run has two phases of
+``--seconds`` each, at the same offered load from the four others (``--others-rate``
+intents per second in all, open loop):
+
+* **unloaded**: the others alone;
+* **flood**: the others, and ``flooder`` publishing ``--factor`` (20) times its limit.
+
+For the others, each intent's time from publish to its arrival on ``guard.exec.>`` is
+measured (publisher and sink share one clock) and what never arrives is counted as lost;
+for the gateway, its resident memory at the start and the end of the flood; for the
+flooder, how many intents were allowed in each one-second window (at most ``--limit``).
+The baseline is the unloaded phase of the same run: the result is the ratio of the
+others' p99 with the flood on to their p99 without it (S13: at most 2), the median over
+``--runs`` runs, and the worst run.
+
+    python -m bench.flood --seconds 5 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.msg import Msg
+
+from bench import harness
+from bench.common import emit, machine, percentile, table
+from bus_guard.server import NatsServer
+from bus_guard.signing._keys import generate_key
+
+OTHERS = ("agent-1", "agent-2", "agent-3", "agent-4")
+FLOODER = "flooder"
+_BUNDLE = """\
+bundle: flood-bench
+version: "1"
+mode: enforce
+rules:
+  - id: others-search
+    effect: allow
+    principals: [agent-1, agent-2, agent-3, agent-4]
+    actions: [tools.search]
+  - id: flooder-search
+    effect: allow
+    principals: [flooder]
+    actions: [tools.search]
+    limits:
+      - {{count: {limit}, window: 1s}}
+"""
+_TEMPLATE = (
+    b'{"id":"%032x","action":"tools.search","resource":"tool:search",'
+    b'"params":{"q":"query %d"},"ts":%.3f}'
+)
+_ID = slice(7, 39)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def _phase(
+    url: str, *, seconds: float, others_rate: float, flood_rate: float, base: int, pid: int
+) -> dict[str, Any]:
+    """One phase: the others at *others_rate* (and the flooder at *flood_rate*, if > 0)."""
+    pub = await nats.connect(url)
+    sink_nc = await nats.connect(url)
+    clock = time.perf_counter
+    sent: dict[int, float] = {}
+    lat: list[float] = []
+    flood_allowed: list[float] = []
+    flood_denied = 0
+    flood_ids = base + 10_000_000
+
+    async def on_exec(msg: Msg) -> None:
+        i = int(msg.data[_ID], 16)
+        t = sent.pop(i, None)
+        if t is not None:
+            lat.append(clock() - t)
+        elif i >= flood_ids:
+            flood_allowed.append(time.time())
+
+    async def on_deny(msg: Msg) -> None:
+        nonlocal flood_denied
+        if f".{FLOODER}." in msg.subject:
+            flood_denied += 1
+
+    await sink_nc.subscribe("guard.exec.>", cb=on_exec, pending_msgs_limit=-1)
+    await sink_nc.subscribe("guard.deny.>", cb=on_deny, pending_msgs_limit=-1)
+    await sink_nc.flush()
+    ts = time.time()
+    n_others = int(others_rate * seconds)
+    n_flood = int(flood_rate * seconds)
+    rss_start = _rss_kib(pid)
+    start = clock()
+    i = j = 0
+    while i < n_others or j < n_flood:
+        elapsed = clock() - start
+        due_o = min(n_others, int(elapsed * others_rate) + 1)
+        due_f = min(n_flood, int(elapsed * flood_rate) + 1) if n_flood else 0
+        while j < due_f:
+            k = flood_ids + j
+            subject = f"guard.in.{FLOODER}.tools.search"
+            await pub.publish(subject, _TEMPLATE % (k, k, ts))
+            j += 1
+        while i < due_o:
+            k = base + i
+            subject = f"guard.in.{OTHERS[i % len(OTHERS)]}.tools.search"
+            sent[k] = clock()
+            await pub.publish(subject, _TEMPLATE % (k, k, ts))
+            i += 1
+        await asyncio.sleep(0.0005)
+    await pub.flush()
+    deadline = clock() + 30.0
+    while sent and clock() < deadline:  # the others' intents still on their way
+        await asyncio.sleep(0.05)
+    rss_end = _rss_kib(pid)
+    with contextlib.suppress(Exception):
+        await pub.close()
+        await sink_nc.close()
+    lat.sort()
+    windows = Counter(int(t) for t in flood_allowed)
+    return {
+        "others_sent": n_others,
+        "others_received": len(lat),
+        "others_lost": len(sent),
+        "p50_ms": percentile(lat, 50) * 1e3,
+        "p99_ms": percentile(lat, 99) * 1e3,
+        "flood_sent": n_flood,
+        "flood_allowed": len(flood_allowed),
+        "flood_denied": flood_denied,
+        "flood_allowed_max_per_1s_window": max(windows.values(), default=0),
+        "rss_kib_start": rss_start,
+        "rss_kib_end": rss_end,
+    }
+
+
+def run(
+    url: str,
+    key: Path,
+    policies: Path,
+    *,
+    seconds: float,
+    others_rate: float,
+    limit: int,
+    factor: float,
+    runs: int,
+    mode: str,
+) -> dict[str, Any]:
+    cmd = harness.guard_cmd(url, key, mode=mode)
+    cmd[cmd.index("--policies") + 1] = str(policies)
+    out: list[dict[str, Any]] = []
+    with harness.Relay(cmd) as relay:
+        asyncio.run(  # warm-up
+            _phase(url, seconds=1.0, others_rate=others_rate, flood_rate=0, base=0, pid=relay.pid)
+        )
+        for r in range(runs):
+            base = (r + 1) * 100_000_000
+            quiet = asyncio.run(
+                _phase(
+                    url,
+                    seconds=seconds,
+                    others_rate=others_rate,
+                    flood_rate=0,
+                    base=base,
+                    pid=relay.pid,
+                )
+            )
+            flood = asyncio.run(
+                _phase(
+                    url,
+                    seconds=seconds,
+                    others_rate=others_rate,
+                    flood_rate=limit * factor,
+                    base=base + 50_000_000,
+                    pid=relay.pid,
+                )
+            )
+            out.append(
+                {"unloaded": quiet, "flood": flood, "p99_ratio": flood["p99_ms"] / quiet["p99_ms"]}
+            )
+    ratios = [r["p99_ratio"] for r in out]
+    return {
+        "mode": mode,
+        "seconds": seconds,
+        "others_rate_per_s": others_rate,
+        "flooder_limit_per_s": limit,
+        "flood_rate_per_s": limit * factor,
+        "p99_unloaded_ms": statistics.median(r["unloaded"]["p99_ms"] for r in out),
+        "p99_flood_ms": statistics.median(r["flood"]["p99_ms"] for r in out),
+        "p99_ratio_median": statistics.median(ratios),
+        "p99_ratio_worst": max(ratios),
+        "others_lost": sum(r["flood"]["others_lost"] + r["unloaded"]["others_lost"] for r in out),
+        "flood_allowed_max_per_1s_window": max(
+            r["flood"]["flood_allowed_max_per_1s_window"] for r in out
+        ),
+        "rss_growth_kib_max": max(
+            r["flood"]["rss_kib_end"] - r["flood"]["rss_kib_start"] for r in out
+        ),
+        "runs": out,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seconds", type=float, default=5.0, help="per phase")
+    p.add_argument("--others-rate", type=float, default=200.0, help="the four others, in all")
+    p.add_argument("--limit", type=int, default=100, help="the flooder's limit per second")
+    p.add_argument("--factor", type=float, default=20.0, help="the flood, times the limit")
+    p.add_argument("--runs", type=int, default=3, help="runs (medians reported)")
+    p.add_argument("--mode", default="stream", choices=["stream", "core"])
+    p.add_argument("--json", action="store_true", help="JSON only, no table")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "policies").mkdir()
+        (root / "policies" / "bench.yaml").write_text(_BUNDLE.format(limit=args.limit))
+        key, _ = generate_key(root)
+        with NatsServer(store_dir=root / "js") as server:
+            res = run(
+                server.url,
+                key,
+                root / "policies",
+                seconds=args.seconds,
+                others_rate=args.others_rate,
+                limit=args.limit,
+                factor=args.factor,
+                runs=args.runs,
+                mode=args.mode,
+            )
+    rows = [
+        [
+            i + 1,
+            f"{r['unloaded']['p99_ms']:.2f}",
+            f"{r['flood']['p99_ms']:.2f}",
+            f"{r['p99_ratio']:.2f}",
+            r["flood"]["others_lost"],
+            r["flood"]["flood_allowed_max_per_1s_window"],
+            r["flood"]["rss_kib_end"] - r["flood"]["rss_kib_start"],
+        ]
+        for i, r in enumerate(res["runs"])
+    ]
+    text = "\n".join(
+        [
+            f"## S13 flood, {args.mode} mode: others {args.others_rate:g}/s, flooder "
+            f"{args.limit * args.factor:g}/s against a limit of {args.limit}/s; "
+            f"p99 ratio median {res['p99_ratio_median']:.2f}, worst {res['p99_ratio_worst']:.2f}",
+            table(
+                ["run", "p99 ms alone", "p99 ms flood", "ratio", "lost", "flood max/1s", "ΔRSS KiB"],
+                rows,
+            ),
+        ]
+    )
+    emit({"benchmark": "flood", "machine": machine(), **res}, text, json_only=args.json)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
