@@ -174,6 +174,7 @@ class LimitUse(msgspec.Struct, frozen=True):
     key: str  # the value of *per* this intent counts against
     used: float  # spent in the window before this intent
     amount: float  # what this intent costs (count: 1)
+    at: float = 0.0  # the window's time of the check (its end; the spend's time in the log)
 
 
 class Decision(msgspec.Struct, frozen=True):

@@ -88,6 +88,11 @@ class StreamSettings:
     lineage_nak_delay_s: float = 1.0
     lineage_max_waiting: int = 256
     hold_sweep_s: float = 5.0  # how often unresolved holds past their expiry are denied
+    # Fairness (SCENARIOS S13): intents are pulled up to read_ahead ahead of deciding them,
+    # queued per principal; while several principals are active, each adds at most
+    # fair_quantum intents to a batch (0: strict arrival order, no read-ahead beyond a batch).
+    fair_quantum: int = 16
+    read_ahead: int = 256
 
     def problems(self) -> list[str]:
         counts = ("max_ack_pending", "fetch_batch", "max_deliveries", "checkpoint_every")
@@ -121,6 +126,13 @@ class StreamSettings:
             out.append("lineage_wait_s must be a finite number >= 0")
         if not (math.isfinite(self.lineage_nak_delay_s) and self.lineage_nak_delay_s > 0):
             out.append("lineage_nak_delay_s must be positive")
+        if self.fair_quantum < 0:
+            out.append("fair_quantum must not be negative (0: arrival order)")
+        if not self.fetch_batch <= self.read_ahead < self.max_ack_pending:
+            out.append(
+                "read_ahead must be fetch_batch..max_ack_pending - 1 (what a gateway reads "
+                "ahead holds ack-pending slots)"
+            )
         if not 0 <= self.lineage_max_waiting < self.max_ack_pending:
             out.append(
                 "lineage_max_waiting must be 0..max_ack_pending - 1 (waiting intents hold "

@@ -230,6 +230,19 @@ _STREAM: Final = (
         "--batch", "stream.fetch_batch", "intents per pull and per ledger commit", metavar="N"
     ),
     SettingOption(
+        "--fair-quantum",
+        "stream.fair_quantum",
+        "while several principals are active, each adds at most N intents to a batch "
+        "(0: arrival order)",
+        metavar="N",
+    ),
+    SettingOption(
+        "--read-ahead",
+        "stream.read_ahead",
+        "intents pulled ahead of deciding them, for the fair queue to choose from",
+        metavar="N",
+    ),
+    SettingOption(
         "--max-deliveries",
         "stream.max_deliveries",
         "deny an intent still undecided after N deliveries",

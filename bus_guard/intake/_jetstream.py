@@ -42,6 +42,7 @@ from bus_guard.pipeline import HeaderValue
 __all__ = (
     "CommitResult",
     "Committed",
+    "FairQueue",
     "InDoubt",
     "Puller",
     "Rejected",
@@ -325,6 +326,90 @@ async def find_by_msg_id(
         request = {"seq": int(message["seq"]) + 1, "next_by_subj": subject}
 
 
+BURST_WAIT_S: Final = 0.005  # Puller.pull: the longest wait for the rest of a burst
+RECENT_S: Final = 1.0  # a principal counts as active this long after its last intent
+
+
+class FairQueue:
+    """Pulled intents waiting to be decided, one FIFO per principal, served fairly.
+
+    :meth:`take` fills a batch round-robin over the principals with intents waiting, each
+    at most ``quantum`` per batch while another principal waits too (one alone gets the
+    whole batch). A principal flooding the intake thus adds at most ``quantum`` intents to
+    each batch that also holds other principals' intents, and those are decided in the
+    next batch rather than behind the flood (SCENARIOS S13). Each principal's own intents
+    keep their order. The principal is the subject token after *subject_prefix*
+    (``guard.in.``); a subject without one is its own group ("").
+    """
+
+    __slots__ = ("_by", "_len", "_prefix", "_pruned", "_quantum", "_recent")
+
+    def __init__(self, subject_prefix: str, *, quantum: int = 0) -> None:
+        self._prefix = subject_prefix
+        self._quantum = quantum  # 0: no cap (strict FIFO over everyone)
+        self._by: dict[str, collections.deque[Msg]] = {}
+        self._len = 0
+        # principal -> when an intent of theirs last arrived (monotonic), for RECENT_S
+        self._recent: dict[str, float] = {}
+        self._pruned = 0.0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def add(self, msg: Msg) -> None:
+        subject, prefix = msg.subject, self._prefix
+        key = ""
+        if self._quantum and subject.startswith(prefix):
+            key = subject[len(prefix) :].partition(".")[0]
+            self._recent[key] = time.monotonic()
+        queue = self._by.get(key)
+        if queue is None:
+            queue = self._by[key] = collections.deque()
+        queue.append(msg)
+        self._len += 1
+
+    def _shared(self) -> bool:
+        """Whether more than one principal sent intents within the last RECENT_S."""
+        recent = self._recent
+        if len(recent) < 2:
+            return False
+        now = time.monotonic()
+        if now - self._pruned > RECENT_S:
+            self._pruned = now
+            for key in [k for k, t in recent.items() if now - t > RECENT_S]:
+                del recent[key]
+        return len(recent) > 1
+
+    def take(self, max_n: int) -> list[Msg]:
+        """Up to *max_n* intents, fairly (see the class)."""
+        by = self._by
+        if not self._quantum or not self._shared():
+            out: list[Msg] = []
+            for key in list(by):
+                queue = by[key]
+                while queue and len(out) < max_n:
+                    out.append(queue.popleft())
+                if not queue:
+                    del by[key]
+            self._len -= len(out)
+            return out
+        out = []
+        share = max(1, self._quantum)
+        for key in list(by):  # oldest principal first; each at most its share
+            queue = by[key]
+            for _ in range(min(share, len(queue), max_n - len(out))):
+                out.append(queue.popleft())
+            if queue:  # to the back: the next batch starts with someone else
+                del by[key]
+                by[key] = queue
+            else:
+                del by[key]
+            if len(out) >= max_n:
+                break
+        self._len -= len(out)
+        return out
+
+
 class Puller:
     """Pulls from a durable consumer through one inbox subscription (see the module doc).
 
@@ -341,6 +426,9 @@ class Puller:
         batch: int,
         expires_s: float,
         heartbeat_s: float,
+        subject_prefix: str = "",
+        quantum: int = 0,
+        read_ahead: int = 0,
     ) -> None:
         self._nc = nc
         self._next_subject = f"{_JS_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
@@ -348,7 +436,8 @@ class Puller:
         self._expires_s = expires_s
         self._heartbeat_s = heartbeat_s
         self._inbox = nc.new_inbox()
-        self._queue: collections.deque[Msg] = collections.deque()
+        self._queue = FairQueue(subject_prefix, quantum=quantum)
+        self._capacity = max(batch, read_ahead)
         self._arrived = anyio.Event()
         self._outstanding = 0  # messages requested and not yet delivered, by the live request
         self._request_ends = 0.0  # monotonic time at which the live request expires
@@ -367,8 +456,8 @@ class Puller:
         if self._sub is not None:
             await self._sub.unsubscribe()
             self._sub = None
-        while self._queue:
-            await self._queue.popleft().nak()
+        for msg in self._queue.take(len(self._queue)):
+            await msg.nak()
 
     def reset(self) -> None:
         """Forget the live request (after a reconnect the server may have dropped it)."""
@@ -380,7 +469,7 @@ class Puller:
         # Status header (even an inline status line) on an intent, and a delivery taken
         # for a status message would be neither decided nor acked, pinning the consumer.
         if msg.reply.startswith("$JS.ACK."):
-            self._queue.append(msg)
+            self._queue.add(msg)
             self._outstanding = max(0, self._outstanding - 1)
             self._arrived.set()
             return
@@ -397,14 +486,17 @@ class Puller:
         self._arrived.set()
 
     async def _request(self) -> None:
+        # Read ahead up to the capacity (for the fair queue to choose from), one request
+        # outstanding at a time.
+        want = min(self._batch, self._capacity - len(self._queue))
         body = {
-            "batch": self._batch,
+            "batch": want,
             "expires": int(self._expires_s * 1e9),
             "idle_heartbeat": int(self._heartbeat_s * 1e9),
         }
         await self._nc.publish(self._next_subject, json.dumps(body).encode(), reply=self._inbox)
         now = time.monotonic()
-        self._outstanding = self._batch
+        self._outstanding = want
         self._request_ends = now + self._expires_s
         self._last_heard = now
         self.requests += 1
@@ -420,6 +512,8 @@ class Puller:
     async def pull(self, max_n: int, timeout_s: float) -> list[Msg]:
         """What has arrived, up to *max_n*; waits at most *timeout_s* for the first."""
         deadline = time.monotonic() + timeout_s
+        if len(self._queue) + self._batch <= self._capacity and not self._request_alive():
+            await self._request()  # read ahead while what is queued is being decided
         while not self._queue:
             if not self._request_alive():
                 await self._request()
@@ -430,7 +524,10 @@ class Puller:
             with anyio.move_on_after(min(left, self._heartbeat_s * 2)):
                 await self._arrived.wait()
         # A burst is arriving (a pull's batch is delivered back to back): take it whole
-        # rather than a sliver, waiting while messages keep coming less than 1 ms apart.
+        # rather than a sliver, waiting while messages keep coming less than 1 ms apart,
+        # for at most BURST_WAIT_S (a steady stream 1 ms apart is not a burst: waiting for
+        # a full batch of it would add its whole arrival time to everyone's latency).
+        deadline = min(deadline, time.monotonic() + BURST_WAIT_S)
         while len(self._queue) < max_n and self._outstanding and time.monotonic() < deadline:
             quiet = self._last_heard + 0.001 - time.monotonic()
             if quiet <= 0:
@@ -438,5 +535,4 @@ class Puller:
             self._arrived = anyio.Event()
             with anyio.move_on_after(quiet):
                 await self._arrived.wait()
-        n = min(max_n, len(self._queue))
-        return [self._queue.popleft() for _ in range(n)]
+        return self._queue.take(max_n)

@@ -132,6 +132,10 @@ class LimitLog(msgspec.Struct, array_like=True):
         start = now - self.window_s
         return any(d == decision_id and t > start for t, _, d in self.entries)
 
+    def time_of(self, decision_id: str) -> float:
+        """When *decision_id* was spent (0.0: it is not in the log)."""
+        return next((t for t, _, d in self.entries if d == decision_id), 0.0)
+
 
 class Usage(msgspec.Struct, frozen=True):
     """One key's use of its limit now (``bus-guard limits``)."""
@@ -217,9 +221,9 @@ class Fit:
     uses: tuple[LimitUse, ...]
 
 
-def _use(spec: LimitSpec, key: str, used: float, amount: float) -> LimitUse:
+def _use(spec: LimitSpec, key: str, used: float, amount: float, at: float) -> LimitUse:
     return LimitUse(
-        spec.name, spec.rule, spec.kind, spec.max, spec.window_s, spec.per, key, used, amount
+        spec.name, spec.rule, spec.kind, spec.max, spec.window_s, spec.per, key, used, amount, at
     )
 
 
@@ -262,14 +266,15 @@ def settle_logs(
                 lg = logs[kv_key(spec.name, key)]
                 at = max(now, lg.newest())
                 if lg.holds(ask.decision_id, at):
-                    uses.append(_use(spec, key, lg.used(at, ask.decision_id), amount))
+                    spent_at = lg.time_of(ask.decision_id)
+                    uses.append(_use(spec, key, lg.used(at, ask.decision_id), amount, spent_at))
                     continue
                 used = lg.used(at)
                 if used + amount > spec.max:
                     if full is None:
-                        full = _use(spec, key, used, amount)
+                        full = _use(spec, key, used, amount, at)
                     break
-                uses.append(_use(spec, key, used, amount))
+                uses.append(_use(spec, key, used, amount, at))
             else:
                 chosen, spends = g, uses
                 break
@@ -403,7 +408,7 @@ class LimitStore:
                     return None
                 used = lg.used(at)
                 if used + amount > spec.max:
-                    full = full or _use(spec, key, used, amount)
+                    full = full or _use(spec, key, used, amount, at)
                     break
             else:
                 return None

@@ -144,6 +144,9 @@ class StreamIntake:
             batch=self._s.fetch_batch,
             expires_s=self._s.fetch_timeout_s,
             heartbeat_s=self._s.heartbeat_s,
+            subject_prefix=s.subjects.wildcard("in")[:-1],
+            quantum=self._s.fair_quantum,
+            read_ahead=self._s.read_ahead if self._s.fair_quantum else self._s.fetch_batch,
         )
 
     def _trusted(self) -> Jwks:
