@@ -13,6 +13,7 @@ import functools
 import io
 import json
 import math
+import time
 from collections.abc import AsyncIterator
 
 import anyio
@@ -25,6 +26,7 @@ from bus_guard.decision import Decision, Effect, LimitSpec, Reason
 from bus_guard.intake._limits import (
     MAX_ENTRIES,
     Ask,
+    LimitClock,
     Limited,
     LimitLog,
     LimitStore,
@@ -268,3 +270,17 @@ async def test_the_limits_command_shows_usage_per_key(
 async def test_the_limits_command_without_a_bucket_lists_nothing(nats_server: NatsServer) -> None:
     code, text = await _cli("limits", "--nats", nats_server.url)
     assert (code, text.strip()) == (0, "no limit has spends in its window now")
+
+
+def test_a_wall_clock_jump_moves_no_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = LimitClock()
+    before = clock()
+    logs = _logs((COUNT, "a"))
+    settle_logs([_ask(i, (COUNT, "a", 1.0)) for i in range(5)], logs, now=before)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600.0)  # the host's clock steps
+    after = clock()
+    assert after - before < 5.0
+    # The window is still full: the jump did not reopen it early.
+    assert not settle_logs([_ask(9, (COUNT, "a", 1.0))], logs, now=after)[0][0].ok
+    assert LimitClock()() - before > 3500  # a clock made after the jump reads it, once
