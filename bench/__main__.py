@@ -18,6 +18,7 @@ SUITE = {
     "latency": ["--seconds", "5", "--runs", "3"],
     "latency:batched": ["--seconds", "5", "--runs", "3", "--artifacts", "batched"],
     "memory": ["--count", "1000000"],
+    "flood": ["--seconds", "10", "--runs", "3"],
 }
 SMOKE = {
     "decide": ["--count", "200", "--runs", "1", "--rules", "10,100", "--budget", "0.2"],
@@ -30,6 +31,7 @@ SMOKE = {
         *("--artifacts", "batched"),
     ],
     "memory": ["--count", "300", "--samples", "3"],
+    "flood": ["--seconds", "0.5", "--runs", "1", "--others-rate", "40", "--limit", "5"],
 }
 
 

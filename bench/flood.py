@@ -66,6 +66,11 @@ _TEMPLATE = (
 _ID = slice(7, 39)
 
 
+def bundle(limit: int) -> str:
+    """The bench bundle: the others unlimited, the flooder *limit* a second."""
+    return _BUNDLE.format(limit=limit)
+
+
 def _max_in_window(times: list[float], window_s: float) -> int:
     times = sorted(times)
     best, lo = 0, 0
@@ -251,7 +256,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "policies").mkdir()
-        (root / "policies" / "bench.yaml").write_text(_BUNDLE.format(limit=args.limit))
+        (root / "policies" / "bench.yaml").write_text(bundle(args.limit))
         key, _ = generate_key(root)
         with NatsServer(store_dir=root / "js") as server:
             res = run(

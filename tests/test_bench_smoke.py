@@ -149,3 +149,30 @@ def test_helpers() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 99.9) == 4.0
     assert table(["a"], [[1.5]]).splitlines() == ["| a    |", "|------|", "| 1.50 |"]
     assert harness.index_of(harness.payload(123456, 1.0)) == 123456
+
+
+def test_flood_smoke(tmp_path: Path) -> None:
+    from bench import flood
+
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "bench.yaml").write_text(flood.bundle(limit=5))
+    key = generate_key(tmp_path)[0]
+    with NatsServer(store_dir=tmp_path / "js") as s:
+        res = flood.run(
+            s.url,
+            key,
+            tmp_path / "policies",
+            seconds=1.0,
+            others_rate=40,
+            limit=5,
+            factor=20,
+            runs=1,
+            mode="stream",
+        )
+    [run] = res["runs"]
+    assert run["unloaded"]["others_received"] == run["unloaded"]["others_sent"] == 40
+    assert run["flood"]["others_lost"] == 0 and res["others_lost"] == 0
+    assert run["flood"]["flood_sent"] == 100
+    assert 0 < run["flood"]["flood_allowed"] <= 10  # 5 a second, over one second and a bit
+    assert run["flood"]["flood_allowed_max_per_1s_window"] <= 5
+    assert res["p99_ratio_median"] > 0
