@@ -178,16 +178,25 @@ def _check_value(value: Any, depth: int, max_depth: int) -> str | None:
         return None if MIN_INT <= value <= MAX_INT else "integer out of 64-bit range"
     if isinstance(value, float):
         return None if math.isfinite(value) else "non-finite number"
+    # A string or an in-range int one level down is accepted here, without a call: exactly
+    # what the call would return for it (None), at depth + 1 <= max_depth. Most params are
+    # those (callgrind, core mode: two calls and ~1k instructions less per intent).
+    child = depth + 1
+    shallow = child <= max_depth
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 return "non-string key in params"
-            if (problem := _check_value(v, depth + 1, max_depth)) is not None:
+            if shallow and (type(v) is str or (type(v) is int and MIN_INT <= v <= MAX_INT)):
+                continue
+            if (problem := _check_value(v, child, max_depth)) is not None:
                 return problem
         return None
     if isinstance(value, list | tuple):
         for v in value:
-            if (problem := _check_value(v, depth + 1, max_depth)) is not None:
+            if shallow and (type(v) is str or (type(v) is int and MIN_INT <= v <= MAX_INT)):
+                continue
+            if (problem := _check_value(v, child, max_depth)) is not None:
                 return problem
         return None
     return f"unsupported value type {type(value).__name__} in params"

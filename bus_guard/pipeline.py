@@ -312,7 +312,8 @@ def decode_message(
     return decode(
         subject,
         payload,
-        content_type(headers),
+        # Most intents carry no headers: no call to learn there is no Content-Type.
+        content_type(headers) if headers else None,
         headers=headers,
         prefix=settings.prefix,
         max_payload_bytes=settings.max_payload_bytes,
