@@ -309,16 +309,23 @@ def decode_message(
     subject: str, payload: bytes, headers: Mapping[str, str] | None, settings: Settings
 ) -> Decoded:
     """:func:`decode` of a message as an intake receives it, with the gateway's bounds."""
-    return decode(
-        subject,
+    # decode's steps, not a call to it with five keywords: once per intent, and most
+    # intents carry no headers (no call to learn there is no Content-Type either).
+    parsed = parse_subject(subject, settings.prefix)
+    if parsed is None:
+        return (None, None)
+    ctype = None
+    if headers:
+        if (problem := header_problem(headers)) is not None:
+            return (parsed, Malformed(Reason.MALFORMED, problem))
+        ctype = content_type(headers)
+    intent = decode_intent(
         payload,
-        # Most intents carry no headers: no call to learn there is no Content-Type.
-        content_type(headers) if headers else None,
-        headers=headers,
-        prefix=settings.prefix,
-        max_payload_bytes=settings.max_payload_bytes,
-        max_nesting_depth=settings.max_nesting_depth,
+        ctype,
+        max_bytes=settings.max_payload_bytes,
+        max_depth=settings.max_nesting_depth,
     )
+    return (parsed, intent)
 
 
 def judge(
