@@ -172,22 +172,33 @@ def _check_value(value: Any, depth: int, max_depth: int) -> str | None:
     """Bound nesting and numbers in free-form params; return a problem or ``None``."""
     if depth > max_depth:
         return f"params nested deeper than {max_depth}"
+    # A string or an in-range int one level down is accepted here, without a call: exactly
+    # what the call would return for it (None), at depth + 1 <= max_depth. Most params are
+    # those; and dicts (params itself) are tested first, which changes no answer (no value
+    # is both a dict and a bool, str, int or float). Callgrind, core mode: two Python calls
+    # and four isinstance calls less per intent, ~1.5k instructions.
+    child = depth + 1
+    shallow = child <= max_depth
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return "non-string key in params"
+            if shallow and (type(v) is str or (type(v) is int and MIN_INT <= v <= MAX_INT)):
+                continue
+            if (problem := _check_value(v, child, max_depth)) is not None:
+                return problem
+        return None
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return None
     if isinstance(value, int):
         return None if MIN_INT <= value <= MAX_INT else "integer out of 64-bit range"
     if isinstance(value, float):
         return None if math.isfinite(value) else "non-finite number"
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                return "non-string key in params"
-            if (problem := _check_value(v, depth + 1, max_depth)) is not None:
-                return problem
-        return None
     if isinstance(value, list | tuple):
         for v in value:
-            if (problem := _check_value(v, depth + 1, max_depth)) is not None:
+            if shallow and (type(v) is str or (type(v) is int and MIN_INT <= v <= MAX_INT)):
+                continue
+            if (problem := _check_value(v, child, max_depth)) is not None:
                 return problem
         return None
     return f"unsupported value type {type(value).__name__} in params"

@@ -9,13 +9,21 @@ decide exactly as the stdlib scan alone would.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bus_guard.decision import Reason
-from bus_guard.intent import Intent, Malformed, _json_shape, _surely_no_duplicates, decode_intent
+from bus_guard.intent import (
+    Intent,
+    Malformed,
+    _check_value,
+    _json_shape,
+    _surely_no_duplicates,
+    decode_intent,
+)
 
 WS = st.sampled_from(["", " ", "\n", "\t", "\r\n ", "  "])
 TEXT = st.text(alphabet=st.sampled_from('ab:":\\/é\n\t\u2028x'), max_size=6)
@@ -136,3 +144,55 @@ def test_examples() -> None:
     intent = decode_intent(full)
     assert isinstance(intent, Intent)
     assert intent == Intent(id="i", action="a", resource="r", ts=1.0)
+
+
+def _check_value_slow(value: Any, depth: int, max_depth: int) -> str | None:
+    """``intent._check_value`` without its fast path for shallow strings and ints."""
+    if depth > max_depth:
+        return f"params nested deeper than {max_depth}"
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return None
+    if isinstance(value, int):
+        return None if -(2**63) <= value <= 2**63 - 1 else "integer out of 64-bit range"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "non-finite number"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return "non-string key in params"
+            if (problem := _check_value_slow(v, depth + 1, max_depth)) is not None:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for v in value:
+            if (problem := _check_value_slow(v, depth + 1, max_depth)) is not None:
+                return problem
+        return None
+    return f"unsupported value type {type(value).__name__} in params"
+
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.text(max_size=3)
+    | st.integers(-(2**64), 2**64)
+    | st.sampled_from([2**63 - 1, 2**63, -(2**63), -(2**63) - 1])
+    | st.floats()
+    | st.builds(bytes)
+)
+_PARAMS = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=2) | st.integers(0, 2), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_PARAMS, st.integers(0, 4), st.integers(0, 4))
+def test_check_value_fast_path_is_exact(value: Any, depth: int, max_depth: int) -> None:
+    """The shallow-scalar fast path gives what the plain recursion gives, at every depth."""
+    assert _check_value(value, depth, max_depth) == _check_value_slow(value, depth, max_depth)

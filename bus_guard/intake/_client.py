@@ -101,6 +101,14 @@ _HEADER_KEY: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # nats-py's _H
 _NEWLINES: Final = str.maketrans({"\r": " ", "\n": " "})  # nats-py's _HEADER_VALUE_NEWLINES
 
 
+# Header names as _header_block writes them (stripped, checked, encoded), by the name as
+# given: the gateway sends the same three names on every exec message, so their strip,
+# regex and encode calls are made once (callgrind, core mode: ~1.5k instructions and ~40
+# L1 misses less per intent). Bounded: inbound names pass through too.
+_NAMES_MAX: Final = 256
+_names: dict[str, bytes] = {}
+
+
 def _header_block(headers: dict[str, Any]) -> bytearray:
     """The header block nats-py 2.16's ``_send_publish`` builds for *headers*, byte for
     byte (keys and values stripped, empty keys skipped, a key that is no RFC 7230 token
@@ -110,12 +118,19 @@ def _header_block(headers: dict[str, Any]) -> bytearray:
     ``tests/test_intake_inputs.py`` compares it with nats-py's on generated headers."""
     hdr = bytearray(b"NATS/1.0\r\n")
     for k, v in headers.items():
-        key = k.strip()
-        if not key:
-            continue
-        if _HEADER_KEY.fullmatch(key) is None:
-            raise nats.errors.BadHeaderError(key)
-        hdr += key.encode()
+        name = _names.get(k)
+        if name is None:
+            key = k.strip()
+            if not key:
+                continue
+            if _HEADER_KEY.fullmatch(key) is None:
+                raise nats.errors.BadHeaderError(key)
+            name = key.encode()
+            if type(k) is str:  # a subclass could strip or encode otherwise
+                if len(_names) >= _NAMES_MAX:
+                    _names.clear()
+                _names[k] = name
+        hdr += name
         hdr += b": "
         clean = (
             isinstance(v, str)

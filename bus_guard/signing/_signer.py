@@ -14,6 +14,7 @@ module alone; it is re-exported here.
 
 from __future__ import annotations
 
+import binascii
 import math
 from typing import Any, Final
 
@@ -36,6 +37,7 @@ __all__ = ("ArtifactClaims", "Signer", "TreeHead", "payload_digest")
 # Same configuration as the verifier's, so that a verifier re-encoding decoded claims
 # gets back the exact signed bytes (its fast path).
 _CLAIMS_ENCODER: Final = msgspec.json.Encoder()
+_B64URL: Final = bytes.maketrans(b"+/", b"-_")  # base64 to base64url (b64url_encode's table)
 
 
 class Signer:
@@ -69,14 +71,19 @@ class Signer:
         """The compact JWS of *claims*; :class:`~bus_guard.errors.SigningError` on failure."""
         if claims.iss != self.issuer:
             raise SigningError(f"claims issuer {claims.iss!r} is not this signer's")
+        # b64url_encode twice, inline: two Python frames less per artifact (once per intent
+        # in core per-message mode).
+        b2a = binascii.b2a_base64
         try:
-            signing_input = self._prefix + b64url_encode(self._encode(claims))
+            body = b2a(self._encode(claims), newline=False).translate(_B64URL).rstrip(b"=")
+            signing_input = self._prefix + body
             signature = self._key.sign(signing_input)
         # Synchronous code, so nothing here can be a cancellation; whatever went wrong,
         # the gateway must see SigningError and deny rather than forward unsigned.
         except Exception as exc:
             raise SigningError(f"cannot sign artifact {claims.jti!r}: {exc!r}") from exc
-        return (signing_input + b"." + b64url_encode(signature)).decode("ascii")
+        tail = b2a(signature, newline=False).translate(_B64URL).rstrip(b"=")
+        return (signing_input + b"." + tail).decode("ascii")
 
     def sign_tree_head(self, *, root: bytes, size: int, now: float) -> str:
         """The compact JWS (``typ`` ``guard-tree-head+jwt``) of a Merkle tree head: the

@@ -28,13 +28,14 @@ by step and with which :class:`VerifyReason`, is in :mod:`bus_guard.verify._veri
 
 from __future__ import annotations
 
+import binascii
 import enum
 import hashlib
 from typing import Annotated, Final
 
 import msgspec
 
-from bus_guard.verify._base64url import b64url_encode
+from bus_guard.verify._base64url import _ENCODE_TABLE, b64url_encode
 
 __all__ = (
     "ALG",
@@ -132,7 +133,9 @@ class TreeHead(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
 def payload_digest(payload: bytes) -> str:
     """Unpadded base64url SHA-256 of *payload*: the ``payload_sha256`` claim."""
-    return b64url_encode(hashlib.sha256(payload).digest()).decode("ascii")
+    # b64url_encode, inline: once per intent on the gateway's path, one Python frame less.
+    digest = binascii.b2a_base64(hashlib.sha256(payload).digest(), newline=False)
+    return digest.translate(_ENCODE_TABLE).rstrip(b"=").decode("ascii")
 
 
 def protected_header(kid: str, typ: str = TYP) -> str:
