@@ -450,6 +450,21 @@ def test_norway_is_a_string_not_false(tmp_path: Path) -> None:
     assert getattr(rule.condition, "value", None) == ["NO", "yes", "on"]
 
 
+def test_integers_beyond_a_float_are_numbers_not_a_crash(tmp_path: Path) -> None:
+    """``math.isfinite(10**400)`` raises OverflowError, which pydantic does not catch: such
+    a literal crashed the load. An integer is a finite number however long; a duration
+    that long is simply too long."""
+    huge = "1" + "0" * 400
+    rules = f"- {{id: r1, effect: allow, actions: [a], when: {{field: params.n, lt: {huge}}}}}"
+    policies = load_policies(write(tmp_path, {"b.yaml": bundle(rules)}))
+    (rule,) = policies.rules
+    assert getattr(rule.condition, "value", None) == 10**400
+    problem = only_problem(
+        tmp_path, f"- {{id: r1, effect: escalate, actions: [a], approval: {{ttl: {huge}}}}}"
+    )
+    assert "approval.ttl: must be more than 0 and at most 30 days, got number 1000" in problem
+
+
 def test_duplicate_rule_id_in_one_file(tmp_path: Path) -> None:
     rules = "- {id: r1, effect: allow, actions: [a]}\n- {id: r1, effect: allow, actions: [b]}"
     problem = only_problem(tmp_path, rules)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, TypeAlias
+from typing import Annotated, Any, Final, Literal, TypeAlias, TypeGuard
 
 from pydantic import (
     AfterValidator,
@@ -116,14 +116,23 @@ class _Text:
         return {"type": "string", "pattern": f"^(?:{self.pattern})$", "maxLength": self.max_len}
 
 
+def _finite(value: object) -> TypeGuard[int | float]:
+    """A finite number, not a boolean. A YAML integer is exact however many digits it has:
+    ``math.isfinite`` would convert it to a float and raise ``OverflowError`` past 1e308
+    (which pydantic does not turn into a validation error: the load would crash)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
 def _scalar(value: object) -> Scalar:
-    if isinstance(value, str | bool | int) or (isinstance(value, float) and math.isfinite(value)):
+    if isinstance(value, str | bool) or _finite(value):
         return value
     raise ValueError(f"expected a string, number or boolean, got {describe(value)}")
 
 
 def _number(value: object) -> int | float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+    if _finite(value):
         return value
     hint = " (quoted numbers are strings)" if isinstance(value, str) else ""
     raise ValueError(f"expected a number, got {describe(value)}{hint}")
@@ -171,24 +180,45 @@ MAX_TTL_S: Final = 30 * 86400.0
 """The longest a hold may wait for its approvers: 30 days. A hold keeps its whole payload
 and a place in every gateway's open-holds view until it is resolved."""
 
+MAX_WINDOW_S: Final = 31 * 86400.0
+"""The longest window of a limit: 31 days (a monthly budget)."""
+
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_RE: Final = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)([smhd])")
 
 
-def _duration(value: object) -> float:
-    """Seconds from a number of seconds or ``"90s"`` / ``"15m"`` / ``"24h"`` / ``"7d"``."""
-    found = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
-    if found is not None:
-        seconds = float(found[1]) * _UNITS[found[2]]
-    elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        seconds = float(value)
-    else:
-        raise ValueError(
-            f'expected seconds or a duration like "90s", "15m", "24h", "7d", got {describe(value)}'
-        )
-    if not 0 < seconds <= MAX_TTL_S:
-        raise ValueError(f"must be more than 0 and at most 30 days, got {describe(value)}")
-    return seconds
+def _duration(most_s: float) -> Any:
+    """Seconds from a number of seconds or ``"90s"`` / ``"15m"`` / ``"24h"`` / ``"7d"``:
+    more than 0 and at most *most_s*."""
+    most = f"{most_s / 86400:g} days"
+
+    def check(value: object) -> float:
+        found = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
+        if found is not None:
+            seconds = float(found[1]) * _UNITS[found[2]]
+        elif _finite(value):
+            seconds = float(value) if abs(value) < 1e300 else math.inf  # an int may be huge
+        else:
+            raise ValueError(
+                'expected seconds or a duration like "90s", "15m", "24h", "7d",'
+                f" got {describe(value)}"
+            )
+        if not 0 < seconds <= most_s:
+            raise ValueError(f"must be more than 0 and at most {most}, got {describe(value)}")
+        return seconds
+
+    return PlainValidator(check)
+
+
+def _duration_schema(most_s: float) -> WithJsonSchema:
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0, "maximum": most_s},
+                {"type": "string", "pattern": f"^(?:{_DURATION_RE.pattern})$"},
+            ]
+        }
+    )
 
 
 def _whole(minimum: int) -> Any:
@@ -262,18 +292,8 @@ FieldPath = Annotated[
     WithJsonSchema({"type": "string", "pattern": f"^(?:{_FIELD_RE.pattern})$"}),
 ]
 
-Duration = Annotated[
-    float,
-    PlainValidator(_duration),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TTL_S},
-                {"type": "string", "pattern": f"^(?:{_DURATION_RE.pattern})$"},
-            ]
-        }
-    ),
-]
+Duration = Annotated[float, _duration(MAX_TTL_S), _duration_schema(MAX_TTL_S)]
+Window = Annotated[float, _duration(MAX_WINDOW_S), _duration_schema(MAX_WINDOW_S)]
 _KEY_FILE_SCHEMA: Final = {"type": "string", "minLength": 1, "maxLength": 1024}
 KeyFile = Annotated[
     list[str],
