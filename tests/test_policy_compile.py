@@ -393,8 +393,8 @@ RULE_PROBLEMS = [
     ),
     pytest.param(
         "- {id: r1, effect: allow, actions: [a], limits: {rate: 5}}",
-        "unknown key 'limits'",
-        id="limits-not-yet",
+        "limits: expected a list, got a mapping",
+        id="limits-a-list",
     ),
     pytest.param(
         "- {id: r1, actions: [a]}",
@@ -664,7 +664,13 @@ def _mini_validate(value: Any, schema: dict[str, Any], root: dict[str, Any], pat
                 except AssertionError:
                     pass
             assert fits == 1 if key == "oneOf" else fits >= 1, f"{path}: {key} ({fits} fit)"
-            return None
+    if "not" in schema:
+        try:
+            _mini_validate(value, schema["not"], root, path)
+        except AssertionError:
+            pass
+        else:
+            raise AssertionError(f"{path}: matches what 'not' excludes")
     kinds = schema.get("type")
     if kinds is not None:
         kinds = [kinds] if isinstance(kinds, str) else kinds
@@ -735,6 +741,7 @@ def test_json_schema_describes_the_language() -> None:
         "approval",
         "labels",
         "lineage",
+        "limits",
     }
     assert rule["properties"]["effect"]["enum"] == ["allow", "deny", "escalate"]
     assert all("description" in rule["properties"][k] for k in ("principals", "actions"))

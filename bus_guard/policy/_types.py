@@ -26,20 +26,26 @@ from bus_guard.policy._regex import MAX_REGEX_CHARS, compile_regex
 
 __all__ = (
     "FIELD_HELP",
+    "MAX_COUNT",
     "MAX_TTL_S",
+    "MAX_WINDOW_S",
     "OPERATORS",
     "ActionPattern",
+    "Amount",
     "ApproverId",
     "AttrName",
     "Attribute",
+    "Count",
     "Duration",
     "FieldPath",
     "GroupName",
     "KeyFile",
     "Label",
+    "LimitName",
     "Name",
     "NonNegative",
     "Number",
+    "ParamName",
     "ParamType",
     "PrincipalId",
     "PrincipalPattern",
@@ -51,6 +57,7 @@ __all__ = (
     "ScalarList",
     "ScalarValue",
     "Version",
+    "Window",
     "WithinField",
     "describe",
     "parse_field",
@@ -221,13 +228,15 @@ def _duration_schema(most_s: float) -> WithJsonSchema:
     )
 
 
-def _whole(minimum: int) -> Any:
+def _whole(minimum: int, maximum: int | None = None, shown: str = "") -> Any:
     def check(value: object) -> int:
         if type(value) is not int:
             hint = " (quoted numbers are strings)" if isinstance(value, str) else ""
             raise ValueError(f"expected a whole number, got {describe(value)}{hint}")
         if value < minimum:
             raise ValueError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be at most {shown or maximum}, got {value}")
         return value
 
     return PlainValidator(check)
@@ -270,6 +279,25 @@ def _within_field(value: object) -> str:
     raise ValueError(f"{value!r} is not params.<name> or resource")
 
 
+def _positive(value: object) -> float:
+    """A finite number above 0, as a float (``max`` of a sum limit)."""
+    if not _finite(value) or not value > 0 or abs(value) >= 1e300:
+        hint = " (quoted numbers are strings)" if isinstance(value, str) else ""
+        raise ValueError(f"expected a finite number above 0, got {describe(value)}{hint}")
+    return float(value)
+
+
+def _param_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a param name like amount, got {describe(value)}")
+    if re.fullmatch(_NAME, value):
+        return value
+    if value.startswith("params.") and re.fullmatch(_NAME, value.removeprefix("params.")):
+        raise ValueError(f"write the param's name alone: {value.removeprefix('params.')!r}")
+    raise ValueError(f"{value!r} is not a top-level param name (1-64 of A-Z a-z 0-9 _ -)")
+
+
+_PARAM_NAME_SCHEMA: Final = {"type": "string", "pattern": f"^{_NAME}$"}
 _SCALAR_SCHEMA: Final = {"type": ["string", "number", "boolean"]}
 _LIST_SCHEMA: Final = {"type": "array", "items": _SCALAR_SCHEMA, "minItems": 1}
 
@@ -313,6 +341,27 @@ WithinField = Annotated[
     WithJsonSchema({"type": "string", "pattern": rf"^(?:params\.{_NAME}|resource)$"}),
 ]
 Quorum = Annotated[int, _whole(1), WithJsonSchema({"type": "integer", "minimum": 1})]
+MAX_COUNT: Final = 2**53
+"""The largest ``count`` of a limit: every whole number up to it is exact as a float."""
+Count = Annotated[
+    int,
+    _whole(1, MAX_COUNT, "2**53"),
+    WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_COUNT}),
+]
+Amount = Annotated[
+    float,
+    PlainValidator(_positive),
+    WithJsonSchema({"type": "number", "exclusiveMinimum": 0}),
+]
+ParamName = Annotated[str, PlainValidator(_param_name), WithJsonSchema(_PARAM_NAME_SCHEMA)]
+LimitName = Annotated[
+    str,
+    _Text(
+        r"[A-Za-z0-9](?:[A-Za-z0-9_./-]{0,126}[A-Za-z0-9])?",
+        "limit name (1-128 of A-Z a-z 0-9 - _ . /, beginning and ending with a letter or digit)",
+        max_len=128,
+    ),
+]
 NonNegative = Annotated[int, _whole(0), WithJsonSchema({"type": "integer", "minimum": 0})]
 Label = Annotated[str, _Text(r"[A-Za-z0-9_.:-]{1,64}", "label (1-64 of A-Z a-z 0-9 _ . : -)")]
 ApproverId = Annotated[str, _Text(_NAME, "approver id (1-64 of A-Z a-z 0-9 _ -)")]
