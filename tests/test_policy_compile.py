@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from bus_guard.cli import _policy as policytest
-from bus_guard.decision import HoldTerms
+from bus_guard.decision import HoldTerms, LimitSpec
 from bus_guard.errors import PolicyError
 from bus_guard.policy import _approvers as approvers
 from bus_guard.policy import _conditions as conditions
@@ -75,14 +75,15 @@ def test_shipped_policies_load() -> None:
     policies = load_policies(POLICIES)
     assert isinstance(policies, PolicySet)
     assert policies.bundles == ("payments", "tools")
-    assert policies.version == "payments@1.1.0,tools@1.1.0"
+    assert policies.version == "payments@1.2.0,tools@1.2.0"
     assert policies.mode == "enforce"
-    assert policies.rule_count == 7
+    assert policies.rule_count == 8
     assert {r.id for r in policies.rules} == {
         "transfer-small",
         "transfer-large",
         "sanctioned-accounts",
         "search-for-all",
+        "search-rate-limited",
         "no-shell",
         "http-get-api",
         "no-payments-from-untrusted-input",
@@ -94,6 +95,23 @@ def test_shipped_policies_load() -> None:
     assert large.hold == HoldTerms(("alice", "bob"), 2, 86400.0)
     (fetch,) = [r for r in policies.rules if r.id == "http-get-api"]
     assert fetch.taints == ("untrusted-input",)
+    # agent-2's searches: 5 per 10 s; the payments group: 10,000 of amount an hour each.
+    by_id = {r.id: r for r in policies.rules}
+    assert by_id["search-rate-limited"].limits == (
+        LimitSpec("search-rate-limited", "agent-2-search-rate", "count", 5.0, 10.0, "principal"),
+    )
+    assert by_id["transfer-small"].limits == (
+        LimitSpec(
+            "transfer-small",
+            "payments-hourly-budget",
+            "sum",
+            10000.0,
+            3600.0,
+            "principal",
+            param="amount",
+        ),
+    )
+    assert [r.id for r in policies.rules if r.limits] == ["search-rate-limited", "transfer-small"]
     for name in ("alice", "bob"):
         (entry,) = load_jwks(POLICIES / "approvers" / f"{name}.jwks.json").entries
         assert policies.approver_key(entry.kid) == (name, entry)

@@ -9,8 +9,9 @@ and line in every error), ``_patterns``, ``_regex`` (RE2), ``_conditions``, ``_l
 (lineage constraints), ``_approvers`` (hold terms and approver keys) and ``_rules``
 (compiling each part), ``_evaluator`` (the compiled :class:`PolicySet` and how it
 decides), ``_limits`` (what an intent counts against and costs under a limit:
-:func:`limit_key`, :func:`limit_amount`, for the intake that spends limits). The policy tests and ``explain`` (``bus-guard policy test | explain | check``)
-are in :mod:`bus_guard.cli`.
+:func:`limit_key`, :func:`limit_amount`, for the intake that spends limits). The policy
+tests and ``explain`` (``bus-guard policy test | explain | check``) are in
+:mod:`bus_guard.cli`.
 """
 
 from bus_guard.policy._evaluator import (
