@@ -60,9 +60,8 @@ def _not_a_number(param: str, value: object) -> str:
     elif isinstance(value, bool):
         got = f"it is {str(value).lower()}"
     elif isinstance(value, int | float):
-        got = (
-            f"it is {value!r}" if isinstance(value, float) or abs(value) < 10**20 else "it is huge"
-        )
+        big = isinstance(value, int) and abs(value) >= 10**20  # no 400-digit messages
+        got = "it is too large" if big else f"it is {value!r}"
     elif isinstance(value, str):
         got = "it is a string"
     elif isinstance(value, list | tuple):
