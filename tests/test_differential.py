@@ -6,9 +6,11 @@ random requests (with lineage: depth, labels and parents); every pair is decided
 ``PolicySet.evaluate`` and by :func:`reference`, a direct reading of SPEC §4-§5 and the
 README ("Decisions", "Conditions", "Approvals, taints and lineage constraints") with its
 own matching code: no index, no cache, no compiled closures. Effect, reason, the rule ids,
-an allow's taints and a hold's terms must agree. Bundles the compiler rejects as having an
-unreachable rule are skipped (``assume``); any other rejection fails the test, since the
-generator only writes valid, type-correct policies.
+an allow's taints and limits (one group per allowing rule, none when an unlimited rule
+allows too) and a hold's terms must agree. Some bundles declare ``params.n`` a number
+(for ``sum`` limits), so a request whose ``n`` is another type is ``malformed``. Bundles
+the compiler rejects as having an unreachable rule are skipped (``assume``); any other
+rejection fails the test, since the generator only writes valid, type-correct policies.
 
 ``test_policy_set_agrees_with_the_reference_interpreter`` is the CI-sized run;
 ``test_differential_soak`` (``-m slow``) covers more than 10^5 (policy, request) pairs and
@@ -30,13 +32,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from bus_guard.decision import Effect, HoldTerms, ParentView, Reason, Request
+from bus_guard.decision import Effect, HoldTerms, LimitSpec, ParentView, Reason, Request
 from bus_guard.errors import PolicyError
 from bus_guard.policy._load import PolicySet, load_policy_sources
 from bus_guard.signing import public_jwk
 
-# effect, reason, rule ids, taints (allow), hold terms (hold)
-Outcome = tuple[Effect, Reason, tuple[str, ...], tuple[str, ...], HoldTerms | None]
+Limits = tuple[tuple[LimitSpec, ...], ...]
+# effect, reason, rule ids, taints (allow), hold terms (hold), limits (allow)
+Outcome = tuple[Effect, Reason, tuple[str, ...], tuple[str, ...], HoldTerms | None, Limits]
 
 # -- the reference interpreter ----------------------------------------------------------
 
@@ -49,6 +52,7 @@ class RefBundle:
     principals: Mapping[str, Mapping[str, Any]]
     rules: list[dict[str, Any]]
     approvers: Mapping[str, Any] = field(default_factory=dict)
+    schemas: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 def glob_matches(pattern: str, value: str) -> bool:
@@ -226,7 +230,43 @@ def terms(rule: dict[str, Any], bundle: RefBundle) -> HoldTerms:
     )
 
 
+def limit_specs(rule: dict[str, Any]) -> tuple[LimitSpec, ...]:
+    """README "Limits": default name <rule id>/<index>, per principal; a count's max is
+    its count; per group names the rule's one group."""
+    out = []
+    for i, limit in enumerate(rule.get("limits", ())):
+        per = limit.get("per", "principal")
+        out.append(
+            LimitSpec(
+                rule=rule["id"],
+                name=limit.get("name", f"{rule['id']}/{i}"),
+                kind="count" if "count" in limit else "sum",
+                max=float(limit["count"] if "count" in limit else limit["max"]),
+                window_s=seconds(limit["window"]),
+                per=per,
+                group=rule["principals"][0].removeprefix("group:") if per == "group" else "",
+                param=limit.get("sum", ""),
+            )
+        )
+    return tuple(out)
+
+
+def malformed(bundles: list[RefBundle], request: Request) -> bool:
+    """A param of another type than a bundle declares (null is missing, not a type)."""
+    for bundle in bundles:
+        for pattern, declared in bundle.schemas.items():
+            if not action_matches(pattern.split("."), request.action.split(".")):
+                continue
+            for name, declared_kind in declared.items():
+                value = request.params.get(name)
+                if declared_kind == "number" and value is not None and kind(value) != "number":
+                    return True
+    return False
+
+
 def reference(bundles: list[RefBundle], request: Request) -> Outcome:
+    if malformed(bundles, request):
+        return Effect.DENY, Reason.MALFORMED, (), (), None, ()
     hits: dict[str, list[tuple[str, dict[str, Any], RefBundle]]] = {
         "allow": [],
         "deny": [],
@@ -241,7 +281,7 @@ def reference(bundles: list[RefBundle], request: Request) -> Outcome:
                 else:
                     hits[rule["effect"]].append((rule["id"], rule, bundle))
     if hits["deny"]:
-        return Effect.DENY, Reason.DENIED_BY_RULE, ids(hits["deny"]), (), None
+        return Effect.DENY, Reason.DENIED_BY_RULE, ids(hits["deny"]), (), None, ()
     if hits["escalate"]:
         # Several rules: every rule's terms must be met.
         each = [terms(rule, bundle) for _, rule, bundle in hits["escalate"]]
@@ -249,13 +289,21 @@ def reference(bundles: list[RefBundle], request: Request) -> Outcome:
         hold = HoldTerms(
             tuple(sorted(approvers)), max(t.quorum for t in each), min(t.ttl_s for t in each)
         )
-        return Effect.HOLD, Reason.ESCALATED_BY_RULE, ids(hits["escalate"]), (), hold
+        return Effect.HOLD, Reason.ESCALATED_BY_RULE, ids(hits["escalate"]), (), hold, ()
     if hits["allow"]:
         taints = sorted({label for _, rule, _ in hits["allow"] for label in rule.get("labels", ())})
-        return Effect.ALLOW, Reason.ALLOWED_BY_RULE, ids(hits["allow"]), tuple(taints), None
+        # One group per allowing rule, by rule id; an unlimited rule allows unlimited.
+        groups = tuple(limit_specs(rule) for _, rule, _ in sorted(hits["allow"], key=by_id))
+        limits = groups if all(groups) else ()
+        allowed = ids(hits["allow"])
+        return Effect.ALLOW, Reason.ALLOWED_BY_RULE, allowed, tuple(taints), None, limits
     if unmet:
-        return Effect.DENY, Reason.LINEAGE_VIOLATION, tuple(sorted(unmet)), (), None
-    return Effect.DENY, Reason.NO_MATCHING_RULE, (), (), None
+        return Effect.DENY, Reason.LINEAGE_VIOLATION, tuple(sorted(unmet)), (), None, ()
+    return Effect.DENY, Reason.NO_MATCHING_RULE, (), (), None, ()
+
+
+def by_id(hit: tuple[str, dict[str, Any], RefBundle]) -> str:
+    return hit[0]
 
 
 def ids(hits: list[tuple[str, dict[str, Any], RefBundle]]) -> tuple[str, ...]:
@@ -367,14 +415,18 @@ PARAM_FIELDS = ["params.n", "params.s", "params.l", "params.o.k", "params.o.o.k"
 
 
 @st.composite
-def leaf(draw: st.DrawFn, attributes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def leaf(
+    draw: st.DrawFn, attributes: Mapping[str, Mapping[str, Any]], typed: bool = False
+) -> dict[str, Any]:
     declared: dict[str, set[str]] = {}
     for attrs in attributes.values():
         for name, value in attrs.items():
             declared.setdefault(name, set()).add("list" if isinstance(value, list) else kind(value))
     choices = [*PARAM_FIELDS, *FIXED_FIELDS, *(f"principal.{a}" for a in sorted(declared))]
     field = draw(st.sampled_from(choices))
-    if field.startswith("params."):
+    if field == "params.n" and typed:  # declared a number in the bundle's schemas
+        field_kind = "number"
+    elif field.startswith("params."):
         field_kind = "any"
     elif field in FIXED_FIELDS:
         field_kind = FIXED_FIELDS[field]
@@ -386,17 +438,17 @@ def leaf(draw: st.DrawFn, attributes: Mapping[str, Mapping[str, Any]]) -> dict[s
 
 @st.composite
 def condition(
-    draw: st.DrawFn, attributes: Mapping[str, Mapping[str, Any]], depth: int = 0
+    draw: st.DrawFn, attributes: Mapping[str, Mapping[str, Any]], typed: bool, depth: int = 0
 ) -> dict[str, Any]:
     """A comparison, or up to two levels of ``not`` / ``all`` / ``any`` around some."""
     roll = draw(st.integers(0, 9)) if depth < 2 else 9
     if roll == 0:
-        return {"not": draw(condition(attributes, depth + 1))}
+        return {"not": draw(condition(attributes, typed, depth + 1))}
     if roll < 5:
         key = "all" if roll < 3 else "any"
         n = draw(st.integers(1, 3))
-        return {key: [draw(condition(attributes, depth + 1)) for _ in range(n)]}
-    return draw(leaf(attributes))
+        return {key: [draw(condition(attributes, typed, depth + 1)) for _ in range(n)]}
+    return draw(leaf(attributes, typed))
 
 
 action_patterns = st.builds(
@@ -441,6 +493,8 @@ def bundle(draw: st.DrawFn, name: str) -> dict[str, Any]:
         if members
         else {}
     )
+    # Some bundles declare params.n a number: their allow rules may sum it.
+    typed = draw(st.integers(0, 2)) == 0
     rules = []
     for i in range(draw(st.integers(1, 8))):
         effect = draw(st.sampled_from(["allow", "allow", "deny", "escalate"]))
@@ -453,7 +507,7 @@ def bundle(draw: st.DrawFn, name: str) -> dict[str, Any]:
         }
         # Unconditional denies and escalates are what make other rules unreachable.
         if draw(st.integers(0, 9)) < (5 if effect == "allow" else 8):
-            rule["when"] = draw(condition(attributes))
+            rule["when"] = draw(condition(attributes, typed))
         if effect == "allow":
             if draw(st.booleans()):
                 rule["labels"] = draw(
@@ -461,20 +515,54 @@ def bundle(draw: st.DrawFn, name: str) -> dict[str, Any]:
                 )
             if draw(st.integers(0, 2)) > 0:
                 rule["lineage"] = draw(lineage_constraints())
+            if draw(st.booleans()):
+                if groups and draw(st.integers(0, 2)) == 0:  # so that per: group is drawn
+                    rule["principals"] = [f"group:{draw(st.sampled_from(sorted(groups)))}"]
+                rule["limits"] = draw(limits(rule, typed))
         elif effect == "escalate" and draw(st.booleans()):
             rule["approval"] = draw(approval(members, approver_groups))
         rules.append(rule)
+        if "limits" in rule and draw(st.integers(0, 3)) == 0:
+            # An unlimited twin: wherever the limited rule allows, nothing is to be spent.
+            twin = {k: v for k, v in rule.items() if k != "limits"}
+            rules.append({**twin, "id": f"{rule['id']}-twin"})
     data: dict[str, Any] = {"bundle": name, "version": "1", "rules": rules}
     if groups:
         data["groups"] = groups
     if attributes:
         data["principals"] = attributes
+    if typed:
+        data["schemas"] = {">": {"n": "number", "s": "any", "l": "any", "o": "any"}}
     if members:
         data["approvers"] = {
             "members": {m: f"approvers/{m}.json" for m in members},
             "groups": approver_groups,
         }
     return data
+
+
+@st.composite
+def limits(draw: st.DrawFn, rule: dict[str, Any], typed: bool) -> list[dict[str, Any]]:
+    """1-3 valid limits: counts, sums of params.n (typed bundles), every valid per; names
+    given (unique: rule id and index) or left to the default."""
+    pers = ["principal", "resource", "lineage_root"]
+    principals = rule["principals"]
+    if len(principals) == 1 and principals[0].startswith("group:"):
+        pers.append("group")
+    out = []
+    for j in range(draw(st.integers(1, 3))):
+        limit: dict[str, Any]
+        if typed and draw(st.booleans()):
+            limit = {"sum": "n", "max": draw(st.sampled_from([0.5, 1, 100, 1e6]))}
+        else:
+            limit = {"count": draw(st.integers(1, 10))}
+        limit["window"] = draw(st.sampled_from(TTLS))
+        if draw(st.booleans()):
+            limit["per"] = draw(st.sampled_from(pers))
+        if draw(st.booleans()):
+            limit["name"] = f"{rule['id']}.limit-{j}"
+        out.append(limit)
+    return out
 
 
 @st.composite
@@ -539,7 +627,11 @@ def request(draw: st.DrawFn) -> Request:
             | st.lists(st.sampled_from([*RESOURCE_CHARS, "*", "?", "\n"]), max_size=5).map("".join)
         ),
         params=draw(
-            st.fixed_dictionaries({}, optional={k: param_values for k in ("n", "s", "l", "o")})
+            st.fixed_dictionaries(
+                {},
+                # n: a number half the time (bundles that declare it one deny the rest)
+                optional={"n": numbers | param_values} | {k: param_values for k in ("s", "l", "o")},
+            )
         ),
         lineage_depth=depth,
         lineage_root=draw(st.sampled_from(["", "agent-1", "x"])) if depth else "",
@@ -570,6 +662,8 @@ class Tally:
     constrained_allows: int = 0  # allowed by a rule with lineage constraints
     tainted: int = 0  # allows carrying taints
     approvers_held: int = 0  # holds with approvers to ask
+    limited: int = 0  # allows carrying limits
+    unlimited_over_limited: int = 0  # a limited rule allowed, but so did an unlimited one
 
 
 def instance(pattern: str, wild: str, one: str) -> str:
@@ -594,10 +688,17 @@ def aimed(bundles: list[dict[str, Any]], requests: list[Request]) -> list[Reques
 def check(bundles: list[dict[str, Any]], requests: list[Request], tally: Tally) -> None:
     policies = compile_or_skip(bundles)
     ref = [
-        RefBundle(b.get("groups", {}), b.get("principals", {}), b["rules"], b.get("approvers", {}))
+        RefBundle(
+            b.get("groups", {}),
+            b.get("principals", {}),
+            b["rules"],
+            b.get("approvers", {}),
+            b.get("schemas", {}),
+        )
         for b in bundles
     ]
     constrained = {r["id"] for b in bundles for r in b["rules"] if "lineage" in r}
+    limited = {r["id"] for b in bundles for r in b["rules"] if "limits" in r}
     tally.bundles += 1
     tally.outcomes = tally.outcomes or {}
     mismatches = []
@@ -613,12 +714,15 @@ def check(bundles: list[dict[str, Any]], requests: list[Request], tally: Tally) 
                 decision.rules,
                 decision.taints,
                 decision.hold,
+                decision.limits,
             )
             tally.pairs += 1
             tally.outcomes[expected[1]] = tally.outcomes.get(expected[1], 0) + 1
             if expected[1] is Reason.ALLOWED_BY_RULE:
                 tally.constrained_allows += bool(constrained & set(expected[2]))
                 tally.tainted += bool(expected[3])
+                tally.limited += bool(expected[5])
+                tally.unlimited_over_limited += not expected[5] and bool(limited & set(expected[2]))
             if expected[4] is not None and expected[4].approvers:
                 tally.approvers_held += 1
             if got != expected:
@@ -638,7 +742,7 @@ CI = Tally()
 
 
 @settings(
-    max_examples=60,
+    max_examples=120,  # limits and typed params: more to cover than 60 reliably reach
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
@@ -654,6 +758,7 @@ def test_the_ci_run_exercised_every_outcome() -> None:
     if CI.outcomes is None:
         pytest.skip("run together with the differential test")
     assert set(CI.outcomes) == {
+        Reason.MALFORMED,
         Reason.ALLOWED_BY_RULE,
         Reason.DENIED_BY_RULE,
         Reason.ESCALATED_BY_RULE,
@@ -661,11 +766,13 @@ def test_the_ci_run_exercised_every_outcome() -> None:
         Reason.LINEAGE_VIOLATION,
     }, CI.outcomes
     assert CI.constrained_allows and CI.tainted and CI.approvers_held, CI
+    assert CI.limited and CI.unlimited_over_limited, CI
     assert CI.disagreements == 0
     print(
         f"\nS16 CI run: bundles={CI.bundles} pairs={CI.pairs} outcomes={CI.outcomes}"
         f" constrained_allows={CI.constrained_allows} tainted={CI.tainted}"
-        f" approvers_held={CI.approvers_held}"
+        f" approvers_held={CI.approvers_held} limited={CI.limited}"
+        f" unlimited_over_limited={CI.unlimited_over_limited}"
     )
 
 

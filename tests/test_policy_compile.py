@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from bus_guard.cli import _policy as policytest
-from bus_guard.decision import HoldTerms
+from bus_guard.decision import HoldTerms, LimitSpec
 from bus_guard.errors import PolicyError
 from bus_guard.policy import _approvers as approvers
 from bus_guard.policy import _conditions as conditions
@@ -75,14 +75,15 @@ def test_shipped_policies_load() -> None:
     policies = load_policies(POLICIES)
     assert isinstance(policies, PolicySet)
     assert policies.bundles == ("payments", "tools")
-    assert policies.version == "payments@1.1.0,tools@1.1.0"
+    assert policies.version == "payments@1.2.0,tools@1.2.0"
     assert policies.mode == "enforce"
-    assert policies.rule_count == 7
+    assert policies.rule_count == 8
     assert {r.id for r in policies.rules} == {
         "transfer-small",
         "transfer-large",
         "sanctioned-accounts",
         "search-for-all",
+        "search-rate-limited",
         "no-shell",
         "http-get-api",
         "no-payments-from-untrusted-input",
@@ -94,6 +95,23 @@ def test_shipped_policies_load() -> None:
     assert large.hold == HoldTerms(("alice", "bob"), 2, 86400.0)
     (fetch,) = [r for r in policies.rules if r.id == "http-get-api"]
     assert fetch.taints == ("untrusted-input",)
+    # agent-2's searches: 5 per 10 s; the payments group: 10,000 of amount an hour each.
+    by_id = {r.id: r for r in policies.rules}
+    assert by_id["search-rate-limited"].limits == (
+        LimitSpec("search-rate-limited", "agent-2-search-rate", "count", 5.0, 10.0, "principal"),
+    )
+    assert by_id["transfer-small"].limits == (
+        LimitSpec(
+            "transfer-small",
+            "payments-hourly-budget",
+            "sum",
+            10000.0,
+            3600.0,
+            "principal",
+            param="amount",
+        ),
+    )
+    assert [r.id for r in policies.rules if r.limits] == ["search-rate-limited", "transfer-small"]
     for name in ("alice", "bob"):
         (entry,) = load_jwks(POLICIES / "approvers" / f"{name}.jwks.json").entries
         assert policies.approver_key(entry.kid) == (name, entry)
@@ -393,8 +411,8 @@ RULE_PROBLEMS = [
     ),
     pytest.param(
         "- {id: r1, effect: allow, actions: [a], limits: {rate: 5}}",
-        "unknown key 'limits'",
-        id="limits-not-yet",
+        "limits: expected a list, got a mapping",
+        id="limits-a-list",
     ),
     pytest.param(
         "- {id: r1, actions: [a]}",
@@ -448,6 +466,21 @@ def test_norway_is_a_string_not_false(tmp_path: Path) -> None:
     (rule,) = policies.rules
     assert rule.condition is not None
     assert getattr(rule.condition, "value", None) == ["NO", "yes", "on"]
+
+
+def test_integers_beyond_a_float_are_numbers_not_a_crash(tmp_path: Path) -> None:
+    """``math.isfinite(10**400)`` raises OverflowError, which pydantic does not catch: such
+    a literal crashed the load. An integer is a finite number however long; a duration
+    that long is simply too long."""
+    huge = "1" + "0" * 400
+    rules = f"- {{id: r1, effect: allow, actions: [a], when: {{field: params.n, lt: {huge}}}}}"
+    policies = load_policies(write(tmp_path, {"b.yaml": bundle(rules)}))
+    (rule,) = policies.rules
+    assert getattr(rule.condition, "value", None) == 10**400
+    problem = only_problem(
+        tmp_path, f"- {{id: r1, effect: escalate, actions: [a], approval: {{ttl: {huge}}}}}"
+    )
+    assert "approval.ttl: must be more than 0 and at most 30 days, got number 1000" in problem
 
 
 def test_duplicate_rule_id_in_one_file(tmp_path: Path) -> None:
@@ -649,7 +682,13 @@ def _mini_validate(value: Any, schema: dict[str, Any], root: dict[str, Any], pat
                 except AssertionError:
                     pass
             assert fits == 1 if key == "oneOf" else fits >= 1, f"{path}: {key} ({fits} fit)"
-            return None
+    if "not" in schema:
+        try:
+            _mini_validate(value, schema["not"], root, path)
+        except AssertionError:
+            pass
+        else:
+            raise AssertionError(f"{path}: matches what 'not' excludes")
     kinds = schema.get("type")
     if kinds is not None:
         kinds = [kinds] if isinstance(kinds, str) else kinds
@@ -720,6 +759,7 @@ def test_json_schema_describes_the_language() -> None:
         "approval",
         "labels",
         "lineage",
+        "limits",
     }
     assert rule["properties"]["effect"]["enum"] == ["allow", "deny", "escalate"]
     assert all("description" in rule["properties"][k] for k in ("principals", "actions"))

@@ -267,9 +267,9 @@ def test_check_reports_bundles_and_digest() -> None:
     assert check_policies(POLICIES, out=out) == 0
     text = out.getvalue()
     policies = load_policies(POLICIES)
-    assert text.splitlines()[0] == "7 rules in 2 bundles, mode enforce"
-    assert "  payments@1.1.0: 4 rules (" in text
-    assert "  tools@1.1.0: 3 rules (" in text
+    assert text.splitlines()[0] == "8 rules in 2 bundles, mode enforce"
+    assert "  payments@1.2.0: 4 rules (" in text
+    assert "  tools@1.2.0: 4 rules (" in text
     assert text.splitlines()[-1] == f"digest {policies.digest}"
 
 

@@ -13,8 +13,11 @@ elsewhere. A test file (``policies/tests/*.yaml`` by default) reads like ``opa t
 
 ``payload:`` (raw text) may replace ``intent:`` to test malformed input. ``reason``,
 ``rules`` (compared as a set) and ``would_deny`` are optional in ``expect``, and so are
-what a decision carries: ``taints`` (allow), ``approvers`` and ``quorum`` (hold). Each case
-runs through :func:`bus_guard.pipeline.decide`, i.e. exactly what the gateway decides.
+what a decision carries: ``taints`` and ``limits`` (allow: the names of the limits it
+would spend, as a set; ``[]`` for none), ``approvers`` and ``quorum`` (hold). Each case
+runs through :func:`bus_guard.pipeline.decide`, i.e. exactly what the gateway decides
+before it spends limits: an intent under a limited rule is ``allow`` here, whatever the
+limit's state at run time (``rate_limited`` / ``budget_exceeded`` are the gateway's).
 
 A case may give the intent's lineage, as the gateway would have found it in the ledger
 (without it, the intent is a root)::
@@ -38,11 +41,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bus_guard.cli._safe import say
-from bus_guard.decision import Decision, Lineage, ParentView, Reason, Request
+from bus_guard.decision import Decision, LimitSpec, Lineage, ParentView, Reason, Request
 from bus_guard.errors import PolicyError
 from bus_guard.pipeline import decide, evaluate
 from bus_guard.policy._conditions import ConditionTrace
 from bus_guard.policy._evaluator import Explanation, PolicySet, RuleTrace
+from bus_guard.policy._limits import limit_amount, limit_key
 from bus_guard.policy._load import load_policies, load_yaml
 
 __all__ = ("DEFAULT_NOW", "check_policies", "explain", "read_lineage", "run_policy_tests")
@@ -58,6 +62,7 @@ class _Expect(BaseModel):
     rules: list[str] | None = None
     would_deny: bool | None = None
     taints: list[str] | None = None
+    limits: list[str] | None = None
     approvers: list[str] | None = None
     quorum: int | None = None
 
@@ -225,6 +230,8 @@ def _compare(expect: _Expect, got: Decision) -> str | None:
         return "would_deny"
     if expect.taints is not None and sorted(set(expect.taints)) != list(got.taints):
         return "taints"
+    if expect.limits is not None and sorted(set(expect.limits)) != _limit_names(got):
+        return "limits"
     hold = got.hold
     if expect.approvers is not None and (
         hold is None or sorted(set(expect.approvers)) != list(hold.approvers)
@@ -242,6 +249,8 @@ def _show_expect(expect: _Expect) -> str:
         parts.append(f"would_deny={str(expect.would_deny).lower()}")
     if expect.taints is not None:
         parts.append(f"taints=[{', '.join(sorted(expect.taints))}]")
+    if expect.limits is not None:
+        parts.append(f"limits=[{', '.join(sorted(set(expect.limits)))}]")
     if expect.approvers is not None:
         parts.append(f"approvers=[{', '.join(sorted(expect.approvers))}]")
     if expect.quorum is not None:
@@ -259,12 +268,37 @@ def _carries(decision: Decision) -> str:
     parts = []
     if decision.taints:
         parts.append(f"taints=[{', '.join(decision.taints)}]")
+    if decision.limits:
+        parts.append(f"limits=[{', '.join(_limit_names(decision))}]")
     if decision.hold is not None:
         terms = decision.hold
         parts.append(
             f"approvers=[{', '.join(terms.approvers)}] quorum={terms.quorum} ttl={terms.ttl_s:g}s"
         )
     return " ".join(parts)
+
+
+def _limit_names(decision: Decision) -> list[str]:
+    return sorted({spec.name for group in decision.limits for spec in group})
+
+
+def _window(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _limit_text(spec: LimitSpec) -> str:
+    """``count 5 per 10s per principal`` / ``sum params.amount max 10000 per 1h per group
+    payments``."""
+    what = (
+        f"count {spec.max:g}"
+        if spec.kind == "count"
+        else f"sum params.{spec.param} max {spec.max:g}"
+    )
+    per = f"group {spec.group}" if spec.per == "group" else spec.per
+    return f"{spec.name}: {what} per {_window(spec.window_s)} per {per}"
 
 
 def explain(
@@ -338,6 +372,36 @@ def _render(explanation: Explanation, out: TextIO) -> None:
     say(out, f"policy decision: {_show(decision)}: {decision.message}")
     if carries := _carries(decision):
         say(out, f"  carrying {carries}")
+    _render_limits(explanation, out)
+
+
+def _render_limits(explanation: Explanation, out: TextIO) -> None:
+    """The limits an allow would spend, with this intent's key and amount under each."""
+    decision, request = explanation.decision, explanation.request
+    if not decision.allowed:
+        return
+    if not decision.limits:
+        limited = [t.rule.id for t in explanation.rules if t.applies and t.rule.limits]
+        if limited:
+            free = [r for r in decision.rules if r not in limited]
+            say(
+                out,
+                f"  no limits to spend: {', '.join(free)} allow{'s' if len(free) == 1 else ''}"
+                f" without limits (so {', '.join(limited)}'s are not spent)",
+            )
+        return
+    say(
+        out,
+        "  limits to spend (at run time: the first rule whose limits all have room; if none"
+        " has, rate_limited / budget_exceeded):",
+    )
+    for group in decision.limits:
+        say(out, f"    rule {group[0].rule}:")
+        for spec in group:
+            amount = limit_amount(spec, request)
+            cost = f"amount {amount:g}" if isinstance(amount, float) else f"cannot count: {amount}"
+            key = json.dumps(limit_key(spec, request))
+            say(out, f"      {_limit_text(spec)}: key {key}, {cost}")
 
 
 def _render_rule(t: RuleTrace, out: TextIO) -> None:
@@ -356,6 +420,8 @@ def _render_rule(t: RuleTrace, out: TextIO) -> None:
     )
     if t.condition is not None:
         _render_condition(t.condition, 2, out)
+    for spec in rule.limits:
+        say(out, f"    limit {_limit_text(spec)}")
     for constraint in t.lineage or ():
         status = "holds" if constraint.held else "fails"
         actual = json.dumps(constraint.actual, sort_keys=True, default=repr)

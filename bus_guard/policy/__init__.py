@@ -8,8 +8,10 @@ may say, validated by pydantic), ``_load`` (files → validated bundles, with fi
 and line in every error), ``_patterns``, ``_regex`` (RE2), ``_conditions``, ``_lineage``
 (lineage constraints), ``_approvers`` (hold terms and approver keys) and ``_rules``
 (compiling each part), ``_evaluator`` (the compiled :class:`PolicySet` and how it
-decides). The policy tests and ``explain`` (``bus-guard policy test | explain | check``)
-are in :mod:`bus_guard.cli`.
+decides), ``_limits`` (what an intent counts against and costs under a limit:
+:func:`limit_key`, :func:`limit_amount`, for the intake that spends limits). The policy
+tests and ``explain`` (``bus-guard policy test | explain | check``) are in
+:mod:`bus_guard.cli`.
 """
 
 from bus_guard.policy._evaluator import (
@@ -19,6 +21,7 @@ from bus_guard.policy._evaluator import (
     RuleTrace,
     compile_policy_set,
 )
+from bus_guard.policy._limits import limit_amount, limit_key
 from bus_guard.policy._load import (
     load_policies,
     load_policy_sources,
@@ -35,6 +38,8 @@ __all__ = (
     "Rule",
     "RuleTrace",
     "compile_policy_set",
+    "limit_amount",
+    "limit_key",
     "load_policies",
     "load_policy_sources",
     "load_yaml",

@@ -14,9 +14,11 @@ intent, and its lineage is what is wrong.
 
 What a decision carries besides its rules is fixed at compile time: a hold's terms (one
 escalate rule: its approvers, quorum and ttl; several: the approvers all of them accept,
-the largest quorum, the shortest ttl) and an allow's taints (the sorted union of the
-allowing rules' ``labels``). Decisions are cached per (reason, rules), so neither costs
-anything per request.
+the largest quorum, the shortest ttl), an allow's taints (the sorted union of the
+allowing rules' ``labels``) and its limits (one group per allowing rule, by rule id; none
+when one allowing rule has no limits: it allows unlimited). Decisions are cached per
+(reason, rules), so none of them costs anything per request. The evaluator never denies
+for a limit: spending them is the intake's, at run time.
 
 Cost per request does not grow with the rule count: the rules that can apply to a
 (principal, action) pair come from a dict + token trie over actions and a dict over
@@ -31,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from bus_guard.decision import Decision, Effect, HoldTerms, Mode, Reason, Request
+from bus_guard.decision import Decision, Effect, HoldTerms, LimitSpec, Mode, Reason, Request
 from bus_guard.policy._approvers import ApproverKeys, KeyFiles, approver_keys
 from bus_guard.policy._conditions import ConditionTrace, Predicate, trace
 from bus_guard.policy._lineage import ConstraintTrace
@@ -357,16 +359,21 @@ class PolicySet:
             plural = "s" if len(rules) > 1 else ""
             hold: HoldTerms | None = None
             taints: tuple[str, ...] = ()
+            limits: tuple[tuple[LimitSpec, ...], ...] = ()
             if reason is Reason.ESCALATED_BY_RULE:
                 hold = _combined([self._by_id[r].hold for r in rules])
             elif reason is Reason.ALLOWED_BY_RULE:
                 taints = tuple(sorted({t for r in rules for t in self._by_id[r].taints}))
+                groups = tuple(self._by_id[r].limits for r in rules)  # rules: sorted by id
+                # One unlimited rule allows without spending anything.
+                limits = groups if all(groups) else ()
             decision = self._decision(
                 reason,
                 rules,
                 f"{_MESSAGES[reason]}{plural} {', '.join(rules)}",
                 hold=hold,
                 taints=taints,
+                limits=limits,
             )
             if len(self._decisions) >= CACHE_SIZE:
                 self._decisions.clear()
@@ -413,6 +420,7 @@ class PolicySet:
         *,
         hold: HoldTerms | None = None,
         taints: tuple[str, ...] = (),
+        limits: tuple[tuple[LimitSpec, ...], ...] = (),
     ) -> Decision:
         return Decision(
             _EFFECTS[reason],
@@ -424,6 +432,7 @@ class PolicySet:
             mode=self.mode,
             taints=taints,
             hold=hold,
+            limits=limits,
         )
 
     def _step(self, reason: Reason, group: tuple[CompiledRule, ...]) -> _Step:
@@ -542,6 +551,7 @@ def compile_policy_set(
                 " bundles loaded together must share one mode"
             )
             problems.append(Problem(file, None, None, ("mode",), message))
+    _duplicate_limit_names(rules, where, problems)
     for dead, outer in shadowed(rules):
         message = (
             f"unreachable: {outer.effect} rule {outer.id!r} ({outer.file}) applies without"
@@ -554,6 +564,26 @@ def compile_policy_set(
     policy_set = PolicySet(rules, infos, digest, mode, declared, keys)
     log.debug("compiled %s: %d rules, %s", policy_set.version, policy_set.rule_count, digest)
     return policy_set, []
+
+
+def _duplicate_limit_names(
+    rules: Sequence[CompiledRule], where: Mapping[str, tuple[str, int]], problems: list[Problem]
+) -> None:
+    """Limit names are unique in the policy set: the intake keys its counters by them."""
+    named: dict[str, CompiledRule] = {}  # limit name -> the first rule that has it
+    for rule in rules:
+        for i, spec in enumerate(rule.limits):
+            first = named.setdefault(spec.name, rule)
+            if first is rule and all(s.name != spec.name for s in rule.limits[:i]):
+                continue
+            other = "this rule" if first is rule else f"rule {first.id!r} ({first.file})"
+            message = (
+                f"duplicate limit name {spec.name!r}, also used by {other};"
+                " limit names are unique in the policy set"
+            )
+            given = spec.name != f"{rule.id}/{i}"  # named in the rule, not by default
+            loc: tuple[str | int, ...] = ("limits", i, "name") if given else ("limits", i)
+            problems.append(Problem(rule.file, rule.id, where[rule.id][1], loc, message))
 
 
 def _combined(terms: Sequence[HoldTerms | None]) -> HoldTerms:

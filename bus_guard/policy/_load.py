@@ -54,6 +54,7 @@ from bus_guard.policy._model import (
     Bundle,
     ConditionTag,
     Leaf,
+    Limit,
     LineageRule,
     NotOf,
     Rule,
@@ -114,7 +115,18 @@ _Loader.add_implicit_resolver(
 _KNOWN_KEYS: Final = sorted(
     {
         info.alias or name
-        for model in (Bundle, Rule, Leaf, AllOf, AnyOf, NotOf, Approvers, Approval, LineageRule)
+        for model in (
+            Bundle,
+            Rule,
+            Leaf,
+            AllOf,
+            AnyOf,
+            NotOf,
+            Approvers,
+            Approval,
+            LineageRule,
+            Limit,
+        )
         for name, info in model.model_fields.items()
     }
 )

@@ -6,10 +6,12 @@ such problem at once. Checks that need the whole bundle (groups, schemas, shadow
 are the compiler's (:mod:`bus_guard.policy._evaluator`).
 
 All models are frozen, strict (YAML ``"1000"`` is not the number 1000) and forbid unknown
-keys. A later ``limits:`` key on allow rules will be a new optional field of :class:`Rule`.
+keys.
 
-Which effect may carry what (``approval`` only escalate rules, ``labels`` and ``lineage``
-only allow rules) is the compiler's check, so that the message names the rule's effect.
+Which effect may carry what (``approval`` only escalate rules, ``labels``, ``lineage`` and
+``limits`` only allow rules) is the compiler's check, so that the message names the rule's
+effect; so are what needs the bundle (a ``sum`` param's declared type, ``per: group``
+against the rule's principals) or the whole set (limit names unique).
 """
 
 from __future__ import annotations
@@ -23,17 +25,21 @@ from bus_guard.policy._types import (
     FIELD_HELP,
     OPERATORS,
     ActionPattern,
+    Amount,
     ApproverId,
     Attribute,
     AttrName,
+    Count,
     Duration,
     FieldPath,
     GroupName,
     KeyFile,
     Label,
+    LimitName,
     Name,
     NonNegative,
     Number,
+    ParamName,
     ParamType,
     PrincipalId,
     PrincipalPattern,
@@ -45,6 +51,7 @@ from bus_guard.policy._types import (
     ScalarList,
     ScalarValue,
     Version,
+    Window,
     WithinField,
     describe,
     parse_field,
@@ -52,6 +59,7 @@ from bus_guard.policy._types import (
 
 __all__ = (
     "DEFAULT_TTL_S",
+    "MAX_LIMITS",
     "OPERATORS",
     "AllOf",
     "AnyOf",
@@ -60,6 +68,7 @@ __all__ = (
     "Bundle",
     "Condition",
     "Leaf",
+    "Limit",
     "LineageRule",
     "NotOf",
     "ParamType",
@@ -249,6 +258,69 @@ class LineageRule(BaseModel):
         return self
 
 
+MAX_LIMITS: Final = 16  # per rule: the intake spends each of them for every intent it allows
+
+
+class Limit(BaseModel):
+    """At most ``count`` intents, or at most ``max`` of the numeric param ``sum`` added up,
+    per sliding ``window``, per principal (default), group, resource or lineage root."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["count"],
+                    "not": {"anyOf": [{"required": ["sum"]}, {"required": ["max"]}]},
+                },
+                {"required": ["sum", "max"], "not": {"required": ["count"]}},
+            ]
+        },
+    )
+
+    count: Count | None = Field(
+        None, description="A rate: at most this many intents per window (a whole number)."
+    )
+    sum: ParamName | None = Field(
+        None,
+        description="A budget: the name of a top-level param (declared number or integer in"
+        " schemas for every action of the rule) whose values are added up, at most max per"
+        " window.",
+    )
+    max: Amount | None = Field(
+        None, description="sum limits: the most the param may add up to per window (above 0)."
+    )
+    window: Window = Field(
+        description='The sliding window: seconds, or "10s", "15m", "1h", "7d"; more than 0'
+        " and at most 31 days."
+    )
+    per: Literal["principal", "group", "resource", "lineage_root"] = Field(
+        "principal",
+        description="Whose intents share the limit: each principal's own (default), the"
+        " rule's group (principals: exactly one group:<name>), each resource's, or each"
+        " lineage root's.",
+    )
+    name: LimitName | None = Field(
+        None,
+        description="Unique in the policy set; named in decisions and the ledger (default:"
+        " <rule id>/<index in limits>).",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Limit:
+        if (self.count is None) == (self.sum is None):
+            raise ValueError(
+                "give exactly one of count: <intents per window> or sum: <param name> (with max:)"
+            )
+        if self.sum is not None and self.max is None:
+            raise ValueError(f"a sum limit needs max: the most params.{self.sum} may add up to")
+        if self.count is not None and self.max is not None:
+            raise ValueError("max is for sum limits; a count limit's max is its count")
+        return self
+
+
 class Approvers(BaseModel):
     """The people who may approve holds: each with the Ed25519 keys they sign with."""
 
@@ -304,6 +376,13 @@ class Rule(BaseModel):
     lineage: LineageRule | None = Field(
         None, description="allow rules: constraints on the intent's parents and depth."
     )
+    limits: list[Limit] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_LIMITS,
+        description="allow rules: rates and budgets per window, spent at run time by the"
+        " gateway; an intent the rule allows stands only if all of them have room.",
+    )
 
 
 class Bundle(BaseModel):
@@ -350,6 +429,7 @@ AnyOf.model_rebuild()
 NotOf.model_rebuild()
 Approval.model_rebuild()
 LineageRule.model_rebuild()
+Limit.model_rebuild()
 Approvers.model_rebuild()
 Rule.model_rebuild()
 Bundle.model_rebuild()

@@ -5,7 +5,8 @@ and as matchers specialised once: a frozenset for exact principals and actions, 
 checks or one regex for globs, a token matcher for action wildcards, and a closure for the
 condition (and, for an allow rule with lineage constraints, the condition and the
 constraints). What a decision by the rule carries is compiled once too: an escalate rule's
-hold terms (:mod:`bus_guard.policy._approvers`) and an allow rule's labels (taints).
+hold terms (:mod:`bus_guard.policy._approvers`), an allow rule's labels (taints) and its
+limits (:class:`~bus_guard.decision.LimitSpec`, spent at run time by the intake).
 
 Shadowing is proved, never guessed: an allow or escalate rule is reported unreachable only
 when a single unconditional rule of a stronger effect covers every principal, action and
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bus_guard.decision import HoldTerms, Request
+from bus_guard.decision import HoldTerms, LimitSpec, Request
 from bus_guard.policy._approvers import hold_terms
 from bus_guard.policy._conditions import (
     ConditionNode,
@@ -77,6 +78,7 @@ class CompiledRule:
     hold: HoldTerms | None  # escalate rules: who may release the hold, how many, how long
     taints: tuple[str, ...]  # allow rules: the labels (sorted) its allowed intents carry on
     lineage: LineageCheck | None  # allow rules: constraints on the intent's lineage
+    limits: tuple[LimitSpec, ...]  # allow rules: what an intent it allows spends, in order
     match_principal: Callable[[str], bool] = field(repr=False, compare=False)
     match_action: Callable[[str], bool] = field(repr=False, compare=False)
     match_resource: Callable[[str], bool] = field(repr=False, compare=False)
@@ -142,12 +144,17 @@ def compile_rule(
         for loc, message in cond_problems:
             problem(loc, message)
     hold = hold_terms(rule, bundle, problem)
-    for key in ("labels", "lineage"):
+    what = {
+        "labels": "labels taint",
+        "lineage": "lineage constraints limit",
+        "limits": "limits bound the rates and budgets of",
+    }
+    for key in ("labels", "lineage", "limits"):
         if getattr(rule, key) is not None and rule.effect != "allow":
-            what = "labels taint" if key == "labels" else "lineage constraints limit"
             problem(
                 (key,),
-                f"{key} is for allow rules ({what} what the rule allows); this rule's"
+                f"{key} {'are' if key == 'limits' else 'is'} for allow rules ({what[key]} what"
+                f" the rule allows); this rule's"
                 f" effect is {rule.effect}",
             )
     lineage = None
@@ -156,11 +163,17 @@ def compile_rule(
         for i, name in enumerate(within):
             if name.startswith("params."):
                 _numeric_param(
-                    name.removeprefix("params."), scope, ("lineage", "within_parent", i), problem
+                    name.removeprefix("params."),
+                    scope.schemas,
+                    scope.complete,
+                    ("lineage", "within_parent", i),
+                    problem,
+                    "within_parent compares numbers",
                 )
         lineage = compile_lineage(
             rule.lineage.max_depth, rule.lineage.requires_parent or [], within
         )
+    limits = _limits(rule, tokens, schemas, problem) if rule.effect == "allow" else ()
     when = None if condition is None else predicate(condition, shared)
     check = when
     if lineage is not None:
@@ -183,6 +196,7 @@ def compile_rule(
         hold=hold,
         taints=tuple(sorted(set(rule.labels or ()))) if rule.effect == "allow" else (),
         lineage=lineage,
+        limits=limits,
         match_principal=set_matcher(["*"] if any_principal else [*sorted(ids), *globs]),
         match_action=_action_matcher(tokens),
         match_resource=set_matcher(rule.resources),
@@ -197,20 +211,79 @@ def _both(
     return lambda r: first(r) and second(r)
 
 
-def _numeric_param(name: str, scope: Scope, loc: Loc, problem: Callable[[Loc, str], None]) -> None:
-    """``within_parent: [params.<name>]`` compares numbers: a schema covering the rule's
-    actions must declare the param a number or an integer (if it declares it)."""
-    declared = [(key, decl[name]) for key, decl in scope.schemas if name in decl]
-    if not declared and scope.complete:
-        names = ", ".join(sorted({n for _, decl in scope.schemas for n in decl}))
+def _numeric_param(
+    name: str,
+    schemas: Sequence[tuple[str, Mapping[str, str]]],
+    required: bool,
+    loc: Loc,
+    problem: Callable[[Loc, str], None],
+    use: str,
+) -> None:
+    """A param the rule treats as a number (``within_parent: [params.<name>]``, a ``sum``
+    limit): every schema of *schemas* (those covering the rule's actions) that declares it
+    must declare a number or an integer; *required*: some schema must declare it."""
+    declared = [(key, decl[name]) for key, decl in schemas if name in decl]
+    if not declared and required:
+        names = ", ".join(sorted({n for _, decl in schemas for n in decl})) or "none"
         problem(loc, f"param {name!r} is not declared in the schema (declared: {names})")
     for key, kind in declared:
         if kind not in ("number", "integer"):
-            problem(
-                loc,
-                f"within_parent compares numbers, but params.{name} is declared {kind}"
-                f" in schema {key!r}",
+            problem(loc, f"{use}, but params.{name} is declared {kind} in schema {key!r}")
+
+
+def _limits(
+    rule: Rule,
+    tokens: Sequence[Tokens],
+    schemas: Sequence[tuple[str, Tokens, Mapping[str, str]]],
+    problem: Callable[[Loc, str], None],
+) -> tuple[LimitSpec, ...]:
+    """An allow rule's limits as :class:`LimitSpec` values (names unique across the set
+    are the set compiler's check)."""
+    specs = []
+    groups = [p.removeprefix("group:") for p in rule.principals if p.startswith("group:")]
+    for i, limit in enumerate(rule.limits or ()):
+        group = ""
+        if limit.per == "group":
+            if len(rule.principals) == 1 and len(groups) == 1:
+                group = groups[0]
+            else:
+                problem(
+                    ("limits", i, "per"),
+                    "per: group needs the rule's principals to be exactly one"
+                    f" group:<name> (whose members share the limit), not {rule.principals}",
+                )
+        param = limit.sum or ""
+        if param:
+            # Every action the rule names: a sum of what no schema declares a number
+            # could be a string, or anything.
+            for j, pattern in enumerate(tokens):
+                covering = [(k, decl) for k, kt, decl in schemas if action_covers(kt, pattern)]
+                action = rule.actions[j]
+                missing = not any(param in decl for _, decl in covering)
+                if missing:
+                    problem(
+                        ("limits", i, "sum"),
+                        f"sum adds up params.{param}, which must be declared number or"
+                        f" integer in schemas for every action of the rule; no schema"
+                        f" covering {action!r} declares it",
+                    )
+                _numeric_param(
+                    param, covering, False, ("limits", i, "sum"), problem, "sum adds numbers"
+                )
+        count = limit.count
+        specs.append(
+            LimitSpec(
+                rule=rule.id,
+                name=limit.name or f"{rule.id}/{i}",
+                kind="count" if count is not None else "sum",
+                max=float(count) if count is not None else float(limit.max or 0.0),
+                window_s=limit.window,
+                per=limit.per,
+                group=group,
+                param=param,
             )
+        )
+    return tuple(specs)
 
 
 def _principals_cover(outer: CompiledRule, inner: CompiledRule) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, TypeAlias
+from typing import Annotated, Any, Final, Literal, TypeAlias, TypeGuard
 
 from pydantic import (
     AfterValidator,
@@ -26,20 +26,26 @@ from bus_guard.policy._regex import MAX_REGEX_CHARS, compile_regex
 
 __all__ = (
     "FIELD_HELP",
+    "MAX_COUNT",
     "MAX_TTL_S",
+    "MAX_WINDOW_S",
     "OPERATORS",
     "ActionPattern",
+    "Amount",
     "ApproverId",
     "AttrName",
     "Attribute",
+    "Count",
     "Duration",
     "FieldPath",
     "GroupName",
     "KeyFile",
     "Label",
+    "LimitName",
     "Name",
     "NonNegative",
     "Number",
+    "ParamName",
     "ParamType",
     "PrincipalId",
     "PrincipalPattern",
@@ -51,6 +57,7 @@ __all__ = (
     "ScalarList",
     "ScalarValue",
     "Version",
+    "Window",
     "WithinField",
     "describe",
     "parse_field",
@@ -116,14 +123,23 @@ class _Text:
         return {"type": "string", "pattern": f"^(?:{self.pattern})$", "maxLength": self.max_len}
 
 
+def _finite(value: object) -> TypeGuard[int | float]:
+    """A finite number, not a boolean. A YAML integer is exact however many digits it has:
+    ``math.isfinite`` would convert it to a float and raise ``OverflowError`` past 1e308
+    (which pydantic does not turn into a validation error: the load would crash)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
 def _scalar(value: object) -> Scalar:
-    if isinstance(value, str | bool | int) or (isinstance(value, float) and math.isfinite(value)):
+    if isinstance(value, str | bool) or _finite(value):
         return value
     raise ValueError(f"expected a string, number or boolean, got {describe(value)}")
 
 
 def _number(value: object) -> int | float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+    if _finite(value):
         return value
     hint = " (quoted numbers are strings)" if isinstance(value, str) else ""
     raise ValueError(f"expected a number, got {describe(value)}{hint}")
@@ -171,33 +187,56 @@ MAX_TTL_S: Final = 30 * 86400.0
 """The longest a hold may wait for its approvers: 30 days. A hold keeps its whole payload
 and a place in every gateway's open-holds view until it is resolved."""
 
+MAX_WINDOW_S: Final = 31 * 86400.0
+"""The longest window of a limit: 31 days (a monthly budget)."""
+
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_RE: Final = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)([smhd])")
 
 
-def _duration(value: object) -> float:
-    """Seconds from a number of seconds or ``"90s"`` / ``"15m"`` / ``"24h"`` / ``"7d"``."""
-    found = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
-    if found is not None:
-        seconds = float(found[1]) * _UNITS[found[2]]
-    elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        seconds = float(value)
-    else:
-        raise ValueError(
-            f'expected seconds or a duration like "90s", "15m", "24h", "7d", got {describe(value)}'
-        )
-    if not 0 < seconds <= MAX_TTL_S:
-        raise ValueError(f"must be more than 0 and at most 30 days, got {describe(value)}")
-    return seconds
+def _duration(most_s: float) -> Any:
+    """Seconds from a number of seconds or ``"90s"`` / ``"15m"`` / ``"24h"`` / ``"7d"``:
+    more than 0 and at most *most_s*."""
+    most = f"{most_s / 86400:g} days"
+
+    def check(value: object) -> float:
+        found = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
+        if found is not None:
+            seconds = float(found[1]) * _UNITS[found[2]]
+        elif _finite(value):
+            seconds = float(value) if abs(value) < 1e300 else math.inf  # an int may be huge
+        else:
+            raise ValueError(
+                'expected seconds or a duration like "90s", "15m", "24h", "7d",'
+                f" got {describe(value)}"
+            )
+        if not 0 < seconds <= most_s:
+            raise ValueError(f"must be more than 0 and at most {most}, got {describe(value)}")
+        return seconds
+
+    return PlainValidator(check)
 
 
-def _whole(minimum: int) -> Any:
+def _duration_schema(most_s: float) -> WithJsonSchema:
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0, "maximum": most_s},
+                {"type": "string", "pattern": f"^(?:{_DURATION_RE.pattern})$"},
+            ]
+        }
+    )
+
+
+def _whole(minimum: int, maximum: int | None = None, shown: str = "") -> Any:
     def check(value: object) -> int:
         if type(value) is not int:
             hint = " (quoted numbers are strings)" if isinstance(value, str) else ""
             raise ValueError(f"expected a whole number, got {describe(value)}{hint}")
         if value < minimum:
             raise ValueError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be at most {shown or maximum}, got {value}")
         return value
 
     return PlainValidator(check)
@@ -240,6 +279,25 @@ def _within_field(value: object) -> str:
     raise ValueError(f"{value!r} is not params.<name> or resource")
 
 
+def _positive(value: object) -> float:
+    """A finite number above 0, as a float (``max`` of a sum limit)."""
+    if not _finite(value) or not value > 0 or abs(value) >= 1e300:
+        hint = " (quoted numbers are strings)" if isinstance(value, str) else ""
+        raise ValueError(f"expected a finite number above 0, got {describe(value)}{hint}")
+    return float(value)
+
+
+def _param_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a param name like amount, got {describe(value)}")
+    if re.fullmatch(_NAME, value):
+        return value
+    if value.startswith("params.") and re.fullmatch(_NAME, value.removeprefix("params.")):
+        raise ValueError(f"write the param's name alone: {value.removeprefix('params.')!r}")
+    raise ValueError(f"{value!r} is not a top-level param name (1-64 of A-Z a-z 0-9 _ -)")
+
+
+_PARAM_NAME_SCHEMA: Final = {"type": "string", "pattern": f"^{_NAME}$"}
 _SCALAR_SCHEMA: Final = {"type": ["string", "number", "boolean"]}
 _LIST_SCHEMA: Final = {"type": "array", "items": _SCALAR_SCHEMA, "minItems": 1}
 
@@ -262,18 +320,8 @@ FieldPath = Annotated[
     WithJsonSchema({"type": "string", "pattern": f"^(?:{_FIELD_RE.pattern})$"}),
 ]
 
-Duration = Annotated[
-    float,
-    PlainValidator(_duration),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TTL_S},
-                {"type": "string", "pattern": f"^(?:{_DURATION_RE.pattern})$"},
-            ]
-        }
-    ),
-]
+Duration = Annotated[float, _duration(MAX_TTL_S), _duration_schema(MAX_TTL_S)]
+Window = Annotated[float, _duration(MAX_WINDOW_S), _duration_schema(MAX_WINDOW_S)]
 _KEY_FILE_SCHEMA: Final = {"type": "string", "minLength": 1, "maxLength": 1024}
 KeyFile = Annotated[
     list[str],
@@ -293,6 +341,27 @@ WithinField = Annotated[
     WithJsonSchema({"type": "string", "pattern": rf"^(?:params\.{_NAME}|resource)$"}),
 ]
 Quorum = Annotated[int, _whole(1), WithJsonSchema({"type": "integer", "minimum": 1})]
+MAX_COUNT: Final = 2**53
+"""The largest ``count`` of a limit: every whole number up to it is exact as a float."""
+Count = Annotated[
+    int,
+    _whole(1, MAX_COUNT, "2**53"),
+    WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_COUNT}),
+]
+Amount = Annotated[
+    float,
+    PlainValidator(_positive),
+    WithJsonSchema({"type": "number", "exclusiveMinimum": 0}),
+]
+ParamName = Annotated[str, PlainValidator(_param_name), WithJsonSchema(_PARAM_NAME_SCHEMA)]
+LimitName = Annotated[
+    str,
+    _Text(
+        r"[A-Za-z0-9](?:[A-Za-z0-9_./-]{0,126}[A-Za-z0-9])?",
+        "limit name (1-128 of A-Z a-z 0-9 - _ . /, beginning and ending with a letter or digit)",
+        max_len=128,
+    ),
+]
 NonNegative = Annotated[int, _whole(0), WithJsonSchema({"type": "integer", "minimum": 0})]
 Label = Annotated[str, _Text(r"[A-Za-z0-9_.:-]{1,64}", "label (1-64 of A-Z a-z 0-9 _ . : -)")]
 ApproverId = Annotated[str, _Text(_NAME, "approver id (1-64 of A-Z a-z 0-9 _ -)")]
