@@ -51,31 +51,10 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import APIError, NotFoundError
 
-from bus_guard.decision import Decision, LimitSpec, LimitUse, Lineage, Reason, Request
+from bus_guard.decision import Decision, LimitSpec, LimitUse, Lineage, Reason
 from bus_guard.intent import Intent, Subject
 from bus_guard.pipeline import PolicySetLike, deny, limited, request_of
-
-
-def limit_key(spec: LimitSpec, request: Request) -> str:  # TEMPORARY: bus_guard.policy's
-    if spec.per == "group":
-        return spec.group
-    if spec.per == "resource":
-        return request.resource
-    if spec.per == "lineage_root":
-        return request.lineage_root
-    return request.principal
-
-
-def limit_amount(spec: LimitSpec, request: Request) -> float | str:  # TEMPORARY
-    if spec.kind == "count":
-        return 1.0
-    value = request.params.get(spec.param)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return f"params.{spec.param} must be a finite number >= 0"
-    if not 0 <= value < float("inf"):
-        return f"params.{spec.param} must be a finite number >= 0"
-    return float(value)
-
+from bus_guard.policy import limit_amount, limit_key
 
 __all__ = (
     "MAX_ENTRIES",
