@@ -140,6 +140,7 @@ def test_suite_entry_point_lists_every_program() -> None:
             "latency",
             "latency:batched",
             "memory",
+            "flood",
         }
     )
 
