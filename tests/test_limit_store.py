@@ -15,6 +15,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import nats
@@ -35,7 +36,11 @@ from bus_guard.intake._limits import (
     settle_logs,
 )
 from bus_guard.intent import Intent, parse_subject
+from bus_guard.pipeline import decide
+from bus_guard.policy import load_policies
 from bus_guard.server import NatsServer
+
+from .conftest import POLICIES
 
 COUNT = LimitSpec("r1", "r1/0", "count", 5, 10.0, "principal")
 BUDGET = LimitSpec("r2", "r2/0", "sum", 100, 60.0, "principal", param="amount")
@@ -284,3 +289,35 @@ def test_a_wall_clock_jump_moves_no_window(monkeypatch: pytest.MonkeyPatch) -> N
     # The window is still full: the jump did not reopen it early.
     assert not settle_logs([_ask(9, (COUNT, "a", 1.0))], logs, now=after)[0][0].ok
     assert LimitClock()() - before > 3500  # a clock made after the jump reads it, once
+
+
+async def test_policy_explain_shows_what_a_limit_has_used_now(
+    clients: list[Client], nats_server: NatsServer, tmp_path: Path
+) -> None:
+    policies = load_policies(POLICIES)
+    subject = "guard.in.agent-2.tools.search"
+    payload = tmp_path / "intent.json"
+    body = {"id": "i-1", "action": "tools.search", "resource": "tool:search", "params": {}}
+    payload.write_text(json.dumps({**body, "ts": time.time()}))
+    decision = decide(policies, subject, payload.read_bytes())
+    [[spec]] = decision.limits  # the shipped agent-2 search rate
+    store = LimitStore(clients[0].jetstream(), "guard-limits")
+
+    async def explained() -> str:
+        code, text = await _cli(
+            "policy", "explain", "--policies", str(POLICIES), "--subject", subject,
+            "--payload", str(payload), "--nats", nats_server.url,
+        )  # fmt: skip
+        assert code == 0
+        [line] = [x for x in text.splitlines() if spec.name in x and "key" in x]
+        return line
+
+    assert "used now 0 of 5 (room)" in await explained()
+    await store.settle([_limited(i, spec) for i in range(3)], _Policies())  # type: ignore[arg-type]
+    # _limited's subject is agent-7's: the same limit for agent-2 is untouched.
+    assert "used now 0 of 5 (room)" in await explained()
+    agent2 = parse_subject(subject, "guard")
+    assert agent2 is not None
+    items = [it._replace(subject=agent2) for it in (_limited(10 + i, spec) for i in range(5))]
+    await store.settle(items, _Policies())  # type: ignore[arg-type]
+    assert "used now 5 of 5 (FULL)" in await explained()

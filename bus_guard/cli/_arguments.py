@@ -525,6 +525,15 @@ def parser() -> argparse.ArgumentParser:
         "labels, parents: [{id, action, resource, scope}]; the shape of a test case's "
         "`lineage:`); default: a root intent",
     )
+    explain.add_argument(
+        "--nats",
+        default=None,
+        metavar="URL[,URL...]",
+        help="also show what each limit the intent would spend has used now (read from the "
+        "gateways' limits bucket); default: no bus, the policy alone",
+    )
+    explain.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
+    _prefix_option(explain)
     schema = pol.add_parser("schema", help="print the JSON Schema of policy bundles")
     schema.add_argument("--out", type=Path, default=None, metavar="FILE")
 

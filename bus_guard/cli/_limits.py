@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Final, TextIO
 
 import msgspec
@@ -10,10 +11,11 @@ import msgspec
 from bus_guard.cli._approve import span
 from bus_guard.cli._connect import connect
 from bus_guard.cli._safe import safe, safe_json, say
+from bus_guard.decision import LimitSpec
 from bus_guard.intake._limits import LimitStore, Usage
 from bus_guard.subjects import Subjects
 
-__all__ = ("cmd_limits", "format_usage")
+__all__ = ("cmd_limits", "format_usage", "limit_state")
 
 EXIT_OK: Final = 0
 _encoder: Final = msgspec.json.Encoder()
@@ -27,6 +29,20 @@ def format_usage(u: Usage) -> str:
         f"{u.limit} (rule {u.rule})  {u.per} {u.key!r}  {used} per {span(u.window_s)}  "
         f"{u.spends} spend(s), oldest leaves in {span(u.frees_in_s)}{full}"
     )
+
+
+async def limit_state(
+    urls: str, creds: str | None, prefix: str, pairs: Sequence[tuple[LimitSpec, str]]
+) -> dict[tuple[str, str], float]:
+    """What each (limit, key) of *pairs* has used now (``policy explain --nats``)."""
+    if not pairs:
+        return {}
+    nc = await connect(urls, creds=creds, name="bus-guard policy explain")
+    try:
+        store = LimitStore(nc.jetstream(timeout=5.0), Subjects(prefix).streams.limits_bucket)
+        return {(spec.name, key): await store.used_now(spec, key) for spec, key in pairs}
+    finally:
+        await nc.close()
 
 
 async def cmd_limits(args: argparse.Namespace, out: TextIO) -> int:

@@ -241,8 +241,22 @@ def _cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
             if args.lineage is not None:
                 text = _read_file(args.lineage).decode("utf-8", "replace")
                 lineage = policytest.read_lineage(args.lineage, text)
+            state = None
+            if args.nats is not None:  # what each limit has used now, from the bucket
+                from bus_guard.cli._limits import limit_state
+
+                pairs = policytest.limits_of(
+                    policies, args.subject, payload, now=now, lineage=lineage
+                )
+                state = anyio.run(limit_state, args.nats, args.creds, args.prefix, pairs)
             return policytest.explain(
-                policies, args.subject, payload, now=now, out=out, lineage=lineage
+                policies,
+                args.subject,
+                payload,
+                now=now,
+                out=out,
+                lineage=lineage,
+                limit_state=state,
             )
         case "schema":
             text = json.dumps(policy_json_schema(), indent=2)

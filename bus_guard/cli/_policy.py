@@ -34,6 +34,7 @@ A case may give the intent's lineage, as the gateway would have found it in the 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, TextIO
 
@@ -41,9 +42,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bus_guard.cli._safe import say
-from bus_guard.decision import Decision, LimitSpec, Lineage, ParentView, Reason, Request
+from bus_guard.decision import Decision, LimitSpec, Lineage, ParentView, Reason
 from bus_guard.errors import PolicyError
-from bus_guard.pipeline import decide, evaluate
+from bus_guard.pipeline import decide, evaluate, request_of
 from bus_guard.policy._conditions import ConditionTrace
 from bus_guard.policy._evaluator import Explanation, PolicySet, RuleTrace
 from bus_guard.policy._limits import limit_amount, limit_key
@@ -309,32 +310,21 @@ def explain(
     now: float,
     out: TextIO,
     lineage: Lineage | None = None,
+    limit_state: Mapping[tuple[str, str], float] | None = None,
 ) -> int:
     """Print which rules were considered for one intent, how each fared, and the decision.
-    *lineage*: what the ledger says of the intent's parents (``None``: a root)."""
+    *lineage*: what the ledger says of the intent's parents (``None``: a root);
+    *limit_state*: what each (limit name, key) has used now (``--nats``; see
+    :func:`limits_of`)."""
     result = evaluate(subject, payload, None, policies, now=now, lineage=lineage)
     if result.subject is None or result.intent is None:
         say(out, f"not evaluated against the rules: {_show(result.decision)}")
         say(out, f"  {result.decision.message}")
         return 0
-    intent = result.intent
-    principal = result.subject.principal
     # The Request authorize() builds: identity from the subject, the rest from the payload,
     # lineage from the ledger.
-    request = Request(
-        principal=principal,
-        action=result.subject.action,
-        resource=intent.resource,
-        params=intent.params,
-        intent_id=intent.id,
-        parents=intent.parents,
-        lineage_depth=0 if lineage is None else lineage.depth,
-        lineage_root=principal if lineage is None else lineage.root or principal,
-        labels=frozenset() if lineage is None else lineage.labels,
-        lineage_parents=() if lineage is None else lineage.parents,
-    )
-    explanation = policies.explain(request)
-    _render(explanation, out)
+    explanation = policies.explain(request_of(result.subject, result.intent, lineage))
+    _render(explanation, out, limit_state)
     final = result.decision
     if (final.effect, final.reason, final.rules) != (
         explanation.decision.effect,
@@ -346,7 +336,28 @@ def explain(
     return 0
 
 
-def _render(explanation: Explanation, out: TextIO) -> None:
+def limits_of(
+    policies: PolicySet,
+    subject: str,
+    payload: bytes,
+    *,
+    now: float,
+    lineage: Lineage | None = None,
+) -> list[tuple[LimitSpec, str]]:
+    """The (limit, key) pairs an allow of this intent would spend (for ``--nats``)."""
+    result = evaluate(subject, payload, None, policies, now=now, lineage=lineage)
+    if result.subject is None or result.intent is None:
+        return []
+    request = request_of(result.subject, result.intent, lineage)
+    decision = policies.evaluate(request)
+    return [(spec, limit_key(spec, request)) for group in decision.limits for spec in group]
+
+
+def _render(
+    explanation: Explanation,
+    out: TextIO,
+    limit_state: Mapping[tuple[str, str], float] | None = None,
+) -> None:
     request = explanation.request
     say(out, f"intent {request.intent_id}: {request.principal} {request.action}")
     say(out, f"  resource: {request.resource}")
@@ -372,10 +383,14 @@ def _render(explanation: Explanation, out: TextIO) -> None:
     say(out, f"policy decision: {_show(decision)}: {decision.message}")
     if carries := _carries(decision):
         say(out, f"  carrying {carries}")
-    _render_limits(explanation, out)
+    _render_limits(explanation, out, limit_state)
 
 
-def _render_limits(explanation: Explanation, out: TextIO) -> None:
+def _render_limits(
+    explanation: Explanation,
+    out: TextIO,
+    limit_state: Mapping[tuple[str, str], float] | None = None,
+) -> None:
     """The limits an allow would spend, with this intent's key and amount under each."""
     decision, request = explanation.decision, explanation.request
     if not decision.allowed:
@@ -400,8 +415,13 @@ def _render_limits(explanation: Explanation, out: TextIO) -> None:
         for spec in group:
             amount = limit_amount(spec, request)
             cost = f"amount {amount:g}" if isinstance(amount, float) else f"cannot count: {amount}"
-            key = json.dumps(limit_key(spec, request))
-            say(out, f"      {_limit_text(spec)}: key {key}, {cost}")
+            key = limit_key(spec, request)
+            state = ""
+            if limit_state is not None:
+                used = limit_state.get((spec.name, key), 0.0)
+                fits = isinstance(amount, float) and used + amount <= spec.max
+                state = f"; used now {used:g} of {spec.max:g} ({'room' if fits else 'FULL'})"
+            say(out, f"      {_limit_text(spec)}: key {json.dumps(key)}, {cost}{state}")
 
 
 def _render_rule(t: RuleTrace, out: TextIO) -> None:

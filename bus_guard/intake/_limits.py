@@ -484,6 +484,13 @@ class LimitStore:
                     out[i] = limited(todo[i].decision, fit.uses, fit.ok, policies)
         return [d for d in out if d is not None]
 
+    async def used_now(self, spec: LimitSpec, key: str) -> float:
+        """What *spec*'s window for *key* holds now (``policy explain --nats``)."""
+        stored, _ = await self.read(kv_key(spec.name, key), leader=True)
+        if stored is None:
+            return 0.0
+        return stored.used(max(self.clock(), stored.newest()))
+
     async def usage(self, principal: str | None = None) -> list[Usage]:
         """What every key with spends in its window has used now (``bus-guard limits``);
         *principal*: only keys that are that principal (per principal or lineage root)."""
