@@ -132,10 +132,13 @@ async def _phase(
     n_others = int(others_rate * seconds)
     n_flood = int(flood_rate * seconds)
     rss_start = _rss_kib(pid)
+    rss_mid = 0
     start = clock()
     i = j = 0
     while i < n_others or j < n_flood:
         elapsed = clock() - start
+        if not rss_mid and elapsed >= seconds / 2:
+            rss_mid = _rss_kib(pid)
         due_o = min(n_others, int(elapsed * others_rate) + 1)
         due_f = min(n_flood, int(elapsed * flood_rate) + 1) if n_flood else 0
         while j < due_f:
@@ -173,6 +176,7 @@ async def _phase(
         # from the ledger records; core mode keeps none: by arrival on exec, approximate)
         "flood_allowed_max_per_1s_window": _max_in_window(flood_spent or flood_allowed, 1.0),
         "rss_kib_start": rss_start,
+        "rss_kib_mid": rss_mid,
         "rss_kib_end": rss_end,
     }
 
@@ -188,8 +192,9 @@ def run(
     factor: float,
     runs: int,
     mode: str,
+    gateway_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    cmd = harness.guard_cmd(url, key, mode=mode)
+    cmd = harness.guard_cmd(url, key, mode=mode) + list(gateway_args)
     cmd[cmd.index("--policies") + 1] = str(policies)
     out: list[dict[str, Any]] = []
     with harness.Relay(cmd) as relay:
@@ -224,6 +229,7 @@ def run(
     ratios = [r["p99_ratio"] for r in out]
     return {
         "mode": mode,
+        "gateway_args": list(gateway_args),
         "seconds": seconds,
         "others_rate_per_s": others_rate,
         "flooder_limit_per_s": limit,
@@ -239,6 +245,11 @@ def run(
         "rss_growth_kib_max": max(
             r["flood"]["rss_kib_end"] - r["flood"]["rss_kib_start"] for r in out
         ),
+        # flat: what the second half of each flood added (the first fills bounded caches)
+        "rss_growth_second_half_kib_max": max(
+            r["flood"]["rss_kib_end"] - r["flood"]["rss_kib_mid"] for r in out
+        ),
+        "rss_kib_end_last": out[-1]["flood"]["rss_kib_end"],
         "runs": out,
     }
 
@@ -251,6 +262,11 @@ def main() -> None:
     p.add_argument("--factor", type=float, default=20.0, help="the flood, times the limit")
     p.add_argument("--runs", type=int, default=3, help="runs (medians reported)")
     p.add_argument("--mode", default="stream", choices=["stream", "core"])
+    p.add_argument(
+        "--gateway-args",
+        default="",
+        help="extra `bus-guard run` arguments, space-separated (e.g. '--fair-quantum 0')",
+    )
     p.add_argument("--json", action="store_true", help="JSON only, no table")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,10 +285,13 @@ def main() -> None:
                 factor=args.factor,
                 runs=args.runs,
                 mode=args.mode,
+                gateway_args=tuple(args.gateway_args.split()),
             )
     rows = [
         [
             i + 1,
+            f"{r['unloaded']['p50_ms']:.2f}",
+            f"{r['flood']['p50_ms']:.2f}",
             f"{r['unloaded']['p99_ms']:.2f}",
             f"{r['flood']['p99_ms']:.2f}",
             f"{r['p99_ratio']:.2f}",
@@ -290,6 +309,8 @@ def main() -> None:
             table(
                 [
                     "run",
+                    "p50 ms alone",
+                    "p50 ms flood",
                     "p99 ms alone",
                     "p99 ms flood",
                     "ratio",

@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 
 _ZERO: Final = HeaderValue("0")
 _RECENT_IDS: Final = 100_000  # decision ids committed here, to catch repeats without a refusal
+# Records kept as possible parents (whole records, ~1-2 KiB with an artifact): beyond, a
+# child's parent is read from the ledger. Bounded well below _RECENT_IDS so that a flood of
+# decisions (SCENARIOS S13) holds the gateway at ~30 MiB of them, not ~200 MiB.
+_PARENT_CACHE: Final = 16_384
 
 
 class ChainInDoubt(GatewayError):
@@ -92,7 +96,7 @@ class Recorder:
         self._js = nc.jetstream(timeout=self._s.publish_timeout_s)
         self._streams = settings.subjects.streams
         self._subjects = settings.subjects.ledger(settings.gateway_id)
-        self.parents = ParentLookup(self._js, settings.subjects, trusted, cache_size=_RECENT_IDS)
+        self.parents = ParentLookup(self._js, settings.subjects, trusted, cache_size=_PARENT_CACHE)
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.epoch = new_decision_id()
         # The chain has one writer at a time: the intake's record stage, approvals, and
