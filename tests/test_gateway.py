@@ -36,10 +36,12 @@ TRANSFER = "guard.in.agent-7.payments.transfer"
 
 
 def _small_transfer(**kw: Any) -> bytes:
+    # 12.5: the tests send up to 500 of them from agent-7, whose hourly budget in the
+    # example policies is 10,000 (each is also spent: core mode's limit path, drain included).
     return intent(
         "payments.transfer",
         "account:acct-1",
-        {"amount": 120.5, "currency": "USD", "to": "account:acct-9"},
+        {"amount": 12.5, "currency": "USD", "to": "account:acct-9"},
         **kw,
     )
 

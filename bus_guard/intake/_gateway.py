@@ -335,6 +335,8 @@ class Gateway(AsyncContextManagerMixin):
             await self._stop_stream(nc, tg, self._intake)
         elif self._core is not None:
             await self._stop_core_batches(nc, tg, self._core)
+        else:
+            await self._drain_intake(nc)
 
     async def _stop_stream(self, nc: Client, tg: TaskGroup, intake: StreamIntake) -> None:
         """Finish the batch in hand, seal the chain (final checkpoint), stop pulling."""
@@ -357,23 +359,30 @@ class Gateway(AsyncContextManagerMixin):
             except Exception:
                 log.exception("could not write the final checkpoint")
 
+    async def _drain_intake(self, nc: Client) -> None:
+        """Core mode: unsubscribe, then let every queued callback run, while the connection
+        is still whole: a limited allow's spend is a request, whose answer the connection's
+        own drain would no longer deliver (it drains the reply subscription too)."""
+        s, sub = self.settings, self._sub
+        if sub is None or nc.is_closed:
+            return
+        try:
+            with anyio.move_on_after(s.drain_timeout_s):
+                await round_trip(nc)  # see _close_connection: routed intents first
+            with anyio.move_on_after(s.drain_timeout_s) as scope:
+                # nats-py leaves Subscription.drain unannotated.
+                await sub.drain()  # type: ignore[no-untyped-call]
+            if scope.cancelled_caught:
+                log.warning("intake did not drain in time; undecided intents dropped")
+        except Exception:
+            log.exception("could not drain the intake subscription")
+
     async def _stop_core_batches(self, nc: Client, tg: TaskGroup, core: CoreIntake) -> None:
         """Batched core mode: stop taking intents, let the callback decide every intent
         received, then let the flusher sign and publish the last batches, then stop it.
         The connection's own drain afterwards has no subscription left, only publishes."""
-        s, sub = self.settings, self._sub
-        if sub is not None and not nc.is_closed:
-            try:
-                with anyio.move_on_after(s.drain_timeout_s):
-                    await round_trip(nc)  # see _close_connection: routed intents first
-                with anyio.move_on_after(s.drain_timeout_s) as scope:
-                    # Unsubscribe, then every queued callback runs (nats-py leaves it
-                    # unannotated).
-                    await sub.drain()  # type: ignore[no-untyped-call]
-                if scope.cancelled_caught:
-                    log.warning("intake did not drain in time; undecided intents dropped")
-            except Exception:
-                log.exception("could not drain the intake subscription")
+        s = self.settings
+        await self._drain_intake(nc)
         await core.close()
         with anyio.move_on_after(s.drain_timeout_s):
             await self._loop_done.wait()

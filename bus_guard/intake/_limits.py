@@ -24,8 +24,9 @@ that is what makes the count exact across replicas, not eventually.
   entries are merged into the later one (the amounts add up, the time is the later one's),
   which only ever counts a spend for longer, never shorter. The local cache of logs is a
   bounded LRU.
-* **Fail closed.** A store that cannot be read or written in time, or a log that keeps
-  changing under us (:data:`MAX_ROUNDS` rounds), is :class:`Unavailable`: the intake
+* **Fail closed.** A store that cannot be read or written within ``timeout_s`` (the whole
+  spend, every round), or a log that keeps changing under us (:data:`MAX_ROUNDS` rounds),
+  is :class:`Unavailable`: the intake
   denies ``internal_error`` (counted, logged); never an allow it could not check.
 
 A log read from the local cache can only be behind the store (other gateways append;
@@ -363,7 +364,7 @@ class LimitStore:
         """Decide and spend *asks* in order; :class:`Unavailable` if the store cannot say."""
         async with self._lock:  # one batch at a time: the cache is ours alone meanwhile
             try:
-                async with asyncio.timeout(self.timeout_s * (MAX_ROUNDS + 1)):
+                async with asyncio.timeout(self.timeout_s):  # the whole spend: every round
                     if not self._ready:  # core mode: found or created on first use
                         await ensure_bucket(self.js, self.bucket, replicas=self.replicas)
                         self._ready = True
