@@ -11,9 +11,10 @@ import nats
 import pytest
 
 from bus_guard.errors import VerificationError
+from bus_guard.ledger._audit import audit
 from bus_guard.ledger._records import intent_decision_id
 from bus_guard.policy._load import PolicySet
-from bus_guard.verify import Verifier, verify_message_once
+from bus_guard.verify import Verifier, load_jwks, verify_message_once
 
 from .helpers import intent
 from .streamkit import (
@@ -141,4 +142,43 @@ async def test_executor_consumes_an_artifact_once(
             verifier, other, subject=msg.subject, headers=msg.headers, payload=msg.data
         )
     await nc2.close()
+    await nc.close()
+
+
+async def test_a_refusal_midway_through_a_small_batch_keeps_the_chain_whole(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """A batch under ATOMIC_MIN records is committed record by record: when its second
+    record's id is taken (a replay a fresh gateway cannot know of), the first is stored,
+    found as its own (adopted), the replay denied, the third recorded after them; the
+    chain has no gap and each intent one decision."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    settings = stream_settings(nats_url, gateway_id="gw-a")
+    old = _search(id="i-old")
+    async with stream_gateway(settings, policies, keys[0]):
+        await js.publish(SEARCH, old)
+        await eventually(lambda: drained(js), what="intake drained")
+    # Three stored before the next gateway starts: they come in one pull, one batch.
+    for payload in (_search(id="i-new-1"), old, _search(id="i-new-2")):
+        await js.publish(SEARCH, payload)
+    async with stream_gateway(
+        stream_settings(nats_url, gateway_id="gw-b"), policies, keys[0]
+    ) as gw:
+        await eventually(lambda: drained(js), what="intake drained")
+        stats = gw.statistics()
+    assert stats.ledger_refusals >= 1 and stats.replays == 1
+    ledger = await ledger_decisions(nc)
+    by_intent: dict[str, list[str]] = {}
+    for r in ledger:
+        by_intent.setdefault(r.intent_id, []).append(r.reason)
+    assert by_intent == {
+        "i-old": ["allowed_by_rule", "replay"],
+        "i-new-1": ["allowed_by_rule"],
+        "i-new-2": ["allowed_by_rule"],
+    }
+    assert await count(js, "GUARD_EXEC") == 3
+    msgs = await stored(nc, "GUARD_LEDGER")
+    report = audit(msgs, prefix="guard", jwks=load_jwks(keys[1]), require_sealed=True)
+    assert report.ok, report.problems
     await nc.close()

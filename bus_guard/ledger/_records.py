@@ -247,6 +247,27 @@ class ChainBatch:
     def prev(self) -> str:
         return self.head.hash
 
+    def prefix(self, n: int) -> ChainBatch:
+        """The batch of this one's first *n* records (its head: after the *n*-th)."""
+        part = ChainBatch(self.base)
+        for subject, data, record in self.entries[:n]:
+            part.entries.append((subject, data, record))
+            part.head = ChainHead(record.seq, record_hash(data))
+        return part
+
+    def entry(self, i: int) -> ChainBatch:
+        """A batch of the *i*-th record alone, on the head before it."""
+        if i == 0:
+            before = self.base
+        else:
+            _, data, record = self.entries[i - 1]
+            before = ChainHead(record.seq, record_hash(data))
+        one = ChainBatch(before)
+        subject, data, record = self.entries[i]
+        one.entries.append((subject, data, record))
+        one.head = ChainHead(record.seq, record_hash(data))
+        return one
+
     def add(self, subject: str, record: LedgerRecord) -> bytes:
         if record.seq != self.next_seq or record.prev != self.prev:
             raise ValueError(f"record seq {record.seq} does not extend the chain")
