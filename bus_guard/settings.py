@@ -91,7 +91,7 @@ class StreamSettings:
     # Fairness (SCENARIOS S13): intents are pulled up to read_ahead ahead of deciding them,
     # queued per principal; while several principals are active, each adds at most
     # fair_quantum intents to a batch (0: strict arrival order, no read-ahead beyond a batch).
-    fair_quantum: int = 16
+    fair_quantum: int = 4
     read_ahead: int = 256
 
     def problems(self) -> list[str]:

@@ -22,17 +22,28 @@ def _names(msgs: list[Msg]) -> list[tuple[str, int]]:
 
 def test_a_flood_adds_at_most_its_quantum_while_others_are_active() -> None:
     q = FairQueue("guard.in.", quantum=4)
-    for n in range(100):
+    for n in range(30):
         q.add(_msg("flooder", n))
     q.add(_msg("agent-1", 0))
     q.add(_msg("agent-2", 0))
     batch = _names(q.take(128))
     assert ("agent-1", 0) in batch and ("agent-2", 0) in batch
     assert sum(p == "flooder" for p, _ in batch) == 4
-    assert len(q) == 96
+    assert len(q) == 26
     # Its own order is kept, batch after batch.
+    q.add(_msg("agent-1", 1))
     rest = [n for p, n in _names(q.take(128)) if p == "flooder"]
     assert rest == [4, 5, 6, 7]
+
+
+def test_a_queue_that_keeps_growing_gets_an_eighth_of_it() -> None:
+    q = FairQueue("guard.in.", quantum=4)
+    for n in range(400):
+        q.add(_msg("flooder", n))
+    q.add(_msg("agent-1", 0))
+    batch = _names(q.take(128))
+    assert sum(p == "flooder" for p, _ in batch) == 400 >> 3
+    assert ("agent-1", 0) in batch
 
 
 def test_a_principal_alone_gets_whole_batches(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -394,9 +394,13 @@ class FairQueue:
             self._len -= len(out)
             return out
         out = []
-        share = max(1, self._quantum)
+        quantum = max(1, self._quantum)
         for key in list(by):  # oldest principal first; each at most its share
             queue = by[key]
+            # A queue that keeps growing gets a larger share (an eighth of it), so that a
+            # flood beyond what quantum-sized batches decide cannot fill the read-ahead
+            # and stop it (then everyone waits behind the flood in the stream).
+            share = max(quantum, len(queue) >> 3)
             for _ in range(min(share, len(queue), max_n - len(out))):
                 out.append(queue.popleft())
             if queue:  # to the back: the next batch starts with someone else
