@@ -202,13 +202,14 @@ async def test_a_gateway_killed_mid_window_forgets_nothing_and_spends_nothing_tw
     nats_server: NatsServer, nc: Client, key: Path, policies_dir: Path
 ) -> None:
     js = nc.jetstream()
-    argv = _argv(nats_server.url, key, policies_dir, "gw-k", "--batch", "2")
+    argv = _argv(nats_server.url, key, policies_dir, "gw-k", "--batch", "2", "--ack-wait", "3")
     first = GatewayProcess(argv)
     first.start()
     try:
+        sub = await nc.subscribe("guard.exec.survivor.>")
+        await nc.flush()
         for _ in range(30):
             await js.publish("guard.in.survivor.tools.search", _intent("tools.search"))
-        sub = await nc.subscribe("guard.exec.survivor.>")
         await sub.next_msg(timeout=20)  # deciding: killed with intents in flight
         first.kill()
         second = GatewayProcess(argv)
