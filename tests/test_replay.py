@@ -168,6 +168,7 @@ async def test_a_refusal_midway_through_a_small_batch_keeps_the_chain_whole(
         await eventually(lambda: drained(js), what="intake drained")
         stats = gw.statistics()
     assert stats.ledger_refusals >= 1 and stats.replays == 1
+    assert (stats.allowed, stats.adopted) == (2, 0)  # the first record counted as decided
     ledger = await ledger_decisions(nc)
     by_intent: dict[str, list[str]] = {}
     for r in ledger:

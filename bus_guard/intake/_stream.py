@@ -459,6 +459,14 @@ class StreamIntake:
                     self.on_decided(record)
                 return
             taken = await self._resolve(batch, todo)
+            gateway = self.settings.gateway_id
+            for i in todo:
+                it = items[i]
+                if isinstance(it, Recorded) and it.adopted and it.record.gateway == gateway:
+                    # Stored by this very commit, record by record, before the refused one
+                    # (a record of an earlier life would have been found before judging).
+                    items[i] = it._replace(adopted=False)
+                    self.on_decided(it.record)
             if not taken:
                 log.error("ledger refused %d records with no id taken: %s", len(todo), result)
                 break
