@@ -743,6 +743,10 @@ CI = Tally()
 
 @settings(
     max_examples=120,  # limits and typed params: more to cover than 60 reliably reach
+    # The same examples on every machine (a fresh clone has no example database): the
+    # coverage check below judges this data, and a random draw left an outcome out once.
+    derandomize=True,
+    database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
