@@ -71,7 +71,8 @@ def bundle(limit: int) -> str:
     return _BUNDLE.format(limit=limit)
 
 
-def _max_in_window(times: list[float], window_s: float) -> int:
+def max_in_window(times: list[float], window_s: float) -> int:
+    """The most of *times* inside any half-open window of *window_s* (a sliding window)."""
     times = sorted(times)
     best, lo = 0, 0
     for hi, t in enumerate(times):
@@ -174,7 +175,7 @@ async def _phase(
         "flood_denied": flood_denied,
         # in any one-second window, by the time each allow spent its limit (stream mode:
         # from the ledger records; core mode keeps none: by arrival on exec, approximate)
-        "flood_allowed_max_per_1s_window": _max_in_window(flood_spent or flood_allowed, 1.0),
+        "flood_allowed_max_per_1s_window": max_in_window(flood_spent or flood_allowed, 1.0),
         "rss_kib_start": rss_start,
         "rss_kib_mid": rss_mid,
         "rss_kib_end": rss_end,

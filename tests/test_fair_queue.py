@@ -74,3 +74,13 @@ def test_subjects_outside_the_prefix_form_one_group() -> None:
     q.add(Msg(None, subject="nonsense", data=b"0"))  # type: ignore[arg-type]
     q.add(_msg("agent-1", 1))
     assert len(q.take(10)) == 2 and len(q) == 0
+
+
+def test_drain_returns_everything_whatever_the_shares() -> None:
+    q = FairQueue("guard.in.", quantum=2)
+    for n in range(40):
+        q.add(_msg("flooder", n))
+    q.add(_msg("agent-1", 0))
+    drained = _names(q.drain())
+    assert len(drained) == 41 and len(q) == 0 and q.take(10) == []
+    assert [n for p, n in drained if p == "flooder"] == list(range(40))

@@ -31,7 +31,6 @@ from bus_guard.intake._limits import (
     Limited,
     LimitLog,
     LimitStore,
-    Unavailable,
     kv_key,
     settle_logs,
 )
@@ -232,16 +231,12 @@ async def test_a_store_that_cannot_answer_denies(nats_server: NatsServer) -> Non
         [ok] = await store.settle([_limited(1, spec)], _Policies())  # type: ignore[arg-type]
         assert ok.effect is Effect.ALLOW
         await nc.jetstream().delete_stream("KV_guard-limits")
-        store._ready = True  # as if found at start: the bucket vanished since
+        store.ready = True  # as if found at start: the bucket vanished since
         [d] = await store.settle([_limited(2, spec)], _Policies())  # type: ignore[arg-type]
         assert (d.effect, d.reason) == (Effect.DENY, Reason.INTERNAL_ERROR)
         assert "limits unavailable" in d.message and store.failures == 1
     finally:
         await nc.close()
-
-
-def test_unavailable_is_an_exception_the_intake_turns_into_a_denial() -> None:
-    assert issubclass(Unavailable, Exception)
 
 
 async def _cli(*argv: str) -> tuple[int, str]:

@@ -23,6 +23,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from bench.flood import max_in_window
 from bus_guard.intake import Gateway
 from bus_guard.intake._limits import LimitStore
 from bus_guard.ledger._records import LedgerRecord
@@ -142,16 +143,6 @@ async def _decided(nc: Client, n: int, principal: str) -> list[LedgerRecord]:
     return mine
 
 
-def _max_in_window(times: list[float], window_s: float) -> int:
-    times = sorted(times)
-    best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while times[lo] <= t - window_s:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
-
-
 async def test_three_gateways_racing_allow_exactly_the_limit_per_window(
     nc: Client, gateways: list[GatewayProcess]
 ) -> None:
@@ -168,7 +159,7 @@ async def test_three_gateways_racing_allow_exactly_the_limit_per_window(
     assert {r.reason for r in denied} == {"rate_limited"}
     assert all(r.limits and r.limits[0].used == LIMIT for r in denied)
     at = [r.limits[0].at for r in allowed]
-    assert _max_in_window(at, WINDOW_S) == LIMIT  # never more, and reached
+    assert max_in_window(at, WINDOW_S) == LIMIT  # never more, and reached
     assert len({r.gateway for r in records}) >= 2  # they did race
     # Every full window of the flood allowed exactly the limit (the flood never paused).
     assert len(allowed) >= LIMIT * int((n / rate) / WINDOW_S)
@@ -291,7 +282,7 @@ async def test_a_flood_at_20x_its_limit_loses_nothing_of_the_others(
         assert [r.effect for r in records] == ["allow"] * per_other
     racer = await _decided(nc, flood, "racer")
     racer_allowed = [r for r in racer if r.effect == "allow"]
-    assert _max_in_window([r.limits[0].at for r in racer_allowed], WINDOW_S) <= LIMIT
+    assert max_in_window([r.limits[0].at for r in racer_allowed], WINDOW_S) <= LIMIT
     # Every exec message was published before its intent was acked (drained): all here.
     expected = 3 * per_other + len(racer_allowed)
     arrived = [(await execs.next_msg(timeout=10)).subject for _ in range(expected)]

@@ -380,6 +380,13 @@ class FairQueue:
                 del recent[key]
         return len(recent) > 1
 
+    def drain(self) -> list[Msg]:
+        """Every queued intent, whoever sent it (stopping: they go back at once)."""
+        out = [msg for queue in self._by.values() for msg in queue]
+        self._by.clear()
+        self._len = 0
+        return out
+
     def take(self, max_n: int) -> list[Msg]:
         """Up to *max_n* intents, fairly (see the class)."""
         by = self._by
@@ -460,7 +467,7 @@ class Puller:
         if self._sub is not None:
             await self._sub.unsubscribe()
             self._sub = None
-        for msg in self._queue.take(len(self._queue)):
+        for msg in self._queue.drain():
             await msg.nak()
 
     def reset(self) -> None:

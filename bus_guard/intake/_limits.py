@@ -315,7 +315,7 @@ class LimitStore:
     conflicts: int = 0  # compare-and-set writes that lost to another writer
     failures: int = 0  # batches denied because the store could not say
     cached_denials: int = 0  # asks denied from the local cache, without a round trip
-    _ready: bool = False  # the bucket was found or created
+    ready: bool = False  # the bucket is known to exist (preflight); else found on first use
 
     @property
     def _stream(self) -> str:
@@ -365,9 +365,9 @@ class LimitStore:
         async with self._lock:  # one batch at a time: the cache is ours alone meanwhile
             try:
                 async with asyncio.timeout(self.timeout_s):  # the whole spend: every round
-                    if not self._ready:  # core mode: found or created on first use
+                    if not self.ready:  # core mode: found or created on first use
                         await ensure_bucket(self.js, self.bucket, replicas=self.replicas)
-                        self._ready = True
+                        self.ready = True
                     return await self._spend(asks)
             except Unavailable:
                 raise

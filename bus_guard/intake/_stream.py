@@ -136,6 +136,7 @@ class StreamIntake:
             self._streams.limits_bucket,
             timeout_s=self._s.publish_timeout_s,
             replicas=self._s.replicas,
+            ready=True,  # preflight (the gateway's start) created or checked it
         )
         self.puller = Puller(
             self.nc,
