@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import statistics
 import sys
 import tempfile
@@ -89,93 +90,165 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+async def _publish_at(
+    nc: nats.NATS, rate: float, seconds: float, each: Any, clock: Any = time.perf_counter
+) -> None:
+    """Publish ``int(rate * seconds)`` intents, open loop: *each(i)* gives subject, payload."""
+    n = int(rate * seconds)
+    start, i = clock(), 0
+    while i < n:
+        due = min(n, int((clock() - start) * rate) + 1)
+        while i < due:
+            subject, payload = each(i)
+            await nc.publish(subject, payload)
+            i += 1
+        await asyncio.sleep(0.0005)
+    await nc.flush()
+
+
+async def _flooder(url: str, *, rate: float, seconds: float, base: int) -> dict[str, Any]:
+    """The flooder, in a process of its own as a real one would be: publishes, then counts
+    what came of it (allowed, denied, and when each allow spent its limit)."""
+    nc = await nats.connect(url)
+    allowed: list[float] = []
+    spent: list[float] = []
+    denied = 0
+    n = int(rate * seconds)
+    done = asyncio.Event()
+
+    def check() -> None:
+        if len(allowed) + denied >= n:
+            done.set()
+
+    async def on_exec(msg: Msg) -> None:
+        allowed.append(time.time())
+        check()
+
+    async def on_deny(msg: Msg) -> None:
+        nonlocal denied
+        denied += 1
+        check()
+
+    async def on_record(msg: Msg) -> None:  # stream mode: when each allow spent its limit
+        record = decode_record(msg.data)
+        if record.principal == FLOODER and record.effect == "allow" and record.limits:
+            spent.append(record.limits[0].at)
+
+    await nc.subscribe(f"guard.exec.{FLOODER}.>", cb=on_exec, pending_msgs_limit=-1)
+    await nc.subscribe(f"guard.deny.{FLOODER}.>", cb=on_deny, pending_msgs_limit=-1)
+    await nc.subscribe("guard.ledger.*.d.*", cb=on_record, pending_msgs_limit=-1)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
+    ts = time.time()
+    subject = f"guard.in.{FLOODER}.tools.search"
+    await _publish_at(nc, rate, seconds, lambda i: (subject, _TEMPLATE % (base + i, base + i, ts)))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), 30.0)
+    await nc.drain()
+    return {
+        "flood_sent": n,
+        "flood_allowed": len(allowed),
+        "flood_denied": denied,
+        # in any one-second window, by the time each allow spent its limit (stream mode:
+        # from the ledger records; core mode keeps none: by arrival on exec, approximate)
+        "flood_allowed_max_per_1s_window": max_in_window(spent or allowed, 1.0),
+    }
+
+
 async def _phase(
     url: str, *, seconds: float, others_rate: float, flood_rate: float, base: int, pid: int
 ) -> dict[str, Any]:
-    """One phase: the others at *others_rate* (and the flooder at *flood_rate*, if > 0)."""
+    """One phase: the others at *others_rate*, from this process, and the flooder at
+    *flood_rate* (if > 0) from a process of its own (sharing this process's event loop
+    or connection would make the others wait behind the flood in the bench, not in the
+    gateway)."""
+    flooder = None
+    if flood_rate > 0:
+        flooder = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.flood",
+            "--flooder",
+            url,
+            "--rate",
+            str(flood_rate),
+            "--seconds",
+            str(seconds),
+            "--base",
+            str(base + 10_000_000),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert flooder.stdout is not None and flooder.stdin is not None
+        if (await flooder.stdout.readline()).strip() != b"ready":
+            raise RuntimeError("the flooder process did not start")
     pub = await nats.connect(url)
     sink_nc = await nats.connect(url)
     clock = time.perf_counter
     sent: dict[int, float] = {}
     lat: list[float] = []
-    flood_allowed: list[float] = []
-    flood_spent: list[float] = []
     all_in = asyncio.Event()
     published_all = False
-    flood_denied = 0
-    flood_ids = base + 10_000_000
 
     async def on_exec(msg: Msg) -> None:
-        i = int(msg.data[_ID], 16)
-        t = sent.pop(i, None)
+        t = sent.pop(int(msg.data[_ID], 16), None)
         if t is not None:
             lat.append(clock() - t)
             if not sent and published_all:
                 all_in.set()
-        elif i >= flood_ids:
-            flood_allowed.append(time.time())
 
-    async def on_deny(msg: Msg) -> None:
-        nonlocal flood_denied
-        if f".{FLOODER}." in msg.subject:
-            flood_denied += 1
-
-    async def on_record(msg: Msg) -> None:  # stream mode: when each allow spent its limit
-        record = decode_record(msg.data)
-        if record.principal == FLOODER and record.effect == "allow" and record.limits:
-            flood_spent.append(record.limits[0].at)
-
-    await sink_nc.subscribe("guard.exec.>", cb=on_exec, pending_msgs_limit=-1)
-    await sink_nc.subscribe("guard.deny.>", cb=on_deny, pending_msgs_limit=-1)
-    await sink_nc.subscribe("guard.ledger.*.d.*", cb=on_record, pending_msgs_limit=-1)
+    for other in OTHERS:
+        await sink_nc.subscribe(f"guard.exec.{other}.>", cb=on_exec, pending_msgs_limit=-1)
     await sink_nc.flush()
     ts = time.time()
-    n_others = int(others_rate * seconds)
-    n_flood = int(flood_rate * seconds)
     rss_start = _rss_kib(pid)
     rss_mid = 0
-    start = clock()
-    i = j = 0
-    while i < n_others or j < n_flood:
-        elapsed = clock() - start
-        if not rss_mid and elapsed >= seconds / 2:
-            rss_mid = _rss_kib(pid)
-        due_o = min(n_others, int(elapsed * others_rate) + 1)
-        due_f = min(n_flood, int(elapsed * flood_rate) + 1) if n_flood else 0
-        while j < due_f:
-            k = flood_ids + j
-            subject = f"guard.in.{FLOODER}.tools.search"
-            await pub.publish(subject, _TEMPLATE % (k, k, ts))
-            j += 1
-        while i < due_o:
-            k = base + i
-            subject = f"guard.in.{OTHERS[i % len(OTHERS)]}.tools.search"
-            sent[k] = clock()
-            await pub.publish(subject, _TEMPLATE % (k, k, ts))
-            i += 1
-        await asyncio.sleep(0.0005)
-    await pub.flush()
+
+    async def sample_mid() -> None:
+        nonlocal rss_mid
+        await asyncio.sleep(seconds / 2)
+        rss_mid = _rss_kib(pid)
+
+    def other(i: int) -> tuple[str, bytes]:
+        k = base + i
+        sent[k] = clock()
+        return f"guard.in.{OTHERS[i % len(OTHERS)]}.tools.search", _TEMPLATE % (k, k, ts)
+
+    if flooder is not None:
+        assert flooder.stdin is not None
+        flooder.stdin.write(b"go\n")
+        await flooder.stdin.drain()
+    mid = asyncio.create_task(sample_mid())
+    await _publish_at(pub, others_rate, seconds, other, clock)
     published_all = True
     if sent:  # the others' intents still on their way: until the last arrives (or 30 s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_in.wait(), 30.0)
+    await mid
+    flood: dict[str, Any] = {
+        "flood_sent": 0,
+        "flood_allowed": 0,
+        "flood_denied": 0,
+        "flood_allowed_max_per_1s_window": 0,
+    }
+    if flooder is not None:
+        out, _ = await flooder.communicate()
+        if flooder.returncode != 0:
+            raise RuntimeError(f"the flooder process failed ({flooder.returncode})")
+        flood = json.loads(out)
     rss_end = _rss_kib(pid)
     with contextlib.suppress(Exception):
         await pub.close()
         await sink_nc.close()
     lat.sort()
     return {
-        "others_sent": n_others,
+        "others_sent": int(others_rate * seconds),
         "others_received": len(lat),
         "others_lost": len(sent),
         "p50_ms": percentile(lat, 50) * 1e3,
         "p99_ms": percentile(lat, 99) * 1e3,
-        "flood_sent": n_flood,
-        "flood_allowed": len(flood_allowed),
-        "flood_denied": flood_denied,
-        # in any one-second window, by the time each allow spent its limit (stream mode:
-        # from the ledger records; core mode keeps none: by arrival on exec, approximate)
-        "flood_allowed_max_per_1s_window": max_in_window(flood_spent or flood_allowed, 1.0),
+        **flood,
         "rss_kib_start": rss_start,
         "rss_kib_mid": rss_mid,
         "rss_kib_end": rss_end,
@@ -269,7 +342,16 @@ def main() -> None:
         help="extra `bus-guard run` arguments, space-separated (e.g. '--fair-quantum 0')",
     )
     p.add_argument("--json", action="store_true", help="JSON only, no table")
+    p.add_argument("--flooder", metavar="URL", help=argparse.SUPPRESS)  # the flood process
+    p.add_argument("--rate", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--base", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.flooder:
+        res = asyncio.run(
+            _flooder(args.flooder, rate=args.rate, seconds=args.seconds, base=args.base)
+        )
+        print(json.dumps(res), flush=True)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "policies").mkdir()
