@@ -223,6 +223,36 @@ async def test_an_output_nats_py_will_not_send_fails_alone(nats_url: str) -> Non
     await nc.close()
 
 
+@pytest.mark.parametrize("atomic_stream", [True, False])
+async def test_outputs_go_as_one_atomic_batch_only_when_many(
+    nats_url: str, atomic_stream: bool
+) -> None:
+    """OUTPUT_ATOMIC_MIN outputs of a role go out as one atomic batch (stored with its
+    batch headers), fewer one by one (a flood's medium batches: no staging store); a
+    stream that refuses atomic batches gets them one by one, every one stored."""
+    from bus_guard.intake._publisher import OUTPUT_ATOMIC_MIN, OutputPublisher
+    from bus_guard.pipeline import Output
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    config = StreamConfig(name="OUT", subjects=["out.>"], allow_direct=True)
+    config.allow_atomic = atomic_stream
+    await js.add_stream(config)
+    publisher = OutputPublisher(nc, js, name="t", timeout_s=5)
+
+    def group(n: int, tag: str) -> list[list[Output]]:
+        return [[("exec", f"out.{tag}.{i}", b"x", {"Nats-Msg-Id": f"{tag}{i}"})] for i in range(n)]
+
+    few = await publisher.publish(group(OUTPUT_ATOMIC_MIN - 1, "few"))
+    many = await publisher.publish(group(OUTPUT_ATOMIC_MIN, "many"))
+    assert all(few.stored) and all(many.stored)
+    msgs = await stored(nc, "OUT")
+    assert len(msgs) == 2 * OUTPUT_ATOMIC_MIN - 1
+    batched = {m.subject.split(".")[1] for m in msgs if "Nats-Batch-Id" in (m.headers or {})}
+    assert batched == ({"many"} if atomic_stream else set())
+    await nc.close()
+
+
 @pytest.mark.parametrize(
     "block",
     [

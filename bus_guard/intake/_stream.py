@@ -178,8 +178,11 @@ class StreamIntake:
 
     async def run(self, stop: anyio.Event) -> None:
         """Decide until *stop* is set; returns when every batch taken is finished."""
-        to_record, recording = anyio.create_memory_object_stream[_Batch](1)
-        to_publish, publishing = anyio.create_memory_object_stream[_Batch](1)
+        # Unbuffered: a batch is handed on only when the next stage takes it, so at most
+        # one decided batch waits ahead of each stage (an intent arriving during a flood
+        # waits behind one batch, not two: SCENARIOS S13); the stages still overlap.
+        to_record, recording = anyio.create_memory_object_stream[_Batch](0)
+        to_publish, publishing = anyio.create_memory_object_stream[_Batch](0)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._record_stage, recording, to_publish)
             tg.start_soon(self._output_stage, publishing)
