@@ -55,7 +55,7 @@ from nats.js.errors import (
 from bus_guard.cli._main import main
 from bus_guard.errors import VerificationError
 from bus_guard.intake._gateway import round_trip
-from bus_guard.intake._jetstream import read
+from bus_guard.intake._jetstream import Committed, Rejected, commit, read
 from bus_guard.ledger._records import intent_decision_id
 from bus_guard.policy._load import load_policies
 from bus_guard.server import NatsServer, find_nats_server
@@ -1089,6 +1089,54 @@ async def test_cluster_auditor_and_consume_once(cluster: LocalCluster) -> None:
         assert await executor.errors() == []
         assert (await js.stream_info("GUARD_LEDGER")).state.messages == 3
         await js.delete_stream("GUARD_LEDGER")
+
+
+async def _create_only_twice(nc: Client, replicas: int) -> tuple[object, int]:
+    """A create-only record, then another on the same decision id (another gateway's
+    subject, the same ``Nats-Msg-Id``): what commit() says of the second, and how many
+    messages the stream holds."""
+    js = nc.jetstream(timeout=2)
+    config = StreamConfig(
+        name=f"LEDGER_R{replicas}", subjects=["guard.ledger.>"], num_replicas=replicas
+    )
+    config.allow_atomic = True
+    await until_ok(lambda: js.add_stream(config))
+
+    def record(gateway: str, data: bytes) -> list[tuple[str, bytes, dict[str, str]]]:
+        return [
+            (
+                f"guard.ledger.{gateway}.d.D1",
+                data,
+                {
+                    "Nats-Msg-Id": "D1",
+                    "Nats-Expected-Last-Subject-Sequence": "0",
+                    "Nats-Expected-Last-Subject-Sequence-Subject": "guard.ledger.*.d.D1",
+                },
+            )
+        ]
+
+    first = await until_ok(lambda: commit(nc, record("gw-1", b"first"), batch_id="b1", timeout_s=2))
+    assert isinstance(first, Committed)
+    second = await commit(nc, record("gw-2", b"second"), batch_id="b2", timeout_s=2)
+    messages = (await js.stream_info(config.name)).state.messages
+    await js.delete_stream(config.name)
+    return second, messages
+
+
+async def test_a_duplicate_answer_is_never_taken_for_a_stored_record(
+    cluster: LocalCluster, nats_url: str
+) -> None:
+    """The phantom record (issue 13): an R3 stream answers a create-only record whose id is
+    taken with ``{"seq": 1, "duplicate": true}`` where R1 refuses it (10071); either way
+    commit() reports a refusal, so the chain never counts a record that was not stored."""
+    async with Bus() as bus:
+        gateway = await bus.connect(cluster.servers[0].url, "gateway")
+        r3, stored_r3 = await _create_only_twice(gateway.nc, 3)
+    r1_nc = await nats.connect(nats_url)
+    r1, stored_r1 = await _create_only_twice(r1_nc, 1)
+    await r1_nc.close()
+    assert isinstance(r3, Rejected) and isinstance(r1, Rejected), (r3, r1)
+    assert stored_r3 == stored_r1 == 1
 
 
 async def test_route_port_rejects_servers_without_route_credentials(

@@ -75,6 +75,8 @@ _DIRECT_GET_HEADERS: Final = frozenset(
 # JetStream error codes that mean "these exact messages cannot be stored as they are".
 WRONG_LAST_SEQUENCE: Final = 10071
 DUPLICATE_IN_BATCH: Final = 10201
+# Ours, not the server's: a PubAck marked duplicate (see commit).
+DUPLICATE_MSG_ID: Final = -1
 
 
 class Committed(NamedTuple):
@@ -141,6 +143,12 @@ async def commit(
         return Rejected(int(error.get("err_code", 0)), str(error.get("description", "")))
     if not isinstance(answer, dict) or not isinstance(answer.get("seq"), int):
         return InDoubt(f"unexpected answer {reply.data[:80]!r}")
+    if answer.get("duplicate") is True:
+        # The message id was seen before: *nothing* was stored by this request. An R1
+        # stream refuses a create-only message on a taken subject first (10071), but an R3
+        # stream answers a re-used id with the earlier message's seq and this flag (nats-
+        # server 2.15.1), whatever the expected-sequence headers say: never a store.
+        return Rejected(DUPLICATE_MSG_ID, f"message id already stored (seq {answer['seq']})")
     return Committed(answer["seq"])
 
 
