@@ -1096,9 +1096,8 @@ async def _create_only_twice(nc: Client, replicas: int) -> tuple[object, int]:
     subject, the same ``Nats-Msg-Id``): what commit() says of the second, and how many
     messages the stream holds."""
     js = nc.jetstream(timeout=2)
-    config = StreamConfig(
-        name=f"LEDGER_R{replicas}", subjects=["guard.ledger.>"], num_replicas=replicas
-    )
+    name = f"LEDGER_R{replicas}"
+    config = StreamConfig(name=name, subjects=["guard.ledger.>"], num_replicas=replicas)
     config.allow_atomic = True
     await until_ok(lambda: js.add_stream(config))
 
@@ -1118,8 +1117,8 @@ async def _create_only_twice(nc: Client, replicas: int) -> tuple[object, int]:
     first = await until_ok(lambda: commit(nc, record("gw-1", b"first"), batch_id="b1", timeout_s=2))
     assert isinstance(first, Committed)
     second = await commit(nc, record("gw-2", b"second"), batch_id="b2", timeout_s=2)
-    messages = (await js.stream_info(config.name)).state.messages
-    await js.delete_stream(config.name)
+    messages = (await js.stream_info(name)).state.messages
+    await js.delete_stream(name)
     return second, messages
 
 
