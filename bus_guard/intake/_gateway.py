@@ -23,6 +23,7 @@ from typing import Final, Self
 
 import anyio
 import nats
+import nats.js.errors
 from anyio import AsyncContextManagerMixin
 from anyio.abc import TaskGroup
 from nats.aio.client import Client
@@ -44,6 +45,9 @@ from bus_guard.verify import Jwks
 __all__ = ("Gateway", "GatewayStatistics", "round_trip")
 
 log = logging.getLogger(__name__)
+
+# How long a starting stream-mode gateway waits for JetStream to answer its preflight.
+_PREFLIGHT_WAIT_S: Final = 15.0
 
 # A slow-consumer flood drops intents by the thousand: the first drop is logged, then at most
 # one summary line per this many seconds (every drop is counted in statistics()).
@@ -269,13 +273,35 @@ class Gateway(AsyncContextManagerMixin):
     async def _start_stream(self, nc: Client) -> None:
         assert self._ledger_signer is not None
         js = nc.jetstream(timeout=self.settings.connect_timeout_s)
-        try:
-            await ensure(js, self.settings)
-        except nats.errors.Error as exc:
-            raise GatewayError(
-                f"stream mode needs JetStream at {self.settings.nats_url}: {exc!r} "
-                "(enable JetStream, or run --mode core)"
-            ) from exc
+        # A cluster electing its JetStream leaders answers 503s and timeouts for a few
+        # seconds (a rolling restart, a node just killed): try again for a bound, then say
+        # what the two usual causes are.
+        deadline = time.monotonic() + _PREFLIGHT_WAIT_S
+        delay = 0.1
+        while True:
+            try:
+                await ensure(js, self.settings)
+                break
+            except nats.errors.Error as exc:
+                # No responders: this server has no JetStream for us at all (not a leader
+                # election, which answers 503s and times out): no use waiting.
+                # (nats-py reports no responders to a JetStream API request as a 503
+                # without an error code; a JetStream that is electing gives one.)
+                no_js = isinstance(exc, nats.errors.NoRespondersError) or (
+                    isinstance(exc, nats.js.errors.ServiceUnavailableError) and exc.err_code is None
+                )
+                waiting = not no_js
+                if waiting and time.monotonic() + delay < deadline:
+                    log.info("JetStream not answering yet (%r); retrying", exc)
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                raise GatewayError(
+                    f"stream mode needs JetStream at {self.settings.nats_url}, and it did not "
+                    f"answer for {_PREFLIGHT_WAIT_S:g} s (last: {exc!r}): is JetStream enabled "
+                    "(nats-server -js) and, on a cluster, does it have a meta leader? (or run "
+                    "--mode core)"
+                ) from exc
         intake = StreamIntake(
             nc,
             self.settings,

@@ -40,6 +40,7 @@ from bus_guard.ledger._records import Stored
 from bus_guard.pipeline import HeaderValue
 
 __all__ = (
+    "UNAVAILABLE",
     "CommitResult",
     "Committed",
     "FairQueue",
@@ -75,6 +76,8 @@ _DIRECT_GET_HEADERS: Final = frozenset(
 # JetStream error codes that mean "these exact messages cannot be stored as they are".
 WRONG_LAST_SEQUENCE: Final = 10071
 DUPLICATE_IN_BATCH: Final = 10201
+# No stream (leader) answered: nothing was stored; during a leader election, for a while.
+UNAVAILABLE: Final = 503
 # Ours, not the server's: a PubAck marked duplicate (see commit).
 DUPLICATE_MSG_ID: Final = -1
 
@@ -129,7 +132,7 @@ async def commit(
             )
         reply = await nc.request(subject, data, headers=last, timeout=timeout_s)
     except nats.errors.NoRespondersError:
-        return Rejected(503, "no stream is listening")  # nothing received it: none stored
+        return Rejected(UNAVAILABLE, "no stream is listening")  # nothing received it: none stored
     except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
         return InDoubt(f"{type(exc).__name__}: {exc}")
     except nats.errors.Error as exc:  # reconnecting, buffer full, ...: part may have gone out
@@ -140,7 +143,9 @@ async def commit(
         return InDoubt(f"unreadable answer {reply.data[:80]!r}")
     error = answer.get("error") if isinstance(answer, dict) else None
     if isinstance(error, dict):
-        return Rejected(int(error.get("err_code", 0)), str(error.get("description", "")))
+        # 503 (no stream leader: an election, a node down): nothing stored, try again.
+        code = UNAVAILABLE if error.get("code") == UNAVAILABLE else int(error.get("err_code", 0))
+        return Rejected(code, str(error.get("description", "")))
     if not isinstance(answer, dict) or not isinstance(answer.get("seq"), int):
         return InDoubt(f"unexpected answer {reply.data[:80]!r}")
     if answer.get("duplicate") is True:
@@ -464,6 +469,8 @@ class Puller:
         self._sub: Subscription | None = None
         self.requests = 0
         self.warnings = 0  # 409s and other unexpected statuses
+        self._failures = 0  # unexpected statuses in a row
+        self._retry_at = 0.0  # monotonic: no request before (backoff)
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(
@@ -490,6 +497,7 @@ class Puller:
         if msg.reply.startswith("$JS.ACK."):
             self._queue.add(msg)
             self._outstanding = max(0, self._outstanding - 1)
+            self._failures = 0
             self._arrived.set()
             return
         status = msg.headers.get("Status") if msg.headers else None
@@ -497,11 +505,20 @@ class Puller:
             pass  # idle heartbeat: the request is alive
         elif status in ("404", "408"):
             self._outstanding = 0  # the request ended (expired, or nothing to wait for)
-        else:
+            self._failures = 0
+        else:  # 503 during a leader election, 409s...: back off, and say so now and then
             self._outstanding = 0
             self.warnings += 1
-            reason = (msg.headers or {}).get("Description")
-            log.warning("pull request ended: %s %s", status, reason)
+            self._failures += 1
+            self._retry_at = self._last_heard + min(0.05 * 2 ** min(self._failures, 6), 2.0)
+            if self._failures in (1, 4) or self._failures % 32 == 0:
+                reason = (msg.headers or {}).get("Description")
+                log.warning(
+                    "pull request ended: %s %s (%d in a row; retrying with backoff)",
+                    status,
+                    reason,
+                    self._failures,
+                )
         self._arrived.set()
 
     async def _request(self) -> None:
@@ -531,10 +548,20 @@ class Puller:
     async def pull(self, max_n: int, timeout_s: float) -> list[Msg]:
         """What has arrived, up to *max_n*; waits at most *timeout_s* for the first."""
         deadline = time.monotonic() + timeout_s
-        if len(self._queue) + self._batch <= self._capacity and not self._request_alive():
+        if (
+            len(self._queue) + self._batch <= self._capacity
+            and not self._request_alive()
+            and time.monotonic() >= self._retry_at
+        ):
             await self._request()  # read ahead while what is queued is being decided
         while not self._queue:
             if not self._request_alive():
+                now = time.monotonic()
+                if now < self._retry_at:  # backing off after a failed request
+                    if now >= deadline:
+                        return []
+                    await anyio.sleep(min(self._retry_at, deadline) - now)
+                    continue
                 await self._request()
             left = deadline - time.monotonic()
             if left <= 0:

@@ -27,6 +27,7 @@ from nats.aio.client import Client
 from bus_guard.decision import new_decision_id
 from bus_guard.errors import GatewayError
 from bus_guard.intake._jetstream import (
+    UNAVAILABLE,
     Committed,
     InDoubt,
     Rejected,
@@ -65,6 +66,10 @@ _RECENT_IDS: Final = 100_000  # decision ids committed here, to catch repeats wi
 # child's parent is read from the ledger. Bounded well below _RECENT_IDS so that a flood of
 # decisions (SCENARIOS S13) holds the gateway at ~30 MiB of them, not ~200 MiB.
 _PARENT_CACHE: Final = 16_384
+
+
+def _unavailable(result: object) -> bool:
+    return isinstance(result, Rejected) and result.code == UNAVAILABLE
 
 
 class ChainInDoubt(GatewayError):
@@ -110,6 +115,7 @@ class Recorder:
         self.records = 0
         self.refusals = 0
         self.in_doubt = 0
+        self.unavailable = 0  # commits answered 503 (retried)
         self.artifact_batches = 0  # batched artifacts: signed tree heads
 
     @property
@@ -322,7 +328,9 @@ class Recorder:
 
     async def _commit(self, batch: ChainBatch) -> Committed | Rejected:
         """Commit *batch*; while in doubt, the identical batch again (never a different
-        one: a late commit of the first attempt must not fork the chain)."""
+        one: a late commit of the first attempt must not fork the chain), and while no
+        stream leader answers (503: an election, a node restarting) too, with backoff,
+        for at most the retry horizon."""
         entries = [(s, d, self._headers(r)) for s, d, r in batch.entries]
         deadline = time.monotonic() + self._s.retry_horizon_s
         self._batches += 1
@@ -330,12 +338,18 @@ class Recorder:
         result = await commit(
             self.nc, entries, batch_id=batch_id, timeout_s=self._s.publish_timeout_s
         )
-        delay = 0.05
-        while isinstance(result, InDoubt):
-            self.in_doubt += 1
-            log.warning("ledger commit in doubt (%s); retrying the same records", result.reason)
+        delay, doubted = 0.05, False
+        while isinstance(result, InDoubt) or _unavailable(result):
+            if isinstance(result, InDoubt):
+                doubted = True
+                self.in_doubt += 1
+                log.warning("ledger commit in doubt (%s); retrying the same records", result.reason)
+            else:
+                self.unavailable += 1
+                if self.unavailable % 50 == 1:  # an election: a line now and then, not a flood
+                    log.warning("ledger unavailable (%s); retrying", result)
             if time.monotonic() > deadline or self.nc.is_closed:
-                raise ChainInDoubt(f"ledger commit unanswered ({result.reason})")
+                raise ChainInDoubt(f"ledger commit unanswered ({result})")
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
             self._batches += 1
@@ -343,8 +357,10 @@ class Recorder:
             result = await commit(
                 self.nc, entries, batch_id=retry_id, timeout_s=self._s.publish_timeout_s
             )
-            if isinstance(result, Rejected) and await self._stored(batch):
+            settled = isinstance(result, Rejected) and not _unavailable(result)
+            if doubted and settled and await self._stored(batch):
                 return Committed(0)  # the attempt in doubt had been stored
+        assert not isinstance(result, InDoubt)
         return result
 
     async def _commit_each(self, batch: ChainBatch) -> tuple[int, Committed | Rejected]:
