@@ -121,7 +121,7 @@ async def _wait_healthy(js: JetStreamContext) -> None:
     await eventually(lambda: _healthy(js, streams), timeout_s=60, what="cluster healthy")
 
 
-async def _publish_all(c: Cluster, count: int, rate: float) -> set[tuple[str, str]]:
+async def _publish_all(c: Cluster, count: int, rate: float, first: int = 0) -> set[tuple[str, str]]:
     """*count* intents at *rate* a second, each agent on its own connection (with its own
     credentials), each intent published until acknowledged."""
     agents: dict[str, JetStreamContext] = {}
@@ -139,7 +139,7 @@ async def _publish_all(c: Cluster, count: int, rate: float) -> set[tuple[str, st
     start = time.monotonic()
     for i in range(count):
         principal, action, resource, params = _MIX[i % len(_MIX)]
-        intent_id = f"s5-{i}"
+        intent_id = f"s5-{first + i}"
         body = {"id": intent_id, "action": action, "resource": resource, "params": params}
         payload = _enc.encode({**body, "ts": time.time()})
         subject = f"guard.in.{principal}.{action}"
@@ -230,7 +230,7 @@ async def test_s5_leader_kill_rolling_restart_and_frozen_node(tmp_path: Path) ->
                 tg.start_soon(load)
                 tg.start_soon(inflict)
             await done.wait()
-            await eventually(lambda: drained(js), timeout_s=90, what="intake drained")
+            await eventually(lambda: _drained(js), timeout_s=90, what="intake drained")
             alive = [g.proc is not None and g.proc.poll() is None for g in gateways]
             codes = [g.stop(60) for g in gateways]
         finally:
@@ -256,3 +256,52 @@ async def test_s5_leader_kill_rolling_restart_and_frozen_node(tmp_path: Path) ->
     assert result.missing_outputs == 0
     assert result.ledger_problems == []
     assert result.effects["allow"] == result.execs
+
+
+async def _decisions(nc: Client) -> int:
+    return len([m async for m in read(nc, "GUARD_LEDGER", "guard.ledger.*.d.*")])
+
+
+async def _drained(js: JetStreamContext) -> bool:
+    """drained(), and not yet while the cluster is electing (its API times out)."""
+    try:
+        return await drained(js)
+    except (nats.errors.Error, TimeoutError):
+        return False
+
+
+@pytest.mark.timeout(180)
+async def test_a_gateway_given_only_the_seed_url_fails_over_to_servers_it_learned(
+    tmp_path: Path,
+) -> None:
+    """Credentials only in the seed URL: the servers the gateway learns from the cluster
+    get them too, so when the seed node dies it goes on deciding through the others."""
+    key, _ = generate_key(tmp_path)
+    with cluster(tmp_path / "cluster") as c:
+        seed = c.urls("gateway").split(",")[0]  # nats://gateway:...@127.0.0.1:<nats-1>
+        gateway = GatewayProcess(
+            run_argv(seed, key, "gw-seed", "--replicas", "3", "--reconnect-wait", "0.1")
+        )
+        nc = await nats.connect(
+            c.urls("gateway").split(",")[1:], reconnect_time_wait=0.1, max_reconnect_attempts=-1
+        )
+        js = nc.jetstream(timeout=2)
+        try:
+            await anyio.to_thread.run_sync(gateway.start, 60.0)
+            await _wait_healthy(js)
+            accepted = await _publish_all(c, 12, 100.0)
+            await eventually(lambda: _drained(js), timeout_s=30, what="first intents decided")
+            c.nodes[0].stop(signal.SIGKILL)  # the seed: the only URL the gateway was given
+            more = await _publish_all(c, 24, 100.0, first=12)
+            assert not more & accepted
+            await eventually(
+                lambda: _drained(js), timeout_s=30, what="decided with the seed node down"
+            )
+            assert await _decisions(nc) == 24 + 12
+            alive = gateway.proc is not None and gateway.proc.poll() is None
+            assert alive, "\n".join(gateway.lines[-20:])
+            c.nodes[0].start()
+        finally:
+            gateway.kill()
+        await nc.close()
+    assert gateway.count("Authorization Violation") == 0

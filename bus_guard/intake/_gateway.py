@@ -19,7 +19,8 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final, Self
+from typing import Final, NamedTuple, Self
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import nats
@@ -45,6 +46,27 @@ from bus_guard.verify import Jwks
 __all__ = ("Gateway", "GatewayStatistics", "round_trip")
 
 log = logging.getLogger(__name__)
+
+
+class UrlCredentials(NamedTuple):
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+
+def url_credentials(servers: list[str]) -> UrlCredentials:
+    """The user and password (or token) of the first of *servers* that has any, as
+    ``nats.connect`` options: nats-py uses a URL's credentials for that URL only, so a
+    server discovered from the cluster (or a second URL written without them) would get
+    none, be refused ("Authorization Violation"), and a failover would fail."""
+    for url in servers:
+        parts = urlsplit(url if "://" in url else f"nats://{url}")
+        if parts.username and parts.password is not None:
+            return UrlCredentials(unquote(parts.username), unquote(parts.password))
+        if parts.username:
+            return UrlCredentials(token=unquote(parts.username))
+    return UrlCredentials()
+
 
 # How long a starting stream-mode gateway waits for JetStream to answer its preflight.
 _PREFLIGHT_WAIT_S: Final = 15.0
@@ -196,9 +218,16 @@ class Gateway(AsyncContextManagerMixin):
         s = self.settings
         try:
             self._nc = nc = GuardClient()
+            servers = [u.strip() for u in s.nats_url.split(",") if u.strip()]
+            auth = url_credentials(servers)
             await nc.connect(
-                [u.strip() for u in s.nats_url.split(",") if u.strip()],
+                servers,
                 name=f"bus-guard {s.gateway_id}",
+                # Servers learned from the cluster come without the seed URL's user and
+                # password: given as options, they hold for every server (a URL's own win).
+                user=auth.user,
+                password=auth.password,
+                token=auth.token,
                 user_credentials=s.creds_file,
                 connect_timeout=max(1, round(s.connect_timeout_s)),
                 # nats-py annotates an int; it sleeps for whatever it is given
