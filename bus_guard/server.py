@@ -24,7 +24,28 @@ from typing import Final, Self
 
 from bus_guard.errors import ServerError
 
-__all__ = ("NatsServer", "find_nats_server")
+__all__ = ("MIN_SERVER_VERSION", "NatsServer", "find_nats_server", "server_version_problem")
+
+# Stream mode commits ledger records as atomic batches (nats-server 2.12+; on 2.10 and 2.11
+# a restarted gateway's preflight refuses the ledger's allow_atomic, and direct gets lack
+# headers the audit reads). Core mode works on older servers.
+MIN_SERVER_VERSION: Final = "2.12.0"
+
+
+def server_version_problem(version: str) -> str | None:
+    """Why a nats-server of *version* cannot carry stream mode, or ``None``."""
+    m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", version.strip())
+    if m is None:
+        return f"cannot tell the nats-server version from {version!r}"
+    have = tuple(int(x) for x in m.groups())
+    need = tuple(int(x) for x in MIN_SERVER_VERSION.split("."))
+    if have < need:
+        return (
+            f"stream mode needs nats-server {MIN_SERVER_VERSION} or newer (atomic batch "
+            f"publish); this server is {version.strip()}"
+        )
+    return None
+
 
 log = logging.getLogger(__name__)
 

@@ -133,3 +133,25 @@ async def test_bus_guard_run_exits_2_with_the_reason(nats_url: str, tmp_path: Pa
 def test_settings_refuse_a_dedup_window_shorter_than_the_retry_horizon() -> None:
     with pytest.raises(ConfigError, match="duplicate_window_s must cover retry_horizon_s"):
         stream_settings("nats://unused", retry_horizon_s=300, duplicate_window_s=60)
+
+
+@pytest.mark.parametrize(
+    ("version", "ok"),
+    [("2.15.1", True), ("v2.12.0", True), ("3.0.0", True), ("2.11.11", False), ("2.10.26", False)],
+)
+def test_stream_mode_names_the_nats_server_version_it_needs(version: str, ok: bool) -> None:
+    from bus_guard.server import MIN_SERVER_VERSION, server_version_problem
+
+    problem = server_version_problem(version)
+    assert (problem is None) == ok
+    if not ok:
+        assert problem is not None and MIN_SERVER_VERSION in problem and version in problem
+
+
+def test_the_packaged_nats_server_meets_the_floor() -> None:
+    import subprocess
+
+    from bus_guard.server import find_nats_server, server_version_problem
+
+    out = subprocess.run([find_nats_server(), "--version"], capture_output=True, text=True)
+    assert server_version_problem(out.stdout.split()[-1]) is None, out.stdout

@@ -58,7 +58,7 @@ from bus_guard.intake._gateway import round_trip
 from bus_guard.intake._jetstream import Committed, Rejected, commit, read
 from bus_guard.ledger._records import intent_decision_id
 from bus_guard.policy._load import load_policies
-from bus_guard.server import NatsServer, find_nats_server
+from bus_guard.server import MIN_SERVER_VERSION, NatsServer, find_nats_server
 from bus_guard.signing._keys import generate_key
 from bus_guard.verify import Verifier, verify_message_once
 from tests.conftest import POLICIES
@@ -1170,7 +1170,8 @@ def _check_nats_service(service: Mapping[str, Any], config: Path) -> None:
     """The service runs ``config`` with everything it includes mounted where it looks."""
     image = service["image"]
     version = re.search(r"nats:(\d+)\.(\d+)", image)
-    assert version is not None and (int(version[1]), int(version[2])) >= (2, 10), image
+    floor = tuple(int(x) for x in MIN_SERVER_VERSION.split("."))
+    assert version is not None and (int(version[1]), int(version[2])) >= floor[:2], image
     command = service["command"]
     target = command[command.index("--config") + 1]
     mounts = _mounts(service)
@@ -1187,7 +1188,7 @@ def _nats_urls(services: Mapping[str, Any]) -> dict[str, str]:
     for name, service in services.items():
         command = service.get("command", [])
         if "--nats" in command:
-            urls[name] = command[command.index("--nats") + 1]
+            urls[name] = command[command.index("--nats") + 1].split(",")[0]
         elif any(arg.startswith("--user=") for arg in command):
             opts = dict(a[2:].split("=", 1) for a in command if a.startswith("--"))
             server = opts["server"].split(",")[0]
@@ -1223,6 +1224,11 @@ def test_compose_file_matches_the_configs(
     gateway = services["gateway"]["command"]
     for flag, target in (("--policies", "/policies"), ("--key", "/keys/signing-key.pem")):
         assert gateway[gateway.index(flag) + 1] == target
+    if len(nats_services) == 3:  # the cluster: R3 streams, every node in the gateway's URLs
+        assert gateway[gateway.index("--replicas") + 1] == "3"
+        assert gateway[gateway.index("--min-replicas") + 1] == "3"
+        listed = gateway[gateway.index("--nats") + 1].split(",")
+        assert {urlsplit(u).hostname for u in listed} == set(nats_services)
     gateway_mounts = _mounts(services["gateway"])
     assert (COMPOSE / gateway_mounts["/policies"]).resolve() == (COMPOSE.parent / "policies")
 

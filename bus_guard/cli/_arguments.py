@@ -263,7 +263,7 @@ _STREAM: Final = (
     SettingOption(
         "--replicas",
         "stream.replicas",
-        "replicas of the streams created (default: {default}; 3 on a cluster)",
+        "replicas of the streams created (default: {default}, one server; 3 on a 3-node cluster)",
         metavar="N",
     ),
     SettingOption(

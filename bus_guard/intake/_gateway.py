@@ -39,6 +39,7 @@ from bus_guard.intake._preflight import ensure
 from bus_guard.intake._stream import StreamIntake
 from bus_guard.ledger._records import CheckpointSigner
 from bus_guard.pipeline import MAX_HEADER_BYTES, PolicySetLike, Standing
+from bus_guard.server import server_version_problem
 from bus_guard.settings import Settings
 from bus_guard.signing._signer import Signer
 from bus_guard.verify import Jwks
@@ -301,6 +302,12 @@ class Gateway(AsyncContextManagerMixin):
 
     async def _start_stream(self, nc: Client) -> None:
         assert self._ledger_signer is not None
+        version = nc.connected_server_version
+        problem = server_version_problem(f"{version.major}.{version.minor}.{version.patch}")
+        if problem is not None:
+            where = nc.connected_url
+            at = f"{where.hostname}:{where.port}" if where is not None else "?"
+            raise GatewayError(f"{problem} (at {at})")
         js = nc.jetstream(timeout=self.settings.connect_timeout_s)
         # A cluster electing its JetStream leaders answers 503s and timeouts for a few
         # seconds (a rolling restart, a node just killed): try again for a bound, then say
