@@ -202,3 +202,32 @@ async def test_core_and_stream_mode_publish_the_same_outputs(
             assert compared[1] == {"traceparent": INBOUND["traceparent"]} | (
                 {"Content-Type": "application/msgpack"} if b"i-msgpack" in compared[0] else {}
             )
+
+
+async def test_core_mode_refuses_to_start_beside_an_intake_stream(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """Mode mixing (issue 13): once a stream-mode gateway has created the intake stream, a
+    core-mode gateway on the same server refuses to start (the stream would answer agents
+    and a stream-mode gateway would decide every intent again), naming the stream; and
+    nothing it could have decided is published meanwhile."""
+    from bus_guard.errors import GatewayError
+
+    nc = await nats.connect(nats_url)
+    async with _gateway(_settings(nats_url, "stream", "per-message"), policies, keys[0]):
+        pass  # creates GUARD_IN (and the rest), then stops
+    with pytest.raises(GatewayError, match=r"GUARD_IN captures guard\.in\.>"):
+        async with _gateway(_settings(nats_url, "core", "per-message"), policies, keys[0]):
+            pass
+    await nc.close()
+
+
+async def test_core_mode_starts_where_no_stream_captures_the_intake(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """Streams that do not capture the intake (here the exec stream alone) do not stop it."""
+    nc = await nats.connect(nats_url)
+    await nc.jetstream().add_stream(name="GUARD_EXEC", subjects=["guard.exec.>"])
+    async with _gateway(_settings(nats_url, "core", "per-message"), policies, keys[0]) as gw:
+        assert gw.statistics().received == 0
+    await nc.close()

@@ -23,6 +23,7 @@ from typing import Final, NamedTuple, Self
 from urllib.parse import unquote, urlsplit
 
 import anyio
+import msgspec
 import nats
 import nats.js.errors
 from anyio import AsyncContextManagerMixin
@@ -270,6 +271,7 @@ class Gateway(AsyncContextManagerMixin):
 
     async def _start_core(self, nc: Client) -> None:
         s = self.settings
+        await self._refuse_beside_an_intake_stream(nc)
         core = CoreIntake(
             nc,
             s,
@@ -299,6 +301,34 @@ class Gateway(AsyncContextManagerMixin):
         await round_trip(nc, timeout_s=s.connect_timeout_s)
         if core.batched:
             self._core = core
+
+    async def _refuse_beside_an_intake_stream(self, nc: Client) -> None:
+        """A core-mode gateway must not start where a stream captures the intake: agents'
+        requests would be answered by the stream (a PubAck, not a decision) and the intents
+        decided again by any stream-mode gateway: twice, under two decision ids."""
+        s = self.settings
+        intake = s.subjects.wildcard("in")
+        try:
+            reply = await nc.request(
+                "$JS.API.STREAM.NAMES",
+                msgspec.json.encode({"subject": intake}),
+                timeout=s.connect_timeout_s,
+            )
+            names = msgspec.json.decode(reply.data).get("streams") or []
+        except nats.errors.NoRespondersError:
+            return  # no JetStream here: nothing can capture the intake
+        except (nats.errors.Error, TimeoutError, msgspec.DecodeError, AttributeError) as exc:
+            raise GatewayError(
+                f"core mode: cannot tell whether a stream captures {intake} ({exc!r}); "
+                "refusing to start rather than decide intents a stream also keeps"
+            ) from exc
+        if names:
+            raise GatewayError(
+                f"core mode: stream {', '.join(map(str, names))} captures {intake} on this "
+                "server: agents' intents are kept there for stream-mode gateways, and a "
+                "core-mode gateway beside it would decide them a second time. Run --mode "
+                "stream, or remove the stream if no stream-mode gateway uses it"
+            )
 
     async def _start_stream(self, nc: Client) -> None:
         assert self._ledger_signer is not None
