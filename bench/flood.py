@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bench import harness
@@ -91,7 +92,7 @@ def _rss_kib(pid: int) -> int:
 
 
 async def _publish_at(
-    nc: nats.NATS, rate: float, seconds: float, each: Any, clock: Any = time.perf_counter
+    nc: Client, rate: float, seconds: float, each: Any, clock: Any = time.perf_counter
 ) -> None:
     """Publish ``int(rate * seconds)`` intents, open loop: *each(i)* gives subject, payload."""
     n = int(rate * seconds)
@@ -198,8 +199,8 @@ async def _phase(
             if not sent and published_all:
                 all_in.set()
 
-    for other in OTHERS:
-        await sink_nc.subscribe(f"guard.exec.{other}.>", cb=on_exec, pending_msgs_limit=-1)
+    for principal in OTHERS:
+        await sink_nc.subscribe(f"guard.exec.{principal}.>", cb=on_exec, pending_msgs_limit=-1)
     await sink_nc.flush()
     ts = time.time()
     rss_start = _rss_kib(pid)

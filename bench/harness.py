@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import random
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import nats
 from nats.aio.msg import Msg
@@ -39,12 +41,22 @@ _TEMPLATE = (
 _ID = slice(7, 39)  # where the hex id sits in every payload
 
 
-def payload(i: int, ts: float) -> bytes:
-    return _TEMPLATE % (i, i, i, ts)
+# Each driver call (a warm-up, a run) takes ids of its own: a core-mode gateway denies an
+# intent id it decided in the last few minutes as a replay. The index is the low 64 bits.
+_RUNS = itertools.count(random.getrandbits(32) << 8)
+_INDEX_BITS: Final = (1 << 64) - 1
+
+
+def new_run() -> int:
+    return next(_RUNS) << 64
+
+
+def payload(i: int, ts: float, run: int = 0) -> bytes:
+    return _TEMPLATE % (run | i, i, i, ts)
 
 
 def index_of(data: bytes) -> int:
-    return int(data[_ID], 16)
+    return int(data[_ID], 16) & _INDEX_BITS
 
 
 def bare_cmd(url: str) -> list[str]:
@@ -205,12 +217,13 @@ async def throughput(
     await sub_nc.subscribe(EXEC, cb=sink, pending_msgs_limit=-1, pending_bytes_limit=-1)
     await sub_nc.flush()
     start = time.perf_counter()
+    run = new_run()
     for i in range(count):
         while i - received >= window:
             progress.clear()
             await pub.flush()
             await asyncio.wait_for(progress.wait(), timeout_s)
-        await pub.publish(SUBJECT, payload(i, ts))
+        await pub.publish(SUBJECT, payload(i, ts, run))
     await pub.flush()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(done.wait(), timeout_s)
@@ -241,11 +254,12 @@ async def paced(
     await sub_nc.flush()
     start = clock()
     i = 0
+    run = new_run()
     while i < count:
         due = min(count, int((clock() - start) * rate_per_s) + 1)
         while i < due:
             sent[i] = clock()
-            await pub.publish(SUBJECT, payload(i, ts))
+            await pub.publish(SUBJECT, payload(i, ts, run))
             i += 1
         await asyncio.sleep(0.0002)
     offered_s = clock() - start

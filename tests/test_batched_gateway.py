@@ -102,12 +102,12 @@ async def test_batched_core_forwards_each_allowed_intent_once_in_order(
     nc = await nats.connect(nats_url, inbox_prefix="_INBOX.agent-7")  # replies: agent-7's
     out = await outputs(nc)
     allowed = [_small_transfer(id=f"a-{i}") for i in range(200)]
-    denied = intent("tools.shell", "tool:shell", {"cmd": "id"})
+    denied = [intent("tools.shell", "tool:shell", {"cmd": "id"}) for _ in range(10)]
     async with Gateway(_batched(nats_url), policies, signer) as gw:
         for i, payload in enumerate(allowed):
             await nc.publish(TRANSFER, payload, headers={"traceparent": f"00-{i}-x-01"})
             if i % 20 == 0:
-                await nc.publish(SHELL, denied)
+                await nc.publish(SHELL, denied[i // 20])
         await sentinel(nc, out, 10)  # the 10 denials come first
         reply = await nc.request(TRANSFER, _small_transfer(id="req"), timeout=5)
         stats = gw.statistics()
@@ -117,7 +117,7 @@ async def test_batched_core_forwards_each_allowed_intent_once_in_order(
     assert all(m.headers and m.headers["traceparent"] for m in out.exec.msgs[:200])
     assert json.loads(reply.data)["effect"] == "allow"
     assert [r["reason"] for r in out.deny.records()] == ["denied_by_rule"] * 10
-    assert all(m.data != denied for m in out.exec.msgs)
+    assert all(m.data not in denied for m in out.exec.msgs)
     heads = _check_execs(out.exec.msgs, keys[1])
     assert stats.allowed == 201 and stats.denied == 11  # with the sentinel
     assert stats.artifact_batches == len(heads)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
+import msgspec
 import nats
 import pytest
 
@@ -182,4 +183,88 @@ async def test_a_refusal_midway_through_a_small_batch_keeps_the_chain_whole(
     msgs = await stored(nc, "GUARD_LEDGER")
     report = audit(msgs, prefix="guard", jwks=load_jwks(keys[1]), require_sealed=True)
     assert report.ok, report.problems
+    await nc.close()
+
+
+async def test_consume_once_refuses_an_intent_core_mode_forwarded_again(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """Core mode gives every delivery a fresh decision, and remembers intent ids per
+    process: an agent sending the same intent to four gateway lives (or four replicas)
+    gets four exec messages with four decision ids. Consume-once keys on the intent
+    (principal and intent id), so the executor runs it once; an executor with its own
+    namespace keeps its own marker (and runs it once too)."""
+    from bus_guard.intake import Gateway
+    from bus_guard.settings import Settings
+    from bus_guard.signing import Signer, load_private_key
+
+    from .helpers import Collector
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    execs = await Collector.on(nc, "guard.exec.>")
+    signer = Signer(load_private_key(keys[0]), issuer="gw", ttl_s=60)
+    for n in range(1, 5):
+        async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer):
+            await nc.publish(SEARCH, _search(id="same-intent"))
+            await execs.wait_for(n)
+    assert len({m.headers["Guard-Decision"] for m in execs.msgs if m.headers}) == 4
+    executed = await js.create_key_value(bucket="guard-executed", history=1, ttl=3600)
+    verifier = Verifier(keys[1])
+
+    async def run(executor: str = "") -> list[str]:
+        outcomes = []
+        for m in execs.msgs:
+            try:
+                await verify_message_once(
+                    verifier,
+                    executed,
+                    subject=m.subject,
+                    headers=m.headers,
+                    payload=m.data,
+                    executor=executor,
+                )
+            except VerificationError as exc:
+                outcomes.append(exc.reason)
+            else:
+                outcomes.append("executed")
+        return outcomes
+
+    assert await run() == ["executed", "replay", "replay", "replay"]
+    assert await run("payments-executor") == ["executed", "replay", "replay", "replay"]
+    await nc.close()
+
+
+async def test_core_mode_denies_an_intent_id_it_decided_within_the_window(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """The same intent sent four times to one core-mode gateway: one exec, three denials
+    with reason ``replay`` (another intent id, or the same id of another principal, is
+    new)."""
+    from bus_guard.intake import Gateway
+    from bus_guard.settings import Settings
+    from bus_guard.signing import Signer, load_private_key
+
+    from .helpers import Collector
+
+    nc = await nats.connect(nats_url)
+    execs = await Collector.on(nc, "guard.exec.>")
+    denies = await Collector.on(nc, "guard.deny.>")
+    signer = Signer(load_private_key(keys[0]), issuer="gw", ttl_s=60)
+    async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer) as gw:
+        for _ in range(4):
+            await nc.publish(SEARCH, _search(id="again"))
+        await nc.publish(SEARCH, _search(id="other"))
+        await nc.publish("guard.in.agent-2.tools.search", _search(id="again"))
+        await execs.wait_for(3)
+        await denies.wait_for(3)
+        stats = gw.statistics()
+    assert sorted(m.subject for m in execs.msgs) == [
+        "guard.exec.agent-1.tools.search",
+        "guard.exec.agent-1.tools.search",
+        "guard.exec.agent-2.tools.search",
+    ]
+    reasons = [msgspec.json.decode(m.data)["reason"] for m in denies.msgs]
+    assert reasons == ["replay"] * 3
+    assert stats.replays == 3
     await nc.close()

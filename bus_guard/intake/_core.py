@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -80,6 +81,38 @@ class CoreCounters(Protocol):
     artifact_batches: int
 
 
+# (principal, intent id) pairs a core-mode gateway remembers (~150 B each: ~40 MiB).
+RECENT_INTENTS: Final = 262_144
+
+
+class RecentIntents:
+    """The (principal, intent id) pairs decided within the last *window_s*, at most
+    *capacity* of them (beyond it the oldest are forgotten early, counted in ``evicted``):
+    core mode's replay guard, per gateway process."""
+
+    def __init__(self, window_s: float, capacity: int) -> None:
+        self.window_s = window_s
+        self.capacity = capacity
+        self.evicted = 0
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def first(self, key: tuple[str, str], now: float) -> bool:
+        """Whether *key* is new in the window (then it is remembered from *now*)."""
+        seen, horizon = self._seen, now - self.window_s
+        while seen:
+            oldest = next(iter(seen.values()))
+            if oldest > horizon:
+                break
+            seen.popitem(last=False)
+        if key in seen:
+            return False
+        seen[key] = now
+        if len(seen) > self.capacity:
+            seen.popitem(last=False)
+            self.evicted += 1
+        return True
+
+
 @dataclass
 class CoreIntake:
     """The core-mode message path; :meth:`on_intent` is the subscription callback, and in
@@ -102,6 +135,11 @@ class CoreIntake:
 
     def __post_init__(self) -> None:
         s = self.settings
+        # Replays: an intent id decided here is denied for as long as its ts would still
+        # be accepted (older ones are refused as expired anyway).
+        self.recent = RecentIntents(
+            s.checks.max_past_skew_s + s.checks.max_future_skew_s, RECENT_INTENTS
+        )
         self.batched = s.artifacts == "batched"
         self.sub: Subscription | None = None  # set once subscribed: its queue tells idleness
         self._batcher = BatchSigner(self.signer, max_batch=s.batch_max) if self.batched else None
@@ -142,7 +180,21 @@ class CoreIntake:
         now = self.clock()
         subject, data = msg.subject, msg.data
         decoded = decode_message(subject, data, msg.headers, s)
-        _, intent = decoded
+        parsed, intent = decoded
+        if (
+            isinstance(intent, Intent)
+            and parsed is not None
+            and not self.recent.first((parsed.principal, intent.id), now)
+        ):
+            decision = deny(
+                Reason.REPLAY,
+                f"intent {intent.id!r} of {parsed.principal!r} was decided by this gateway "
+                f"in the last {self.recent.window_s:g} s",
+                policies,
+            )
+            return outcome_of(
+                new_decision_id(), subject, data, decoded, decision, gateway=s.gateway_id, now=now
+            )
         lineage = _NO_LEDGER if isinstance(intent, Intent) and intent.parents else None
         decision = judge(subject, decoded, policies, now=now, checks=s.checks, lineage=lineage)
         if decision.limits:

@@ -39,6 +39,7 @@ from bus_guard.verify._verifier import (
     CreateOnly,
     Verifier,
     VerifierStatistics,
+    consume_key,
     verify_message,
     verify_message_once,
 )
@@ -60,6 +61,7 @@ __all__ = (
     "VerifyReason",
     "b64url_decode",
     "b64url_encode",
+    "consume_key",
     "load_jwks",
     "merkle_leaf_hash",
     "merkle_node_hash",

@@ -31,8 +31,10 @@ The format it checks is :mod:`bus_guard.verify._format`'s. Verification procedur
     ``jti`` last, only for an otherwise valid artifact, and must return ``False``.
 
 Consume once, across executor processes (:func:`verify_message_once`): after a message
-verified, its ``jti`` is created in a NATS key-value bucket, create-only; if the key exists,
-the decision was executed before and the message is refused with ``replay``. The bucket's
+verified, the intent it carries (principal and intent id: :func:`consume_key`) is created
+in a NATS key-value bucket, create-only; if the key exists, the intent was executed before,
+under this decision or another (an agent re-sending it), and the message is refused with
+``replay``. The bucket's
 TTL must exceed the artifact lifetime plus the leeway (an expired artifact is refused
 before the bucket is asked). Any other exception from it means: do not execute now.
 
@@ -60,6 +62,7 @@ the caller, who compares it with the token's ``iat``.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import os
@@ -97,6 +100,7 @@ __all__ = (
     "CreateOnly",
     "Verifier",
     "VerifierStatistics",
+    "consume_key",
     "verify_message",
     "verify_message_once",
 )
@@ -440,18 +444,37 @@ async def verify_message_once(
     headers: Mapping[str, str] | None,
     payload: bytes,
     now: float | None = None,
+    executor: str = "",
 ) -> ArtifactClaims:
-    """:func:`verify_message`, then record the ``jti`` in the *executed* KV bucket
-    (create-only): a second delivery of the same decision is refused with ``replay``."""
+    """:func:`verify_message`, then mark the *intent* executed in the *executed* KV bucket
+    (create-only): a second delivery of it is refused with ``replay``, whatever decision
+    forwarded it (an agent re-sending the same intent gets a new decision in core mode).
+
+    The key is :func:`consume_key` of the principal and the intent id (the decision id
+    for an intent without one), under *executor* if given: executors that each must run
+    the same intent once keep their markers apart (and permissions can keep them from
+    touching each other's: ``$KV.<bucket>.<executor>.>``)."""
     claims = verify_message(verifier, subject=subject, headers=headers, payload=payload, now=now)
+    key = consume_key(claims, executor=executor)
     try:
-        await executed.create(claims.jti, subject.encode())
+        await executed.create(key, claims.jti.encode())
     except Exception as exc:
         # nats-py's KeyWrongLastSequenceError (the key exists), told by its class name so that
         # this package imports no NATS client: any create-only KV raising it fits.
         if any(c.__name__ == "KeyWrongLastSequenceError" for c in type(exc).__mro__):
             raise _fail(
-                VerifyReason.REPLAY, f"decision {claims.jti!r} was already executed"
+                VerifyReason.REPLAY,
+                f"intent {claims.intent_id or claims.jti!r} of {claims.sub!r} was already "
+                f"executed (decision {claims.jti!r} forwards it again)",
             ) from None
         raise
     return claims
+
+
+def consume_key(claims: ArtifactClaims, *, executor: str = "") -> str:
+    """The consume-once key of the intent *claims* authorize: ``[<executor>.]i<sha256 hex
+    of principal NUL intent id>`` (the decision id stands in for a missing intent id); a
+    KV key whatever characters the ids hold. Other languages: the same hash."""
+    what = f"{claims.sub}\x00{claims.intent_id}" if claims.intent_id else f"jti\x00{claims.jti}"
+    digest = hashlib.sha256(what.encode()).hexdigest()
+    return f"{executor}.i{digest}" if executor else f"i{digest}"
