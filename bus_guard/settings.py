@@ -78,6 +78,7 @@ class StreamSettings:
     min_replicas: int = 1  # preflight refuses streams with fewer
     checkpoint_every: int = 1000  # ledger records between signed checkpoints ...
     checkpoint_interval_s: float = 10.0  # ... or seconds, whichever comes first
+    lease_s: float = 15.0  # the gateway id's lease (one writer per chain), renewed every third
     max_lineage_depth: int = 32  # deeper chains of decisions are a lineage_violation
     # A child whose parent is not decided yet (not in the ledger) or held waits, nak'd and
     # looked at again every lineage_nak_delay_s, until lineage_wait_s after it was stored;
@@ -107,6 +108,7 @@ class StreamSettings:
             "publish_timeout_s",
             "retry_horizon_s",
             "checkpoint_interval_s",
+            "lease_s",
             "hold_sweep_s",
         )
         out += [f"{name} must be positive" for name in durations if not getattr(self, name) > 0]

@@ -124,6 +124,11 @@ class Streams:
         """The gateways' sliding-window logs of rate limits and budgets (README, "Limits")."""
         return self._bucket("limits")
 
+    @property
+    def gateways_bucket(self) -> str:
+        """One lease per gateway id (one writer per chain) and the registry of chains."""
+        return self._bucket("gateways")
+
     @staticmethod
     def kv_stream(bucket: str) -> str:
         """The stream behind a key-value bucket (what permissions name): ``KV_<bucket>``."""

@@ -285,6 +285,13 @@ _STREAM: Final = (
         metavar="SECONDS",
     ),
     SettingOption(
+        "--lease",
+        "stream.lease_s",
+        "the gateway id's lease (one process per ledger chain): another process takes the id "
+        "over only when this one was silent that long (default: {default})",
+        metavar="SECONDS",
+    ),
+    SettingOption(
         "--max-lineage-depth",
         "stream.max_lineage_depth",
         "deny intents deeper in a chain of decisions",

@@ -322,24 +322,27 @@ async def _serve(
     stop = anyio.Event()
     stopped_by: list[str] = []
 
-    async def on_signals() -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    gateway = Gateway(settings, policies, signer, ledger_signer=ledger_signer, trusted_keys=trusted)
+    # Signals are taken (and queued) before the gateway starts: a SIGTERM right after
+    # "ready", or while starting, stops it cleanly, sealing its chain, instead of killing it.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+        async def on_signals() -> None:
             async for signum in signals:
                 stopped_by.append(signal.Signals(signum).name)
                 stop.set()
                 return
 
-    gateway = Gateway(settings, policies, signer, ledger_signer=ledger_signer, trusted_keys=trusted)
-    async with gateway, anyio.create_task_group() as tg:
-        tg.start_soon(on_signals)
+        async with gateway, anyio.create_task_group() as tg:
+            tg.start_soon(on_signals)
 
-        async def on_lost() -> None:
-            await gateway.closed.wait()
-            stop.set()
+            async def on_lost() -> None:
+                await gateway.closed.wait()
+                stop.set()
 
-        tg.start_soon(on_lost)
-        await stop.wait()
-        tg.cancel_scope.cancel()
+            tg.start_soon(on_lost)
+            await stop.wait()
+            tg.cancel_scope.cancel()
     if not stopped_by:
         if gateway.failure is not None:
             log.error("intake failed (%s); exiting", gateway.failure)

@@ -39,6 +39,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from bus_guard.errors import ConfigError
+from bus_guard.intake._lease import ensure_registry
 from bus_guard.intake._limits import ensure_bucket
 from bus_guard.settings import Settings
 from bus_guard.subjects import ROLES, Role, Streams
@@ -213,5 +214,6 @@ async def ensure(js: JetStreamContext, settings: Settings) -> None:
             )
             log.info("created consumer %s on %s", votes, streams.approve)
         await ensure_bucket(js, streams.limits_bucket, replicas=s.replicas)
+        await ensure_registry(js, streams.gateways_bucket, replicas=s.replicas)
     if problems:
         raise ConfigError("stream mode refused to start (preflight):\n  " + "\n  ".join(problems))

@@ -68,6 +68,10 @@ _RECENT_IDS: Final = 100_000  # decision ids committed here, to catch repeats wi
 _PARENT_CACHE: Final = 16_384
 
 
+def _no_fence() -> None:
+    pass
+
+
 def _unavailable(result: object) -> bool:
     return isinstance(result, Rejected) and result.code == UNAVAILABLE
 
@@ -117,6 +121,9 @@ class Recorder:
         self.in_doubt = 0
         self.unavailable = 0  # commits answered 503 (retried)
         self.artifact_batches = 0  # batched artifacts: signed tree heads
+        # Called before every commit; raises if this process may not write the chain (the
+        # gateway id's lease: one writer per chain).
+        self.fence: Callable[[], None] = _no_fence
 
     @property
     def head(self) -> ChainHead:
@@ -331,6 +338,7 @@ class Recorder:
         one: a late commit of the first attempt must not fork the chain), and while no
         stream leader answers (503: an election, a node restarting) too, with backoff,
         for at most the retry horizon."""
+        self.fence()
         entries = [(s, d, self._headers(r)) for s, d, r in batch.entries]
         deadline = time.monotonic() + self._s.retry_horizon_s
         self._batches += 1

@@ -51,6 +51,7 @@ from nats.aio.msg import Msg
 
 from bus_guard.decision import Decision, Lineage, Reason, message_decision_id
 from bus_guard.intake._jetstream import Puller
+from bus_guard.intake._lease import Lease, LeaseLost
 from bus_guard.intake._limits import Limited, LimitStore
 from bus_guard.intake._parents import Parent
 from bus_guard.intake._publisher import OutputPublisher, not_yet_published
@@ -120,6 +121,14 @@ class StreamIntake:
             self.nc, s, self.signer, self.checkpoint_signer, self.clock, self._trusted()
         )
         self.parents = self.recorder.parents
+        self.lease = Lease(
+            self._js,
+            self._streams.gateways_bucket,
+            s.gateway_id,
+            self._s.lease_s,
+            self.recorder.epoch,
+        )
+        self.recorder.fence = self.lease.check
         # Children waiting for a parent: decision id -> when the wait ends (stored + wait).
         self.waiting: dict[str, float] = {}
         # Deliveries a child may spend waiting: one per lineage_nak_delay_s (each nak delays
@@ -166,7 +175,8 @@ class StreamIntake:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Continue this gateway's chain in the ledger, then start pulling."""
+        """Hold the gateway id's lease, continue its chain in the ledger, start pulling."""
+        await self.lease.acquire()
         await self.recorder.start()
         await self.puller.start()
         log.info(
@@ -186,6 +196,13 @@ class StreamIntake:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._record_stage, recording, to_publish)
             tg.start_soon(self._output_stage, publishing)
+            keeping = anyio.CancelScope()
+
+            async def keep_lease() -> None:
+                with keeping:
+                    await self.lease.keep()  # LeaseLost: stop everything, loudly
+
+            tg.start_soon(keep_lease)
             async with to_record:
                 while not stop.is_set():
                     msgs = await self.puller.pull(self._s.fetch_batch, self._s.fetch_timeout_s)
@@ -193,11 +210,13 @@ class StreamIntake:
                         batch = await self._decide_stage(msgs)
                         if batch is not None:
                             await to_record.send(batch)
+            keeping.cancel()
 
     async def finish(self) -> None:
         """The final checkpoint: the chain is sealed until this gateway starts again."""
         await self.puller.stop()
         await self.recorder.checkpoint(final=True)
+        await self.lease.release()
 
     # -- the stages ----------------------------------------------------------------------
 
@@ -240,7 +259,7 @@ class StreamIntake:
                 if batch is not None:
                     try:
                         await self._record(batch)
-                    except ChainInDoubt:
+                    except (ChainInDoubt, LeaseLost):
                         raise
                     except Exception:
                         log.exception("recording %d intents failed", len(batch.items))
