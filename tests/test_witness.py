@@ -1,0 +1,152 @@
+"""Witnessed checkpoints (issue 13): what the audit alone cannot see, a witness can.
+
+Two gateways write a real ledger (checkpoints every 50 records); a witness follows it and
+countersigns every sound chain start and checkpoint into its own directory. Then the
+tampering an admin with stream rights can do, each of which the audit alone passes:
+the ledger rebuilt without its tail, one gateway's chain dropped, a witnessed checkpoint
+replaced; and the witness's own log tampered with. Nothing tampered: no finding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from bus_guard.errors import ConfigError
+from bus_guard.intake._jetstream import read
+from bus_guard.ledger._audit import audit
+from bus_guard.ledger._records import CHECKPOINT, Stored, decode_record
+from bus_guard.ledger._witness import Witness, check_against_witness, load_witnessed
+from bus_guard.policy._load import PolicySet
+from bus_guard.signing import public_jwk
+from bus_guard.verify import Jwks, load_jwks
+
+from .helpers import intent
+from .streamkit import drained, eventually, stream_gateway, stream_settings
+
+
+async def _ledger(nats_url: str, key: Path, policies: PolicySet) -> list[Stored]:
+    """Two gateways' chains, each with checkpoints, sealed."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    for gateway in ("gw-a", "gw-b"):
+        async with stream_gateway(stream_settings(nats_url, gateway), policies, key):
+            for i in range(120):
+                body = intent("tools.search", "tool:search", {"q": f"{gateway}-{i}"})
+                await js.publish("guard.in.agent-1.tools.search", body)
+            await eventually(lambda: drained(js), what="intake drained")
+    ledger = [m async for m in read(nc, "GUARD_LEDGER", "guard.ledger.>")]
+    await nc.close()
+    return ledger
+
+
+def _renumbered(messages: list[Stored]) -> list[Stored]:
+    """As a re-created stream would hold them: stream seqs from 1, no gaps."""
+    return [Stored(i, m.subject, m.data, m.headers) for i, m in enumerate(messages, 1)]
+
+
+def _witness_jwks(key: Ed25519PrivateKey) -> Jwks:
+    return load_jwks({"keys": [public_jwk(key)]})
+
+
+@pytest.fixture
+async def witnessed(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, tmp_path: Path
+) -> tuple[list[Stored], Path, Jwks]:
+    ledger = await _ledger(nats_url, keys[0], policies)
+    witness_key = Ed25519PrivateKey.generate()
+    witness = Witness(tmp_path / "witness", witness_key, load_jwks(keys[1]))
+    for stored in ledger:
+        witness.feed(stored)
+    assert witness.refused == []
+    assert witness.countersigned >= 6  # per gateway: chain start, checkpoints, final
+    assert set(witness.heads) == {"gw-a", "gw-b"}
+    return ledger, tmp_path / "witness", _witness_jwks(witness_key)
+
+
+async def test_an_untouched_ledger_matches_its_witness(
+    witnessed: tuple[list[Stored], Path, Jwks],
+) -> None:
+    ledger, directory, jwks = witnessed
+    heads = load_witnessed(directory, jwks)
+    assert check_against_witness(ledger, heads) == []
+
+
+async def test_a_ledger_rebuilt_without_its_tail_passes_the_audit_but_not_the_witness(
+    witnessed: tuple[list[Stored], Path, Jwks], keys: tuple[Path, Path]
+) -> None:
+    ledger, directory, jwks = witnessed
+    # gw-b's chain cut after its first checkpoint, then re-created: internally consistent
+    records = [decode_record(m.data) for m in ledger]
+    first_b = next(i for i, r in enumerate(records) if r.gateway == "gw-b" and r.kind == CHECKPOINT)
+    kept = [m for i, m in enumerate(ledger) if records[i].gateway == "gw-a" or i <= first_b]
+    rebuilt = _renumbered(kept)
+    assert audit(rebuilt, prefix="guard", jwks=load_jwks(keys[1])).ok
+    found = check_against_witness(rebuilt, load_witnessed(directory, jwks))
+    assert found and all(line.startswith("gateway gw-b seq ") for line in found)
+    assert any("missing from the ledger" in line for line in found)
+
+
+async def test_a_dropped_chain_is_found(
+    witnessed: tuple[list[Stored], Path, Jwks], keys: tuple[Path, Path]
+) -> None:
+    ledger, directory, jwks = witnessed
+    rebuilt = _renumbered([m for m in ledger if decode_record(m.data).gateway != "gw-a"])
+    assert audit(rebuilt, prefix="guard", jwks=load_jwks(keys[1])).ok
+    [line] = check_against_witness(rebuilt, load_witnessed(directory, jwks))
+    assert "gateway gw-a: its chain is gone" in line
+
+
+async def test_a_replaced_checkpoint_is_found_and_not_countersigned_again(
+    witnessed: tuple[list[Stored], Path, Jwks], keys: tuple[Path, Path]
+) -> None:
+    ledger, directory, jwks = witnessed
+    records = [decode_record(m.data) for m in ledger]
+    i = next(i for i, r in enumerate(records) if r.kind == CHECKPOINT)
+    forged = msgspec.structs.replace(records[i], ts=records[i].ts + 1)
+    tampered = list(ledger)
+    tampered[i] = Stored(ledger[i].seq, ledger[i].subject, msgspec.json.encode(forged))
+    [line] = [
+        f for f in check_against_witness(tampered, load_witnessed(directory, jwks)) if "seq" in f
+    ][:1]
+    assert "holds another record there" in line
+    # a witness restarted on the tampered ledger refuses it
+    again = Witness(directory, Ed25519PrivateKey.generate(), load_jwks(keys[1]))
+    for stored in tampered:
+        again.feed(stored)
+    assert any("another record than the one witnessed" in r for r in again.refused)
+
+
+async def test_a_witness_refuses_to_countersign_past_a_gap(
+    witnessed: tuple[list[Stored], Path, Jwks], keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    ledger, _, _ = witnessed
+    records = [decode_record(m.data) for m in ledger]
+    gap = next(i for i, r in enumerate(records) if r.kind == "decision")
+    fresh = Witness(tmp_path / "fresh", Ed25519PrivateKey.generate(), load_jwks(keys[1]))
+    for n, stored in enumerate(ledger):
+        if n != gap:
+            fresh.feed(stored)
+    assert any("not countersigned" in r for r in fresh.refused)
+    assert records[gap].gateway not in fresh.heads or fresh.heads[records[gap].gateway].seq < (
+        records[gap].seq
+    )
+
+
+async def test_a_tampered_witness_log_does_not_load(
+    witnessed: tuple[list[Stored], Path, Jwks],
+) -> None:
+    _, directory, jwks = witnessed
+    log = directory / "witnessed.jsonl"
+    lines = log.read_text().splitlines()
+    token = json.loads(lines[0])["jws"]
+    header, claims, sig = token.split(".")
+    lines[0] = json.dumps({"jws": f"{header}.{claims}.{sig[:-4]}AAAA"})
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="does not verify"):
+        load_witnessed(directory, jwks)
