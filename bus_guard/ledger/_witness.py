@@ -47,6 +47,7 @@ from bus_guard.verify import Jwks, b64url_decode, b64url_encode
 
 __all__ = (
     "WITNESS_TYP",
+    "LedgerIndex",
     "Witness",
     "Witnessed",
     "check_against_witness",
@@ -182,40 +183,53 @@ def _read_lines(path: Path, jwks: Jwks | None) -> Iterable[Witnessed]:
         yield witnessed
 
 
-def check_against_witness(ledger: Iterable[Stored], witnessed: Iterable[Witnessed]) -> list[str]:
-    """What the witness saw that *ledger* (as read now) does not hold: one line each."""
-    by_position: dict[tuple[str, int], str] = {}
-    gateways: set[str] = set()
-    last_seq: dict[str, int] = {}
-    for stored in ledger:
+class LedgerIndex:
+    """What a ledger holds, as :func:`check_against_witness` needs it: each gateway's
+    record hash per seq (fed in stream order, without keeping the records)."""
+
+    def __init__(self) -> None:
+        self.by_position: dict[tuple[str, int], str] = {}
+        self.last_seq: dict[str, int] = {}
+
+    def feed(self, stored: Stored) -> None:
         try:
             record = decode_record(stored.data)
         except msgspec.DecodeError:
-            continue
-        by_position.setdefault((record.gateway, record.seq), record_hash(stored.data))
-        gateways.add(record.gateway)
-        last_seq[record.gateway] = max(last_seq.get(record.gateway, -1), record.seq)
-    problems: list[str] = []
-    dropped: set[str] = set()
-    for w in witnessed:
-        if w.gateway not in gateways:
-            if w.gateway not in dropped:
-                dropped.add(w.gateway)
+            return
+        self.by_position.setdefault((record.gateway, record.seq), record_hash(stored.data))
+        self.last_seq[record.gateway] = max(self.last_seq.get(record.gateway, -1), record.seq)
+
+    def problems(self, witnessed: Iterable[Witnessed]) -> list[str]:
+        """What the witness saw that this ledger does not hold: one line each."""
+        problems: list[str] = []
+        dropped: set[str] = set()
+        for w in witnessed:
+            if w.gateway not in self.last_seq:
+                if w.gateway not in dropped:
+                    dropped.add(w.gateway)
+                    problems.append(
+                        f"gateway {w.gateway}: its chain is gone from the ledger (dropped), "
+                        f"though the witness countersigned it up to at least seq {w.seq}"
+                    )
+                continue
+            held = self.by_position.get((w.gateway, w.seq))
+            if held is None:
                 problems.append(
-                    f"gateway {w.gateway}: its chain is gone from the ledger (dropped), though "
-                    f"the witness countersigned it up to at least seq {w.seq}"
+                    f"gateway {w.gateway} seq {w.seq} ({w.kind}, witnessed): missing from the "
+                    f"ledger, whose chain ends at seq {self.last_seq[w.gateway]} (truncated, "
+                    "pruned or rebuilt)"
                 )
-            continue
-        held = by_position.get((w.gateway, w.seq))
-        if held is None:
-            problems.append(
-                f"gateway {w.gateway} seq {w.seq} ({w.kind}, witnessed): missing from the "
-                f"ledger, whose chain ends at seq {last_seq[w.gateway]} (truncated, pruned or "
-                "rebuilt)"
-            )
-        elif held != w.hash:
-            problems.append(
-                f"gateway {w.gateway} seq {w.seq} ({w.kind}, witnessed): the ledger holds "
-                "another record there (rewritten or forked)"
-            )
-    return problems
+            elif held != w.hash:
+                problems.append(
+                    f"gateway {w.gateway} seq {w.seq} ({w.kind}, witnessed): the ledger holds "
+                    "another record there (rewritten or forked)"
+                )
+        return problems
+
+
+def check_against_witness(ledger: Iterable[Stored], witnessed: Iterable[Witnessed]) -> list[str]:
+    """What the witness saw that *ledger* (as read now) does not hold: one line each."""
+    index = LedgerIndex()
+    for stored in ledger:
+        index.feed(stored)
+    return index.problems(witnessed)
