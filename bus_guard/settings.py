@@ -18,6 +18,7 @@ __all__ = (
     "ArtifactMode",
     "Checks",
     "IntakeMode",
+    "LogDecisions",
     "ReplyInbox",
     "Settings",
     "StreamSettings",
@@ -32,6 +33,7 @@ ArtifactMode = Literal["per-message", "batched"]
 # principal's own inbox (`_INBOX.<principal>.`, or the server's cross-account `_R_.` alias),
 # or to any `_INBOX.` subject (a single-account bus whose agents keep nats-py's default).
 ReplyInbox = Literal["principal", "any"]
+LogDecisions = Literal["off", "denied", "all"]
 
 # As bus_guard.signing._batch.MAX_BATCH (not imported: settings stays free of the signing code).
 _MAX_BATCH = 1 << 20
@@ -155,6 +157,10 @@ class Settings:
     mode: IntakeMode = "stream"
     gateway_id: str = field(default_factory=_default_gateway_id)
     creds_file: str | None = None
+    nkey_file: str | None = None  # an nkey seed file (nkey authentication)
+    tls_cert_file: str | None = None  # a client certificate (with tls_key_file)
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None  # the CA that signed the server's certificate
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
     max_nesting_depth: int = MAX_NESTING_DEPTH
     reply_inbox: ReplyInbox = "principal"
@@ -175,6 +181,14 @@ class Settings:
     artifacts: ArtifactMode = "per-message"
     batch_max: int = 256
     batch_delay_ms: float = 2.0
+    # Answer $SRV.PING/INFO/STATS (the NATS micro service API) with identity and counters.
+    micro_service: bool = True
+    # Readiness: not ready once the active policy set is older than this (None: never).
+    # Issue 12 makes such a set deny policy_stale; today it is the health check's alone.
+    policy_max_age_s: float | None = None
+    # Log each decision that stands (logger bus_guard.decisions, with its fields): none,
+    # the denials and holds (would-deny included), or all.
+    log_decisions: LogDecisions = "off"
     # Every subject, stream and bucket name under `prefix` (derived, not a setting).
     subjects: Subjects = field(init=False, repr=False, compare=False)
 
@@ -200,6 +214,12 @@ class Settings:
             )
         if self.artifact_ttl_s <= 0 or self.drain_timeout_s <= 0:
             raise ConfigError("artifact_ttl_s and drain_timeout_s must be positive")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("tls_cert_file and tls_key_file go together")
+        if self.policy_max_age_s is not None and not self.policy_max_age_s > 0:
+            raise ConfigError("policy_max_age_s must be positive")
+        if self.log_decisions not in ("off", "denied", "all"):
+            raise ConfigError(f"log_decisions {self.log_decisions!r}: off, denied or all")
         if self.artifacts not in ("per-message", "batched"):
             raise ConfigError(f"artifacts {self.artifacts!r}: must be 'per-message' or 'batched'")
         if not (isinstance(self.batch_max, int) and 1 <= self.batch_max <= _MAX_BATCH):

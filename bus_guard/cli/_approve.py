@@ -14,7 +14,7 @@ from typing import Final, TextIO
 
 import msgspec
 
-from bus_guard.cli._connect import connect
+from bus_guard.cli._connect import NatsOptions, connect
 from bus_guard.cli._safe import safe, safe_json, say
 from bus_guard.errors import ConfigError
 from bus_guard.intake._approver import OpenHold, Vote, approve, check_vote, open_holds, reject
@@ -51,7 +51,7 @@ async def cmd_vote(args: argparse.Namespace, out: TextIO) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     cast = approve if args.command == "approve" else reject
-    nc = await connect(args.nats, creds=args.creds, name=f"bus-guard {args.command}")
+    nc = await connect(NatsOptions.from_args(args), name=f"bus-guard {args.command}")
     try:
         vote = await cast(
             nc,
@@ -136,7 +136,7 @@ _encoder: Final = msgspec.json.Encoder()
 
 async def cmd_holds(args: argparse.Namespace, out: TextIO) -> int:
     """``bus-guard holds``: the open holds, oldest first; 0 (none is no error)."""
-    nc = await connect(args.nats, creds=args.creds, name="bus-guard holds")
+    nc = await connect(NatsOptions.from_args(args), name="bus-guard holds")
     try:
         found = await open_holds(
             nc,

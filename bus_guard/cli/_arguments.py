@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn, get_args
 
 from bus_guard import __version__
+from bus_guard.cli._connect import TOOL_RECONNECT_ATTEMPTS, env_url
 from bus_guard.cli._safe import safe
 from bus_guard.settings import (
     ArtifactMode,
@@ -56,7 +57,6 @@ __all__ = (
 #   caller.
 DEFAULT_LOG_LEVEL: Final = "info"
 DEMO_LOG_LEVEL: Final = "warning"
-TOOL_RECONNECT_ATTEMPTS: Final = 3
 _HOLDS_WINDOW: Final = "24h"
 _HOLDS_LIMIT: Final = 100
 

@@ -9,7 +9,7 @@ from typing import Final, TextIO
 import msgspec
 
 from bus_guard.cli._approve import span
-from bus_guard.cli._connect import connect
+from bus_guard.cli._connect import NatsOptions, connect
 from bus_guard.cli._safe import safe, safe_json, say
 from bus_guard.decision import LimitSpec
 from bus_guard.intake._limits import LimitStore, Usage
@@ -47,7 +47,7 @@ async def limit_state(
 
 async def cmd_limits(args: argparse.Namespace, out: TextIO) -> int:
     """List the limit keys with spends in their window; 0 (none is no error)."""
-    nc = await connect(args.nats, creds=args.creds, name="bus-guard limits")
+    nc = await connect(NatsOptions.from_args(args), name="bus-guard limits")
     try:
         bucket = Subjects(args.prefix).streams.limits_bucket
         store = LimitStore(nc.jetstream(timeout=5.0), bucket)

@@ -171,7 +171,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
 async def _cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
     import nats
 
-    from bus_guard.cli._connect import connect
+    from bus_guard.cli._connect import NatsOptions, connect
     from bus_guard.errors import GatewayError
     from bus_guard.subjects import Subjects
 
@@ -181,7 +181,7 @@ async def _cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
         from bus_guard.verify import load_jwks
 
         jwks = load_jwks(args.jwks)
-    nc = await connect(args.nats, creds=args.creds, name=f"bus-guard {args.command}")
+    nc = await connect(NatsOptions.from_args(args), name=f"bus-guard {args.command}")
     try:
         if jwks is not None:
             from bus_guard.cli._ledger import audit_stream

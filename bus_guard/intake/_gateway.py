@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final, NamedTuple, Self
+from typing import Any, Final, NamedTuple, Self
 from urllib.parse import unquote, urlsplit
 
 import anyio
@@ -31,13 +31,17 @@ from anyio.abc import TaskGroup
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
+from bus_guard import __version__
 from bus_guard.errors import ConfigError, GatewayError
 from bus_guard.intake._approvals import Approvals
+from bus_guard.intake._auth import auth_kwargs
 from bus_guard.intake._client import GuardClient
 from bus_guard.intake._core import CoreIntake
 from bus_guard.intake._limits import LimitStore
 from bus_guard.intake._preflight import ensure
+from bus_guard.intake._service import GatewayService, status_document
 from bus_guard.intake._stream import StreamIntake
+from bus_guard.intake._tally import DecisionTally, TallySnapshot
 from bus_guard.ledger._records import CheckpointSigner
 from bus_guard.pipeline import MAX_HEADER_BYTES, PolicySetLike, Standing
 from bus_guard.server import server_version_problem
@@ -73,6 +77,41 @@ def url_credentials(servers: list[str]) -> UrlCredentials:
 # How long a starting stream-mode gateway waits for JetStream to answer its preflight.
 _PREFLIGHT_WAIT_S: Final = 15.0
 
+# --log-decisions: off, the denials and holds (would-deny included), all.
+_LOG_DECISIONS: Final = {"off": 0, "denied": 1, "all": 2}
+_LOG_ALL: Final = 2
+decisions_log = logging.getLogger("bus_guard.decisions")
+
+
+def _log_decision(record: Standing) -> None:
+    """One line per decision, its fields as the log record's attributes (JSON logs:
+    top-level fields; the text format shows the message)."""
+    effect = "would-deny" if record.would_deny else record.effect
+    decisions_log.info(
+        "%s %s %s %s %s id=%s",
+        effect,
+        record.reason,
+        record.principal or "?",
+        record.action or record.subject,
+        ",".join(record.rules) or "-",
+        record.decision_id,
+        extra={
+            "decision_id": record.decision_id,
+            "effect": record.effect,
+            "would_deny": record.would_deny,
+            "reason": record.reason,
+            "principal": record.principal,
+            "action": record.action,
+            "resource": record.resource,
+            "rules": list(record.rules),
+            "intent_id": record.intent_id,
+            "gateway": record.gateway,
+            "policy_digest": record.policy_digest,
+            "policy_version": record.policy_version,
+        },
+    )
+
+
 # A slow-consumer flood drops intents by the thousand: the first drop is logged, then at most
 # one summary line per this many seconds (every drop is counted in statistics()).
 _DROP_LOG_INTERVAL_S = 1.0
@@ -92,6 +131,7 @@ class GatewayStatistics:
     slow_consumer_drops: int = 0  # intents the server or client dropped: never decided
     reconnects: int = 0
     # stream mode
+    batches: int = 0  # pulled batches decided (received / batches: their mean size)
     adopted: int = 0  # redelivered intents that took their recorded decision
     replays: int = 0  # new messages reusing a decided intent id (denied)
     ledger_records: int = 0
@@ -167,6 +207,13 @@ class Gateway(AsyncContextManagerMixin):
         self._nc: Client | None = None
         self._sub: Subscription | None = None
         self._counters = _Counters()
+        self._tally = DecisionTally()
+        self._log_decisions = _LOG_DECISIONS[settings.log_decisions]
+        self._started_at = time.monotonic()
+        # When the active policy set became active (monotonic): readiness judges its age.
+        self.policies_since = self._started_at
+        self._service: GatewayService | None = None
+        self._ready = False  # intake confirmed by the server, and not stopping
         self._closing = False  # our own drain/close: a disconnect then is no news
         self._drops_unlogged = 0  # slow-consumer drops not yet in a log line
         self._drops_logged_at = -_DROP_LOG_INTERVAL_S  # monotonic time of the last such line
@@ -196,6 +243,11 @@ class Gateway(AsyncContextManagerMixin):
         try:
             await self._start(nc)
             started = True
+            if self.settings.micro_service:
+                service = GatewayService(nc, self)
+                await service.start()
+                self._service = service
+            self._ready = True
             try:
                 async with anyio.create_task_group() as tg:
                     self._spawn(tg)
@@ -203,7 +255,9 @@ class Gateway(AsyncContextManagerMixin):
                         yield self
                     finally:
                         self._closing = True  # the handler keeps its connection while draining
+                        self._ready = False
                         with anyio.CancelScope(shield=True):
+                            await self._stop_service()
                             await self._stop_intake(nc, tg)
             except BaseExceptionGroup as group:
                 # Our tasks never raise (they record why they stopped in ``failure``), so a
@@ -212,12 +266,21 @@ class Gateway(AsyncContextManagerMixin):
                     raise group.exceptions[0] from None
                 raise
         finally:
+            self._ready = False
             with anyio.CancelScope(shield=True):
+                await self._stop_service()
                 await self._close_connection(nc, drain=started)
         log.info("gateway %s stopped: %s", self.settings.gateway_id, self.statistics())
 
     async def _connect(self) -> Client:
         s = self.settings
+        files = auth_kwargs(
+            creds=s.creds_file,
+            nkey=s.nkey_file,
+            tls_cert=s.tls_cert_file,
+            tls_key=s.tls_key_file,
+            tls_ca=s.tls_ca_file,
+        )
         try:
             self._nc = nc = GuardClient()
             servers = [u.strip() for u in s.nats_url.split(",") if u.strip()]
@@ -230,7 +293,6 @@ class Gateway(AsyncContextManagerMixin):
                 user=auth.user,
                 password=auth.password,
                 token=auth.token,
-                user_credentials=s.creds_file,
                 connect_timeout=max(1, round(s.connect_timeout_s)),
                 # nats-py annotates an int; it sleeps for whatever it is given
                 reconnect_time_wait=s.reconnect_wait_s,  # type: ignore[arg-type]
@@ -240,6 +302,7 @@ class Gateway(AsyncContextManagerMixin):
                 closed_cb=self._on_closed,
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,
+                **files,
             )
         except Exception as exc:
             raise GatewayError(f"cannot connect to {s.nats_url}: {exc}") from exc
@@ -410,6 +473,11 @@ class Gateway(AsyncContextManagerMixin):
         # replay is no policy reason, so observe mode never lets one through).
         counters = self._counters
         effect = record.effect
+        self._tally.decided(effect, record.reason, self._clock() - record.ts)
+        if self._log_decisions and (
+            effect != "allow" or record.would_deny or self._log_decisions == _LOG_ALL
+        ):
+            _log_decision(record)
         if effect == "allow":
             counters.allowed += 1
             counters.would_deny += record.would_deny
@@ -507,6 +575,7 @@ class Gateway(AsyncContextManagerMixin):
         if self._intake is not None:
             c, r = self._intake.counters, self._intake.recorder
             counters.update(
+                batches=c.batches,
                 adopted=c.adopted,
                 ledger_records=r.records,
                 ledger_refusals=r.refusals,
@@ -548,6 +617,70 @@ class Gateway(AsyncContextManagerMixin):
             )
         return GatewayStatistics(**counters)
 
+    def decisions(self) -> TallySnapshot:
+        """The decisions that stood so far, by effect and reason, and their latency."""
+        return self._tally.snapshot()
+
+    @property
+    def kid(self) -> str:
+        """The key id of the signing key (artifacts and checkpoints)."""
+        return self._signer.kid
+
+    @property
+    def service_id(self) -> str | None:
+        """This gateway's id on the micro service API (``$SRV.*.bus-guard.<id>``)."""
+        return self._service.id if self._service is not None else None
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def ready(self) -> bool:
+        """Taking intents: started (the server confirmed the subscription or consumer),
+        not stopping, connected now, and no intake task has failed."""
+        return self._ready and self.failure is None and not self.closed.is_set() and self.connected
+
+    def queued(self) -> dict[str, int]:
+        """Intents taken from NATS and not yet decided (``intake``: core mode, the
+        subscription's pending messages; stream mode, those read ahead), and children
+        waiting for a parent (``lineage_waiting``)."""
+        intake = 0
+        if self._intake is not None:
+            intake = self._intake.puller.queued
+        elif self._sub is not None:
+            intake = self._sub.pending_msgs
+        waiting = len(self._intake.waiting) if self._intake is not None else 0
+        return {"intake": intake, "lineage_waiting": waiting}
+
+    def identity(self) -> dict[str, str]:
+        """Who this gateway is and what it enforces (strings: the micro service metadata)."""
+        s, policies = self.settings, self._policies
+        return {
+            "gateway": s.gateway_id,
+            "version": __version__,
+            "mode": s.mode,
+            "artifacts": s.artifacts,
+            "prefix": s.prefix,
+            "policy_digest": policies.digest,
+            "policy_version": policies.version,
+            "policy_revision": str(getattr(policies, "revision", "")),
+            "policy_mode": str(policies.mode),
+            "kid": self.kid,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The status document of ``$SRV.STATS`` (:func:`~bus_guard.intake._service.
+        status_document`)."""
+        return status_document(
+            self.identity(),
+            dataclasses.asdict(self.statistics()),
+            self.decisions(),
+            ready=self.ready,
+            queues=self.queued(),
+            uptime_s=time.monotonic() - self._started_at,
+        )
+
     @property
     def policies(self) -> PolicySetLike:
         return self._policies
@@ -555,6 +688,17 @@ class Gateway(AsyncContextManagerMixin):
     def swap_policies(self, policies: PolicySetLike) -> None:
         """Replace the active policy set; each message reads the reference once (atomic)."""
         self._policies = policies
+        self.policies_since = time.monotonic()
+        if self._service is not None:
+            self._service.refresh()
+
+    async def _stop_service(self) -> None:
+        service, self._service = self._service, None
+        if service is not None and self._nc is not None and not self._nc.is_closed:
+            try:
+                await service.stop()
+            except Exception as exc:  # the intake's drain comes next, whatever this did
+                log.warning("could not stop the micro service: %s", exc)
 
     # -- connection events -----------------------------------------------------------
 

@@ -472,6 +472,11 @@ class Puller:
         self._failures = 0  # unexpected statuses in a row
         self._retry_at = 0.0  # monotonic: no request before (backoff)
 
+    @property
+    def queued(self) -> int:
+        """Intents read ahead and not yet taken (the fair queue's length)."""
+        return len(self._queue)
+
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(
             self._inbox, cb=self._on_msg, pending_msgs_limit=self._batch * 4 + 64

@@ -75,6 +75,7 @@ _RESOLVE_ROUNDS: Final = 4
 @dataclass(slots=True)
 class IntakeCounters:
     received: int = 0
+    batches: int = 0  # pulled batches decided (received / batches: their mean size)
     adopted: int = 0
     naks: int = 0
     acks: int = 0
@@ -223,6 +224,7 @@ class StreamIntake:
     async def _decide_stage(self, msgs: list[Msg]) -> _Batch | None:
         """Decode, find what is decided already, judge the rest."""
         self.counters.received += len(msgs)
+        self.counters.batches += 1
         try:
             items: list[Item] = [pulled(m, self.settings) for m in msgs]
             seen: set[str] = set()
