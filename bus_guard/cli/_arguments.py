@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn, get_args
 
 from bus_guard import __version__
-from bus_guard.cli._connect import TOOL_RECONNECT_ATTEMPTS, env_url
+from bus_guard.cli._connect import TOOL_RECONNECT_ATTEMPTS
 from bus_guard.cli._safe import safe
 from bus_guard.settings import (
     ArtifactMode,

@@ -139,7 +139,8 @@ async def connect(
         )
     except Exception as exc:  # nats-py raises what it met: OSError, its errors, timeouts
         why = f"{exc} ({last[0]})" if last and last[0] is not exc else str(exc)
-        raise GatewayError(f"cannot connect to {options.urls}: {why or type(exc).__name__}") from None
+        why = why or type(exc).__name__
+        raise GatewayError(f"cannot connect to {options.urls}: {why}") from None
 
 
 def env_url() -> str:

@@ -151,4 +151,3 @@ class GatewayService:
 
     async def _on_status(self, request: Request) -> None:
         await request.respond(_encode(self._gateway.status()))
-
