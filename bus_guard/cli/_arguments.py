@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn, get_args
 
 from bus_guard import __version__
-from bus_guard.cli._connect import TOOL_RECONNECT_ATTEMPTS
+from bus_guard.cli._connect import NATS_URL_ENV, TOOL_RECONNECT_ATTEMPTS, env_url
 from bus_guard.cli._safe import safe
 from bus_guard.settings import (
     ArtifactMode,
     Checks,
     IntakeMode,
+    LogDecisions,
     ReplyInbox,
     Settings,
     StreamSettings,
@@ -33,11 +35,13 @@ __all__ = (
     "DEFAULT_LOG_LEVEL",
     "DEMO_LOG_LEVEL",
     "DURATION_UNITS",
+    "EXAMPLE_POLICIES",
     "RUN_OPTIONS",
     "TOOL_RECONNECT_ATTEMPTS",
     "SettingOption",
     "duration",
     "field_default",
+    "nats_options",
     "parser",
     "run_settings",
 )
@@ -64,7 +68,8 @@ _HOLDS_LIMIT: Final = 100
 _DEMO_COUNT: Final = 300
 _DEMO_RATE_PER_S: Final = 150.0
 _DEMO_SEED: Final = 7
-_DEMO_POLICIES: Final = Path("policies")
+# The example policies, shipped in the package (bus_guard/examples/policies).
+EXAMPLE_POLICIES: Final = Path(__file__).resolve().parent.parent / "examples" / "policies"
 
 _SECTIONS: Final[dict[str, type[Any]]] = {
     "": Settings,
@@ -111,6 +116,9 @@ class SettingOption:
     # Shown instead of the default when the field's default is computed (default_factory):
     # the option is then None unless given, and Settings computes it.
     computed: str | None = None
+    # An environment variable whose value, if set, is the default (then not required).
+    env: str | None = None
+    parse: Callable[[str], Any] | None = None  # default: the type of the field's default
 
     @property
     def dest(self) -> str:
@@ -132,13 +140,17 @@ class SettingOption:
     def add_to(self, group: argparse._ActionsContainer) -> None:
         value = self.default
         kw: dict[str, Any] = {"dest": self.dest, "metavar": self.metavar}
-        if self.required:
+        if self.env is not None and os.environ.get(self.env):
+            kw.update(default=os.environ[self.env], help=f"{self.help} (default: ${self.env})")
+        elif self.required:
             kw.update(required=True, help=self.help)
         elif self.computed:
             kw.update(default=None, help=_with_default(self.help, self.computed))
         else:
             kw.update(default=value, help=_with_default(self.help, value))
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if self.parse is not None:
+                kw["type"] = self.parse
+            elif isinstance(value, int | float) and not isinstance(value, bool):
                 kw["type"] = type(value)
         if self.choices is not None:
             kw["choices"] = list(self.choices)
@@ -149,9 +161,10 @@ _GATEWAY: Final = (
     SettingOption(
         "--nats",
         "nats_url",
-        "NATS server URL(s), comma-separated for a cluster",
+        "NATS server URL(s), comma-separated for a cluster; required unless $NATS_URL is set",
         metavar="URL[,URL...]",
         required=True,
+        env=NATS_URL_ENV,
     ),
     SettingOption(
         "--mode",
@@ -165,7 +178,11 @@ _GATEWAY: Final = (
     SettingOption(
         "--gateway-id", "gateway_id", "issuer id in artifacts", computed="<hostname>-<pid>"
     ),
-    SettingOption("--creds", "creds_file", "NATS credentials file", metavar="FILE"),
+    SettingOption("--creds", "creds_file", "NATS credentials file (JWT)", metavar="FILE"),
+    SettingOption("--nkey", "nkey_file", "NATS nkey seed file", metavar="FILE"),
+    SettingOption("--tls-cert", "tls_cert_file", "TLS client certificate (PEM)", metavar="FILE"),
+    SettingOption("--tls-key", "tls_key_file", "TLS client certificate's key", metavar="FILE"),
+    SettingOption("--tls-ca", "tls_ca_file", "CA of the server's certificate", metavar="FILE"),
     SettingOption("--artifact-ttl", "artifact_ttl_s", "artifact lifetime", metavar="SECONDS"),
     SettingOption(
         "--reply-inbox",
@@ -184,6 +201,20 @@ _GATEWAY: Final = (
         "reconnect_wait_s",
         "wait between reconnect attempts",
         metavar="SECONDS",
+    ),
+    SettingOption(
+        "--policy-max-age",
+        "policy_max_age_s",
+        "not ready (/readyz 503) once the active policy set is older than this many seconds",
+        metavar="SECONDS",
+        parse=float,
+    ),
+    SettingOption(
+        "--log-decisions",
+        "log_decisions",
+        "log each decision (logger bus_guard.decisions; with --log-format json its fields "
+        "are JSON fields): off, denied (denials, holds, would-deny) or all",
+        choices=get_args(LogDecisions),
     ),
     SettingOption(
         "--max-reconnects",
@@ -364,14 +395,7 @@ def parser() -> argparse.ArgumentParser:
         "<prefix>.exec.… with a signed artifact, others go to <prefix>.deny.… / .hold.….",
     )
     p.add_argument("--version", action="version", version=f"bus-guard {__version__}")
-    p.add_argument(
-        "--log-level",
-        default=None,
-        choices=["debug", "info", "warning", "error"],
-        help=f"default: {DEFAULT_LOG_LEVEL} ({DEMO_LOG_LEVEL} for demo, whose own output tells "
-        "the story)",
-    )
-    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    _log_options(p, default=None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -407,6 +431,13 @@ def parser() -> argparse.ArgumentParser:
         "record count (every gateway's keys, rotated ones included; default: jwks.json next "
         "to --key if there is one, else the signing key alone)",
     )
+    run.add_argument(
+        "--http",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve /metrics (Prometheus), /healthz and /readyz on HOST:PORT, e.g. "
+        "127.0.0.1:9464 (port 0: any free port, logged); default: no HTTP listener",
+    )
     for option in _GATEWAY[1:]:
         option.add_to(run)
     art = run.add_argument_group("artifacts")
@@ -423,15 +454,13 @@ def parser() -> argparse.ArgumentParser:
         default=_DEMO_COUNT,
         help=_with_default("intents to send", _DEMO_COUNT),
     )
-    demo.add_argument(
-        "--nats", default=None, metavar="URL", help="use this server instead of an embedded one"
-    )
+    nats_options(demo, optional="use this server instead of an embedded one")
     demo.add_argument(
         "--policies",
         type=Path,
-        default=_DEMO_POLICIES,
+        default=EXAMPLE_POLICIES,
         metavar="DIR",
-        help=_with_default("policy bundles", _DEMO_POLICIES),
+        help="policy bundles (default: the example policies shipped with bus_guard)",
     )
     demo.add_argument(
         "--rate",
@@ -472,15 +501,29 @@ def parser() -> argparse.ArgumentParser:
         "(counted or refused) and the holds' resolutions (released, rejected, expired), "
         "filtered here by the principal, action and reason they name.",
     )
-    watch.add_argument("--nats", required=True, metavar="URL")
+    nats_options(watch)
     _prefix_option(watch)
     watch.add_argument("--principal", default=None, help="only this principal")
     watch.add_argument(
         "--action", default=None, help="only this action (NATS wildcards allowed: payments.*)"
     )
     watch.add_argument("--reason", default=None, help="only this reason code")
-    watch.add_argument("--count", type=int, default=None, help="exit after N records")
-    watch.add_argument("--json", action="store_true", help="print raw JSON records")
+    watch.add_argument(
+        "--count", type=_positive, default=None, metavar="N", help="exit after exactly N records"
+    )
+    watch.add_argument(
+        "--since",
+        type=duration,
+        default=None,
+        metavar="DURATION",
+        help="first replay the denials and holds stored in the deny and hold streams this "
+        "far back (90s, 30m, 24h, 7d), then go live",
+    )
+    watch.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line (JSON Lines): the record as received",
+    )
 
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION"
@@ -532,14 +575,11 @@ def parser() -> argparse.ArgumentParser:
         "labels, parents: [{id, action, resource, scope}]; the shape of a test case's "
         "`lineage:`); default: a root intent",
     )
-    explain.add_argument(
-        "--nats",
-        default=None,
-        metavar="URL[,URL...]",
-        help="also show what each limit the intent would spend has used now (read from the "
-        "gateways' limits bucket); default: no bus, the policy alone",
+    nats_options(
+        explain,
+        optional="also show what each limit the intent would spend has used now (read from "
+        "the gateways' limits bucket); default: no bus, the policy alone",
     )
-    explain.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
     _prefix_option(explain)
     schema = pol.add_parser("schema", help="print the JSON Schema of policy bundles")
     schema.add_argument("--out", type=Path, default=None, metavar="FILE")
@@ -552,28 +592,58 @@ def parser() -> argparse.ArgumentParser:
         help="check every gateway's chain and signed checkpoints; exit 1 naming the first "
         "bad record if anything was deleted, changed, reordered or cut off",
     )
-    lv.add_argument("--nats", required=True, metavar="URL[,URL...]")
-    lv.add_argument("--jwks", required=True, type=Path, metavar="FILE")
+    nats_options(lv)
+    lv.add_argument(
+        "--jwks",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the gateways' public keys (jwks.json from 'bus-guard keys new')",
+    )
     _prefix_option(lv)
-    lv.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
     lv.add_argument(
         "--require-sealed",
         action="store_true",
         help="every chain must end with a final checkpoint (all gateways stopped cleanly)",
     )
     lin = sub.add_parser("lineage", help="ancestors and descendants of a decision, as trees")
-    lin.add_argument("decision_id")
-    lin.add_argument("--nats", required=True, metavar="URL[,URL...]")
+    lin.add_argument("decision_id", metavar="DECISION_ID", help="a decision id (a ULID)")
+    nats_options(lin)
     _prefix_option(lin)
-    lin.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
+
+    status = sub.add_parser(
+        "status",
+        help="every running gateway: identity, policy, readiness and counters",
+        description="Ask every gateway on the bus ($SRV.STATS.bus-guard, the NATS micro "
+        "service API) and show one row per gateway: id, mode, policy version and digest, "
+        "key id, ready, uptime, decisions by effect, errors, queue depth, latency p50/p99.",
+    )
+    nats_options(status)
+    status.add_argument(
+        "--wait",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="collect answers for this long (default: 1; every gateway answers at once)",
+    )
+    status.add_argument(
+        "--json", action="store_true", help="each gateway's status document, one per line"
+    )
 
     _approval_commands(sub)
 
     ver = sub.add_parser("verify", help="verify an authorization artifact")
-    ver.add_argument("--jwks", required=True, type=Path, metavar="FILE")
+    ver.add_argument(
+        "--jwks", required=True, type=Path, metavar="FILE", help="the gateways' public keys"
+    )
     ver.add_argument("--subject", required=True, help="the exec subject the message arrived on")
-    ver.add_argument("--payload", required=True, type=Path, metavar="FILE")
-    ver.add_argument("--artifact", required=True, help="the JWS, or @FILE")
+    ver.add_argument(
+        "--payload", required=True, type=Path, metavar="FILE", help="the message's payload bytes"
+    )
+    ver.add_argument(
+        "--artifact", required=True, help="the Guard-Artifact header's JWS, or @FILE holding it"
+    )
+    _finish(p)
     return p
 
 
@@ -616,15 +686,34 @@ def _positive(text: str) -> int:
     return value
 
 
-def _connection_options(p: argparse.ArgumentParser) -> None:
-    url = field_default(Settings, "nats_url")
-    p.add_argument(
-        "--nats",
-        default=url,
-        metavar="URL[,URL...]",
-        help=_with_default("NATS server URL(s)", url),
+def nats_options(p: argparse.ArgumentParser, *, optional: str | None = None) -> None:
+    """``--nats`` (default ``$NATS_URL``, else a local server), ``--creds``, ``--nkey``,
+    ``--tls-cert``, ``--tls-key``, ``--tls-ca``. *optional*: ``--nats`` defaults to None
+    (not connecting), and this says what that means."""
+    g = p.add_argument_group("connection")
+    if optional is not None:
+        g.add_argument(
+            "--nats", default=None, metavar="URL[,URL...]", help=f"NATS server URL(s); {optional}"
+        )
+    else:
+        g.add_argument(
+            "--nats",
+            default=env_url(),
+            metavar="URL[,URL...]",
+            help="NATS server URL(s), comma-separated (default: $NATS_URL, else "
+            f"{field_default(Settings, 'nats_url')})",
+        )
+    g.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file (JWT)")
+    g.add_argument("--nkey", default=None, metavar="FILE", help="NATS nkey seed file")
+    g.add_argument("--tls-cert", default=None, metavar="FILE", help="TLS client certificate")
+    g.add_argument("--tls-key", default=None, metavar="FILE", help="its private key")
+    g.add_argument(
+        "--tls-ca", default=None, metavar="FILE", help="CA of the server's TLS certificate"
     )
-    p.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
+
+
+def _connection_options(p: argparse.ArgumentParser) -> None:
+    nats_options(p)
     _prefix_option(p)
 
 
@@ -772,3 +861,137 @@ def _approval_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--principal", default=None, help="only keys that are this principal (or lineage root)"
     )
     limits.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+# --- every command: the log options, examples and exit codes in --help -----------------
+
+_EXIT_CODES: Final = """\
+exit codes:
+  0  success
+  1  failure: {fail}
+  2  usage or configuration error (the message names the file, field or rule)
+  130 interrupted (Ctrl-C); 141 the output pipe closed (`| head`): quietly
+"""
+
+# command path -> (examples, what exit 1 means); commands with an epilog of their own
+# (approve, reject, holds, limits) keep it.
+_HELP_TAIL: Final[dict[str, tuple[str, str]]] = {
+    "run": (
+        "bus-guard run --nats nats://127.0.0.1:4222 --policies policies/ \\\n"
+        "      --key keys/signing-key.pem\n"
+        "  NATS_URL=tls://nats.internal:4222 bus-guard run --policies /etc/bus-guard/policies \\\n"
+        "      --key /etc/bus-guard/signing-key.pem --creds gateway.creds --tls-ca ca.pem \\\n"
+        "      --http 127.0.0.1:9464 --log-format json --log-decisions denied\n"
+        "  bus-guard run --policies policies/ --key k.pem --mode core --artifacts batched",
+        "the bus was lost beyond the reconnect budget, or the intake failed",
+    ),
+    "demo": (
+        "bus-guard demo\n  bus-guard demo --count 50 --quiet\n"
+        "  bus-guard demo --nats nats://127.0.0.1:4222 --mode core --artifacts batched --rate 0",
+        "an executed action lacked a valid artifact, or something denied was executed; "
+        "the bus could not be reached",
+    ),
+    "watch": (
+        "bus-guard watch\n  bus-guard watch --principal agent-7 --since 1h\n"
+        "  bus-guard watch --action 'payments.*' --reason denied_by_rule --count 10\n"
+        "  bus-guard watch --json --since 24h --count 100 | jq -r .reason",
+        "the bus could not be reached, or was lost",
+    ),
+    "status": (
+        "bus-guard status\n  bus-guard status --nats nats://127.0.0.1:4222 --wait 2\n"
+        "  bus-guard status --json | jq '.statistics.internal_errors'",
+        "no gateway answered, or the bus could not be reached",
+    ),
+    "keys new": (
+        "bus-guard keys new --out keys/\n  bus-guard keys new --out keys/ --force",
+        "-",
+    ),
+    "keys rotate": ("bus-guard keys rotate --dir keys/ --grace 86400", "-"),
+    "keys revoke": (
+        "bus-guard keys revoke --jwks keys/jwks.json 2Hq0eA1w\n"
+        "  bus-guard keys revoke --jwks keys/jwks.json -- -Zk3fQ",
+        "-",
+    ),
+    "policy check": ("bus-guard policy check policies/", "-"),
+    "policy test": (
+        "bus-guard policy test policies/\n"
+        "  bus-guard policy test policies/ --tests policies/tests/payments.yaml",
+        "a test case failed, or there was none",
+    ),
+    "policy explain": (
+        "bus-guard policy explain --policies policies/ --subject "
+        "guard.in.agent-7.payments.transfer --payload intent.json\n"
+        "  bus-guard policy explain --policies policies/ --subject guard.in.agent-7.x "
+        "--payload i.json --now 1767225600 --lineage lineage.yaml --nats nats://127.0.0.1:4222",
+        "the bus could not be reached (--nats)",
+    ),
+    "policy schema": (
+        "bus-guard policy schema --out bundle.schema.json\n  bus-guard policy schema | jq .",
+        "-",
+    ),
+    "ledger verify": (
+        "bus-guard ledger verify --jwks keys/jwks.json\n"
+        "  bus-guard ledger verify --nats nats://127.0.0.1:4222 --jwks keys/jwks.json "
+        "--require-sealed",
+        "a chain or checkpoint does not verify (the first bad record is named); no ledger "
+        "stream or JetStream; the bus could not be reached",
+    ),
+    "lineage": (
+        "bus-guard lineage 01JD2Q5X3M7N8P9R0S1T2V3W4X",
+        "no such decision; no ledger stream or JetStream; the bus could not be reached",
+    ),
+    "verify": (
+        "bus-guard verify --jwks keys/jwks.json --subject guard.exec.agent-7.payments.transfer "
+        "--payload body.json --artifact @artifact.jws",
+        "the artifact is invalid (the reason is printed)",
+    ),
+}
+
+
+def _finish(p: argparse.ArgumentParser) -> None:
+    """Every command takes --log-level and --log-format after its name too, and its --help
+    ends with examples and the exit codes."""
+    for path, command in _commands(p):
+        if not any("--log-format" in a.option_strings for a in command._actions):
+            _log_options(command, default=argparse.SUPPRESS)
+        tail = _HELP_TAIL.get(path)
+        if tail is not None and command.epilog is None:
+            examples, fail = tail
+            command.epilog = f"examples:\n  {examples}\n\n" + _EXIT_CODES.format(
+                fail=fail if fail != "-" else "(none: such a command succeeds or is misused)"
+            )
+            command.formatter_class = argparse.RawDescriptionHelpFormatter
+        elif command.epilog is not None and "exit codes" not in command.epilog:
+            command.epilog += "\n" + _EXIT_CODES.format(fail="see above")
+
+
+def _commands(
+    p: argparse.ArgumentParser, path: str = ""
+) -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every (sub)command parser below *p* with its path ("policy check")."""
+    out = []
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                child_path = f"{path} {name}".strip()
+                out.append((child_path, child))
+                out += _commands(child, child_path)
+    return out
+
+
+def _log_options(p: argparse.ArgumentParser, *, default: Any) -> None:
+    g = p.add_argument_group("logging")
+    g.add_argument(
+        "--log-level",
+        default=default,
+        choices=["debug", "info", "warning", "error"],
+        help=f"default: {DEFAULT_LOG_LEVEL} ({DEMO_LOG_LEVEL} for demo, whose own output tells "
+        "the story)",
+    )
+    g.add_argument(
+        "--log-format",
+        default=default,
+        choices=["text", "json"],
+        help="text (default) or json: one JSON object per line, with fields (gateway, "
+        "policy_digest, and for a decision decision_id, principal, action, reason ...)",
+    )

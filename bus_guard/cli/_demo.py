@@ -22,7 +22,6 @@ from typing import Final
 
 import anyio
 import msgspec
-import nats
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -31,6 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from bus_guard.cli._connect import NatsOptions, connect
 from bus_guard.cli._safe import safe
 from bus_guard.cli._watch import format_record
 from bus_guard.errors import ApprovalRefused, GatewayError, VerificationError
@@ -203,6 +203,7 @@ async def run_demo(
     count: int,
     nats_url: str | None,
     policies_dir: Path,
+    options: NatsOptions | None = None,
     rate_per_s: float,
     seed: int,
     quiet: bool,
@@ -227,8 +228,18 @@ async def run_demo(
                 f"policies={_markup(policies.version)} "
                 f"digest={policies.digest[:19]}… rules={policies.rule_count}"
             )
+            if options is None or nats_url is None:
+                options = NatsOptions(urls=url)
             settings = Settings(
-                nats_url=url, gateway_id="demo-gateway", mode=mode, artifacts=artifacts
+                nats_url=url,
+                gateway_id="demo-gateway",
+                mode=mode,
+                artifacts=artifacts,
+                creds_file=options.creds,
+                nkey_file=options.nkey,
+                tls_cert_file=options.tls_cert,
+                tls_key_file=options.tls_key,
+                tls_ca_file=options.tls_ca,
             )
             signer = Signer(key, issuer=settings.gateway_id, ttl_s=settings.artifact_ttl_s)
             all_decided = anyio.Event()
@@ -280,7 +291,9 @@ async def run_demo(
                     _show(console, format_record(record))
                 decided()
 
-            nc = await nats.connect(url, name="bus-guard demo")
+            # Fails fast, in one line, when the server cannot be reached (before the
+            # gateway would spend its reconnect budget on it).
+            nc = await connect(options, name="bus-guard demo")
             try:
                 subjects = settings.subjects
                 await nc.subscribe(subjects.wildcard("exec"), cb=executor)

@@ -11,11 +11,18 @@ bus-guard lineage   ancestors and descendants of a decision
 bus-guard approve   vote to release a held intent (reject: to deny it)
 bus-guard holds     the open holds, with approvals so far
 bus-guard limits    what rate limits and budgets have used, per key
+bus-guard status    every running gateway, from the NATS micro service API
+
+Exit codes: 0 success, 1 failure, 2 usage or configuration (one line naming the file,
+field or rule), 130 interrupted, 141 the output pipe closed (quietly, like a tool killed by
+SIGPIPE; the gateway's own sockets keep Python's SIGPIPE handling, so a broken connection
+is an error to handle, not a dead process).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -27,6 +34,7 @@ from types import TracebackType
 from typing import Any, TextIO
 
 import anyio
+from pythonjsonlogger.json import JsonFormatter
 
 from bus_guard.cli._arguments import (
     DEFAULT_LOG_LEVEL,
@@ -34,6 +42,7 @@ from bus_guard.cli._arguments import (
     parser,
     run_settings,
 )
+from bus_guard.cli._output import PipeGuard
 from bus_guard.cli._safe import safe, safe_json, safe_lines, safe_traceback, say
 from bus_guard.errors import GuardError
 
@@ -42,6 +51,7 @@ __all__ = ("main",)
 log = logging.getLogger("bus_guard")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_PIPE = 130, 141
 
 
 class _TextFormatter(logging.Formatter):
@@ -61,17 +71,51 @@ class _TextFormatter(logging.Formatter):
         return safe_lines(super().formatStack(stack_info))
 
 
-class _JsonFormatter(logging.Formatter):
+class _JsonFormatter(JsonFormatter):
+    """python-json-logger's formatter: ``ts``, ``level``, ``logger``, ``msg``, then every
+    ``extra=`` field of the call (a decision's ``decision_id``, ``principal``, ``action``,
+    ``reason`` ...) and the process's own (:class:`_Fields`: ``gateway``,
+    ``policy_digest``) as JSON fields; escaped like every line the CLI prints."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(created)s %(levelname)s %(name)s %(message)s",
+            rename_fields={
+                "created": "ts",
+                "levelname": "level",
+                "name": "logger",
+                "message": "msg",
+            },
+            json_ensure_ascii=True,  # and safe_json below: DEL and the like too
+        )
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        log_data["ts"] = round(log_data["ts"], 6)
+        log_data["level"] = log_data["level"].lower()
+        if "exc_info" in log_data:
+            log_data["exc"] = log_data.pop("exc_info")
+        return log_data
+
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return safe_json(json.dumps(out))  # ensure_ascii escapes all but DEL
+        return safe_json(super().format(record))
+
+
+class _Fields(logging.Filter):
+    """Fields every log line of this process carries (``bus-guard run``: the gateway id and
+    the policy digest), unless the call gave its own."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__()
+        self.fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self.fields.items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+_FIELDS = _Fields({})
 
 
 def _setup_logging(level: str, fmt: str) -> None:
@@ -80,23 +124,58 @@ def _setup_logging(level: str, fmt: str) -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_FIELDS)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
-    out = out or sys.stdout
-    args = parser().parse_args(argv)
-    level = args.log_level or (DEMO_LOG_LEVEL if args.command == "demo" else DEFAULT_LOG_LEVEL)
-    _setup_logging(level, args.log_format)
+    pipe = PipeGuard(out or sys.stdout)
     try:
-        return int(_dispatch(args, out))
+        args = parser().parse_args(argv)
+        level = args.log_level or (DEMO_LOG_LEVEL if args.command == "demo" else DEFAULT_LOG_LEVEL)
+        _setup_logging(level, args.log_format or "text")
+        return int(_dispatch(args, pipe))
+    except BrokenPipeError:
+        pipe.broke()
     except GuardError as exc:
         say(sys.stderr, f"bus-guard: {exc}")
         return EXIT_USAGE if _is_config_error(exc) else EXIT_FAIL
+    except OSError as exc:  # a file named on the command line (an output --out, ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        say(sys.stderr, f"bus-guard: {where}{(exc.strerror or str(exc)).lower()}")
+        return EXIT_USAGE if exc.filename else EXIT_FAIL
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if not _is_bus_error(exc):
+            raise  # a bug: its traceback is the report
+        say(sys.stderr, f"bus-guard: {_bus_error(exc)}")
+        return EXIT_FAIL
+    finally:
+        pipe.flush_quietly()
+    return EXIT_PIPE
+
+
+def _is_bus_error(exc: Exception) -> bool:
+    import nats.errors
+
+    return isinstance(exc, nats.errors.Error | TimeoutError)
+
+
+def _bus_error(exc: Exception) -> str:
+    """One line for an error NATS gave a tool: what it means, not nats-py's frames."""
+    import nats.errors
+    import nats.js.errors
+
+    if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError):
+        return "no JetStream on this server (start nats-server with -js, or check the account)"
+    if isinstance(exc, nats.js.errors.NotFoundError):
+        return f"not found on the server: {exc.description or exc}"
+    if isinstance(exc, TimeoutError | nats.errors.TimeoutError):
+        return "the server did not answer in time"
+    return f"NATS: {exc}"
 
 
 def _is_config_error(exc: GuardError) -> bool:
@@ -105,38 +184,58 @@ def _is_config_error(exc: GuardError) -> bool:
     return isinstance(exc, ConfigError | PolicyError)
 
 
-def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
+def _dispatch(args: argparse.Namespace, pipe: PipeGuard) -> int:
+    out = pipe.stream
     match args.command:
         case "run":
             return _cmd_run(args)
         case "demo":
+            from rich.console import Console
+
+            from bus_guard.cli._connect import NatsOptions
             from bus_guard.cli._demo import run_demo
 
+            options = NatsOptions.from_args(args) if args.nats is not None else None
+            console = Console(file=out, highlight=False)
             return anyio.run(
+                pipe.until_broken,
                 lambda: run_demo(
                     count=args.count,
                     nats_url=args.nats,
+                    options=options,
                     policies_dir=args.policies,
                     rate_per_s=args.rate,
                     seed=args.seed,
                     quiet=args.quiet,
                     mode=args.mode,
                     artifacts=args.artifacts,
-                )
+                    console=console,
+                ),
             )
         case "watch":
+            from rich.console import Console
+
+            from bus_guard.cli._connect import NatsOptions
             from bus_guard.cli._watch import WatchFilter, watch
 
             filters = WatchFilter(args.principal, args.action, args.reason)
+            console = Console(file=out, highlight=False)
             return anyio.run(
+                pipe.until_broken,
                 lambda: watch(
-                    args.nats,
+                    NatsOptions.from_args(args),
                     prefix=args.prefix,
                     filters=filters,
                     count=args.count,
                     as_json=args.json,
-                )
+                    since_s=args.since,
+                    console=console,
+                ),
             )
+        case "status":
+            from bus_guard.cli._status import cmd_status
+
+            return anyio.run(cmd_status, args, out)
         case "keys":
             return _cmd_keys(args, out)
         case "ledger" | "lineage":
@@ -230,9 +329,11 @@ def _cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
 
     match args.policy_command:
         case "check":
-            return policytest.check_policies(args.path, out=out)
+            return policytest.check_policies(args.path, out=out, exit_invalid=EXIT_USAGE)
         case "test":
-            return policytest.run_policy_tests(args.path, args.tests, out=out)
+            return policytest.run_policy_tests(
+                args.path, args.tests, out=out, exit_invalid=EXIT_USAGE
+            )
         case "explain":
             policies = load_policies(args.policies)
             payload = _read_file(args.payload)
@@ -284,8 +385,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bus_guard.signing._signer import Signer
 
     settings = run_settings(args)
+    http = None
+    if args.http is not None:
+        from bus_guard.ops import parse_listen
+
+        http = parse_listen(args.http)
     policies = load_policies(args.policies)
     key = load_private_key(args.key)
+    _FIELDS.fields.update(gateway=settings.gateway_id, policy_digest=policies.digest)
     signer = Signer(key, issuer=settings.gateway_id, ttl_s=settings.artifact_ttl_s)
     ledger_signer = CheckpointSigner(key)
     trusted = _trusted_keys(args.jwks, args.key)
@@ -297,7 +404,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         policies.mode,
         settings.artifacts,
     )
-    return anyio.run(_serve, settings, policies, signer, ledger_signer, trusted)
+    return anyio.run(_serve, settings, policies, signer, ledger_signer, trusted, http)
 
 
 def _trusted_keys(jwks: Path | None, key: Path) -> Any:
@@ -315,7 +422,12 @@ def _trusted_keys(jwks: Path | None, key: Path) -> Any:
 
 
 async def _serve(
-    settings: Any, policies: Any, signer: Any, ledger_signer: Any, trusted: Any
+    settings: Any,
+    policies: Any,
+    signer: Any,
+    ledger_signer: Any,
+    trusted: Any,
+    http: tuple[str, int] | None,
 ) -> int:
     from bus_guard.intake._gateway import Gateway
 
@@ -333,16 +445,22 @@ async def _serve(
                 stop.set()
                 return
 
-        async with gateway, anyio.create_task_group() as tg:
-            tg.start_soon(on_signals)
+        async with contextlib.AsyncExitStack() as stack:
+            if http is not None:  # listening first: /healthz answers, /readyz says why not yet
+                from bus_guard.ops import OpsServer
 
-            async def on_lost() -> None:
-                await gateway.closed.wait()
-                stop.set()
+                ops = OpsServer(gateway, *http, policy_max_age_s=settings.policy_max_age_s)
+                await stack.enter_async_context(ops)
+            async with gateway, anyio.create_task_group() as tg:
+                tg.start_soon(on_signals)
 
-            tg.start_soon(on_lost)
-            await stop.wait()
-            tg.cancel_scope.cancel()
+                async def on_lost() -> None:
+                    await gateway.closed.wait()
+                    stop.set()
+
+                tg.start_soon(on_lost)
+                await stop.wait()
+                tg.cancel_scope.cancel()
     if not stopped_by:
         if gateway.failure is not None:
             log.error("intake failed (%s); exiting", gateway.failure)

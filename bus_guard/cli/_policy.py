@@ -137,13 +137,20 @@ class _Suite(BaseModel):
     cases: list[_Case] = Field(min_length=1)
 
 
-def run_policy_tests(policies_dir: Path, tests_path: Path | None = None, *, out: TextIO) -> int:
-    """Run every case of every test file; 0 iff all pass (and there was something to run)."""
+def run_policy_tests(
+    policies_dir: Path,
+    tests_path: Path | None = None,
+    *,
+    out: TextIO,
+    exit_invalid: int = 1,
+) -> int:
+    """Run every case of every test file; 0 iff all pass (and there was something to run);
+    *exit_invalid* if the policies do not compile."""
     try:
         policies = load_policies(policies_dir)
     except PolicyError as exc:
         _problems(f"policies in {policies_dir} do not compile", exc, out)
-        return 1
+        return exit_invalid
     path = Path(tests_path) if tests_path is not None else Path(policies_dir) / "tests"
     files = _test_files(path)
     if not files:
@@ -460,13 +467,14 @@ def _render_condition(node: ConditionTrace, depth: int, out: TextIO) -> None:
     say(out, f"{pad}{status}  {node.text}  (actual: {actual})")
 
 
-def check_policies(path: Path | str, *, out: TextIO) -> int:
-    """Compile the policies; print the bundles and digest (0) or every problem (1)."""
+def check_policies(path: Path | str, *, out: TextIO, exit_invalid: int = 1) -> int:
+    """Compile the policies; print the bundles and digest (0) or every problem
+    (*exit_invalid*: the CLI's 2, a configuration error)."""
     try:
         policies = load_policies(path)
     except PolicyError as exc:
         _problems(f"{path}: policies do not compile", exc, out)
-        return 1
+        return exit_invalid
     bundles = len(policies.bundles)
     say(
         out,

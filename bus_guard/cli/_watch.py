@@ -10,19 +10,27 @@ counted or refused, and a hold's release or denial) are decoded and shown, filte
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
 import anyio
 import msgspec
-import nats
+import nats.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from rich.console import Console
 from rich.text import Text
 
-from bus_guard.cli._safe import safe, safe_json
+from bus_guard.cli._connect import NatsOptions, connect
+from bus_guard.cli._safe import safe, safe_json, say
+from bus_guard.errors import GatewayError
 from bus_guard.intake._gateway import round_trip
+from bus_guard.intake._jetstream import Stored, first_seq_since, read
 from bus_guard.ledger._records import LedgerRecord, decode_record
 from bus_guard.pipeline import DecisionRecord
 from bus_guard.subjects import DEFAULT_PREFIX, Subjects
@@ -33,6 +41,7 @@ __all__ = (
     "format_ledger_record",
     "format_record",
     "subject_matches",
+    "timestamp",
     "watch",
 )
 
@@ -101,11 +110,21 @@ class WatchFilter:
         return self.matches(record)
 
 
+def timestamp(ts: float) -> str:
+    """A decision's time as the lines show it: UTC, ISO 8601, milliseconds."""
+    if not 0 <= ts < 253402300800:  # a record's own ts: anything a float holds
+        return f"{'?':<24}"
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
+    return f"{whole}.{int(ts * 1000) % 1000:03d}Z"
+
+
 def format_record(record: DecisionRecord) -> Text:
-    """One line: who, what, why, which rule; every field escaped (agents write them)."""
+    """One line: when, who, what, why, which rule; every field escaped (agents write
+    them)."""
     effect = "would-deny" if record.would_deny else record.effect
     what = f"{record.action} {record.resource}".strip() or record.subject
     return Text.assemble(
+        (f"{timestamp(record.ts)} ", "dim"),
         (f"{safe(effect.upper()):<10}", _STYLE.get(record.effect, "bold")),
         " ",
         (f"{safe(record.principal or '?'):<12}", "cyan"),
@@ -135,6 +154,7 @@ def format_ledger_record(record: LedgerRecord) -> Text:
     what = " ".join(x for x in held if x)
     approvals = f" approvals={','.join(record.approvals)}" if record.approvals else ""
     return Text.assemble(
+        (f"{timestamp(record.ts)} ", "dim"),
         (f"{safe(effect.upper()):<10}", _STYLE.get(effect, "bold")),
         " ",
         (f"{safe(who):<12}", "cyan"),
@@ -151,30 +171,59 @@ def format_json(data: bytes) -> str:
 
 
 async def watch(
-    nats_url: str,
+    nats: NatsOptions | str,
     *,
     prefix: str = DEFAULT_PREFIX,
     filters: WatchFilter = WatchFilter(),
     count: int | None = None,
     as_json: bool = False,
+    since_s: float | None = None,
     console: Console | None = None,
     ready: anyio.Event | None = None,
 ) -> int:
-    """Print deny/hold records, votes and hold resolutions until interrupted (or ``count``
-    records were shown)."""
+    """Print deny/hold records, votes and hold resolutions until interrupted, or until
+    exactly *count* records were shown; *since_s*: first the deny and hold streams' records
+    from that many seconds back (oldest first), then live, with none shown twice.
+
+    Returns 0, or 1 when the connection is lost (one line on stderr says so)."""
     console = console or Console(highlight=False)
     done = anyio.Event()
+    lost: list[str] = []
     shown = 0
+    # While the streams are replayed, live records wait here; replayed ids are not shown
+    # again when they arrive live too (a record is stored, then delivered).
+    replaying = since_s is not None
+    waiting: list[tuple[str, bytes]] = []
+    replayed: set[str] = set()
 
     def show(line: Text | str) -> None:
         # soft_wrap: rich would break a long line in two, and the second would start with an
         # agent's text (the terminal's own wrapping adds no line to the output).
         console.print(line, soft_wrap=True, highlight=False, markup=False, emoji=False)
 
-    async def on_ledger(msg: Msg) -> None:
+    def shown_one() -> None:
         nonlocal shown
-        if _HOLD_KEY not in msg.data:
-            return  # an intent's decision: not about a hold
+        shown += 1
+        if count is not None and shown >= count:
+            done.set()
+
+    def on_decision(subject: str, data: bytes) -> None:
+        if done.is_set():
+            return  # exactly --count: what arrives after the last one is not shown
+        try:
+            record = _decoder.decode(data)
+            if not filters.matches(record) or record.decision_id in replayed:
+                return
+            line = format_json(data) if as_json else format_record(record)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            show(Text(safe(f"unreadable record on {subject}: {exc}"), "red"))
+            return
+        show(line)
+        shown_one()
+
+    async def on_ledger(msg: Msg) -> None:
+        if done.is_set() or _HOLD_KEY not in msg.data:
+            return  # shown enough, or an intent's decision: not about a hold
         try:
             record = decode_record(msg.data)
             if not record.hold or not filters.matches_ledger(record):
@@ -184,35 +233,93 @@ async def watch(
             show(Text(safe(f"unreadable record on {msg.subject}: {exc}"), "red"))
             return
         show(line)
-        shown += 1
-        if count is not None and shown >= count:
-            done.set()
+        shown_one()
 
     async def on_record(msg: Msg) -> None:
-        nonlocal shown
-        try:
-            record = _decoder.decode(msg.data)
-            if not filters.matches(record):
-                return
-            line = format_json(msg.data) if as_json else format_record(record)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            show(Text(safe(f"unreadable record on {msg.subject}: {exc}"), "red"))
-            return
-        show(line)
-        shown += 1
-        if count is not None and shown >= count:
+        if replaying:
+            waiting.append((msg.subject, msg.data))
+        else:
+            on_decision(msg.subject, msg.data)
+
+    async def on_closed() -> None:
+        if not done.is_set():
+            lost.append("lost the connection to NATS")
             done.set()
 
-    nc = await nats.connect(nats_url, name="bus-guard watch")
+    options = nats if isinstance(nats, NatsOptions) else NatsOptions(urls=nats)
+    nc = await connect(options, name="bus-guard watch", on_closed=on_closed)
     try:
         for subject in filters.subjects(prefix):
             await nc.subscribe(subject, cb=on_record)
         await nc.subscribe(filters.ledger_subject(prefix), cb=on_ledger)
         await round_trip(nc)
+        if since_s is not None:
+            async for subject, data in _replay(nc, prefix, filters, since_s):
+                if done.is_set():
+                    break
+                with contextlib.suppress(msgspec.DecodeError):
+                    replayed.add(_decoder.decode(data).decision_id)
+                on_decision(subject, data)
+            replaying = False
+            for subject, data in waiting:
+                on_decision(subject, data)
+            waiting.clear()
+            replayed.clear()
         if ready is not None:
             ready.set()
         await done.wait()
     finally:
         with anyio.CancelScope(shield=True):
-            await nc.drain()
+            if not nc.is_closed:
+                await nc.drain()
+    if lost:
+        say(sys.stderr, f"bus-guard: {lost[0]} ({options.urls})")
+        return 1
     return 0
+
+
+async def _replay(
+    nc: Client, prefix: str, filters: WatchFilter, since_s: float
+) -> AsyncIterator[tuple[str, bytes]]:
+    """The deny and hold streams' records since *since_s* seconds ago, as of now, merged
+    oldest first (each stream is in the order it was stored). Direct gets only: an
+    operator account needs no consumer (``compose/auth.conf``)."""
+    streams = Subjects(prefix).streams
+    since = time.time() - since_s
+    sources = []
+    for stream, subject in zip((streams.deny, streams.hold), filters.subjects(prefix), strict=True):
+        try:
+            first = await first_seq_since(nc, stream, subject, since)
+        except nats.errors.NoRespondersError:
+            log.warning("--since: no %s stream (core-mode gateways keep none); live only", stream)
+            continue
+        except nats.errors.Error as exc:
+            raise GatewayError(f"--since: cannot read the {stream} stream: {exc!r}") from None
+        if first:
+            sources.append(read(nc, stream, subject, start_seq=first))
+    heads: list[tuple[float, int, Stored, AsyncIterator[Stored]]] = []
+    for i, source in enumerate(sources):
+        first_msg = await anext(source, None)
+        if first_msg is not None:
+            heads.append((_ts(first_msg.data), i, first_msg, source))
+    while heads:
+        heads.sort(key=lambda h: (h[0], h[1]))
+        _, i, stored, source = heads.pop(0)
+        yield stored.subject, stored.data
+        following = await anext(source, None)
+        if following is not None:
+            heads.append((_ts(following.data), i, following, source))
+
+
+def _ts(data: bytes) -> float:
+    try:
+        return _ts_decoder.decode(data).ts
+    except msgspec.DecodeError:
+        return 0.0
+
+
+class _Ts(msgspec.Struct):
+    ts: float = 0.0
+
+
+_ts_decoder: Final = msgspec.json.Decoder(_Ts)

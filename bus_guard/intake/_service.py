@@ -28,7 +28,7 @@ from bus_guard import __version__
 from bus_guard.intake._tally import LATENCY_BUCKETS_S, TallySnapshot
 from bus_guard.settings import Settings
 
-__all__ = ("SERVICE_NAME", "GatewayService", "Observed", "status_document")
+__all__ = ("SERVICE_NAME", "STATUS_ENDPOINT", "GatewayService", "Observed", "status_document")
 
 log = logging.getLogger(__name__)
 
