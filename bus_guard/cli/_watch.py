@@ -14,9 +14,9 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import anyio
 import msgspec
@@ -254,12 +254,15 @@ async def watch(
         await nc.subscribe(filters.ledger_subject(prefix), cb=on_ledger)
         await round_trip(nc)
         if since_s is not None:
-            async for subject, data in _replay(nc, prefix, filters, since_s):
-                if done.is_set():
-                    break
-                with contextlib.suppress(msgspec.DecodeError):
-                    replayed.add(_decoder.decode(data).decision_id)
-                on_decision(subject, data)
+            # Closed at once when --count stops it early: its reads unsubscribe.
+            replay = _replay(nc, prefix, filters, since_s)
+            async with contextlib.aclosing(replay):
+                async for subject, data in replay:
+                    if done.is_set():
+                        break
+                    on_decision(subject, data)
+                    with contextlib.suppress(msgspec.DecodeError):
+                        replayed.add(_decoder.decode(data).decision_id)
             replaying = False
             for subject, data in waiting:
                 on_decision(subject, data)
@@ -280,35 +283,41 @@ async def watch(
 
 async def _replay(
     nc: Client, prefix: str, filters: WatchFilter, since_s: float
-) -> AsyncIterator[tuple[str, bytes]]:
+) -> AsyncGenerator[tuple[str, bytes], None]:
     """The deny and hold streams' records since *since_s* seconds ago, as of now, merged
     oldest first (each stream is in the order it was stored). Direct gets only: an
     operator account needs no consumer (``compose/auth.conf``)."""
     streams = Subjects(prefix).streams
     since = time.time() - since_s
-    sources = []
-    for stream, subject in zip((streams.deny, streams.hold), filters.subjects(prefix), strict=True):
-        try:
-            first = await first_seq_since(nc, stream, subject, since)
-        except nats.errors.NoRespondersError:
-            log.warning("--since: no %s stream (core-mode gateways keep none); live only", stream)
-            continue
-        except nats.errors.Error as exc:
-            raise GatewayError(f"--since: cannot read the {stream} stream: {exc!r}") from None
-        if first:
-            sources.append(read(nc, stream, subject, start_seq=first))
-    heads: list[tuple[float, int, Stored, AsyncIterator[Stored]]] = []
-    for i, source in enumerate(sources):
-        first_msg = await anext(source, None)
-        if first_msg is not None:
-            heads.append((_ts(first_msg.data), i, first_msg, source))
-    while heads:
-        heads.sort(key=lambda h: (h[0], h[1]))
-        _, i, stored, source = heads.pop(0)
-        yield stored.subject, stored.data
-        following = await anext(source, None)
-        if following is not None:
-            heads.append((_ts(following.data), i, following, source))
+    async with contextlib.AsyncExitStack() as stack:
+        sources: list[AsyncGenerator[Stored, None]] = []
+        pairs = zip((streams.deny, streams.hold), filters.subjects(prefix), strict=True)
+        for stream, subject in pairs:
+            try:
+                first = await first_seq_since(nc, stream, subject, since)
+                if not first:
+                    continue
+                # read() is an async generator (annotated as the iterator it is used as).
+                source = cast(
+                    AsyncGenerator[Stored, None], read(nc, stream, subject, start_seq=first)
+                )
+                sources.append(await stack.enter_async_context(contextlib.aclosing(source)))
+            except nats.errors.NoRespondersError:
+                log.warning("--since: no %s stream (core-mode gateways keep none)", stream)
+            except nats.errors.Error as exc:
+                raise GatewayError(f"--since: cannot read the {stream} stream: {exc!r}") from None
+        heads: list[tuple[float, int, Stored]] = []
+        for i, source in enumerate(sources):
+            first_msg = await anext(source, None)
+            if first_msg is not None:
+                heads.append((_ts(first_msg.data), i, first_msg))
+        while heads:
+            heads.sort(key=lambda h: (h[0], h[1]))
+            _, i, stored = heads.pop(0)
+            yield stored.subject, stored.data
+            following = await anext(sources[i], None)
+            if following is not None:
+                heads.append((_ts(following.data), i, following))
 
 
 def _ts(data: bytes) -> float:
