@@ -203,4 +203,7 @@ class NatsServer:
     ) -> None:
         import anyio.to_thread
 
-        await anyio.to_thread.run_sync(self.stop)
+        # Shielded: leaving because of a cancellation (Ctrl-C, a closed output pipe) must
+        # still stop the server, or it outlives us in its own session.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.stop)
