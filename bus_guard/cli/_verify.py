@@ -34,7 +34,10 @@ def main_verify(
         else:
             token = artifact.strip()
         body = payload.read_bytes()
-    except (ConfigError, OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:  # the @FILE or the payload: named, without an errno
+        say(out, f"error: {exc.filename}: {(exc.strerror or str(exc)).lower()}")
+        return 2
+    except (ConfigError, UnicodeDecodeError) as exc:
         say(out, f"error: {exc}")
         return 2
     try:

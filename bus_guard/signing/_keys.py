@@ -189,11 +189,10 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         raise ConfigError(f"{path}: signing key is not readable (permission denied)") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read signing key: {exc.strerror}") from exc
-    if st.st_mode & 0o077:
-        logger.warning(
-            "%s: signing key is accessible by group or others (mode %o); chmod 600 it",
-            path,
-            stat.S_IMODE(st.st_mode),
+    if data.lstrip()[:1] == b"{":
+        raise ConfigError(
+            f"{path}: a JSON file (a JWKS holds public keys), not a private key; "
+            "--key takes the signing-key.pem that 'bus-guard keys new' wrote next to it"
         )
     if len(data) > _MAX_KEY_FILE_BYTES or b"-----BEGIN" not in data:
         raise ConfigError(f"{path}: not a PEM private key")
@@ -207,6 +206,13 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         raise ConfigError(f"{path}: not a valid PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path}: not an Ed25519 key ({type(key).__name__})")
+    # Only about a file that is a key: warning about a JWKS before refusing it misleads.
+    if st.st_mode & 0o077:
+        logger.warning(
+            "%s: signing key is accessible by group or others (mode %o); chmod 600 it",
+            path,
+            stat.S_IMODE(st.st_mode),
+        )
     return key
 
 
