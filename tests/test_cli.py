@@ -156,7 +156,7 @@ def test_run_defaults_are_the_settings_defaults() -> None:
     parser holds no default of its own (every run option is a settings option), so a second
     copy of a default cannot drift from the first."""
     args = parser().parse_args(RUN)
-    not_settings = {"command", "log_level", "log_format", "policies", "key", "jwks"}
+    not_settings = {"command", "log_level", "log_format", "policies", "key", "jwks", "http"}
     assert set(vars(args)) == not_settings | {option.dest for option in RUN_OPTIONS}
     settings = run_settings(args)
     assert settings == Settings(nats_url="nats://bus:4222", gateway_id=settings.gateway_id)

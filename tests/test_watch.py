@@ -4,6 +4,7 @@ resolutions), and what filters hide."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,15 @@ from bus_guard.signing._signer import Signer
 
 from .conftest import POLICIES
 from .helpers import intent, make_signer, terminal_safe
+
+
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
+
+
+def _untimed(line: str) -> str:
+    """*line* without the timestamp every watch line starts with (asserted)."""
+    assert _TIMESTAMP.match(line), line
+    return line[_TIMESTAMP.match(line).end() :]  # type: ignore[union-attr]
 
 
 async def _watched(nats_url: str, tmp_path: Path, filters: WatchFilter, count: int) -> str:
@@ -80,7 +90,7 @@ async def _drive(
 async def test_watch_shows_who_what_why_and_which_rule(nats_url: str, tmp_path: Path) -> None:
     text = await _watched(nats_url, tmp_path, WatchFilter(), count=3)
     # deny and hold are separate subscriptions: their relative order is not guaranteed
-    lines = sorted(text.strip().splitlines())
+    lines = sorted(_untimed(line) for line in text.strip().splitlines())
     assert len(lines) == 3
     assert "DENY" in lines[0] and "agent-1" in lines[0] and "tools.shell" in lines[0]
     assert "denied_by_rule" in lines[0] and "no-shell" in lines[0]
@@ -208,7 +218,7 @@ async def test_watch_prints_hostile_records_escaped_one_line_each(nats_url: str)
     text = await _watch_published(nats_url, [junk, *_PUBLISHED], count=2)
     lines = terminal_safe(text, 3)
     assert lines[0].startswith("unreadable record on guard.deny.agent-7\\x1b[2J.x: ")
-    assert sorted(line.split()[0] for line in lines[1:]) == ["DENY", "HOLD"]
+    assert sorted(_untimed(line).split()[0] for line in lines[1:]) == ["DENY", "HOLD"]
     assert all("\\r\\nALLOW" in line for line in lines[1:])
 
 
@@ -249,7 +259,7 @@ async def test_an_agents_intent_reaches_watch_escaped(nats_url: str, tmp_path: P
             )
     await nc.drain()
     (line,) = terminal_safe(buf.getvalue(), 1)
-    assert line.startswith("DENY") and "sh\\x1b]52;c;cm0gLXJmIH4=\\x07ALLOW" in line
+    assert _untimed(line).startswith("DENY") and "sh\\x1b]52;c;cm0gLXJmIH4=\\x07ALLOW" in line
 
 
 def test_the_demos_executed_line_is_escaped_too() -> None:
@@ -333,7 +343,7 @@ async def test_watch_shows_votes_and_resolutions_not_other_decisions(nats_url: s
     # among the three lines `count` waits for.
     published = _on_ledger(_ALLOW, _VOTE, _REFUSED, _RELEASED)
     lines = terminal_safe(await _watch_published(nats_url, published, count=3), 3)
-    assert [line.split()[:3] for line in lines] == [
+    assert [_untimed(line).split()[:3] for line in lines] == [
         ["APPROVE", "alice", "hold=H1"],
         ["REFUSED", "mallory", "hold=H1"],
         ["RELEASED", "agent-9", "hold=H1"],
@@ -369,7 +379,7 @@ async def test_watch_filters_votes_and_resolutions_here(nats_url: str) -> None:
                 await nc.publish(subject, data)
     await nc.drain()
     (line,) = terminal_safe(buf.getvalue(), 1)
-    assert line.startswith("RELEASED") and "agent-2" in line and "id=R2" in line
+    assert _untimed(line).startswith("RELEASED") and "agent-2" in line and "id=R2" in line
 
 
 def test_subject_patterns_match_as_nats_does() -> None:

@@ -243,10 +243,6 @@ class Gateway(AsyncContextManagerMixin):
         try:
             await self._start(nc)
             started = True
-            if self.settings.micro_service:
-                service = GatewayService(nc, self)
-                await service.start()
-                self._service = service
             self._ready = True
             try:
                 async with anyio.create_task_group() as tg:
@@ -315,6 +311,8 @@ class Gateway(AsyncContextManagerMixin):
             await self._start_stream(nc)
         else:
             await self._start_core(nc)
+        if s.micro_service:
+            await self._start_service(nc)
         how = f"consumer {s.queue}, stream mode" if s.mode == "stream" else f"queue {s.queue}"
         log.info("gateway %s ready on %s (%s)", s.gateway_id, s.subjects.wildcard("in"), how)
 
@@ -691,6 +689,17 @@ class Gateway(AsyncContextManagerMixin):
         self.policies_since = time.monotonic()
         if self._service is not None:
             self._service.refresh()
+
+    async def _start_service(self, nc: Client) -> None:
+        """The micro service; without it (the server refused it, or went away meanwhile)
+        the gateway still decides: a warning, not a failed start."""
+        service = GatewayService(nc, self)
+        try:
+            await service.start()
+        except Exception as exc:
+            log.warning("no micro service ($SRV.PING/INFO/STATS): %s", exc)
+            return
+        self._service = service
 
     async def _stop_service(self) -> None:
         service, self._service = self._service, None
