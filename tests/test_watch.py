@@ -36,14 +36,14 @@ from bus_guard.signing._signer import Signer
 from .conftest import POLICIES
 from .helpers import intent, make_signer, terminal_safe
 
-
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
 
 
 def _untimed(line: str) -> str:
     """*line* without the timestamp every watch line starts with (asserted)."""
-    assert _TIMESTAMP.match(line), line
-    return line[_TIMESTAMP.match(line).end() :]  # type: ignore[union-attr]
+    found = _TIMESTAMP.match(line)
+    assert found is not None, line
+    return line[found.end() :]
 
 
 async def _watched(nats_url: str, tmp_path: Path, filters: WatchFilter, count: int) -> str:

@@ -12,6 +12,7 @@ NATS in → decode → authorize → sign → publish (exec | deny | hold) → (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -563,6 +564,12 @@ class Gateway(AsyncContextManagerMixin):
             with anyio.move_on_after(self.settings.drain_timeout_s):
                 await round_trip(nc)
             await nc.drain()
+        except nats.errors.ConnectionReconnectingError:
+            # Leaving while the server is away: nothing can be drained; nats-py's close()
+            # then fails flushing to the lost socket, and there is nothing left to flush.
+            log.warning("leaving while reconnecting to NATS: closed without draining")
+            with contextlib.suppress(OSError):
+                await nc.close()
         except Exception:
             log.exception("drain failed; closing")
             await nc.close()

@@ -42,7 +42,12 @@ __all__ = ("OpsServer", "Watched", "parse_listen")
 
 log = logging.getLogger(__name__)
 
-_TEXT: Final = [("Content-Type", "text/plain; charset=utf-8")]
+_TEXT: Final = ("Content-Type", "text/plain; charset=utf-8")
+
+
+def _text() -> list[tuple[str, str]]:
+    # A new list per response: wsgiref adds Content-Length to the list it is given.
+    return [_TEXT]
 
 
 class Watched(Protocol):
@@ -190,7 +195,7 @@ class OpsServer(AsyncContextManagerMixin):
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-            start_response("405 Method Not Allowed", [*_TEXT, ("Allow", "GET, HEAD")])
+            start_response("405 Method Not Allowed", [*_text(), ("Allow", "GET, HEAD")])
             return [b"GET or HEAD only\n"]
         try:
             match path:
@@ -201,17 +206,17 @@ class OpsServer(AsyncContextManagerMixin):
                     return [body]
                 case "/healthz":
                     self._on_loop(lambda: None)
-                    start_response("200 OK", _TEXT)
+                    start_response("200 OK", _text())
                     return [b"ok\n"]
                 case "/readyz":
                     snap = self._snapshot_from_thread()
                     if snap.ready:
-                        start_response("200 OK", _TEXT)
+                        start_response("200 OK", _text())
                         return [b"ready\n"]
-                    start_response("503 Service Unavailable", _TEXT)
+                    start_response("503 Service Unavailable", _text())
                     return ["".join(f"{r}\n" for r in snap.why_not_ready).encode()]
         except TimeoutError as exc:
-            start_response("503 Service Unavailable", _TEXT)
+            start_response("503 Service Unavailable", _text())
             return [f"{exc}\n".encode()]
-        start_response("404 Not Found", _TEXT)
+        start_response("404 Not Found", _text())
         return [b"/metrics, /healthz or /readyz\n"]
