@@ -396,6 +396,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"bus-guard {__version__}")
     _log_options(p, default=None)
+    p.set_defaults(log_format="text")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -529,13 +530,21 @@ def parser() -> argparse.ArgumentParser:
         dest="keys_command", required=True, metavar="ACTION"
     )
     new = keys.add_parser("new", help="write DIR/signing-key.pem (0600) and DIR/jwks.json")
-    new.add_argument("--out", required=True, type=Path, metavar="DIR")
+    new.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="where to write them (created)"
+    )
     new.add_argument("--force", action="store_true", help="overwrite an existing key")
     rotate = keys.add_parser(
         "rotate",
         help="new DIR/signing-key.pem; the old key verifies for --grace seconds more",
     )
-    rotate.add_argument("--dir", required=True, type=Path, metavar="DIR")
+    rotate.add_argument(
+        "--dir",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="the directory of signing-key.pem and jwks.json ('keys new --out')",
+    )
     rotate.add_argument(
         "--grace",
         type=float,
@@ -544,7 +553,9 @@ def parser() -> argparse.ArgumentParser:
         help=_with_default("how long the old key still verifies", DEFAULT_GRACE_S),
     )
     revoke = keys.add_parser("revoke", help="refuse a key id from now on (key compromise)")
-    revoke.add_argument("--jwks", required=True, type=Path, metavar="FILE")
+    revoke.add_argument(
+        "--jwks", required=True, type=Path, metavar="FILE", help="the JWKS to mark the key in"
+    )
     # A kid is base64url: about one in 64 starts with "-", which argparse would read as an
     # option; "--" before it (or --kid=KID) always works, and the help says so.
     revoke.add_argument(
@@ -555,16 +566,20 @@ def parser() -> argparse.ArgumentParser:
         dest="policy_command", required=True, metavar="ACTION"
     )
     check = pol.add_parser("check", help="validate and compile a policy directory")
-    check.add_argument("path", type=Path)
+    check.add_argument("path", type=Path, metavar="DIR", help="policy directory (*.yaml)")
     ptest = pol.add_parser("test", help="run YAML test cases (intent -> expected decision)")
     ptest.add_argument("path", type=Path, help="policy directory")
     ptest.add_argument(
         "--tests", type=Path, default=None, help="test file or directory (default: <path>/tests)"
     )
     explain = pol.add_parser("explain", help="show why an intent gets its decision")
-    explain.add_argument("--policies", required=True, type=Path, metavar="DIR")
+    explain.add_argument(
+        "--policies", required=True, type=Path, metavar="DIR", help="policy directory"
+    )
     explain.add_argument("--subject", required=True, help="e.g. guard.in.agent-7.payments.transfer")
-    explain.add_argument("--payload", required=True, type=Path, metavar="FILE")
+    explain.add_argument(
+        "--payload", required=True, type=Path, metavar="FILE", help="the intent's payload bytes"
+    )
     explain.add_argument("--now", type=float, default=None, help="evaluation time (unix s)")
     explain.add_argument(
         "--lineage",
@@ -582,7 +597,9 @@ def parser() -> argparse.ArgumentParser:
     )
     _prefix_option(explain)
     schema = pol.add_parser("schema", help="print the JSON Schema of policy bundles")
-    schema.add_argument("--out", type=Path, default=None, metavar="FILE")
+    schema.add_argument(
+        "--out", type=Path, default=None, metavar="FILE", help="write it here (default: stdout)"
+    )
 
     ledger = sub.add_parser("ledger", help="the decision ledger").add_subparsers(
         dest="ledger_command", required=True, metavar="ACTION"
