@@ -400,3 +400,12 @@ def test_the_readme_documents_every_header_the_gateway_sets() -> None:
     assert {"Nats-Batch-Id", "Nats-Batch-Sequence", "Nats-Batch-Commit"} <= set_by_us
     for header in sorted(set_by_us - read_only):
         assert f"`{header}`" in readme, header
+
+
+def test_policy_init_copies_the_examples_anywhere(tmp_path: Path) -> None:
+    target = tmp_path / "mine"
+    assert _cli("policy", "init", str(target), cwd=tmp_path).returncode == 0
+    assert load_policies(target).digest == load_policies(POLICIES).digest
+    tested = _cli("policy", "test", str(target))
+    assert tested.returncode == 0 and " 0 failed" in tested.stdout
+    _one_line_error(_cli("policy", "init", str(target)), 2, str(target), "exists")

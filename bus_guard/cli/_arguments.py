@@ -596,6 +596,10 @@ def parser() -> argparse.ArgumentParser:
         "the gateways' limits bucket); default: no bus, the policy alone",
     )
     _prefix_option(explain)
+    init = pol.add_parser(
+        "init", help="copy the example policies (and their tests) into a new directory"
+    )
+    init.add_argument("dir", type=Path, metavar="DIR", help="the directory to create")
     schema = pol.add_parser("schema", help="print the JSON Schema of policy bundles")
     schema.add_argument(
         "--out", type=Path, default=None, metavar="FILE", help="write it here (default: stdout)"
@@ -930,6 +934,7 @@ _HELP_TAIL: Final[dict[str, tuple[str, str]]] = {
         "-",
     ),
     "policy check": ("bus-guard policy check policies/", "-"),
+    "policy init": ("bus-guard policy init policies/ && bus-guard policy test policies/", "-"),
     "policy test": (
         "bus-guard policy test policies/\n"
         "  bus-guard policy test policies/ --tests policies/tests/payments.yaml",

@@ -361,6 +361,17 @@ def _cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
                 lineage=lineage,
                 limit_state=state,
             )
+        case "init":
+            import shutil
+
+            from bus_guard.cli._arguments import EXAMPLE_POLICIES
+            from bus_guard.errors import ConfigError
+
+            if args.dir.exists():
+                raise ConfigError(f"{args.dir}: exists; policy init writes a new directory")
+            shutil.copytree(EXAMPLE_POLICIES, args.dir)
+            say(out, f"wrote the example policies to {args.dir} (bundles, tests/, approvers/)")
+            return EXIT_OK
         case "schema":
             text = json.dumps(policy_json_schema(), indent=2)
             if args.out is None:
