@@ -653,6 +653,33 @@ def parser() -> argparse.ArgumentParser:
 
     _approval_commands(sub)
 
+    mat = sub.add_parser(
+        "maturity",
+        help="where this deployment stands, observe -> enforce, from the ledger's evidence",
+        description="Read the ledger's decision records of the window and say: the share "
+        "decided in enforce vs observe mode, what observe mode would have denied (per "
+        "action), actions only observed, actions no rule names, holds and how long they "
+        "took to resolve, artifacts per kind, whether the ledger verifies (--jwks), and the "
+        "next concrete steps.",
+    )
+    nats_options(mat)
+    _prefix_option(mat)
+    mat.add_argument(
+        "--since",
+        type=duration,
+        default=duration("24h"),
+        metavar="DURATION",
+        help="the window: 90s, 30m, 24h, 7d (default: 24h)",
+    )
+    mat.add_argument(
+        "--jwks",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also verify the ledger with the gateways' keys (default: not checked)",
+    )
+    mat.add_argument("--json", action="store_true", help="the assessment as one JSON object")
+
     ver = sub.add_parser("verify", help="verify an authorization artifact")
     ver.add_argument(
         "--jwks", required=True, type=Path, metavar="FILE", help="the gateways' public keys"
@@ -961,6 +988,11 @@ _HELP_TAIL: Final[dict[str, tuple[str, str]]] = {
     "lineage": (
         "bus-guard lineage 01JD2Q5X3M7N8P9R0S1T2V3W4X",
         "no such decision; no ledger stream or JetStream; the bus could not be reached",
+    ),
+    "maturity": (
+        "bus-guard maturity\n  bus-guard maturity --since 7d --jwks keys/jwks.json\n"
+        "  bus-guard maturity --json | jq .next_steps",
+        "no ledger stream; the bus could not be reached",
     ),
     "verify": (
         "bus-guard verify --jwks keys/jwks.json --subject guard.exec.agent-7.payments.transfer "

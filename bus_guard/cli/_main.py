@@ -12,6 +12,7 @@ bus-guard approve   vote to release a held intent (reject: to deny it)
 bus-guard holds     the open holds, with approvals so far
 bus-guard limits    what rate limits and budgets have used, per key
 bus-guard status    every running gateway, from the NATS micro service API
+bus-guard maturity  where the deployment stands, observe -> enforce, from the ledger
 
 Exit codes: 0 success, 1 failure, 2 usage or configuration (one line naming the file,
 field or rule), 130 interrupted, 141 the output pipe closed (quietly, like a tool killed by
@@ -234,6 +235,10 @@ def _dispatch(args: argparse.Namespace, pipe: PipeGuard) -> int:
                     console=console,
                 ),
             )
+        case "maturity":
+            from bus_guard.cli._maturity import cmd_maturity
+
+            return anyio.run(cmd_maturity, args, out)
         case "status":
             from bus_guard.cli._status import cmd_status
 

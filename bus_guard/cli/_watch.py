@@ -118,13 +118,16 @@ def timestamp(ts: float) -> str:
     return f"{whole}.{int(ts * 1000) % 1000:03d}Z"
 
 
+def _timed(ts: float, line: Text) -> Text:
+    """*line* after the record's time: watch's lines start with when it was decided."""
+    return Text.assemble((f"{timestamp(ts)} ", "dim"), line)
+
+
 def format_record(record: DecisionRecord) -> Text:
-    """One line: when, who, what, why, which rule; every field escaped (agents write
-    them)."""
+    """One line: who, what, why, which rule; every field escaped (agents write them)."""
     effect = "would-deny" if record.would_deny else record.effect
     what = f"{record.action} {record.resource}".strip() or record.subject
     return Text.assemble(
-        (f"{timestamp(record.ts)} ", "dim"),
         (f"{safe(effect.upper()):<10}", _STYLE.get(record.effect, "bold")),
         " ",
         (f"{safe(record.principal or '?'):<12}", "cyan"),
@@ -154,7 +157,6 @@ def format_ledger_record(record: LedgerRecord) -> Text:
     what = " ".join(x for x in held if x)
     approvals = f" approvals={','.join(record.approvals)}" if record.approvals else ""
     return Text.assemble(
-        (f"{timestamp(record.ts)} ", "dim"),
         (f"{safe(effect.upper()):<10}", _STYLE.get(effect, "bold")),
         " ",
         (f"{safe(who):<12}", "cyan"),
@@ -214,7 +216,7 @@ async def watch(
             record = _decoder.decode(data)
             if not filters.matches(record) or record.decision_id in replayed:
                 return
-            line = format_json(data) if as_json else format_record(record)
+            line = format_json(data) if as_json else _timed(record.ts, format_record(record))
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             show(Text(safe(f"unreadable record on {subject}: {exc}"), "red"))
             return
@@ -228,7 +230,11 @@ async def watch(
             record = decode_record(msg.data)
             if not record.hold or not filters.matches_ledger(record):
                 return
-            line = format_json(msg.data) if as_json else format_ledger_record(record)
+            line = (
+                format_json(msg.data)
+                if as_json
+                else _timed(record.ts, format_ledger_record(record))
+            )
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             show(Text(safe(f"unreadable record on {msg.subject}: {exc}"), "red"))
             return
