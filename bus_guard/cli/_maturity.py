@@ -101,8 +101,8 @@ def format_assessment(a: Assessment) -> list[str]:
         + (", ".join(f"{k} ({v})" for k, v in a.uncovered.items()) or "none: every action covered"),
         f"  holds            {a.holds}: {a.holds_resolved} resolved, {a.holds_open} open"
         + (
-            f"; resolved in {duration_text(a.resolve_s['p50'])} (median), {duration_text(a.resolve_s['max'])} "
-            "(longest)"
+            f"; resolved in {duration_text(a.resolve_s['p50'])} (median), "
+            f"{duration_text(a.resolve_s['max'])} (longest)"
             if a.resolve_s
             else ""
         ),
