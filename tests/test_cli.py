@@ -173,7 +173,11 @@ def test_run_defaults_are_the_settings_defaults() -> None:
             assert getattr(args, option.dest) == getattr(owners[section], name), option.flag
 
 
-def test_the_other_commands_default_to_the_settings_too() -> None:
+def test_the_other_commands_default_to_the_settings_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bus_guard.cli._connect import apply_context
+
+    monkeypatch.delenv("NATS_URL", raising=False)
+    monkeypatch.delenv("NATS_CONTEXT", raising=False)
     p = parser()
     demo = p.parse_args(["demo"])
     assert (demo.mode, demo.artifacts) == (Settings().mode, Settings().artifacts)
@@ -187,7 +191,9 @@ def test_the_other_commands_default_to_the_settings_too() -> None:
     ):
         assert p.parse_args(argv).prefix == Settings().prefix == "guard", argv
     for argv in (["approve", "d-1", "--key", "k"], ["holds"]):
-        assert p.parse_args(argv).nats == Settings().nats_url, argv
+        args = p.parse_args(argv)
+        apply_context(args)  # as main() does: --nats, $NATS_URL, the context, the default
+        assert args.nats == Settings().nats_url, argv
     assert p.parse_args(["keys", "rotate", "--dir", "d"]).grace == DEFAULT_GRACE_S
 
 

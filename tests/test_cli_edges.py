@@ -409,3 +409,25 @@ def test_policy_init_copies_the_examples_anywhere(tmp_path: Path) -> None:
     tested = _cli("policy", "test", str(target))
     assert tested.returncode == 0 and " 0 failed" in tested.stdout
     _one_line_error(_cli("policy", "init", str(target)), 2, str(target), "exists")
+
+
+def test_a_nats_cli_context_gives_url_and_files(
+    tmp_path: Path, nats_url: str, closed_port: int
+) -> None:
+    contexts = tmp_path / "nats" / "context"
+    contexts.mkdir(parents=True)
+    (contexts / "dev.json").write_text(json.dumps({"url": nats_url, "description": "test"}))
+    env = {"XDG_CONFIG_HOME": str(tmp_path), "NATS_URL": ""}
+    run = _cli("holds", "--context", "dev", env=env)
+    assert run.returncode == 1 and "no hold stream" in run.stderr  # it reached nats_url
+    # --nats wins over the context; $NATS_CONTEXT names it
+    bad = _cli(
+        "holds", "--nats", f"nats://127.0.0.1:{closed_port}", env={**env, "NATS_CONTEXT": "dev"}
+    )
+    assert str(closed_port) in bad.stderr
+    missing = tmp_path / "missing.creds"
+    (contexts / "creds.json").write_text(json.dumps({"url": nats_url, "creds": str(missing)}))
+    _one_line_error(_cli("holds", "--context", "creds", env=env), 2, str(missing), "credentials")
+    _one_line_error(_cli("holds", "--context", "nope", env=env), 2, "no such context")
+    (contexts / "pw.json").write_text(json.dumps({"url": nats_url, "password": "s"}))
+    _one_line_error(_cli("holds", "--context", "pw", env=env), 2, "password")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn, get_args
 
 from bus_guard import __version__
-from bus_guard.cli._connect import NATS_URL_ENV, TOOL_RECONNECT_ATTEMPTS, env_url
+from bus_guard.cli._connect import NATS_URL_ENV, TOOL_RECONNECT_ATTEMPTS
 from bus_guard.cli._safe import safe
 from bus_guard.settings import (
     ArtifactMode,
@@ -746,10 +746,17 @@ def nats_options(p: argparse.ArgumentParser, *, optional: str | None = None) -> 
     else:
         g.add_argument(
             "--nats",
-            default=env_url(),
+            default=None,
             metavar="URL[,URL...]",
-            help="NATS server URL(s), comma-separated (default: $NATS_URL, else "
-            f"{field_default(Settings, 'nats_url')})",
+            help="NATS server URL(s), comma-separated (default: $NATS_URL, else the "
+            f"context's url, else {field_default(Settings, 'nats_url')})",
+        )
+        g.add_argument(
+            "--context",
+            default=None,
+            metavar="NAME",
+            help="a NATS CLI context (~/.config/nats/context/NAME.json; default: "
+            "$NATS_CONTEXT): its url, creds, nkey and TLS files where no option gives them",
         )
     g.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file (JWT)")
     g.add_argument("--nkey", default=None, metavar="FILE", help="NATS nkey seed file")

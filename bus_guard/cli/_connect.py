@@ -14,11 +14,14 @@ traceback per attempt; these tools report the last one, once, in the error they 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import nats
@@ -29,13 +32,16 @@ from bus_guard.intake._auth import auth_kwargs
 
 __all__ = (
     "DEFAULT_NATS_URL",
+    "NATS_CONTEXT_ENV",
     "NATS_URL_ENV",
     "TOOL_CONNECT_TIMEOUT_S",
     "TOOL_RECONNECT_ATTEMPTS",
     "TOOL_RECONNECT_WAIT_S",
     "NatsOptions",
+    "apply_context",
     "check_urls",
     "connect",
+    "context_path",
     "env_url",
 )
 
@@ -141,6 +147,57 @@ async def connect(
         why = f"{exc} ({last[0]})" if last and last[0] is not exc else str(exc)
         why = why or type(exc).__name__
         raise GatewayError(f"cannot connect to {options.urls}: {why}") from None
+
+
+NATS_CONTEXT_ENV: Final = "NATS_CONTEXT"
+# A NATS CLI context's keys -> ours (the CLI writes more: user, password, token, ...; a
+# context that needs those is refused rather than half used).
+_CONTEXT_FILES: Final = {
+    "creds": "creds",
+    "nkey": "nkey",
+    "cert": "tls_cert",
+    "key": "tls_key",
+    "ca": "tls_ca",
+}
+_CONTEXT_UNSUPPORTED: Final = ("user", "password", "token", "jetstream_domain", "inbox_prefix")
+
+
+def context_path(name: str) -> Path:
+    """Where the NATS CLI keeps context *name* (``$XDG_CONFIG_HOME/nats/context``)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "nats" / "context" / f"{name}.json"
+
+
+def apply_context(args: Any) -> None:
+    """Fill ``args``' connection options that were not given from ``--context`` (or
+    ``$NATS_CONTEXT``), then ``$NATS_URL``, then the local default: ``--nats`` >
+    ``$NATS_URL`` > the context's url > ``nats://127.0.0.1:4222``; a file option given on
+    the command line wins over the context's."""
+    name = args.context or os.environ.get(NATS_CONTEXT_ENV) or None
+    context: dict[str, Any] = {}
+    if name:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", name) or name.startswith("."):
+            raise ConfigError(f"--context {name!r}: not a context name")
+        path = context_path(name)
+        try:
+            context = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"--context {name}: no such context ({path})") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: not a NATS context: {exc}") from None
+        if not isinstance(context, dict):
+            raise ConfigError(f"{path}: not a NATS context (a JSON object)")
+        unsupported = [k for k in _CONTEXT_UNSUPPORTED if context.get(k)]
+        if unsupported:
+            raise ConfigError(
+                f"{path}: uses {', '.join(unsupported)}, which bus-guard does not read; "
+                "use a creds or nkey file"
+            )
+        for theirs, ours in _CONTEXT_FILES.items():
+            if getattr(args, ours, None) is None and context.get(theirs):
+                setattr(args, ours, os.path.expanduser(str(context[theirs])))
+    if args.nats is None:
+        args.nats = os.environ.get(NATS_URL_ENV) or context.get("url") or DEFAULT_NATS_URL
 
 
 def env_url() -> str:

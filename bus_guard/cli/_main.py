@@ -137,6 +137,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         args = parser().parse_args(argv)
         level = args.log_level or (DEMO_LOG_LEVEL if args.command == "demo" else DEFAULT_LOG_LEVEL)
         _setup_logging(level, args.log_format or "text")
+        if hasattr(args, "context"):  # a command with the connection options
+            from bus_guard.cli._connect import apply_context
+
+            apply_context(args)
         code = int(_dispatch(args, pipe))
         pipe.flush()  # what is still buffered: a closed pipe shows here at the latest
         return EXIT_PIPE if pipe.broken else code
