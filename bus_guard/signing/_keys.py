@@ -191,7 +191,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         raise ConfigError(f"{path}: cannot read signing key: {exc.strerror}") from exc
     if data.lstrip()[:1] == b"{":
         raise ConfigError(
-            f"{path}: a JSON file (a JWKS holds public keys), not a private key; "
+            f"{path}: not a PEM private key but JSON (a JWKS, public keys only); "
             "--key takes the signing-key.pem that 'bus-guard keys new' wrote next to it"
         )
     if len(data) > _MAX_KEY_FILE_BYTES or b"-----BEGIN" not in data:
