@@ -416,3 +416,30 @@ def test_status_without_gateways_exits_1(nats_url: str) -> None:
     )  # fmt: skip
     assert run.returncode == 1 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and "no gateway answered" in run.stderr
+
+
+async def test_operators_get_every_gateways_stats_under_the_shipped_permissions(
+    tmp_path: Path, policies: PolicySet, signer: Signer
+) -> None:
+    """compose/auth.conf: gateways (account GUARD) answer $SRV, operators (account OPS) ask
+    through the service import; the issue saw no responders there."""
+    from .topology import credentials, local_server
+
+    users = credentials()
+    with local_server(tmp_path) as server:
+        host = server.url.removeprefix("nats://")
+        as_gateway = f"nats://gateway:{users['gateway']}@{host}"
+        gateways = [
+            Gateway(Settings(nats_url=as_gateway, mode="core", gateway_id=g), policies, signer)
+            for g in ("gw-t1", "gw-t2")
+        ]
+        operator = await nats.connect(f"nats://operator:{users['operator']}@{host}")
+        async with gateways[0], gateways[1]:
+            stats = await gateway_stats(operator, wait_s=5.0, expect=2)
+            assert sorted(_status_data(s)["identity"]["gateway"] for s in stats) == [
+                "gw-t1",
+                "gw-t2",
+            ]
+            pings = await _srv(operator, "$SRV.PING.bus-guard", expect=2)
+            assert len(pings) == 2
+        await operator.drain()
