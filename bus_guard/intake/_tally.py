@@ -5,8 +5,10 @@ collector; nothing here does I/O.
 The latency of a decision is the gateway's clock when the decision stands (core mode: its
 outputs published; stream mode: its ledger record stored) minus the decision's ``ts`` (when
 deciding began: core mode per intent, stream mode per pulled batch). Each decision costs a
-dict increment, a bisect over 14 bucket bounds and a ring-buffer store (~0.4 µs, measured
-with ``timeit`` on the CI machine): no allocation, nothing that grows with traffic.
+dict increment, a bisect over 14 bucket bounds and a ring-buffer store: 0.5 µs a call
+(``timeit``, 10^6 calls, on the 2-core CI-sized machine while other work shared it), against
+tens of µs per intent for the rest of the path; nothing that grows with traffic. A snapshot
+(a scrape, a STATS request) sorts the 4,096 recent latencies: 0.02 ms.
 """
 
 from __future__ import annotations
