@@ -346,7 +346,7 @@ def test_hostile_yaml_is_refused_fast_naming_file_and_reason(
     assert problem.startswith(f"{tmp_path / 'bomb.yaml'}: ") and reason in problem, problem
 
     out = io.StringIO()
-    assert main(["policy", "check", str(tmp_path)], out=out) == 1
+    assert main(["policy", "check", str(tmp_path)], out=out) == 2  # a configuration error
     assert f"{tmp_path / 'bomb.yaml'}: " in out.getvalue() and reason in out.getvalue()
 
     with pytest.raises(yaml.YAMLError, match=re.escape(reason)):
