@@ -85,6 +85,7 @@ __all__ = (
     "payload_excerpt",
     "reply_allowed",
     "request_of",
+    "traceparent_of",
     "unsigned_allow",
 )
 
@@ -485,6 +486,8 @@ class Outcome(msgspec.Struct, frozen=True):
     approvals: tuple[str, ...] = ()  # a release: the decision ids of the votes counted
     # limits: what an allow spent, or the limit a rate_limited / budget_exceeded found full
     limits: tuple[LimitUse, ...] = ()
+    # the agent's W3C trace context (its ``traceparent`` header), when it sent a valid one
+    traceparent: str = ""
 
 
 MAX_SCOPE: Final = 16  # numeric params kept per allowed intent for its children's scope
@@ -517,8 +520,10 @@ def outcome_of(
     now: float,
     lineage: Lineage | None = None,
     first_decision: str = "",
+    traceparent: str = "",
 ) -> Outcome:
-    """The outcome of *decision* on the message (*subject*, *payload*) as *decoded*."""
+    """The outcome of *decision* on the message (*subject*, *payload*) as *decoded*;
+    *traceparent*: the agent's trace context (:func:`traceparent_of` its headers)."""
     parsed, decoded_intent = decoded
     intent = decoded_intent if isinstance(decoded_intent, Intent) else None
     principal = parsed.principal if parsed is not None else ""
@@ -584,7 +589,41 @@ def outcome_of(
     )
     if decision.limit_use:  # rare: set on the fresh value (no keyword Outcome per intent)
         msgspec.structs.force_setattr(outcome, "limits", decision.limit_use)
+    if traceparent:  # as rare, so far: the same
+        msgspec.structs.force_setattr(outcome, "traceparent", traceparent)
     return outcome
+
+
+# W3C Trace Context, version 00 as any later version is read (``traceparent``):
+# version-traceid-parentid-flags in lower-case hex; ff is no version, all-zero ids are none.
+_TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_TRACE_HEADERS: Final = ("traceparent", "Traceparent", "TRACEPARENT")
+
+
+def traceparent_of(headers: Mapping[str, str] | None) -> str:
+    """The agent's ``traceparent`` header if it is a valid W3C trace context, else ``""``.
+
+    It is recorded (deny/hold record, ledger, artifact claims) so that a decision can be
+    found from the agent's trace; it is never authority, so an invalid one is not a denial,
+    only not recorded. Only the first 55 characters of a later version are kept (its
+    version 00 fields): what follows is that version's own."""
+    if not headers:
+        return ""
+    for name in _TRACE_HEADERS:
+        value = headers.get(name)
+        if value is not None:
+            break
+    else:
+        return ""
+    value = value.strip()
+    if (m := _TRACEPARENT.match(value)) is None:
+        return ""
+    version, trace_id, parent_id, _ = m.groups()
+    if version == "ff" or trace_id == "0" * 32 or parent_id == "0" * 16:
+        return ""
+    if version == "00" and len(value) != 55:
+        return ""
+    return value[:55]
 
 
 def claims_of(
@@ -619,6 +658,7 @@ def claims_of(
         outcome.scope,
         outcome.hold,
         outcome.approvals,
+        outcome.traceparent,
     )
 
 
@@ -671,6 +711,7 @@ class DecisionRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     approver: str = ""
     approvals: tuple[str, ...] = ()
     limits: tuple[LimitUse, ...] = ()  # the limit that was full (or what an allow spent)
+    traceparent: str = ""  # the agent's W3C trace context, if it sent one
 
 
 _json_enc: Final = msgspec.json.Encoder()
@@ -779,6 +820,8 @@ class Standing(Protocol):
     def approvals(self) -> tuple[str, ...]: ...
     @property
     def limits(self) -> tuple[LimitUse, ...]: ...
+    @property
+    def traceparent(self) -> str: ...
 
 
 # One message to publish: ``(role, subject, data, headers)``, the role ``exec``, ``deny`` or
@@ -835,6 +878,7 @@ def decision_record(
             approver=record.approver,
             approvals=record.approvals,
             limits=record.limits,
+            traceparent=record.traceparent,
             **extra,
         )
     )

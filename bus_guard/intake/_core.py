@@ -48,6 +48,7 @@ from bus_guard.pipeline import (
     outcome_of,
     outputs_of,
     reply_allowed,
+    traceparent_of,
 )
 from bus_guard.settings import Settings
 from bus_guard.signing import BatchSigner, Signer
@@ -200,7 +201,14 @@ class CoreIntake:
         if decision.limits:
             return (decoded, decision, now)
         return outcome_of(
-            new_decision_id(), subject, data, decoded, decision, gateway=s.gateway_id, now=now
+            new_decision_id(),
+            subject,
+            data,
+            decoded,
+            decision,
+            gateway=s.gateway_id,
+            now=now,
+            traceparent=traceparent_of(msg.headers) if msg.headers else "",
         )
 
     async def _spend(
@@ -218,7 +226,14 @@ class CoreIntake:
             [decision] = await self.limits.settle([item], policies)
         s = self.settings
         return outcome_of(
-            decision_id, msg.subject, msg.data, decoded, decision, gateway=s.gateway_id, now=now
+            decision_id,
+            msg.subject,
+            msg.data,
+            decoded,
+            decision,
+            gateway=s.gateway_id,
+            now=now,
+            traceparent=traceparent_of(msg.headers) if msg.headers else "",
         )
 
     def _failure(self, msg: Msg, policies: PolicySetLike) -> Outcome:
@@ -233,6 +248,7 @@ class CoreIntake:
             decision,
             gateway=s.gateway_id,
             now=self.clock(),
+            traceparent=traceparent_of(msg.headers) if msg.headers else "",
         )
 
     def _sign(self, outcome: Outcome) -> Outcome:

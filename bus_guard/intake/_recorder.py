@@ -50,7 +50,14 @@ from bus_guard.ledger._records import (
     decode_record,
     record_hash,
 )
-from bus_guard.pipeline import HeaderValue, Outcome, claims_of, failed, outcome_of
+from bus_guard.pipeline import (
+    HeaderValue,
+    Outcome,
+    claims_of,
+    failed,
+    outcome_of,
+    traceparent_of,
+)
 from bus_guard.settings import Settings
 from bus_guard.signing._batch import BatchSigner
 from bus_guard.signing._signer import Signer
@@ -259,6 +266,7 @@ class Recorder:
             now=now,
             lineage=it.lineage,
             first_decision=it.first_decision,
+            traceparent=traceparent_of(msg.headers) if msg.headers else "",
         )
 
     def _sign(self, outcomes: Sequence[Outcome], first_seq: int, now: float) -> list[str]:

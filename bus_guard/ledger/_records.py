@@ -108,6 +108,7 @@ class LedgerRecord(
     approvals: tuple[str, ...] = ()  # a release: the votes (decision ids) counted
     # an allow: what it spent of its limits; rate_limited / budget_exceeded: the full one
     limits: tuple[LimitUse, ...] = ()
+    traceparent: str = ""  # the agent's W3C trace context, if it sent a valid one
     # -- chain_start / checkpoint
     epoch: str = ""  # the gateway process that wrote it
     final: bool = False  # checkpoint written at clean shutdown

@@ -120,6 +120,9 @@ class ArtifactClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
     # A released hold: the hold's decision id and the approvals (decision ids) counted.
     hold: str = ""
     approvals: tuple[str, ...] = ()
+    # The agent's W3C trace context (its traceparent header), when it sent a valid one:
+    # an executor can continue the agent's trace from its artifact. Not authority.
+    traceparent: Annotated[str, msgspec.Meta(max_length=55)] = ""
 
 
 class TreeHead(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

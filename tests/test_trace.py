@@ -1,0 +1,106 @@
+"""W3C trace context: an agent's ``traceparent`` is recorded in the deny/hold record, the
+ledger and the artifact's claims; an invalid one is recorded nowhere and changes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+
+from bus_guard.intake._gateway import Gateway, round_trip
+from bus_guard.pipeline import traceparent_of
+from bus_guard.policy._load import PolicySet
+from bus_guard.settings import Settings
+from bus_guard.signing._signer import Signer
+from bus_guard.verify import Verifier, verify_message
+
+from .helpers import Collector, intent
+from .streamkit import eventually, ledger_decisions, stream_gateway, stream_settings
+
+TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+OTHER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+_HOLD = intent("payments.transfer", "account:acct-1", {"amount": 5000, "currency": "USD"})
+
+
+@pytest.mark.parametrize(
+    ("headers", "want"),
+    [
+        ({"traceparent": TRACE}, TRACE),
+        ({"Traceparent": f"  {TRACE} "}, TRACE),
+        ({"traceparent": TRACE.upper()}, ""),  # lower-case hex only
+        ({"traceparent": "ff" + TRACE[2:]}, ""),  # version ff is invalid
+        ({"traceparent": f"00-{'0' * 32}-00f067aa0ba902b7-01"}, ""),  # no trace id
+        ({"traceparent": f"00-4bf92f3577b34da6a3ce929d0e0e4736-{'0' * 16}-01"}, ""),
+        ({"traceparent": TRACE + "-extra"}, ""),  # version 00 has exactly four fields
+        ({"traceparent": "01" + TRACE[2:] + "-future"}, "01" + TRACE[2:]),  # later: its 00 part
+        ({"traceparent": "\x1b[2J"}, ""),
+        ({"x-other": TRACE}, ""),
+        (None, ""),
+    ],
+)
+def test_only_a_valid_trace_context_is_taken(headers: dict[str, str] | None, want: str) -> None:
+    assert traceparent_of(headers) == want
+
+
+async def test_core_mode_records_and_signs_the_agents_trace(
+    nats_url: str, policies: PolicySet, signer: Signer, keys: tuple[Path, Path]
+) -> None:
+    nc = await nats.connect(nats_url)
+    execs = await Collector.on(nc, "guard.exec.>")
+    denies = await Collector.on(nc, "guard.deny.>")
+    holds = await Collector.on(nc, "guard.hold.>")
+    async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer):
+        search = intent("tools.search", "tool:search", {"q": "x"})
+        shell = intent("tools.shell", "tool:shell", {})
+        await nc.publish("guard.in.agent-1.tools.search", search, headers={"traceparent": TRACE})
+        await nc.publish("guard.in.agent-1.tools.shell", shell, headers={"traceparent": OTHER})
+        await nc.publish(
+            "guard.in.agent-9.payments.transfer", _HOLD, headers={"traceparent": TRACE}
+        )
+        # an invalid one: decided as without it, recorded nowhere
+        await nc.publish("guard.in.agent-1.tools.shell", shell, headers={"traceparent": "bogus"})
+        await nc.publish("guard.in.agent-1.tools.search", search, headers={"traceparent": "x-y"})
+        await round_trip(nc)
+        await execs.wait_for(2)
+        await denies.wait_for(2)
+        await holds.wait_for(1)
+    verifier = Verifier(keys[1])
+    claims = [
+        verify_message(verifier, subject=m.subject, headers=m.headers, payload=m.data)
+        for m in execs.msgs
+    ]
+    assert sorted(c.traceparent for c in claims) == ["", TRACE]
+    for m in execs.msgs:  # the agent's own header is forwarded too, as any header
+        assert (m.headers or {}).get("traceparent") in (TRACE, "x-y")
+    assert sorted(r.get("traceparent", "") for r in denies.records()) == ["", OTHER]
+    assert [r["traceparent"] for r in holds.records()] == [TRACE]
+    assert all(r["reason"] == "denied_by_rule" for r in denies.records())
+    await nc.drain()
+
+
+async def test_stream_mode_records_the_trace_in_the_ledger(
+    nats_url: str, policies: PolicySet, keys: tuple[Path, Path]
+) -> None:
+    nc = await nats.connect(nats_url)
+    async with stream_gateway(stream_settings(nats_url), policies, keys[0]):
+        await nc.publish(
+            "guard.in.agent-1.tools.shell",
+            intent("tools.shell", "tool:shell", {}),
+            headers={"traceparent": TRACE},
+        )
+        await nc.publish(
+            "guard.in.agent-1.tools.search", intent("tools.search", "tool:search", {"q": "x"})
+        )
+
+        async def both() -> bool:
+            return len(await ledger_decisions(nc)) == 2
+
+        await eventually(both, what="two ledger records")
+    records = {r.action: r for r in await ledger_decisions(nc)}
+    assert records["tools.shell"].traceparent == TRACE
+    assert records["tools.search"].traceparent == ""
+    raw = [m for m in records.values() if not m.traceparent]
+    assert b"traceparent" not in msgspec.json.encode(raw[0])  # absent, not empty: old bytes
+    await nc.drain()
