@@ -189,6 +189,9 @@ class Settings:
     # Log each decision that stands (logger bus_guard.decisions, with its fields): none,
     # the denials and holds (would-deny included), or all.
     log_decisions: LogDecisions = "off"
+    # A span per decision through the OpenTelemetry API (the otel extra), a child of the
+    # agent's span when its intent carries a traceparent.
+    otel: bool = False
     # Every subject, stream and bucket name under `prefix` (derived, not a setting).
     subjects: Subjects = field(init=False, repr=False, compare=False)
 

@@ -4,6 +4,7 @@ ledger and the artifact's claims; an invalid one is recorded nowhere and changes
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -103,4 +104,74 @@ async def test_stream_mode_records_the_trace_in_the_ledger(
     assert records["tools.search"].traceparent == ""
     raw = [m for m in records.values() if not m.traceparent]
     assert b"traceparent" not in msgspec.json.encode(raw[0])  # absent, not empty: old bytes
+    await nc.drain()
+
+
+def _exporter() -> Any:
+    """The SDK's in-memory exporter behind the global tracer provider (set once: the API
+    allows one global provider per process)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    global _EXPORTER
+    if _EXPORTER is None:
+        _EXPORTER = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        trace.set_tracer_provider(provider)
+    _EXPORTER.clear()
+    return _EXPORTER
+
+
+_EXPORTER: Any = None
+
+
+async def test_otel_emits_a_span_per_decision_under_the_agents_trace(
+    nats_url: str, policies: PolicySet, signer: Signer
+) -> None:
+    exporter = _exporter()
+    nc = await nats.connect(nats_url)
+    outputs = await Collector.on(nc, "guard.*.>")
+    async with Gateway(Settings(nats_url=nats_url, mode="core", otel=True), policies, signer):
+        await nc.publish(
+            "guard.in.agent-1.tools.shell",
+            intent("tools.shell", "tool:shell", {}),
+            headers={"traceparent": TRACE},
+        )
+        await nc.publish(
+            "guard.in.agent-1.tools.search", intent("tools.search", "tool:search", {"q": "x"})
+        )
+        await round_trip(nc)
+        await outputs.wait_for(2)
+    spans = {s.attributes["bus_guard.action"]: s for s in exporter.get_finished_spans()}
+    assert sorted(spans) == ["tools.search", "tools.shell"]
+    shell, search = spans["tools.shell"], spans["tools.search"]
+    assert shell.name == "bus_guard decide"
+    assert shell.context.trace_id == int(TRACE.split("-")[1], 16)  # the agent's trace
+    assert shell.parent is not None and shell.parent.span_id == int(TRACE.split("-")[2], 16)
+    assert (shell.attributes["bus_guard.effect"], shell.attributes["bus_guard.reason"]) == (
+        "deny",
+        "denied_by_rule",
+    )
+    assert search.parent is None and search.context.trace_id != shell.context.trace_id
+    assert search.attributes["bus_guard.effect"] == "allow"
+    assert shell.end_time >= shell.start_time
+    await nc.drain()
+
+
+async def test_without_otel_no_span(nats_url: str, policies: PolicySet, signer: Signer) -> None:
+    exporter = _exporter()
+    nc = await nats.connect(nats_url)
+    outputs = await Collector.on(nc, "guard.*.>")
+    async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer):
+        await nc.publish(
+            "guard.in.agent-1.tools.shell",
+            intent("tools.shell", "tool:shell", {}),
+            headers={"traceparent": TRACE},
+        )
+        await round_trip(nc)
+        await outputs.wait_for(1)
+    assert exporter.get_finished_spans() == ()
     await nc.drain()

@@ -119,6 +119,7 @@ class SettingOption:
     # An environment variable whose value, if set, is the default (then not required).
     env: str | None = None
     parse: Callable[[str], Any] | None = None  # default: the type of the field's default
+    flag_only: bool = False  # a boolean setting: the flag alone turns it on
 
     @property
     def dest(self) -> str:
@@ -139,6 +140,15 @@ class SettingOption:
 
     def add_to(self, group: argparse._ActionsContainer) -> None:
         value = self.default
+        if self.flag_only:
+            group.add_argument(
+                self.flag,
+                dest=self.dest,
+                action="store_true",
+                default=value,
+                help=_with_default(self.help, value),
+            )
+            return
         kw: dict[str, Any] = {"dest": self.dest, "metavar": self.metavar}
         if self.env is not None and os.environ.get(self.env):
             kw.update(default=os.environ[self.env], help=f"{self.help} (default: ${self.env})")
@@ -215,6 +225,14 @@ _GATEWAY: Final = (
         "log each decision (logger bus_guard.decisions; with --log-format json its fields "
         "are JSON fields): off, denied (denials, holds, would-deny) or all",
         choices=get_args(LogDecisions),
+    ),
+    SettingOption(
+        "--otel",
+        "otel",
+        "emit a span per decision through OpenTelemetry, a child of the agent's span when "
+        "its intent carries a traceparent (needs the otel extra; exporter and endpoint from "
+        "the standard OTEL_* settings, e.g. opentelemetry-instrument bus-guard run ...)",
+        flag_only=True,
     ),
     SettingOption(
         "--max-reconnects",

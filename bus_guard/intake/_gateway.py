@@ -43,6 +43,7 @@ from bus_guard.intake._preflight import ensure
 from bus_guard.intake._service import GatewayService, status_document
 from bus_guard.intake._stream import StreamIntake
 from bus_guard.intake._tally import DecisionTally, TallySnapshot
+from bus_guard.intake._trace import DecisionSpans
 from bus_guard.ledger._records import CheckpointSigner
 from bus_guard.pipeline import MAX_HEADER_BYTES, PolicySetLike, Standing
 from bus_guard.server import server_version_problem
@@ -210,6 +211,7 @@ class Gateway(AsyncContextManagerMixin):
         self._counters = _Counters()
         self._tally = DecisionTally()
         self._log_decisions = _LOG_DECISIONS[settings.log_decisions]
+        self._spans = DecisionSpans() if settings.otel else None
         self._started_at = time.monotonic()
         # When the active policy set became active (monotonic): readiness judges its age.
         self.policies_since = self._started_at
@@ -472,7 +474,10 @@ class Gateway(AsyncContextManagerMixin):
         # replay is no policy reason, so observe mode never lets one through).
         counters = self._counters
         effect = record.effect
-        self._tally.decided(effect, record.reason, self._clock() - record.ts)
+        now = self._clock()
+        self._tally.decided(effect, record.reason, now - record.ts)
+        if self._spans is not None:
+            self._spans.decided(record, now)
         if self._log_decisions and (
             effect != "allow" or record.would_deny or self._log_decisions == _LOG_ALL
         ):
