@@ -53,16 +53,21 @@ async def test_core_mode_records_and_signs_the_agents_trace(
     denies = await Collector.on(nc, "guard.deny.>")
     holds = await Collector.on(nc, "guard.hold.>")
     async with Gateway(Settings(nats_url=nats_url, mode="core"), policies, signer):
-        search = intent("tools.search", "tool:search", {"q": "x"})
-        shell = intent("tools.shell", "tool:shell", {})
-        await nc.publish("guard.in.agent-1.tools.search", search, headers={"traceparent": TRACE})
-        await nc.publish("guard.in.agent-1.tools.shell", shell, headers={"traceparent": OTHER})
+        # fresh intent ids each (a repeated one is a replay: denied)
+        def search() -> bytes:
+            return intent("tools.search", "tool:search", {"q": "x"})
+
+        def shell() -> bytes:
+            return intent("tools.shell", "tool:shell", {})
+
+        await nc.publish("guard.in.agent-1.tools.search", search(), headers={"traceparent": TRACE})
+        await nc.publish("guard.in.agent-1.tools.shell", shell(), headers={"traceparent": OTHER})
         await nc.publish(
             "guard.in.agent-9.payments.transfer", _HOLD, headers={"traceparent": TRACE}
         )
         # an invalid one: decided as without it, recorded nowhere
-        await nc.publish("guard.in.agent-1.tools.shell", shell, headers={"traceparent": "bogus"})
-        await nc.publish("guard.in.agent-1.tools.search", search, headers={"traceparent": "x-y"})
+        await nc.publish("guard.in.agent-1.tools.shell", shell(), headers={"traceparent": "bogus"})
+        await nc.publish("guard.in.agent-1.tools.search", search(), headers={"traceparent": "x-y"})
         await round_trip(nc)
         await execs.wait_for(2)
         await denies.wait_for(2)
