@@ -22,7 +22,11 @@ from .streamkit import eventually, ledger_decisions, stream_gateway, stream_sett
 
 TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 OTHER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
-_HOLD = intent("payments.transfer", "account:acct-1", {"amount": 5000, "currency": "USD"})
+
+
+def _hold() -> bytes:
+    """A transfer the shipped policies hold (made when sent: its ts must be fresh)."""
+    return intent("payments.transfer", "account:acct-1", {"amount": 5000, "currency": "USD"})
 
 
 @pytest.mark.parametrize(
@@ -63,7 +67,7 @@ async def test_core_mode_records_and_signs_the_agents_trace(
         await nc.publish("guard.in.agent-1.tools.search", search(), headers={"traceparent": TRACE})
         await nc.publish("guard.in.agent-1.tools.shell", shell(), headers={"traceparent": OTHER})
         await nc.publish(
-            "guard.in.agent-9.payments.transfer", _HOLD, headers={"traceparent": TRACE}
+            "guard.in.agent-9.payments.transfer", _hold(), headers={"traceparent": TRACE}
         )
         # an invalid one: decided as without it, recorded nowhere
         await nc.publish("guard.in.agent-1.tools.shell", shell(), headers={"traceparent": "bogus"})
