@@ -314,13 +314,14 @@ def test_missing_value_trace(table: PolicySet) -> None:
     assert not trace.condition.present and trace.condition.actual is None
 
 
-def test_deterministic_and_cached(table: PolicySet) -> None:
+def test_deterministic_and_keeps_no_state_per_request(table: PolicySet) -> None:
     request = req("ladder.go", {"deny": True})
     first = table.evaluate(request)
     assert all(table.evaluate(request) == first for _ in range(50))
-    for i in range(CACHE_SIZE + 100):  # the candidate cache stays bounded
-        table.evaluate(req(f"x{i}.y"))
-    assert len(table._cache) <= CACHE_SIZE
+    memo = len(table._decisions)
+    for i in range(CACHE_SIZE + 100):  # nothing is kept per (principal, action)
+        table.evaluate(req(f"x{i}.y", principal=f"p{i}"))
+    assert len(table._decisions) == memo <= CACHE_SIZE
     assert table.evaluate(request) == first
 
 
