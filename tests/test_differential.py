@@ -34,7 +34,9 @@ from hypothesis import strategies as st
 
 from bus_guard.decision import ParentView, Reason, Request
 from bus_guard.errors import PolicyError
+from bus_guard.policy._evaluator import PRODUCT_LIMIT
 from bus_guard.policy._load import PolicySet, load_policy_sources
+from bus_guard.policy._patterns import GlobIndex
 from bus_guard.signing import public_jwk
 from tests.reference import RefBundle, kind, reference
 
@@ -223,18 +225,30 @@ def bundle(draw: st.DrawFn, name: str) -> dict[str, Any]:
     )
     # Some bundles declare params.n a number: their allow rules may sum it.
     typed = draw(st.integers(0, 2)) == 0
+    # A big bundle (one in five) draws its rules' principals and actions from a few
+    # patterns, so that many rules share an index bucket (principal class, action) and the
+    # evaluator indexes the bucket's resources instead of testing them in turn.
+    big = draw(st.integers(0, 4)) == 0
+    if big:
+        principal_patterns = st.sampled_from(["*", "*", "agent-*", IDS[0], *sorted(groups)[:1]])
+        principal_patterns = principal_patterns.map(lambda p: f"group:{p}" if p in GROUPS else p)
+    actions = st.sampled_from(["a.b", "a.>", ">"]) if big else action_patterns
     rules = []
-    for i in range(draw(st.integers(1, 8))):
+    for i in range(draw(st.integers(12, 30) if big else st.integers(1, 8))):
         effect = draw(st.sampled_from(["allow", "allow", "deny", "escalate"]))
         rule: dict[str, Any] = {
             "id": f"{name}-r{i}",
             "effect": effect,
             "principals": draw(st.lists(principal_patterns, min_size=1, max_size=2)),
-            "actions": draw(st.lists(action_patterns, min_size=1, max_size=2)),
+            "actions": draw(st.lists(actions, min_size=1, max_size=2)),
             "resources": draw(st.lists(resource_patterns, min_size=1, max_size=2)),
         }
+        if draw(st.integers(0, 19)) == 0:
+            # Wide: more (principal class, action) pairs than the index files one by one.
+            rule["principals"] = sorted({*IDS, *PRINCIPAL_GLOBS[:3]} - {"x"})
+            rule["actions"] = ["a", "b", "c", "a.b", "b.a", "a.*", "*.b", "b.>"]
         # Unconditional denies and escalates are what make other rules unreachable.
-        if draw(st.integers(0, 9)) < (5 if effect == "allow" else 8):
+        if draw(st.integers(0, 9)) < (5 if effect == "allow" else 9 if big else 8):
             rule["when"] = draw(condition(attributes, typed))
         if effect == "allow":
             if draw(st.booleans()):
@@ -392,6 +406,8 @@ class Tally:
     approvers_held: int = 0  # holds with approvers to ask
     limited: int = 0  # allows carrying limits
     unlimited_over_limited: int = 0  # a limited rule allowed, but so did an unlimited one
+    indexed: int = 0  # policy sets with a bucket big enough to index its resources
+    wide: int = 0  # policy sets with a rule filed under one side (principals or actions)
 
 
 def instance(pattern: str, wild: str, one: str) -> str:
@@ -429,6 +445,9 @@ def check(bundles: list[dict[str, Any]], requests: list[Request], tally: Tally) 
     limited = {r["id"] for b in bundles for r in b["rules"] if "limits" in r}
     tally.bundles += 1
     tally.outcomes = tally.outcomes or {}
+    buckets = [b for by_action in policies._index.values() for b in by_action.values()]
+    tally.indexed += any(isinstance(b, GlobIndex) for b in buckets)
+    tally.wide += any(len(r.principals) * len(r.actions) > PRODUCT_LIMIT for r in policies.rules)
     mismatches = []
     for base in aimed(bundles, requests):
         # Every request as every principal: groups, globs and attributes all get exercised.
@@ -499,12 +518,14 @@ def test_the_ci_run_exercised_every_outcome() -> None:
     }, CI.outcomes
     assert CI.constrained_allows and CI.tainted and CI.approvers_held, CI
     assert CI.limited and CI.unlimited_over_limited, CI
+    assert CI.indexed and CI.wide, CI
     assert CI.disagreements == 0
     print(
         f"\nS16 CI run: bundles={CI.bundles} pairs={CI.pairs} outcomes={CI.outcomes}"
         f" constrained_allows={CI.constrained_allows} tainted={CI.tainted}"
         f" approvers_held={CI.approvers_held} limited={CI.limited}"
-        f" unlimited_over_limited={CI.unlimited_over_limited}"
+        f" unlimited_over_limited={CI.unlimited_over_limited} indexed={CI.indexed}"
+        f" wide={CI.wide}"
     )
 
 
