@@ -365,6 +365,7 @@ class PolicySet:
         "_globs",
         "_index",
         "_infos",
+        "_named_actions",
         "_order",
         "_principals",
         "_rules",
@@ -391,6 +392,7 @@ class PolicySet:
     _infos: tuple[BundleInfo, ...]
     _index: dict[Key, ByAction]
     _actions: ActionKeys
+    _named_actions: Mapping[str, Sequence[str]]  # the keys of the actions rules name exactly
     # principal id -> (its classes' buckets, its pattern classes' allow actions)
     _principals: dict[str, tuple[tuple[ByAction, ...], tuple[frozenset[str], ...]]]
     _any: tuple[tuple[ByAction, ...], tuple[frozenset[str], ...]]  # ("*",): everyone's
@@ -427,6 +429,7 @@ class PolicySet:
         contexts = contexts or {}
         index = _Index(order, contexts)
         buckets = index.buckets()
+        actions = ActionKeys(a for by_action in buckets.values() for a in by_action)
         allow_keys = {k: frozenset(v) for k, v in index.allow_keys.items()}
         fields: dict[str, object] = {
             "digest": digest,
@@ -440,7 +443,8 @@ class PolicySet:
             "_approver_keys": dict(approver_keys or {}),
             "_infos": infos_,
             "_index": buckets,
-            "_actions": ActionKeys(a for by_action in buckets.values() for a in by_action),
+            "_actions": actions,
+            "_named_actions": actions.named,
             "_allow_keys": allow_keys,
             "_wide_allows": tuple(index.wide_allows),
             "_decisions": {},  # (reason, rule ids) -> Decision, bounded by CACHE_SIZE
@@ -589,10 +593,12 @@ class PolicySet:
         principal = request.principal
         found = self._principals.get(principal)
         classes = found[0] if found is not None else self._classes(principal)
-        keys = self._actions.keys(action)
+        keys = self._named_actions.get(action)
+        if keys is None:
+            keys = self._actions.keys(action)
         resource = request.resource
         hits: list[int] = []
-        unmet: list[int] = []
+        unmet: list[int] | None = None  # allow rules that failed their lineage alone
         for by_action in classes:
             for key in keys:
                 bucket = by_action.get(key)
@@ -604,13 +610,23 @@ class PolicySet:
                     if (res is None or res(resource)) and (check is None or check(request)):
                         if lineage is None or lineage(request):
                             hits += ids
+                        elif unmet is None:
+                            unmet = list(ids)
                         else:
                             unmet += ids
         if hits:
             if len(hits) == 1:
                 return self._single[hits[0]]
             return self._many(hits)
-        no_match = self._no_match(principal, action, self._allow_matched(principal, action, keys))
+        # Whether some allow rule's principal and action patterns matched (its resource,
+        # condition or lineage did not): the denial says so.
+        for actions in found[1] if found is not None else self._flags(principal):
+            if not actions.isdisjoint(keys):
+                allow = True
+                break
+        else:
+            allow = bool(self._wide_allows) and self._wide_allowed(principal, action)
+        no_match = self._no_match(principal, action, allow)
         if unmet:
             order = self._order
             return self._unmet(request, [order[i] for i in sorted(set(unmet))], no_match)
@@ -626,18 +642,14 @@ class PolicySet:
             end, reason = self._escalate_end, Reason.ESCALATED_BY_RULE
         else:
             end, reason = len(self._order), Reason.ALLOWED_BY_RULE
-        group = {i for i in hits if i < end}
-        if len(group) == 1:  # a deny over allows, say
+        group = [i for i in hits if i < end]
+        if len(group) == 1 or len(group := sorted(set(group))) == 1:  # a deny over allows
             return self._single[first]
         order = self._order
-        return self._ruled(reason, tuple(order[i].id for i in sorted(group)))
+        return self._ruled(reason, tuple(order[i].id for i in group))
 
-    def _allow_matched(self, principal: str, action: str, keys: Sequence[str]) -> bool:
-        """Whether some allow rule's principal and action patterns match (its resource,
-        condition or lineage did not): the no-match message says so."""
-        for actions in self._flags(principal):
-            if not actions.isdisjoint(keys):
-                return True
+    def _wide_allowed(self, principal: str, action: str) -> bool:
+        """Whether an allow rule filed under one side only matches both."""
         return any(
             r.match_principal(principal) and r.match_action(action) for r in self._wide_allows
         )

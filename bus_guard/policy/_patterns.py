@@ -376,7 +376,7 @@ class ActionKeys:
     actions that rules name exactly, the keys are computed once, here.
     """
 
-    __slots__ = ("_any", "_named", "_star_keys", "_stars", "_tails")
+    __slots__ = ("_any", "_star_keys", "_stars", "_tails", "named")
 
     def __init__(self, patterns: Iterable[str]) -> None:
         distinct = dict.fromkeys(patterns)
@@ -397,15 +397,16 @@ class ActionKeys:
             if stars
             else None
         )
-        self._named: dict[str, tuple[str, ...]] = {}
+        # The actions rules name exactly, with their keys computed once.
+        self.named: dict[str, tuple[str, ...]] = {}
         for pattern in distinct:
             if "*" not in pattern and ">" not in pattern:
-                self._named[pattern] = tuple(self._compute(pattern))
+                self.named[pattern] = tuple(self._compute(pattern))
 
     def keys(self, action: str) -> Sequence[str]:
         """The patterns matching *action*, itself first (a pattern may come twice when an
         action is written like one: ``a.*`` as an action)."""
-        found = self._named.get(action)
+        found = self.named.get(action)
         if found is not None:
             return found
         return self._compute(action)
