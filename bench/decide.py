@@ -29,8 +29,9 @@ Two parts, each run ``--runs`` times (medians reported):
    size back to back (sizes measured minutes apart on a shared machine drift by more
    than the growth itself), with the harness's own inputs frozen out of the garbage
    collector's sight (``gc.freeze``). Every time is given twice: from the loop's rate
-   (mean) and as single calls' p50; on a shared machine the p50 is the steadier. Cedar and Rego are skipped, with a note, when ``cedarpy`` /
-   ``opa-eval`` are not installed (``pip install -e '.[bench]'``).
+   (mean) and as single calls' p50; on a shared machine the p50 is the steadier. Cedar
+   and Rego are skipped, with a note, when ``cedarpy`` / ``opa-eval`` are not installed
+   (``pip install -e '.[bench]'``).
 
     python -m bench.decide --families all --rules 10,100,1000,10000 --runs 3
 """

@@ -36,7 +36,6 @@ from bus_guard.decision import ParentView, Reason, Request
 from bus_guard.errors import PolicyError
 from bus_guard.policy._evaluator import PRODUCT_LIMIT
 from bus_guard.policy._load import PolicySet, load_policy_sources
-from bus_guard.policy._patterns import GlobIndex
 from bus_guard.signing import public_jwk
 from tests.reference import RefBundle, kind, reference
 
@@ -407,6 +406,7 @@ class Tally:
     limited: int = 0  # allows carrying limits
     unlimited_over_limited: int = 0  # a limited rule allowed, but so did an unlimited one
     indexed: int = 0  # policy sets with a bucket big enough to index its resources
+    by_param: int = 0  # ... and rules in it found by a param's value
     wide: int = 0  # policy sets with a rule filed under one side (principals or actions)
 
 
@@ -446,7 +446,9 @@ def check(bundles: list[dict[str, Any]], requests: list[Request], tally: Tally) 
     tally.bundles += 1
     tally.outcomes = tally.outcomes or {}
     buckets = [b for by_action in policies._index.values() for b in by_action.values()]
-    tally.indexed += any(isinstance(b, GlobIndex) for b in buckets)
+    big = [b for b in buckets if not isinstance(b, tuple)]
+    tally.indexed += bool(big)
+    tally.by_param += any(b.by_param for b in big)
     tally.wide += any(len(r.principals) * len(r.actions) > PRODUCT_LIMIT for r in policies.rules)
     mismatches = []
     for base in aimed(bundles, requests):
@@ -518,13 +520,14 @@ def test_the_ci_run_exercised_every_outcome() -> None:
     }, CI.outcomes
     assert CI.constrained_allows and CI.tainted and CI.approvers_held, CI
     assert CI.limited and CI.unlimited_over_limited, CI
-    assert CI.indexed and CI.wide, CI
+    assert CI.indexed and CI.by_param and CI.wide, CI
     assert CI.disagreements == 0
     print(
         f"\nS16 CI run: bundles={CI.bundles} pairs={CI.pairs} outcomes={CI.outcomes}"
         f" constrained_allows={CI.constrained_allows} tainted={CI.tainted}"
         f" approvers_held={CI.approvers_held} limited={CI.limited}"
         f" unlimited_over_limited={CI.unlimited_over_limited} indexed={CI.indexed}"
+        f" by_param={CI.by_param}"
         f" wide={CI.wide}"
     )
 

@@ -695,6 +695,12 @@ def _shape_rules(shape: str, n: int) -> list[dict[str, Any]]:
                         ]
                     },
                 }
+            case "deny-list by param":
+                rule |= {
+                    "effect": "deny",
+                    "actions": ["payments.>"],
+                    "when": {"field": "params.to", "in": [f"acct-{i}", f"iban-{i}"]},
+                }
             case "roles":
                 rule |= {
                     "effect": "allow",
@@ -717,6 +723,7 @@ SHAPES = [
     "exact deny-list",
     "suffix escalations with attributes",
     "allows keyed by an attribute",
+    "deny-list by param",
     "roles",
     "per principal",
 ]
@@ -727,6 +734,9 @@ SHAPE_REQUESTS = [
     req("svc1.write", {"n": 9}, "emp8", "app-x8-env"),
     req("docs.read", {"n": 1}, "emp4", "x"),
     req("app.read", {}, "user12", "x"),
+    req("payments.send", {"to": "acct-9"}, "user12", "x"),
+    req("payments.send", {"to": ["x", "iban-11"]}, "user12", "x"),
+    req("payments.send", {"to": 9}, "user12", "x"),
     req("tools.search", {}, "stranger", "zone12/x"),
     req("nothing.here", {}, "stranger", "nowhere"),
 ]

@@ -51,13 +51,14 @@ import gc
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from bus_guard.decision import Decision, Effect, HoldTerms, LimitSpec, Mode, Reason, Request
 from bus_guard.policy._approvers import ApproverKeys, KeyFiles, approver_keys
 from bus_guard.policy._conditions import (
     Attributes,
     ConditionTrace,
+    Getter,
     LeafNode,
     Predicate,
     conjuncts,
@@ -108,7 +109,7 @@ PRODUCT_LIMIT: Final = 64
 Key = tuple[Any, ...]  # a principal class: ("*",), ("i", id), ("g", bundle, group), ...
 # (resource matcher or None: no test; check or None; rule positions; lineage or None)
 Entry = tuple[Callable[[str], bool] | None, Predicate | None, tuple[int, ...], Predicate | None]
-Bucket = tuple[Entry, ...] | GlobIndex[Entry]
+Bucket: TypeAlias = "tuple[Entry, ...] | _Big"
 ByAction = dict[str, Bucket]
 _ANY: Final[Key] = ("*",)
 _NO_BUCKETS: Final[ByAction] = {}
@@ -190,10 +191,27 @@ def _tag(value: object) -> str | None:
 def _value_classes(bundle: str, name: str, value: object) -> list[Key]:
     """The attribute classes of a principal whose attribute *name* is *value*: ``v`` for a
     scalar (what ``eq`` and ``in`` test), ``e`` for each scalar of a list (``in`` only)."""
+    return [(kind, bundle, name, *rest) for kind, *rest in _value_keys(value)]
+
+
+def _equal_keys(leaf: LeafNode) -> list[Key] | None:
+    """The keys of the values for which *leaf* (``eq`` or ``in``) can hold: ``v`` for a
+    scalar value (what ``eq`` and ``in`` test), ``e`` for a scalar in a list value (what
+    ``in`` tests); ``None`` for another operator."""
+    if leaf.op == "eq" and (tag := _tag(leaf.value)) is not None:
+        return [("v", tag, leaf.value)]
+    if leaf.op == "in":
+        tagged = [(t, x) for x in leaf.value if (t := _tag(x)) is not None]
+        return [(kind, t, x) for t, x in tagged for kind in ("v", "e")]
+    return None
+
+
+def _value_keys(value: object) -> list[Key]:
+    """The keys under which :func:`_equal_keys` files the comparisons *value* meets."""
     if (tag := _tag(value)) is not None:
-        return [("v", bundle, name, tag, value)]
+        return [("v", tag, value)]
     if type(value) is list:
-        return [("e", bundle, name, t, x) for x in value if (t := _tag(x)) is not None]
+        return [("e", t, x) for x in value if (t := _tag(x)) is not None]
     return []
 
 
@@ -201,14 +219,9 @@ def _leaf_classes(bundle: str, leaf: LeafNode) -> list[Key] | None:
     """The attribute classes a principal must be in for *leaf* (``principal.<a> eq`` or
     ``in``) to hold; ``None`` when it is not such a comparison."""
     name = leaf.field.removeprefix("principal.")
-    if name == leaf.field or "." in name:
+    if name == leaf.field or "." in name or (keys := _equal_keys(leaf)) is None:
         return None
-    if leaf.op == "eq" and (tag := _tag(leaf.value)) is not None:
-        return [("v", bundle, name, tag, leaf.value)]
-    if leaf.op == "in":
-        tagged = [(t, x) for x in leaf.value if (t := _tag(x)) is not None]
-        return [(kind, bundle, name, t, x) for t, x in tagged for kind in ("v", "e")]
-    return None
+    return [(kind, bundle, name, *rest) for kind, *rest in keys]
 
 
 def _class_counts(attributes: Attributes, bundle: str, name: str) -> dict[Key, int]:
@@ -333,20 +346,68 @@ def _bucket(placed: Sequence[tuple[int, CompiledRule, Predicate | None]]) -> Buc
             (
                 None if any(p.strip("*") == "" for p in rule.resources) else rule.match_resource,
                 check,
-                positions,
+                ids,
                 lineage,
             )
-            for rule, check, positions, lineage in entries
+            for rule, check, ids, lineage in entries
         )
-    return GlobIndex(
-        (pattern, (None, check, positions, lineage))
-        for rule, check, positions, lineage in entries
-        for pattern in dict.fromkeys(rule.resources)
+    # Many entries: by resource, except those for any resource that require a param's
+    # value (a deny-list written a rule per value), which are found by that value.
+    by_param: dict[str, tuple[Getter, dict[Key, list[Entry]]]] = {}
+    by_resource = []
+    for rule, check, ids, lineage in entries:
+        entry: Entry = (None, check, ids, lineage)
+        if any(p.strip("*") == "" for p in rule.resources):
+            for leaf in conjuncts(rule.condition):
+                if leaf.field.startswith("params.") and (keys := _equal_keys(leaf)):
+                    table = by_param.setdefault(leaf.field, (leaf.get, {}))[1]
+                    for key in dict.fromkeys(keys):
+                        table.setdefault(key, []).append(entry)
+                    break
+            else:
+                by_resource += [(p, entry) for p in dict.fromkeys(rule.resources)]
+        else:
+            by_resource += [(p, entry) for p in dict.fromkeys(rule.resources)]
+    return _Big(
+        GlobIndex(by_resource),
+        tuple((get, {k: tuple(v) for k, v in table.items()}) for get, table in by_param.values()),
     )
 
 
+class _Big:
+    """A bucket of many entries: found by resource (:class:`GlobIndex`) and, for entries
+    of any resource whose condition requires a param's value (``all`` of ``params.<p> eq``
+    or ``in``), by the request's value of that param."""
+
+    __slots__ = ("by_param", "resources")
+
+    def __init__(
+        self,
+        resources: GlobIndex[Entry],
+        by_param: tuple[tuple[Getter, dict[Key, tuple[Entry, ...]]], ...],
+    ) -> None:
+        self.resources = resources
+        self.by_param = by_param
+
+    def find(self, request: Request) -> list[Entry]:
+        """Every entry that may apply: the rest of its check decides."""
+        found = self.resources.match(request.resource)
+        for get, table in self.by_param:
+            for key in _value_keys(get(request)):
+                hit = table.get(key)
+                if hit is not None:
+                    found += hit
+        return found
+
+    def entries(self) -> list[Entry]:
+        return [
+            *self.resources.payloads(),
+            *{id(e): e for _, t in self.by_param for es in t.values() for e in es}.values(),
+        ]
+
+
 def _entries(bucket: Bucket) -> Sequence[Entry]:
-    return bucket if type(bucket) is tuple else bucket.payloads()  # type: ignore[union-attr]
+    return bucket if type(bucket) is tuple else bucket.entries()  # type: ignore[union-attr]
 
 
 class PolicySet:
@@ -605,7 +666,7 @@ class PolicySet:
                 if bucket is None:
                     continue
                 for res, check, ids, lineage in (
-                    bucket if type(bucket) is tuple else bucket.match(resource)  # type: ignore[union-attr]
+                    bucket if type(bucket) is tuple else bucket.find(request)  # type: ignore[union-attr]
                 ):
                     if (res is None or res(resource)) and (check is None or check(request)):
                         if lineage is None or lineage(request):
