@@ -34,9 +34,11 @@ is no per-(principal, action) cache: every request walks one index, three levels
    a request looks up each pattern its action matches (:class:`ActionKeys`: itself, its
    ``p.>`` prefixes, ``>``, the ``*`` patterns from a trie).
 3. *Resources.* A (class, action pattern) bucket of a few rules is a short tuple tested
-   in order; a larger one is a :class:`GlobIndex` over the rules' resource patterns
-   (exact values, literal starts, literal ends), so ten thousand ``zone<i>/*`` denies
-   for anyone cost a few dict lookups.
+   in order; a larger one (:class:`_Big`) is a :class:`GlobIndex` over the rules'
+   resource patterns (exact values, literal starts, literal ends), so ten thousand
+   ``zone<i>/*`` denies for anyone cost a few dict lookups; its rules for any resource
+   whose condition requires a param's value (``params.to eq acct-7``) are found by the
+   request's value of that param.
 
 Only the rules found that way have their condition tested; rules of one bucket with the
 same resources and the same (hash-consed) condition are one entry, tested once. A rule
