@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bus_guard.decision import Decision, Effect, Reason, Request
-from bus_guard.policy._evaluator import CACHE_SIZE
+from bus_guard.policy._evaluator import CACHE_SIZE, _resource_test
 from bus_guard.policy._load import PolicySet, load_policy_sources
 from bus_guard.policy._patterns import (
     ActionKeys,
@@ -918,6 +918,33 @@ def test_glob_index_finds_exactly_the_matching_globs(
     for value in [*values, *patterns]:
         expected = sorted(i for i, p in enumerate(patterns) if glob_matcher(p)(value))
         assert sorted(index.match(value)) == expected, (patterns, value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(globs.filter(bool), min_size=1, max_size=2),
+    st.lists(st.text("ab:", max_size=7), max_size=8),
+)
+def test_inline_resource_tests_agree_with_the_matcher(
+    patterns: list[str], values: list[str]
+) -> None:
+    # A bucket tests one p*, *s or p*s resource pattern inline (startswith / endswith)
+    # instead of calling the rule's matcher: both must agree on every value.
+    policies = compile_bundle(
+        {
+            "bundle": "r",
+            "version": "1",
+            "rules": [{"id": "r", "effect": "allow", "actions": ["a"], "resources": patterns}],
+        }
+    )
+    (rule,) = policies.rules
+    head, tail, start, res = _resource_test(rule)
+    for value in [*values, *patterns]:
+        inline = (not head or value.startswith(head)) and (not tail or value.endswith(tail, start))
+        assert (res(value) if res is not None else inline) == rule.match_resource(value), (
+            patterns,
+            value,
+        )
 
 
 action_pattern = st.lists(st.sampled_from(["a", "b", "*"]), max_size=2).flatmap(

@@ -101,7 +101,7 @@ log = logging.getLogger(__name__)
 CACHE_SIZE: Final = 16384
 # A (class, action) bucket of at most this many entries is a tuple tested in order; a
 # larger one indexes its resource patterns.
-SMALL_BUCKET: Final = 6
+SMALL_BUCKET: Final = 4
 # A rule is filed under (principal class x action pattern) pairs; one naming more pairs
 # than this is filed under its classes (or its actions, if fewer) and checks the other
 # side when found, so a rule listing 1,000 principals and 1,000 actions is not a million
@@ -109,8 +109,17 @@ SMALL_BUCKET: Final = 6
 PRODUCT_LIMIT: Final = 64
 
 Key = tuple[Any, ...]  # a principal class: ("*",), ("i", id), ("g", bundle, group), ...
-# (resource matcher or None: no test; check or None; rule positions; lineage or None)
-Entry = tuple[Callable[[str], bool] | None, Predicate | None, tuple[int, ...], Predicate | None]
+# (literal start and end the resource must have, "" for none, and where the end may
+# begin; or its matcher instead of them; check or None; rule positions; lineage or None)
+Entry = tuple[
+    str,
+    str,
+    int,
+    Callable[[str], bool] | None,
+    Predicate | None,
+    tuple[int, ...],
+    Predicate | None,
+]
 Bucket: TypeAlias = "tuple[Entry, ...] | _Big"
 ByAction = dict[str, Bucket]
 _ANY: Final[Key] = ("*",)
@@ -345,20 +354,14 @@ def _bucket(placed: Sequence[tuple[int, CompiledRule, Predicate | None]]) -> Buc
         entries.append((rule, check, tuple(sorted(set(positions))), lineage))
     if len(entries) <= SMALL_BUCKET:
         return tuple(
-            (
-                None if any(p.strip("*") == "" for p in rule.resources) else rule.match_resource,
-                check,
-                ids,
-                lineage,
-            )
-            for rule, check, ids, lineage in entries
+            (*_resource_test(rule), check, ids, lineage) for rule, check, ids, lineage in entries
         )
     # Many entries: by resource, except those for any resource that require a param's
     # value (a deny-list written a rule per value), which are found by that value.
     by_param: dict[str, tuple[Getter, dict[Key, list[Entry]]]] = {}
     by_resource = []
     for rule, check, ids, lineage in entries:
-        entry: Entry = (None, check, ids, lineage)
+        entry: Entry = ("", "", 0, None, check, ids, lineage)
         if any(p.strip("*") == "" for p in rule.resources):
             for leaf in conjuncts(rule.condition):
                 if leaf.field.startswith("params.") and (keys := _equal_keys(leaf)):
@@ -374,6 +377,22 @@ def _bucket(placed: Sequence[tuple[int, CompiledRule, Predicate | None]]) -> Buc
         GlobIndex(by_resource),
         tuple((get, {k: tuple(v) for k, v in table.items()}) for get, table in by_param.values()),
     )
+
+
+def _resource_test(rule: CompiledRule) -> tuple[str, str, int, Callable[[str], bool] | None]:
+    """How a bucket tests a rule's resources: one ``p*``, ``*s`` or ``p*s`` inline, with
+    ``str.startswith`` and ``endswith`` from ``len(p)`` (the start and end never share
+    characters, as :func:`~bus_guard.policy._patterns.glob_matcher` has it; no call to a
+    matcher for the common patterns, once per entry a request meets), ``*`` not at all,
+    else the rule's matcher."""
+    if any(p.strip("*") == "" for p in rule.resources):
+        return "", "", 0, None
+    if len(rule.resources) == 1:
+        (pattern,) = rule.resources
+        if pattern.count("*") == 1 and "?" not in pattern:
+            head, _, tail = pattern.partition("*")
+            return head, tail, len(head), None
+    return "", "", 0, rule.match_resource
 
 
 class _Big:
@@ -421,6 +440,7 @@ class PolicySet:
         "_any",
         "_approver_keys",
         "_by_id",
+        "_by_positions",
         "_decisions",
         "_deny_end",
         "_escalate_end",
@@ -465,6 +485,7 @@ class PolicySet:
     _wide_allows: tuple[CompiledRule, ...]
     _single: tuple[Decision, ...]  # by position: the decision of that rule alone
     _decisions: dict[tuple[Reason, tuple[str, ...]], Decision]
+    _by_positions: dict[tuple[int, ...], Decision]  # the same, by the rules' positions
     _schema_decls: tuple[tuple[tuple[str, str, str], ...], ...]
     _schema_index: ActionIndex
     _schema_named: dict[str, tuple[tuple[str, str, str], ...]]
@@ -511,6 +532,7 @@ class PolicySet:
             "_allow_keys": allow_keys,
             "_wide_allows": tuple(index.wide_allows),
             "_decisions": {},  # (reason, rule ids) -> Decision, bounded by CACHE_SIZE
+            "_by_positions": {},  # (positions) -> Decision, the same bound
             # Declared param types: (schema key, param, type) per schema; the declarations
             # covering each action a schema names exactly, computed here; others (only if
             # some schema key is a wildcard) on each request, from the trie.
@@ -639,7 +661,7 @@ class PolicySet:
             for key in keys:
                 bucket = by_action.get(key)
                 if bucket is not None:
-                    found.update(i for entry in _entries(bucket) for i in entry[2])
+                    found.update(i for entry in _entries(bucket) for i in entry[5])
         rules = (self._order[i] for i in found)
         return tuple(
             sorted(r.id for r in rules if r.match_principal(principal) and r.match_action(action))
@@ -667,10 +689,17 @@ class PolicySet:
                 bucket = by_action.get(key)
                 if bucket is None:
                     continue
-                for res, check, ids, lineage in (
+                for head, tail, start, res, check, ids, lineage in (
                     bucket if type(bucket) is tuple else bucket.find(request)  # type: ignore[union-attr]
                 ):
-                    if (res is None or res(resource)) and (check is None or check(request)):
+                    if res is not None:
+                        if not res(resource):
+                            continue
+                    elif (head and not resource.startswith(head)) or (
+                        tail and not resource.endswith(tail, start)
+                    ):
+                        continue
+                    if check is None or check(request):
                         if lineage is None or lineage(request):
                             hits += ids
                         elif unmet is None:
@@ -708,8 +737,15 @@ class PolicySet:
         group = [i for i in hits if i < end]
         if len(group) == 1 or len(group := sorted(set(group))) == 1:  # a deny over allows
             return self._single[first]
-        order = self._order
-        return self._ruled(reason, tuple(order[i].id for i in group))
+        key = tuple(group)
+        decision = self._by_positions.get(key)
+        if decision is None:
+            order = self._order
+            decision = self._ruled(reason, tuple(order[i].id for i in group))
+            if len(self._by_positions) >= CACHE_SIZE:
+                self._by_positions.clear()
+            self._by_positions[key] = decision
+        return decision
 
     def _wide_allowed(self, principal: str, action: str) -> bool:
         """Whether an allow rule filed under one side only matches both."""

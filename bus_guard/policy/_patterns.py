@@ -257,6 +257,8 @@ def set_matcher(patterns: Iterable[str]) -> Matcher:
         return lambda value: value in frozen or value.startswith(starts)
     if len(others) == 1:
         other = glob_matcher(others[0])
+        if not frozen and not starts:  # one glob alone: its own matcher, no wrapper call
+            return other
         return lambda value: value in frozen or value.startswith(starts) or other(value)
     matchers = tuple(glob_matcher(p) for p in others)
     return lambda value: (
