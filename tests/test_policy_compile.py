@@ -535,6 +535,31 @@ def test_observe_mode_when_all_agree(tmp_path: Path) -> None:
     assert load_policies(write(tmp_path, {"b.yaml": text})).mode == "observe"
 
 
+def test_a_comparison_compiled_once_is_reported_for_every_rule(tmp_path: Path) -> None:
+    # A bundle compiles each distinct comparison once (in one scope) and reuses it; its
+    # problems are still each rule's own, at each rule's place, and where the schemas
+    # covering a rule differ, the comparison is checked again.
+    problems = problems_of(
+        tmp_path,
+        {
+            "b.yaml": bundle(
+                """\
+                - {id: first, effect: allow, actions: [a], when: {field: principal.team, lt: 3}}
+                - {id: second, effect: allow, actions: [b],
+                   when: {all: [{field: params.n, gt: 0}, {field: principal.team, lt: 3}]}}
+                - {id: third, effect: allow, actions: [payments.transfer],
+                   when: {field: params.amount, eq: "x"}}
+                - {id: fourth, effect: allow, actions: [c], when: {field: params.amount, eq: "x"}}
+                """
+            )
+        },
+    )
+    assert len(problems) == 3, problems
+    assert "rule first: when: 'lt' compares numbers" in problems[0]
+    assert "rule second: when.all[1]: 'lt' compares numbers" in problems[1]
+    assert "rule third: when: the value 'x' is a string" in problems[2]
+
+
 def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
     a = bundle(
         """\

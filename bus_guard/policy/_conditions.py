@@ -140,6 +140,9 @@ class Scope:
     # (schema key, declared params) for every schema covering one of the rule's actions
     schemas: Sequence[tuple[str, Mapping[str, str]]] = ()
     complete: bool = False  # every action of the rule is covered by some schema
+    # The comparisons compiled so far in the bundle, with their problems: rules repeat
+    # them (a department, a limit), and a comparison compiles the same in the same scope.
+    leaves: dict[Any, tuple[LeafNode, tuple[str, ...]]] | None = None
 
 
 def _kind(value: object) -> str:
@@ -358,8 +361,25 @@ def compile_condition(
     if isinstance(cond, Leaf):
         op = cond.op  # a scan of the model's fields (``value`` would scan them again)
         value = getattr(cond, "in_" if op == "in" else op)
+        memo, key = scope.leaves, None
+        if memo is not None:
+            # What the type check sees: the bundle (its attributes), and for a param the
+            # schemas covering the rule's actions.
+            schemas = (
+                (tuple(k for k, _ in scope.schemas), scope.complete)
+                if cond.field.startswith("params.")
+                else None
+            )
+            key = (cond.field, op, _literal(value), schemas)
+            if (found := memo.get(key)) is not None:
+                problems += [(loc, message) for message in found[1]]
+                return found[0]
         node = LeafNode(cond.field, op, value, _getter(cond.field, scope), _test(op, value))
-        _check(node, scope, loc, problems)
+        mine: list[tuple[Loc, str]] = []
+        _check(node, scope, loc, mine)
+        problems += mine
+        if memo is not None:
+            memo[key] = (node, tuple(message for _, message in mine))
         return node
     if isinstance(cond, NotOf):
         return GroupNode("not", (compile_condition(cond.not_, scope, (*loc, "not"), problems),))

@@ -677,6 +677,8 @@ class PolicySet:
                 return self._decision(Reason.MALFORMED, (), wrong)
         principal = request.principal
         found = self._principals.get(principal)
+        if found is None and self._globs is None:
+            found = self._any  # a principal no rule names: in "*" only
         classes = found[0] if found is not None else self._classes(principal)
         keys = self._named_actions.get(action)
         if keys is None:

@@ -41,6 +41,7 @@ _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _GLOB_META: Final = frozenset("*?")
 
 
+@functools.lru_cache(maxsize=8192)  # rules repeat patterns (">", "svc.>"): validated once
 def parse_action_pattern(pattern: str) -> Tokens:
     """Split and validate an action pattern; ``ValueError`` says what is wrong."""
     if not pattern:

@@ -115,6 +115,7 @@ class BundleContext:
     attributes: Attributes
     schemas: Sequence[tuple[str, Tokens, Mapping[str, str]]]
     schema_index: ActionIndex
+    leaves: dict[Any, Any] = field(default_factory=dict)  # Scope.leaves, for the bundle
 
     @classmethod
     def of(
@@ -179,7 +180,7 @@ def compile_rule(
         schemas_ = context.schemas
         covering = [(schemas_[i][0], schemas_[i][2]) for i in sorted(set().union(*covered))]
         complete = all(covered)
-    scope = Scope(context.attributes, covering, complete)
+    scope = Scope(context.attributes, covering, complete, context.leaves)
     condition = None
     if rule.when is not None:
         cond_problems: list[tuple[Loc, str]] = []
