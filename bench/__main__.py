@@ -1,8 +1,9 @@
 """Run the benchmark suite: ``python -m bench [--smoke] [--only NAME,...]``.
 
 Each program prints a readable table and then its JSON document; every one measures its
-baseline in the same run. The full suite takes about half an hour on a 2-core machine
-(the memory run drives 1,000,000 intents); ``--smoke`` runs each with tiny counts.
+baseline in the same run. The full suite takes over an hour on a 2-core machine (the
+decide run, seven policy families at four sizes against Cedar and Rego, about 40 minutes;
+the memory run drives 1,000,000 intents); ``--smoke`` runs each with tiny counts.
 """
 
 from __future__ import annotations
@@ -11,7 +12,16 @@ import subprocess
 import sys
 
 SUITE = {
-    "decide": ["--count", "20000", "--runs", "3", "--rules", "10,100,1000,10000"],
+    "decide": [
+        "--count",
+        "20000",
+        "--runs",
+        "3",
+        "--rules",
+        "10,100,1000,10000",
+        "--families",
+        "all",
+    ],
     "verify": ["--count", "20000", "--runs", "5"],
     "relay": ["--count", "20000", "--runs", "3", "--scale", "--prototype"],
     "stream_relay": ["--count", "20000", "--runs", "3", "--scale"],
@@ -21,7 +31,10 @@ SUITE = {
     "flood": ["--seconds", "10", "--runs", "3"],
 }
 SMOKE = {
-    "decide": ["--count", "200", "--runs", "1", "--rules", "10,100", "--budget", "0.2"],
+    "decide": [
+        *("--count", "200", "--runs", "1", "--rules", "10,100", "--budget", "0.2"),
+        *("--pairs", "300"),
+    ],
     "verify": ["--count", "300", "--runs", "1", "--batch", "16"],
     "relay": ["--count", "300", "--runs", "1", "--window", "100", "--scale"],
     "stream_relay": ["--count", "200", "--runs", "1", "--scale"],

@@ -39,39 +39,62 @@ def test_decide_smoke() -> None:
         "decide (decode+authorize)",
         "authorize (pre-decoded)",
     }
-    engines = decide.run_engines([10, 30], count=100, runs=1, budget_s=0.1)
-    ratios, rows = decide.summarize(engines)
-    for n in ("10", "30"):
-        by = engines["by_rules"][n]
-        assert by["agreement"]["checked"] == 100  # every engine agreed on every request
-        expected = {"bus_guard", "bus_guard decide"}
-        expected |= {"cedar"} if rulesets.HAVE_CEDAR else set()
-        expected |= {"rego"} if rulesets.HAVE_REGO else set()
-        assert set(by["median"]) == expected
-        assert all(m["per_s"] > 0 and m["n"] > 0 for m in by["median"].values())
-        assert ratios[n]["growth_bus_guard"] > 0
-    assert ("cedar skipped" in " ".join(engines["notes"])) is not rulesets.HAVE_CEDAR
-    assert len(rows) == 2 * len(expected)
+    generated = decide.run_families(["layered", "tenants"], [10, 30], 1, 0.05, cold_pairs=300)
+    expected = {"decide cold", "decide warm", "evaluate cold", "evaluate warm"}
+    expected |= {"cedar"} if rulesets.HAVE_CEDAR else set()
+    expected |= {"rego"} if rulesets.HAVE_REGO else set()
+    for family in ("layered", "tenants"):
+        for n in ("10", "30"):
+            row = generated["families"][family][n]
+            assert row["rules"] == int(n)
+            assert row["cold_distinct_pairs"] >= 300  # and the aimed requests' pairs
+            assert row["agreement"]["checked"] == 400  # the whole cold list agreed
+            assert set(row["median"]) == expected
+            assert all(m["per_s"] > 0 and m["n"] > 0 for m in row["median"].values())
+            assert row["load_s"] > 0 and row["memory"]["peak_mib"] > 0
+            assert row["growth"]["decide cold"] > 0
+    assert ("cedar skipped" in " ".join(generated["notes"])) is not rulesets.HAVE_CEDAR
+    rows = decide.family_rows(generated["families"])
+    assert len(rows) == 4 and all(len(r) == len(decide.FAMILY_HEADERS) for r in rows)
 
 
-def test_rule_sets_agree_on_the_semantics() -> None:
-    # The three texts describe the same rules; bus_guard's decisions are spot-checked here
-    # (agreement with the peers is checked by run_engines when they are installed).
-    policies = rulesets.bus_guard_policy(12)
+@pytest.mark.parametrize("family", sorted(rulesets.FAMILIES))
+def test_every_family_agrees_with_the_reference(family: str, tmp_path: Path) -> None:
+    # Every engine present (and always the reference interpreter) decides every request
+    # of the family alike, at two sizes; and the family has what its docstring promises.
+    for n in (10, 60):
+        spec = rulesets.FAMILIES[family](n)
+        assert len(spec.rules) == n
+        engines = rulesets.Engines(spec, tmp_path)
+        cold, warm = rulesets.request_lists(spec, cold_pairs=600, warm_count=300)
+        assert rulesets.distinct_pairs(cold[: len(cold) // 2]) > 250  # pairs spread out
+        assert rulesets.distinct_pairs(warm) <= rulesets.WARM_PAIRS + 300 // 4 * 2
+        checked = engines.check(cold + warm)
+        assert len(checked["outcomes"]) >= 3, checked  # not one outcome for everything
+        assert rulesets.cedar_text(spec).count("@id(") == n
+        assert rulesets.rego_text(spec).count(" if {  # ") == n
+
+
+def test_cold_lists_cover_fifty_thousand_pairs() -> None:
+    for family in rulesets.FAMILIES:
+        spec = rulesets.FAMILIES[family](10)
+        assert len(spec.principals) * len(spec.actions) >= 50_000, family
+
+
+def test_per_principal_semantics(tmp_path: Path) -> None:
+    policies = rulesets.Engines(rulesets.per_principal(12), tmp_path).policies
     assert policies.rule_count == 12
-    assert rulesets.cedar_text(12).count("@id(") == 12
-    assert rulesets.rego_text(12).count(" if ") == 1 + 12
 
-    def allowed(**kw: object) -> bool:
-        req = rulesets.BenchRequest(**kw)  # type: ignore[arg-type]
+    def allowed(principal: str, action: str, resource: str, amount: int) -> bool:
+        req = rulesets.BenchRequest(principal, action, resource, {"amount": amount})
         return policies.evaluate(rulesets.bus_guard_request(req)).allowed
 
-    assert allowed(principal="agent-3", action="svc3.read", resource="doc:3/x", amount=130)
-    assert not allowed(principal="agent-3", action="svc3.read", resource="doc:3/x", amount=131)
-    assert not allowed(principal="agent-3", action="svc3.read", resource="doc:4/x", amount=1)
-    assert not allowed(principal="agent-9", action="svc9.read", resource="doc:9/x", amount=1)
-    assert allowed(principal="x", action="tools.search", resource="doc:a", amount=1)
-    assert not allowed(principal="x", action="tools.search", resource="doc:sanctioned", amount=1)
+    assert allowed("agent-3", "svc3.read", "doc:3/x", 130)
+    assert not allowed("agent-3", "svc3.read", "doc:3/x", 131)
+    assert not allowed("agent-3", "svc3.read", "doc:4/x", 1)
+    assert not allowed("agent-9", "svc9.read", "doc:9/x", 1)
+    assert allowed("x", "tools.search", "doc:a", 1)
+    assert not allowed("x", "tools.search", "doc:sanctioned", 1)
 
 
 def test_verify_smoke() -> None:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bus_guard.decision import Reason, crockford_128, new_decision_id
-from bus_guard.intent import Intent, Malformed, decode_intent, parse_subject
+from bus_guard.intent import Intent, Malformed, Subject, decode_intent, parse_subject
 from bus_guard.ledger._records import intent_decision_id
 
 GOOD = {
@@ -132,6 +132,9 @@ def test_decoder_is_total_on_structured_json(body: dict[str, object]) -> None:
 def test_parse_subject(subject: str, expected: tuple[str, str] | None) -> None:
     parsed = parse_subject(subject, "guard")
     assert (tuple(parsed) if parsed else None) == expected
+    if expected is not None:
+        assert parsed is not None and type(parsed) is Subject
+        assert (parsed.principal, parsed.action) == expected == parsed
 
 
 def test_decision_ids_are_unique_ulids() -> None:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from bus_guard.cli import _policy as policytest
-from bus_guard.decision import HoldTerms, LimitSpec
+from bus_guard.decision import HoldTerms, LimitSpec, Request
 from bus_guard.errors import PolicyError
 from bus_guard.policy import _approvers as approvers
 from bus_guard.policy import _conditions as conditions
@@ -535,6 +535,31 @@ def test_observe_mode_when_all_agree(tmp_path: Path) -> None:
     assert load_policies(write(tmp_path, {"b.yaml": text})).mode == "observe"
 
 
+def test_a_comparison_compiled_once_is_reported_for_every_rule(tmp_path: Path) -> None:
+    # A bundle compiles each distinct comparison once (in one scope) and reuses it; its
+    # problems are still each rule's own, at each rule's place, and where the schemas
+    # covering a rule differ, the comparison is checked again.
+    problems = problems_of(
+        tmp_path,
+        {
+            "b.yaml": bundle(
+                """\
+                - {id: first, effect: allow, actions: [a], when: {field: principal.team, lt: 3}}
+                - {id: second, effect: allow, actions: [b],
+                   when: {all: [{field: params.n, gt: 0}, {field: principal.team, lt: 3}]}}
+                - {id: third, effect: allow, actions: [payments.transfer],
+                   when: {field: params.amount, eq: "x"}}
+                - {id: fourth, effect: allow, actions: [c], when: {field: params.amount, eq: "x"}}
+                """
+            )
+        },
+    )
+    assert len(problems) == 3, problems
+    assert "rule first: when: 'lt' compares numbers" in problems[0]
+    assert "rule second: when.all[1]: 'lt' compares numbers" in problems[1]
+    assert "rule third: when: the value 'x' is a string" in problems[2]
+
+
 def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
     a = bundle(
         """\
@@ -662,6 +687,85 @@ def test_shadowing_across_files(tmp_path: Path) -> None:
     assert len(problems) == 1
     assert problems[0].startswith(f"{tmp_path / 'b.yaml'}: rule r1: unreachable: deny rule")
     assert str(tmp_path / "a.yaml") in problems[0]
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+    """Count the calls of ``module.name`` (a one-element list holding the count)."""
+    count = [0]
+    real = getattr(module, name)
+
+    def counted(*args: Any) -> Any:
+        count[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(module, name, counted)
+    return count
+
+
+def test_the_unreachable_rule_check_compares_few_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2,000 unconditional denies for anyone and any action, each on its own prefix, over
+    # 2,000 allows: every deny covers every allow's principal and action, so comparing
+    # all pairs (as before) was 4 million resource comparisons; indexed by resource, an
+    # allow meets the few denies whose prefix could cover its resources. The check still
+    # finds the one allow a deny covers.
+    compared = _counting(monkeypatch, rules, "_covers")
+    data = {
+        "bundle": "many",
+        "version": "1",
+        "rules": [
+            *(
+                {"id": f"d{i}", "effect": "deny", "actions": [">"], "resources": [f"zone{i}/*"]}
+                for i in range(2000)
+            ),
+            *(
+                {
+                    "id": f"a{i}",
+                    "effect": "allow",
+                    "principals": [f"agent-{i}"],
+                    "actions": ["app.read"],
+                    "resources": [f"home{i}/*", f"zone{i}x"],
+                }
+                for i in range(2000)
+            ),
+            {"id": "dead", "effect": "allow", "actions": ["app.read"], "resources": ["zone7/a*"]},
+        ],
+    }
+    with pytest.raises(PolicyError) as caught:
+        load_policy_sources({"many.yaml": yaml.safe_dump(data).encode()})
+    (problem,) = caught.value.problems
+    assert "rule dead: unreachable: deny rule 'd7'" in problem
+    assert compared[0] <= 2 * len(data["rules"])
+
+
+def test_attribute_conditions_do_not_scan_every_principal(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each condition on a principal attribute used to read every principal's attributes
+    # (its own lookup table, and the kinds for the type check): 2,000 rules x 2,000
+    # principals. Now the bundle's attributes are read once.
+    kinds = _counting(monkeypatch, conditions, "_kind")
+    people = {f"p{i}": {"dept": f"d{i % 40}", "level": i % 5} for i in range(2000)}
+    data = {
+        "bundle": "abac",
+        "version": "1",
+        "principals": people,
+        "rules": [
+            {
+                "id": f"r{i}",
+                "effect": "allow",
+                "actions": [f"docs.r{i}"],
+                "when": {
+                    "all": [
+                        {"field": "principal.dept", "eq": f"d{i % 40}"},
+                        {"field": "principal.level", "ge": i % 5},
+                    ]
+                },
+            }
+            for i in range(2000)
+        ],
+    }
+    policies = load_policy_sources({"abac.yaml": yaml.safe_dump(data).encode()})
+    assert kinds[0] <= 3 * (len(people) * 2 + len(data["rules"]) * 2)
+    allowed = policies.evaluate(Request("p41", "docs.r1", "x", {}))
+    assert allowed.rules == ("r1",)
 
 
 # ---------------------------------------------------------------- JSON Schema

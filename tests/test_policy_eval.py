@@ -1,10 +1,13 @@
-"""Evaluation: Cedar precedence, every operator, order independence, index vs a naive scan."""
+"""Evaluation: Cedar precedence, every operator, order independence, index vs a naive scan,
+and work per request that does not grow with the rule count."""
 
 from __future__ import annotations
 
 import functools
+import gc
 import random
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,9 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bus_guard.decision import Decision, Effect, Reason, Request
-from bus_guard.policy._evaluator import CACHE_SIZE
+from bus_guard.policy._evaluator import CACHE_SIZE, _resource_test
 from bus_guard.policy._load import PolicySet, load_policy_sources
-from bus_guard.policy._patterns import only_prefix, set_matcher
+from bus_guard.policy._patterns import (
+    ActionKeys,
+    GlobIndex,
+    action_matches,
+    glob_matcher,
+    parse_action_pattern,
+)
 
 TABLE = """\
 bundle: table
@@ -314,13 +323,14 @@ def test_missing_value_trace(table: PolicySet) -> None:
     assert not trace.condition.present and trace.condition.actual is None
 
 
-def test_deterministic_and_cached(table: PolicySet) -> None:
+def test_deterministic_and_keeps_no_state_per_request(table: PolicySet) -> None:
     request = req("ladder.go", {"deny": True})
     first = table.evaluate(request)
     assert all(table.evaluate(request) == first for _ in range(50))
-    for i in range(CACHE_SIZE + 100):  # the candidate cache stays bounded
-        table.evaluate(req(f"x{i}.y"))
-    assert len(table._cache) <= CACHE_SIZE
+    memo = len(table._decisions)
+    for i in range(CACHE_SIZE + 100):  # nothing is kept per (principal, action)
+        table.evaluate(req(f"x{i}.y", principal=f"p{i}"))
+    assert len(table._decisions) == memo <= CACHE_SIZE
     assert table.evaluate(request) == first
 
 
@@ -627,28 +637,335 @@ def test_rules_with_the_same_condition_share_one_predicate() -> None:
     assert policies.evaluate(req("pay", {"amount": 110}, "a0")).effect is DENY
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    st.lists(st.text(alphabet="ab*?:/", max_size=6), min_size=1, max_size=2),
-    st.lists(st.text(alphabet="ab*?:/", max_size=8), max_size=8),
-)
-def test_inline_prefix_agrees_with_the_matcher(patterns: list[str], values: list[str]) -> None:
-    # The evaluator tests a lone `p*` resource pattern inline (str.startswith) instead of
-    # calling the rule's matcher: both must agree on every value.
-    prefix = only_prefix(patterns)
-    if len(patterns) == 1 and (
-        patterns[0].strip("*") == "" or re.fullmatch(r"[ab:/]*\*", patterns[0])
-    ):
-        assert prefix is not None
-    match = set_matcher(patterns)
-    if prefix is not None:
-        for value in [*values, *patterns]:
-            assert value.startswith(prefix) == match(value), (patterns, value)
-
-
 @settings(max_examples=50)
 @given(st.text(max_size=8), st.dictionaries(st.text(max_size=3), st.integers(), max_size=3))
 def test_request_is_frozen(principal: str, params: dict[str, int]) -> None:
     request = Request(principal, "a.b", "r", params)
     with pytest.raises(AttributeError):
         request.principal = "other"  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- work per request
+
+
+def calls_during(work: Callable[[], object]) -> int:
+    """Python and C function calls made by *work* (``sys.setprofile``): how much work a
+    request costs, exactly, on any machine."""
+    count = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    sys.setprofile(profile)
+    try:
+        work()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
+def _shape_rules(shape: str, n: int) -> list[dict[str, Any]]:
+    """*n* rules of one shape the index must not scan one by one."""
+    rules: list[dict[str, Any]] = [{"id": "search", "effect": "allow", "actions": ["tools.>"]}]
+    for i in range(n):
+        rule: dict[str, Any] = {"id": f"r{i:05}"}
+        match shape:
+            case "prefix denies for anyone":
+                rule |= {"effect": "deny", "actions": [">"], "resources": [f"zone{i}/*"]}
+            case "exact deny-list":
+                rule |= {"effect": "deny", "actions": ["files.>"], "resources": [f"file:{i}"]}
+            case "suffix escalations with attributes":
+                rule |= {
+                    "effect": "escalate",
+                    "actions": [f"svc{i % 7}.>"],
+                    "resources": [f"*-x{i}-env"],
+                    "when": {"field": "principal.clearance", "lt": 3},
+                }
+            case "allows keyed by an attribute":
+                rule |= {
+                    "effect": "allow",
+                    "actions": ["docs.read"],
+                    "resources": ["*"],
+                    "when": {
+                        "all": [
+                            {"field": "principal.dept", "eq": f"d{i}"},
+                            {"field": "params.n", "le": 5},
+                        ]
+                    },
+                }
+            case "deny-list by param":
+                rule |= {
+                    "effect": "deny",
+                    "actions": ["payments.>"],
+                    "when": {"field": "params.to", "in": [f"acct-{i}", f"iban-{i}"]},
+                }
+            case "roles":
+                rule |= {
+                    "effect": "allow",
+                    "principals": [f"group:role{i}"],
+                    "actions": ["app.read"],
+                }
+            case _:
+                rule |= {
+                    "effect": "allow",
+                    "principals": [f"agent-{i}"],
+                    "actions": [f"svc{i % 50}.read"],
+                    "resources": [f"doc:{i}/*"],
+                }
+        rules.append(rule)
+    return rules
+
+
+SHAPES = [
+    "prefix denies for anyone",
+    "exact deny-list",
+    "suffix escalations with attributes",
+    "allows keyed by an attribute",
+    "deny-list by param",
+    "roles",
+    "per principal",
+]
+SHAPE_REQUESTS = [
+    req("svc3.read", {"n": 1}, "agent-3", "zone3/a"),
+    req("svc3.read", {"n": 1}, "agent-3", "doc:3/a"),
+    req("files.get", {"n": 1}, "user7", "file:7"),
+    req("svc1.write", {"n": 9}, "emp8", "app-x8-env"),
+    req("docs.read", {"n": 1}, "emp4", "x"),
+    req("app.read", {}, "user12", "x"),
+    req("payments.send", {"to": "acct-9"}, "user12", "x"),
+    req("payments.send", {"to": ["x", "iban-11"]}, "user12", "x"),
+    req("payments.send", {"to": 9}, "user12", "x"),
+    req("tools.search", {}, "stranger", "zone12/x"),
+    req("nothing.here", {}, "stranger", "nowhere"),
+]
+
+
+def shape_policy(shape: str, n: int) -> PolicySet:
+    people = range(20)
+    return compile_bundle(
+        {
+            "bundle": "shape",
+            "version": "1",
+            "groups": {f"role{i}": [f"user{i}", f"user{i + 1}"] for i in range(n)},
+            "principals": {f"emp{i}": {"dept": f"d{i}", "clearance": i % 5} for i in people},
+            "rules": _shape_rules(shape, n),
+        }
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_work_per_request_does_not_grow_with_the_rules(shape: str) -> None:
+    # The same requests against 20 and 2,000 rules of one shape make the same function
+    # calls, give or take a dict lookup per distinct prefix length; the evaluator this
+    # replaces made one call per rule of a wildcard-principal shape (2,000 here), and
+    # rebuilt its candidates for every (principal, action) pair it had not cached.
+    small, large = shape_policy(shape, 20), shape_policy(shape, 2000)
+    for request in SHAPE_REQUESTS:
+        few = calls_during(lambda: small.evaluate(request))  # noqa: B023
+        many = calls_during(lambda: large.evaluate(request))  # noqa: B023
+        assert many <= few + 8, (shape, request, few, many)
+        assert outcome(large.evaluate(request)) == outcome(large.explain(request).decision)
+
+
+def test_a_rule_for_anyone_keyed_by_an_attribute_still_names_itself_in_no_match() -> None:
+    # Filed under department d1, the rule is not looked at for emp2 (department d2) or a
+    # stranger; but its principal ("*") and action match them, so their denial says a
+    # rule covered them, exactly as explain's linear scan does.
+    policies = compile_bundle(
+        {
+            "bundle": "attr",
+            "version": "1",
+            "principals": {"emp1": {"dept": "d1"}, "emp2": {"dept": "d2"}},
+            "rules": [
+                {
+                    "id": "d1-read",
+                    "effect": "allow",
+                    "actions": ["docs.read"],
+                    "when": {"field": "principal.dept", "eq": "d1"},
+                }
+            ],
+        }
+    )
+    assert policies.evaluate(req("docs.read", principal="emp1")).rules == ("d1-read",)
+    for who in ("emp2", "stranger"):
+        denied = policies.evaluate(req("docs.read", principal=who))
+        assert denied.message == f"no rule allows {who} docs.read with this resource and params"
+        assert denied == policies.explain(req("docs.read", principal=who)).decision
+        assert policies.candidates(who, "docs.read") == ()  # not looked at
+    assert policies.candidates("emp1", "docs.read") == ("d1-read",)
+    assert policies.evaluate(req("docs.write", principal="emp1")).message == (
+        "no rule allows emp1 docs.write"
+    )
+
+
+def test_rules_naming_many_principals_and_actions_are_filed_under_one_side() -> None:
+    # 12 ids x 12 actions would be 144 (class, action) entries; filed under the actions
+    # alone (or the principals), the other side is checked when the rule is found.
+    ids = [f"agent-{i}" for i in range(12)]
+    acts = [f"a.x{i}" for i in range(12)]
+    policies = compile_bundle(
+        {
+            "bundle": "wide",
+            "version": "1",
+            "rules": [
+                {
+                    "id": "wide",
+                    "effect": "allow",
+                    "principals": ids,
+                    "actions": acts,
+                    "resources": ["r*"],
+                },
+                {
+                    "id": "wide-deny",
+                    "effect": "deny",
+                    "principals": [*ids, "bot-*"],
+                    "actions": [*acts, "b.>"],
+                    "resources": ["secret"],
+                },
+            ],
+        }
+    )
+    entries = sum(len(by_action) for by_action in policies._index.values())
+    assert entries <= 12 + 14
+    assert policies.evaluate(req("a.x3", principal="agent-4")).rules == ("wide",)
+    assert policies.evaluate(req("a.x3", principal="agent-4", resource="secret")).rules == (
+        "wide-deny",
+    )
+    assert policies.evaluate(req("b.c", principal="bot-1", resource="secret")).rules == (
+        "wide-deny",
+    )
+    assert policies.evaluate(req("a.x3", principal="agent-12")).reason is Reason.NO_MATCHING_RULE
+    assert policies.evaluate(req("a.y", principal="agent-4")).reason is Reason.NO_MATCHING_RULE
+    missed = policies.evaluate(req("a.x3", principal="agent-4", resource="x"))
+    assert missed.message.endswith("with this resource and params")  # wide allow matched
+    assert policies.evaluate(req("a.x3", principal="agent-12")).message == (
+        "no rule allows agent-12 a.x3"
+    )
+
+
+def test_conditions_on_a_principal_attribute_share_their_table_and_closure() -> None:
+    rule = {"effect": "allow", "actions": ["a"], "when": {"field": "principal.team", "eq": "t"}}
+    policies = load_policy_sources(
+        {
+            f"{name}.yaml": yaml.safe_dump(
+                {
+                    "bundle": name,
+                    "version": "1",
+                    "principals": {"p1": {"team": team}, "p2": {"team": "t"}},
+                    "rules": [{"id": f"{name}-{i}", **rule} for i in range(2)],
+                }
+            ).encode()
+            for name, team in (("one", "t"), ("two", "u"))
+        }
+    )
+    check = {r.id: r.check for r in policies.rules}
+    assert check["one-0"] is check["one-1"] and check["two-0"] is check["two-1"]
+    assert check["one-0"] is not check["two-0"]  # each bundle's own attributes
+    assert policies.evaluate(req("a", principal="p1")).rules == ("one-0", "one-1")
+    assert policies.evaluate(req("a", principal="p2")).rules == (
+        "one-0",
+        "one-1",
+        "two-0",
+        "two-1",
+    )
+
+
+def test_rules_naming_one_group_share_its_members() -> None:
+    members = [f"m{i}" for i in range(500)]
+    policies = compile_bundle(
+        {
+            "bundle": "g",
+            "version": "1",
+            "groups": {"big": members},
+            "rules": [
+                {
+                    "id": f"r{i}",
+                    "effect": "allow",
+                    "principals": ["group:big"],
+                    "actions": [f"a{i}"],
+                }
+                for i in range(3)
+            ],
+        }
+    )
+    first, *rest = policies.rules
+    assert all(r.principal_ids is first.principal_ids for r in rest)
+    assert policies.evaluate(req("a2", principal="m499")).rules == ("r2",)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_compiling_leaves_the_garbage_collector_as_it_was(enabled: bool) -> None:
+    (gc.enable if enabled else gc.disable)()
+    try:
+        shape_policy("roles", 50)
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
+
+
+globs = st.text(alphabet="ab*?:", max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(globs, max_size=8), st.lists(st.text(alphabet="ab:", max_size=7), max_size=8))
+def test_glob_index_finds_exactly_the_matching_globs(
+    patterns: list[str], values: list[str]
+) -> None:
+    index = GlobIndex((p, i) for i, p in enumerate(patterns))
+    assert sorted(index.payloads()) == list(range(len(patterns))) == sorted(range(len(index)))
+    for value in [*values, *patterns]:
+        expected = sorted(i for i, p in enumerate(patterns) if glob_matcher(p)(value))
+        assert sorted(index.match(value)) == expected, (patterns, value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(globs.filter(bool), min_size=1, max_size=2),
+    st.lists(st.text("ab:", max_size=7), max_size=8),
+)
+def test_inline_resource_tests_agree_with_the_matcher(
+    patterns: list[str], values: list[str]
+) -> None:
+    # A bucket tests one p*, *s or p*s resource pattern inline (startswith / endswith)
+    # instead of calling the rule's matcher: both must agree on every value.
+    policies = compile_bundle(
+        {
+            "bundle": "r",
+            "version": "1",
+            "rules": [{"id": "r", "effect": "allow", "actions": ["a"], "resources": patterns}],
+        }
+    )
+    (rule,) = policies.rules
+    head, tail, start, res = _resource_test(rule)
+    for value in [*values, *patterns]:
+        inline = (not head or value.startswith(head)) and (not tail or value.endswith(tail, start))
+        assert (res(value) if res is not None else inline) == rule.match_resource(value), (
+            patterns,
+            value,
+        )
+
+
+action_pattern = st.lists(st.sampled_from(["a", "b", "*"]), max_size=2).flatmap(
+    lambda head: st.sampled_from(["a", "b", "*", ">"]).map(lambda last: ".".join([*head, last]))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(action_pattern, max_size=8),
+    st.lists(st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=4), max_size=6),
+)
+def test_action_keys_are_the_patterns_an_action_matches(
+    patterns: list[str], actions: list[list[str]]
+) -> None:
+    keys = ActionKeys(patterns)
+    for tokens in [*actions, *(p.split(".") for p in patterns if "*" not in p and ">" not in p)]:
+        action = ".".join(tokens)
+        found = keys.keys(action)
+        assert found[0] == action
+        expected = {p for p in patterns if action_matches(parse_action_pattern(p), tuple(tokens))}
+        assert set(found[1:]) | ({action} & set(patterns)) == expected | (
+            {action} & set(found[1:])
+        ), (patterns, action)

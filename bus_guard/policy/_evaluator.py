@@ -16,30 +16,72 @@ What a decision carries besides its rules is fixed at compile time: a hold's ter
 escalate rule: its approvers, quorum and ttl; several: the approvers all of them accept,
 the largest quorum, the shortest ttl), an allow's taints (the sorted union of the
 allowing rules' ``labels``) and its limits (one group per allowing rule, by rule id; none
-when one allowing rule has no limits: it allows unlimited). Decisions are cached per
-(reason, rules), so none of them costs anything per request. The evaluator never denies
-for a limit: spending them is the intake's, at run time.
+when one allowing rule has no limits: it allows unlimited). Every rule's own decision is
+built when the set compiles; decisions of several rules are memoised per (reason, rules).
+The evaluator never denies for a limit: spending them is the intake's, at run time.
 
-Cost per request does not grow with the rule count: the rules that can apply to a
-(principal, action) pair come from a dict + token trie over actions and a dict over
-principal ids (groups expanded), intersected from the smaller side and cached; only those
-candidates' resource patterns and conditions are then tested.
+**Cost per request depends on neither the rule count nor what was asked before.** There
+is no per-(principal, action) cache: every request walks one index, three levels deep.
+
+1. *Principal classes.* A rule is filed under what its principals name: ``*`` (one class
+   every principal is in), a principal id, a group (of its bundle) or a glob. A rule for
+   any principal whose condition requires a principal attribute's value (``all`` of
+   ``principal.dept eq d7``, or ``in [...]``) is filed under that value instead: as far
+   as the index goes, a department is a group. Each principal's classes are resolved at
+   compile time (its id, its groups, its attribute values, the globs it matches, ``*``);
+   a principal no policy names is in ``*`` and the globs it matches.
+2. *Action keys.* Under a class, rules are filed by their action patterns as written;
+   a request looks up each pattern its action matches (:class:`ActionKeys`: itself, its
+   ``p.>`` prefixes, ``>``, the ``*`` patterns from a trie).
+3. *Resources.* A (class, action pattern) bucket of a few rules is a short tuple tested
+   in order; a larger one (:class:`_Big`) is a :class:`GlobIndex` over the rules'
+   resource patterns (exact values, literal starts, literal ends), so ten thousand
+   ``zone<i>/*`` denies for anyone cost a few dict lookups; its rules for any resource
+   whose condition requires a param's value (``params.to eq acct-7``) are found by the
+   request's value of that param.
+
+Only the rules found that way have their condition tested; rules of one bucket with the
+same resources and the same (hash-consed) condition are one entry, tested once. A rule
+naming many principal classes and many actions (their product over
+:data:`PRODUCT_LIMIT`) is filed under one side only and checks the other.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, TypeAlias
 
 from bus_guard.decision import Decision, Effect, HoldTerms, LimitSpec, Mode, Reason, Request
 from bus_guard.policy._approvers import ApproverKeys, KeyFiles, approver_keys
-from bus_guard.policy._conditions import ConditionTrace, Predicate, trace
+from bus_guard.policy._conditions import (
+    Attributes,
+    ConditionTrace,
+    Getter,
+    LeafNode,
+    Predicate,
+    conjuncts,
+    trace,
+)
 from bus_guard.policy._lineage import ConstraintTrace
 from bus_guard.policy._model import Bundle
-from bus_guard.policy._patterns import ActionIndex, only_prefix, parse_action_pattern
-from bus_guard.policy._rules import CompiledRule, Problem, compile_rule, shadowed
+from bus_guard.policy._patterns import (
+    ActionIndex,
+    ActionKeys,
+    GlobIndex,
+    is_glob,
+    parse_action_pattern,
+)
+from bus_guard.policy._rules import (
+    BundleContext,
+    CompiledRule,
+    Problem,
+    compile_rule,
+    shadowed,
+)
 from bus_guard.verify import JwkEntry
 
 __all__ = (
@@ -54,13 +96,34 @@ __all__ = (
 
 log = logging.getLogger(__name__)
 
-# Bounds of the two memo tables (cleared when full): (principal, action) -> candidates and
-# (reason, rule ids) -> Decision. An entry is well under 1 KiB; 16384 holds the working set
-# of a 10,000-rule bundle whose rules name a principal each (bench/decide.py).
+# Bound of the memo of decisions naming several rules, (reason, rule ids) -> Decision
+# (cleared when full); an entry is well under 1 KiB.
 CACHE_SIZE: Final = 16384
-# A principal named by at most this many rules is resolved from its own rules; beyond it,
-# from the rules of the action (whichever side is smaller does the filtering).
-_FEW_NAMED: Final = 32
+# A (class, action) bucket of at most this many entries is a tuple tested in order; a
+# larger one indexes its resource patterns.
+SMALL_BUCKET: Final = 4
+# A rule is filed under (principal class x action pattern) pairs; one naming more pairs
+# than this is filed under its classes (or its actions, if fewer) and checks the other
+# side when found, so a rule listing 1,000 principals and 1,000 actions is not a million
+# entries.
+PRODUCT_LIMIT: Final = 64
+
+Key = tuple[Any, ...]  # a principal class: ("*",), ("i", id), ("g", bundle, group), ...
+# (literal start and end the resource must have, "" for none, and where the end may
+# begin; or its matcher instead of them; check or None; rule positions; lineage or None)
+Entry = tuple[
+    str,
+    str,
+    int,
+    Callable[[str], bool] | None,
+    Predicate | None,
+    tuple[int, ...],
+    Predicate | None,
+]
+Bucket: TypeAlias = "tuple[Entry, ...] | _Big"
+ByAction = dict[str, Bucket]
+_ANY: Final[Key] = ("*",)
+_NO_BUCKETS: Final[ByAction] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,35 +166,7 @@ class Explanation:
     rules: tuple[RuleTrace, ...]
 
 
-class _Step(NamedTuple):
-    """One non-empty effect group of a (principal, action) pair, in precedence order.
-
-    A group of one rule (the common case) carries that rule's matchers and the decision
-    it makes, prebuilt and inline: evaluating it follows no pointer to the rule, and
-    costs no list, tuple or memo lookup. At 10,000 rules the pairs' entries are spread
-    over megabytes, so every indirection saved is a cache miss saved.
-    """
-
-    match_resource: Callable[[str], bool] | None  # the single rule's, else None
-    # The single rule's resources as one prefix (``p*``; "" for ``*``), tested inline with
-    # ``str.startswith``: no call, no matcher object to fetch. None: call match_resource.
-    prefix: str | None
-    check: Callable[[Request], bool] | None  # the single rule's condition, if any
-    single: Decision | None  # the single rule's decision, else None
-    reason: Reason
-    rules: tuple[CompiledRule, ...]  # the group, sorted by id
-
-
-# What evaluating one (principal, action) pair needs, computed once and cached: its
-# steps, then a last one that always decides (no rule applied), prebuilt as decisions are
-# immutable values. A plain tuple of steps: one object fewer to fetch per evaluation.
-_Candidates = tuple[_Step, ...]
-
-
-def _anything(_: str) -> bool:
-    return True
-
-
+_RANK: Final = {"deny": 0, "escalate": 1, "allow": 2}
 _PRECEDENCE: Final = (
     ("deny", Reason.DENIED_BY_RULE),
     ("escalate", Reason.ESCALATED_BY_RULE),
@@ -152,25 +187,277 @@ _MESSAGES: Final = {
 }
 
 
+def _tag(value: object) -> str | None:
+    """The kind a typed comparison tells apart (``1`` equals ``1.0``, never ``true``)."""
+    kind = type(value)
+    if kind is str:
+        return "s"
+    if kind is bool:
+        return "b"
+    if kind is int or kind is float:
+        return "n"
+    return None
+
+
+def _value_classes(bundle: str, name: str, value: object) -> list[Key]:
+    """The attribute classes of a principal whose attribute *name* is *value*: ``v`` for a
+    scalar (what ``eq`` and ``in`` test), ``e`` for each scalar of a list (``in`` only)."""
+    return [(kind, bundle, name, *rest) for kind, *rest in _value_keys(value)]
+
+
+def _equal_keys(leaf: LeafNode) -> list[Key] | None:
+    """The keys of the values for which *leaf* (``eq`` or ``in``) can hold: ``v`` for a
+    scalar value (what ``eq`` and ``in`` test), ``e`` for a scalar in a list value (what
+    ``in`` tests); ``None`` for another operator."""
+    if leaf.op == "eq" and (tag := _tag(leaf.value)) is not None:
+        return [("v", tag, leaf.value)]
+    if leaf.op == "in":
+        tagged = [(t, x) for x in leaf.value if (t := _tag(x)) is not None]
+        return [(kind, t, x) for t, x in tagged for kind in ("v", "e")]
+    return None
+
+
+def _value_keys(value: object) -> list[Key]:
+    """The keys under which :func:`_equal_keys` files the comparisons *value* meets."""
+    if (tag := _tag(value)) is not None:
+        return [("v", tag, value)]
+    if type(value) is list:
+        return [("e", t, x) for x in value if (t := _tag(x)) is not None]
+    return []
+
+
+def _leaf_classes(bundle: str, leaf: LeafNode) -> list[Key] | None:
+    """The attribute classes a principal must be in for *leaf* (``principal.<a> eq`` or
+    ``in``) to hold; ``None`` when it is not such a comparison."""
+    name = leaf.field.removeprefix("principal.")
+    if name == leaf.field or "." in name or (keys := _equal_keys(leaf)) is None:
+        return None
+    return [(kind, bundle, name, *rest) for kind, *rest in keys]
+
+
+def _class_counts(attributes: Attributes, bundle: str, name: str) -> dict[Key, int]:
+    """How many principals are in each attribute class of attribute *name*."""
+    counts: dict[Key, int] = {}
+    for value in attributes.table(name).values():
+        for key in _value_classes(bundle, name, value):
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+class _Index:
+    """The three-level index under construction (see the module docstring)."""
+
+    def __init__(
+        self, order: Sequence[CompiledRule], contexts: Mapping[str, BundleContext]
+    ) -> None:
+        self.contexts = contexts
+        self.counts: dict[tuple[str, str], dict[Key, int]] = {}  # (bundle, attribute) -> ...
+        # class -> action pattern -> [(position, rule, check, lineage)]
+        self.placed: dict[Key, dict[str, list[tuple[int, CompiledRule, Predicate | None]]]] = {}
+        self.allow_keys: dict[Key, set[str]] = {}  # class -> actions of its allow rules
+        self.wide_allows: list[CompiledRule] = []  # allow rules filed under one side only
+        for position, rule in enumerate(order):
+            self._place(position, rule)
+
+    def _place(self, position: int, rule: CompiledRule) -> None:
+        pattern_classes = self._pattern_classes(rule)
+        classes = pattern_classes
+        if rule.any_principal and (narrow := self._attribute_classes(rule)) is not None:
+            classes = narrow
+        actions = list(dict.fromkeys(rule.actions))
+        check = rule.when
+        if len(classes) * len(actions) > PRODUCT_LIMIT:
+            if len(actions) >= len(classes):
+                match_action = rule.match_action
+                check = _gated(lambda r: match_action(r.action), check)
+                actions = [">"]
+            else:
+                match_principal = rule.match_principal
+                check = _gated(lambda r: match_principal(r.principal), check)
+                classes = [_ANY]
+            if rule.effect == "allow":
+                self.wide_allows.append(rule)
+        elif rule.effect == "allow":
+            for key in pattern_classes:
+                self.allow_keys.setdefault(key, set()).update(actions)
+        for key in classes:
+            by_action = self.placed.setdefault(key, {})
+            for action in actions:
+                by_action.setdefault(action, []).append((position, rule, check))
+
+    def _pattern_classes(self, rule: CompiledRule) -> list[Key]:
+        if rule.any_principal:
+            return [_ANY]
+        globs = [("p", glob) for glob in rule.principal_globs]
+        if rule.bundle not in self.contexts:  # groups unknown: each member is its own class
+            return list(dict.fromkeys([*(("i", p) for p in sorted(rule.principal_ids)), *globs]))
+        ids = [
+            ("i", p)
+            for p in rule.principals
+            if not p.startswith("group:") and not is_glob(p) and p.strip("*")
+        ]
+        groups = [("g", rule.bundle, name) for name in rule.groups]
+        return list(dict.fromkeys([*ids, *groups, *globs]))
+
+    def _attribute_classes(self, rule: CompiledRule) -> list[Key] | None:
+        """For a rule of any principal, the classes of its narrowest top-level
+        ``principal.<a> eq / in`` comparison, if it has one."""
+        context = self.contexts.get(rule.bundle)
+        if context is None:
+            return None
+        options: list[list[Key]] = [
+            found
+            for leaf in conjuncts(rule.condition)
+            if (found := _leaf_classes(rule.bundle, leaf))
+        ]
+        if not options:
+            return None
+
+        def holders(classes: list[Key]) -> int:
+            _, bundle, name, _, _ = classes[0]
+            counts = self.counts.get((bundle, name))
+            if counts is None:
+                counts = _class_counts(context.attributes, bundle, name)
+                self.counts[(bundle, name)] = counts
+            return sum(counts.get(key, 0) for key in classes)
+
+        narrowest = sorted((holders(found), i) for i, found in enumerate(options))[0][1]
+        return list(dict.fromkeys(options[narrowest]))
+
+    def buckets(self) -> dict[Key, ByAction]:
+        return {
+            key: {action: _bucket(placed) for action, placed in by_action.items()}
+            for key, by_action in self.placed.items()
+        }
+
+
+def _gated(gate: Predicate, check: Predicate | None) -> Predicate:
+    if check is None:
+        return gate
+    return lambda r: gate(r) and check(r)
+
+
+def _bucket(placed: Sequence[tuple[int, CompiledRule, Predicate | None]]) -> Bucket:
+    """Rules of one (class, action pattern): rules with the same resources, check and no
+    lineage constraints are one entry; a few entries are a tuple, more a GlobIndex."""
+    grouped: dict[tuple[Any, ...], list[int]] = {}
+    rules: dict[tuple[Any, ...], tuple[CompiledRule, Predicate | None]] = {}
+    for position, rule, check in placed:
+        # Lineage-constrained rules are their own entries: their constraints differ.
+        key = (rule.resources, id(check), rule.id if rule.lineage is not None else None)
+        grouped.setdefault(key, []).append(position)
+        rules.setdefault(key, (rule, check))
+    entries = []
+    for key, positions in grouped.items():
+        rule, check = rules[key]
+        lineage = rule.lineage.holds if rule.lineage is not None else None
+        entries.append((rule, check, tuple(sorted(set(positions))), lineage))
+    if len(entries) <= SMALL_BUCKET:
+        return tuple(
+            (*_resource_test(rule), check, ids, lineage) for rule, check, ids, lineage in entries
+        )
+    # Many entries: by resource, except those for any resource that require a param's
+    # value (a deny-list written a rule per value), which are found by that value.
+    by_param: dict[str, tuple[Getter, dict[Key, list[Entry]]]] = {}
+    by_resource = []
+    for rule, check, ids, lineage in entries:
+        entry: Entry = ("", "", 0, None, check, ids, lineage)
+        if any(p.strip("*") == "" for p in rule.resources):
+            for leaf in conjuncts(rule.condition):
+                if leaf.field.startswith("params.") and (keys := _equal_keys(leaf)):
+                    table = by_param.setdefault(leaf.field, (leaf.get, {}))[1]
+                    for key in dict.fromkeys(keys):
+                        table.setdefault(key, []).append(entry)
+                    break
+            else:
+                by_resource += [(p, entry) for p in dict.fromkeys(rule.resources)]
+        else:
+            by_resource += [(p, entry) for p in dict.fromkeys(rule.resources)]
+    return _Big(
+        GlobIndex(by_resource),
+        tuple((get, {k: tuple(v) for k, v in table.items()}) for get, table in by_param.values()),
+    )
+
+
+def _resource_test(rule: CompiledRule) -> tuple[str, str, int, Callable[[str], bool] | None]:
+    """How a bucket tests a rule's resources: one ``p*``, ``*s`` or ``p*s`` inline, with
+    ``str.startswith`` and ``endswith`` from ``len(p)`` (the start and end never share
+    characters, as :func:`~bus_guard.policy._patterns.glob_matcher` has it; no call to a
+    matcher for the common patterns, once per entry a request meets), ``*`` not at all,
+    else the rule's matcher."""
+    if any(p.strip("*") == "" for p in rule.resources):
+        return "", "", 0, None
+    if len(rule.resources) == 1:
+        (pattern,) = rule.resources
+        if pattern.count("*") == 1 and "?" not in pattern:
+            head, _, tail = pattern.partition("*")
+            return head, tail, len(head), None
+    return "", "", 0, rule.match_resource
+
+
+class _Big:
+    """A bucket of many entries: found by resource (:class:`GlobIndex`) and, for entries
+    of any resource whose condition requires a param's value (``all`` of ``params.<p> eq``
+    or ``in``), by the request's value of that param."""
+
+    __slots__ = ("by_param", "resources")
+
+    def __init__(
+        self,
+        resources: GlobIndex[Entry],
+        by_param: tuple[tuple[Getter, dict[Key, tuple[Entry, ...]]], ...],
+    ) -> None:
+        self.resources = resources
+        self.by_param = by_param
+
+    def find(self, request: Request) -> list[Entry]:
+        """Every entry that may apply: the rest of its check decides."""
+        found = self.resources.match(request.resource)
+        for get, table in self.by_param:
+            for key in _value_keys(get(request)):
+                hit = table.get(key)
+                if hit is not None:
+                    found += hit
+        return found
+
+    def entries(self) -> list[Entry]:
+        return [
+            *self.resources.payloads(),
+            *{id(e): e for _, t in self.by_param for es in t.values() for e in es}.values(),
+        ]
+
+
+def _entries(bucket: Bucket) -> Sequence[Entry]:
+    return bucket if type(bucket) is tuple else bucket.entries()  # type: ignore[union-attr]
+
+
 class PolicySet:
     """The compiled, immutable policy: ``evaluate`` is the hot path, ``explain`` the slow one."""
 
     __slots__ = (
-        "_any_principal",
+        "_actions",
+        "_allow_keys",
+        "_any",
         "_approver_keys",
-        "_by_action",
-        "_by_action_wild",
         "_by_id",
-        "_by_principal",
-        "_cache",
+        "_by_positions",
         "_decisions",
-        "_glob_principal",
+        "_deny_end",
+        "_escalate_end",
+        "_glob_flags",
+        "_globs",
+        "_index",
         "_infos",
+        "_named_actions",
+        "_order",
+        "_principals",
         "_rules",
         "_schema_decls",
         "_schema_index",
-        "_schemas",
-        "_steps",
+        "_schema_named",
+        "_schema_wild",
+        "_single",
+        "_wide_allows",
         "digest",
         "mode",
         "version",
@@ -179,21 +466,30 @@ class PolicySet:
     digest: str
     version: str
     mode: Mode
-    _rules: tuple[CompiledRule, ...]
+    _rules: tuple[CompiledRule, ...]  # by id
+    _order: tuple[CompiledRule, ...]  # by (effect: deny, escalate, allow; id): positions
+    _deny_end: int  # positions below it are deny rules
+    _escalate_end: int  # ... below it (and not deny), escalate rules; the rest allow
     _by_id: dict[str, CompiledRule]
     _approver_keys: ApproverKeys
     _infos: tuple[BundleInfo, ...]
-    _by_principal: dict[str, tuple[int, ...]]
-    _any_principal: frozenset[int]
-    _glob_principal: tuple[int, ...]
-    _by_action: ActionIndex
-    _by_action_wild: ActionIndex
-    _cache: dict[tuple[str, str], _Candidates]
+    _index: dict[Key, ByAction]
+    _actions: ActionKeys
+    _named_actions: Mapping[str, Sequence[str]]  # the keys of the actions rules name exactly
+    # principal id -> (its classes' buckets, its pattern classes' allow actions)
+    _principals: dict[str, tuple[tuple[ByAction, ...], tuple[frozenset[str], ...]]]
+    _any: tuple[tuple[ByAction, ...], tuple[frozenset[str], ...]]  # ("*",): everyone's
+    _globs: GlobIndex[ByAction] | None  # principal globs rules are filed under
+    _glob_flags: GlobIndex[frozenset[str]] | None  # ... and their allow rules' actions
+    _allow_keys: dict[Key, frozenset[str]]
+    _wide_allows: tuple[CompiledRule, ...]
+    _single: tuple[Decision, ...]  # by position: the decision of that rule alone
     _decisions: dict[tuple[Reason, tuple[str, ...]], Decision]
-    _steps: dict[tuple[Reason, tuple[str, ...]], _Step]
+    _by_positions: dict[tuple[int, ...], Decision]  # the same, by the rules' positions
     _schema_decls: tuple[tuple[tuple[str, str, str], ...], ...]
     _schema_index: ActionIndex
-    _schemas: dict[str, tuple[tuple[str, str, str], ...]]
+    _schema_named: dict[str, tuple[tuple[str, str, str], ...]]
+    _schema_wild: bool
 
     def __init__(
         self,
@@ -203,56 +499,105 @@ class PolicySet:
         mode: Mode,
         schemas: Sequence[tuple[str, Mapping[str, str]]] = (),
         approver_keys: ApproverKeys | None = None,
+        contexts: Mapping[str, BundleContext] | None = None,
     ) -> None:
-        ordered = tuple(sorted(rules, key=lambda r: r.id))  # index order = id order
+        """*contexts*: each bundle's groups and principal attributes (by bundle name), to
+        file rules under groups and attribute values; without them a rule is filed under
+        each member of its groups, and never under attribute values."""
+        by_id = tuple(sorted(rules, key=lambda r: r.id))
+        order = tuple(sorted(rules, key=lambda r: (_RANK[r.effect], r.id)))
         typed = [(key, decl) for key, decl in schemas if any(k != "any" for k in decl.values())]
         decls = tuple(tuple((key, n, k) for n, k in decl.items()) for key, decl in typed)
         infos_ = tuple(sorted(infos, key=lambda b: b.name))
-        by_principal: dict[str, list[int]] = {}
-        for i, rule in enumerate(ordered):
-            if not rule.any_principal:
-                for pid in rule.principal_ids:
-                    by_principal.setdefault(pid, []).append(i)
-        fields = {
+        ends = [sum(1 for r in order if _RANK[r.effect] <= rank) for rank in (0, 1)]
+        contexts = contexts or {}
+        index = _Index(order, contexts)
+        buckets = index.buckets()
+        actions = ActionKeys(a for by_action in buckets.values() for a in by_action)
+        allow_keys = {k: frozenset(v) for k, v in index.allow_keys.items()}
+        fields: dict[str, object] = {
             "digest": digest,
             "mode": mode,
             "version": ",".join(f"{b.name}@{b.version}" for b in infos_),
-            "_rules": ordered,
-            "_by_id": {r.id: r for r in ordered},
+            "_rules": by_id,
+            "_order": order,
+            "_deny_end": ends[0],
+            "_escalate_end": ends[1],
+            "_by_id": {r.id: r for r in by_id},
             "_approver_keys": dict(approver_keys or {}),
             "_infos": infos_,
-            "_by_principal": {k: tuple(v) for k, v in by_principal.items()},
-            "_any_principal": frozenset(i for i, r in enumerate(ordered) if r.any_principal),
-            "_glob_principal": tuple(
-                i for i, r in enumerate(ordered) if r.principal_globs and not r.any_principal
-            ),
-            "_by_action": ActionIndex(
-                (tokens, i) for i, r in enumerate(ordered) for tokens in r.action_tokens
-            ),
-            # Only the rules that do not name every principal they cover: wildcards, globs.
-            "_by_action_wild": ActionIndex(
-                (tokens, i)
-                for i, r in enumerate(ordered)
-                if r.any_principal or r.principal_globs
-                for tokens in r.action_tokens
-            ),
-            # (principal, action) -> candidates, cleared when full. Plain dict operations
-            # are atomic under the GIL, and a lost insert only costs a recomputation.
-            "_cache": {},
-            "_decisions": {},  # (reason, rule ids) -> Decision, same bound
-            # (reason, rule ids) -> _Step, same bound: pairs whose groups hold the same
-            # rules (every pair meets a wildcard-principal deny) share one step object.
-            "_steps": {},
-            # Declared param types: (schema key, param, type) per schema; per action, the
-            # declarations that cover it (computed once per action, bounded like _cache).
+            "_index": buckets,
+            "_actions": actions,
+            "_named_actions": actions.named,
+            "_allow_keys": allow_keys,
+            "_wide_allows": tuple(index.wide_allows),
+            "_decisions": {},  # (reason, rule ids) -> Decision, bounded by CACHE_SIZE
+            "_by_positions": {},  # (positions) -> Decision, the same bound
+            # Declared param types: (schema key, param, type) per schema; the declarations
+            # covering each action a schema names exactly, computed here; others (only if
+            # some schema key is a wildcard) on each request, from the trie.
             "_schema_decls": decls,
             "_schema_index": ActionIndex(
                 (parse_action_pattern(key), i) for i, (key, _) in enumerate(typed)
             ),
-            "_schemas": {},
+            "_schema_wild": any("*" in key or ">" in key for key, _ in typed),
         }
         for name, value in fields.items():
             object.__setattr__(self, name, value)
+        named = {key: self._declared(key) for key, _ in typed if "*" not in key and ">" not in key}
+        object.__setattr__(self, "_schema_named", named)
+        object.__setattr__(
+            self, "_single", tuple(self._ruled_once(_reason(r), (r.id,)) for r in order)
+        )
+        self._resolve_principals(contexts)
+
+    def _resolve_principals(self, contexts: Mapping[str, BundleContext]) -> None:
+        """Each principal a rule can single out, with its classes; and the classes of the
+        rest (``*`` and the globs they match)."""
+        index, allow_keys = self._index, self._allow_keys
+        globs = [key for key in index if key[0] == "p"]
+        glob_index = GlobIndex((key[1], key) for key in globs) if globs else None
+        classes: dict[str, list[Key]] = {}
+        for key in dict.fromkeys([*index, *allow_keys]):
+            if key[0] == "i":
+                classes.setdefault(key[1], []).append(key)
+            elif key[0] == "g":
+                for pid in contexts[key[1]].groups[key[2]]:
+                    classes.setdefault(pid, []).append(key)
+        wanted: dict[tuple[str, str], set[Key]] = {}
+        for key in index:
+            if key[0] in ("v", "e"):
+                wanted.setdefault((key[1], key[2]), set()).add(key)
+        for (bundle, name), keys in wanted.items():
+            for pid, value in contexts[bundle].attributes.table(name).items():
+                for key in _value_classes(bundle, name, value):
+                    if key in keys:
+                        classes.setdefault(pid, []).append(key)
+
+        def resolve(keys: Iterable[Key]) -> tuple[tuple[ByAction, ...], tuple[frozenset[str], ...]]:
+            keys = list(dict.fromkeys(keys))
+            return (
+                tuple(index[k] for k in keys if k in index),
+                tuple(allow_keys[k] for k in keys if k in allow_keys),
+            )
+
+        tail = [_ANY]
+        principals = {
+            pid: resolve([*keys, *(glob_index.match(pid) if glob_index is not None else ()), *tail])
+            for pid, keys in classes.items()
+        }
+        object.__setattr__(self, "_principals", principals)
+        object.__setattr__(self, "_any", resolve(tail))
+        # Principals no rule names: the globs they match, looked up on each request.
+        object.__setattr__(
+            self, "_globs", GlobIndex((key[1], index[key]) for key in globs) if globs else None
+        )
+        flags = [key for key in allow_keys if key[0] == "p"]
+        object.__setattr__(
+            self,
+            "_glob_flags",
+            GlobIndex((key[1], allow_keys[key]) for key in flags) if flags else None,
+        )
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"PolicySet is immutable; cannot set {name!r}")
@@ -288,40 +633,127 @@ class PolicySet:
         a JWKS file may mark a key revoked or retired)."""
         return self._approver_keys.get(kid)
 
+    def _classes(self, principal: str) -> tuple[ByAction, ...]:
+        """The buckets of every class *principal* is in."""
+        found = self._principals.get(principal)
+        if found is not None:
+            return found[0]
+        if self._globs is None:
+            return self._any[0]
+        return (*self._globs.match(principal), *self._any[0])
+
+    def _flags(self, principal: str) -> tuple[frozenset[str], ...]:
+        """For each class *principal* is in, the action patterns of its allow rules."""
+        found = self._principals.get(principal)
+        if found is not None:
+            return found[1]
+        if self._glob_flags is None:
+            return self._any[1]
+        return (*self._glob_flags.match(principal), *self._any[1])
+
     def candidates(self, principal: str, action: str) -> tuple[str, ...]:
-        """Ids of the rules that match ``principal`` and ``action`` (before resource and
-        condition), i.e. all that ``evaluate`` will look at."""
-        steps = self._candidates(principal, action)
-        # A set: a lineage-constrained allow rule is in its allow step and in the last.
-        return tuple(sorted({r.id for step in steps for r in step.rules}))
+        """Ids of the rules whose principal and action patterns match (before resource
+        and condition) among those ``evaluate`` looks at: a rule for any principal that
+        requires an attribute value the principal lacks is not looked at."""
+        keys = self._actions.keys(action)
+        found: set[int] = set()
+        for by_action in self._classes(principal):
+            for key in keys:
+                bucket = by_action.get(key)
+                if bucket is not None:
+                    found.update(i for entry in _entries(bucket) for i in entry[5])
+        rules = (self._order[i] for i in found)
+        return tuple(
+            sorted(r.id for r in rules if r.match_principal(principal) and r.match_action(action))
+        )
 
     def evaluate(self, request: Request) -> Decision:
-        declared = self._schemas.get(request.action)
-        if declared is None:
-            declared = self._declared(request.action)
-        if declared and (wrong := _wrong_type(declared, request.params)) is not None:
-            return self._decision(Reason.MALFORMED, (), wrong)
-        found = self._cache.get((request.principal, request.action))
-        if found is None:
-            found = self._candidates(request.principal, request.action)
+        action = request.action
+        if self._schema_decls:
+            declared = self._schema_named.get(action)
+            if declared is None:
+                declared = self._declared(action) if self._schema_wild else ()
+            if declared and (wrong := _wrong_type(declared, request.params)) is not None:
+                return self._decision(Reason.MALFORMED, (), wrong)
+        principal = request.principal
+        found = self._principals.get(principal)
+        if found is None and self._globs is None:
+            found = self._any  # a principal no rule names: in "*" only
+        classes = found[0] if found is not None else self._classes(principal)
+        keys = self._named_actions.get(action)
+        if keys is None:
+            keys = self._actions.keys(action)
         resource = request.resource
-        for match, prefix, check, single, reason, rules in found:
-            if match is not None:  # one rule (or the last step): matchers and decision inline
-                if (resource.startswith(prefix) if prefix is not None else match(resource)) and (
-                    check is None or check(request)
+        hits: list[int] = []
+        unmet: list[int] | None = None  # allow rules that failed their lineage alone
+        for by_action in classes:
+            for key in keys:
+                bucket = by_action.get(key)
+                if bucket is None:
+                    continue
+                for head, tail, start, res, check, ids, lineage in (
+                    bucket if type(bucket) is tuple else bucket.find(request)  # type: ignore[union-attr]
                 ):
-                    return single  # type: ignore[return-value]  # set with match
-                continue
-            if single is not None:  # the last step of a pair with lineage-constrained rules
-                return self._unmet(request, rules, single)
-            hits = [
-                r.id
-                for r in rules  # sorted by id already
-                if r.match_resource(resource) and (r.check is None or r.check(request))
-            ]
-            if hits:
-                return self._ruled(reason, tuple(hits))
-        raise AssertionError("the last step always decides")  # the caller denies
+                    if res is not None:
+                        if not res(resource):
+                            continue
+                    elif (head and not resource.startswith(head)) or (
+                        tail and not resource.endswith(tail, start)
+                    ):
+                        continue
+                    if check is None or check(request):
+                        if lineage is None or lineage(request):
+                            hits += ids
+                        elif unmet is None:
+                            unmet = list(ids)
+                        else:
+                            unmet += ids
+        if hits:
+            if len(hits) == 1:
+                return self._single[hits[0]]
+            return self._many(hits)
+        # Whether some allow rule's principal and action patterns matched (its resource,
+        # condition or lineage did not): the denial says so.
+        for actions in found[1] if found is not None else self._flags(principal):
+            if not actions.isdisjoint(keys):
+                allow = True
+                break
+        else:
+            allow = bool(self._wide_allows) and self._wide_allowed(principal, action)
+        no_match = self._no_match(principal, action, allow)
+        if unmet:
+            order = self._order
+            return self._unmet(request, [order[i] for i in sorted(set(unmet))], no_match)
+        return no_match
+
+    def _many(self, hits: list[int]) -> Decision:
+        """The decision of several hits (maybe one rule found twice): the strongest
+        effect's rules, by id."""
+        first = min(hits)
+        if first < self._deny_end:
+            end, reason = self._deny_end, Reason.DENIED_BY_RULE
+        elif first < self._escalate_end:
+            end, reason = self._escalate_end, Reason.ESCALATED_BY_RULE
+        else:
+            end, reason = len(self._order), Reason.ALLOWED_BY_RULE
+        group = [i for i in hits if i < end]
+        if len(group) == 1 or len(group := sorted(set(group))) == 1:  # a deny over allows
+            return self._single[first]
+        key = tuple(group)
+        decision = self._by_positions.get(key)
+        if decision is None:
+            order = self._order
+            decision = self._ruled(reason, tuple(order[i].id for i in group))
+            if len(self._by_positions) >= CACHE_SIZE:
+                self._by_positions.clear()
+            self._by_positions[key] = decision
+        return decision
+
+    def _wide_allowed(self, principal: str, action: str) -> bool:
+        """Whether an allow rule filed under one side only matches both."""
+        return any(
+            r.match_principal(principal) and r.match_action(action) for r in self._wide_allows
+        )
 
     def explain(self, request: Request) -> Explanation:
         """Trace every rule that matches the action or names the principal (a linear scan:
@@ -352,39 +784,65 @@ class PolicySet:
         return Explanation(request, decision, tuple(traces))
 
     def _ruled(self, reason: Reason, rules: tuple[str, ...]) -> Decision:
-        # Building a frozen dataclass costs more than the rest of an evaluation, and the
-        # same rule set decides over and over: reuse the (immutable) value.
+        # Building a decision costs more than the rest of an evaluation, and the same
+        # rule set decides over and over: reuse the (immutable) value.
+        if len(rules) == 1 and reason is _reason(rule := self._by_id[rules[0]]):
+            return self._single[self._position(rule)]
         decision = self._decisions.get((reason, rules))
         if decision is None:
-            plural = "s" if len(rules) > 1 else ""
-            hold: HoldTerms | None = None
-            taints: tuple[str, ...] = ()
-            limits: tuple[tuple[LimitSpec, ...], ...] = ()
-            if reason is Reason.ESCALATED_BY_RULE:
-                hold = _combined([self._by_id[r].hold for r in rules])
-            elif reason is Reason.ALLOWED_BY_RULE:
-                taints = tuple(sorted({t for r in rules for t in self._by_id[r].taints}))
-                groups = tuple(self._by_id[r].limits for r in rules)  # rules: sorted by id
-                # One unlimited rule allows without spending anything.
-                limits = groups if all(groups) else ()
-            decision = self._decision(
-                reason,
-                rules,
-                f"{_MESSAGES[reason]}{plural} {', '.join(rules)}",
-                hold=hold,
-                taints=taints,
-                limits=limits,
-            )
+            decision = self._ruled_once(reason, rules)
             if len(self._decisions) >= CACHE_SIZE:
                 self._decisions.clear()
             self._decisions[(reason, rules)] = decision
         return decision
 
+    def _position(self, rule: CompiledRule) -> int:
+        low, high = 0, len(self._order)
+        key = (_RANK[rule.effect], rule.id)
+        while low < high:  # binary search: explain's path, not evaluate's
+            mid = (low + high) // 2
+            other = self._order[mid]
+            if (_RANK[other.effect], other.id) < key:
+                low = mid + 1
+            else:
+                high = mid
+        return low
+
+    def _ruled_once(self, reason: Reason, rules: tuple[str, ...]) -> Decision:
+        plural = "s" if len(rules) > 1 else ""
+        hold: HoldTerms | None = None
+        taints: tuple[str, ...] = ()
+        limits: tuple[tuple[LimitSpec, ...], ...] = ()
+        if reason is Reason.ESCALATED_BY_RULE:
+            hold = _combined([self._by_id[r].hold for r in rules])
+        elif reason is Reason.ALLOWED_BY_RULE:
+            taints = tuple(sorted({t for r in rules for t in self._by_id[r].taints}))
+            groups = tuple(self._by_id[r].limits for r in rules)  # rules: sorted by id
+            # One unlimited rule allows without spending anything.
+            limits = groups if all(groups) else ()
+        return self._decision(
+            reason,
+            rules,
+            f"{_MESSAGES[reason]}{plural} {', '.join(rules)}",
+            hold=hold,
+            taints=taints,
+            limits=limits,
+        )
+
     def _no_match(self, principal: str, action: str, allow_rules: bool) -> Decision:
         message = f"no rule allows {principal} {action}"
         if allow_rules:  # some allow rule covers the pair: its resource or condition failed
             message += " with this resource and params"
-        return self._decision(Reason.NO_MATCHING_RULE, (), message)
+        # Positional, in Decision's field order: a fraction of the keyword cost.
+        return Decision(
+            Effect.DENY,
+            Reason.NO_MATCHING_RULE,
+            (),
+            message,
+            self.digest,
+            self.version,
+            self.mode,
+        )
 
     def _unmet(
         self, request: Request, rules: Sequence[CompiledRule], no_match: Decision
@@ -435,76 +893,37 @@ class PolicySet:
             limits=limits,
         )
 
-    def _step(self, reason: Reason, group: tuple[CompiledRule, ...]) -> _Step:
-        key = (reason, tuple(r.id for r in group))
-        step = self._steps.get(key)
-        if step is None:
-            if len(group) == 1:
-                (rule,) = group
-                step = _Step(
-                    rule.match_resource,
-                    only_prefix(rule.resources),
-                    rule.check,
-                    self._ruled(*key),
-                    reason,
-                    group,
-                )
-            else:
-                step = _Step(None, None, None, None, reason, group)
-            if len(self._steps) >= CACHE_SIZE:
-                self._steps.clear()
-            self._steps[key] = step
-        return step
-
     def _declared(self, action: str) -> tuple[tuple[str, str, str], ...]:
         """Every (schema, param, type) the bundles declare for *action*."""
         decls = self._schema_decls
-        found = tuple(d for i in sorted(self._schema_index.match(action)) for d in decls[i])
-        if len(self._schemas) >= CACHE_SIZE:
-            self._schemas.clear()
-        self._schemas[action] = found
-        return found
+        return tuple(d for i in sorted(self._schema_index.match(action)) for d in decls[i])
 
-    def _candidates(self, principal: str, action: str) -> _Candidates:
-        rules = self._rules
-        named = self._by_principal.get(principal, ())
-        if len(named) <= _FEW_NAMED:
-            # The usual case: the principal's own rules, plus the wildcard-principal rules
-            # of the action, without materialising every rule of a busy action.
-            pool = {i for i in named if rules[i].match_action(action)}
-            pool.update(
-                i for i in self._by_action_wild.match(action) if rules[i].match_principal(principal)
-            )
-            ids = sorted(pool)
-        else:
-            by_action = self._by_action.match(action)
-            # Intersect from the smaller side so neither many wildcard-principal rules nor
-            # many wildcard-action rules make one lookup linear.
-            if len(by_action) <= len(named) + len(self._any_principal) + len(self._glob_principal):
-                ids = sorted(i for i in by_action if rules[i].match_principal(principal))
-            else:
-                pool = set(named) | self._any_principal
-                pool.update(i for i in self._glob_principal if rules[i].match_principal(principal))
-                ids = sorted(i for i in pool if rules[i].match_action(action))
-        found_rules = tuple(rules[i] for i in ids)
-        groups = (
-            (reason, tuple(r for r in found_rules if r.effect == effect))
-            for effect, reason in _PRECEDENCE
-        )
-        no_match = self._no_match(principal, action, any(r.effect == "allow" for r in found_rules))
-        constrained = tuple(r for r in found_rules if r.lineage is not None)
-        last = (
-            # Not ruled out yet: a lineage_violation. A multi-rule step (match None) whose
-            # ``single`` is set: evaluate() hands it to _unmet.
-            _Step(None, None, None, no_match, Reason.LINEAGE_VIOLATION, constrained)
-            if constrained
-            else _Step(_anything, "", None, no_match, no_match.reason, ())
-        )
-        found = (*(self._step(reason, g) for reason, g in groups if g), last)
-        if len(self._cache) >= CACHE_SIZE:
-            self._cache.clear()
-        self._cache[(principal, action)] = found
-        return found
+
+_REASONS: Final = dict(_PRECEDENCE)
+
+
+def _reason(rule: CompiledRule) -> Reason:
+    return _REASONS[rule.effect]
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a policy set compiles, then one collection of
+    the young objects it made.
+
+    Compiling 10,000 rules allocates about a million objects, none of them garbage in a
+    cycle; the collector, triggered every 700 allocations, walked the growing heap over
+    and over: 35-40 % of the compile time. Paused and paid once at the end (a pass over
+    what is new), 0.68 s became 0.52 s for 10,000 rules (``bench.decide``'s tenants).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+            gc.collect(0)
 
 
 def compile_policy_set(
@@ -515,6 +934,13 @@ def compile_policy_set(
     *key_files*: the approvers' JWKS files the loader read (see
     :data:`~bus_guard.policy._approvers.KeyFiles`); every file a bundle names must be in it.
     """
+    with _collector_paused():
+        return _compile(sources, digest, key_files)
+
+
+def _compile(
+    sources: Sequence[tuple[str, Bundle]], digest: str, key_files: KeyFiles | None
+) -> tuple[PolicySet | None, list[Problem]]:
     problems: list[Problem] = []
 
     def bundle_problem(file: str, loc: tuple[str | int, ...], message: str) -> None:
@@ -527,19 +953,23 @@ def compile_policy_set(
     shared: dict[Any, Predicate] = {}  # rules with the same condition share its closure
     infos = []
     declared: list[tuple[str, Mapping[str, str]]] = []
+    contexts: dict[str, BundleContext] = {}
     for file, bundle in sources:
         if (other := bundle_files.setdefault(bundle.bundle, file)) != file:
             message = f"bundle name {bundle.bundle!r} is also used by {other}"
             problems.append(Problem(file, None, None, ("bundle",), message))
         schemas = [(k, parse_action_pattern(k), decl) for k, decl in bundle.schemas.items()]
         declared += bundle.schemas.items()
+        context = contexts[bundle.bundle] = BundleContext.of(bundle, schemas)
         for index, rule in enumerate(bundle.rules):
             if rule.id in where:
                 message = f"duplicate rule id, first defined in {where[rule.id][0]}"
                 problems.append(Problem(file, rule.id, index, ("id",), message))
                 continue
             where[rule.id] = (file, index)
-            rules.append(compile_rule(rule, index, bundle, file, schemas, problems, shared))
+            rules.append(
+                compile_rule(rule, index, bundle, file, schemas, problems, shared, context)
+            )
         infos.append(
             BundleInfo(bundle.bundle, bundle.version, file, len(bundle.rules), bundle.description)
         )
@@ -561,7 +991,7 @@ def compile_policy_set(
     if problems:
         return None, problems
     mode = first.mode if first is not None else "enforce"
-    policy_set = PolicySet(rules, infos, digest, mode, declared, keys)
+    policy_set = PolicySet(rules, infos, digest, mode, declared, keys, contexts)
     log.debug("compiled %s: %d rules, %s", policy_set.version, policy_set.rule_count, digest)
     return policy_set, []
 

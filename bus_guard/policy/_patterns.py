@@ -16,26 +16,32 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 __all__ = (
     "ActionIndex",
+    "ActionKeys",
+    "GlobIndex",
     "action_covers",
     "action_matches",
     "glob_covers",
     "glob_matcher",
     "is_glob",
+    "literal_prefix",
+    "literal_suffix",
     "parse_action_pattern",
     "set_matcher",
 )
 
 Tokens = tuple[str, ...]
 Matcher = Callable[[str], bool]
+T = TypeVar("T")
 
 _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _GLOB_META: Final = frozenset("*?")
 
 
+@functools.lru_cache(maxsize=8192)  # rules repeat patterns (">", "svc.>"): validated once
 def parse_action_pattern(pattern: str) -> Tokens:
     """Split and validate an action pattern; ``ValueError`` says what is wrong."""
     if not pattern:
@@ -91,10 +97,19 @@ def is_glob(pattern: str) -> bool:
     return not _GLOB_META.isdisjoint(pattern)
 
 
-def _literal_prefix(pattern: str) -> str:
+def literal_prefix(pattern: str) -> str:
+    """The text before the first ``*`` or ``?`` (all of it for a plain value)."""
     for i, ch in enumerate(pattern):
         if ch in _GLOB_META:
             return pattern[:i]
+    return pattern
+
+
+def literal_suffix(pattern: str) -> str:
+    """The text after the last ``*`` or ``?`` (all of it for a plain value)."""
+    for i in range(len(pattern) - 1, -1, -1):
+        if pattern[i] in _GLOB_META:
+            return pattern[i + 1 :]
     return pattern
 
 
@@ -184,7 +199,7 @@ def glob_matcher(pattern: str) -> Matcher:
         return _always
     if not is_glob(pattern):
         return pattern.__eq__
-    prefix = _literal_prefix(pattern)
+    prefix = literal_prefix(pattern)
     if pattern == prefix + "*":
         return lambda value: value.startswith(prefix)
     if "*" not in pattern:  # only '?': one fixed-length comparison
@@ -222,7 +237,7 @@ def set_matcher(patterns: Iterable[str]) -> Matcher:
             return _always
         if not is_glob(pattern):
             exact.add(pattern)
-        elif pattern == _literal_prefix(pattern) + "*":
+        elif pattern == literal_prefix(pattern) + "*":
             prefixes.append(pattern[:-1])
         else:
             others.append(pattern)
@@ -243,6 +258,8 @@ def set_matcher(patterns: Iterable[str]) -> Matcher:
         return lambda value: value in frozen or value.startswith(starts)
     if len(others) == 1:
         other = glob_matcher(others[0])
+        if not frozen and not starts:  # one glob alone: its own matcher, no wrapper call
+            return other
         return lambda value: value in frozen or value.startswith(starts) or other(value)
     matchers = tuple(glob_matcher(p) for p in others)
     return lambda value: (
@@ -259,9 +276,9 @@ def glob_covers(outer: str, inner: str) -> bool:
         return False
     if not is_glob(inner):
         return glob_matcher(outer)(inner)
-    prefix = _literal_prefix(outer)
+    prefix = literal_prefix(outer)
     # 'p*' covers any glob whose literal start begins with p (e.g. 'acct-*' ⊆ 'acct*').
-    return outer == prefix + "*" and _literal_prefix(inner).startswith(prefix)
+    return outer == prefix + "*" and literal_prefix(inner).startswith(prefix)
 
 
 class _Node:
@@ -327,17 +344,21 @@ class ActionIndex:
 
     def covering(self, pattern: Tokens) -> set[int]:
         """Ids of the patterns that cover every action ``pattern`` matches."""
-        out: set[int] = set()
+        return set().union(*self.covering_parts(pattern))
+
+    def covering_parts(self, pattern: Tokens) -> list[Sequence[int]]:
+        """:meth:`covering` as the index's own lists, not copied (they may repeat an id)."""
+        out: list[Sequence[int]] = []
         if "*" not in pattern and ">" not in pattern:
-            out.update(self._exact.get(".".join(pattern), ()))
+            out.append(self._exact.get(".".join(pattern), frozenset()))  # type: ignore[arg-type]
         self._cover(self._root, pattern, 0, out)
         return out
 
-    def _cover(self, node: _Node, pattern: Tokens, i: int, out: set[int]) -> None:
+    def _cover(self, node: _Node, pattern: Tokens, i: int, out: list[Sequence[int]]) -> None:
         if node.tail and i < len(pattern):
-            out.update(node.tail)
+            out.append(node.tail)
         if i == len(pattern):
-            out.update(node.here)
+            out.append(node.here)
             return
         token = pattern[i]
         if token == ">":
@@ -346,3 +367,154 @@ class ActionIndex:
             self._cover(child, pattern, i + 1, out)
         if node.star is not None:
             self._cover(node.star, pattern, i + 1, out)
+
+
+class ActionKeys:
+    """Action patterns as written, and for a concrete action the ones that match it.
+
+    The evaluator files rules under their action patterns; a request looks up each
+    pattern its action matches. Exact patterns match by equality (the action itself is
+    always the first key); ``p.>`` patterns by the action's token prefixes (a dict
+    lookup per ``.``), ``>`` always; patterns with ``*`` through a token trie. For the
+    actions that rules name exactly, the keys are computed once, here.
+    """
+
+    __slots__ = ("_any", "_star_keys", "_stars", "_tails", "named")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        distinct = dict.fromkeys(patterns)
+        self._any = ">" in distinct
+        self._tails: dict[str, str] = {}  # 'p' -> 'p.>', p without wildcards
+        stars: list[str] = []
+        for pattern in distinct:
+            if pattern == ">":
+                continue
+            head, _, last = pattern.rpartition(".")
+            if last == ">" and "*" not in head and ">" not in head:
+                self._tails[head] = pattern
+            elif "*" in pattern or ">" in pattern:
+                stars.append(pattern)
+        self._star_keys = tuple(stars)
+        self._stars = (
+            ActionIndex((parse_action_pattern(p), i) for i, p in enumerate(stars))
+            if stars
+            else None
+        )
+        # The actions rules name exactly, with their keys computed once.
+        self.named: dict[str, tuple[str, ...]] = {}
+        for pattern in distinct:
+            if "*" not in pattern and ">" not in pattern:
+                self.named[pattern] = tuple(self._compute(pattern))
+
+    def keys(self, action: str) -> Sequence[str]:
+        """The patterns matching *action*, itself first (a pattern may come twice when an
+        action is written like one: ``a.*`` as an action)."""
+        found = self.named.get(action)
+        if found is not None:
+            return found
+        return self._compute(action)
+
+    def _compute(self, action: str) -> list[str]:
+        out = [action]
+        if self._any:
+            out.append(">")
+        tails = self._tails
+        if tails:
+            pos = action.find(".")
+            while pos > 0:
+                key = tails.get(action[:pos])
+                if key is not None:
+                    out.append(key)
+                pos = action.find(".", pos + 1)
+        if self._stars is not None:
+            out.extend(self._star_keys[i] for i in sorted(self._stars.match(action)))
+        return out
+
+
+class GlobIndex(Generic[T]):
+    """Globs (resources, principals) with a payload each; for a value, the payloads of the
+    globs that match it, without testing every glob.
+
+    Plain values are a dict. A glob is filed by its literal start (``head`` of
+    ``head*…``: a dict per length, looked up with the value's first characters), else
+    by its literal end, else (``*x*``) in a short list; ``*`` in a list that every value
+    gets. Only a glob that is more than ``head*`` or ``*tail`` is then tested, with its
+    own matcher. A lookup costs a dict lookup per distinct head or tail length, whatever
+    the number of globs.
+    """
+
+    __slots__ = ("_always", "_exact", "_heads", "_rest", "_tails")
+
+    def __init__(self, items: Iterable[tuple[str, T]]) -> None:
+        exact: dict[str, list[T]] = {}
+        always: list[T] = []
+        heads: dict[int, dict[str, list[tuple[Matcher | None, T]]]] = {}
+        tails: dict[int, dict[str, list[tuple[Matcher | None, T]]]] = {}
+        rest: list[tuple[Matcher, T]] = []
+        for pattern, payload in items:
+            if pattern.strip("*") == "":
+                always.append(payload)
+            elif not is_glob(pattern):
+                exact.setdefault(pattern, []).append(payload)
+            elif head := literal_prefix(pattern):
+                verify = None if pattern == head + "*" else glob_matcher(pattern)
+                heads.setdefault(len(head), {}).setdefault(head, []).append((verify, payload))
+            elif tail := literal_suffix(pattern):
+                verify = None if pattern == "*" + tail else glob_matcher(pattern)
+                tails.setdefault(len(tail), {}).setdefault(tail, []).append((verify, payload))
+            else:
+                rest.append((glob_matcher(pattern), payload))
+        self._exact = {k: tuple(v) for k, v in exact.items()}
+        self._always = tuple(always)
+        self._heads = tuple(
+            (n, {k: tuple(v) for k, v in d.items()}) for n, d in sorted(heads.items())
+        )
+        self._tails = tuple(
+            (n, {k: tuple(v) for k, v in d.items()}) for n, d in sorted(tails.items())
+        )
+        self._rest = tuple(rest)
+
+    def __len__(self) -> int:
+        return (
+            sum(map(len, self._exact.values()))
+            + len(self._always)
+            + sum(len(v) for _, d in self._heads for v in d.values())
+            + sum(len(v) for _, d in self._tails for v in d.values())
+            + len(self._rest)
+        )
+
+    def payloads(self) -> list[T]:
+        """Every payload (in no particular order)."""
+        out = [p for v in self._exact.values() for p in v]
+        out += self._always
+        out += [p for _, d in (*self._heads, *self._tails) for v in d.values() for _, p in v]
+        out += [p for _, p in self._rest]
+        return out
+
+    def match(self, value: str) -> list[T]:
+        """The payloads of every glob matching *value* (one per matching glob)."""
+        out = list(self._always)
+        found = self._exact.get(value)
+        if found is not None:
+            out += found
+        size = len(value)
+        for length, by_head in self._heads:
+            if length > size:
+                break
+            hit = by_head.get(value[:length])
+            if hit is not None:
+                for verify, payload in hit:
+                    if verify is None or verify(value):
+                        out.append(payload)
+        for length, by_tail in self._tails:
+            if length > size:
+                break
+            hit = by_tail.get(value[size - length :])
+            if hit is not None:
+                for verify, payload in hit:
+                    if verify is None or verify(value):
+                        out.append(payload)
+        for match, payload in self._rest:
+            if match(value):
+                out.append(payload)
+        return out

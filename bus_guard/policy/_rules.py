@@ -12,7 +12,9 @@ Shadowing is proved, never guessed: an allow or escalate rule is reported unreac
 when a single unconditional rule of a stronger effect covers every principal, action and
 resource it could match (``*``/``>`` cover everything, ``payments.*`` covers
 ``payments.transfer``, ``account:*`` covers ``account:sanctioned-*``, groups are compared
-by their members).
+by their members). The unconditional rules are indexed by action, resource and principal,
+and each rule is compared only with those its most selective side finds (see
+:func:`shadowed`): comparing every pair took 10 s at 10,000 rules.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Literal
 from bus_guard.decision import HoldTerms, LimitSpec, Request
 from bus_guard.policy._approvers import hold_terms
 from bus_guard.policy._conditions import (
+    Attributes,
     ConditionNode,
     Predicate,
     Scope,
@@ -39,11 +42,13 @@ from bus_guard.policy._patterns import (
     action_matches,
     glob_covers,
     is_glob,
+    literal_prefix,
+    literal_suffix,
     parse_action_pattern,
     set_matcher,
 )
 
-__all__ = ("CompiledRule", "Problem", "compile_rule", "shadowed")
+__all__ = ("BundleContext", "CompiledRule", "Problem", "compile_rule", "shadowed")
 
 RuleEffect = Literal["allow", "deny", "escalate"]
 Loc = tuple[str | int, ...]
@@ -71,8 +76,10 @@ class CompiledRule:
     actions: tuple[str, ...]
     resources: tuple[str, ...]
     any_principal: bool
-    principal_ids: frozenset[str]  # ids and expanded group members
+    # ids and expanded group members; a rule naming one group shares the group's set
+    principal_ids: frozenset[str]
     principal_globs: tuple[str, ...]
+    groups: tuple[str, ...]  # the groups it names (of its bundle), as written, without ids
     action_tokens: tuple[Tokens, ...]
     condition: ConditionNode | None
     hold: HoldTerms | None  # escalate rules: who may release the hold, how many, how long
@@ -98,6 +105,30 @@ def _action_matcher(patterns: Sequence[Tokens]) -> Callable[[str], bool]:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class BundleContext:
+    """What every rule of one bundle compiles against, built once per bundle: its groups
+    as frozensets (a rule naming one group shares its set), its principal attributes
+    (:class:`~bus_guard.policy._conditions.Attributes`), its schemas and their index."""
+
+    groups: Mapping[str, frozenset[str]]
+    attributes: Attributes
+    schemas: Sequence[tuple[str, Tokens, Mapping[str, str]]]
+    schema_index: ActionIndex
+    leaves: dict[Any, Any] = field(default_factory=dict)  # Scope.leaves, for the bundle
+
+    @classmethod
+    def of(
+        cls, bundle: Bundle, schemas: Sequence[tuple[str, Tokens, Mapping[str, str]]]
+    ) -> BundleContext:
+        return cls(
+            {name: frozenset(members) for name, members in bundle.groups.items()},
+            Attributes(bundle.principals),
+            schemas,
+            ActionIndex((tokens, i) for i, (_, tokens, _) in enumerate(schemas)),
+        )
+
+
 def compile_rule(
     rule: Rule,
     index: int,
@@ -106,20 +137,28 @@ def compile_rule(
     schemas: Sequence[tuple[str, Tokens, Mapping[str, str]]],
     problems: list[Problem],
     shared: dict[Any, Predicate] | None = None,
+    context: BundleContext | None = None,
 ) -> CompiledRule:
-    """*shared*: the predicates of this compilation so far (see :func:`predicate`)."""
+    """*shared*: the predicates of this compilation so far (see :func:`predicate`);
+    *context*: the bundle's, when several of its rules are compiled (built from *bundle*
+    and *schemas* if not given)."""
+    if context is None:
+        context = BundleContext.of(bundle, schemas)
 
     def problem(loc: Loc, message: str) -> None:
         problems.append(Problem(file, rule.id, index, loc, message))
 
     ids: set[str] = set()
+    named: list[frozenset[str]] = []
+    groups: list[str] = []
     globs: list[str] = []
     any_principal = False
     for i, pattern in enumerate(rule.principals):
         if pattern.startswith("group:"):
             name = pattern[len("group:") :]
-            if name in bundle.groups:
-                ids.update(bundle.groups[name])
+            if name in context.groups:
+                named.append(context.groups[name])
+                groups.append(name)
             else:
                 known = ", ".join(sorted(bundle.groups)) or "none defined"
                 problem(("principals", i), f"unknown group {name!r} (groups: {known})")
@@ -129,14 +168,19 @@ def compile_rule(
             globs.append(pattern)
         else:
             ids.add(pattern)
+    # One group alone: the group's own set, not a copy per rule.
+    principal_ids = named[0] if len(named) == 1 and not ids else frozenset(ids.union(*named))
     tokens = tuple(parse_action_pattern(a) for a in rule.actions)
-    covering = [
-        (key, decl)
-        for key, key_tokens, decl in schemas
-        if any(action_covers(key_tokens, t) for t in tokens)
-    ]
-    complete = all(any(action_covers(k, t) for _, k, _ in schemas) for t in tokens)
-    scope = Scope(bundle.principals, covering, complete)
+    # The schemas whose key covers one of the rule's action patterns, in bundle order,
+    # from the trie over the keys (not every schema against every rule).
+    covering: list[tuple[str, Mapping[str, str]]] = []
+    complete = False
+    if context.schemas:
+        covered = [context.schema_index.covering(t) for t in tokens]
+        schemas_ = context.schemas
+        covering = [(schemas_[i][0], schemas_[i][2]) for i in sorted(set().union(*covered))]
+        complete = all(covered)
+    scope = Scope(context.attributes, covering, complete, context.leaves)
     condition = None
     if rule.when is not None:
         cond_problems: list[tuple[Loc, str]] = []
@@ -189,20 +233,34 @@ def compile_rule(
         actions=tuple(rule.actions),
         resources=tuple(rule.resources),
         any_principal=any_principal,
-        principal_ids=frozenset(ids),
+        principal_ids=principal_ids,
         principal_globs=tuple(globs),
+        groups=tuple(dict.fromkeys(groups)),
         action_tokens=tokens,
         condition=condition,
         hold=hold,
         taints=tuple(sorted(set(rule.labels or ()))) if rule.effect == "allow" else (),
         lineage=lineage,
         limits=limits,
-        match_principal=set_matcher(["*"] if any_principal else [*sorted(ids), *globs]),
+        match_principal=_principal_matcher(any_principal, principal_ids, globs),
         match_action=_action_matcher(tokens),
         match_resource=set_matcher(rule.resources),
         check=check,
         when=when,
     )
+
+
+def _principal_matcher(
+    any_principal: bool, ids: frozenset[str], globs: Sequence[str]
+) -> Callable[[str], bool]:
+    """Membership in the rule's ids (the group's own set when it names one group), else
+    one of its globs."""
+    if any_principal:
+        return set_matcher(["*"])
+    if not globs:
+        return ids.__contains__
+    match = set_matcher(globs)
+    return lambda principal: principal in ids or match(principal)
 
 
 def _both(
@@ -291,39 +349,144 @@ def _principals_cover(outer: CompiledRule, inner: CompiledRule) -> bool:
         return True
     if inner.any_principal:
         return False
-    return all(
-        pid in outer.principal_ids or any(glob_covers(g, pid) for g in outer.principal_globs)
-        for pid in inner.principal_ids
-    ) and all(
+    rest = inner.principal_ids - outer.principal_ids  # a subset test first: groups are big
+    return all(any(glob_covers(g, pid) for g in outer.principal_globs) for pid in rest) and all(
         any(glob_covers(g, ig) for g in outer.principal_globs) for ig in inner.principal_globs
     )
 
 
-def shadowed(rules: Sequence[CompiledRule]) -> Iterable[tuple[CompiledRule, CompiledRule]]:
-    """(rule, unconditional rule of a stronger effect covering all it could match)."""
-    stronger: dict[str, tuple[str, ...]] = {"allow": ("deny", "escalate"), "escalate": ("deny",)}
-    pools = {
-        effect: [r for r in rules if r.effect == effect and r.condition is None]
-        for effect in ("deny", "escalate")
-    }
-    indexes = {
-        effect: ActionIndex((t, i) for i, r in enumerate(pool) for t in r.action_tokens)
-        for effect, pool in pools.items()
-    }
+def _covers(outer: CompiledRule, inner: CompiledRule) -> bool:
+    """Whether *outer* matches every (principal, action, resource) *inner* could."""
+    return (
+        all(any(action_covers(o, t) for o in outer.action_tokens) for t in inner.action_tokens)
+        and all(any(glob_covers(o, r) for o in outer.resources) for r in inner.resources)
+        and _principals_cover(outer, inner)
+    )
 
-    def cover(rule: CompiledRule, effect: str) -> CompiledRule | None:
-        # Only rules whose action patterns cover all of this rule's, found via the trie.
-        common = set.intersection(*(indexes[effect].covering(t) for t in rule.action_tokens))
-        for i in sorted(common):
-            outer = pools[effect][i]
-            if all(
-                any(glob_covers(o, r) for o in outer.resources) for r in rule.resources
-            ) and _principals_cover(outer, rule):
-                return outer
+
+class _Globs:
+    """Glob patterns (each of an outer rule), found by a value or pattern they may cover:
+    a superset of those that do (:func:`_covers` decides)."""
+
+    def __init__(self) -> None:
+        self.star: list[int] = []  # all-star patterns: cover everything
+        self.equal: dict[str, list[int]] = {}  # every pattern, as written
+        self.heads: dict[int, dict[str, list[int]]] = {}  # glob by its literal start
+        self.tails: dict[int, dict[str, list[int]]] = {}  # glob with "" start, by its end
+        self.rest: list[int] = []  # glob with neither (``*x*``)
+
+    def add(self, pattern: str, outer: int) -> None:
+        self.equal.setdefault(pattern, []).append(outer)
+        if pattern.strip("*") == "":
+            self.star.append(outer)
+        elif is_glob(pattern):
+            head, tail = literal_prefix(pattern), literal_suffix(pattern)
+            if head:
+                self.heads.setdefault(len(head), {}).setdefault(head, []).append(outer)
+            elif tail:
+                self.tails.setdefault(len(tail), {}).setdefault(tail, []).append(outer)
+            else:
+                self.rest.append(outer)
+
+    def covering(self, inner: str) -> list[Sequence[int]]:
+        """Lists holding every pattern that may cover *inner*: all-star ones, equal ones
+        and, for a value, every glob that may match it; for a glob, the ``p*`` ones whose
+        ``p`` starts its literal start (the only cover :func:`glob_covers` proves)."""
+        found: list[Sequence[int]] = [self.star, self.equal.get(inner, ())]
+        start = literal_prefix(inner)
+        found += [
+            by_head.get(start[:size], ())
+            for size, by_head in self.heads.items()
+            if size <= len(start)
+        ]
+        if not is_glob(inner):
+            found += [
+                by_tail.get(inner[-size:], ())
+                for size, by_tail in self.tails.items()
+                if size <= len(inner)
+            ]
+            found.append(self.rest)
+        return found
+
+
+class _Cover:
+    """The unconditional rules of one effect, indexed by what they match: for a rule,
+    the ones that may cover it are found from its actions, its resources or its
+    principals, whichever side finds fewest; each is then compared in full."""
+
+    def __init__(self, pool: Sequence[CompiledRule]) -> None:
+        self.pool = pool
+        self.actions = ActionIndex((t, i) for i, r in enumerate(pool) for t in r.action_tokens)
+        self.resources = _Globs()
+        self.any_principal: list[int] = []
+        self.principal_globs = _Globs()
+        # principal id -> rules naming it; rules sharing one set (a group) share the list
+        self.by_set: dict[int, list[int]] = {}
+        self.by_principal: dict[str, list[list[int]]] = {}
+        for i, rule in enumerate(pool):
+            for pattern in rule.resources:
+                self.resources.add(pattern, i)
+            if rule.any_principal:
+                self.any_principal.append(i)
+                continue
+            for glob in rule.principal_globs:
+                self.principal_globs.add(glob, i)
+            key = id(rule.principal_ids)
+            if key not in self.by_set:
+                self.by_set[key] = []
+                for pid in rule.principal_ids:
+                    self.by_principal.setdefault(pid, []).append(self.by_set[key])
+            self.by_set[key].append(i)
+
+    def _principal_side(self, inner: CompiledRule) -> list[Sequence[int]]:
+        if inner.any_principal:
+            return [self.any_principal]
+        if inner.principal_ids:
+            pid = min(inner.principal_ids)
+            return [
+                self.any_principal,
+                *self.by_principal.get(pid, ()),
+                *self.principal_globs.covering(pid),
+            ]
+        if inner.principal_globs:
+            return [self.any_principal, *self.principal_globs.covering(inner.principal_globs[0])]
+        return [range(len(self.pool))]  # covers nothing: any rule covers it
+
+    def cover(self, inner: CompiledRule) -> CompiledRule | None:
+        """The first rule of the pool (in source order) covering *inner*, if any."""
+        sides: tuple[Callable[[], list[Sequence[int]]], ...] = (
+            lambda: self.actions.covering_parts(inner.action_tokens[0]),
+            lambda: self.resources.covering(inner.resources[0]),
+            lambda: self._principal_side(inner),
+        )
+        best: list[Sequence[int]] = [range(len(self.pool))]
+        best_size = len(self.pool)
+        for side in sides:
+            found = side()
+            size = sum(map(len, found))
+            if size < best_size:
+                best, best_size = found, size
+        for i in sorted({i for part in best for i in part}):
+            if _covers(self.pool[i], inner):
+                return self.pool[i]
         return None
 
+
+def shadowed(rules: Sequence[CompiledRule]) -> Iterable[tuple[CompiledRule, CompiledRule]]:
+    """(rule, unconditional rule of a stronger effect covering all it could match).
+
+    Cost: every rule is compared with the stronger rules that the most selective of its
+    sides finds: those covering its first action pattern, or its first resource pattern,
+    or its first principal. Near-linear unless many stronger rules cover a rule on every
+    side but one, each a different one (the worst case stays pairs, as before); with
+    the example and benchmark policies it is linear (10,000 rules in tens of ms)."""
+    stronger: dict[str, tuple[str, ...]] = {"allow": ("deny", "escalate"), "escalate": ("deny",)}
+    indexes = {
+        effect: _Cover([r for r in rules if r.effect == effect and r.condition is None])
+        for effect in ("deny", "escalate")
+    }
     for rule in rules:
         for effect in stronger.get(rule.effect, ()):
-            if (outer := cover(rule, effect)) is not None:
+            if indexes[effect].pool and (outer := indexes[effect].cover(rule)) is not None:
                 yield rule, outer
                 break

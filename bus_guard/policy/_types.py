@@ -6,6 +6,7 @@ the JSON Schema an editor uses to flag the same mistake while typing.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -170,6 +171,7 @@ def _action_pattern(value: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=4096)  # a policy names a few fields in many comparisons
 def parse_field(path: str) -> tuple[str, tuple[str, ...]]:
     """``"params.a.b"`` → ``("params", ("a", "b"))``; ``ValueError`` for unknown fields."""
     if _FIELD_RE.fullmatch(path) is None:
