@@ -15,6 +15,8 @@ With the default prefix ``guard`` (what README, ``compose/`` and the tests use):
     bucket          stream              holds
     guard-jwks      KV_guard-jwks       the JWKS executors look keys up in
     guard-executed  KV_guard-executed   executors' consume-once markers (in EXEC's JetStream)
+    guard-policy    KV_guard-policy     signed policy bundle pointers, gateways' policy status
+    guard-policy-sets  OBJ_guard-policy-sets  policy bundle contents, by content digest
 
 An output keeps the *tail* of its intent's subject: ``guard.in.agent-7.payments.transfer``
 is forwarded to ``guard.exec.agent-7.payments.transfer`` (or denied on ``guard.deny.…``,
@@ -128,6 +130,17 @@ class Streams:
     def gateways_bucket(self) -> str:
         """One lease per gateway id (one writer per chain) and the registry of chains."""
         return self._bucket("gateways")
+
+    @property
+    def policy_bucket(self) -> str:
+        """The signed policy bundle pointers and the gateways' policy status (README,
+        "Policy distribution")."""
+        return self._bucket("policy")
+
+    @property
+    def policy_store(self) -> str:
+        """The object store of policy bundle contents, by content digest."""
+        return self._bucket("policy-sets")
 
     @staticmethod
     def kv_stream(bucket: str) -> str:

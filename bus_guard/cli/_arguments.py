@@ -387,9 +387,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--policies",
         required=True,
-        type=Path,
-        metavar="DIR",
-        help="directory of policy bundles (*.yaml)",
+        metavar="DIR|nats://",
+        help="directory of policy bundles (*.yaml), or nats:// for signed bundles from the bus "
+        "(see 'policy source and reload' below)",
     )
     run.add_argument(
         "--key",
@@ -415,6 +415,9 @@ def parser() -> argparse.ArgumentParser:
     st = run.add_argument_group("stream mode")
     for option in _STREAM:
         option.add_to(st)
+    from bus_guard.cli import _push  # imports this module: late
+
+    _push.add_run_options(run)
 
     demo = sub.add_parser("demo", help="run the live demo on an embedded nats-server")
     demo.add_argument(
@@ -543,6 +546,7 @@ def parser() -> argparse.ArgumentParser:
     _prefix_option(explain)
     schema = pol.add_parser("schema", help="print the JSON Schema of policy bundles")
     schema.add_argument("--out", type=Path, default=None, metavar="FILE")
+    _push.add_policy_commands(pol)
 
     ledger = sub.add_parser("ledger", help="the decision ledger").add_subparsers(
         dest="ledger_command", required=True, metavar="ACTION"

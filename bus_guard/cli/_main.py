@@ -4,7 +4,7 @@ bus-guard run       the gateway
 bus-guard demo      everything on one machine, live
 bus-guard watch     live denials and holds
 bus-guard keys      signing keys and the JWKS
-bus-guard policy    check | test | explain | schema
+bus-guard policy    check | test | explain | schema | push | status
 bus-guard verify    check an artifact as an executor would
 bus-guard ledger    verify the ledger's chains and checkpoints
 bus-guard lineage   ancestors and descendants of a decision
@@ -258,6 +258,11 @@ def _cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
                 lineage=lineage,
                 limit_state=state,
             )
+        case "push" | "status":
+            from bus_guard.cli import _push
+
+            command = _push.cmd_push if args.policy_command == "push" else _push.cmd_status
+            return anyio.run(command, args, out)
         case "schema":
             text = json.dumps(policy_json_schema(), indent=2)
             if args.out is None:
@@ -278,26 +283,18 @@ def _read_file(path: Path) -> bytes:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from bus_guard.cli._push import policy_source_settings
     from bus_guard.ledger._records import CheckpointSigner
-    from bus_guard.policy._load import load_policies
     from bus_guard.signing._keys import load_private_key
     from bus_guard.signing._signer import Signer
 
     settings = run_settings(args)
-    policies = load_policies(args.policies)
+    source = policy_source_settings(args)
     key = load_private_key(args.key)
     signer = Signer(key, issuer=settings.gateway_id, ttl_s=settings.artifact_ttl_s)
     ledger_signer = CheckpointSigner(key)
     trusted = _trusted_keys(args.jwks, args.key)
-    log.info(
-        "policies %s (%s), %d rules, mode %s; artifacts %s",
-        policies.version,
-        policies.digest,
-        policies.rule_count,
-        policies.mode,
-        settings.artifacts,
-    )
-    return anyio.run(_serve, settings, policies, signer, ledger_signer, trusted)
+    return anyio.run(_serve, settings, source, signer, ledger_signer, trusted)
 
 
 def _trusted_keys(jwks: Path | None, key: Path) -> Any:
@@ -314,18 +311,19 @@ def _trusted_keys(jwks: Path | None, key: Path) -> Any:
     return load_jwks(jwks)
 
 
-async def _serve(
-    settings: Any, policies: Any, signer: Any, ledger_signer: Any, trusted: Any
-) -> int:
+async def _serve(settings: Any, source: Any, signer: Any, ledger_signer: Any, trusted: Any) -> int:
     from bus_guard.intake._gateway import Gateway
+    from bus_guard.intake._policy_source import open_keeper
 
     stop = anyio.Event()
     stopped_by: list[str] = []
 
-    gateway = Gateway(settings, policies, signer, ledger_signer=ledger_signer, trusted_keys=trusted)
     # Signals are taken (and queued) before the gateway starts: a SIGTERM right after
     # "ready", or while starting, stops it cleanly, sealing its chain, instead of killing it.
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with (
+        anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        anyio.open_signal_receiver(signal.SIGHUP) as hangups,
+    ):
 
         async def on_signals() -> None:
             async for signum in signals:
@@ -333,16 +331,40 @@ async def _serve(
                 stop.set()
                 return
 
-        async with gateway, anyio.create_task_group() as tg:
-            tg.start_soon(on_signals)
+        async with open_keeper(settings, source) as keeper:
+            policies = keeper.active.policies
+            log.info(
+                "policies %s (%s), %d rules, mode %s; artifacts %s",
+                policies.version,
+                policies.digest,
+                policies.rule_count,
+                policies.mode,
+                settings.artifacts,
+            )
+            gateway = Gateway(
+                settings, keeper.current, signer, ledger_signer=ledger_signer, trusted_keys=trusted
+            )
+            async with (
+                gateway,
+                keeper.running(gateway.swap_policies),
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(on_signals)
 
-            async def on_lost() -> None:
-                await gateway.closed.wait()
-                stop.set()
+                async def on_hangup() -> None:  # reload the policies now
+                    async for _ in hangups:
+                        log.info("SIGHUP: reloading the policies")
+                        keeper.request_reload()
 
-            tg.start_soon(on_lost)
-            await stop.wait()
-            tg.cancel_scope.cancel()
+                tg.start_soon(on_hangup)
+
+                async def on_lost() -> None:
+                    await gateway.closed.wait()
+                    stop.set()
+
+                tg.start_soon(on_lost)
+                await stop.wait()
+                tg.cancel_scope.cancel()
     if not stopped_by:
         if gateway.failure is not None:
             log.error("intake failed (%s); exiting", gateway.failure)
