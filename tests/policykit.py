@@ -62,6 +62,7 @@ class Seen:
     digest: str
     version: str
     at: float  # monotonic arrival time
+    gateway: str = ""
 
 
 @dataclass
@@ -90,7 +91,15 @@ class Decisions:
                 msg.headers[ARTIFACT_HEADER], subject=msg.subject, payload=msg.data
             )
             self.seen.append(
-                Seen(msg.subject, "allow", "", claims.policy_digest, claims.policy_version, now)
+                Seen(
+                    msg.subject,
+                    "allow",
+                    "",
+                    claims.policy_digest,
+                    claims.policy_version,
+                    now,
+                    claims.iss,
+                )
             )
         else:
             record: dict[str, Any] = json.loads(msg.data)
@@ -102,6 +111,7 @@ class Decisions:
                     record.get("policy_digest", ""),
                     record.get("policy_version", ""),
                     now,
+                    record.get("gateway", ""),
                 )
             )
         self._changed.set()

@@ -269,20 +269,35 @@ async def open_bus_source(
     url = source.nats_url or settings.nats_url
     s = settings.subjects.streams
     nc = GuardClient()
+    last: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        last[:] = [exc]
+        log.debug("policy source: %r", exc)
+
+    async def on_closed() -> None:
+        if started:  # the running set stays; polls fail (counted) until the gateway stops
+            log.error("policy source: the connection to %s is closed for good", url)
+
+    started = False
     try:
+        # The gateway's reconnect budget: past it, refuse to start (or, later, stop polling).
         await nc.connect(
             [u.strip() for u in url.split(",") if u.strip()],
             name=f"bus-guard {settings.gateway_id} policy",
             user_credentials=settings.creds_file,
             connect_timeout=max(1, round(settings.connect_timeout_s)),
             reconnect_time_wait=settings.reconnect_wait_s,  # type: ignore[arg-type]
-            max_reconnect_attempts=-1,  # the running set stays while the source is away
-            allow_reconnect=True,
+            max_reconnect_attempts=settings.max_reconnect_attempts,
+            error_cb=on_error,
+            closed_cb=on_closed,
         )
     except Exception as exc:
+        why = f"{exc} ({last[0]!r})" if last and last[0] is not exc else repr(exc)
         raise GatewayError(
-            f"policy source: cannot connect to {url}: {exc}; refusing to start without policies"
+            f"policy source: cannot connect to {url}: {why}; refusing to start without policies"
         ) from None
+    started = True
     try:
         js = nc.jetstream(timeout=max(settings.connect_timeout_s, 2.0))
         try:
