@@ -40,7 +40,7 @@ from nats.js.object_store import ObjectStore
 
 from bus_guard.errors import BundleRefused, ConfigError, GatewayError
 from bus_guard.intake._client import GuardClient
-from bus_guard.intake._policy_source import ActiveSet
+from bus_guard.intake._policy_source import ActiveSet, PolicyStatistics
 from bus_guard.policy._bundle import (
     BundleKind,
     Manifest,
@@ -110,8 +110,10 @@ class BusSource:
         max_bundle_bytes: int,
         clock: Callable[[], float] = time.time,
         kind: BundleKind = "policy",
+        gateway_id: str = "",
     ) -> None:
         self._kv = kv
+        self._gateway_id = gateway_id
         self._store = store
         self._bucket = bucket
         self._publishers = publishers
@@ -137,6 +139,25 @@ class BusSource:
             self._publishers = load_jwks(self._publishers_file)
         except ConfigError as exc:
             log.warning("policy publishers' keys not reloaded: %s", exc)
+
+    async def report(self, statistics: PolicyStatistics) -> None:
+        if self._gateway_id:
+            await publish_status(
+                self._kv,
+                PolicyStatus(
+                    gateway=self._gateway_id,
+                    source=statistics.source,
+                    digest=statistics.digest,
+                    version=statistics.version,
+                    revision=statistics.revision,
+                    issued_at=statistics.issued_at,
+                    stale=statistics.stale,
+                    activations=statistics.activations,
+                    refusals=statistics.refusals,
+                    last_refusal=statistics.last_refusal,
+                    updated_at=self._clock(),
+                ),
+            )
 
     async def load(self) -> ActiveSet:
         try:
@@ -321,8 +342,10 @@ async def open_bus_source(
             deployment=source.deployment or settings.prefix,
             max_bundle_bytes=source.max_bundle_bytes,
             clock=clock,
+            gateway_id=settings.gateway_id,
         )
     finally:
+        started = False  # our own close
         with anyio.CancelScope(shield=True):
             await _close(nc)
 
@@ -363,11 +386,11 @@ async def publish_status(kv: KeyValue, status: PolicyStatus) -> None:
 
 async def read_statuses(kv: KeyValue) -> list[PolicyStatus]:
     try:
-        keys = await kv.keys(filters=[status_key("*")])
+        keys = await kv.keys()  # (filters: nats-py warns about servers before 2.10 each time)
     except nats.js.errors.NoKeysError:
         return []
     out = []
-    for key in sorted(keys):
+    for key in sorted(k for k in keys if k.startswith(status_key(""))):
         try:
             entry = await kv.get(key)
             out.append(_STATUS_DECODER.decode(entry.value or b""))

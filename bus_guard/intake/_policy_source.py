@@ -104,6 +104,10 @@ class PolicySource(Protocol):
         to have changed (SIGHUP)."""
         ...
 
+    async def report(self, statistics: PolicyStatistics) -> None:
+        """Make the keeper's state visible (the bus: ``bus-guard policy status``)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class PolicyStatistics:
@@ -169,6 +173,9 @@ class DirectorySource:
             raise PolicyError([f"{self.path}: {exc}"], file=str(self.path)) from None
         return ActiveSet(compiled, self.name, self._clock())
 
+    async def report(self, statistics: PolicyStatistics) -> None:
+        """Nothing to publish to: the gateway's logs (and its stats) tell."""
+
     async def poll(self, active: ActiveSet, *, forced: bool) -> ActiveSet | None:
         seen = self.fingerprint()
         if not forced and seen == self._seen:
@@ -195,6 +202,7 @@ class PolicyKeeper:
         max_age_s: float | None = None,
         poll_s: float = 1.0,
         clock: Callable[[], float] = time.time,
+        report_every_s: float = 30.0,
     ) -> None:
         if max_age_s is not None and not (math.isfinite(max_age_s) and max_age_s > 0):
             raise ValueError(f"max_age_s must be a positive number, got {max_age_s!r}")
@@ -216,6 +224,8 @@ class PolicyKeeper:
         self._last_refusal = ""
         self._source_errors = 0
         self._listeners: list[Callable[[ActiveSet], None]] = []
+        self.report_every_s = report_every_s
+        self._reported_at = -math.inf  # monotonic time of the last report
 
     # -- what the gateway reads --------------------------------------------------------
 
@@ -338,6 +348,7 @@ class PolicyKeeper:
         reason = exc.reason if exc.reason in REFUSALS else "broken"
         self._refused[reason] = self._refused.get(reason, 0) + 1
         self._last_refusal = str(exc)
+        self._reported_at = -math.inf
         log.warning(
             "policy set from %s refused (%s); keeping %s",
             self.source.name,
@@ -363,6 +374,7 @@ class PolicyKeeper:
             if self._swap is not None:
                 self._swap(candidate.policies)
         self._activated.set()
+        self._reported_at = -math.inf  # report the new set at once
         for listener in self._listeners:
             listener(candidate)
 
@@ -376,6 +388,8 @@ class PolicyKeeper:
         self._current = StaleSet(active.policies, message)
         if self._swap is not None:
             self._swap(self._current)
+        self._reported_at = -math.inf
+        self._wake.set()  # report it now
         log.warning("%s: denying every intent policy_stale", message)
 
     async def _watch(self) -> None:
@@ -385,6 +399,15 @@ class PolicyKeeper:
             self._wake = anyio.Event()
             forced, self._forced = self._forced, False
             await self.reload(forced=forced)
+            if time.monotonic() - self._reported_at >= self.report_every_s:
+                await self._report()
+
+    async def _report(self) -> None:
+        self._reported_at = time.monotonic()
+        try:
+            await self.source.report(self.statistics())
+        except Exception as exc:  # visibility only: deciding goes on
+            log.debug("policy status not reported: %r", exc)
 
     async def _keep_fresh(self) -> None:
         while True:
