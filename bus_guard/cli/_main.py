@@ -216,7 +216,9 @@ def _cmd_keys(args: argparse.Namespace, out: TextIO) -> int:
                 out,
                 f"new key {r.new_kid} in {r.key_path}; old key {r.retired_kid} verifies until "
                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(r.not_after))} "
-                f"(restart or reload gateways, publish {r.jwks_path} to verifiers first)",
+                f"(running gateways sign with the new key within a second, after publishing "
+                f"{r.jwks_path} to the JWKS bucket; verifiers on other copies of it need the "
+                "new file)",
             )
         case "revoke":
             keys.revoke_key(args.jwks, args.kid)
@@ -294,7 +296,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signer = Signer(key, issuer=settings.gateway_id, ttl_s=settings.artifact_ttl_s)
     ledger_signer = CheckpointSigner(key)
     trusted = _trusted_keys(args.jwks, args.key)
-    return anyio.run(_serve, settings, source, signer, ledger_signer, trusted)
+    files = (args.key, _jwks_file(args.jwks, args.key))
+    return anyio.run(_serve, settings, source, signer, ledger_signer, trusted, files)
+
+
+def _jwks_file(jwks: Path | None, key: Path) -> Path | None:
+    """The JWKS file the gateway keeps published: ``--jwks``, else ``jwks.json`` next to
+    the key (if there is one)."""
+    from bus_guard.signing._keys import JWKS_FILENAME
+
+    if jwks is not None:
+        return jwks
+    beside = key.parent / JWKS_FILENAME
+    return beside if beside.exists() else None
 
 
 def _trusted_keys(jwks: Path | None, key: Path) -> Any:
@@ -311,12 +325,16 @@ def _trusted_keys(jwks: Path | None, key: Path) -> Any:
     return load_jwks(jwks)
 
 
-async def _serve(settings: Any, source: Any, signer: Any, ledger_signer: Any, trusted: Any) -> int:
+async def _serve(
+    settings: Any, source: Any, signer: Any, ledger_signer: Any, trusted: Any, files: Any
+) -> int:
+    from bus_guard.intake._control import open_keys
     from bus_guard.intake._gateway import Gateway
     from bus_guard.intake._policy_source import open_keeper
 
     stop = anyio.Event()
     stopped_by: list[str] = []
+    key_path, jwks_path = files
 
     # Signals are taken (and queued) before the gateway starts: a SIGTERM right after
     # "ready", or while starting, stops it cleanly, sealing its chain, instead of killing it.
@@ -331,7 +349,18 @@ async def _serve(settings: Any, source: Any, signer: Any, ledger_signer: Any, tr
                 stop.set()
                 return
 
-        async with open_keeper(settings, source) as keeper:
+        # Every connection before the gateway starts: a bus that is not there is a refusal
+        # to start, never a crash of a running gateway.
+        async with (
+            open_keeper(settings, source) as keeper,
+            open_keys(
+                settings,
+                key_path=key_path,
+                jwks_path=jwks_path,
+                signer=signer,
+                ledger_signer=ledger_signer,
+            ) as keys,
+        ):
             policies = keeper.active.policies
             log.info(
                 "policies %s (%s), %d rules, mode %s; artifacts %s",
@@ -344,17 +373,20 @@ async def _serve(settings: Any, source: Any, signer: Any, ledger_signer: Any, tr
             gateway = Gateway(
                 settings, keeper.current, signer, ledger_signer=ledger_signer, trusted_keys=trusted
             )
+            keys.on_trust = gateway.trust_keys
             async with (
                 gateway,
                 keeper.running(gateway.swap_policies),
+                keys.running(),
                 anyio.create_task_group() as tg,
             ):
                 tg.start_soon(on_signals)
 
-                async def on_hangup() -> None:  # reload the policies now
+                async def on_hangup() -> None:  # reload the policies and the keys now
                     async for _ in hangups:
-                        log.info("SIGHUP: reloading the policies")
+                        log.info("SIGHUP: reloading the policies and the keys")
                         keeper.request_reload()
+                        keys.request_reload()
 
                 tg.start_soon(on_hangup)
 

@@ -43,7 +43,7 @@ from bus_guard.pipeline import MAX_HEADER_BYTES, PolicySetLike, Standing
 from bus_guard.server import server_version_problem
 from bus_guard.settings import Settings
 from bus_guard.signing._signer import Signer
-from bus_guard.verify import Jwks
+from bus_guard.verify import Jwks, load_jwks
 
 __all__ = ("Gateway", "GatewayStatistics", "round_trip")
 
@@ -555,6 +555,17 @@ class Gateway(AsyncContextManagerMixin):
     def swap_policies(self, policies: PolicySetLike) -> None:
         """Replace the active policy set; each message reads the reference once (atomic)."""
         self._policies = policies
+
+    def trust_keys(self, trusted: Jwks) -> None:
+        """Stream mode: verify parent decisions' artifacts with *trusted* from now on (the
+        gateways' JWKS changed: a rotation, a revocation); the signing key always counts."""
+        own = load_jwks(self._signer.jwks())
+        if self._signer.kid not in trusted:
+            trusted = trusted.replace(own.entries[0])
+        self._trusted_keys = trusted
+        if self._intake is not None:
+            self._intake.trusted_keys = trusted
+            self._intake.parents.trust(trusted)
 
     # -- connection events -----------------------------------------------------------
 

@@ -32,14 +32,13 @@ import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, ObjectStoreConfig
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from bus_guard.errors import BundleRefused, ConfigError, GatewayError
-from bus_guard.intake._client import GuardClient
+from bus_guard.intake._control import control_connection
 from bus_guard.intake._policy_source import ActiveSet, PolicyStatistics
 from bus_guard.policy._bundle import (
     BundleKind,
@@ -282,44 +281,16 @@ class BusSource:
 async def open_bus_source(
     settings: Settings, source: PolicySourceSettings, *, clock: Callable[[], float] = time.time
 ) -> AsyncIterator[BusSource]:
-    """A bus source on a connection of its own, open until the block ends. Refuses
-    (:class:`~bus_guard.errors.GatewayError`) when the bus, JetStream or the stores cannot
-    be reached."""
+    """A bus source on a control connection of its own, open until the block ends.
+    Refuses (:class:`~bus_guard.errors.GatewayError`) when the bus, JetStream or the
+    stores cannot be reached: the gateway must not start without policies."""
     assert source.publishers_file is not None  # PolicySourceSettings checks it
     publishers = load_jwks(source.publishers_file)
     url = source.nats_url or settings.nats_url
     s = settings.subjects.streams
-    nc = GuardClient()
-    last: list[Exception] = []
-
-    async def on_error(exc: Exception) -> None:
-        last[:] = [exc]
-        log.debug("policy source: %r", exc)
-
-    async def on_closed() -> None:
-        if started:  # the running set stays; polls fail (counted) until the gateway stops
-            log.error("policy source: the connection to %s is closed for good", url)
-
-    started = False
-    try:
-        # The gateway's reconnect budget: past it, refuse to start (or, later, stop polling).
-        await nc.connect(
-            [u.strip() for u in url.split(",") if u.strip()],
-            name=f"bus-guard {settings.gateway_id} policy",
-            user_credentials=settings.creds_file,
-            connect_timeout=max(1, round(settings.connect_timeout_s)),
-            reconnect_time_wait=settings.reconnect_wait_s,  # type: ignore[arg-type]
-            max_reconnect_attempts=settings.max_reconnect_attempts,
-            error_cb=on_error,
-            closed_cb=on_closed,
-        )
-    except Exception as exc:
-        why = f"{exc} ({last[0]!r})" if last and last[0] is not exc else repr(exc)
-        raise GatewayError(
-            f"policy source: cannot connect to {url}: {why}; refusing to start without policies"
-        ) from None
-    started = True
-    try:
+    async with control_connection(
+        settings, purpose="policy source", url=url, unreachable="refusing to start without policies"
+    ) as nc:
         js = nc.jetstream(timeout=max(settings.connect_timeout_s, 2.0))
         try:
             kv = await js.key_value(s.policy_bucket)
@@ -344,18 +315,6 @@ async def open_bus_source(
             clock=clock,
             gateway_id=settings.gateway_id,
         )
-    finally:
-        started = False  # our own close
-        with anyio.CancelScope(shield=True):
-            await _close(nc)
-
-
-async def _close(nc: Client) -> None:
-    if not nc.is_closed:
-        try:
-            await nc.close()
-        except Exception:
-            log.exception("closing the policy source connection")
 
 
 # --- status: what each gateway has active ----------------------------------------------
