@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from bus_guard.intake._gateway import Gateway
 from bus_guard.intake._jetstream import Stored, read
 from bus_guard.ledger._records import CheckpointSigner, LedgerRecord, decode_record
-from bus_guard.pipeline import PolicySetLike
+from bus_guard.policy._load import PolicySet
 from bus_guard.settings import ArtifactMode, Settings, StreamSettings
 from bus_guard.signing._keys import load_private_key
 from bus_guard.signing._signer import Signer
@@ -46,7 +46,7 @@ def stream_settings(
     )
 
 
-def stream_gateway(settings: Settings, policies: PolicySetLike, key: Path, **kw: Any) -> Gateway:
+def stream_gateway(settings: Settings, policies: PolicySet, key: Path, **kw: Any) -> Gateway:
     private = load_private_key(key)
     signer = Signer(private, issuer=settings.gateway_id, ttl_s=60)
     return Gateway(settings, policies, signer, ledger_signer=CheckpointSigner(private), **kw)

@@ -136,8 +136,8 @@ async def test_push_switches_every_gateway_under_load_and_refused_bundles_never_
     async with (
         open_keeper(s1, source) as k1,
         open_keeper(s2, source) as k2,
-        stream_gateway(s1, k1.current, keys[0]) as g1,
-        stream_gateway(s2, k2.current, keys[0]) as g2,
+        stream_gateway(s1, k1.current, keys[0]) as g1,  # type: ignore[arg-type]
+        stream_gateway(s2, k2.current, keys[0]) as g2,  # type: ignore[arg-type]
         k1.running(g1.swap_policies),
         k2.running(g2.swap_policies),
         anyio.create_task_group() as tg,
