@@ -226,8 +226,12 @@ class PolicySourceSettings:
     max_age_s: float | None = None  # past it, deny policy_stale; None: never stale
     poll_s: float = 1.0  # how often the source is looked at
     max_bundle_bytes: int = MAX_BUNDLE_BYTES
+    # how often the active set's canaries run through the gateway's path (0: never)
+    canary_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.canary_interval_s) and self.canary_interval_s >= 0):
+            raise ConfigError("the canary interval must be 0 (off) or a number of seconds")
         if self.directory is None and self.publishers_file is None:
             raise ConfigError(
                 "policies from the bus need the trusted publishers' keys (--policy-keys FILE)"

@@ -300,6 +300,108 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return anyio.run(_serve, settings, source, signer, ledger_signer, trusted, files)
 
 
+async def _serve_until_stopped(
+    settings: Any,
+    source: Any,
+    signer: Any,
+    ledger_signer: Any,
+    trusted: Any,
+    key_path: Path,
+    jwks_path: Path | None,
+    signals: Any,
+    hangups: Any,
+    stopped_by: list[str],
+) -> Any:
+    """The gateway with its policies, keys and canaries, until a signal (recorded in
+    *stopped_by*) or the bus is lost; the gateway."""
+    from bus_guard.intake._control import control_connection, open_keys
+    from bus_guard.intake._gateway import Gateway
+    from bus_guard.intake._policy_source import open_keeper
+
+    # Every connection before the gateway starts: a bus that is not there is a refusal to
+    # start, never a crash of a running gateway.
+    async with (
+        open_keeper(settings, source) as keeper,
+        open_keys(
+            settings,
+            key_path=key_path,
+            jwks_path=jwks_path,
+            signer=signer,
+            ledger_signer=ledger_signer,
+        ) as keys,
+        control_connection(settings, purpose="canary") as canary_nc,
+    ):
+        if keys.trusted is not None and trusted is not None:
+            trusted = keys.trusted  # every gateway's keys, as published (see Lineage)
+        policies = keeper.active.policies
+        log.info(
+            "policies %s (%s), %d rules, mode %s; artifacts %s",
+            policies.version,
+            policies.digest,
+            policies.rule_count,
+            policies.mode,
+            settings.artifacts,
+        )
+        gateway = Gateway(
+            settings, keeper.current, signer, ledger_signer=ledger_signer, trusted_keys=trusted
+        )
+        keys.on_trust = gateway.trust_keys
+        async with (
+            gateway,
+            keeper.running(gateway.swap_policies),
+            keys.running(),
+            await _canaries(canary_nc, settings, source, gateway, signer, keeper),
+            anyio.create_task_group() as tg,
+        ):
+
+            async def on_hangup() -> None:  # reload the policies (and keys) now
+                async for _ in hangups:
+                    log.info("SIGHUP: reloading the policies and the keys")
+                    keeper.request_reload()
+                    keys.request_reload()
+
+            tg.start_soon(on_hangup)
+            stop = anyio.Event()
+
+            async def on_signals() -> None:
+                async for signum in signals:
+                    stopped_by.append(signal.Signals(signum).name)
+                    stop.set()
+                    return
+
+            tg.start_soon(on_signals)
+
+            async def on_lost() -> None:
+                await gateway.closed.wait()
+                stop.set()
+
+            tg.start_soon(on_lost)
+            await stop.wait()
+            tg.cancel_scope.cancel()
+    return gateway
+
+
+async def _canaries(
+    nc: Any, settings: Any, source: Any, gateway: Any, signer: Any, keeper: Any
+) -> Any:
+    """The canaries on a schedule (``--canary-interval``; 0: none)."""
+    from contextlib import nullcontext
+
+    from bus_guard.intake._canary import canary_on
+
+    if not source.canary_interval_s:
+        return nullcontext()
+    canary = await canary_on(
+        nc,
+        settings,
+        gateway,
+        signer,
+        lambda: keeper.active.canaries,
+        interval_s=source.canary_interval_s,
+    )
+    return canary.running()
+
+
 def _jwks_file(jwks: Path | None, key: Path) -> Path | None:
     """The JWKS file the gateway keeps published: ``--jwks``, else ``jwks.json`` next to
     the key (if there is one)."""
@@ -328,75 +430,26 @@ def _trusted_keys(jwks: Path | None, key: Path) -> Any:
 async def _serve(
     settings: Any, source: Any, signer: Any, ledger_signer: Any, trusted: Any, files: Any
 ) -> int:
-    from bus_guard.intake._control import open_keys
-    from bus_guard.intake._gateway import Gateway
-    from bus_guard.intake._policy_source import open_keeper
-
-    stop = anyio.Event()
     stopped_by: list[str] = []
     key_path, jwks_path = files
-
-    # Signals are taken (and queued) before the gateway starts: a SIGTERM right after
-    # "ready", or while starting, stops it cleanly, sealing its chain, instead of killing it.
+    # The handlers first: a signal that arrives while the gateway starts is kept, and stops
+    # it once started (it drains).
     with (
         anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
         anyio.open_signal_receiver(signal.SIGHUP) as hangups,
     ):
-
-        async def on_signals() -> None:
-            async for signum in signals:
-                stopped_by.append(signal.Signals(signum).name)
-                stop.set()
-                return
-
-        # Every connection before the gateway starts: a bus that is not there is a refusal
-        # to start, never a crash of a running gateway.
-        async with (
-            open_keeper(settings, source) as keeper,
-            open_keys(
-                settings,
-                key_path=key_path,
-                jwks_path=jwks_path,
-                signer=signer,
-                ledger_signer=ledger_signer,
-            ) as keys,
-        ):
-            policies = keeper.active.policies
-            log.info(
-                "policies %s (%s), %d rules, mode %s; artifacts %s",
-                policies.version,
-                policies.digest,
-                policies.rule_count,
-                policies.mode,
-                settings.artifacts,
-            )
-            gateway = Gateway(
-                settings, keeper.current, signer, ledger_signer=ledger_signer, trusted_keys=trusted
-            )
-            keys.on_trust = gateway.trust_keys
-            async with (
-                gateway,
-                keeper.running(gateway.swap_policies),
-                keys.running(),
-                anyio.create_task_group() as tg,
-            ):
-                tg.start_soon(on_signals)
-
-                async def on_hangup() -> None:  # reload the policies and the keys now
-                    async for _ in hangups:
-                        log.info("SIGHUP: reloading the policies and the keys")
-                        keeper.request_reload()
-                        keys.request_reload()
-
-                tg.start_soon(on_hangup)
-
-                async def on_lost() -> None:
-                    await gateway.closed.wait()
-                    stop.set()
-
-                tg.start_soon(on_lost)
-                await stop.wait()
-                tg.cancel_scope.cancel()
+        gateway = await _serve_until_stopped(
+            settings,
+            source,
+            signer,
+            ledger_signer,
+            trusted,
+            key_path,
+            jwks_path,
+            signals,
+            hangups,
+            stopped_by,
+        )
     if not stopped_by:
         if gateway.failure is not None:
             log.error("intake failed (%s); exiting", gateway.failure)

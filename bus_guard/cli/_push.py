@@ -55,7 +55,7 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     """``bus-guard run``'s policy source options (``--policies`` itself is declared with
     the gateway's files)."""
     g = run.add_argument_group(
-        "policy source and reload",
+        "policy source, reload and canaries",
         "--policies DIR reloads on SIGHUP and when a file changes; --policies nats:// reads "
         "signed bundles from the bus (this gateway's --nats, or nats://HOST:PORT[,...])",
     )
@@ -89,6 +89,16 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help=f"look at the policy source this often (default: {poll:g})",
     )
+    every = field_default(PolicySourceSettings, "canary_interval_s")
+    g.add_argument(
+        "--canary-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="run the active set's canaries (test cases of principal guard-canary) through "
+        f"the gateway's path this often; a wrong answer makes it not ready (default: "
+        f"{every:g}; 0: off)",
+    )
     limit = field_default(PolicySourceSettings, "max_bundle_bytes")
     g.add_argument(
         "--policy-max-bytes",
@@ -106,6 +116,7 @@ _SOURCE_OPTIONS: Final = {
     "policy_max_age": "max_age_s",
     "policy_poll": "poll_s",
     "policy_max_bytes": "max_bundle_bytes",
+    "canary_interval": "canary_interval_s",
 }
 
 

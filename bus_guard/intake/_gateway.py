@@ -182,6 +182,7 @@ class Gateway(AsyncContextManagerMixin):
         self._approvals_done = anyio.Event()
         self._stop = anyio.Event()
         self._loop_done = anyio.Event()
+        self._unready: dict[str, str] = {}  # who holds readiness off -> why (canaries)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -555,6 +556,19 @@ class Gateway(AsyncContextManagerMixin):
     def swap_policies(self, policies: PolicySetLike) -> None:
         """Replace the active policy set; each message reads the reference once (atomic)."""
         self._policies = policies
+
+    def hold_readiness(self, holder: str, why: str | None) -> None:
+        """*holder* (e.g. the canaries) says the gateway is not ready, and *why*; ``None``:
+        it no longer objects. Readiness is the intake's and every holder's."""
+        if why is None:
+            self._unready.pop(holder, None)
+        else:
+            self._unready[holder] = why
+
+    @property
+    def unready(self) -> dict[str, str]:
+        """Why the gateway is not ready, by holder (empty: nothing objects)."""
+        return dict(self._unready)
 
     def trust_keys(self, trusted: Jwks) -> None:
         """Stream mode: verify parent decisions' artifacts with *trusted* from now on (the
