@@ -11,6 +11,7 @@ With the default prefix ``guard`` (what README, ``compose/`` and the tests use):
     ledger   guard.ledger.<gateway>.d.<decision id>       GUARD_LEDGER
              guard.ledger.<gateway>.c  (chain starts and checkpoints)
     approve  guard.approve.<hold decision id>             GUARD_APPROVE (approvers' votes)
+    canary   guard.canary.<gateway id>                    (none: a gateway's canaries)
 
     bucket          stream              holds
     guard-jwks      KV_guard-jwks       the JWKS executors look keys up in
@@ -50,8 +51,16 @@ __all__ = (
 DEFAULT_PREFIX: Final = "guard"  # Settings.prefix's default
 INVALID_TOKEN: Final = "~invalid"  # deny-subject token for intents on a malformed subject
 
-Family = Literal["in", "exec", "deny", "hold", "ledger", "approve"]
-FAMILIES: Final[tuple[Family, ...]] = ("in", "exec", "deny", "hold", "ledger", "approve")
+Family = Literal["in", "exec", "deny", "hold", "ledger", "approve", "canary"]
+FAMILIES: Final[tuple[Family, ...]] = (
+    "in",
+    "exec",
+    "deny",
+    "hold",
+    "ledger",
+    "approve",
+    "canary",  # a gateway's canaries' own outputs (no stream)
+)
 OutputKind = Literal["exec", "deny", "hold"]  # the families a decision is published on
 # A stream's role (preflight).
 Role = Literal["intake", "exec", "deny", "hold", "ledger", "approve"]

@@ -331,8 +331,6 @@ async def _serve_until_stopped(
         ) as keys,
         control_connection(settings, purpose="canary") as canary_nc,
     ):
-        if keys.trusted is not None and trusted is not None:
-            trusted = keys.trusted  # every gateway's keys, as published (see Lineage)
         policies = keeper.active.policies
         log.info(
             "policies %s (%s), %d rules, mode %s; artifacts %s",

@@ -125,7 +125,7 @@ class Canary:
         self._clock = clock
         self._scheduled = scheduled
         s = gateway.settings
-        self._subject = f"{s.prefix}.canary.{s.gateway_id}"
+        self._subject = s.subjects.subject("canary", s.gateway_id)
         self._back: dict[str, Msg] = {}
         self._arrived = anyio.Event()
         self._rounds = self._passed = self._failed = 0

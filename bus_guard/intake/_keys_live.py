@@ -17,7 +17,8 @@ What a change does, in this order:
    replaced the key file): the artifact signer and the ledger's checkpoint signer switch
    in one step on the event loop. A verifier that meets the new ``kid`` first refreshes
    and finds it; the old key verifies until its ``not_after`` (the rotation's grace);
-4. parent decisions' artifacts are verified with the merged JWKS from then on.
+4. parent decisions' artifacts are verified with the JWKS file (and the signing keys) as
+   now read: what the operator trusts, never the bucket's merge of every gateway's.
 
 A publish that fails leaves the gateway signing with the key it has (still in the bucket),
 and is tried again at the next poll.
@@ -107,8 +108,8 @@ class KeyKeeper:
         self.jwks_path = jwks_path
         self._signer = signer
         self._ledger_signer = ledger_signer
-        self.on_trust = on_trust  # called with the merged JWKS when it changes
-        self.trusted: Jwks | None = None  # the merged JWKS last published (or the local one)
+        self.on_trust = on_trust  # called with the gateway's JWKS when its keys change
+        self.trusted: Jwks | None = None  # the JWKS file with the signing keys, last read
         self.poll_s = poll_s
         self.republish_s = republish_s
         self._seen = (_stat(self.key_path), _stat(jwks_path))
@@ -141,6 +142,7 @@ class KeyKeeper:
         when there is no bucket or it cannot be written now (logged)."""
         local = self._local()
         merged = await self._publish(local)
+        self.trusted = local
         return merged or local
 
     @asynccontextmanager
@@ -210,7 +212,9 @@ class KeyKeeper:
                 self._ledger_signer.rekey(key)
             self._rotations += 1
             log.info("keys: signing with %s from now on (was %s)", kid, old)
-        self.trusted = merged or published
+        # Parents are verified with this gateway's own JWKS (its file and its keys), never
+        # with the bucket's merge: --jwks is what the operator trusts (README, "Lineage").
+        self.trusted = published
         if self.on_trust is not None:
             self.on_trust(self.trusted)
         own = (merged or published).entry(kid)
