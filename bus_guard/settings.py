@@ -228,10 +228,21 @@ class PolicySourceSettings:
     max_bundle_bytes: int = MAX_BUNDLE_BYTES
     # how often the active set's canaries run through the gateway's path (0: never)
     canary_interval_s: float = 10.0
+    # a constitution (README, "Constitution"): from the bus, signed by at least
+    # constitution_quorum of the keys in this JWKS; None: no constitution layer
+    constitution_keys_file: Path | None = None
+    constitution_quorum: int = 0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.canary_interval_s) and self.canary_interval_s >= 0):
             raise ConfigError("the canary interval must be 0 (off) or a number of seconds")
+        if (self.constitution_keys_file is None) != (self.constitution_quorum == 0):
+            raise ConfigError(
+                "a constitution needs both its keys (--constitution-keys FILE) and a quorum "
+                "(--constitution-quorum M)"
+            )
+        if self.constitution_quorum < 0:
+            raise ConfigError("the constitution quorum must be positive")
         if self.directory is None and self.publishers_file is None:
             raise ConfigError(
                 "policies from the bus need the trusted publishers' keys (--policy-keys FILE)"

@@ -4,7 +4,7 @@ bus-guard run       the gateway
 bus-guard demo      everything on one machine, live
 bus-guard watch     live denials and holds
 bus-guard keys      signing keys and the JWKS
-bus-guard policy    check | test | explain | schema | push | status
+bus-guard policy    check | test | explain | schema | push | sign | status
 bus-guard verify    check an artifact as an executor would
 bus-guard ledger    verify the ledger's chains and checkpoints
 bus-guard lineage   ancestors and descendants of a decision
@@ -260,11 +260,11 @@ def _cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
                 lineage=lineage,
                 limit_state=state,
             )
-        case "push" | "status":
+        case "push" | "sign" | "status":
             from bus_guard.cli import _push
 
-            command = _push.cmd_push if args.policy_command == "push" else _push.cmd_status
-            return anyio.run(command, args, out)
+            commands = {"push": _push.cmd_push, "sign": _push.cmd_sign, "status": _push.cmd_status}
+            return anyio.run(commands[args.policy_command], args, out)
         case "schema":
             text = json.dumps(policy_json_schema(), indent=2)
             if args.out is None:
@@ -316,12 +316,12 @@ async def _serve_until_stopped(
     *stopped_by*) or the bus is lost; the gateway."""
     from bus_guard.intake._control import control_connection, open_keys
     from bus_guard.intake._gateway import Gateway
-    from bus_guard.intake._policy_source import open_keeper
+    from bus_guard.intake._policy_source import open_policies
 
     # Every connection before the gateway starts: a bus that is not there is a refusal to
     # start, never a crash of a running gateway.
     async with (
-        open_keeper(settings, source) as keeper,
+        open_policies(settings, source) as keeper,
         open_keys(
             settings,
             key_path=key_path,
@@ -394,7 +394,7 @@ async def _canaries(
         settings,
         gateway,
         signer,
-        lambda: keeper.active.canaries,
+        lambda: keeper.canaries,
         interval_s=source.canary_interval_s,
     )
     return canary.running()

@@ -25,6 +25,7 @@ __all__ = (
     "add_policy_commands",
     "add_run_options",
     "cmd_push",
+    "cmd_sign",
     "cmd_status",
     "policy_source_settings",
 )
@@ -99,6 +100,21 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
         f"the gateway's path this often; a wrong answer makes it not ready (default: "
         f"{every:g}; 0: off)",
     )
+    g.add_argument(
+        "--constitution-keys",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the JWKS of the constitution's signers: the gateway then requires a constitution "
+        "on the bus, signed by --constitution-quorum of them, and refuses to start without",
+    )
+    g.add_argument(
+        "--constitution-quorum",
+        type=int,
+        default=None,
+        metavar="M",
+        help="signatures of distinct constitution keys a constitution needs",
+    )
     limit = field_default(PolicySourceSettings, "max_bundle_bytes")
     g.add_argument(
         "--policy-max-bytes",
@@ -117,6 +133,8 @@ _SOURCE_OPTIONS: Final = {
     "policy_poll": "poll_s",
     "policy_max_bytes": "max_bundle_bytes",
     "canary_interval": "canary_interval_s",
+    "constitution_keys": "constitution_keys_file",
+    "constitution_quorum": "constitution_quorum",
 }
 
 
@@ -152,8 +170,17 @@ def add_policy_commands(pol: argparse._SubParsersAction[Any]) -> None:
         "--key",
         required=True,
         type=Path,
+        action="append",
         metavar="PUBLISHER_KEY",
-        help="the publisher's Ed25519 key (PEM), from 'bus-guard keys new'",
+        help="the publisher's Ed25519 key (PEM), from 'bus-guard keys new'; a constitution: "
+        "one --key per signer here (more sign later with 'policy sign')",
+    )
+    push.add_argument(
+        "--kind",
+        choices=["policy", "constitution"],
+        default="policy",
+        help="an ordinary policy bundle (default), or the constitution (deny and escalate "
+        "rules only, signed by a quorum of the constitution keys)",
     )
     push.add_argument(
         "--deployment", default=None, metavar="NAME", help="default: the subject prefix"
@@ -161,6 +188,16 @@ def add_policy_commands(pol: argparse._SubParsersAction[Any]) -> None:
     push.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
     push.add_argument("--replicas", type=int, default=1, help="of the stores, if created")
     push.add_argument("--prefix", default="guard", help="subject prefix (default: guard)")
+    sign = pol.add_parser(
+        "sign",
+        help="add a signature to the current constitution (its quorum of signers, one by one)",
+    )
+    sign.add_argument("--nats", required=True, metavar="URL[,URL...]")
+    sign.add_argument("--key", required=True, type=Path, metavar="CONSTITUTION_KEY")
+    sign.add_argument("--kind", choices=["constitution"], default="constitution")
+    sign.add_argument("--deployment", default=None, metavar="NAME")
+    sign.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
+    sign.add_argument("--prefix", default="guard", help="subject prefix (default: guard)")
     status = pol.add_parser(
         "status", help="what policy set each gateway has active (digest, revision, stale)"
     )
@@ -183,11 +220,17 @@ async def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
         peek_revision,
         sign_manifest,
     )
+    from bus_guard.policy._constitution import check_constitution, sign_constitution
     from bus_guard.signing._keys import kid_for, load_private_key
 
-    key = load_private_key(args.key)
+    kind = args.kind
+    keys = [load_private_key(k) for k in args.key]
+    if kind == "policy" and len(keys) != 1:
+        raise ConfigError("a policy bundle is signed by one publisher key (one --key)")
     try:
         compiled = compile_directory(args.path)
+        if kind == "constitution":
+            check_constitution(compiled)
     except BundleRefused as exc:
         say(out, f"not pushed: {args.path}: {exc}")
         return 1
@@ -195,7 +238,7 @@ async def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
     digest = content_digest(data)
     streams = Subjects(args.prefix).streams
     deployment = args.deployment or args.prefix
-    key_name = pointer_key(deployment)
+    key_name = pointer_key(deployment, kind)
     nc = await connect(args.nats, creds=args.creds, name="bus-guard policy push")
     try:
         js = nc.jetstream()
@@ -218,7 +261,7 @@ async def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
             last = max((e.revision or 0 for e in history), default=0)
             newest = max((peek_revision(e.value or b"") for e in history), default=0)
             manifest = Manifest(
-                kind="policy",
+                kind=kind,
                 deployment=deployment,
                 revision=newest + 1,
                 digest=compiled.digest,
@@ -228,7 +271,10 @@ async def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
                 cases=compiled.cases.passed,
                 issued_at=time.time(),
             )
-            token = sign_manifest(key, kid_for(key), manifest)
+            if kind == "constitution":
+                token = sign_constitution(manifest, keys)
+            else:
+                token = sign_manifest(keys[0], kid_for(keys[0]), manifest)
             try:
                 if last:
                     await kv.update(key_name, token, last=last)
@@ -236,14 +282,56 @@ async def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
                     await kv.create(key_name, token)
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue  # another push moved the pointer: number after it
+            signed = f", {len(keys)} signature{'s' if len(keys) > 1 else ''}" * (kind != "policy")
             say(
                 out,
-                f"pushed revision {manifest.revision} of {deployment}: {manifest.version} "
+                f"pushed {kind} revision {manifest.revision} of {deployment}{signed}: "
+                f"{manifest.version} "
                 f"({manifest.digest}), {compiled.cases.passed} test cases passed, "
                 f"{len(data):,} bytes as {name}",
             )
             return 0
         raise GatewayError(f"the pointer {key_name} kept moving; not pushed")
+    finally:
+        await nc.close()
+
+
+async def cmd_sign(args: argparse.Namespace, out: TextIO) -> int:
+    """Add the signature of ``--key`` to the current constitution pointer (compare-and-set;
+    the manifest itself is never changed: every signer signs the same bytes)."""
+    import nats.js.errors
+
+    from bus_guard.cli._connect import connect
+    from bus_guard.intake._policy_bus import pointer_key
+    from bus_guard.policy._bundle import peek_revision
+    from bus_guard.policy._constitution import add_signature
+    from bus_guard.signing._keys import load_private_key
+
+    key = load_private_key(args.key)
+    streams = Subjects(args.prefix).streams
+    name = pointer_key(args.deployment or args.prefix, "constitution")
+    nc = await connect(args.nats, creds=args.creds, name="bus-guard policy sign")
+    try:
+        kv = await nc.jetstream().key_value(streams.policy_bucket)
+        for _ in range(_PUSH_ATTEMPTS):
+            try:
+                entry = await kv.get(name)
+            except nats.js.errors.KeyNotFoundError:
+                raise GatewayError(f"no constitution at {streams.policy_bucket}/{name}") from None
+            signed = add_signature(entry.value or b"", key)
+            if signed == entry.value:
+                say(out, f"already signed by this key: revision {peek_revision(signed)}")
+                return 0
+            try:
+                await kv.update(name, signed, last=entry.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+            count = len(json.loads(signed)["signatures"])
+            say(out, f"signed constitution revision {peek_revision(signed)}: {count} signatures")
+            return 0
+        raise GatewayError(f"the pointer {name} kept moving; not signed")
+    except nats.js.errors.BucketNotFoundError:
+        raise GatewayError(f"no bucket {streams.policy_bucket}: no constitution") from None
     finally:
         await nc.close()
 

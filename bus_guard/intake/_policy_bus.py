@@ -48,6 +48,7 @@ from bus_guard.policy._bundle import (
     compile_content,
     read_manifest,
 )
+from bus_guard.policy._constitution import CONSTITUTION_LAYER, check_constitution, read_constitution
 from bus_guard.settings import PolicySourceSettings, Settings
 from bus_guard.verify import Jwks, load_jwks
 
@@ -94,8 +95,54 @@ async def ensure_stores(
     return kv, objects
 
 
+class Signed:
+    """How a pointer is verified: by one trusted publisher key (``policy``), or by a
+    quorum of constitution keys (``constitution``). The keys' file is re-read on SIGHUP: a
+    key revoked there signs nothing more (a file that does not load keeps the keys, logged).
+    """
+
+    def __init__(
+        self,
+        keys_file: Path | None,
+        *,
+        deployment: str,
+        kind: BundleKind = "policy",
+        quorum: int = 1,
+        keys: Jwks | None = None,
+    ) -> None:
+        if keys is None:
+            if keys_file is None:
+                raise ConfigError("the keys that sign bundles are needed")
+            keys = load_jwks(keys_file)
+        self.kind: BundleKind = kind
+        self.keys_file = keys_file
+        self.deployment = deployment
+        self.quorum = quorum
+        self.keys = keys
+        if kind == "constitution" and not 1 <= quorum <= len(keys):
+            raise ConfigError(
+                f"the constitution quorum must be 1..{len(keys)} (the keys given), got {quorum}"
+            )
+
+    def read(self, token: bytes, now: float) -> Manifest:
+        if self.kind == "constitution":
+            return read_constitution(
+                token, self.keys, quorum=self.quorum, now=now, deployment=self.deployment
+            )
+        return read_manifest(token, self.keys, now=now, deployment=self.deployment, kind=self.kind)
+
+    def reload(self) -> None:
+        if self.keys_file is None:
+            return
+        try:
+            self.keys = load_jwks(self.keys_file)
+        except ConfigError as exc:
+            log.warning("the %s keys were not reloaded: %s", self.kind, exc)
+
+
 class BusSource:
-    """The policy source of a gateway started with ``--policies nats://``."""
+    """The policy source of a gateway started with ``--policies nats://`` (kind ``policy``),
+    or the constitution's (kind ``constitution``)."""
 
     def __init__(
         self,
@@ -103,41 +150,27 @@ class BusSource:
         store: ObjectStore,
         *,
         bucket: str,
-        publishers: Jwks,
-        publishers_file: Path | None = None,
-        deployment: str,
+        signed: Signed,
         max_bundle_bytes: int,
         clock: Callable[[], float] = time.time,
-        kind: BundleKind = "policy",
         gateway_id: str = "",
     ) -> None:
         self._kv = kv
         self._gateway_id = gateway_id
         self._store = store
         self._bucket = bucket
-        self._publishers = publishers
-        self._publishers_file = publishers_file
-        self._deployment = deployment
+        self._signed = signed
+        self._deployment = signed.deployment
         self._max_bytes = max_bundle_bytes
         self._clock = clock
-        self._kind: BundleKind = kind
-        self.key = pointer_key(deployment, kind)
+        self._kind: BundleKind = signed.kind
+        self.key = pointer_key(signed.deployment, signed.kind)
         self._seen = 0  # the pointer's KV revision last looked at
         self._retrying = 0  # a pointer revision whose content could not be fetched yet
 
     @property
     def name(self) -> str:
         return f"bus {self._bucket}/{self.key}"
-
-    def _reload_publishers(self) -> None:
-        """Re-read the publishers' JWKS (on SIGHUP): a key revoked there signs no further
-        bundle. A file that does not load keeps the keys trusted so far, logged."""
-        if self._publishers_file is None:
-            return
-        try:
-            self._publishers = load_jwks(self._publishers_file)
-        except ConfigError as exc:
-            log.warning("policy publishers' keys not reloaded: %s", exc)
 
     async def report(self, statistics: PolicyStatistics) -> None:
         if self._gateway_id:
@@ -174,13 +207,7 @@ class BusSource:
         problems = []
         for entry in entries:
             try:
-                manifest = read_manifest(
-                    entry.value or b"",
-                    self._publishers,
-                    now=self._clock(),
-                    deployment=self._deployment,
-                    kind=self._kind,
-                )
+                manifest = self._signed.read(entry.value or b"", self._clock())
             except BundleRefused as exc:
                 problems.append(f"pointer value {entry.revision}: {exc}")
                 continue
@@ -206,7 +233,7 @@ class BusSource:
 
     async def poll(self, active: ActiveSet, *, forced: bool) -> ActiveSet | None:
         if forced:
-            self._reload_publishers()
+            self._signed.reload()
         try:
             entry = await self._kv.get(self.key)
         except nats.js.errors.KeyNotFoundError:
@@ -216,13 +243,7 @@ class BusSource:
             return None
         first_look = seq != self._seen
         self._seen = seq
-        manifest = read_manifest(
-            entry.value or b"",
-            self._publishers,
-            now=self._clock(),
-            deployment=self._deployment,
-            kind=self._kind,
-        )
+        manifest = self._signed.read(entry.value or b"", self._clock())
         if active.revision is not None and manifest.revision <= active.revision:
             if manifest.revision == active.revision and manifest.digest == active.policies.digest:
                 return None  # the active one
@@ -269,27 +290,53 @@ class BusSource:
                 "store_unavailable", f"content {name} of revision {manifest.revision}: {exc!r}"
             ) from None
         content = check_content(manifest, data, max_bytes=self._max_bytes)
+        constitution = self._kind == "constitution"
         compiled = await anyio.to_thread.run_sync(
-            lambda: compile_content(content, revision=manifest.revision, base=name),
+            lambda: compile_content(
+                content,
+                revision=manifest.revision,
+                base=name,
+                layer=CONSTITUTION_LAYER if constitution else "",
+            ),
             abandon_on_cancel=True,
         )
         check_compiled(manifest, compiled)
+        if constitution:
+            check_constitution(compiled)
         return ActiveSet(compiled, self.name, manifest.issued_at, manifest.revision)
 
 
 @asynccontextmanager
 async def open_bus_source(
-    settings: Settings, source: PolicySourceSettings, *, clock: Callable[[], float] = time.time
+    settings: Settings,
+    source: PolicySourceSettings,
+    *,
+    clock: Callable[[], float] = time.time,
+    kind: BundleKind = "policy",
 ) -> AsyncIterator[BusSource]:
     """A bus source on a control connection of its own, open until the block ends.
     Refuses (:class:`~bus_guard.errors.GatewayError`) when the bus, JetStream or the
     stores cannot be reached: the gateway must not start without policies."""
-    assert source.publishers_file is not None  # PolicySourceSettings checks it
-    publishers = load_jwks(source.publishers_file)
+    deployment = source.deployment or settings.prefix
+    if kind == "constitution":
+        assert source.constitution_keys_file is not None  # PolicySourceSettings checks it
+        signed = Signed(
+            source.constitution_keys_file,
+            deployment=deployment,
+            kind=kind,
+            quorum=source.constitution_quorum,
+        )
+    else:
+        assert source.publishers_file is not None  # PolicySourceSettings checks it
+        signed = Signed(source.publishers_file, deployment=deployment)
     url = source.nats_url or settings.nats_url
     s = settings.subjects.streams
     async with control_connection(
-        settings, purpose="policy source", url=url, unreachable="refusing to start without policies"
+        settings,
+        purpose=f"{kind} source",
+        url=url,
+        unreachable="refusing to start without "
+        + ("policies" if kind == "policy" else "its constitution"),
     ) as nc:
         js = nc.jetstream(timeout=max(settings.connect_timeout_s, 2.0))
         try:
@@ -308,12 +355,11 @@ async def open_bus_source(
             kv,
             store,
             bucket=s.policy_bucket,
-            publishers=publishers,
-            publishers_file=source.publishers_file,
-            deployment=source.deployment or settings.prefix,
+            signed=signed,
             max_bundle_bytes=source.max_bundle_bytes,
             clock=clock,
-            gateway_id=settings.gateway_id,
+            # The status entry is the ordinary set's (what `policy status` lists).
+            gateway_id=settings.gateway_id if kind == "policy" else "",
         )
 
 

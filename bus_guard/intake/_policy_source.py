@@ -47,16 +47,19 @@ from bus_guard.policy._bundle import (
     compile_directory,
 )
 from bus_guard.policy._cases import Case, Suite
+from bus_guard.policy._constitution import LayeredSet
 from bus_guard.policy._evaluator import PolicySet
 from bus_guard.settings import PolicySourceSettings, Settings
 
 __all__ = (
     "ActiveSet",
     "DirectorySource",
+    "Layers",
     "PolicyKeeper",
     "PolicySource",
     "PolicyStatistics",
     "open_keeper",
+    "open_policies",
 )
 
 log = logging.getLogger(__name__)
@@ -444,3 +447,65 @@ async def open_keeper(
         keeper = PolicyKeeper(bus, max_age_s=source.max_age_s, poll_s=source.poll_s, clock=clock)
         await keeper.load()
         yield keeper
+
+
+class Layers:
+    """What the gateway decides with: the ordinary set's keeper and, when one is
+    configured, the constitution's over it (:class:`~bus_guard.policy._constitution.
+    LayeredSet`). Either one changing swaps the combination in whole."""
+
+    def __init__(self, ordinary: PolicyKeeper, constitution: PolicyKeeper | None) -> None:
+        self.ordinary = ordinary
+        self.constitution = constitution
+
+    @property
+    def active(self) -> ActiveSet:
+        return self.ordinary.active
+
+    @property
+    def current(self) -> PolicySetLike:
+        if self.constitution is None:
+            return self.ordinary.current
+        return LayeredSet(self.constitution.current, self.ordinary.current)
+
+    @property
+    def canaries(self) -> tuple[tuple[Suite, Case], ...]:
+        """The known answers of both layers, checked through the combination."""
+        below = self.ordinary.active.canaries
+        return below if self.constitution is None else below + self.constitution.active.canaries
+
+    def request_reload(self) -> None:
+        self.ordinary.request_reload()
+        if self.constitution is not None:
+            self.constitution.request_reload()
+
+    @asynccontextmanager
+    async def running(self, swap: Callable[[PolicySetLike], None]) -> AsyncIterator[Layers]:
+        def both(_: PolicySetLike) -> None:
+            swap(self.current)
+
+        async with self.ordinary.running(both):
+            if self.constitution is None:
+                yield self
+                return
+            async with self.constitution.running(both):
+                yield self
+
+
+@asynccontextmanager
+async def open_policies(
+    settings: Settings, source: PolicySourceSettings, *, clock: Callable[[], float] = time.time
+) -> AsyncIterator[Layers]:
+    """The ordinary set (:func:`open_keeper`) and, when ``constitution_keys_file`` is set,
+    the constitution from the bus: configured but missing, not signed by the quorum or
+    not valid, the gateway does not start (:class:`~bus_guard.errors.GatewayError`)."""
+    async with open_keeper(settings, source, clock=clock) as ordinary:
+        if source.constitution_keys_file is None:
+            yield Layers(ordinary, None)
+            return
+        from bus_guard.intake._policy_bus import open_bus_source
+
+        async with open_bus_source(settings, source, clock=clock, kind="constitution") as bus:
+            constitution = PolicyKeeper(bus, poll_s=source.poll_s, clock=clock)
+            await constitution.load()
+            yield Layers(ordinary, constitution)

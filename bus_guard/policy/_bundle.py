@@ -61,6 +61,7 @@ __all__ = (
     "content_digest",
     "content_of",
     "decode_content",
+    "decode_manifest",
     "encode_content",
     "peek_revision",
     "read_directory",
@@ -73,7 +74,7 @@ DEFAULT_MAX_BUNDLE_BYTES: Final = MAX_BUNDLE_BYTES
 _MAX_POINTER_BYTES: Final = 8192  # a manifest JWS is ~600 bytes
 TESTS_DIR: Final = "tests"
 
-BundleKind = Literal["policy"]
+BundleKind = Literal["policy", "constitution"]
 
 # Why a bundle never became active: the closed set of refusal reasons (README, "Policy
 # distribution"), counted per reason in the gateway's policy statistics.
@@ -90,6 +91,7 @@ REFUSALS: Final = (
     "content_mismatch",  # content whose digest or size is not the manifest's
     "broken",  # content that does not decode or compile; a directory that does not
     "tests_failed",  # a set whose test cases fail
+    "quorum",  # a constitution without enough valid signatures of its keys
     "digest_mismatch",  # content that compiles to another policy digest than the signed one
     "store_unavailable",  # the pointer or the content could not be read (retried)
 )
@@ -203,14 +205,14 @@ def compile_directory(path: str | os.PathLike[str], *, revision: int | None = No
 
 
 def compile_content(
-    content: BundleContent, *, revision: int | None = None, base: str = "bundle"
+    content: BundleContent, *, revision: int | None = None, base: str = "bundle", layer: str = ""
 ) -> Compiled:
     """Compile and test bundle content (what a gateway fetched). Raises
     :class:`~bus_guard.errors.BundleRefused`: ``broken`` with every compile problem,
     ``tests_failed`` with every failing case."""
     try:
         policies = load_policy_sources(
-            content.policies, base=base, files=content.files, revision=revision
+            content.policies, base=base, files=content.files, revision=revision, layer=layer
         )
     except PolicyError as exc:
         raise BundleRefused("broken", "; ".join(exc.problems)) from None
@@ -264,13 +266,30 @@ def sign_manifest(key: Ed25519PrivateKey, kid: str, manifest: Manifest) -> bytes
 
 def peek_revision(token: bytes) -> int:
     """The revision a pointer *claims*, unverified (0 if it claims none): what a publisher
-    numbers its next push after. Never a reason to trust anything."""
+    numbers its next push after. Never a reason to trust anything. A compact JWS (a
+    policy bundle) or a JWS JSON serialization (a constitution)."""
     try:
-        claims = strict_loads(b64url_decode(token.split(b".")[1].decode("ascii")))
+        if token.lstrip().startswith(b"{"):
+            payload = strict_loads(token).get("payload", "")
+        else:
+            payload = token.split(b".")[1].decode("ascii")
+        claims = strict_loads(b64url_decode(payload))
         revision = claims.get("revision") if isinstance(claims, dict) else None
-    except (ValueError, IndexError, RecursionError):
+    except (ValueError, IndexError, AttributeError, TypeError, RecursionError):
         return 0
     return revision if isinstance(revision, int) and not isinstance(revision, bool) else 0
+
+
+def decode_manifest(claims: bytes) -> Manifest:
+    """Strictly decode a manifest's JSON; :class:`BundleRefused` ``malformed`` otherwise."""
+    try:
+        strict_loads(claims)  # duplicate members and NaN refused before msgspec reads it
+        manifest = _MANIFEST_DECODER.decode(claims)
+    except (ValueError, RecursionError) as exc:
+        raise BundleRefused("malformed", f"manifest: {exc}"[:300]) from None
+    if not math.isfinite(manifest.issued_at):
+        raise BundleRefused("malformed", "manifest: issued_at is not a finite time")
+    return manifest
 
 
 def read_manifest(
@@ -310,13 +329,7 @@ def read_manifest(
         entry.public_key.verify(signature, parts[0] + b"." + parts[1])
     except InvalidSignature:
         raise BundleRefused("bad_signature", f"the signature by {kid!r} does not verify") from None
-    try:
-        strict_loads(claims)  # duplicate members and NaN refused before msgspec reads it
-        manifest = _MANIFEST_DECODER.decode(claims)
-    except (ValueError, RecursionError) as exc:
-        raise BundleRefused("malformed", f"manifest: {exc}"[:300]) from None
-    if not math.isfinite(manifest.issued_at):
-        raise BundleRefused("malformed", "manifest: issued_at is not a finite time")
+    manifest = decode_manifest(claims)
     if manifest.kind != kind:
         raise BundleRefused("wrong_kind", f"a {manifest.kind} bundle, expected {kind}")
     if manifest.deployment != deployment:

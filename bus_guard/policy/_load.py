@@ -258,6 +258,7 @@ def load_policy_sources(
     base: str | os.PathLike[str] | None = None,
     files: Mapping[str, bytes] | Callable[[str], bytes] | None = None,
     revision: int | None = None,
+    layer: str = "",
 ) -> PolicySet:
     """Compile in-memory files (relative name → bytes), e.g. from a KV bucket.
 
@@ -267,7 +268,8 @@ def load_policy_sources(
     reads one (raising ``OSError``). The digest covers them too.
     ``revision``: the distribution revision of a signed bundle (README, "Policy
     distribution"): the set's ``version``, which every decision names, then ends with
-    ``;rev=<revision>``.
+    ``;rev=<revision>``; ``layer`` (``constitution/``) is put before it, so that every
+    decision names the layer that made it.
     """
     problems: list[_Found] = []
     bundles: list[tuple[str, Bundle]] = []
@@ -305,10 +307,11 @@ def load_policy_sources(
         # In source order: by file, then line (stable, so one line's problems keep theirs).
         ordered = sorted(dict.fromkeys(problems), key=lambda found: found[:2])
         raise PolicyError([text for _, _, text in ordered], file=ordered[0][0] if ordered else "")
-    if revision is not None:
+    if revision is not None or layer:
         # Stamped once, before the set is shared with anything that evaluates: decisions
         # read ``version`` when they are built, so every one names the revision.
-        object.__setattr__(policy_set, "version", f"{policy_set.version}{REVISION_MARK}{revision}")
+        rev = "" if revision is None else f"{REVISION_MARK}{revision}"
+        object.__setattr__(policy_set, "version", f"{layer}{policy_set.version}{rev}")
     return policy_set
 
 
