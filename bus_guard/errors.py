@@ -11,13 +11,15 @@ Exceptions are reserved for real failures, in one small tree::
     ├── VerificationError        an artifact did not verify (``.reason``)
     ├── ServerError              the embedded nats-server failed to start or stop
     ├── GatewayError             the gateway could not start or lost the bus
-    └── ApprovalRefused          a vote not sent: the decision is no open hold (``.reason``)
+    ├── ApprovalRefused          a vote not sent: the decision is no open hold (``.reason``)
+    └── BundleRefused            a policy bundle that must not become active (``.reason``)
 """
 
 from __future__ import annotations
 
 __all__ = (
     "ApprovalRefused",
+    "BundleRefused",
     "ConfigError",
     "GatewayError",
     "GuardError",
@@ -79,3 +81,14 @@ class ApprovalRefused(GuardError):
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason
         super().__init__(message)
+
+
+class BundleRefused(GuardError):
+    """A policy bundle (or a directory's policy set) that must not become active:
+    unsigned, signed by an unknown or revoked key, not newer than the active one, too
+    large, for another deployment, broken, failing its test cases, or not fetchable.
+    ``reason`` is one of :data:`bus_guard.policy._bundle.REFUSALS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {message}")

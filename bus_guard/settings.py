@@ -7,18 +7,21 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final, Literal
 
 from bus_guard.errors import ConfigError
 from bus_guard.subjects import DEFAULT_PREFIX, Subjects
 
 __all__ = (
+    "MAX_BUNDLE_BYTES",
     "MAX_NESTING_DEPTH",
     "MAX_PAYLOAD_BYTES",
     "ArtifactMode",
     "Checks",
     "IntakeMode",
     "LogDecisions",
+    "PolicySourceSettings",
     "ReplyInbox",
     "Settings",
     "StreamSettings",
@@ -229,3 +232,49 @@ class Settings:
             raise ConfigError(f"batch_max must be within 1..{_MAX_BATCH}, got {self.batch_max!r}")
         if not (math.isfinite(self.batch_delay_ms) and 0 < self.batch_delay_ms <= 1000):
             raise ConfigError(f"batch_delay_ms must be in (0, 1000], got {self.batch_delay_ms!r}")
+
+
+MAX_BUNDLE_BYTES: Final = 8 << 20  # a policy bundle's content: eight of the largest files
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySourceSettings:
+    """Where the gateway's policies come from and how the active set is kept (``bus-guard
+    run``'s ``--policies``, ``--policy-*`` and ``--deployment``; README, "Policy reload")."""
+
+    directory: Path | None = None  # None: signed bundles from the bus
+    nats_url: str | None = None  # the bus: these servers (None: the gateway's own)
+    publishers_file: Path | None = None  # the bus: the JWKS of the trusted publishers
+    deployment: str | None = None  # the bus: bundles must name it (None: the prefix)
+    max_age_s: float | None = None  # past it, deny policy_stale; None: never stale
+    poll_s: float = 1.0  # how often the source is looked at
+    max_bundle_bytes: int = MAX_BUNDLE_BYTES
+    # how often the active set's canaries run through the gateway's path (0: never)
+    canary_interval_s: float = 10.0
+    # a constitution (README, "Constitution"): from the bus, signed by at least
+    # constitution_quorum of the keys in this JWKS; None: no constitution layer
+    constitution_keys_file: Path | None = None
+    constitution_quorum: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.canary_interval_s) and self.canary_interval_s >= 0):
+            raise ConfigError("the canary interval must be 0 (off) or a number of seconds")
+        if (self.constitution_keys_file is None) != (self.constitution_quorum == 0):
+            raise ConfigError(
+                "a constitution needs both its keys (--constitution-keys FILE) and a quorum "
+                "(--constitution-quorum M)"
+            )
+        if self.constitution_quorum < 0:
+            raise ConfigError("the constitution quorum must be positive")
+        if self.directory is None and self.publishers_file is None:
+            raise ConfigError(
+                "policies from the bus need the trusted publishers' keys (--policy-keys FILE)"
+            )
+        if self.max_age_s is not None and not (
+            math.isfinite(self.max_age_s) and self.max_age_s > 0
+        ):
+            raise ConfigError("the policy maximum age must be a positive number of seconds")
+        if not (math.isfinite(self.poll_s) and self.poll_s > 0):
+            raise ConfigError("the policy poll interval must be a positive number of seconds")
+        if self.max_bundle_bytes <= 0:
+            raise ConfigError("the policy bundle size limit must be positive")

@@ -11,10 +11,13 @@ With the default prefix ``guard`` (what README, ``compose/`` and the tests use):
     ledger   guard.ledger.<gateway>.d.<decision id>       GUARD_LEDGER
              guard.ledger.<gateway>.c  (chain starts and checkpoints)
     approve  guard.approve.<hold decision id>             GUARD_APPROVE (approvers' votes)
+    canary   guard.canary.<gateway id>                    (none: a gateway's canaries)
 
     bucket          stream              holds
     guard-jwks      KV_guard-jwks       the JWKS executors look keys up in
     guard-executed  KV_guard-executed   executors' consume-once markers (in EXEC's JetStream)
+    guard-policy    KV_guard-policy     signed policy bundle pointers, gateways' policy status
+    guard-policy-sets  OBJ_guard-policy-sets  policy bundle contents, by content digest
 
 An output keeps the *tail* of its intent's subject: ``guard.in.agent-7.payments.transfer``
 is forwarded to ``guard.exec.agent-7.payments.transfer`` (or denied on ``guard.deny.…``,
@@ -48,8 +51,16 @@ __all__ = (
 DEFAULT_PREFIX: Final = "guard"  # Settings.prefix's default
 INVALID_TOKEN: Final = "~invalid"  # deny-subject token for intents on a malformed subject
 
-Family = Literal["in", "exec", "deny", "hold", "ledger", "approve"]
-FAMILIES: Final[tuple[Family, ...]] = ("in", "exec", "deny", "hold", "ledger", "approve")
+Family = Literal["in", "exec", "deny", "hold", "ledger", "approve", "canary"]
+FAMILIES: Final[tuple[Family, ...]] = (
+    "in",
+    "exec",
+    "deny",
+    "hold",
+    "ledger",
+    "approve",
+    "canary",  # a gateway's canaries' own outputs (no stream)
+)
 OutputKind = Literal["exec", "deny", "hold"]  # the families a decision is published on
 # A stream's role (preflight).
 Role = Literal["intake", "exec", "deny", "hold", "ledger", "approve"]
@@ -128,6 +139,17 @@ class Streams:
     def gateways_bucket(self) -> str:
         """One lease per gateway id (one writer per chain) and the registry of chains."""
         return self._bucket("gateways")
+
+    @property
+    def policy_bucket(self) -> str:
+        """The signed policy bundle pointers and the gateways' policy status (README,
+        "Policy distribution")."""
+        return self._bucket("policy")
+
+    @property
+    def policy_store(self) -> str:
+        """The object store of policy bundle contents, by content digest."""
+        return self._bucket("policy-sets")
 
     @staticmethod
     def kv_stream(bucket: str) -> str:

@@ -157,6 +157,10 @@ def test_run_defaults_are_the_settings_defaults() -> None:
     copy of a default cannot drift from the first."""
     args = parser().parse_args(RUN)
     not_settings = {"command", "log_level", "log_format", "policies", "key", "jwks", "http"}
+    # the policy source's options: PolicySourceSettings (test_policy_reload.py pins them)
+    not_settings |= {"policy_keys", "deployment", "policy_max_age", "policy_poll"}
+    not_settings |= {"policy_max_bytes", "canary_interval"}
+    not_settings |= {"constitution_keys", "constitution_quorum"}
     assert set(vars(args)) == not_settings | {option.dest for option in RUN_OPTIONS}
     settings = run_settings(args)
     assert settings == Settings(nats_url="nats://bus:4222", gateway_id=settings.gateway_id)

@@ -33,7 +33,7 @@ INTENT = "guard.in.agent-7.payments.transfer"
 def test_every_family_under_the_default_prefix() -> None:
     s = Subjects()
     assert s.prefix == DEFAULT_PREFIX == "guard" == Settings().prefix
-    assert FAMILIES == ("in", "exec", "deny", "hold", "ledger", "approve")
+    assert FAMILIES == ("in", "exec", "deny", "hold", "ledger", "approve", "canary")
     assert [s.root(f) for f in FAMILIES] == [
         "guard.in",
         "guard.exec",
@@ -41,6 +41,7 @@ def test_every_family_under_the_default_prefix() -> None:
         "guard.hold",
         "guard.ledger",
         "guard.approve",
+        "guard.canary",
     ]
     assert [s.wildcard(f) for f in FAMILIES] == [
         "guard.in.>",
@@ -49,6 +50,7 @@ def test_every_family_under_the_default_prefix() -> None:
         "guard.hold.>",
         "guard.ledger.>",
         "guard.approve.>",
+        "guard.canary.>",
     ]
     assert s.subject("deny", "*", "payments.>") == "guard.deny.*.payments.>"
     assert s.subject("approve", "d-1") == "guard.approve.d-1"

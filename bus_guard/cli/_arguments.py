@@ -213,13 +213,6 @@ _GATEWAY: Final = (
         metavar="SECONDS",
     ),
     SettingOption(
-        "--policy-max-age",
-        "policy_max_age_s",
-        "not ready (/readyz 503) once the active policy set is older than this many seconds",
-        metavar="SECONDS",
-        parse=float,
-    ),
-    SettingOption(
         "--log-decisions",
         "log_decisions",
         "log each decision (logger bus_guard.decisions; with --log-format json its fields "
@@ -430,9 +423,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--policies",
         required=True,
-        type=Path,
-        metavar="DIR",
-        help="directory of policy bundles (*.yaml)",
+        metavar="DIR|nats://",
+        help="directory of policy bundles (*.yaml), or nats:// for signed bundles from the bus "
+        "(see 'policy source and reload' below)",
     )
     run.add_argument(
         "--key",
@@ -465,6 +458,9 @@ def parser() -> argparse.ArgumentParser:
     st = run.add_argument_group("stream mode")
     for option in _STREAM:
         option.add_to(st)
+    from bus_guard.cli import _push  # imports this module: late
+
+    _push.add_run_options(run)
 
     demo = sub.add_parser("demo", help="run the live demo on an embedded nats-server")
     demo.add_argument(
@@ -622,6 +618,7 @@ def parser() -> argparse.ArgumentParser:
     schema.add_argument(
         "--out", type=Path, default=None, metavar="FILE", help="write it here (default: stdout)"
     )
+    _push.add_policy_commands(pol)
 
     ledger = sub.add_parser("ledger", help="the decision ledger").add_subparsers(
         dest="ledger_command", required=True, metavar="ACTION"

@@ -4,7 +4,7 @@ bus-guard run       the gateway
 bus-guard demo      everything on one machine, live
 bus-guard watch     live denials and holds
 bus-guard keys      signing keys and the JWKS
-bus-guard policy    check | test | explain | schema
+bus-guard policy    check | test | explain | schema | push | sign | status
 bus-guard verify    check an artifact as an executor would
 bus-guard ledger    verify the ledger's chains and checkpoints
 bus-guard lineage   ancestors and descendants of a decision
@@ -326,7 +326,9 @@ def _cmd_keys(args: argparse.Namespace, out: TextIO) -> int:
                 out,
                 f"new key {r.new_kid} in {r.key_path}; old key {r.retired_kid} verifies until "
                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(r.not_after))} "
-                f"(restart or reload gateways, publish {r.jwks_path} to verifiers first)",
+                f"(running gateways sign with the new key within a second, after publishing "
+                f"{r.jwks_path} to the JWKS bucket; verifiers on other copies of it need the "
+                "new file)",
             )
         case "revoke":
             keys.revoke_key(args.jwks, args.kid)
@@ -381,6 +383,11 @@ def _cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
             shutil.copytree(EXAMPLE_POLICIES, args.dir)
             say(out, f"wrote the example policies to {args.dir} (bundles, tests/, approvers/)")
             return EXIT_OK
+        case "push" | "sign" | "status":
+            from bus_guard.cli import _push
+
+            commands = {"push": _push.cmd_push, "sign": _push.cmd_sign, "status": _push.cmd_status}
+            return anyio.run(commands[args.policy_command], args, out)
         case "schema":
             text = json.dumps(policy_json_schema(), indent=2)
             if args.out is None:
@@ -401,8 +408,8 @@ def _read_file(path: Path) -> bytes:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from bus_guard.cli._push import policy_source_settings
     from bus_guard.ledger._records import CheckpointSigner
-    from bus_guard.policy._load import load_policies
     from bus_guard.signing._keys import load_private_key
     from bus_guard.signing._signer import Signer
 
@@ -412,21 +419,133 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from bus_guard.ops import parse_listen
 
         http = parse_listen(args.http)
-    policies = load_policies(args.policies)
+    source = policy_source_settings(args)
     key = load_private_key(args.key)
-    _FIELDS.fields.update(gateway=settings.gateway_id, policy_digest=policies.digest)
+    _FIELDS.fields.update(gateway=settings.gateway_id)
     signer = Signer(key, issuer=settings.gateway_id, ttl_s=settings.artifact_ttl_s)
     ledger_signer = CheckpointSigner(key)
     trusted = _trusted_keys(args.jwks, args.key)
-    log.info(
-        "policies %s (%s), %d rules, mode %s; artifacts %s",
-        policies.version,
-        policies.digest,
-        policies.rule_count,
-        policies.mode,
-        settings.artifacts,
+    files = (args.key, _jwks_file(args.jwks, args.key))
+    return anyio.run(_serve, settings, source, signer, ledger_signer, trusted, files, http)
+
+
+async def _serve_until_stopped(
+    settings: Any,
+    source: Any,
+    signer: Any,
+    ledger_signer: Any,
+    trusted: Any,
+    key_path: Path,
+    jwks_path: Path | None,
+    signals: Any,
+    hangups: Any,
+    stopped_by: list[str],
+    http: tuple[str, int] | None = None,
+) -> Any:
+    """The gateway with its policies, keys and canaries, until a signal (recorded in
+    *stopped_by*) or the bus is lost; the gateway."""
+    from bus_guard.intake._control import control_connection, open_keys
+    from bus_guard.intake._gateway import Gateway
+    from bus_guard.intake._policy_source import open_policies
+
+    # Every connection before the gateway starts: a bus that is not there is a refusal to
+    # start, never a crash of a running gateway.
+    async with (
+        open_policies(settings, source) as keeper,
+        open_keys(
+            settings,
+            key_path=key_path,
+            jwks_path=jwks_path,
+            signer=signer,
+            ledger_signer=ledger_signer,
+        ) as keys,
+        control_connection(settings, purpose="canary") as canary_nc,
+    ):
+        policies = keeper.active.policies
+        _FIELDS.fields.update(policy_digest=policies.digest)
+        log.info(
+            "policies %s (%s), %d rules, mode %s; artifacts %s",
+            policies.version,
+            policies.digest,
+            policies.rule_count,
+            policies.mode,
+            settings.artifacts,
+        )
+        gateway = Gateway(
+            settings, keeper.current, signer, ledger_signer=ledger_signer, trusted_keys=trusted
+        )
+        keys.on_trust = gateway.trust_keys
+        ops: Any = contextlib.nullcontext()
+        if http is not None:  # listening first: /healthz answers, /readyz says why not yet
+            from bus_guard.ops import OpsServer
+
+            ops = OpsServer(gateway, *http, policy_max_age_s=source.max_age_s)
+        async with (
+            ops,
+            gateway,
+            keeper.running(gateway.swap_policies),
+            keys.running(),
+            await _canaries(canary_nc, settings, source, gateway, signer, keeper),
+            anyio.create_task_group() as tg,
+        ):
+
+            async def on_hangup() -> None:  # reload the policies (and keys) now
+                async for _ in hangups:
+                    log.info("SIGHUP: reloading the policies and the keys")
+                    keeper.request_reload()
+                    keys.request_reload()
+
+            tg.start_soon(on_hangup)
+            stop = anyio.Event()
+
+            async def on_signals() -> None:
+                async for signum in signals:
+                    stopped_by.append(signal.Signals(signum).name)
+                    stop.set()
+                    return
+
+            tg.start_soon(on_signals)
+
+            async def on_lost() -> None:
+                await gateway.closed.wait()
+                stop.set()
+
+            tg.start_soon(on_lost)
+            await stop.wait()
+            tg.cancel_scope.cancel()
+    return gateway
+
+
+async def _canaries(
+    nc: Any, settings: Any, source: Any, gateway: Any, signer: Any, keeper: Any
+) -> Any:
+    """The canaries on a schedule (``--canary-interval``; 0: none)."""
+    from contextlib import nullcontext
+
+    from bus_guard.intake._canary import canary_on
+
+    if not source.canary_interval_s:
+        return nullcontext()
+    canary = await canary_on(
+        nc,
+        settings,
+        gateway,
+        signer,
+        lambda: keeper.canaries,
+        interval_s=source.canary_interval_s,
     )
-    return anyio.run(_serve, settings, policies, signer, ledger_signer, trusted, http)
+    return canary.running()
+
+
+def _jwks_file(jwks: Path | None, key: Path) -> Path | None:
+    """The JWKS file the gateway keeps published: ``--jwks``, else ``jwks.json`` next to
+    the key (if there is one)."""
+    from bus_guard.signing._keys import JWKS_FILENAME
+
+    if jwks is not None:
+        return jwks
+    beside = key.parent / JWKS_FILENAME
+    return beside if beside.exists() else None
 
 
 def _trusted_keys(jwks: Path | None, key: Path) -> Any:
@@ -445,44 +564,34 @@ def _trusted_keys(jwks: Path | None, key: Path) -> Any:
 
 async def _serve(
     settings: Any,
-    policies: Any,
+    source: Any,
     signer: Any,
     ledger_signer: Any,
     trusted: Any,
-    http: tuple[str, int] | None,
+    files: Any,
+    http: tuple[str, int] | None = None,
 ) -> int:
-    from bus_guard.intake._gateway import Gateway
-
-    stop = anyio.Event()
     stopped_by: list[str] = []
-
-    gateway = Gateway(settings, policies, signer, ledger_signer=ledger_signer, trusted_keys=trusted)
-    # Signals are taken (and queued) before the gateway starts: a SIGTERM right after
-    # "ready", or while starting, stops it cleanly, sealing its chain, instead of killing it.
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-
-        async def on_signals() -> None:
-            async for signum in signals:
-                stopped_by.append(signal.Signals(signum).name)
-                stop.set()
-                return
-
-        async with contextlib.AsyncExitStack() as stack:
-            if http is not None:  # listening first: /healthz answers, /readyz says why not yet
-                from bus_guard.ops import OpsServer
-
-                ops = OpsServer(gateway, *http, policy_max_age_s=settings.policy_max_age_s)
-                await stack.enter_async_context(ops)
-            async with gateway, anyio.create_task_group() as tg:
-                tg.start_soon(on_signals)
-
-                async def on_lost() -> None:
-                    await gateway.closed.wait()
-                    stop.set()
-
-                tg.start_soon(on_lost)
-                await stop.wait()
-                tg.cancel_scope.cancel()
+    key_path, jwks_path = files
+    # The handlers first: a signal that arrives while the gateway starts is kept, and stops
+    # it once started (it drains).
+    with (
+        anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        anyio.open_signal_receiver(signal.SIGHUP) as hangups,
+    ):
+        gateway = await _serve_until_stopped(
+            settings,
+            source,
+            signer,
+            ledger_signer,
+            trusted,
+            key_path,
+            jwks_path,
+            signals,
+            hangups,
+            stopped_by,
+            http,
+        )
     if not stopped_by:
         if gateway.failure is not None:
             log.error("intake failed (%s); exiting", gateway.failure)

@@ -36,62 +36,29 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, Literal, TextIO
+from typing import TextIO
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from bus_guard.cli._safe import say
-from bus_guard.decision import Decision, LimitSpec, Lineage, ParentView, Reason
+from bus_guard.decision import Decision, LimitSpec, Lineage
 from bus_guard.errors import PolicyError
-from bus_guard.pipeline import decide, evaluate, request_of
+from bus_guard.pipeline import evaluate, request_of
+from bus_guard.policy._cases import DEFAULT_NOW, read_suite
+from bus_guard.policy._cases import CaseLineage as _Lineage
+from bus_guard.policy._cases import Suite as _Suite
+from bus_guard.policy._cases import compare as _compare
+from bus_guard.policy._cases import decide_case as _decide
+from bus_guard.policy._cases import limit_names as _limit_names
+from bus_guard.policy._cases import show as _show
+from bus_guard.policy._cases import show_expect as _show_expect
 from bus_guard.policy._conditions import ConditionTrace
 from bus_guard.policy._evaluator import Explanation, PolicySet, RuleTrace
 from bus_guard.policy._limits import limit_amount, limit_key
 from bus_guard.policy._load import load_policies, load_yaml
 
 __all__ = ("DEFAULT_NOW", "check_policies", "explain", "read_lineage", "run_policy_tests")
-
-DEFAULT_NOW: Final = 1_750_000_000.0  # a fixed clock makes test runs reproducible
-
-
-class _Expect(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    effect: Literal["allow", "deny", "hold"]
-    reason: Reason | None = None
-    rules: list[str] | None = None
-    would_deny: bool | None = None
-    taints: list[str] | None = None
-    limits: list[str] | None = None
-    approvers: list[str] | None = None
-    quorum: int | None = None
-
-
-class _Parent(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: str = ""
-    action: str = Field(min_length=1)
-    resource: str = ""
-    scope: dict[str, int | float] = Field(default_factory=dict)
-
-
-class _Lineage(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    depth: int | None = Field(None, ge=0)
-    root: str = ""
-    labels: list[str] = Field(default_factory=list)
-    parents: list[_Parent] = Field(default_factory=list)
-
-    def lineage(self) -> Lineage:
-        parents = tuple(
-            ParentView(p.id or f"parent-{i + 1}", p.action, p.resource, dict(p.scope))
-            for i, p in enumerate(self.parents)
-        )
-        depth = self.depth if self.depth is not None else 1 if parents else 0
-        return Lineage(depth, self.root, frozenset(self.labels), parents=parents)
 
 
 def read_lineage(path: Path, text: str) -> Lineage:
@@ -109,32 +76,6 @@ def read_lineage(path: Path, text: str) -> Lineage:
             f"{'.'.join(str(x) for x in e['loc']) or 'lineage'}: {e['msg']}" for e in exc.errors()
         )
         raise ConfigError(f"{path}: {problems}") from None
-
-
-class _Case(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(min_length=1)
-    subject: str
-    intent: dict[str, Any] | None = None
-    payload: str | None = None
-    content_type: str | None = None
-    lineage: _Lineage | None = None
-    expect: _Expect
-
-    @model_validator(mode="after")
-    def _one_input(self) -> _Case:
-        if (self.intent is None) == (self.payload is None):
-            raise ValueError("give exactly one of 'intent' (a mapping) or 'payload' (text)")
-        return self
-
-
-class _Suite(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    now: float = DEFAULT_NOW
-    prefix: str = "guard"
-    cases: list[_Case] = Field(min_length=1)
 
 
 def run_policy_tests(
@@ -190,85 +131,16 @@ def _test_files(path: Path) -> list[Path]:
 
 def _read_suite(file: Path, out: TextIO) -> _Suite | None:
     try:
-        raw = load_yaml(file.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        data = file.read_bytes()
+    except OSError as exc:
         say(out, f"ERROR {file}: cannot read test file: {exc}")
         return None
-    try:
-        return _Suite.model_validate(raw)
-    except ValidationError as exc:
-        cases = raw.get("cases") if isinstance(raw, dict) else None
-        for error in exc.errors(include_url=False):
-            loc = error["loc"]
-            where = ".".join(str(p) for p in loc) or "top level"
-            if len(loc) >= 2 and loc[0] == "cases" and isinstance(loc[1], int):
-                case = cases[loc[1]] if isinstance(cases, list) else None
-                name = case.get("name") if isinstance(case, dict) else None
-                label = f"case #{loc[1] + 1}" + (f" ({name})" if isinstance(name, str) else "")
-                where = ": ".join(x for x in (label, ".".join(map(str, loc[2:]))) if x)
-            message = error["msg"].removeprefix("Value error, ")
-            say(out, f"ERROR {file}: {where}: {message}")
+    suite = read_suite(str(file), data)
+    if isinstance(suite, list):
+        for problem in suite:
+            say(out, f"ERROR {problem}")
         return None
-
-
-def _decide(policies: PolicySet, suite: _Suite, case: _Case) -> Decision:
-    if case.intent is not None:
-        payload = json.dumps({"ts": suite.now, **case.intent}).encode()
-    else:
-        payload = (case.payload or "").encode()
-    return decide(
-        policies,
-        case.subject,
-        payload,
-        now=suite.now,
-        prefix=suite.prefix,
-        content_type=case.content_type,
-        lineage=None if case.lineage is None else case.lineage.lineage(),
-    )
-
-
-def _compare(expect: _Expect, got: Decision) -> str | None:
-    if got.effect.value != expect.effect:
-        return "effect"
-    if expect.reason is not None and got.reason is not expect.reason:
-        return "reason"
-    if expect.rules is not None and sorted(set(expect.rules)) != sorted(got.rules):
-        return "rules"
-    if expect.would_deny is not None and got.would_deny != expect.would_deny:
-        return "would_deny"
-    if expect.taints is not None and sorted(set(expect.taints)) != list(got.taints):
-        return "taints"
-    if expect.limits is not None and sorted(set(expect.limits)) != _limit_names(got):
-        return "limits"
-    hold = got.hold
-    if expect.approvers is not None and (
-        hold is None or sorted(set(expect.approvers)) != list(hold.approvers)
-    ):
-        return "approvers"
-    if expect.quorum is not None and (hold is None or hold.quorum != expect.quorum):
-        return "quorum"
-    return None
-
-
-def _show_expect(expect: _Expect) -> str:
-    parts = [expect.effect, expect.reason.value if expect.reason else "(any reason)"]
-    parts.append("(any rules)" if expect.rules is None else f"[{', '.join(sorted(expect.rules))}]")
-    if expect.would_deny is not None:
-        parts.append(f"would_deny={str(expect.would_deny).lower()}")
-    if expect.taints is not None:
-        parts.append(f"taints=[{', '.join(sorted(expect.taints))}]")
-    if expect.limits is not None:
-        parts.append(f"limits=[{', '.join(sorted(set(expect.limits)))}]")
-    if expect.approvers is not None:
-        parts.append(f"approvers=[{', '.join(sorted(expect.approvers))}]")
-    if expect.quorum is not None:
-        parts.append(f"quorum={expect.quorum}")
-    return " ".join(parts)
-
-
-def _show(decision: Decision) -> str:
-    text = f"{decision.effect.value} {decision.reason.value} [{', '.join(decision.rules)}]"
-    return text + (" would_deny=true" if decision.would_deny else "")
+    return suite
 
 
 def _carries(decision: Decision) -> str:
@@ -284,10 +156,6 @@ def _carries(decision: Decision) -> str:
             f"approvers=[{', '.join(terms.approvers)}] quorum={terms.quorum} ttl={terms.ttl_s:g}s"
         )
     return " ".join(parts)
-
-
-def _limit_names(decision: Decision) -> list[str]:
-    return sorted({spec.name for group in decision.limits for spec in group})
 
 
 def _window(seconds: float) -> str:

@@ -49,7 +49,7 @@ from bus_guard.pipeline import MAX_HEADER_BYTES, PolicySetLike, Standing
 from bus_guard.server import server_version_problem
 from bus_guard.settings import Settings
 from bus_guard.signing._signer import Signer
-from bus_guard.verify import Jwks
+from bus_guard.verify import Jwks, load_jwks
 
 __all__ = ("Gateway", "GatewayStatistics", "round_trip")
 
@@ -232,6 +232,7 @@ class Gateway(AsyncContextManagerMixin):
         self._approvals_done = anyio.Event()
         self._stop = anyio.Event()
         self._loop_done = anyio.Event()
+        self._unready: dict[str, str] = {}  # who holds readiness off -> why (canaries)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -720,6 +721,30 @@ class Gateway(AsyncContextManagerMixin):
                 await service.stop()
             except Exception as exc:  # the intake's drain comes next, whatever this did
                 log.warning("could not stop the micro service: %s", exc)
+
+    def hold_readiness(self, holder: str, why: str | None) -> None:
+        """*holder* (e.g. the canaries) says the gateway is not ready, and *why*; ``None``:
+        it no longer objects. Readiness is the intake's and every holder's."""
+        if why is None:
+            self._unready.pop(holder, None)
+        else:
+            self._unready[holder] = why
+
+    @property
+    def unready(self) -> dict[str, str]:
+        """Why the gateway is not ready, by holder (empty: nothing objects)."""
+        return dict(self._unready)
+
+    def trust_keys(self, trusted: Jwks) -> None:
+        """Stream mode: verify parent decisions' artifacts with *trusted* from now on (the
+        gateways' JWKS changed: a rotation, a revocation); the signing key always counts."""
+        own = load_jwks(self._signer.jwks())
+        if self._signer.kid not in trusted:
+            trusted = trusted.replace(own.entries[0])
+        self._trusted_keys = trusted
+        if self._intake is not None:
+            self._intake.trusted_keys = trusted
+            self._intake.parents.trust(trusted)
 
     # -- connection events -----------------------------------------------------------
 

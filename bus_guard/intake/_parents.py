@@ -96,6 +96,11 @@ class ParentLookup:
         self._cache_size = cache_size
         self.forged = 0  # ledger records that claimed an allow (or a release) and did not verify
 
+    def trust(self, trusted: Jwks) -> None:
+        """Verify parents with *trusted* from now on (keys rotated or revoked while the
+        gateway runs). What was verified and cached stays as it was judged."""
+        self._verifier = Verifier(trusted, leeway_s=0.0)
+
     def remember(self, record: LedgerRecord) -> None:
         """A record this process committed: trusted as it is."""
         if record.kind != DECISION or record.effect not in ("allow", "deny"):

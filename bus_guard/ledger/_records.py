@@ -165,12 +165,17 @@ class CheckpointSigner:
     __slots__ = ("_key", "_prefix", "kid")
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self.rekey(private_key)
+
+    def rekey(self, private_key: Ed25519PrivateKey) -> None:
+        """Sign with *private_key* from now on (a rotation, in a running gateway)."""
         if not isinstance(private_key, Ed25519PrivateKey):
             raise ConfigError("checkpoint key must be Ed25519")
-        self._key = private_key
-        self.kid = kid_for(private_key.public_key())
-        header = msgspec.json.encode({"alg": ALG, "kid": self.kid, "typ": CHECKPOINT_TYP})
+        kid = kid_for(private_key.public_key())
+        header = msgspec.json.encode({"alg": ALG, "kid": kid, "typ": CHECKPOINT_TYP})
         self._prefix = b64url_encode(header) + b"."
+        self._key = private_key
+        self.kid = kid
 
     def sign(self, claims: CheckpointClaims) -> str:
         signing_input = self._prefix + b64url_encode(msgspec.json.encode(claims))

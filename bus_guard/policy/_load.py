@@ -65,6 +65,7 @@ from bus_guard.verify import Jwks, load_jwks
 __all__ = (
     "MAX_FILE_BYTES",
     "MAX_NODES",
+    "REVISION_MARK",
     "Bundle",
     "BundleInfo",
     "CompiledRule",
@@ -88,6 +89,10 @@ MAX_NODES: Final = 1 << 20
 aliases are expanded. Without aliases a file within :data:`MAX_FILE_BYTES` holds fewer
 (a node takes a byte or more), so aliases cannot make a document more work than the
 largest file allowed."""
+
+REVISION_MARK: Final = ";rev="
+"""What separates a bundle set's version from its distribution revision in ``version``
+(``payments@1.2.0,tools@1.0.0;rev=7``): neither names nor versions contain ``;``."""
 
 Loc = tuple[str | int, ...]
 _Found = tuple[str, int, str]  # (file, line, problem text), to sort into source order
@@ -252,6 +257,8 @@ def load_policy_sources(
     *,
     base: str | os.PathLike[str] | None = None,
     files: Mapping[str, bytes] | Callable[[str], bytes] | None = None,
+    revision: int | None = None,
+    layer: str = "",
 ) -> PolicySet:
     """Compile in-memory files (relative name → bytes), e.g. from a KV bucket.
 
@@ -259,6 +266,10 @@ def load_policy_sources(
     ``files``: the other files bundles name (approver JWKS), by their path relative to
     the policy directory (``approvers/alice.jwks.json``): a mapping, or a function that
     reads one (raising ``OSError``). The digest covers them too.
+    ``revision``: the distribution revision of a signed bundle (README, "Policy
+    distribution"): the set's ``version``, which every decision names, then ends with
+    ``;rev=<revision>``; ``layer`` (``constitution/``) is put before it, so that every
+    decision names the layer that made it.
     """
     problems: list[_Found] = []
     bundles: list[tuple[str, Bundle]] = []
@@ -296,6 +307,11 @@ def load_policy_sources(
         # In source order: by file, then line (stable, so one line's problems keep theirs).
         ordered = sorted(dict.fromkeys(problems), key=lambda found: found[:2])
         raise PolicyError([text for _, _, text in ordered], file=ordered[0][0] if ordered else "")
+    if revision is not None or layer:
+        # Stamped once, before the set is shared with anything that evaluates: decisions
+        # read ``version`` when they are built, so every one names the revision.
+        rev = "" if revision is None else f"{REVISION_MARK}{revision}"
+        object.__setattr__(policy_set, "version", f"{layer}{policy_set.version}{rev}")
     return policy_set
 
 

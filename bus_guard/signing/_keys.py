@@ -47,6 +47,7 @@ __all__ = (
     "jwk_entry",
     "kid_for",
     "load_private_key",
+    "merge_jwks",
     "public_jwk",
     "revoke_key",
     "rotate_key",
@@ -277,6 +278,30 @@ def revoke_key(jwks_path: Path, kid: str, *, now: float | None = None) -> Jwks:
         jwks = jwks.replace(replace(entry, revoked_at=now))
         _write_jwks(jwks_path, jwks)
     return jwks
+
+
+def merge_jwks(*sets: Jwks) -> Jwks:
+    """Every key of every set; a key in several keeps the earliest ``revoked_at`` and the
+    earliest ``not_after`` any of them gives it. So merging never makes a key usable
+    longer: a gateway whose file predates a revocation cannot undo it (the bucket the
+    gateways publish to is the merge of all their JWKS files)."""
+    merged: dict[str, JwkEntry] = {}
+    for jwks in sets:
+        for entry in jwks.entries:
+            known = merged.get(entry.kid)
+            if known is None:
+                merged[entry.kid] = entry
+                continue
+            merged[entry.kid] = replace(
+                known,
+                revoked_at=_earliest(known.revoked_at, entry.revoked_at),
+                not_after=_earliest(known.not_after, entry.not_after),
+            )
+    return Jwks(merged.values())
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ import math
 from typing import Any, Final
 
 import msgspec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from bus_guard.errors import ConfigError, SigningError
 from bus_guard.signing._keys import kid_for, public_jwk
@@ -62,6 +62,22 @@ class Signer:
 
     def __repr__(self) -> str:
         return f"Signer(kid={self.kid!r}, issuer={self.issuer!r}, ttl_s={self.ttl_s})"
+
+    def rekey(self, private_key: Ed25519PrivateKey) -> None:
+        """Sign with *private_key* from now on (a rotation, in a running gateway).
+
+        Called on the event loop that signs: :meth:`sign` is synchronous, so no artifact
+        is signed half with the old key's header and half with the new key."""
+        if not isinstance(private_key, Ed25519PrivateKey):
+            raise ConfigError(f"signing key must be Ed25519, got {type(private_key).__name__}")
+        kid = kid_for(private_key.public_key())
+        self._prefix = protected_header(kid).encode("ascii") + b"."
+        self._head_prefix = protected_header(kid, TREE_HEAD_TYP).encode("ascii") + b"."
+        self._key = private_key
+        self.kid = kid
+
+    def public_key(self) -> Ed25519PublicKey:
+        return self._key.public_key()
 
     def jwks(self) -> dict[str, Any]:
         """A JWKS holding this signer's public key."""

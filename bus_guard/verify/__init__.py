@@ -11,7 +11,9 @@ cryptography only. The modules, read in the order the data flows:
 * ``_merkle``: RFC 9162 leaf and node hashes and the inclusion-proof walk;
 * ``_jwks``: the JWKS model: :class:`JwkEntry`, :class:`Jwks`, :func:`load_jwks`;
 * ``_verifier``: :class:`Verifier` and the verification procedure, step by step, with
-  :func:`verify_message` and :func:`verify_message_once` around it.
+  :func:`verify_message` and :func:`verify_message_once` around it;
+* ``_live``: :class:`LiveVerifier`: the gateways' JWKS from their key-value bucket,
+  refreshed (rotations and revocations without a file copy).
 """
 
 from bus_guard.verify._base64url import b64url_decode, b64url_encode
@@ -29,6 +31,7 @@ from bus_guard.verify._format import (
     protected_header,
 )
 from bus_guard.verify._jwks import JwkEntry, Jwks, load_jwks
+from bus_guard.verify._live import JWKS_KEY, JwksBucket, LiveStatistics, LiveVerifier
 from bus_guard.verify._merkle import (
     merkle_leaf_hash,
     merkle_node_hash,
@@ -49,12 +52,16 @@ __all__ = (
     "ARTIFACT_HEADER",
     "BATCH_PREFIX",
     "DECISION_HEADER",
+    "JWKS_KEY",
     "TREE_HEAD_TYP",
     "TYP",
     "ArtifactClaims",
     "CreateOnly",
     "JwkEntry",
     "Jwks",
+    "JwksBucket",
+    "LiveStatistics",
+    "LiveVerifier",
     "TreeHead",
     "Verifier",
     "VerifierStatistics",
