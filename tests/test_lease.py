@@ -75,7 +75,7 @@ async def test_a_frozen_holder_is_taken_over_and_stops_without_forking_the_chain
     nats_url: str, tmp_path: Path
 ) -> None:
     key, jwks = generate_key(tmp_path)
-    argv = run_argv(nats_url, key, "gw-freeze", "--lease", "2", "--checkpoint-interval", "0.5")
+    argv = run_argv(nats_url, key, "gw-freeze", "--lease", "5", "--checkpoint-interval", "0.5")
     frozen = GatewayProcess(argv)
     frozen.start()
     nc = await nats.connect(nats_url)
@@ -93,6 +93,7 @@ async def test_a_frozen_holder_is_taken_over_and_stops_without_forking_the_chain
                 successor.start(timeout_s=60)
                 break
             except AssertionError:
+                successor.kill()  # exited: reap it and close its pipe
                 assert any("is held by a live gateway" in line for line in successor.lines)
                 refused += 1
                 assert time.monotonic() - started < 30

@@ -9,9 +9,13 @@ replaced; and the witness's own log tampered with. Nothing tampered: no finding.
 
 from __future__ import annotations
 
+import functools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import anyio
 import msgspec
 import nats
 import pytest
@@ -24,6 +28,7 @@ from bus_guard.ledger._records import CHECKPOINT, Stored, decode_record
 from bus_guard.ledger._witness import Witness, check_against_witness, load_witnessed
 from bus_guard.policy._load import PolicySet
 from bus_guard.signing import public_jwk
+from bus_guard.signing._keys import generate_key
 from bus_guard.verify import Jwks, load_jwks
 
 from .helpers import intent
@@ -150,3 +155,67 @@ async def test_a_tampered_witness_log_does_not_load(
     log.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match="does not verify"):
         load_witnessed(directory, jwks)
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bus_guard", *argv], capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_the_witness_command_and_ledger_verify_with_the_witness(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, tmp_path: Path
+) -> None:
+    """Through the entry point: `bus-guard witness` countersigns a real ledger; `ledger
+    verify --witness` passes on it, and fails once the ledger is deleted and re-created
+    without one gateway's chain (which the audit alone passes)."""
+    ledger = await _ledger(nats_url, keys[0], policies)
+    wkey, wjwks = generate_key(tmp_path / "witness-keys")
+    wdir = str(tmp_path / "witness")
+    run = functools.partial(anyio.to_thread.run_sync)
+    witnessed = await run(
+        lambda: _cli(
+            "witness",
+            "--nats",
+            nats_url,
+            "--dir",
+            wdir,
+            "--key",
+            str(wkey),
+            "--jwks",
+            str(keys[1]),
+            "--once",
+        )
+    )
+    assert witnessed.returncode == 0, witnessed.stdout + witnessed.stderr
+    assert "countersigned gw-a seq 0 (chain_start)" in witnessed.stdout
+    verify = (
+        "ledger",
+        "verify",
+        "--nats",
+        nats_url,
+        "--jwks",
+        str(keys[1]),
+        "--witness",
+        wdir,
+        "--witness-jwks",
+        str(wjwks),
+    )
+    good = await run(lambda: _cli(*verify))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "countersigned chain head(s) present" in good.stdout
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    config = (await js.stream_info("GUARD_LEDGER")).config
+    await js.delete_stream("GUARD_LEDGER")
+    await js.add_stream(config)
+    for m in ledger:
+        if decode_record(m.data).gateway == "gw-b":
+            await js.publish(m.subject, m.data)
+    await nc.close()
+    audit_only = await run(lambda: _cli(*verify[:6]))
+    assert audit_only.returncode == 0, audit_only.stdout  # the rebuilt copy audits clean
+    bad = await run(lambda: _cli(*verify))
+    assert bad.returncode == 1
+    assert "gateway gw-a: its chain is gone" in bad.stdout

@@ -642,6 +642,62 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every chain must end with a final checkpoint (all gateways stopped cleanly)",
     )
+    lv.add_argument(
+        "--witness",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also check the ledger holds every chain head this witness countersigned "
+        "('bus-guard witness --dir DIR'): finds a rebuilt, truncated or pruned ledger, a "
+        "dropped chain, a rewritten checkpoint",
+    )
+    lv.add_argument(
+        "--witness-jwks",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the witness's public key (jwks.json beside its key); needed with --witness",
+    )
+    wit = sub.add_parser(
+        "witness",
+        help="follow the ledger and countersign every sound checkpoint into a directory "
+        "of its own (run it apart from the gateways, with its own key)",
+        description="Audits the ledger as it grows (every SECONDS) and appends a "
+        "countersigned line to DIR/witnessed.jsonl for every chain start and checkpoint "
+        "that extends a sound chain; refuses (and says why) past a gap, a fork or a head that "
+        "differs from one it witnessed. Example: bus-guard witness --nats "
+        "nats://auditor:...@host --dir /var/lib/bus-guard-witness --key witness/signing-key.pem "
+        "--jwks keys/jwks.json",
+    )
+    nats_options(wit)
+    wit.add_argument(
+        "--dir", required=True, type=Path, metavar="DIR", help="where the witness keeps its log"
+    )
+    wit.add_argument(
+        "--key",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the witness's own Ed25519 key ('bus-guard keys new --out witness/')",
+    )
+    wit.add_argument(
+        "--jwks",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the gateways' public keys (checkpoint signatures are checked)",
+    )
+    wit.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often the ledger is read for new records (default: 1)",
+    )
+    wit.add_argument(
+        "--once", action="store_true", help="read what the ledger holds now, countersign, exit"
+    )
+    _prefix_option(wit)
     lin = sub.add_parser("lineage", help="ancestors and descendants of a decision, as trees")
     lin.add_argument("decision_id", metavar="DECISION_ID", help="a decision id (a ULID)")
     nats_options(lin)

@@ -14,6 +14,7 @@ from bus_guard.intake._jetstream import read
 from bus_guard.ledger._audit import Auditor
 from bus_guard.ledger._lineage import render_tree
 from bus_guard.ledger._records import LedgerRecord, decode_record
+from bus_guard.ledger._witness import LedgerIndex, Witnessed
 from bus_guard.subjects import Subjects
 from bus_guard.verify import Jwks
 
@@ -31,12 +32,15 @@ async def audit_stream(
     jwks: Jwks,
     require_sealed: bool,
     out: TextIO,
+    witnessed: list[Witnessed] | None = None,
 ) -> int:
-    """``bus-guard ledger verify``: audit the ledger stream, print, 0 if sound else 1."""
+    """``bus-guard ledger verify``: audit the ledger stream (and, given what a witness
+    countersigned, check the ledger still holds it), print, 0 if sound else 1."""
     info = await nc.jetstream().stream_info(stream)
     config = info.config
     last = info.state.last_seq
     auditor = Auditor(prefix, jwks, require_sealed=require_sealed)
+    index = LedgerIndex()
     everything = Subjects(prefix).ledger().all
     fed = 0  # stream seq of the last record audited
     for attempt in range(len(_CATCH_UP_S) + 1):
@@ -44,6 +48,7 @@ async def audit_stream(
             if stored.seq > last:
                 break  # written after we looked: the next audit covers it
             auditor.feed(stored)
+            index.feed(stored)
             fed = stored.seq
         if fed >= last or attempt == len(_CATCH_UP_S):
             break
@@ -60,6 +65,14 @@ async def audit_stream(
     )
     for chain in report.chains:
         say(out, f"  {chain}")
+    if witnessed is not None:
+        found = index.problems(witnessed)
+        if found:
+            say(out, f"FAIL: the witness countersigned {len(found)} head(s) this ledger lacks:")
+            for line in found[:20]:
+                say(out, f"  {line}")
+            return 1
+        say(out, f"witness: all {len(witnessed)} countersigned chain head(s) present")
     if report.ok:
         say(out, "OK: every chain is complete, linked and signed where it says so")
         return 0

@@ -251,6 +251,10 @@ def _dispatch(args: argparse.Namespace, pipe: PipeGuard) -> int:
             return _cmd_keys(args, out)
         case "ledger" | "lineage":
             return anyio.run(_cmd_ledger, args, out)
+        case "witness":
+            from bus_guard.cli._witness import cmd_witness
+
+            return anyio.run(cmd_witness, args, out)
         case "approve" | "reject":
             from bus_guard.cli._approve import cmd_vote
 
@@ -296,6 +300,14 @@ async def _cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
         if jwks is not None:
             from bus_guard.cli._ledger import audit_stream
 
+            witness = None
+            if args.witness is not None:
+                from bus_guard.errors import ConfigError
+                from bus_guard.ledger._witness import load_witnessed
+
+                if args.witness_jwks is None:
+                    raise ConfigError("--witness needs --witness-jwks (the witness's jwks.json)")
+                witness = load_witnessed(args.witness, load_jwks(args.witness_jwks))
             return await audit_stream(
                 nc,
                 stream,
@@ -303,6 +315,7 @@ async def _cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
                 jwks=jwks,
                 require_sealed=args.require_sealed,
                 out=out,
+                witnessed=witness,
             )
         from bus_guard.cli._ledger import show
 

@@ -1,0 +1,77 @@
+"""``bus-guard witness``: follow the ledger and countersign its sound chain heads."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from typing import TextIO
+
+import anyio
+
+from bus_guard.cli._safe import say
+from bus_guard.intake._jetstream import read
+
+__all__ = ("cmd_witness",)
+
+log = logging.getLogger(__name__)
+
+
+async def cmd_witness(args: argparse.Namespace, out: TextIO) -> int:
+    """Read the ledger from the start (a restarted witness re-checks what it countersigned
+    before), then every ``--interval`` what is new; until SIGINT/SIGTERM, or once."""
+    from bus_guard.cli._connect import NatsOptions, connect
+    from bus_guard.ledger._witness import Witness
+    from bus_guard.signing._keys import load_private_key
+    from bus_guard.subjects import Subjects
+    from bus_guard.verify import load_jwks
+
+    witness = Witness(args.dir, load_private_key(args.key), load_jwks(args.jwks), args.prefix)
+    subjects = Subjects(args.prefix)
+    stream, everything = subjects.streams.ledger, subjects.ledger().all
+    nc = await connect(NatsOptions.from_args(args), name="bus-guard witness")
+    stop = anyio.Event()
+    refused = 0
+    fed = 0
+
+    async def follow() -> None:
+        nonlocal fed, refused
+        while True:
+            async for stored in read(nc, stream, everything, start_seq=fed + 1):
+                fed = stored.seq
+                signed = witness.feed(stored)
+                if signed is not None:
+                    say(
+                        out,
+                        f"countersigned {signed.gateway} seq {signed.seq} ({signed.kind}"
+                        f"{', final' if signed.final else ''})",
+                    )
+                for line in witness.refused[refused:]:
+                    say(out, f"REFUSED {line}")
+                refused = len(witness.refused)
+            if args.once:
+                stop.set()
+                return
+            await anyio.sleep(args.interval)  # polling the ledger's tail
+
+    try:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+
+                async def on_signals() -> None:
+                    async for _ in signals:
+                        stop.set()
+                        return
+
+                tg.start_soon(on_signals)
+                tg.start_soon(follow)
+                await stop.wait()
+                tg.cancel_scope.cancel()
+    finally:
+        await nc.close()
+    say(
+        out,
+        f"witness: {witness.countersigned} countersigned, {len(witness.refused)} refused, "
+        f"{len(witness.heads)} chain(s) followed",
+    )
+    return 1 if witness.refused else 0
