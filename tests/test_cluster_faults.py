@@ -135,31 +135,33 @@ async def _publish_all(c: Cluster, count: int, rate: float, first: int = 0) -> s
         )
         connections.append(agent)
         agents[principal] = agent.jetstream(timeout=2)
-    accepted: set[tuple[str, str]] = set()
-    start = time.monotonic()
-    for i in range(count):
-        principal, action, resource, params = _MIX[i % len(_MIX)]
-        intent_id = f"s5-{first + i}"
-        body = {"id": intent_id, "action": action, "resource": resource, "params": params}
-        payload = _enc.encode({**body, "ts": time.time()})
-        subject = f"guard.in.{principal}.{action}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                await agents[principal].publish(
-                    subject, payload, headers={"Nats-Msg-Id": intent_id}
-                )
-                break
-            except (nats.errors.Error, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                await anyio.sleep(0.1)  # an election: the intake answers again soon
-        accepted.add((principal, intent_id))
-        ahead = start + (i + 1) / rate - time.monotonic()
-        if ahead > 0:
-            await anyio.sleep(ahead)  # pacing the load, not synchronising
-    for agent in connections:
-        await agent.close()
+    try:
+        accepted: set[tuple[str, str]] = set()
+        start = time.monotonic()
+        for i in range(count):
+            principal, action, resource, params = _MIX[i % len(_MIX)]
+            intent_id = f"s5-{first + i}"
+            body = {"id": intent_id, "action": action, "resource": resource, "params": params}
+            payload = _enc.encode({**body, "ts": time.time()})
+            subject = f"guard.in.{principal}.{action}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    await agents[principal].publish(
+                        subject, payload, headers={"Nats-Msg-Id": intent_id}
+                    )
+                    break
+                except (nats.errors.Error, TimeoutError):
+                    if time.monotonic() > deadline:
+                        raise
+                    await anyio.sleep(0.1)  # an election: the intake answers again soon
+            accepted.add((principal, intent_id))
+            ahead = start + (i + 1) / rate - time.monotonic()
+            if ahead > 0:
+                await anyio.sleep(ahead)  # pacing the load, not synchronising
+    finally:
+        for agent in connections:
+            await agent.close()
     return accepted
 
 
