@@ -1072,6 +1072,19 @@ _HELP_TAIL: Final[dict[str, tuple[str, str]]] = {
         "  bus-guard maturity --json | jq .next_steps",
         "no ledger stream; the bus could not be reached",
     ),
+    "policy sign": (
+        "bus-guard policy sign --nats nats://127.0.0.1:4222 --key constitution/alice.pem",
+        "the bundle could not be signed or stored (the reason is printed)",
+    ),
+    "policy status": (
+        "bus-guard policy status --nats nats://127.0.0.1:4222 --json",
+        "the bus could not be read",
+    ),
+    "witness": (
+        "bus-guard witness --nats nats://auditor:...@host:4222 --dir /var/lib/bus-guard-witness "
+        "--key witness/signing-key.pem --jwks keys/jwks.json",
+        "the witness refused to countersign a head (a gap, a fork, a rewritten checkpoint)",
+    ),
     "verify": (
         "bus-guard verify --jwks keys/jwks.json --subject guard.exec.agent-7.payments.transfer "
         "--payload body.json --artifact @artifact.jws",

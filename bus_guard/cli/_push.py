@@ -164,8 +164,10 @@ def add_policy_commands(pol: argparse._SubParsersAction[Any]) -> None:
         epilog=_PUSH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    push.add_argument("path", type=Path, metavar="DIR")
-    push.add_argument("--nats", required=True, metavar="URL[,URL...]")
+    push.add_argument("path", type=Path, metavar="DIR", help="the policy directory to push")
+    push.add_argument(
+        "--nats", required=True, metavar="URL[,URL...]", help="the bus the gateways load from"
+    )
     push.add_argument(
         "--key",
         required=True,
@@ -192,16 +194,33 @@ def add_policy_commands(pol: argparse._SubParsersAction[Any]) -> None:
         "sign",
         help="add a signature to the current constitution (its quorum of signers, one by one)",
     )
-    sign.add_argument("--nats", required=True, metavar="URL[,URL...]")
-    sign.add_argument("--key", required=True, type=Path, metavar="CONSTITUTION_KEY")
-    sign.add_argument("--kind", choices=["constitution"], default="constitution")
-    sign.add_argument("--deployment", default=None, metavar="NAME")
+    sign.add_argument(
+        "--nats", required=True, metavar="URL[,URL...]", help="the bus holding the bundle"
+    )
+    sign.add_argument(
+        "--key",
+        required=True,
+        type=Path,
+        metavar="CONSTITUTION_KEY",
+        help="one constitution signer's Ed25519 key (PEM)",
+    )
+    sign.add_argument(
+        "--kind",
+        choices=["constitution"],
+        default="constitution",
+        help="what to sign (only the constitution takes several signatures)",
+    )
+    sign.add_argument(
+        "--deployment", default=None, metavar="NAME", help="default: the subject prefix"
+    )
     sign.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
     sign.add_argument("--prefix", default="guard", help="subject prefix (default: guard)")
     status = pol.add_parser(
         "status", help="what policy set each gateway has active (digest, revision, stale)"
     )
-    status.add_argument("--nats", required=True, metavar="URL[,URL...]")
+    status.add_argument(
+        "--nats", required=True, metavar="URL[,URL...]", help="the bus the gateways are on"
+    )
     status.add_argument("--creds", default=None, metavar="FILE", help="NATS credentials file")
     status.add_argument("--prefix", default="guard", help="subject prefix (default: guard)")
     status.add_argument("--json", action="store_true", help="one JSON object per line")
