@@ -292,6 +292,20 @@ async def test_readyz_flips_when_the_server_stops_and_when_the_policy_goes_stale
                 gateway.swap_policies(load_policies(POLICIES))  # a fresh set: ready again
                 assert await _http(f"{base}/readyz") == (200, "ready\n")
 
+                # the keeper's stale set (every intent denied policy_stale): not ready
+                from bus_guard.policy._bundle import StaleSet
+
+                gateway.swap_policies(StaleSet(policies, "past its max age"))
+                code, text = await _http(f"{base}/readyz")
+                assert code == 503 and "policy stale" in text
+                gateway.swap_policies(load_policies(POLICIES))
+                # a canary with a wrong answer holds readiness off, and lets go
+                gateway.hold_readiness("canary", "wrong outcome for guard-canary")
+                code, text = await _http(f"{base}/readyz")
+                assert code == 503 and "canary: wrong outcome" in text
+                gateway.hold_readiness("canary", None)
+                assert await _http(f"{base}/readyz") == (200, "ready\n")
+
                 await anyio.to_thread.run_sync(server.stop)
 
                 async def disconnected() -> bool:

@@ -643,6 +643,11 @@ class Gateway(AsyncContextManagerMixin):
         return self._service.id if self._service is not None else None
 
     @property
+    def active_policies(self) -> PolicySetLike:
+        """The policy set intents are decided with now (a stale set denies them all)."""
+        return self._policies
+
+    @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 

@@ -37,6 +37,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from bus_guard.errors import ConfigError
 from bus_guard.ops._metrics import GatewayCollector, Snapshot
+from bus_guard.policy._bundle import StaleSet
 
 __all__ = ("OpsServer", "Watched", "parse_listen")
 
@@ -61,6 +62,10 @@ class Watched(Protocol):
     def connected(self) -> bool: ...
     @property
     def failure(self) -> BaseException | None: ...
+    @property
+    def active_policies(self) -> object: ...
+    @property
+    def unready(self) -> dict[str, str]: ...
     def status(self) -> dict[str, Any]: ...
 
 
@@ -163,6 +168,11 @@ class OpsServer(AsyncContextManagerMixin):
             reasons.append(f"intake failed: {gateway.failure}")
         if not gateway.ready and not reasons:
             reasons.append("intake not started, or stopping")
+        if isinstance(gateway.active_policies, StaleSet):  # denying every intent policy_stale
+            stale = gateway.active_policies
+            reasons.append(f"policy stale: {stale.version} is past its max age")
+        for holder, why in gateway.unready.items():  # a canary with a wrong answer, ...
+            reasons.append(f"{holder}: {why}")
         if self._max_age_s is not None and age > self._max_age_s:
             reasons.append(
                 f"policy stale: active for {age:.0f}s, more than --policy-max-age "
