@@ -14,6 +14,7 @@ from bus_guard.intake._canary import Canary, open_canary
 from bus_guard.intake._control import open_keys
 from bus_guard.intake._gateway import Gateway
 from bus_guard.intake._policy_source import DirectorySource, PolicyKeeper
+from bus_guard.ops import OpsServer
 from bus_guard.policy._load import load_policies
 from bus_guard.settings import Settings
 from bus_guard.signing._keys import generate_key, jwk_entry, load_private_key
@@ -126,6 +127,11 @@ async def test_a_wrong_answer_turns_readiness_off_counts_and_alerts_until_it_is_
             assert await canary.run_round() is False
             assert "canary" in gateway.unready
             assert "the canary is allowed" in gateway.unready["canary"]
+            snap = OpsServer(gateway, "127.0.0.1", 0).snapshot()  # what /readyz reports
+            assert not snap.ready
+            assert any(
+                r.startswith("canary: canary 'the canary is allowed'") for r in snap.why_not_ready
+            )
             stats = canary.statistics()
             assert (stats.failed, stats.ready) == (1, False)
             await alerts.wait_for(1)
@@ -137,6 +143,7 @@ async def test_a_wrong_answer_turns_readiness_off_counts_and_alerts_until_it_is_
             gateway.swap_policies(keeper.current)
             assert await canary.run_round() is True
             assert gateway.unready == {} and canary.statistics().ready
+            assert OpsServer(gateway, "127.0.0.1", 0).snapshot().ready
     assert len(alerts.msgs) == 1
     await nc.drain()
 

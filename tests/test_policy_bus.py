@@ -35,6 +35,7 @@ from bus_guard.settings import PolicySourceSettings, Settings
 from bus_guard.signing._keys import generate_key, kid_for, load_private_key
 from bus_guard.verify import Verifier
 
+from .helpers import intent
 from .policykit import Decisions, Load, break_search, bump_version, policy_dir, wait_for
 from .streamkit import stream_gateway, stream_settings
 
@@ -315,3 +316,21 @@ async def test_push_refuses_a_set_whose_test_case_fails_and_stores_nothing(
     with pytest.raises(nats.js.errors.BucketNotFoundError):
         await nc.jetstream().key_value("guard-policy")
     await nc.drain()
+
+
+def test_every_decision_of_a_revision_names_it() -> None:
+    """Single-rule, several-rule and default decisions alike (some are built while the set
+    compiles): the revision is part of the set's version from the start."""
+    from bus_guard.pipeline import decide
+    from bus_guard.policy._bundle import compile_content, read_directory
+
+    from .policykit import POLICIES
+
+    policies = compile_content(read_directory(POLICIES), revision=3).policies
+    for subject, action in (
+        ("guard.in.agent-1.tools.search", "tools.search"),  # one allow rule
+        ("guard.in.agent-1.tools.shell", "tools.shell"),  # one deny rule
+        ("guard.in.agent-1.nothing.here", "nothing.here"),  # no rule
+    ):
+        d = decide(policies, subject, intent(action, "r", {}, ts=1000.0), now=1000.0)
+        assert d.policy_version == policies.version and d.policy_version.endswith(";rev=3")

@@ -463,19 +463,24 @@ async def _serve_until_stopped(
 
     # Every connection before the gateway starts: a bus that is not there is a refusal to
     # start, never a crash of a running gateway.
-    async with (
-        open_policies(settings, source) as keeper,
-        open_keys(
-            settings,
-            key_path=key_path,
-            jwks_path=jwks_path,
-            signer=signer,
-            ledger_signer=ledger_signer,
-        ) as keys,
-        control_connection(settings, purpose="canary") as canary_nc,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        keeper = await stack.enter_async_context(open_policies(settings, source))
+        # From here on every log line names the active set (a reload renames it).
+        _FIELDS.fields.update(policy_digest=keeper.active.policies.digest)
+        keeper.ordinary.on_activation(
+            lambda active: _FIELDS.fields.update(policy_digest=active.policies.digest)
+        )
+        keys = await stack.enter_async_context(
+            open_keys(
+                settings,
+                key_path=key_path,
+                jwks_path=jwks_path,
+                signer=signer,
+                ledger_signer=ledger_signer,
+            )
+        )
+        canary_nc = await stack.enter_async_context(control_connection(settings, purpose="canary"))
         policies = keeper.active.policies
-        _FIELDS.fields.update(policy_digest=policies.digest)
         log.info(
             "policies %s (%s), %d rules, mode %s; artifacts %s",
             policies.version,

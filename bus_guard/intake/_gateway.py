@@ -680,7 +680,10 @@ class Gateway(AsyncContextManagerMixin):
             "prefix": s.prefix,
             "policy_digest": policies.digest,
             "policy_version": policies.version,
-            "policy_revision": str(getattr(policies, "revision", "")),
+            # a bundle from the bus: its version ends with ";rev=<revision>"
+            "policy_revision": policies.version.rpartition(";rev=")[2]
+            if ";rev=" in policies.version
+            else "",
             "policy_mode": str(policies.mode),
             "kid": self.kid,
         }

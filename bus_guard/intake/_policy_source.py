@@ -284,7 +284,9 @@ class PolicyKeeper:
         active = await self.source.load()
         self._active = active
         self._current = active.policies
-        log.info("policies %s from %s", active.describe(), active.source)
+        # DEBUG: the caller says which set it starts with (the CLI, with the digest as a
+        # field of every line from then on).
+        log.debug("policies %s from %s", active.describe(), active.source)
         if self._clock() >= self.fresh_until:
             self._go_stale()
         return self.current
@@ -363,6 +365,8 @@ class PolicyKeeper:
         previous = self.active
         self._active = candidate
         self._activations += 1
+        for listener in self._listeners:  # first: a log field may name the new set
+            listener(candidate)
         same = previous.policies.digest == candidate.policies.digest
         log.info(
             "policies %s active, from %s%s",
@@ -378,8 +382,6 @@ class PolicyKeeper:
                 self._swap(candidate.policies)
         self._activated.set()
         self._reported_at = -math.inf  # report the new set at once
-        for listener in self._listeners:
-            listener(candidate)
 
     def _go_stale(self) -> None:
         active = self.active

@@ -500,10 +500,13 @@ class PolicySet:
         schemas: Sequence[tuple[str, Mapping[str, str]]] = (),
         approver_keys: ApproverKeys | None = None,
         contexts: Mapping[str, BundleContext] | None = None,
+        version_affixes: tuple[str, str] = ("", ""),
     ) -> None:
         """*contexts*: each bundle's groups and principal attributes (by bundle name), to
         file rules under groups and attribute values; without them a rule is filed under
-        each member of its groups, and never under attribute values."""
+        each member of its groups, and never under attribute values. *version_affixes*:
+        put before and after the bundles' versions in ``version`` (a constitution's
+        ``constitution/``, a bundle's ``;rev=N``), which every decision names."""
         by_id = tuple(sorted(rules, key=lambda r: r.id))
         order = tuple(sorted(rules, key=lambda r: (_RANK[r.effect], r.id)))
         typed = [(key, decl) for key, decl in schemas if any(k != "any" for k in decl.values())]
@@ -518,7 +521,9 @@ class PolicySet:
         fields: dict[str, object] = {
             "digest": digest,
             "mode": mode,
-            "version": ",".join(f"{b.name}@{b.version}" for b in infos_),
+            "version": version_affixes[0]
+            + ",".join(f"{b.name}@{b.version}" for b in infos_)
+            + version_affixes[1],
             "_rules": by_id,
             "_order": order,
             "_deny_end": ends[0],
@@ -927,19 +932,26 @@ def _collector_paused() -> Iterator[None]:
 
 
 def compile_policy_set(
-    sources: Sequence[tuple[str, Bundle]], digest: str, key_files: KeyFiles | None = None
+    sources: Sequence[tuple[str, Bundle]],
+    digest: str,
+    key_files: KeyFiles | None = None,
+    version_affixes: tuple[str, str] = ("", ""),
 ) -> tuple[PolicySet | None, list[Problem]]:
     """Compile validated bundles (``(file, bundle)`` pairs, in file order) together.
 
     *key_files*: the approvers' JWKS files the loader read (see
     :data:`~bus_guard.policy._approvers.KeyFiles`); every file a bundle names must be in it.
+    *version_affixes*: see :class:`PolicySet`.
     """
     with _collector_paused():
-        return _compile(sources, digest, key_files)
+        return _compile(sources, digest, key_files, version_affixes)
 
 
 def _compile(
-    sources: Sequence[tuple[str, Bundle]], digest: str, key_files: KeyFiles | None
+    sources: Sequence[tuple[str, Bundle]],
+    digest: str,
+    key_files: KeyFiles | None,
+    version_affixes: tuple[str, str] = ("", ""),
 ) -> tuple[PolicySet | None, list[Problem]]:
     problems: list[Problem] = []
 
@@ -991,7 +1003,9 @@ def _compile(
     if problems:
         return None, problems
     mode = first.mode if first is not None else "enforce"
-    policy_set = PolicySet(rules, infos, digest, mode, declared, keys, contexts)
+    policy_set = PolicySet(
+        rules, infos, digest, mode, declared, keys, contexts, version_affixes=version_affixes
+    )
     log.debug("compiled %s: %d rules, %s", policy_set.version, policy_set.rule_count, digest)
     return policy_set, []
 

@@ -293,8 +293,11 @@ def load_policy_sources(
         problems.append((str(base or "."), 0, f"{base or '.'}: no policy files"))
     names = {os.path.join(base, n) if base is not None else n: n for n in sources}
     key_files, read = _key_files(bundles, names, files)
+    # The set's version names its layer and revision: every decision built from it (some
+    # are built while compiling) names them.
+    rev = "" if revision is None else f"{REVISION_MARK}{revision}"
     policy_set, compile_problems = compile_policy_set(
-        bundles, _digest({**read, **sources}), key_files
+        bundles, _digest({**read, **sources}), key_files, version_affixes=(layer, rev)
     )
     for p in compile_problems:
         if p.rule_index is None:
@@ -307,11 +310,6 @@ def load_policy_sources(
         # In source order: by file, then line (stable, so one line's problems keep theirs).
         ordered = sorted(dict.fromkeys(problems), key=lambda found: found[:2])
         raise PolicyError([text for _, _, text in ordered], file=ordered[0][0] if ordered else "")
-    if revision is not None or layer:
-        # Stamped once, before the set is shared with anything that evaluates: decisions
-        # read ``version`` when they are built, so every one names the revision.
-        rev = "" if revision is None else f"{REVISION_MARK}{revision}"
-        object.__setattr__(policy_set, "version", f"{layer}{policy_set.version}{rev}")
     return policy_set
 
 
