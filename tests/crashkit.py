@@ -55,17 +55,20 @@ class GatewayProcess:
         )
         self.proc = proc
 
+        started = threading.Event()
+
         def pump() -> None:
             assert proc.stderr is not None
             for line in proc.stderr:
                 self.lines.append(line.rstrip())
                 if "ready on" in line:
+                    started.set()
                     ready.set()
-            ready.set()
+            ready.set()  # stderr closed: it is exiting
 
         self._reader = threading.Thread(target=pump, daemon=True)
         self._reader.start()
-        if not ready.wait(timeout_s) or proc.poll() is not None:
+        if not ready.wait(timeout_s) or not started.is_set() or proc.poll() is not None:
             raise AssertionError("gateway did not start:\n" + "\n".join(self.lines[-20:]))
 
     def kill(self) -> None:

@@ -98,7 +98,7 @@ async def test_a_frozen_holder_is_taken_over_and_stops_without_forking_the_chain
                 refused += 1
                 assert time.monotonic() - started < 30
                 await anyio.sleep(0.3)  # a retry's backoff, not a synchronisation
-        assert refused >= 1  # the lease held at first
+        assert refused >= 1, "\n".join(successor.lines[-30:])  # the lease held at first
         assert successor.count("taking over gateway id gw-freeze") == 1
         assert time.monotonic() - started < 30
         await js.publish(SEARCH, intent("tools.search", "tool:search", {"q": "after"}))
