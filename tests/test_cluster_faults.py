@@ -16,6 +16,7 @@ de-duplication window keeps one), so what the bus accepted is known exactly.
 from __future__ import annotations
 
 import collections
+import gc
 import signal
 import time
 from collections.abc import Iterator
@@ -171,6 +172,15 @@ async def _leader(js: JetStreamContext, stream: str) -> str:
     return str(info.cluster.leader)
 
 
+# nats-py leaves the stream writer of a reconnect attempt unclosed when the node it tried was
+# frozen or restarting (the clients here reconnect across every fault): its leak, collected
+# here (gc at the test's end) and not reported in whichever test runs next.
+_NATS_PY_RECONNECT_LEAK = pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)
+
+
+@_NATS_PY_RECONNECT_LEAK
 @pytest.mark.timeout(300)
 async def test_s5_leader_kill_rolling_restart_and_frozen_node(tmp_path: Path) -> None:
     key, jwks = generate_key(tmp_path)
@@ -246,6 +256,7 @@ async def test_s5_leader_kill_rolling_restart_and_frozen_node(tmp_path: Path) ->
         unexpected = sum(1 for key in decided if key not in accepted)
         await nc.close()
     warnings = [g.count("WARNING") for g in gateways]
+    gc.collect()  # the reconnect leak, if any, reported within this test (see above)
     print(f"\nS5 faults={faults} unexpected={unexpected} warnings={warnings} {result.line()}")
     assert len(faults) == 3
     assert alive == [True, True], "\n".join(line for g in gateways for line in g.lines[-15:])
@@ -272,6 +283,7 @@ async def _drained(js: JetStreamContext) -> bool:
         return False
 
 
+@_NATS_PY_RECONNECT_LEAK
 @pytest.mark.timeout(180)
 async def test_a_gateway_given_only_the_seed_url_fails_over_to_servers_it_learned(
     tmp_path: Path,
@@ -306,4 +318,5 @@ async def test_a_gateway_given_only_the_seed_url_fails_over_to_servers_it_learne
         finally:
             gateway.kill()
         await nc.close()
+    gc.collect()  # the reconnect leak, if any, reported within this test (see above)
     assert gateway.count("Authorization Violation") == 0
