@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 import nats
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js.api import StreamConfig
 
 from bus_guard.cli import _ledger as audit_module
@@ -278,3 +279,32 @@ async def test_what_the_audit_quotes_is_escaped(ledger: Ledger) -> None:
     assert code == 1, text
     lines = terminal_safe(text)
     assert sum(safe(HOSTILE) in line for line in lines) == 2, text
+
+
+def test_a_checkpoint_signed_after_its_keys_revocation_is_refused(tmp_path: Path) -> None:
+    """A revoked (compromised) key vouches for nothing from its revocation on; what it
+    signed before stays valid."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from bus_guard.ledger._records import CheckpointClaims, CheckpointSigner, LedgerRecord
+    from bus_guard.ledger._records import check_signature as check_checkpoint
+    from bus_guard.signing._keys import revoke_key
+
+    key_path, jwks_path = generate_key(tmp_path)
+    private = load_pem_private_key(key_path.read_bytes(), None)
+    assert isinstance(private, Ed25519PrivateKey)
+    signer = CheckpointSigner(private)
+
+    def checkpoint(ts: float) -> LedgerRecord:
+        fields = {"kind": "checkpoint", "gateway": "gw", "seq": 7, "prev": "x", "ts": ts}
+        sig = signer.sign(CheckpointClaims(**fields, epoch="e"))  # type: ignore[arg-type]
+        return LedgerRecord(**fields, epoch="e", sig=sig)  # type: ignore[arg-type]
+
+    before, after = checkpoint(1_000.0), checkpoint(3_000.0)
+    jwks = load_jwks(jwks_path)
+    assert check_checkpoint(before, jwks) is None
+    assert check_checkpoint(after, jwks) is None
+    revoked = revoke_key(jwks_path, signer.kid, now=2_000.0)
+    assert check_checkpoint(before, revoked) is None
+    why = check_checkpoint(after, revoked)
+    assert why is not None and "revocation" in why and signer.kid in why

@@ -216,6 +216,16 @@ def check_signature(record: LedgerRecord, jwks: Jwks) -> str | None:
         return "bad signature"
     if claims != _claims_of(record):
         return "signature does not cover this record's fields"
+    # A revoked key (compromised) vouches for nothing it signs from its revocation on; what
+    # it signed before stays valid (the chain it sealed then is still the gateway's). A
+    # thief can backdate ``ts``: the witness's countersignatures, made at its own time, are
+    # what bounds that (``ledger verify --witness``). A rotation's ``not_after`` is not
+    # applied: it ends a key's use for artifacts, not the ledger's history.
+    if entry.revoked_at is not None and record.ts >= entry.revoked_at:
+        return (
+            f"signed with key {entry.kid!r} at ts {record.ts:.3f}, after its revocation at "
+            f"{entry.revoked_at:.3f}"
+        )
     return None
 
 
