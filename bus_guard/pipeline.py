@@ -712,6 +712,8 @@ class DecisionRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     approvals: tuple[str, ...] = ()
     limits: tuple[LimitUse, ...] = ()  # the limit that was full (or what an allow spent)
     traceparent: str = ""  # the agent's W3C trace context, if it sent one
+    # a hold: the intent's own headers (not ``Nats-*`` / ``Guard-*``), forwarded on release
+    headers: dict[str, str] = {}
 
 
 _json_enc: Final = msgspec.json.Encoder()
@@ -847,11 +849,19 @@ def unsigned_allow(record: Standing) -> bool:
 
 
 def decision_record(
-    record: Standing, payload: bytes, excerpt: int, *, fail_closed: bool = False
+    record: Standing,
+    payload: bytes,
+    excerpt: int,
+    *,
+    fail_closed: bool = False,
+    headers: Mapping[str, str] | None = None,
 ) -> bytes:
     """The JSON record published on the deny / hold subjects and sent as a reply, with up
-    to *excerpt* bytes of *payload*; *fail_closed*: as the denial of an unsigned allow."""
+    to *excerpt* bytes of *payload*; *fail_closed*: as the denial of an unsigned allow;
+    *headers*: the intent's, kept (those :func:`forwarded_headers` passes) by a hold."""
     extra: dict[str, Any] = payload_excerpt(payload, excerpt) if excerpt > 0 else {}
+    if headers and (kept := forwarded_headers(headers)):
+        extra["headers"] = {str(k): str(v) for k, v in kept.items()}
     return encode_record(
         DecisionRecord(
             decision_id=record.decision_id,
@@ -916,8 +926,9 @@ def outputs_of(
         return [exec_output, ("deny", deny_subject, data, {"Nats-Msg-Id": decision_id})]
     msg_id: dict[str, str] = {"Nats-Msg-Id": decision_id}
     if record.effect == "hold" and parse_subject(subject, subjects.prefix) is not None:
-        # A hold keeps the whole payload: an approval forwards exactly those bytes later.
-        data = decision_record(record, payload, max_payload_bytes)
+        # A hold keeps the whole payload and the headers an allow would forward: an
+        # approval forwards exactly those later.
+        data = decision_record(record, payload, max_payload_bytes, headers=headers)
         return [("hold", subjects.output("hold", subject), data, msg_id)]
     valid = parse_subject(subject, subjects.prefix) is not None
     target = subjects.output("deny", subject) if valid else subjects.deny_invalid

@@ -231,6 +231,44 @@ async def test_quorum_releases_the_held_bytes_once_with_an_artifact_naming_the_v
     await nc.close()
 
 
+async def test_a_release_forwards_the_headers_the_held_intent_came_with(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """A held msgpack intent is released with its Content-Type (an executor must read the
+    bytes as what they are) and its own headers, never an inbound ``Nats-*``/``Guard-*``."""
+    [alice] = approvers = _people("alice")
+    nc = await nats.connect(nats_url)
+    body = msgspec.msgpack.encode(msgspec.json.decode(_transfer(25000, id="i-mp")))
+    sent = {
+        "Content-Type": "application/msgpack",
+        "X-Request-Id": "req-42",
+        "Guard-Artifact": "forged",
+    }
+    wrapped = _Approving(policies, approvers, quorum=1)
+    async with stream_gateway(stream_settings(nats_url), wrapped, keys[0]):  # type: ignore[arg-type]
+        await nc.jetstream().publish(TRANSFER, body, headers=sent)
+        hold_id = intent_decision_id("guard", "agent-7", "i-mp")
+
+        async def held() -> bool:
+            return hold_id in await _by_id(nc)
+
+        await eventually(held, what="the hold recorded")
+        hold = (await _by_id(nc))[hold_id]
+        assert hold.effect == "hold"
+        await _send(nc, hold.decision_id, alice.vote(hold))
+        await eventually(lambda: _settled(nc), what="vote settled")
+    [released] = await stored(nc, "GUARD_EXEC")
+    assert released.data == body
+    assert released.headers["Content-Type"] == "application/msgpack"
+    assert released.headers["X-Request-Id"] == "req-42"
+    assert released.headers["Guard-Artifact"] != "forged"
+    claims = verify_message(
+        Verifier(keys[1]), subject=released.subject, headers=released.headers, payload=body
+    )
+    assert claims.hold == hold.decision_id
+    await nc.close()
+
+
 async def test_a_rejection_denies_the_hold_and_later_votes_are_refused(
     nats_url: str, keys: tuple[Path, Path], policies: PolicySet
 ) -> None:

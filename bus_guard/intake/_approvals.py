@@ -73,6 +73,7 @@ from bus_guard.pipeline import (
     Outcome,
     PolicySetLike,
     decode_message,
+    forwarded_headers,
     outputs_of,
     scope_of,
 )
@@ -363,6 +364,7 @@ class Approvals:
             return
         payload = b""
         scope: dict[str, int | float] = {}
+        headers: dict[str, str] = {}
         if approvals:
             held = await self._held_payload(hold)
             if held is None:
@@ -376,7 +378,7 @@ class Approvals:
                     approvals=tuple(v.decision_id for v in approvals),
                 )
             else:
-                payload, scope = held
+                payload, scope, headers = held
                 counted = tuple(sorted(v.approver for v in approvals))
                 outcome = self._outcome(
                     hold,
@@ -425,7 +427,7 @@ class Approvals:
             self.counters.expired += 1
         log.info("hold %s resolved: %s (%s)", hold.decision_id, record.effect, record.reason)
         self._resolved.add(hold.decision_id)
-        await self._publish(record, hold, payload)
+        await self._publish(record, hold, payload, headers)
 
     async def _adopt(self, resolution: LedgerRecord, hold: LedgerRecord) -> None:
         """Publish the outputs of a resolution recorded before (by another replica, or by
@@ -457,9 +459,9 @@ class Approvals:
 
     async def _held_payload(
         self, hold: LedgerRecord
-    ) -> tuple[bytes, dict[str, int | float]] | None:
-        """The held intent's exact bytes (and its scope), from the hold stream: ``None`` if
-        they are not there intact."""
+    ) -> tuple[bytes, dict[str, int | float], dict[str, str]] | None:
+        """The held intent's exact bytes, its scope and the headers it came with (those an
+        allow forwards), from the hold stream: ``None`` if the bytes are not there intact."""
         s = self.settings
         stored = await find_by_msg_id(
             self.nc,
@@ -486,24 +488,30 @@ class Approvals:
             return None
         if payload_digest(payload) != hold.payload_sha256:
             return None
-        _, intent = decode_message(hold.subject, payload, None, s)
+        headers = forwarded_headers(held.headers)
+        _, intent = decode_message(hold.subject, payload, headers or None, s)
         scope = scope_of(intent.params) if isinstance(intent, Intent) else {}
-        return payload, scope
+        return payload, scope, headers
 
     async def _publish(
-        self, record: LedgerRecord, hold: LedgerRecord, payload: bytes = b""
+        self,
+        record: LedgerRecord,
+        hold: LedgerRecord,
+        payload: bytes = b"",
+        headers: dict[str, str] | None = None,
     ) -> None:
-        """Publish a resolution's outputs (stored once: ``Nats-Msg-Id`` is its id)."""
+        """Publish a resolution's outputs (stored once: ``Nats-Msg-Id`` is its id); a
+        release forwards the held bytes with the headers the intent came with."""
         s = self.settings
         if record.effect == Effect.ALLOW.value and not payload:
             held = await self._held_payload(hold)
             if held is None:
                 raise _Retry(f"the held intent of {hold.decision_id} is not in the hold stream")
-            payload = held[0]
+            payload, _, headers = held
         outs = outputs_of(
             record,
             payload,
-            None,
+            headers or None,
             subjects=s.subjects,
             deny_payload_bytes=s.deny_payload_bytes,
             max_payload_bytes=s.max_payload_bytes,
