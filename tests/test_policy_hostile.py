@@ -379,3 +379,18 @@ def test_a_file_at_the_size_bound_loads(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text(text)
     assert load_policies(tmp_path).rule_count == 1
     assert load_policy_sources({"b.yaml": text.encode()}).rule_count == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(simple_regexes(), st.lists(st.text(max_size=12), max_size=6))
+def test_the_direct_re2_call_answers_as_its_public_search(regex: str, values: list[str]) -> None:
+    """``searcher`` calls the compiled RE2's ``Match`` itself (the installed google-re2's
+    layout is known): same answers as the wrapper's ``search``, on any text."""
+    from bus_guard.policy._regex import _raw_match
+
+    compiled = compile_regex(regex)
+    assert _raw_match(compiled) is not None
+    search = searcher(regex)
+    for value in values:
+        data = value.encode("utf-8", "surrogatepass")
+        assert search(value) == (compiled.search(data) is not None), (regex, value)
