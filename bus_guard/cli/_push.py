@@ -230,7 +230,7 @@ async def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
     import nats.js.errors
 
     from bus_guard.cli._connect import connect
-    from bus_guard.intake._policy_bus import ensure_stores, pointer_key
+    from bus_guard.intake._policy_bus import ensure_stores, pointer_history, pointer_key
     from bus_guard.policy._bundle import (
         Manifest,
         compile_directory,
@@ -273,12 +273,8 @@ async def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
         if not stored:
             await store.put(name, data)
         for _ in range(_PUSH_ATTEMPTS):
-            try:
-                history = await kv.history(key_name)
-            except nats.js.errors.NoKeysError:
-                history = []
-            last = max((e.revision or 0 for e in history), default=0)
-            newest = max((peek_revision(e.value or b"") for e in history), default=0)
+            last, values = await pointer_history(js, streams.policy_bucket, key_name)
+            newest = max((peek_revision(v) for v in values), default=0)
             manifest = Manifest(
                 kind=kind,
                 deployment=deployment,

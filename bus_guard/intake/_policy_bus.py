@@ -58,6 +58,7 @@ __all__ = (
     "PolicyStatus",
     "ensure_stores",
     "open_bus_source",
+    "pointer_history",
     "pointer_key",
     "publish_status",
     "read_statuses",
@@ -78,6 +79,27 @@ def status_key(gateway_id: str, kind: BundleKind = "policy") -> str:
     """Where a gateway's keeper of *kind* reports: ``status.<gw>`` (the ordinary set) or
     ``constitution.<gw>``; ``policy status`` shows both on one line."""
     return f"{'status' if kind == 'policy' else kind}.{gateway_id}"
+
+
+async def pointer_history(js: JetStreamContext, bucket: str, key: str) -> tuple[int, list[bytes]]:
+    """The last revision of *key* in the KV *bucket* (0: never written) and every value it
+    still holds, oldest first (delete and purge markers left out).
+
+    Read with message gets by subject, not a consumer: a publisher needs no consumer rights
+    in the gateway's account (a consumer's deliver subject is its creator's choice, and
+    could point at ``guard.exec.>``; compose/auth.conf, user ``publisher``)."""
+    stream, subject = f"KV_{bucket}", f"$KV.{bucket}.{key}"
+    last, values, seq = 0, [], 1
+    for _ in range(POINTER_HISTORY * 4):  # the bucket keeps POINTER_HISTORY per key
+        try:
+            msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            break
+        last = seq = msg.seq or seq
+        if (msg.headers or {}).get("KV-Operation") is None:
+            values.append(msg.data or b"")
+        seq += 1
+    return last, values
 
 
 async def ensure_stores(
