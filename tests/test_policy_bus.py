@@ -255,7 +255,8 @@ async def test_at_start_the_newest_signed_revision_wins_over_a_rollback_written_
         assert keeper.active.policies.version.endswith("tools@1.3.0;rev=2")
     # A push numbers after the newest revision the pointer ever held, not after the
     # rollback on top: revision 3 (read with message gets: no consumer needed).
-    bump_version(directory, "1.4.0")
+    tools = directory / "tools.yaml"
+    tools.write_text(tools.read_text().replace('version: "1.3.0"', 'version: "1.4.0"'))
     assert "pushed policy revision 3 " in await _push(nats_url, directory, publisher)
     async with open_keeper(Settings(nats_url=nats_url, mode="core"), source) as keeper:
         assert keeper.active.revision == 3
