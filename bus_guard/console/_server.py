@@ -85,8 +85,11 @@ class Console:
 
     @contextlib.asynccontextmanager
     async def _running(self) -> AsyncIterator[None]:
+        closing = False
+
         async def on_closed() -> None:
-            self.lost.set()
+            if not closing:  # closed under us, not by us
+                self.lost.set()
 
         nc = await connect(self.options, name="bus-guard console", on_closed=on_closed)
         try:
@@ -100,6 +103,7 @@ class Console:
                 finally:
                     tg.cancel_scope.cancel()
         finally:
+            closing = True
             with anyio.CancelScope(shield=True):
                 if not nc.is_closed:
                     await nc.close()
