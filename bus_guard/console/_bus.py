@@ -20,9 +20,10 @@ so a slow tab never grows the console's memory.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -93,10 +94,18 @@ class Hub:
         self._queues: set[MemoryObjectSendStream[Event]] = set()
         self.dropped = 0  # browsers dropped for falling behind
 
-    def subscribe(self) -> MemoryObjectReceiveStream[Event]:
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[MemoryObjectReceiveStream[Event]]:
+        """A browser's events from now on, until it leaves (or is dropped: then the stream
+        ends)."""
         send, receive = anyio.create_memory_object_stream[Event](self._size)
         self._queues.add(send)
-        return receive
+        try:
+            with receive:
+                yield receive
+        finally:
+            self._queues.discard(send)
+            send.close()
 
     def publish(self, name: str, data: Any) -> None:
         event = Event(name, _encoder.encode(data))
@@ -109,6 +118,7 @@ class Hub:
                 queue.close()
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._queues.discard(queue)
+                queue.close()
 
     def close(self) -> None:
         for queue in self._queues:

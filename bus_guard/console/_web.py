@@ -222,13 +222,12 @@ def make_app(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
         )
         _security_headers(response)
-        queue = view.hub.subscribe()  # first: nothing published from here on is missed
-        await response.prepare(request)
-        try:
-            for event in view.snapshot():
-                await response.write(_sse(event))
-            await response.write(b"event: ready\ndata: {}\n\n")
-            async with queue:
+        with view.hub.subscribe() as queue:  # first: nothing published from here is missed
+            await response.prepare(request)
+            try:
+                for event in view.snapshot():
+                    await response.write(_sse(event))
+                await response.write(b"event: ready\ndata: {}\n\n")
                 while not stopping.is_set():
                     with anyio.move_on_after(_KEEPALIVE_S) as idle:
                         event = await queue.receive()
@@ -236,8 +235,8 @@ def make_app(
                         await response.write(b": keep-alive\n\n")
                     else:
                         await response.write(_sse(event))
-        except (anyio.EndOfStream, anyio.ClosedResourceError, ConnectionResetError):
-            pass  # the console stops, the browser fell behind or went away
+            except (anyio.EndOfStream, anyio.ClosedResourceError, ConnectionResetError):
+                pass  # the console stops, the browser fell behind or went away
         return response
 
     async def vote(request: web.Request) -> web.StreamResponse:
