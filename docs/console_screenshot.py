@@ -59,7 +59,8 @@ def _mix(rng: random.Random, t: float) -> tuple[str, bytes]:
 async def main(out: Path) -> None:
     rng = random.Random(7)
     key, _ = generate_key(Path(tempfile.mkdtemp()))
-    alice, bob = people = _people("alice", "bob")
+    people = _people("alice", "bob")
+    alice = people[0]
     policies = _Approving(load_policies(ROOT / "policies"), people, quorum=2)
     settings = ConsoleSettings(interval_s=1.0, stats_wait_s=0.3, window_s=60.0)
     with NatsServer() as server:
