@@ -59,6 +59,14 @@ SHELL = "guard.in.agent-9.tools.shell"  # denied by the shipped policies' rule n
 TRANSFER = "guard.in.agent-7.payments.transfer"
 
 
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Client]:
+    """A client of the test's own (closed at teardown, whatever the test did)."""
+    client = await nats.connect(nats_url)
+    yield client
+    await client.close()
+
+
 @contextlib.asynccontextmanager
 async def _console(nats_url: str, **kw: Any) -> AsyncIterator[Console]:
     async with Console(NatsOptions(urls=nats_url), parse_listen("127.0.0.1:0"), FAST, **kw) as c:
@@ -108,9 +116,8 @@ def _core_gateway(nats_url: str, policies: PolicySet, signer: Signer) -> Gateway
 
 
 async def test_a_denial_shows_in_the_feed_within_a_second(
-    nats_url: str, policies: PolicySet, signer: Signer
+    nats_url: str, nc: Client, policies: PolicySet, signer: Signer
 ) -> None:
-    nc = await nats.connect(nats_url)
     denials = await Collector.on(nc, "guard.deny.>")
     marker = f"host:{uuid.uuid4().hex}"
     async with (
@@ -141,16 +148,14 @@ async def test_a_denial_shows_in_the_feed_within_a_second(
         await expect(row).to_have_count(1)
         await page.fill("#f-reason", "rate_limited")
         await expect(row).to_have_count(0)
-    await nc.close()
 
 
 async def test_bus_text_is_shown_as_text_and_a_script_in_it_never_runs(
-    nats_url: str, policies: PolicySet, signer: Signer
+    nats_url: str, nc: Client, policies: PolicySet, signer: Signer
 ) -> None:
     script = "<script>window.__pwned = 1</script>"
     image = '<img src=x onerror="window.__pwned = 2">'
     resource = f"host:<b>bold</b><u>{uuid.uuid4().hex}</u>"
-    nc = await nats.connect(nats_url)
     async with (
         _core_gateway(nats_url, policies, signer),
         _console(nats_url) as console,
@@ -175,16 +180,14 @@ async def test_bus_text_is_shown_as_text_and_a_script_in_it_never_runs(
         await expect(page.locator("#connection")).to_have_text("live")
         await expect(page.locator("#feed-table tbody td.resource")).to_have_text(resource)
         assert await page.evaluate("typeof window.__pwned") == "undefined"
-    await nc.close()
 
 
 # -- rates and gateways --------------------------------------------------------------------
 
 
 async def test_the_chart_counts_match_the_gateway_stats(
-    nats_url: str, policies: PolicySet, signer: Signer
+    nats_url: str, nc: Client, policies: PolicySet, signer: Signer
 ) -> None:
-    nc = await nats.connect(nats_url)
     sent = {("allow", "allowed_by_rule"): 3, ("deny", "denied_by_rule"): 2}
     sent[("hold", "escalated_by_rule")] = 1
     async with (
@@ -224,7 +227,6 @@ async def test_the_chart_counts_match_the_gateway_stats(
             await expect(bars.first).to_be_attached()
             assert sum(int(c or 0) for c in await _attributes(bars, "data-count")) == n
         await expect(gateway.locator("td.decided")).to_have_text(str(sum(sent.values())))
-    await nc.close()
 
 
 async def _attributes(locator: Any, name: str) -> list[str | None]:
@@ -244,11 +246,10 @@ async def _held(nc: Client, page: Page) -> str:
 
 
 async def test_a_hold_approved_by_clicking_is_released_with_an_artifact_naming_the_vote(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, nc: Client, keys: tuple[Path, Path], policies: PolicySet
 ) -> None:
     [alice] = _people("alice")
     wrapped = _Approving(policies, [alice], quorum=1)
-    nc = await nats.connect(nats_url)
     async with (
         stream_gateway(stream_settings(nats_url), wrapped, keys[0]),  # type: ignore[arg-type]
         _console(nats_url, key=alice.key) as console,
@@ -292,15 +293,13 @@ async def test_a_hold_approved_by_clicking_is_released_with_an_artifact_naming_t
         await expect(descendants).to_contain_text(vote_id)
         await expect(descendants).to_contain_text(resolution_decision_id("guard", hold_id))
         await expect(page.locator("#lineage-ancestors")).to_contain_text(hold_id)
-    await nc.close()
 
 
 async def test_a_vote_the_gateway_refuses_shows_its_reason(
-    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+    nats_url: str, nc: Client, keys: tuple[Path, Path], policies: PolicySet
 ) -> None:
     wrapped = _Approving(policies, _people("alice"), quorum=1)
     stranger = Ed25519PrivateKey.generate()  # a key the policy does not name
-    nc = await nats.connect(nats_url)
     async with (
         stream_gateway(stream_settings(nats_url), wrapped, keys[0]),  # type: ignore[arg-type]
         _console(nats_url, key=stranger) as console,
@@ -317,7 +316,6 @@ async def test_a_vote_the_gateway_refuses_shows_its_reason(
         await expect(result).to_have_attribute("data-ok", "false")
         await expect(row.locator("td.approvals")).to_contain_text("0/1")  # still open
         assert await stored(nc, "GUARD_EXEC") == []
-    await nc.close()
 
 
 # -- access: the token, the CSRF guard, loopback ------------------------------------------
@@ -372,8 +370,7 @@ async def test_without_the_token_every_request_is_401(nats_url: str) -> None:
         assert await page.locator("#feed-table").count() == 0
 
 
-async def test_a_post_without_the_csrf_guard_is_refused(nats_url: str) -> None:
-    nc = await nats.connect(nats_url)
+async def test_a_post_without_the_csrf_guard_is_refused(nats_url: str, nc: Client) -> None:
     votes = await Collector.on(nc, "guard.approve.>")
     key = Ed25519PrivateKey.generate()
     async with (
@@ -404,7 +401,6 @@ async def test_a_post_without_the_csrf_guard_is_refused(nats_url: str) -> None:
         async with http.post(path, headers=good, json={"reason": "x"}) as r:
             assert r.status in (409, 502) and "refused: the" not in (await r.json())["message"]
     assert votes.msgs == []
-    await nc.close()
 
 
 def test_a_non_loopback_listen_needs_allow_remote(nats_url: str) -> None:

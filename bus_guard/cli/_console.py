@@ -104,12 +104,7 @@ async def cmd_console(args: argparse.Namespace, out: TextIO) -> int:
     from bus_guard.signing._keys import load_private_key
 
     listen = parse_listen(args.listen)
-    if not listen.loopback:
-        if not args.allow_remote:
-            raise ConfigError(
-                f"--listen {args.listen}: not a loopback address; the console votes with your "
-                "key and shows what agents do: add --allow-remote to serve other hosts anyway"
-            )
+    if not listen.loopback and args.allow_remote:  # without the flag, Console refuses it
         say(
             sys.stderr,
             f"bus-guard: WARNING: serving the console on {args.listen}, not loopback: plain "
