@@ -29,6 +29,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from bus_guard.cli._connect import NatsOptions
 from bus_guard.console import Console, ConsoleSettings, parse_listen
+from bus_guard.console._model import RateBook
 from bus_guard.decision import approval_decision_id, intent_decision_id, resolution_decision_id
 from bus_guard.errors import ConfigError
 from bus_guard.intake._gateway import Gateway
@@ -450,3 +451,39 @@ async def test_the_command_serves_with_allow_remote_after_a_warning_and_stops_on
         stderr = (await proc.stderr.receive(65536)).decode()
     assert code == 0
     assert "WARNING" in stderr and "not loopback" in stderr
+
+
+# -- the rate book (pure) ------------------------------------------------------------------
+
+
+def _stats(service: str, uptime_s: float, **counts: int) -> dict[str, Any]:
+    decisions: dict[str, dict[str, int]] = {}
+    for key, n in counts.items():
+        effect, reason = key.split("__")
+        decisions.setdefault(effect, {})[reason] = n
+    status = {"identity": {"gateway": service}, "uptime_s": uptime_s, "decisions": decisions}
+    return {"id": service, "endpoints": [{"name": "status", "data": status}]}
+
+
+def test_the_rate_book_counts_growth_from_a_baseline_and_survives_restarts() -> None:
+    book = RateBook(interval_s=1.0, window_s=10.0)
+    book.observe(100.0, [_stats("a", 500.0, allow__ok=40)])  # the console starts: baseline
+    assert book.window() == {} and book.totals == {("allow", "ok"): 40}
+    book.observe(101.0, [_stats("a", 501.0, allow__ok=43, deny__bad=2)])
+    assert book.window() == {("allow", "ok"): 3, ("deny", "bad"): 2}
+    # a gateway that starts while the console watches counts from zero; an old one seen
+    # late is a baseline; a counter that went down is a restart (from zero again)
+    book.observe(
+        102.0,
+        [
+            _stats("a", 502.0, allow__ok=1),
+            _stats("b", 1.5, allow__ok=4),
+            _stats("c", 9000.0, allow__ok=70),
+        ],
+    )
+    assert book.window() == {("allow", "ok"): 3 + 1 + 4, ("deny", "bad"): 2}
+    assert book.totals == {("allow", "ok"): 75}  # the stats' own numbers, summed
+    book.observe(112.5, [_stats("a", 512.0, allow__ok=1)])  # 101 and 102 left the window
+    assert book.window() == {}
+    rows = book.snapshot()["rows"]
+    assert rows == [{"effect": "allow", "reason": "ok", "window": 0, "total": 1}]

@@ -58,7 +58,7 @@ _encoder: Final = msgspec.json.Encoder()
 # Only a ledger record about a hold (a vote, a resolution) has this (see cli/_watch.py).
 _HOLD_KEY: Final = b'"hold":"'
 _GONE_AFTER_S: Final = 60.0  # a gateway not answering this long leaves the table
-_HOLDS_EVERY_S: Final = 5.0  # holds are read again at least this often (expiry, ages)
+_HOLDS_EVERY_S: Final = 30.0  # and read again at least this often (the page ticks ages itself)
 _HOLDS_DEBOUNCE_S: Final = 0.1
 _LINEAGE_MAX_RECORDS: Final = 200_000
 
