@@ -9,6 +9,7 @@ timeout) or a wait on the bus.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -42,6 +43,7 @@ from bus_guard.verify import Verifier, verify_message
 from .helpers import Collector, intent
 from .streamkit import stored, stream_gateway, stream_settings
 from .test_approvals import _Approving, _people
+from .topology import credentials, local_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -240,7 +242,7 @@ async def _attributes(locator: Any, name: str) -> list[str | None]:
 async def _held(nc: Client, page: Page) -> str:
     """Publish a transfer the policies hold; its hold id once the page lists it."""
     intent_id = uuid.uuid4().hex
-    await nc.jetstream().publish(TRANSFER, _transfer(25000, id=intent_id))
+    await nc.publish(TRANSFER, _transfer(25000, id=intent_id))  # the intake stream stores it
     hold_id = intent_decision_id("guard", "agent-7", intent_id)
     await expect(page.locator(f'#holds-table tr[data-decision="{hold_id}"]')).to_have_count(1)
     return hold_id
@@ -487,3 +489,62 @@ def test_the_rate_book_counts_growth_from_a_baseline_and_survives_restarts() -> 
     assert book.window() == {}
     rows = book.snapshot()["rows"]
     assert rows == [{"effect": "allow", "reason": "ok", "window": 0, "total": 1}]
+
+
+# -- as the shipped operator -----------------------------------------------------------------
+
+
+async def test_the_console_works_with_the_shipped_operator_permissions(
+    tmp_path: Path, keys: tuple[Path, Path], policies: PolicySet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """compose/auth.conf as a real server: the gateway as `gateway`, an agent as `agent-7`,
+    the console as `operator` (its account has no JetStream of its own: deny/hold/ledger
+    imported, $SRV, direct gets and approve as services). Feed, gateways, holds, a vote by
+    click and the lineage all work, with no permission error on the console's connection
+    and the operator's password nowhere on the page."""
+    caplog.set_level(logging.DEBUG, logger="bus_guard.cli._connect")
+    users = credentials()
+    [alice] = _people("alice")
+    wrapped = _Approving(policies, [alice], quorum=1)
+
+    def as_user(url: str, user: str) -> str:
+        return url.replace("nats://", f"nats://{user}:{users[user]}@")
+
+    with local_server(tmp_path / "nats") as server:
+        agent = await nats.connect(as_user(server.url, "agent-7"))
+        executor = await nats.connect(as_user(server.url, "executor"))
+        execs = await Collector.on(executor, "guard.exec.>")
+        settings = stream_settings(as_user(server.url, "gateway"))
+        try:
+            async with (
+                stream_gateway(settings, wrapped, keys[0]),  # type: ignore[arg-type]
+                _console(as_user(server.url, "operator"), key=alice.key) as console,
+                _page(console) as page,
+            ):
+                assert users["operator"] not in await page.locator("header").inner_text()
+                await expect(page.locator('#gateways-table tr[data-gateway="gw-1"]')).to_have_count(
+                    1
+                )
+                await agent.publish(
+                    "guard.in.agent-7.tools.shell", intent("tools.shell", "host:x", {})
+                )
+                await expect(
+                    page.locator("#feed-table tbody tr", has_text="no-shell")
+                ).to_have_count(1)
+                hold_id = await _held(agent, page)
+                row = page.locator(f'#holds-table tr[data-decision="{hold_id}"]')
+                await row.get_by_role("button", name=f"approve hold {hold_id}").click()
+                await expect(page.locator("#vote-result")).to_contain_text(
+                    "released (approved)", timeout=15_000
+                )
+                [released] = await execs.wait_for(1)
+                assert released.subject == TRANSFER.replace(".in.", ".exec.")
+                await page.locator(f'#feed-table tr[data-decision="{hold_id}"] button').click()
+                await expect(page.locator("#lineage-descendants")).to_contain_text(
+                    resolution_decision_id("guard", hold_id)
+                )
+        finally:
+            await agent.close()
+            await executor.close()
+    violations = [r.getMessage() for r in caplog.records if "ermission" in r.getMessage()]
+    assert violations == []
