@@ -30,11 +30,13 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from bus_guard.cli._connect import NatsOptions
 from bus_guard.console import Console, ConsoleSettings, parse_listen
+from bus_guard.console._bus import Hub
 from bus_guard.console._model import RateBook
 from bus_guard.decision import approval_decision_id, intent_decision_id, resolution_decision_id
 from bus_guard.errors import ConfigError
 from bus_guard.intake._gateway import Gateway
 from bus_guard.policy._load import PolicySet
+from bus_guard.server import NatsServer
 from bus_guard.settings import Settings
 from bus_guard.signing._keys import kid_for
 from bus_guard.signing._signer import Signer
@@ -548,3 +550,35 @@ async def test_the_console_works_with_the_shipped_operator_permissions(
             await executor.close()
     violations = [r.getMessage() for r in caplog.records if "ermission" in r.getMessage()]
     assert violations == []
+
+
+async def test_the_command_exits_1_when_the_bus_is_lost() -> None:
+    with NatsServer() as server:
+        argv = [sys.executable, "-m", "bus_guard", "console", "--nats", server.url]
+        argv += ["--listen", "127.0.0.1:0"]
+        async with await anyio.open_process(argv) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            line = b""
+            with anyio.fail_after(20):
+                while not line.endswith(b"\n"):
+                    line += await proc.stdout.receive(1)
+            assert line.startswith(b"bus_guard console: http://127.0.0.1:")
+            server.stop()
+            with anyio.fail_after(30):  # the tools' reconnect budget: a few seconds
+                code = await proc.wait()
+            stderr = (await proc.stderr.receive(65536)).decode()
+    assert code == 1 and "lost the connection to NATS" in stderr, stderr
+
+
+async def test_a_browser_that_falls_behind_is_dropped_not_buffered() -> None:
+    hub = Hub(size=2)
+    with hub.subscribe() as slow, hub.subscribe() as keeping_up:
+        for n in range(3):
+            hub.publish("feed", [n])
+            if n < 2:
+                assert (await keeping_up.receive()).data == f"[{n}]".encode()
+        assert hub.dropped == 1  # the slow one: its two events, then its stream ends
+        assert [(await slow.receive()).data for _ in range(2)] == [b"[0]", b"[1]"]
+        with pytest.raises(anyio.EndOfStream):
+            await slow.receive()
+        assert (await keeping_up.receive()).data == b"[2]"
