@@ -367,6 +367,11 @@ async def test_without_the_token_every_request_is_401(nats_url: str) -> None:
             base + "/static/console.js", headers={"Authorization": f"token {token}"}
         ) as r:
             assert r.status == 200
+        # a DNS-rebinding page reaches the loopback port under its own name: refused even
+        # with the token
+        rebound = {"Host": f"rebound.example:{console.port}"}
+        async with http.get(console.url, headers=rebound, allow_redirects=False) as r:
+            assert r.status == 403
     # and in the browser: the page itself is refused
     async with _console(nats_url) as console, _browser() as browser:
         page = await browser.new_page()

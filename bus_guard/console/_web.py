@@ -18,6 +18,7 @@ Security model (README, "The operator console"):
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import html
 import importlib.resources
@@ -108,8 +109,10 @@ class Access:
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
     @property
-    def cookie(self) -> str:  # per port: two consoles on one host keep their own
-        return f"bus-guard-console-{self.listen.port}"
+    def cookie(self) -> str:
+        """The cookie's name, per console process: consoles on one host (cookies do not
+        tell ports apart) keep their own. Named after a hash of the token: nothing secret."""
+        return f"bus-guard-console-{hashlib.sha256(self.token.encode()).hexdigest()[:12]}"
 
     def is_token(self, candidate: str | None) -> bool:
         return candidate is not None and hmac.compare_digest(
@@ -171,7 +174,8 @@ def make_app(
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        port = request.url.port or access.listen.port
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        port = int(sockname[1]) if sockname else access.listen.port
         if not access.host_allowed(request, port):
             response: web.StreamResponse = web.Response(
                 status=403, text="403 Forbidden: not a loopback Host\n"
@@ -184,6 +188,8 @@ def make_app(
             response = web.json_response({"ok": False, "message": f"refused: {why}"}, status=403)
         else:
             response = await handler(request)
+            if response.prepared:  # an event stream, sent with its headers and ended
+                return response
             if access.is_token(request.query.get("token")):
                 response.set_cookie(
                     access.cookie,
