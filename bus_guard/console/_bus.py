@@ -274,7 +274,8 @@ class BusView:
         except ValueError as exc:
             return 400, {"ok": False, "message": str(exc)}
         except ApprovalRefused as exc:
-            return 409, {"ok": False, "reason": exc.reason, "message": f"refused: {exc}"}
+            message = f"refused: {exc.reason}: {exc}"
+            return 409, {"ok": False, "reason": exc.reason, "message": message}
         except (GatewayError, nats.errors.Error) as exc:
             return 502, {"ok": False, "message": str(exc)}
         finally:
