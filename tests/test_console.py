@@ -274,7 +274,7 @@ async def test_a_hold_approved_by_clicking_is_released_with_an_artifact_naming_t
             hold_id,
         )
         assert forged[0] == 403 and "X-CSRF-Token" in forged[1], forged
-        assert await stored(nc, "GUARD_APPROVE") == []
+        assert (await nc.jetstream().stream_info("GUARD_APPROVE")).state.last_seq == 0
         await row.get_by_label(f"reason for hold {hold_id}").fill("checked with the payee")
         await row.get_by_role("button", name=f"approve hold {hold_id}").click()
         result = page.locator("#vote-result")
@@ -291,6 +291,20 @@ async def test_a_hold_approved_by_clicking_is_released_with_an_artifact_naming_t
             payload=released.data,
         )
         assert claims.hold == hold_id and list(claims.approvals) == [vote_id]
+        # a second vote, from the page as its buttons send it: refused from the ledger,
+        # with the reason, and nothing published
+        again = await page.evaluate(
+            """async (id) => {
+                const csrf = document.querySelector('meta[name="csrf-token"]').content;
+                const r = await fetch(`/api/holds/${id}/approve`, {method: "POST",
+                    headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+                    body: '{"reason": "again"}'});
+                return [r.status, (await r.json()).message];
+            }""",
+            hold_id,
+        )
+        assert again[0] == 409 and again[1].startswith("refused: hold_resolved: "), again
+        assert (await nc.jetstream().stream_info("GUARD_APPROVE")).state.last_seq == 1
         # the hold's lineage, one click away: the vote and the release descend from it
         feed_row = page.locator(f'#feed-table tr[data-decision="{hold_id}"]')
         await feed_row.get_by_role("button", name=f"lineage of decision {hold_id}").click()
