@@ -45,8 +45,8 @@ def add_console_command(sub: argparse._SubParsersAction[Any]) -> None:
     con = sub.add_parser(
         "console",
         help="a live web console on this machine: rates, denials, holds with approve/reject",
-        description="A local web page, live: decision rates by effect and reason, the feed "
-        "of denials and holds, the open holds with Approve and Reject (with --approver-key), "
+        description="A local web page, live: decision rates by effect and reason, the feed of\n"
+        "denials and holds, the open holds with Approve and Reject (with --approver-key),\n"
         "every gateway's identity and health, and a decision's lineage.",
         epilog=CONSOLE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
