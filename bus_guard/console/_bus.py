@@ -60,6 +60,7 @@ _HOLD_KEY: Final = b'"hold":"'
 _GONE_AFTER_S: Final = 60.0  # a gateway not answering this long leaves the table
 _HOLDS_EVERY_S: Final = 30.0  # and read again at least this often (the page ticks ages itself)
 _HOLDS_DEBOUNCE_S: Final = 0.1
+_FEED_BATCH_S: Final = 0.05
 _LINEAGE_MAX_RECORDS: Final = 200_000
 
 
@@ -152,6 +153,12 @@ class BusView:
         self._gateways: list[dict[str, Any]] = []
         self._holds: dict[str, Any] = {"holds": [], "more": False, "error": None}
         self._holds_due = anyio.Event()
+        # Feed rows not yet sent to browsers: sent together every _FEED_BATCH_S, so that a
+        # flood of denials is a few events a second, not one each (the newest feed_size).
+        self._unsent: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=settings.feed_size
+        )
+        self._feed_due = anyio.Event()
 
     # --- what a browser gets first -------------------------------------------------------
 
@@ -182,6 +189,7 @@ class BusView:
         await self._poll_stats()
         await self._read_holds()
         tg.start_soon(self._stats_loop)
+        tg.start_soon(self._feed_loop)
         tg.start_soon(self._holds_loop)
 
     async def _on_decision(self, msg: Msg) -> None:
@@ -192,13 +200,23 @@ class BusView:
             return
         item = feed_item(record)
         self._feed.append(item)
-        self.hub.publish("feed", [item])
+        self._unsent.append(item)
+        self._feed_due.set()
         if record.effect == "hold" or record.hold:
             self._holds_due.set()
 
     async def _on_ledger(self, msg: Msg) -> None:
         if _HOLD_KEY in msg.data:  # a vote or a resolution: the open holds changed
             self._holds_due.set()
+
+    async def _feed_loop(self) -> None:
+        while True:
+            await self._feed_due.wait()
+            await anyio.sleep(_FEED_BATCH_S)
+            self._feed_due = anyio.Event()
+            rows = list(self._unsent)
+            self._unsent.clear()
+            self.hub.publish("feed", rows)
 
     async def _stats_loop(self) -> None:
         while True:

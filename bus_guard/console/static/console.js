@@ -427,10 +427,22 @@
   events.addEventListener("open", () => connectionState("connecting", "connected, reading…"));
   events.addEventListener("error", () => connectionState("lost", "connection lost: reconnecting…"));
   events.addEventListener("ready", () => connectionState("live", "live"));
-  events.addEventListener("feed-snapshot", (e) => { feed = JSON.parse(e.data); renderFeed(); });
+  // A row can come twice (in the snapshot and in the batch sent right after): once shown.
+  let feedIds = new Set();
+  events.addEventListener("feed-snapshot", (e) => {
+    feed = JSON.parse(e.data);
+    feedIds = new Set(feed.map((item) => item.decision_id));
+    renderFeed();
+  });
   events.addEventListener("feed", (e) => {
-    feed.push(...JSON.parse(e.data));
-    if (feed.length > FEED_KEEP) feed.splice(0, feed.length - FEED_KEEP);
+    for (const item of JSON.parse(e.data)) {
+      if (feedIds.has(item.decision_id)) continue;
+      feedIds.add(item.decision_id);
+      feed.push(item);
+    }
+    if (feed.length > FEED_KEEP) {
+      for (const gone of feed.splice(0, feed.length - FEED_KEEP)) feedIds.delete(gone.decision_id);
+    }
     renderFeed();
   });
   events.addEventListener("holds", (e) => renderHolds(JSON.parse(e.data)));
