@@ -153,6 +153,16 @@ async def test_a_denial_shows_in_the_feed_within_a_second(
         await expect(row).to_have_count(1)
         await page.fill("#f-reason", "rate_limited")
         await expect(row).to_have_count(0)
+        for name in ("#f-principal", "#f-action", "#f-reason"):
+            await page.fill(name, "")
+        # paused, the table stays still while rows arrive (counted); resumed, they show
+        await page.get_by_role("button", name="Pause").click()
+        later = f"host:{uuid.uuid4().hex}"
+        await nc.publish(SHELL, intent("tools.shell", later, {"cmd": "id"}))
+        await expect(page.locator("#feed-count")).to_have_text("paused: 2 rows, newest not shown")
+        assert await page.locator("#feed-table tbody tr", has_text=later).count() == 0
+        await page.get_by_role("button", name="Resume").click()
+        await expect(page.locator("#feed-table tbody tr", has_text=later)).to_have_count(1)
 
 
 async def test_bus_text_is_shown_as_text_and_a_script_in_it_never_runs(

@@ -123,12 +123,27 @@
       why);
   }
 
+  // Paused: rows keep arriving and are counted, the table stays still (to read, to tab).
+  let paused = false;
+  const pause = $("feed-pause");
+  pause.addEventListener("click", () => {
+    paused = !paused;
+    pause.setAttribute("aria-pressed", String(paused));
+    pause.textContent = paused ? "Resume" : "Pause";
+    renderFeed(true);
+  });
+
   let feedQueued = false;
-  function renderFeed() {
+  function renderFeed(force) {
+    if (paused && !force) {
+      $("feed-count").textContent = `paused: ${feed.length} rows, newest not shown`;
+      return;
+    }
     if (feedQueued) return;
     feedQueued = true;
     requestAnimationFrame(() => {
       feedQueued = false;
+      if (paused && !force) return;
       const body = $("feed-table").tBodies[0];
       const rows = [];
       let matching = 0;
@@ -138,11 +153,11 @@
         if (rows.length < FEED_SHOW) rows.push(feedRow(feed[i]));
       }
       body.replaceChildren(...rows);
-      $("feed-count").textContent = `${matching} of ${feed.length} shown` +
+      $("feed-count").textContent = (paused ? "paused: " : "") + `${matching} of ${feed.length} shown` +
         (matching > FEED_SHOW ? ` (newest ${FEED_SHOW})` : "");
     });
   }
-  for (const input of Object.values(filters)) input.addEventListener("input", renderFeed);
+  for (const input of Object.values(filters)) input.addEventListener("input", () => renderFeed(true));
   $("filters").addEventListener("submit", (e) => e.preventDefault());
 
   // --- open holds --------------------------------------------------------------------------
