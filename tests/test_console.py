@@ -9,6 +9,7 @@ timeout) or a wait on the bus.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ import nats
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from bus_guard.cli._connect import NatsOptions
@@ -43,7 +45,7 @@ from bus_guard.signing._signer import Signer
 from bus_guard.verify import Verifier, verify_message
 
 from .helpers import Collector, intent
-from .streamkit import stored, stream_gateway, stream_settings
+from .streamkit import eventually, stored, stream_gateway, stream_settings
 from .test_approvals import _Approving, _people
 from .topology import credentials, local_server
 
@@ -73,9 +75,12 @@ async def nc(nats_url: str) -> AsyncIterator[Client]:
 
 
 @contextlib.asynccontextmanager
-async def _console(nats_url: str, **kw: Any) -> AsyncIterator[Console]:
-    async with Console(NatsOptions(urls=nats_url), parse_listen("127.0.0.1:0"), FAST, **kw) as c:
-        yield c
+async def _console(
+    nats_url: str, settings: ConsoleSettings = FAST, **kw: Any
+) -> AsyncIterator[Console]:
+    listen = parse_listen("127.0.0.1:0")
+    async with Console(NatsOptions(urls=nats_url), listen, settings, **kw) as console:
+        yield console
 
 
 @contextlib.asynccontextmanager
@@ -163,6 +168,27 @@ async def test_a_denial_shows_in_the_feed_within_a_second(
         assert await page.locator("#feed-table tbody tr", has_text=later).count() == 0
         await page.get_by_role("button", name="Resume").click()
         await expect(page.locator("#feed-table tbody tr", has_text=later)).to_have_count(1)
+
+
+async def test_since_fills_the_feed_with_what_the_streams_hold(
+    nats_url: str, nc: Client, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    earlier = f"host:{uuid.uuid4().hex}"
+    js = nc.jetstream()
+    async with stream_gateway(stream_settings(nats_url), policies, keys[0]):
+        await js.publish(SHELL, intent("tools.shell", earlier, {"cmd": "id"}))
+        await eventually(lambda: _stored_one(js, "GUARD_DENY"), what="the denial stored")
+        async with (
+            _console(nats_url, dataclasses.replace(FAST, since_s=3600.0)) as console,
+            _page(console) as page,
+        ):
+            row = page.locator("#feed-table tbody tr", has_text=earlier)
+            await expect(row).to_have_count(1)
+            await expect(row.locator("td.reason")).to_have_text("denied_by_rule")
+
+
+async def _stored_one(js: JetStreamContext, stream: str) -> bool:
+    return (await js.stream_info(stream)).state.messages == 1
 
 
 async def test_bus_text_is_shown_as_text_and_a_script_in_it_never_runs(

@@ -86,6 +86,14 @@ def add_console_command(sub: argparse._SubParsersAction[Any]) -> None:
         help="ask the gateways for their stats this often: one chart bar each (default: 2)",
     )
     con.add_argument(
+        "--since",
+        type=duration,
+        default=None,
+        metavar="DURATION",
+        help="first fill the feed with the denials and holds stored this far back: 15m, 1h "
+        "(the deny and hold streams, as `watch --since`; default: live only)",
+    )
+    con.add_argument(
         "--window",
         type=duration,
         default=duration("10m"),
@@ -119,6 +127,7 @@ async def cmd_console(args: argparse.Namespace, out: TextIO) -> int:
         interval_s=args.interval,
         stats_wait_s=min(0.5, args.interval / 2),
         window_s=args.window,
+        since_s=args.since,
     )
     console = Console(
         NatsOptions.from_args(args),

@@ -38,6 +38,8 @@ from nats.aio.msg import Msg
 
 from bus_guard.cli._ledger import _caused_by
 from bus_guard.cli._status import gateway_stats
+from bus_guard.cli._watch import WatchFilter
+from bus_guard.cli._watch import _replay as replay_streams
 from bus_guard.console._model import RateBook, feed_item, gateway_row
 from bus_guard.errors import ApprovalRefused, GatewayError
 from bus_guard.intake._approver import Vote, approve, open_holds, reject
@@ -77,6 +79,7 @@ class ConsoleSettings:
     holds_limit: int = 100
     vote_wait_s: float = 5.0  # how long a vote waits for the gateway's record of it
     queue_size: int = 1024  # events buffered per browser before it is dropped
+    since_s: float | None = None  # first the deny and hold streams' records this far back
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,11 +189,34 @@ class BusView:
             await self.nc.subscribe(subjects.wildcard(kind), cb=self._on_decision)
         await self.nc.subscribe(subjects.ledger().any_decision("*"), cb=self._on_ledger)
         await round_trip(self.nc)
+        if self.settings.since_s is not None:
+            await self._replay(self.settings.since_s)
         await self._poll_stats()
         await self._read_holds()
         tg.start_soon(self._stats_loop)
         tg.start_soon(self._feed_loop)
         tg.start_soon(self._holds_loop)
+
+    async def _replay(self, since_s: float) -> None:
+        """The deny and hold streams' records of the last *since_s* seconds (as ``watch
+        --since``), merged with what arrived live meanwhile: the newest feed_size, each
+        once, oldest first. Before any browser connects."""
+        replayed: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=self.settings.feed_size
+        )
+        records = replay_streams(self.nc, self.settings.prefix, WatchFilter(), since_s)
+        try:
+            async with contextlib.aclosing(records):
+                async for _, data in records:
+                    try:
+                        replayed.append(feed_item(_decoder.decode(data)))
+                    except msgspec.DecodeError:
+                        continue
+        except GatewayError as exc:
+            log.warning("%s", exc)
+        merged = {item["decision_id"]: item for item in [*replayed, *self._feed]}
+        self._feed.clear()
+        self._feed.extend(sorted(merged.values(), key=lambda item: float(item["ts"])))
 
     async def _on_decision(self, msg: Msg) -> None:
         try:
