@@ -1,5 +1,5 @@
-"""The package's layout, as rules: only ``intake/`` and ``cli/`` talk to NATS; the pure
-packages import without it; every public module declares a true ``__all__``; the
+"""The package's layout, as rules: only ``intake/``, ``cli/`` and ``console/`` talk to NATS;
+the pure packages import without it; every public module declares a true ``__all__``; the
 subpackages' implementation modules are private.
 
 The import rules are read from the source (every ``import nats...`` at any nesting, so a
@@ -25,8 +25,9 @@ import bus_guard
 
 PACKAGE = Path(bus_guard.__file__).resolve().parent
 
-# The packages whose job is NATS I/O: the intake (the gateway) and the command-line tools.
-NATS_PACKAGES = ("intake", "cli")
+# The packages whose job is NATS I/O: the intake (the gateway) and the command-line tools,
+# the web console (`bus-guard console`) among them.
+NATS_PACKAGES = ("intake", "cli", "console")
 
 # Imports of nats outside NATS_PACKAGES that are allowed, as (subpackage or top-level module
 # of bus_guard, enclosing function) -> why. Each must be inside a function (never module

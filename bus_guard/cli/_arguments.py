@@ -19,6 +19,7 @@ from typing import Any, Final, NoReturn, get_args
 
 from bus_guard import __version__
 from bus_guard.cli._connect import NATS_URL_ENV, TOOL_RECONNECT_ATTEMPTS
+from bus_guard.cli._console import add_console_command
 from bus_guard.cli._safe import safe
 from bus_guard.settings import (
     ArtifactMode,
@@ -723,6 +724,7 @@ def parser() -> argparse.ArgumentParser:
     )
 
     _approval_commands(sub)
+    add_console_command(sub)
 
     mat = sub.add_parser(
         "maturity",

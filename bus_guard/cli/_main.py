@@ -13,6 +13,7 @@ bus-guard holds     the open holds, with approvals so far
 bus-guard limits    what rate limits and budgets have used, per key
 bus-guard status    every running gateway, from the NATS micro service API
 bus-guard maturity  where the deployment stands, observe -> enforce, from the ledger
+bus-guard console   a live web console: rates, denials, holds with approve/reject
 
 Exit codes: 0 success, 1 failure, 2 usage or configuration (one line naming the file,
 field or rule), 130 interrupted, 141 the output pipe closed (quietly, like a tool killed by
@@ -263,6 +264,10 @@ def _dispatch(args: argparse.Namespace, pipe: PipeGuard) -> int:
             from bus_guard.cli._approve import cmd_holds
 
             return anyio.run(cmd_holds, args, out)
+        case "console":
+            from bus_guard.cli._console import cmd_console
+
+            return anyio.run(cmd_console, args, out)
         case "limits":
             from bus_guard.cli._limits import cmd_limits
 
