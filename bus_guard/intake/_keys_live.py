@@ -44,13 +44,7 @@ from nats.js.kv import KeyValue
 
 from bus_guard.errors import ConfigError
 from bus_guard.ledger._records import CheckpointSigner
-from bus_guard.signing._keys import (
-    jwk_entry,
-    kid_for,
-    load_private_key,
-    merge_jwks,
-    prune_jwks,
-)
+from bus_guard.signing._keys import jwk_entry, kid_for, load_private_key, merge_jwks
 from bus_guard.signing._signer import Signer
 from bus_guard.verify import JWKS_KEY, Jwks, load_jwks
 
@@ -147,7 +141,7 @@ class KeyKeeper:
         """Publish the JWKS (merged with the bucket's); the merged JWKS, or the local one
         when there is no bucket or it cannot be written now (logged)."""
         local = self._local()
-        merged = await self._publish(local, keep=frozenset({self._signer.kid}))
+        merged = await self._publish(local)
         self.trusted = local
         return merged or local
 
@@ -207,7 +201,7 @@ class KeyKeeper:
             published = merge_jwks(jwks, published)
         # The signing key so far stays published too (it may be retired, never dropped).
         published = merge_jwks(published, Jwks([jwk_entry(self._signer.public_key())]))
-        merged = await self._publish(published, keep=frozenset({kid, self._signer.kid}))
+        merged = await self._publish(published)
         if self._kv is not None and merged is None:
             self._seen = (None, None)  # not in the bucket yet: do not sign with it yet
             return False
@@ -232,11 +226,9 @@ class KeyKeeper:
             )
         return new
 
-    async def _publish(self, local: Jwks, *, keep: frozenset[str] = frozenset()) -> Jwks | None:
-        """Merge *local* into the bucket by compare-and-set, keys unusable for longer than
-        :data:`~bus_guard.signing._keys.PRUNE_AFTER_S` left out (but *keep*: the signing
-        keys); the merged JWKS, or ``None`` when there is no bucket or it could not be
-        written (logged, counted)."""
+    async def _publish(self, local: Jwks) -> Jwks | None:
+        """Merge *local* into the bucket by compare-and-set; the merged JWKS, or ``None``
+        when there is no bucket or it could not be written (logged, counted)."""
         if self._kv is None:
             return None
         kv = self._kv
@@ -252,7 +244,6 @@ class KeyKeeper:
                     log.warning("keys: the bucket's JWKS does not load (%s): replacing it", exc)
                     current, last = None, -1
                 merged = local if current is None else merge_jwks(current, local)
-                merged = prune_jwks(merged, now=time.time(), keep=keep)
                 if current is not None and merged.to_dict() == current.to_dict():
                     self._published, self._published_at = last, time.monotonic()
                     return merged

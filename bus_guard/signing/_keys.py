@@ -48,7 +48,6 @@ __all__ = (
     "kid_for",
     "load_private_key",
     "merge_jwks",
-    "prune_jwks",
     "public_jwk",
     "revoke_key",
     "rotate_key",
@@ -60,10 +59,6 @@ KEY_FILENAME = "signing-key.pem"
 JWKS_FILENAME = "jwks.json"
 # Must cover JWKS propagation to every verifier plus the artifact TTL and clock leeway.
 DEFAULT_GRACE_S = 3600.0
-# How long a key stays in the published JWKS (the bucket) after it stopped being usable
-# (revoked or retired): verifiers say ``revoked_kid`` rather than ``unknown_kid`` meanwhile,
-# and the bucket does not grow with every rotation forever.
-PRUNE_AFTER_S = 7 * 86400.0
 # A PEM Ed25519 key is ~120 bytes; refuse to slurp anything large by mistake.
 _MAX_KEY_FILE_BYTES = 64 * 1024
 
@@ -303,17 +298,6 @@ def merge_jwks(*sets: Jwks) -> Jwks:
                 not_after=_earliest(known.not_after, entry.not_after),
             )
     return Jwks(merged.values())
-
-
-def prune_jwks(
-    jwks: Jwks, *, now: float, after_s: float = PRUNE_AFTER_S, keep: frozenset[str] = frozenset()
-) -> Jwks:
-    """*jwks* without the keys unusable for more than *after_s* (revoked or retired that
-    long ago), but those in *keep* (a gateway's signing keys: never dropped while it signs).
-    Dropping such a key changes no verification: refused as revoked, or refused as unknown.
-    Every gateway prunes the same merge by the same rule, so they agree on the result."""
-    kept = [e for e in jwks.entries if e.kid in keep or e.refused_from > now - after_s]
-    return jwks if len(kept) == len(jwks.entries) else Jwks(kept)
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:
