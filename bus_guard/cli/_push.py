@@ -383,17 +383,9 @@ def _print_status(status: PolicyStatus, now: float, out: TextIO, *, as_json: boo
         return
     rev = "-" if status.revision is None else str(status.revision)
     state = "STALE" if status.stale else "fresh"
-    constitution = ""
-    if status.constitution_digest:
-        c_rev = "-" if status.constitution_revision is None else status.constitution_revision
-        c_state = "STALE" if status.constitution_stale else "fresh"
-        constitution = (
-            f"  constitution rev {c_rev}  {status.constitution_digest}  "
-            f"{status.constitution_version}  {c_state}"
-        )
     say(
         out,
         f"{status.gateway}  rev {rev}  {status.digest}  {status.version}  {state}  "
         f"refused {status.refusals}  updated {now - status.updated_at:.0f}s ago  "
-        f"({status.source}){constitution}",
+        f"({status.source})",
     )

@@ -75,10 +75,8 @@ def pointer_key(deployment: str, kind: BundleKind = "policy") -> str:
     return f"pointer.{kind}.{deployment}"
 
 
-def status_key(gateway_id: str, kind: BundleKind = "policy") -> str:
-    """Where a gateway's keeper of *kind* reports: ``status.<gw>`` (the ordinary set) or
-    ``constitution.<gw>``; ``policy status`` shows both on one line."""
-    return f"{'status' if kind == 'policy' else kind}.{gateway_id}"
+def status_key(gateway_id: str) -> str:
+    return f"status.{gateway_id}"
 
 
 async def pointer_history(js: JetStreamContext, bucket: str, key: str) -> tuple[int, list[bytes]]:
@@ -200,7 +198,6 @@ class BusSource:
         if self._gateway_id:
             await publish_status(
                 self._kv,
-                self._kind,
                 PolicyStatus(
                     gateway=self._gateway_id,
                     source=statistics.source,
@@ -383,7 +380,8 @@ async def open_bus_source(
             signed=signed,
             max_bundle_bytes=source.max_bundle_bytes,
             clock=clock,
-            gateway_id=settings.gateway_id,  # each kind under its own status key
+            # The status entry is the ordinary set's (what `policy status` lists).
+            gateway_id=settings.gateway_id if kind == "policy" else "",
         )
 
 
@@ -404,55 +402,25 @@ class PolicyStatus(msgspec.Struct, frozen=True, kw_only=True):
     refusals: int = 0
     last_refusal: str = ""
     updated_at: float = 0.0
-    # the constitution the gateway enforces over the set above, if one is configured
-    # (its keeper reports under its own key; :func:`read_statuses` joins the two)
-    constitution_digest: str = ""
-    constitution_version: str = ""
-    constitution_revision: int | None = None
-    constitution_stale: bool = False
 
 
 _STATUS_DECODER: Final = msgspec.json.Decoder(PolicyStatus)
 
 
-async def publish_status(kv: KeyValue, kind: BundleKind, status: PolicyStatus) -> None:
-    await kv.put(status_key(status.gateway, kind), msgspec.json.encode(status))
-
-
-async def _statuses(kv: KeyValue, keys: list[str], kind: BundleKind) -> dict[str, PolicyStatus]:
-    out = {}
-    for key in sorted(k for k in keys if k.startswith(status_key("", kind))):
-        try:
-            entry = await kv.get(key)
-            status = _STATUS_DECODER.decode(entry.value or b"")
-        except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError):
-            continue
-        out[status.gateway] = status
-    return out
+async def publish_status(kv: KeyValue, status: PolicyStatus) -> None:
+    await kv.put(status_key(status.gateway), msgspec.json.encode(status))
 
 
 async def read_statuses(kv: KeyValue) -> list[PolicyStatus]:
-    """Every gateway's reported policy status, its constitution's joined in (a gateway
-    whose ordinary set comes from a directory reports only its constitution)."""
     try:
         keys = await kv.keys()  # (filters: nats-py warns about servers before 2.10 each time)
     except nats.js.errors.NoKeysError:
         return []
-    ordinary = await _statuses(kv, keys, "policy")
-    constitutions = await _statuses(kv, keys, "constitution")
     out = []
-    for gateway in sorted(ordinary.keys() | constitutions.keys()):
-        status = ordinary.get(gateway) or PolicyStatus(
-            gateway=gateway, source="not on the bus", digest="-", version="-"
-        )
-        if (c := constitutions.get(gateway)) is not None:
-            status = msgspec.structs.replace(
-                status,
-                constitution_digest=c.digest,
-                constitution_version=c.version,
-                constitution_revision=c.revision,
-                constitution_stale=c.stale,
-                updated_at=max(status.updated_at, c.updated_at),
-            )
-        out.append(status)
+    for key in sorted(k for k in keys if k.startswith(status_key(""))):
+        try:
+            entry = await kv.get(key)
+            out.append(_STATUS_DECODER.decode(entry.value or b""))
+        except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError):
+            continue
     return out
