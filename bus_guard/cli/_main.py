@@ -457,6 +457,7 @@ async def _serve_until_stopped(
 ) -> Any:
     """The gateway with its policies, keys and canaries, until a signal (recorded in
     *stopped_by*) or the bus is lost; the gateway."""
+    from bus_guard.intake._archive import archiving
     from bus_guard.intake._control import control_connection, open_keys
     from bus_guard.intake._gateway import Gateway
     from bus_guard.intake._policy_source import open_policies
@@ -480,6 +481,10 @@ async def _serve_until_stopped(
             )
         )
         canary_nc = await stack.enter_async_context(control_connection(settings, purpose="canary"))
+        # Every set activated is archived by its digest, for `bus-guard replay`.
+        archive_nc = await stack.enter_async_context(
+            control_connection(settings, purpose="policy archive")
+        )
         policies = keeper.active.policies
         log.info(
             "policies %s (%s), %d rules, mode %s; artifacts %s",
@@ -502,6 +507,7 @@ async def _serve_until_stopped(
             ops,
             gateway,
             keeper.running(gateway.swap_policies),
+            archiving(archive_nc, settings, keeper),
             keys.running(),
             await _canaries(canary_nc, settings, source, gateway, signer, keeper),
             anyio.create_task_group() as tg,

@@ -56,6 +56,7 @@ from bus_guard.intake._limits import Limited, LimitStore
 from bus_guard.intake._parents import Parent
 from bus_guard.intake._publisher import OutputPublisher, not_yet_published
 from bus_guard.intake._recorder import ChainInDoubt, Recorder
+from bus_guard.intake._retain import IntentRetainer
 from bus_guard.intake._work import Decided, Item, Pulled, Recorded, Undecided, pulled, stored_at
 from bus_guard.intent import Intent
 from bus_guard.ledger import LedgerRecord, lineage_of
@@ -112,6 +113,8 @@ class StreamIntake:
     # The keys whose artifacts make a parent's ledger record count (the gateway's JWKS,
     # rotated keys included); the signer's own key is always one of them.
     trusted_keys: Jwks | None = None
+    # Retains every decided intent's bytes with its outputs (README, "Replay"); None: off.
+    retainer: IntentRetainer | None = None
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -531,6 +534,9 @@ class StreamIntake:
                 self.counters.adopted += 1
                 if batch.now - record.ts > self._s.retry_horizon_s:
                     outs = await self._not_yet_published(record, outs)
+            if self.retainer is not None:  # stored with the outputs, before the ack
+                data, headers = it.pulled.msg.data, it.pulled.msg.headers
+                outs.append(self.retainer.output(record, data, headers, batch.policies))
             decided.append(it)
             groups.append(outs)
         published = await self.publisher.publish(groups)

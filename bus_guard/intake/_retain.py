@@ -1,0 +1,125 @@
+"""Retaining every decided intent's bytes (README, "Replay"): the bucket and the outputs.
+
+The wire format is :mod:`bus_guard.ledger._intents`'. Stream mode adds the retained intent
+to a decision's outputs: it is published with them, concurrently (one more PubAck in the
+same round trip, or one more atomic batch beside the others), and the intent is acked only
+once it is stored too, so every acked intent is retained. Core mode publishes it after the
+outputs without waiting for an answer (at most once, like core mode itself).
+
+The bucket is created, when missing, with ``max_age`` = the retention; an existing one
+keeps its own (``nats stream edit KV_<prefix>-intents --max-age`` changes it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+
+from bus_guard.ledger._intents import intents_bucket, retained_output
+from bus_guard.ledger._records import LedgerRecord
+from bus_guard.pipeline import Outcome, Output, PolicySetLike
+from bus_guard.policy._bundle import StaleSet
+from bus_guard.policy._constitution import LayeredSet
+from bus_guard.settings import Settings
+
+__all__ = ("IntentRetainer", "constitution_of", "ensure_intents_bucket")
+
+log = logging.getLogger(__name__)
+
+_STREAM_DESCRIPTION: Final = "bus_guard: retained intents, by decision id (bus-guard replay)"
+
+
+def constitution_of(policies: PolicySetLike) -> str:
+    """The digest of the constitution in force in *policies* ("" without one)."""
+    if isinstance(policies, StaleSet):
+        policies = policies.stale
+    if isinstance(policies, LayeredSet):
+        return policies.constitution.digest
+    return ""
+
+
+def intents_stream_config(settings: Settings) -> StreamConfig:
+    """The stream behind the bucket: a key-value bucket (one value per decision id) whose
+    values expire after the retention, taking atomic batches like the output streams."""
+    bucket = intents_bucket(settings.prefix)
+    retention = settings.intent_retention_s
+    return StreamConfig(
+        name=f"KV_{bucket}",
+        description=_STREAM_DESCRIPTION,
+        subjects=[f"$KV.{bucket}.>"],
+        storage=StorageType.FILE,
+        num_replicas=settings.stream.replicas,
+        max_msgs_per_subject=1,
+        max_age=retention,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=min(settings.stream.duplicate_window_s, retention),
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        allow_direct=True,
+        allow_atomic=True,
+    )
+
+
+async def ensure_intents_bucket(js: JetStreamContext, settings: Settings) -> None:
+    """Create the retained-intents bucket if it is missing; raises ``nats.errors.Error``."""
+    config = intents_stream_config(settings)
+    assert config.name is not None
+    try:
+        info = await js.stream_info(config.name)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(config)
+        log.info(
+            "created key-value bucket %s: retained intents for %g s",
+            intents_bucket(settings.prefix),
+            settings.intent_retention_s,
+        )
+        return
+    if info.config.max_age != config.max_age:
+        log.warning(
+            "bucket %s keeps intents for %s s, not the configured %g s (it was created so)",
+            intents_bucket(settings.prefix),
+            info.config.max_age,
+            settings.intent_retention_s,
+        )
+
+
+@dataclass
+class IntentRetainer:
+    """Builds the message that retains a decided intent (see the module docstring)."""
+
+    settings: Settings
+    failures: int = 0  # core mode: retained intents nats-py refused to send
+
+    def __post_init__(self) -> None:
+        self.bucket = intents_bucket(self.settings.prefix)
+
+    def output(
+        self,
+        record: Outcome | LedgerRecord,
+        payload: bytes,
+        headers: Mapping[str, str] | None,
+        policies: PolicySetLike,
+    ) -> Output:
+        """The retained intent of *record*; *policies*: the set it was decided with (its
+        constitution is named, if it has one)."""
+        return retained_output(
+            record, payload, headers, bucket=self.bucket, constitution=constitution_of(policies)
+        )
+
+
+async def start_retention(js: JetStreamContext, settings: Settings) -> IntentRetainer | None:
+    """The retainer, with its bucket ensured; ``None`` when retention is off. Raises
+    ``nats.errors.Error`` when the bucket cannot be created."""
+    if settings.intent_retention_s <= 0:
+        return None
+    await ensure_intents_bucket(js, settings)
+    return IntentRetainer(settings)
+
+
