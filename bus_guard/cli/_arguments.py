@@ -633,6 +633,9 @@ def parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, metavar="FILE", help="write it here (default: stdout)"
     )
     _push.add_policy_commands(pol)
+    from bus_guard.cli import _replay  # imports this module: late
+
+    _replay.add_commands(sub, pol)
 
     ledger = sub.add_parser("ledger", help="the decision ledger").add_subparsers(
         dest="ledger_command", required=True, metavar="ACTION"

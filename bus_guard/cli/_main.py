@@ -4,10 +4,11 @@ bus-guard run       the gateway
 bus-guard demo      everything on one machine, live
 bus-guard watch     live denials and holds
 bus-guard keys      signing keys and the JWKS
-bus-guard policy    check | test | explain | schema | push | sign | status
+bus-guard policy    check | test | explain | schema | push | sign | status | impact
 bus-guard verify    check an artifact as an executor would
 bus-guard ledger    verify the ledger's chains and checkpoints
 bus-guard lineage   ancestors and descendants of a decision
+bus-guard replay    decide a recorded decision again, under the set that made it
 bus-guard approve   vote to release a held intent (reject: to deny it)
 bus-guard holds     the open holds, with approvals so far
 bus-guard limits    what rate limits and budgets have used, per key
@@ -251,6 +252,10 @@ def _dispatch(args: argparse.Namespace, pipe: PipeGuard) -> int:
             return _cmd_keys(args, out)
         case "ledger" | "lineage":
             return anyio.run(_cmd_ledger, args, out)
+        case "replay":
+            from bus_guard.cli._replay import cmd_replay
+
+            return anyio.run(cmd_replay, args, out)
         case "witness":
             from bus_guard.cli._witness import cmd_witness
 
@@ -396,6 +401,10 @@ def _cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
             shutil.copytree(EXAMPLE_POLICIES, args.dir)
             say(out, f"wrote the example policies to {args.dir} (bundles, tests/, approvers/)")
             return EXIT_OK
+        case "impact":
+            from bus_guard.cli._replay import cmd_impact
+
+            return anyio.run(cmd_impact, args, out)
         case "push" | "sign" | "status":
             from bus_guard.cli import _push
 

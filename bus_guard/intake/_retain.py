@@ -29,20 +29,21 @@ from bus_guard.policy._bundle import StaleSet
 from bus_guard.policy._constitution import LayeredSet
 from bus_guard.settings import Settings
 
-__all__ = ("IntentRetainer", "constitution_of", "ensure_intents_bucket")
+__all__ = ("IntentRetainer", "ensure_intents_bucket", "layers_of")
 
 log = logging.getLogger(__name__)
 
 _STREAM_DESCRIPTION: Final = "bus_guard: retained intents, by decision id (bus-guard replay)"
 
 
-def constitution_of(policies: PolicySetLike) -> str:
-    """The digest of the constitution in force in *policies* ("" without one)."""
+def layers_of(policies: PolicySetLike) -> tuple[str, str]:
+    """The digests of the constitution and of the ordinary set in force in *policies*
+    (``("", "")`` without a constitution)."""
     if isinstance(policies, StaleSet):
         policies = policies.stale
     if isinstance(policies, LayeredSet):
-        return policies.constitution.digest
-    return ""
+        return policies.constitution.digest, policies.ordinary.digest
+    return "", ""
 
 
 def intents_stream_config(settings: Settings) -> StreamConfig:
@@ -110,7 +111,7 @@ class IntentRetainer:
         """The retained intent of *record*; *policies*: the set it was decided with (its
         constitution is named, if it has one)."""
         return retained_output(
-            record, payload, headers, bucket=self.bucket, constitution=constitution_of(policies)
+            record, payload, headers, bucket=self.bucket, layers=layers_of(policies)
         )
 
 
@@ -121,5 +122,3 @@ async def start_retention(js: JetStreamContext, settings: Settings) -> IntentRet
         return None
     await ensure_intents_bucket(js, settings)
     return IntentRetainer(settings)
-
-

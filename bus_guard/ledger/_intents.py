@@ -63,9 +63,11 @@ class RetainedDecision(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=
     rules: tuple[str, ...] = ()
     policy_digest: str = ""
     policy_version: str = ""
-    # The constitution in force when it was decided ("" without one): a decision that the
-    # ordinary set made under a constitution names the ordinary digest only.
+    # The layers in force when it was decided: the constitution's digest and the ordinary
+    # set's ("" without a constitution): a decision names only the layer that made it.
     constitution: str = ""
+    ordinary: str = ""
+    core: bool = False  # decided by a core-mode gateway (no ledger record, no lineage)
     principal: str = ""
     action: str = ""
     resource: str = ""
@@ -95,10 +97,11 @@ def retained_output(
     headers: Mapping[str, str] | None,
     *,
     bucket: str,
-    constitution: str = "",
+    layers: tuple[str, str] = ("", ""),
 ) -> Output:
     """The message that retains *record*'s intent *payload* (its intake *headers* give the
-    ``Content-Type``)."""
+    ``Content-Type``); *layers*: the digests of the constitution and of the ordinary set in
+    force (``("", "")`` without a constitution)."""
     summary = RetainedDecision(
         decision_id=record.decision_id,
         effect=record.effect,
@@ -111,7 +114,9 @@ def retained_output(
         rules=record.rules,
         policy_digest=record.policy_digest,
         policy_version=record.policy_version,
-        constitution=constitution,
+        constitution=layers[0],
+        ordinary=layers[1],
+        core=not isinstance(record, LedgerRecord),
         principal=record.principal,
         action=record.action,
         resource=record.resource,
