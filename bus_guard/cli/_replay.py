@@ -164,6 +164,7 @@ class _Kept:
     _sets: dict[str, PolicySetLike] = field(default_factory=dict)
     _records: dict[str, LedgerRecord | None] = field(default_factory=dict)
     _store: ObjectStore | None = None
+    _ledger: bool | None = None  # whether there is a ledger stream (unknown yet)
 
     def __post_init__(self) -> None:
         self.js = self.nc.jetstream(timeout=5.0)
@@ -198,6 +199,14 @@ class _Kept:
         if decision_id in self._records:
             return self._records[decision_id]
         found: LedgerRecord | None = None
+        if self._ledger is None:  # core-mode gateways alone keep no ledger stream
+            try:
+                await self.js.stream_info(self.subjects.streams.ledger)
+                self._ledger = True
+            except nats.js.errors.NotFoundError:
+                self._ledger = False
+        if not self._ledger:
+            return None
         try:
             stored = await first_by_subject(
                 self.js,

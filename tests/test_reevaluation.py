@@ -1,0 +1,316 @@
+"""Re-evaluation (README, "Replay" and "Impact analysis"): every decision's intent bytes are
+retained and every activated policy set archived by digest, so ``bus-guard replay`` decides
+a recorded decision again under the set that made it (lineage, limits and holds included)
+and ``bus-guard policy impact`` says what a candidate set would change, exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+from bus_guard.cli._main import main
+from bus_guard.intake._archive import archive_name, archiving
+from bus_guard.intake._gateway import Gateway
+from bus_guard.intake._policy_source import DirectorySource, Layers, PolicyKeeper
+from bus_guard.ledger._intents import intents_bucket
+from bus_guard.ledger._records import LedgerRecord, intent_decision_id
+from bus_guard.settings import Settings
+from bus_guard.signing._keys import generate_key
+
+from .helpers import intent, make_signer
+from .streamkit import count, drained, eventually, ledger_decisions, stream_gateway, stream_settings
+
+BUNDLE = """
+bundle: replay-test
+version: "1"
+mode: enforce
+rules:
+  - id: read
+    effect: allow
+    actions: [tools.search, tools.http.get]
+  - id: review
+    effect: escalate
+    actions: [tools.review]
+  - id: pay-untainted
+    effect: allow
+    description: no payment that descends from a web fetch
+    actions: [payments.transfer]
+    when: {field: lineage.labels, not_in: [tools.http.get]}
+  - id: lookups
+    effect: allow
+    actions: [tools.lookup]
+    limits:
+      - {name: lookup-rate, count: 2, window: 1h}
+"""
+INTENTS = f"KV_{intents_bucket('guard')}"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    return generate_key(tmp_path / "keys")
+
+
+def policy_dir(tmp_path: Path, text: str = BUNDLE, name: str = "policies") -> Path:
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / "replay.yaml").write_text(text)
+    return directory
+
+
+def did(principal: str, intent_id: str) -> str:
+    return intent_decision_id("guard", principal, intent_id)
+
+
+@asynccontextmanager
+async def gateway_on(
+    nc: Client, settings: Settings, directory: Path, key: Path
+) -> AsyncIterator[PolicyKeeper]:
+    """A gateway deciding with the directory's set (reloaded on demand), archiving every
+    set it activates; leaving it, everything queued for the archive is written."""
+    keeper = PolicyKeeper(DirectorySource(directory), poll_s=3600)
+    await keeper.load()
+    gateway: Gateway
+    if settings.mode == "stream":
+        gateway = stream_gateway(settings, keeper.active.policies, key)
+    else:
+        gateway = Gateway(settings, keeper.current, make_signer(key, settings.gateway_id))
+    async with (
+        gateway,
+        keeper.running(gateway.swap_policies),
+        archiving(nc, settings, Layers(keeper, None)),
+    ):
+        yield keeper
+
+
+class Agents:
+    """Stream mode: publish intents one at a time, each decided before the next."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+
+    async def send(
+        self, principal: str, action: str, intent_id: str, parents: tuple[str, ...] = ()
+    ) -> LedgerRecord:
+        body = intent(action, f"tool:{action}", {"amount": 1}, id=intent_id, parents=list(parents))
+        await self.js.publish(f"guard.in.{principal}.{action}", body)
+        await eventually(lambda: drained(self.js), what="intake drained")
+        ledger = {r.decision_id: r for r in await ledger_decisions(self.nc)}
+        return ledger[did(principal, intent_id)]
+
+
+async def run_cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = await asyncio.to_thread(main, list(argv), out=out)
+    return code, out.getvalue()
+
+
+async def replay(nats_url: str, decision_id: str) -> tuple[int, dict[str, Any]]:
+    code, text = await run_cli("replay", decision_id, "--nats", nats_url, "--json")
+    assert code in (0, 1), text
+    doc: dict[str, Any] = json.loads(text)
+    return code, doc
+
+
+async def test_replay_reproduces_allow_deny_hold_limits_and_lineage(
+    nats_url: str, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    nc = await nats.connect(nats_url)
+    agents = Agents(nc)
+    async with gateway_on(nc, stream_settings(nats_url), policy_dir(tmp_path), keys[0]):
+        search = await agents.send("agent-1", "tools.search", "search")
+        shell = await agents.send("agent-1", "tools.shell", "shell")  # no rule: denied
+        review = await agents.send("agent-1", "tools.review", "review")
+        fetch = await agents.send("agent-3", "tools.http.get", "fetch")
+        # Lineage decides these two: a payment descending from a web fetch is not allowed
+        # (a root payment would be), one descending from a search is.
+        tainted = await agents.send("agent-7", "payments.transfer", "tainted", (fetch.decision_id,))
+        clean = await agents.send("agent-7", "payments.transfer", "clean", (search.decision_id,))
+        lookups = [await agents.send("agent-2", "tools.lookup", f"l{i}") for i in range(3)]
+    decided = [search, shell, review, fetch, tainted, clean, *lookups]
+    assert [r.effect for r in decided] == [
+        "allow", "deny", "hold", "allow", "deny", "allow", "allow", "allow", "deny",
+    ]  # fmt: skip
+    assert tainted.reason == "no_matching_rule" and "tools.http.get" in tainted.labels
+    assert clean.rules == ("pay-untainted",) and clean.lineage_depth == 1
+    assert lookups[2].reason == "rate_limited"
+    # Every decision's intent is retained, once.
+    assert await count(nc.jetstream(), INTENTS) == len(decided)
+    await nc.close()
+
+    for record in decided:
+        code, doc = await replay(nats_url, record.decision_id)
+        assert code == 0 and doc["reproduces"] is True, doc
+        assert doc["replayed"] == {
+            "effect": record.effect,
+            "reason": record.reason,
+            "rules": list(record.rules),
+            "layer": "policy",
+        }
+        assert doc["policy_digest"] == record.policy_digest
+    # What makes these two what they are: the lineage, rebuilt from the parents' records
+    # (without it the tainted payment is a root, allowed by pay-untainted).
+    _, doc = await replay(nats_url, tainted.decision_id)
+    assert doc["recorded"]["effect"] == "deny" and doc["replayed"]["effect"] == "deny"
+    assert any("lineage rebuilt" in note for note in doc["notes"])
+    # ... and the recorded use of the limit: 2 of 2 used before the third lookup.
+    _, doc = await replay(nats_url, lookups[2].decision_id)
+    assert any("lookup-rate 2+1 of 2" in note for note in doc["notes"]), doc
+    code, text = await run_cli("replay", tainted.decision_id, "--nats", nats_url)
+    assert code == 0 and "REPRODUCES" in text and "deny no_matching_rule" in text
+
+
+async def test_replay_uses_the_set_that_decided_not_the_current_one(
+    nats_url: str, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    directory = policy_dir(tmp_path)
+    nc = await nats.connect(nats_url)
+    agents = Agents(nc)
+    async with gateway_on(nc, stream_settings(nats_url), directory, keys[0]) as keeper:
+        first_set = keeper.active.policies
+        before = await agents.send("agent-1", "tools.search", "before")
+        # The directory changes: searches are no longer allowed; reloaded (as on SIGHUP).
+        (directory / "replay.yaml").write_text(
+            BUNDLE.replace("[tools.search, tools.http.get]", "[tools.http.get]")
+        )
+        assert await keeper.reload()
+        after = await agents.send("agent-1", "tools.search", "after")
+    store = await nc.jetstream().object_store("guard-policy-sets")
+    for digest in (first_set.digest, after.policy_digest):
+        assert (await store.get_info(archive_name(digest))).name == archive_name(digest)
+    await nc.close()
+    assert (before.effect, after.effect) == ("allow", "deny")
+    assert before.policy_digest == first_set.digest != after.policy_digest
+
+    code, doc = await replay(nats_url, before.decision_id)
+    assert code == 0 and doc["replayed"]["effect"] == "allow"
+    assert doc["policy_digest"] == first_set.digest  # the old set, fetched by its digest
+    code, doc = await replay(nats_url, after.decision_id)
+    assert code == 0 and doc["replayed"]["reason"] == "no_matching_rule"
+
+
+async def test_core_mode_retains_and_replays(
+    nats_url: str, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    nc = await nats.connect(nats_url, inbox_prefix="_INBOX.agent-1")
+    settings = Settings(nats_url=nats_url, mode="core", gateway_id="core-gw")
+    async with gateway_on(nc, settings, policy_dir(tmp_path), keys[0]):
+        replies = [
+            json.loads((await nc.request(f"guard.in.agent-1.{a}", intent(a, "r"), timeout=10)).data)
+            for a in ("tools.search", "tools.shell", "tools.review")
+        ]
+        # A core-mode gateway keeps no ledger: a child is denied whatever its parent.
+        child = intent("tools.search", "r", parents=[replies[0]["decision_id"]])
+        replies.append(
+            json.loads((await nc.request("guard.in.agent-1.tools.search", child, timeout=10)).data)
+        )
+        js = nc.jetstream()
+        await eventually(lambda: _has(js, INTENTS, len(replies)), what="intents retained")
+    await nc.close()
+    assert [r["effect"] for r in replies] == ["allow", "deny", "hold", "deny"]
+    assert replies[3]["reason"] == "lineage_violation"
+    for reply in replies:
+        code, doc = await replay(nats_url, reply["decision_id"])
+        assert code == 0 and doc["reproduces"] is True, doc
+        assert (doc["replayed"]["effect"], doc["replayed"]["reason"]) == (
+            reply["effect"],
+            reply["reason"],
+        )
+
+
+async def _has(js: Any, stream: str, n: int) -> bool:
+    try:
+        return bool(await count(js, stream) >= n)
+    except nats.js.errors.NotFoundError:
+        return False
+
+
+async def test_policy_impact_counts_exactly_what_a_candidate_changes(
+    nats_url: str, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    nc = await nats.connect(nats_url)
+    agents = Agents(nc)
+    directory = policy_dir(tmp_path)
+    async with gateway_on(nc, stream_settings(nats_url), directory, keys[0]):
+        for i in range(4):
+            await agents.send("agent-9", "tools.search", f"nine-{i}")
+        for i in range(6):
+            await agents.send("agent-1", "tools.search", f"one-{i}")
+        await agents.send("agent-1", "tools.shell", "shell")
+        await agents.send("agent-1", "tools.review", "review")
+    await nc.close()
+
+    # A candidate that denies agent-9's searches: 4 of the 12 recorded decisions change.
+    candidate = policy_dir(
+        tmp_path,
+        BUNDLE
+        + "  - {id: no-nine, effect: deny, principals: [agent-9], actions: [tools.search]}\n",
+        name="candidate",
+    )
+    code, text = await run_cli(
+        "policy", "impact", str(candidate), "--nats", nats_url, "--since", "1h", "--json",
+        "--limit-examples", "2",
+    )  # fmt: skip
+    assert code == 0, text
+    doc = json.loads(text)
+    assert (doc["decisions"], doc["changed"], doc["unchanged"]) == (12, 4, 8)
+    [change] = doc["changes"]
+    assert change["old"] == {"effect": "allow", "reason": "allowed_by_rule"}
+    assert change["new"] == {"effect": "deny", "reason": "denied_by_rule"}
+    assert change["count"] == 4 and len(change["examples"]) == 2
+    assert {e["decision_id"] for e in change["examples"]} <= {
+        did("agent-9", f"nine-{i}") for i in range(4)
+    }
+    assert {e["principal"] for e in change["examples"]} == {"agent-9"}
+    unchanged = {(u["effect"], u["reason"]): u["count"] for u in doc["unchanged_by_outcome"]}
+    assert unchanged == {
+        ("allow", "allowed_by_rule"): 6,
+        ("deny", "no_matching_rule"): 1,
+        ("hold", "escalated_by_rule"): 1,
+    }
+    # The identical set changes nothing.
+    code, text = await run_cli("policy", "impact", str(directory), "--nats", nats_url, "--json")
+    doc = json.loads(text)
+    assert code == 0 and (doc["decisions"], doc["changed"], doc["changes"]) == (12, 0, [])
+    code, text = await run_cli("policy", "impact", str(candidate), "--nats", nats_url)
+    assert code == 0 and "allow/allowed_by_rule -> deny/denied_by_rule: 4" in text
+
+
+async def test_unknown_decisions_and_retention_off_are_clear_errors(
+    nats_url: str, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    code, text = await run_cli("replay", "01JD2Q5X3M7N8P9R0S1T2V3W4X", "--nats", nats_url)
+    assert code == 2 and "intent retention is off" in text
+    code, text = await run_cli("policy", "impact", str(policy_dir(tmp_path)), "--nats", nats_url)
+    assert code == 2 and "intent retention is off" in text
+
+    nc = await nats.connect(nats_url)
+    agents = Agents(nc)
+    off = replace(stream_settings(nats_url), intent_retention_s=0)
+    async with gateway_on(nc, off, policy_dir(tmp_path, name="p2"), keys[0]):
+        kept_not = await agents.send("agent-1", "tools.search", "not-kept")
+    js = nc.jetstream()
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await js.stream_info(INTENTS)
+    code, text = await run_cli("replay", kept_not.decision_id, "--nats", nats_url)
+    assert code == 2 and "intent retention is off" in text
+
+    async with gateway_on(nc, stream_settings(nats_url), policy_dir(tmp_path, name="p3"), keys[0]):
+        kept = await agents.send("agent-1", "tools.search", "kept")
+    await nc.close()
+    code, text = await run_cli("replay", "01JD2Q5X3M7N8P9R0S1T2V3W4X", "--nats", nats_url)
+    assert code == 2 and "no such decision" in text
+    code, text = await run_cli("replay", kept_not.decision_id, "--nats", nats_url)
+    assert code == 2 and "not retained" in text  # decided while retention was off
+    code, text = await run_cli("replay", kept.decision_id, "--nats", nats_url)
+    assert code == 0 and "REPRODUCES" in text
