@@ -40,7 +40,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 import anyio
@@ -56,7 +56,7 @@ from bus_guard.intake._limits import Limited, LimitStore
 from bus_guard.intake._parents import Parent
 from bus_guard.intake._publisher import OutputPublisher, not_yet_published
 from bus_guard.intake._recorder import ChainInDoubt, Recorder
-from bus_guard.intake._retain import IntentRetainer
+from bus_guard.intake._retain import IntentRetainer, retain_batch
 from bus_guard.intake._work import Decided, Item, Pulled, Recorded, Undecided, pulled, stored_at
 from bus_guard.intent import Intent
 from bus_guard.ledger import LedgerRecord, lineage_of
@@ -509,6 +509,7 @@ class StreamIntake:
         s = self.settings
         decided: list[Recorded] = []
         groups: list[list[Output]] = []
+        retained: list[Output] = []  # the decided intents' bytes (README, "Replay")
         for it in batch.items:
             if not isinstance(it, Recorded):
                 continue
@@ -536,10 +537,15 @@ class StreamIntake:
                     outs = await self._not_yet_published(record, outs)
             if self.retainer is not None:  # stored with the outputs, before the ack
                 data, headers = it.pulled.msg.data, it.pulled.msg.headers
-                outs.append(self.retainer.output(record, data, headers, batch.policies))
+                retained.append(self.retainer.output(record, data, headers, batch.policies))
             decided.append(it)
             groups.append(outs)
-        published = await self.publisher.publish(groups)
+        published, kept = await asyncio.gather(
+            self.publisher.publish(groups),
+            retain_batch(self.nc, self._js, retained, timeout_s=self._s.publish_timeout_s),
+        )
+        if not kept:  # not retained: not acked either (they come back and adopt)
+            published = replace(published, stored=[False] * len(decided))
         if published.duplicates:  # published before a crash or a lost PubAck: stored once
             self.counters.duplicate_outputs += published.duplicates
             log.info(
