@@ -21,14 +21,21 @@ from nats.aio.client import Client
 from bus_guard.cli._main import main
 from bus_guard.intake._archive import archive_name, archiving
 from bus_guard.intake._gateway import Gateway
-from bus_guard.intake._policy_source import DirectorySource, Layers, PolicyKeeper
+from bus_guard.intake._policy_bus import read_statuses
+from bus_guard.intake._policy_source import DirectorySource, Layers, PolicyKeeper, open_policies
 from bus_guard.ledger._intents import intents_bucket
 from bus_guard.ledger._records import LedgerRecord, intent_decision_id
-from bus_guard.settings import Settings
+from bus_guard.settings import PolicySourceSettings, Settings
 from bus_guard.signing._keys import generate_key
+from bus_guard.signing._signer import Signer
 
 from .helpers import intent, make_signer
 from .streamkit import count, drained, eventually, ledger_decisions, stream_gateway, stream_settings
+from .test_constitution import _ask as ask
+from .test_constitution import _constitution_dir as constitution_dir
+from .test_constitution import _keys as constitution_keys_of
+from .test_constitution import _ordinary_dir as ordinary_dir
+from .test_constitution import _push as push
 
 BUNDLE = """
 bundle: replay-test
@@ -314,3 +321,81 @@ async def test_unknown_decisions_and_retention_off_are_clear_errors(
     assert code == 2 and "not retained" in text  # decided while retention was off
     code, text = await run_cli("replay", kept.decision_id, "--nats", nats_url)
     assert code == 0 and "REPRODUCES" in text
+
+
+async def test_replay_and_impact_under_a_constitution_and_policy_status_shows_it(
+    nats_url: str, tmp_path: Path, signer: Signer
+) -> None:
+    """Bundles from the bus under a constitution: each decision replays with the layers that
+    were in force (the layer that decided included); a candidate cannot undo a constitution
+    denial in the impact either; ``policy status`` shows both revisions."""
+    publisher, publishers = generate_key(tmp_path / "publisher")
+    signers, constitution_keys = constitution_keys_of(tmp_path, 2)
+    await push(nats_url, ordinary_dir(tmp_path, "9"), publisher)
+    await push(nats_url, constitution_dir(tmp_path), signers[0], signers[1], kind="constitution")
+    source = PolicySourceSettings(
+        publishers_file=publishers,
+        constitution_keys_file=constitution_keys,
+        constitution_quorum=2,
+        poll_s=0.1,
+    )
+    settings = Settings(nats_url=nats_url, mode="core", gateway_id="layered-gw")
+    nc = await nats.connect(nats_url, inbox_prefix="_INBOX.agent-1")
+    asked = []
+    async with (
+        open_policies(settings, source) as layers,
+        Gateway(settings, layers.current, signer) as gateway,
+        layers.running(gateway.swap_policies),
+        archiving(nc, settings, layers),
+    ):
+        for subject, resource in (
+            ("guard.in.agent-1.tools.shell", "host:x"),  # the constitution denies
+            ("guard.in.agent-1.tools.search", "secret:payroll"),  # the constitution holds
+            ("guard.in.agent-1.tools.search", "index:web"),  # the ordinary set allows
+        ):
+            asked.append(await ask(nc, subject, resource))
+        js = nc.jetstream()
+        await eventually(lambda: _has(js, INTENTS, 3), what="intents retained")
+        kv = await js.key_value("guard-policy")
+        await eventually(
+            lambda: _statuses(kv, {"policy", "constitution"}), what="both statuses reported"
+        )
+    await nc.close()
+    assert [(a["effect"], a["policy_version"][:13]) for a in asked] == [
+        ("deny", "constitution/"),
+        ("hold", "constitution/"),
+        ("allow", "tools@9;rev=1"),
+    ]
+    for a in asked:
+        code, doc = await replay(nats_url, a["decision_id"])
+        assert code == 0 and doc["reproduces"] is True, doc
+        assert doc["constitution"] != ""
+        layer = "constitution" if a["policy_version"].startswith("constitution/") else "policy"
+        assert doc["replayed"]["layer"] == layer
+    code, text = await run_cli("policy", "status", "--nats", nats_url, "--json")
+    [doc] = [json.loads(line) for line in text.splitlines()]
+    assert code == 0 and doc["gateway"] == "layered-gw" and doc["revision"] == 1
+    assert doc["constitution"]["revision"] == 1 and doc["constitution"]["kind"] == "constitution"
+    assert doc["constitution"]["version"].startswith("constitution/")
+    code, text = await run_cli("policy", "status", "--nats", nats_url)
+    assert code == 0 and "constitution rev 1" in text and "rev 1" in text
+
+    # A candidate that allows searches of secrets only (and still the shell): only the
+    # ordinary search changes; the shell stays denied and the secret search held (the
+    # constitution, put over the candidate as the gateway would).
+    candidate = ordinary_dir(tmp_path, "10")
+    text = (candidate / "tools.yaml").read_text()
+    only_secrets = '    actions: [tools.search]\n    resources: ["secret:*"]\n'
+    text = text.replace("    actions: [tools.search]\n", only_secrets)
+    (candidate / "tools.yaml").write_text(text)
+    code, text = await run_cli("policy", "impact", str(candidate), "--nats", nats_url, "--json")
+    doc = json.loads(text)
+    assert code == 0 and (doc["decisions"], doc["changed"]) == (3, 1), doc
+    [change] = doc["changes"]
+    assert change["old"] == {"effect": "allow", "reason": "allowed_by_rule"}
+    assert change["new"] == {"effect": "deny", "reason": "no_matching_rule"}
+    assert change["examples"][0]["decision_id"] == asked[2]["decision_id"]
+
+
+async def _statuses(kv: Any, kinds: set[str]) -> bool:
+    return {s.kind for s in await read_statuses(kv)} == kinds

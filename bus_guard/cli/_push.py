@@ -372,24 +372,49 @@ async def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         await nc.close()
     now = time.time()
-    for status in statuses:
-        _print_status(status, now, out, as_json=args.json)
+    constitutions = {s.gateway: s for s in statuses if s.kind == "constitution"}
+    ordinary = {s.gateway: s for s in statuses if s.kind != "constitution"}
+    for gateway in sorted(ordinary.keys() | constitutions.keys()):
+        _print_status(
+            ordinary.get(gateway), constitutions.get(gateway), gateway, now, out, as_json=args.json
+        )
     if not statuses and not args.json:
         say(out, "no gateway has reported a policy status")
     return 0
 
 
-def _print_status(status: PolicyStatus, now: float, out: TextIO, *, as_json: bool) -> None:
+def _print_status(
+    status: PolicyStatus | None,
+    constitution: PolicyStatus | None,
+    gateway: str,
+    now: float,
+    out: TextIO,
+    *,
+    as_json: bool,
+) -> None:
+    """One gateway's line: its ordinary set (a directory's is not reported: ``-``) and,
+    with a constitution, the constitution's revision, digest and state."""
     if as_json:
         import msgspec
 
-        say(out, json.dumps(msgspec.to_builtins(status)))
+        doc: dict[str, Any] = (
+            msgspec.to_builtins(status) if status is not None else {"gateway": gateway}
+        )
+        if constitution is not None:
+            doc["constitution"] = msgspec.to_builtins(constitution)
+        say(out, json.dumps(doc))
         return
+    line = f"{gateway}  " + (_state(status, now) if status is not None else "policy not reported")
+    if constitution is not None:
+        line += f"  constitution {_state(constitution, now)}"
+    say(out, line)
+
+
+def _state(status: PolicyStatus, now: float) -> str:
     rev = "-" if status.revision is None else str(status.revision)
     state = "STALE" if status.stale else "fresh"
-    say(
-        out,
-        f"{status.gateway}  rev {rev}  {status.digest}  {status.version}  {state}  "
+    return (
+        f"rev {rev}  {status.digest}  {status.version}  {state}  "
         f"refused {status.refusals}  updated {now - status.updated_at:.0f}s ago  "
-        f"({status.source})",
+        f"({status.source})"
     )

@@ -188,6 +188,7 @@ class BusSource:
                     refusals=statistics.refusals,
                     last_refusal=statistics.last_refusal,
                     updated_at=self._clock(),
+                    kind=self._kind,
                 ),
             )
 
@@ -358,8 +359,8 @@ async def open_bus_source(
             signed=signed,
             max_bundle_bytes=source.max_bundle_bytes,
             clock=clock,
-            # The status entry is the ordinary set's (what `policy status` lists).
-            gateway_id=settings.gateway_id if kind == "policy" else "",
+            # Each kind reports on its own key (`policy status` lists both per gateway).
+            gateway_id=settings.gateway_id,  # the constitution on its own key (kind)
         )
 
 
@@ -380,13 +381,19 @@ class PolicyStatus(msgspec.Struct, frozen=True, kw_only=True):
     refusals: int = 0
     last_refusal: str = ""
     updated_at: float = 0.0
+    # "policy", or "constitution": a gateway with a constitution reports it on its own key
+    # (``status.<gateway id>.constitution``), beside its ordinary set's.
+    kind: str = "policy"
 
 
 _STATUS_DECODER: Final = msgspec.json.Decoder(PolicyStatus)
 
 
 async def publish_status(kv: KeyValue, status: PolicyStatus) -> None:
-    await kv.put(status_key(status.gateway), msgspec.json.encode(status))
+    key = status_key(status.gateway)
+    if status.kind != "policy":
+        key = f"{key}.{status.kind}"
+    await kv.put(key, msgspec.json.encode(status))
 
 
 async def read_statuses(kv: KeyValue) -> list[PolicyStatus]:

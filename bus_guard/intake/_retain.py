@@ -49,7 +49,7 @@ def layers_of(policies: PolicySetLike) -> tuple[str, str]:
 
 def intents_stream_config(settings: Settings) -> StreamConfig:
     """The stream behind the bucket: a key-value bucket (one value per decision id) whose
-    values expire after the retention, taking atomic batches like the output streams."""
+    values expire after the retention."""
     bucket = intents_bucket(settings.prefix)
     retention = settings.intent_retention_s
     return StreamConfig(
@@ -65,7 +65,6 @@ def intents_stream_config(settings: Settings) -> StreamConfig:
         allow_rollup_hdrs=True,
         deny_delete=True,
         allow_direct=True,
-        allow_atomic=True,
     )
 
 
@@ -124,10 +123,10 @@ async def retain_batch(
     All but the last go out as plain publishes, the last as a JetStream publish whose
     PubAck is awaited: the server takes one connection's messages in order, and a stream
     stores what reaches it in order, so the last one's PubAck says every earlier one was
-    processed too (stored, or a duplicate of one stored). One PubAck per batch instead of
+    processed too. One PubAck per batch instead of
     one per intent: a PubAck costs the client ~40 µs, a plain publish a few. No PubAck
     (timeout, no stream): ``False``, and the batch's intents are not acked (they come
-    back, adopt their decisions and are retained then; ``Nats-Msg-Id`` stores them once).
+    back, adopt their decisions and are retained then, over the same key).
     """
     if not outs:
         return True

@@ -14,7 +14,6 @@ key, ``max_age`` the retention, ``bus-guard run --intent-retention``, 7 days by 
   rules, the policy digest and version, the constitution in force), on which subject,
   by which gateway, when, with which parents and limits. Core mode has no ledger: this is
   its only record; in stream mode the ledger record stands and this one says the same.
-* ``Nats-Msg-Id``: the decision id, so that an adopted redelivery stores nothing new.
 
 The payload's SHA-256 is in the ledger record (stream mode) and in the header: a retained
 message whose bytes do not hash to it is refused by the readers.
@@ -126,11 +125,10 @@ def retained_output(
         limits=record.limits,
         hold=record.hold,
     )
-    decision_id = HeaderValue(record.decision_id)
-    out: dict[str, str] = {
-        "Nats-Msg-Id": decision_id,
-        RETAINED_HEADER: HeaderValue(_encoder.encode(summary).decode()),
-    }
+    # No Nats-Msg-Id: the key is the decision id and the bucket keeps one value per key, so
+    # retaining an intent again (a redelivery adopting its decision) writes the same value
+    # over itself, and the server keeps no de-duplication state per intent.
+    out: dict[str, str] = {RETAINED_HEADER: HeaderValue(_encoder.encode(summary).decode())}
     ctype = content_type(headers)
     if ctype is not None:
         out["Content-Type"] = HeaderValue(ctype)
