@@ -199,7 +199,7 @@ def test_an_unreadable_creds_file_is_a_configuration_error(tmp_path: Path) -> No
 
 _CONNECTING = (
     "run", "demo", "watch", "status", "ledger verify", "lineage", "approve", "reject",
-    "holds", "limits", "policy explain", "maturity",
+    "holds", "limits", "policy explain", "maturity", "replay", "policy impact",
 )  # fmt: skip
 
 

@@ -18,6 +18,8 @@ from bus_guard.settings import PolicySourceSettings
 from bus_guard.subjects import Subjects
 
 if TYPE_CHECKING:  # the parser is built for every command: NATS and policies load lazily
+    from nats.js import JetStreamContext
+
     from bus_guard.intake._policy_bus import PolicyStatus
 
 __all__ = (
@@ -32,6 +34,7 @@ __all__ = (
 
 BUS_SCHEMES: Final = ("nats:", "tls:")  # --policies nats:// (the gateway's bus), or a URL
 _PUSH_ATTEMPTS: Final = 5  # compare-and-set races with another publisher, then give up
+_MAX_HISTORY: Final = 64  # the pointer bucket keeps this many values per key
 
 _PUSH_EPILOG: Final = """\
 examples:
@@ -273,12 +276,9 @@ async def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
         if not stored:
             await store.put(name, data)
         for _ in range(_PUSH_ATTEMPTS):
-            try:
-                history = await kv.history(key_name)
-            except nats.js.errors.NoKeysError:
-                history = []
-            last = max((e.revision or 0 for e in history), default=0)
-            newest = max((peek_revision(e.value or b"") for e in history), default=0)
+            history = await _pointer_history(js, streams.policy_bucket, key_name)
+            last = max((seq for seq, _ in history), default=0)
+            newest = max((peek_revision(value) for _, value in history), default=0)
             manifest = Manifest(
                 kind=kind,
                 deployment=deployment,
@@ -313,6 +313,26 @@ async def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
         raise GatewayError(f"the pointer {key_name} kept moving; not pushed")
     finally:
         await nc.close()
+
+
+async def _pointer_history(js: JetStreamContext, bucket: str, key: str) -> list[tuple[int, bytes]]:
+    """The values the bucket keeps for *key*, oldest first, as ``(revision, value)``:
+    message gets by subject (``$JS.API.STREAM.MSG.GET``), not a consumer, so that a
+    publisher needs no right to create consumers (a consumer's deliver subject is the
+    creator's choice: README, "Deployment topology")."""
+    import nats.js.errors
+
+    stream, subject = f"KV_{bucket}", f"$KV.{bucket}.{key}"
+    out: list[tuple[int, bytes]] = []
+    seq = 1
+    while len(out) <= _MAX_HISTORY:
+        try:
+            raw = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            break
+        out.append((raw.seq or 0, raw.data or b""))
+        seq = (raw.seq or 0) + 1
+    return out
 
 
 async def cmd_sign(args: argparse.Namespace, out: TextIO) -> int:

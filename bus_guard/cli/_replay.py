@@ -316,15 +316,15 @@ def _checks(args: argparse.Namespace) -> Checks:
 async def _judge(
     kept: _Kept, retained: Retained, policies: PolicySetLike, checks: Checks
 ) -> Redecision:
-    record = None if retained.decision.core else await kept.record(retained.decision.decision_id)
-    limits = record.limits if record is not None else retained.decision.limits
+    # The limit use is the retained header's: the ledger record's, copied when retained
+    # (no look-up per decision for a window of them).
     return redecide(
         retained,
         policies,
         prefix=kept.prefix,
         checks=checks,
         lineage=await kept.lineage(retained),
-        recorded_limits=limits,
+        recorded_limits=retained.decision.limits,
     )
 
 
