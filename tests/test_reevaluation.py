@@ -23,11 +23,14 @@ from bus_guard.intake._archive import archive_name, archiving
 from bus_guard.intake._gateway import Gateway
 from bus_guard.intake._policy_bus import read_statuses
 from bus_guard.intake._policy_source import DirectorySource, Layers, PolicyKeeper, open_policies
-from bus_guard.ledger._intents import intents_bucket
+from bus_guard.intake._retain import IntentRetainer
+from bus_guard.ledger._intents import intents_bucket, read_retained
 from bus_guard.ledger._records import LedgerRecord, intent_decision_id
+from bus_guard.policy._evaluator import PolicySet
 from bus_guard.settings import PolicySourceSettings, Settings
 from bus_guard.signing._keys import generate_key
 from bus_guard.signing._signer import Signer
+from bus_guard.verify import payload_digest
 
 from .helpers import intent, make_signer
 from .streamkit import count, drained, eventually, ledger_decisions, stream_gateway, stream_settings
@@ -399,3 +402,39 @@ async def test_replay_and_impact_under_a_constitution_and_policy_status_shows_it
 
 async def _statuses(kv: Any, kinds: set[str]) -> bool:
     return {s.kind for s in await read_statuses(kv)} == kinds
+
+
+def test_a_retained_intent_reads_back_exactly_and_never_holds_up_its_decision(
+    policies: PolicySet,
+) -> None:
+    record = LedgerRecord(
+        kind="decision",
+        gateway="gw-1",
+        seq=0,
+        prev="",
+        ts=1.0,
+        decision_id="D1",
+        effect="allow",
+        reason="allowed_by_rule",
+        rules=("read",),
+        subject="guard.in.agent-1.tools.search",
+        payload_sha256=payload_digest(b"\x81\xa2id\xa1x"),
+        parents=("P1",),
+    )
+    retainer = IntentRetainer(Settings(), max_bytes=4096)
+    headers = {"Content-Type": "application/msgpack"}
+    out = retainer.retained(record, b"\x81\xa2id\xa1x", headers, policies)
+    assert out is not None
+    role, subject, data, fields = out
+    assert (role, subject, data) == ("intent", "$KV.guard-intents.D1", b"\x81\xa2id\xa1x")
+    back = read_retained(data, fields)
+    assert back.content_type == "application/msgpack" and back.payload == data
+    assert (back.decision.decision_id, back.decision.parents) == ("D1", ("P1",))
+    assert back.decision.core is False and back.decision.constitution == ""
+    with pytest.raises(ValueError, match="do not hash"):
+        read_retained(b"other bytes", fields)
+    with pytest.raises(ValueError, match="not a retained intent"):
+        read_retained(data, {})
+    # Too large to fit in a message with its record: not retained, counted; never raises.
+    assert retainer.retained(record, b"x" * 5000, None, policies) is None
+    assert retainer.failures == 1

@@ -381,10 +381,11 @@ class CoreIntake:
     async def _retain(self, msg: Msg, outcome: Outcome, retainer: IntentRetainer) -> None:
         """Publish the retained intent, not waiting for its PubAck (core mode is at most
         once: so is its retention). Never raises."""
+        out = retainer.retained(outcome, msg.data, msg.headers, self.policies())
+        if out is None:
+            return
         try:
-            _, subject, data, headers = retainer.output(
-                outcome, msg.data, msg.headers, self.policies()
-            )
+            _, subject, data, headers = out
             await self.nc.publish(subject, data, headers=headers)
         except Exception:
             retainer.failures += 1

@@ -375,7 +375,8 @@ class Gateway(AsyncContextManagerMixin):
         to keep them in (a warning says so)."""
         s = self.settings
         try:
-            return await start_retention(nc.jetstream(timeout=s.connect_timeout_s), s)
+            js = nc.jetstream(timeout=s.connect_timeout_s)
+            return await start_retention(js, s, max_payload=nc.max_payload)
         except nats.errors.Error as exc:
             if required:
                 raise GatewayError(

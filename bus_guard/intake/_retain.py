@@ -96,10 +96,41 @@ class IntentRetainer:
     """Builds the message that retains a decided intent (see the module docstring)."""
 
     settings: Settings
-    failures: int = 0  # core mode: retained intents nats-py refused to send
+    failures: int = 0  # intents not retained: too large, or nats-py refused to send them
+    # What one retained message may take (the server's max_payload, less room for the
+    # protocol line); set from the connection at start.
+    max_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         self.bucket = intents_bucket(self.settings.prefix)
+
+    def retained(
+        self,
+        record: Outcome | LedgerRecord,
+        payload: bytes,
+        headers: Mapping[str, str] | None,
+        policies: PolicySetLike,
+    ) -> Output | None:
+        """:meth:`output`, or ``None`` (counted, logged) when it cannot be built or would
+        not fit in a message: an intent is never held back by its retention."""
+        try:
+            out = self.output(record, payload, headers, policies)
+        except Exception:  # a bug: the decision stands, its bytes are not retained
+            self.failures += 1
+            log.exception("the intent of %s cannot be retained", record.decision_id)
+            return None
+        _, subject, data, fields = out
+        size = len(subject) + len(data) + sum(len(k) + len(v) + 4 for k, v in fields.items())
+        if size > self.max_bytes:
+            self.failures += 1
+            log.warning(
+                "the intent of %s is not retained: %d bytes with its record, more than %d",
+                record.decision_id,
+                size,
+                self.max_bytes,
+            )
+            return None
+        return out
 
     def output(
         self,
@@ -141,10 +172,12 @@ async def retain_batch(
     return True
 
 
-async def start_retention(js: JetStreamContext, settings: Settings) -> IntentRetainer | None:
+async def start_retention(
+    js: JetStreamContext, settings: Settings, *, max_payload: int
+) -> IntentRetainer | None:
     """The retainer, with its bucket ensured; ``None`` when retention is off. Raises
     ``nats.errors.Error`` when the bucket cannot be created."""
     if settings.intent_retention_s <= 0:
         return None
     await ensure_intents_bucket(js, settings)
-    return IntentRetainer(settings)
+    return IntentRetainer(settings, max_bytes=max_payload - 512)

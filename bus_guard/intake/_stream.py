@@ -537,7 +537,9 @@ class StreamIntake:
                     outs = await self._not_yet_published(record, outs)
             if self.retainer is not None:  # stored with the outputs, before the ack
                 data, headers = it.pulled.msg.data, it.pulled.msg.headers
-                retained.append(self.retainer.output(record, data, headers, batch.policies))
+                out = self.retainer.retained(record, data, headers, batch.policies)
+                if out is not None:
+                    retained.append(out)
             decided.append(it)
             groups.append(outs)
         published, kept = await asyncio.gather(
