@@ -135,6 +135,10 @@ async def archiving(nc: Client, settings: Settings, layers: Layers) -> AsyncIter
                 send.send_nowait((active, kind))
             except anyio.WouldBlock:
                 log.warning("policy archive queue full: %s not archived", active.describe())
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                # activated while the gateway stops, after the archive did: the next start
+                # archives the set it starts with
+                log.warning("policy archive closed: %s not archived", active.describe())
 
         return put
 
