@@ -33,6 +33,7 @@ from bus_guard.signing._signer import Signer
 from bus_guard.verify import payload_digest
 
 from .helpers import intent, make_signer
+from .policykit import wait_for
 from .streamkit import count, drained, eventually, ledger_decisions, stream_gateway, stream_settings
 from .test_constitution import _ask as ask
 from .test_constitution import _constitution_dir as constitution_dir
@@ -438,3 +439,38 @@ def test_a_retained_intent_reads_back_exactly_and_never_holds_up_its_decision(
     # Too large to fit in a message with its record: not retained, counted; never raises.
     assert retainer.retained(record, b"x" * 5000, None, policies) is None
     assert retainer.failures == 1
+
+
+async def test_replay_after_a_push_uses_the_revision_that_decided(
+    nats_url: str, tmp_path: Path, signer: Signer
+) -> None:
+    """Bundles from the bus: revision 1 allows a shell, revision 2 does not; each decision
+    replays under its own revision, fetched by digest, not the one active at replay."""
+    publisher, publishers = generate_key(tmp_path / "publisher")
+    await push(nats_url, ordinary_dir(tmp_path, "1"), publisher)
+    source = PolicySourceSettings(publishers_file=publishers, poll_s=0.1)
+    settings = Settings(nats_url=nats_url, mode="core", gateway_id="bus-gw")
+    nc = await nats.connect(nats_url, inbox_prefix="_INBOX.agent-1")
+    async with (
+        open_policies(settings, source) as layers,
+        Gateway(settings, layers.current, signer) as gateway,
+        layers.running(gateway.swap_policies),
+        archiving(nc, settings, layers),
+    ):
+        before = await ask(nc, "guard.in.agent-1.tools.shell", "host:x")
+        second = ordinary_dir(tmp_path, "2")
+        text = (second / "tools.yaml").read_text()
+        (second / "tools.yaml").write_text(text.replace("[tools.shell]", "[tools.none]"))
+        await push(nats_url, second, publisher)
+        await wait_for(lambda: layers.ordinary.active.revision == 2, what="revision 2")
+        after = await ask(nc, "guard.in.agent-1.tools.shell", "host:x")
+        js = nc.jetstream()
+        await eventually(lambda: _has(js, INTENTS, 2), what="intents retained")
+    await nc.close()
+    assert (before["effect"], before["policy_version"]) == ("allow", "tools@1;rev=1")
+    assert (after["effect"], after["policy_version"]) == ("deny", "tools@2;rev=2")
+    for decided in (before, after):
+        code, doc = await replay(nats_url, decided["decision_id"])
+        assert code == 0 and doc["reproduces"] is True, doc
+        assert doc["policy_digest"] == decided["policy_digest"]
+        assert doc["replayed"]["effect"] == decided["effect"]
