@@ -160,6 +160,9 @@ class GatewayStatistics:
     limit_failures: int = 0  # batches of allows denied: the limit store could not say
     limit_conflicts: int = 0  # compare-and-set writes lost to another gateway (retried)
     limit_cached_denials: int = 0  # limits full in the local cache: denied without I/O
+    # retained intents (README, "Replay"): decided, but their bytes not retained (too large
+    # for a message with their record, or refused by nats-py: core mode)
+    intents_unretained: int = 0
 
 
 @dataclass(slots=True)
@@ -640,6 +643,15 @@ class Gateway(AsyncContextManagerMixin):
                 limit_conflicts=store.conflicts,
                 limit_cached_denials=store.cached_denials,
             )
+        retainer = (
+            self._intake.retainer
+            if self._intake is not None
+            else self._core_intake.retainer
+            if self._core_intake is not None
+            else None
+        )
+        if retainer is not None:
+            counters["intents_unretained"] = retainer.failures
         if self._approvals is not None:
             a = self._approvals.counters
             counters.update(
