@@ -295,6 +295,16 @@ async def test_policy_impact_counts_exactly_what_a_candidate_changes(
     assert code == 0 and (doc["decisions"], doc["changed"], doc["changes"]) == (12, 0, [])
     code, text = await run_cli("policy", "impact", str(candidate), "--nats", nats_url)
     assert code == 0 and "allow/allowed_by_rule -> deny/denied_by_rule: 4" in text
+    # A candidate whose own test cases fail is analysed all the same, and says so.
+    (candidate / "tests").mkdir()
+    (candidate / "tests" / "nine.yaml").write_text(
+        "cases:\n  - name: nine searches\n    subject: guard.in.agent-9.tools.search\n"
+        "    intent: {id: t1, action: tools.search, resource: r}\n"
+        "    expect: {effect: allow}\n"
+    )
+    code, text = await run_cli("policy", "impact", str(candidate), "--nats", nats_url, "--json")
+    doc = json.loads(text)
+    assert code == 0 and doc["changed"] == 4 and "nine searches" in doc["candidate"]["tests_failed"]
 
 
 async def test_unknown_decisions_and_retention_off_are_clear_errors(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -38,10 +39,13 @@ from bus_guard.ledger._reevaluate import Redecision, differences, layer_of, rede
 from bus_guard.pipeline import PolicySetLike
 from bus_guard.policy._bundle import StaleSet, compile_content, compile_directory, decode_content
 from bus_guard.policy._constitution import CONSTITUTION_LAYER, LayeredSet
+from bus_guard.policy._load import load_policies
 from bus_guard.settings import Checks, StreamSettings
 from bus_guard.subjects import Subjects
 
 __all__ = ("add_commands", "cmd_impact", "cmd_replay")
+
+log = logging.getLogger(__name__)
 
 EXIT_SAME, EXIT_DIFFERS, EXIT_USAGE = 0, 1, 2
 _CORE_NO_LEDGER: Final = "core mode keeps no ledger: parents cannot be checked"  # as _core's
@@ -77,7 +81,8 @@ examples:
 exit codes:
   0  the impact was computed (changes or not)
   1  the bus could not be reached or read
-  2  usage: DIR does not compile or its test cases fail; intent retention is off
+  2  usage: DIR does not compile; intent retention is off (a DIR whose test cases
+     fail is analysed, with a warning: it could not be pushed as it is)
   130 interrupted (Ctrl-C); 141 the output pipe closed (`| head`): quietly
 """
 
@@ -441,11 +446,22 @@ class Change:
 async def cmd_impact(args: argparse.Namespace, out: TextIO) -> int:
     from bus_guard.cli._connect import NatsOptions, connect
 
+    failing = ""
     try:
         candidate = (await anyio.to_thread.run_sync(compile_directory, args.path)).policies
-    except (PolicyError, BundleRefused) as exc:
+    except BundleRefused as exc:
+        if exc.reason != "tests_failed":
+            say(out, f"policy impact: {args.path} cannot be a candidate: {exc}")
+            return EXIT_USAGE
+        # Its own test cases fail: it could not be pushed as it is, but what it would
+        # change is still worth knowing (perhaps the cases are what is out of date).
+        candidate = await anyio.to_thread.run_sync(load_policies, args.path)
+        failing = str(exc)
+    except PolicyError as exc:
         say(out, f"policy impact: {args.path} cannot be a candidate: {exc}")
         return EXIT_USAGE
+    if failing:  # on stderr: --json keeps one document on stdout
+        log.warning("%s would be refused as it is: %s", args.path, failing)
     nc = await connect(NatsOptions.from_args(args), name="bus-guard policy impact")
     try:
         kept = _Kept(nc, args.prefix, args.max_lineage_depth)
@@ -457,7 +473,7 @@ async def cmd_impact(args: argparse.Namespace, out: TextIO) -> int:
             )
             return EXIT_USAGE
         try:
-            return await _impact(kept, candidate, args, out)
+            return await _impact(kept, candidate, args, out, failing=failing)
         except (nats.errors.Error, TimeoutError) as exc:
             raise GatewayError(f"policy impact: reading the bus failed: {exc!r}") from None
     finally:
@@ -465,7 +481,7 @@ async def cmd_impact(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _impact(
-    kept: _Kept, candidate: PolicySetLike, args: argparse.Namespace, out: TextIO
+    kept: _Kept, candidate: PolicySetLike, args: argparse.Namespace, out: TextIO, *, failing: str
 ) -> int:
     since = time.time() - args.since
     checks = _checks(args)
@@ -517,6 +533,7 @@ async def _impact(
                 "path": str(args.path),
                 "digest": candidate.digest,
                 "version": candidate.version,
+                "tests_failed": failing,
             },
             "since": since,
             "decisions": total,
