@@ -331,6 +331,9 @@ async def test_unknown_decisions_and_retention_off_are_clear_errors(
     await nc.close()
     code, text = await run_cli("replay", "01JD2Q5X3M7N8P9R0S1T2V3W4X", "--nats", nats_url)
     assert code == 2 and "no such decision" in text
+    for not_an_id in ("*", ">", "a.b", ""):  # never a subject wildcard
+        code, text = await run_cli("replay", not_an_id, "--nats", nats_url)
+        assert code == 2 and "is not a decision id" in text
     code, text = await run_cli("replay", kept_not.decision_id, "--nats", nats_url)
     assert code == 2 and "not retained" in text  # decided while retention was off
     code, text = await run_cli("replay", kept.decision_id, "--nats", nats_url)

@@ -229,7 +229,7 @@ _GATEWAY: Final = (
         "intent_retention_s",
         "keep every decided intent's bytes this long, by decision id, in the key-value "
         "bucket <prefix>-intents, for 'bus-guard replay' and 'policy impact' (a duration: "
-        "7d, 24h, 3600; 0: off; default: {default} s, 7 days)",
+        "7d, 24h, 3600; 0: off) (default: {default} s, 7 days)",
         metavar="DURATION",
         parse=_retention,
     ),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -46,6 +47,8 @@ from bus_guard.subjects import Subjects
 __all__ = ("add_commands", "cmd_impact", "cmd_replay")
 
 log = logging.getLogger(__name__)
+
+_DECISION_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 EXIT_SAME, EXIT_DIFFERS, EXIT_USAGE = 0, 1, 2
 _CORE_NO_LEDGER: Final = "core mode keeps no ledger: parents cannot be checked"  # as _core's
@@ -195,9 +198,12 @@ class _Kept:
                 "gateway running with --intent-retention 0)"
             )
         try:
-            return read_retained(stored.data, stored.headers)
+            retained = read_retained(stored.data, stored.headers)
         except ValueError as exc:
             raise NotFound(f"{decision_id}: {exc}") from None
+        if retained.decision.decision_id != decision_id:
+            raise NotFound(f"{decision_id}: the retained message is another decision's")
+        return retained
 
     async def record(self, decision_id: str) -> LedgerRecord | None:
         """The first ledger record of *decision_id* (the one that stands), or ``None``."""
@@ -338,6 +344,10 @@ async def _judge(
 
 async def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
     from bus_guard.cli._connect import NatsOptions, connect
+
+    if _DECISION_ID.fullmatch(args.decision_id) is None:  # it becomes a subject token
+        say(out, f"replay: {args.decision_id!r} is not a decision id ([A-Za-z0-9_-], 1-64)")
+        return EXIT_USAGE
 
     nc = await connect(NatsOptions.from_args(args), name="bus-guard replay")
     try:
