@@ -19,6 +19,7 @@ import pytest
 from nats.aio.client import Client
 
 from bus_guard.cli._main import main
+from bus_guard.decision import approval_decision_id, resolution_decision_id
 from bus_guard.intake._archive import archive_name, archiving
 from bus_guard.intake._gateway import Gateway
 from bus_guard.intake._policy_bus import read_statuses
@@ -35,6 +36,10 @@ from bus_guard.verify import payload_digest
 from .helpers import intent, make_signer
 from .policykit import wait_for
 from .streamkit import count, drained, eventually, ledger_decisions, stream_gateway, stream_settings
+from .test_approvals import _Approving as Approving
+from .test_approvals import _hold as held
+from .test_approvals import _people as people
+from .test_approvals import _settled as settled
 from .test_constitution import _ask as ask
 from .test_constitution import _constitution_dir as constitution_dir
 from .test_constitution import _keys as constitution_keys_of
@@ -487,3 +492,25 @@ async def test_replay_after_a_push_uses_the_revision_that_decided(
         assert code == 0 and doc["reproduces"] is True, doc
         assert doc["policy_digest"] == decided["policy_digest"]
         assert doc["replayed"]["effect"] == decided["effect"]
+
+
+async def test_votes_and_resolutions_are_not_replayed_and_say_so(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """An approver's vote and a hold's resolution are decisions of people, not of a policy
+    on an intent: replay names them as such (exit 2) instead of guessing."""
+    (alice,) = approvers = people("alice")
+    nc = await nats.connect(nats_url)
+    wrapped = Approving(policies, approvers, quorum=1)
+    async with stream_gateway(stream_settings(nats_url), wrapped, keys[0]):  # type: ignore[arg-type]
+        hold = await held(nc)
+        await nc.jetstream().publish(f"guard.approve.{hold.decision_id}", alice.vote(hold))
+        await eventually(lambda: settled(nc), what="vote settled")
+    await nc.close()
+    vote = approval_decision_id("guard", hold.decision_id, "alice")
+    release = resolution_decision_id("guard", hold.decision_id)
+    for decision_id, effect in ((vote, "approve"), (release, "allow")):
+        code, text = await run_cli("replay", decision_id, "--nats", nats_url)
+        assert code == 2, text
+        assert f"a {effect} on hold {hold.decision_id}" in text
+        assert "approvals are not re-evaluated" in text
