@@ -195,6 +195,10 @@ class Settings:
     # A span per decision through the OpenTelemetry API (the otel extra), a child of the
     # agent's span when its intent carries a traceparent.
     otel: bool = False
+    # How long every decided intent's bytes are kept, by decision id, in the key-value
+    # bucket <prefix>-intents for `bus-guard replay` and `policy impact` (README, "Replay");
+    # 0: not kept.
+    intent_retention_s: float = 7 * 86400.0
     # Every subject, stream and bucket name under `prefix` (derived, not a setting).
     subjects: Subjects = field(init=False, repr=False, compare=False)
 
@@ -226,6 +230,8 @@ class Settings:
             raise ConfigError("policy_max_age_s must be positive")
         if self.log_decisions not in ("off", "denied", "all"):
             raise ConfigError(f"log_decisions {self.log_decisions!r}: off, denied or all")
+        if not (math.isfinite(self.intent_retention_s) and self.intent_retention_s >= 0):
+            raise ConfigError("intent_retention_s must be 0 (off) or a positive number")
         if self.artifacts not in ("per-message", "batched"):
             raise ConfigError(f"artifacts {self.artifacts!r}: must be 'per-message' or 'batched'")
         if not (isinstance(self.batch_max, int) and 1 <= self.batch_max <= _MAX_BATCH):

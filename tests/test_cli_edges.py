@@ -199,7 +199,7 @@ def test_an_unreadable_creds_file_is_a_configuration_error(tmp_path: Path) -> No
 
 _CONNECTING = (
     "run", "demo", "watch", "status", "ledger verify", "lineage", "approve", "reject",
-    "holds", "limits", "policy explain", "maturity", "console",
+    "holds", "limits", "policy explain", "maturity", "console", "replay", "policy impact",
 )  # fmt: skip
 
 

@@ -167,7 +167,10 @@ async def test_gateways_merge_their_keys_into_one_jwks_and_never_undo_a_revocati
     a_key, a_jwks = generate_key(tmp_path / "a")
     b_key, b_jwks = generate_key(tmp_path / "b")
     a, b = make_signer(a_key, "gw-a"), make_signer(b_key, "gw-b")
-    revoke_key(a_jwks, a.kid, now=1.0)  # gw-a's file says its key is revoked (a drill)
+    # gw-a's file says its key is revoked (a drill), a minute ago: within the day a refused
+    # key stays published (tests/test_keys_prune.py: after it, it is pruned)
+    revoked_at = time.time() - 60
+    revoke_key(a_jwks, a.kid, now=revoked_at)
     settings = Settings(nats_url=nats_url, mode="core")
     async with (
         open_keys(settings, key_path=a_key, jwks_path=a_jwks, signer=a, ledger_signer=None),
@@ -179,7 +182,7 @@ async def test_gateways_merge_their_keys_into_one_jwks_and_never_undo_a_revocati
     entry = await (await nc.jetstream().key_value("guard-jwks")).get(JWKS_KEY)
     jwks = load_jwks(entry.value or b"")
     assert set(jwks) == {a.kid, b.kid}
-    assert jwks.entry(a.kid).revoked_at == 1.0  # type: ignore[union-attr]
+    assert jwks.entry(a.kid).revoked_at == revoked_at  # type: ignore[union-attr]
     assert jwks.entry(b.kid).revoked_at is None  # type: ignore[union-attr]
     await nc.drain()
 

@@ -262,7 +262,7 @@ async def raw_connect(port: int, creds: Mapping[str, str]) -> bytes:
 async def test_every_shipped_user_authenticates_and_nothing_else_does(
     guard_nats: NatsServer,
 ) -> None:
-    assert set(CREDENTIALS) == {"gateway", "executor", "operator", "auditor", *AGENTS}
+    assert set(CREDENTIALS) == {"gateway", "publisher", "executor", "operator", "auditor", *AGENTS}
     for user, password in CREDENTIALS.items():
         assert await raw_connect(guard_nats.port, {"user": user, "pass": password}) == PONG
     refused = [

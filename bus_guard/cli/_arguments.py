@@ -168,6 +168,11 @@ class SettingOption:
         group.add_argument(self.flag, **kw)
 
 
+def _retention(text: str) -> float:
+    """``--intent-retention``: a duration (``7d``, ``24h``, ``3600``), or ``0`` / ``off``."""
+    return 0.0 if text.strip() in ("0", "0s", "off") else duration(text)
+
+
 _GATEWAY: Final = (
     SettingOption(
         "--nats",
@@ -219,6 +224,15 @@ _GATEWAY: Final = (
         "log each decision (logger bus_guard.decisions; with --log-format json its fields "
         "are JSON fields): off, denied (denials, holds, would-deny) or all",
         choices=get_args(LogDecisions),
+    ),
+    SettingOption(
+        "--intent-retention",
+        "intent_retention_s",
+        "keep every decided intent's bytes this long, by decision id, in the key-value "
+        "bucket <prefix>-intents, for 'bus-guard replay' and 'policy impact' (a duration: "
+        "7d, 24h, 3600; 0: off) (default: {default} s, 7 days)",
+        metavar="DURATION",
+        parse=_retention,
     ),
     SettingOption(
         "--otel",
@@ -620,6 +634,9 @@ def parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, metavar="FILE", help="write it here (default: stdout)"
     )
     _push.add_policy_commands(pol)
+    from bus_guard.cli import _replay  # imports this module: late
+
+    _replay.add_commands(sub, pol)
 
     ledger = sub.add_parser("ledger", help="the decision ledger").add_subparsers(
         dest="ledger_command", required=True, metavar="ACTION"

@@ -4,10 +4,11 @@ bus-guard run       the gateway
 bus-guard demo      everything on one machine, live
 bus-guard watch     live denials and holds
 bus-guard keys      signing keys and the JWKS
-bus-guard policy    check | test | explain | schema | push | sign | status
+bus-guard policy    check | test | explain | schema | push | sign | status | impact
 bus-guard verify    check an artifact as an executor would
 bus-guard ledger    verify the ledger's chains and checkpoints
 bus-guard lineage   ancestors and descendants of a decision
+bus-guard replay    decide a recorded decision again, under the set that made it
 bus-guard approve   vote to release a held intent (reject: to deny it)
 bus-guard holds     the open holds, with approvals so far
 bus-guard limits    what rate limits and budgets have used, per key
@@ -252,6 +253,10 @@ def _dispatch(args: argparse.Namespace, pipe: PipeGuard) -> int:
             return _cmd_keys(args, out)
         case "ledger" | "lineage":
             return anyio.run(_cmd_ledger, args, out)
+        case "replay":
+            from bus_guard.cli._replay import cmd_replay
+
+            return anyio.run(cmd_replay, args, out)
         case "witness":
             from bus_guard.cli._witness import cmd_witness
 
@@ -401,6 +406,10 @@ def _cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
             shutil.copytree(EXAMPLE_POLICIES, args.dir)
             say(out, f"wrote the example policies to {args.dir} (bundles, tests/, approvers/)")
             return EXIT_OK
+        case "impact":
+            from bus_guard.cli._replay import cmd_impact
+
+            return anyio.run(cmd_impact, args, out)
         case "push" | "sign" | "status":
             from bus_guard.cli import _push
 
@@ -462,6 +471,7 @@ async def _serve_until_stopped(
 ) -> Any:
     """The gateway with its policies, keys and canaries, until a signal (recorded in
     *stopped_by*) or the bus is lost; the gateway."""
+    from bus_guard.intake._archive import archiving
     from bus_guard.intake._control import control_connection, open_keys
     from bus_guard.intake._gateway import Gateway
     from bus_guard.intake._policy_source import open_policies
@@ -485,6 +495,10 @@ async def _serve_until_stopped(
             )
         )
         canary_nc = await stack.enter_async_context(control_connection(settings, purpose="canary"))
+        # Every set activated is archived by its digest, for `bus-guard replay`.
+        archive_nc = await stack.enter_async_context(
+            control_connection(settings, purpose="policy archive")
+        )
         policies = keeper.active.policies
         log.info(
             "policies %s (%s), %d rules, mode %s; artifacts %s",
@@ -507,6 +521,7 @@ async def _serve_until_stopped(
             ops,
             gateway,
             keeper.running(gateway.swap_policies),
+            archiving(archive_nc, settings, keeper),
             keys.running(),
             await _canaries(canary_nc, settings, source, gateway, signer, keeper),
             anyio.create_task_group() as tg,

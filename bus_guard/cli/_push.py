@@ -18,6 +18,8 @@ from bus_guard.settings import PolicySourceSettings
 from bus_guard.subjects import Subjects
 
 if TYPE_CHECKING:  # the parser is built for every command: NATS and policies load lazily
+    from nats.js import JetStreamContext
+
     from bus_guard.intake._policy_bus import PolicyStatus
 
 __all__ = (
@@ -32,6 +34,7 @@ __all__ = (
 
 BUS_SCHEMES: Final = ("nats:", "tls:")  # --policies nats:// (the gateway's bus), or a URL
 _PUSH_ATTEMPTS: Final = 5  # compare-and-set races with another publisher, then give up
+_MAX_HISTORY: Final = 64  # the pointer bucket keeps this many values per key
 
 _PUSH_EPILOG: Final = """\
 examples:
@@ -230,7 +233,7 @@ async def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
     import nats.js.errors
 
     from bus_guard.cli._connect import connect
-    from bus_guard.intake._policy_bus import ensure_stores, pointer_history, pointer_key
+    from bus_guard.intake._policy_bus import ensure_stores, pointer_key
     from bus_guard.policy._bundle import (
         Manifest,
         compile_directory,
@@ -273,8 +276,9 @@ async def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
         if not stored:
             await store.put(name, data)
         for _ in range(_PUSH_ATTEMPTS):
-            last, values = await pointer_history(js, streams.policy_bucket, key_name)
-            newest = max((peek_revision(v) for v in values), default=0)
+            history = await _pointer_history(js, streams.policy_bucket, key_name)
+            last = max((seq for seq, _ in history), default=0)
+            newest = max((peek_revision(value) for _, value in history), default=0)
             manifest = Manifest(
                 kind=kind,
                 deployment=deployment,
@@ -309,6 +313,26 @@ async def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
         raise GatewayError(f"the pointer {key_name} kept moving; not pushed")
     finally:
         await nc.close()
+
+
+async def _pointer_history(js: JetStreamContext, bucket: str, key: str) -> list[tuple[int, bytes]]:
+    """The values the bucket keeps for *key*, oldest first, as ``(revision, value)``:
+    message gets by subject (``$JS.API.STREAM.MSG.GET``), not a consumer, so that a
+    publisher needs no right to create consumers (a consumer's deliver subject is the
+    creator's choice: README, "Deployment topology")."""
+    import nats.js.errors
+
+    stream, subject = f"KV_{bucket}", f"$KV.{bucket}.{key}"
+    out: list[tuple[int, bytes]] = []
+    seq = 1
+    while len(out) <= _MAX_HISTORY:
+        try:
+            raw = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            break
+        out.append((raw.seq or 0, raw.data or b""))
+        seq = (raw.seq or 0) + 1
+    return out
 
 
 async def cmd_sign(args: argparse.Namespace, out: TextIO) -> int:
@@ -368,24 +392,49 @@ async def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         await nc.close()
     now = time.time()
-    for status in statuses:
-        _print_status(status, now, out, as_json=args.json)
+    constitutions = {s.gateway: s for s in statuses if s.kind == "constitution"}
+    ordinary = {s.gateway: s for s in statuses if s.kind != "constitution"}
+    for gateway in sorted(ordinary.keys() | constitutions.keys()):
+        _print_status(
+            ordinary.get(gateway), constitutions.get(gateway), gateway, now, out, as_json=args.json
+        )
     if not statuses and not args.json:
         say(out, "no gateway has reported a policy status")
     return 0
 
 
-def _print_status(status: PolicyStatus, now: float, out: TextIO, *, as_json: bool) -> None:
+def _print_status(
+    status: PolicyStatus | None,
+    constitution: PolicyStatus | None,
+    gateway: str,
+    now: float,
+    out: TextIO,
+    *,
+    as_json: bool,
+) -> None:
+    """One gateway's line: its ordinary set (a directory's is not reported: ``-``) and,
+    with a constitution, the constitution's revision, digest and state."""
     if as_json:
         import msgspec
 
-        say(out, json.dumps(msgspec.to_builtins(status)))
+        doc: dict[str, Any] = (
+            msgspec.to_builtins(status) if status is not None else {"gateway": gateway}
+        )
+        if constitution is not None:
+            doc["constitution"] = msgspec.to_builtins(constitution)
+        say(out, json.dumps(doc))
         return
+    line = f"{gateway}  " + (_state(status, now) if status is not None else "policy not reported")
+    if constitution is not None:
+        line += f"  constitution {_state(constitution, now)}"
+    say(out, line)
+
+
+def _state(status: PolicyStatus, now: float) -> str:
     rev = "-" if status.revision is None else str(status.revision)
     state = "STALE" if status.stale else "fresh"
-    say(
-        out,
-        f"{status.gateway}  rev {rev}  {status.digest}  {status.version}  {state}  "
+    return (
+        f"rev {rev}  {status.digest}  {status.version}  {state}  "
         f"refused {status.refusals}  updated {now - status.updated_at:.0f}s ago  "
-        f"({status.source})",
+        f"({status.source})"
     )

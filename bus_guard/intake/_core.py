@@ -33,6 +33,7 @@ from nats.aio.subscription import Subscription
 
 from bus_guard.decision import Decision, Lineage, Reason, new_decision_id
 from bus_guard.intake._limits import Limited, LimitStore
+from bus_guard.intake._retain import IntentRetainer
 from bus_guard.intent import Intent, parse_subject, wire_safe
 from bus_guard.pipeline import (
     Decoded,
@@ -133,6 +134,8 @@ class CoreIntake:
     counters: CoreCounters
     on_decided: Callable[[Standing], None]
     limits: LimitStore | None = None  # None: an allow with limits is denied (cannot spend)
+    # Retains every decided intent's bytes after its outputs (README, "Replay"); None: off.
+    retainer: IntentRetainer | None = None
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -370,8 +373,23 @@ class CoreIntake:
             outcome = failed(outcome, "gateway handler failed")
             await self._publish(msg, outcome)
         self.on_decided(outcome)
+        if self.retainer is not None:
+            await self._retain(msg, outcome, self.retainer)
         if msg.reply:
             await self._reply(msg, outcome)
+
+    async def _retain(self, msg: Msg, outcome: Outcome, retainer: IntentRetainer) -> None:
+        """Publish the retained intent, not waiting for its PubAck (core mode is at most
+        once: so is its retention). Never raises."""
+        out = retainer.retained(outcome, msg.data, msg.headers, self.policies())
+        if out is None:
+            return
+        try:
+            _, subject, data, headers = out
+            await self.nc.publish(subject, data, headers=headers)
+        except Exception:
+            retainer.failures += 1
+            log.exception("could not retain the intent of %s", outcome.decision_id)
 
     async def _publish(self, msg: Msg, outcome: Outcome) -> Outcome:
         """Publish the outputs; the outcome that stands afterwards."""

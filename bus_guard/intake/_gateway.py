@@ -40,6 +40,7 @@ from bus_guard.intake._client import GuardClient
 from bus_guard.intake._core import CoreIntake
 from bus_guard.intake._limits import LimitStore
 from bus_guard.intake._preflight import ensure
+from bus_guard.intake._retain import IntentRetainer, start_retention
 from bus_guard.intake._service import GatewayService, status_document
 from bus_guard.intake._stream import StreamIntake
 from bus_guard.intake._tally import DecisionTally, TallySnapshot
@@ -159,6 +160,9 @@ class GatewayStatistics:
     limit_failures: int = 0  # batches of allows denied: the limit store could not say
     limit_conflicts: int = 0  # compare-and-set writes lost to another gateway (retried)
     limit_cached_denials: int = 0  # limits full in the local cache: denied without I/O
+    # retained intents (README, "Replay"): decided, but their bytes not retained (too large
+    # for a message with their record, or refused by nats-py: core mode)
+    intents_unretained: int = 0
 
 
 @dataclass(slots=True)
@@ -354,6 +358,7 @@ class Gateway(AsyncContextManagerMixin):
                 replicas=s.stream.replicas,
             ),
         )
+        core.retainer = await self._retention(nc, required=False)
         self._sub = await nc.subscribe(
             s.subjects.wildcard("in"),
             queue=s.queue,
@@ -366,6 +371,27 @@ class Gateway(AsyncContextManagerMixin):
         await round_trip(nc, timeout_s=s.connect_timeout_s)
         if core.batched:
             self._core = core
+
+    async def _retention(self, nc: Client, *, required: bool) -> IntentRetainer | None:
+        """The retainer of decided intents (README, "Replay"), its bucket ensured; ``None``
+        when retention is off, or (core mode: not *required*) when there is no JetStream
+        to keep them in (a warning says so)."""
+        s = self.settings
+        try:
+            js = nc.jetstream(timeout=s.connect_timeout_s)
+            return await start_retention(js, s, max_payload=nc.max_payload)
+        except nats.errors.Error as exc:
+            if required:
+                raise GatewayError(
+                    f"cannot create the retained-intents bucket: {exc!r} "
+                    "(--intent-retention 0 turns retention off)"
+                ) from exc
+            log.warning(
+                "intents are not retained (no JetStream bucket for them: %r); "
+                "bus-guard replay and policy impact will not find this gateway's decisions",
+                exc,
+            )
+            return None
 
     async def _refuse_beside_an_intake_stream(self, nc: Client) -> None:
         """A core-mode gateway must not start where a stream captures the intake: agents'
@@ -442,6 +468,7 @@ class Gateway(AsyncContextManagerMixin):
             self._clock,
             self._count,
             trusted_keys=self._trusted_keys,
+            retainer=await self._retention(nc, required=True),
         )
         await intake.start()
         approvals = Approvals(
@@ -616,6 +643,15 @@ class Gateway(AsyncContextManagerMixin):
                 limit_conflicts=store.conflicts,
                 limit_cached_denials=store.cached_denials,
             )
+        retainer = (
+            self._intake.retainer
+            if self._intake is not None
+            else self._core_intake.retainer
+            if self._core_intake is not None
+            else None
+        )
+        if retainer is not None:
+            counters["intents_unretained"] = retainer.failures
         if self._approvals is not None:
             a = self._approvals.counters
             counters.update(

@@ -22,6 +22,13 @@ What a change does, in this order:
 
 A publish that fails leaves the gateway signing with the key it has (still in the bucket),
 and is tried again at the next poll.
+
+**Pruning.** A key refused (revoked or retired) for longer than ``prune_after_s`` (a day)
+refuses every artifact anyway: it leaves the published JWKS, so that the bucket does not
+grow with every rotation. Its kid is first written to the bucket's ``pruned`` key (a
+tombstone, with when it was refused), and no gateway publishes a tombstoned kid again:
+a gateway whose JWKS file predates the revocation cannot bring the key back as usable.
+Parents are verified with the gateway's own JWKS file, which keeps every key.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from pathlib import Path
 from typing import Final
 
 import anyio
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js.api import KeyValueConfig
@@ -53,6 +61,8 @@ __all__ = ("KeyKeeper", "KeyStatistics", "ensure_jwks_bucket")
 log = logging.getLogger(__name__)
 
 _HISTORY: Final = 16
+PRUNED_KEY: Final = "pruned"  # {kid: refused from (unix s)} of the keys left out of the JWKS
+PRUNE_AFTER_S: Final = 86400.0  # how long a refused key stays published (reason revoked_kid)
 _CAS_ATTEMPTS: Final = 10  # other gateways publishing at the same moment
 
 
@@ -73,6 +83,10 @@ class KeyStatistics:
     publishes: int  # JWKS merged into the bucket
     failures: int  # files that did not load, publishes that failed
     last_failure: str = ""
+
+
+def _without(jwks: Jwks, kids: set[str]) -> Jwks:
+    return Jwks(e for e in jwks.entries if e.kid not in kids) if kids else jwks
 
 
 def _stat(path: Path | None) -> tuple[int, int, int] | None:
@@ -99,6 +113,8 @@ class KeyKeeper:
         on_trust: Callable[[Jwks], None] | None = None,
         poll_s: float = 1.0,
         republish_s: float = 60.0,
+        prune_after_s: float = PRUNE_AFTER_S,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """*kv*: the JWKS bucket (``None``: no JetStream; the keys still reload)."""
         if not (math.isfinite(poll_s) and poll_s > 0):
@@ -112,6 +128,8 @@ class KeyKeeper:
         self.trusted: Jwks | None = None  # the JWKS file with the signing keys, last read
         self.poll_s = poll_s
         self.republish_s = republish_s
+        self.prune_after_s = prune_after_s
+        self._clock = clock
         self._seen = (_stat(self.key_path), _stat(jwks_path))
         self._wake = anyio.Event()
         self._published = 0
@@ -243,7 +261,11 @@ class KeyKeeper:
                 except ConfigError as exc:  # a broken value: replaced by ours
                     log.warning("keys: the bucket's JWKS does not load (%s): replacing it", exc)
                     current, last = None, -1
-                merged = local if current is None else merge_jwks(current, local)
+                pruned = await self._pruned(kv, local, current)
+                if pruned is None:
+                    continue  # another gateway tombstoned keys meanwhile: read again
+                local = _without(local, pruned)
+                merged = local if current is None else merge_jwks(_without(current, pruned), local)
                 if current is not None and merged.to_dict() == current.to_dict():
                     self._published, self._published_at = last, time.monotonic()
                     return merged
@@ -264,6 +286,45 @@ class KeyKeeper:
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             self._fail(f"JWKS not published: {exc!r}; publishing again at the next poll")
         return None
+
+    async def _pruned(self, kv: KeyValue, local: Jwks, current: Jwks | None) -> set[str] | None:
+        """The kids left out of the JWKS: the tombstones, with the keys refused for longer
+        than ``prune_after_s`` added to them first (compare-and-set; ``None``: another
+        gateway wrote them meanwhile). The signing key is never pruned."""
+        try:
+            entry = await kv.get(PRUNED_KEY)
+            tombs: dict[str, float] = msgspec.json.decode(
+                entry.value or b"{}", type=dict[str, float]
+            )
+            last = entry.revision or 0
+        except nats.js.errors.KeyNotFoundError:
+            tombs, last = {}, 0
+        except msgspec.DecodeError:
+            log.warning("keys: the bucket's %r does not decode: rewritten", PRUNED_KEY)
+            tombs, last = {}, -1
+        horizon = self._clock() - self.prune_after_s
+        due = {
+            e.kid: e.refused_from
+            for jwks in (local, current)
+            if jwks is not None
+            for e in jwks.entries
+            if e.refused_from < horizon and e.kid != self._signer.kid and e.kid not in tombs
+        }
+        if not due:
+            return set(tombs)
+        tombs.update(due)
+        data = msgspec.json.encode(tombs)
+        try:
+            if last > 0:
+                await kv.update(PRUNED_KEY, data, last=last)
+            elif last == 0:
+                await kv.create(PRUNED_KEY, data)
+            else:
+                await kv.put(PRUNED_KEY, data)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+        log.info("keys: %d refused keys pruned from the JWKS: %s", len(due), ", ".join(due))
+        return set(tombs)
 
     async def _watch(self) -> None:
         while True:

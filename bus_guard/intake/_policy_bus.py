@@ -58,7 +58,6 @@ __all__ = (
     "PolicyStatus",
     "ensure_stores",
     "open_bus_source",
-    "pointer_history",
     "pointer_key",
     "publish_status",
     "read_statuses",
@@ -77,27 +76,6 @@ def pointer_key(deployment: str, kind: BundleKind = "policy") -> str:
 
 def status_key(gateway_id: str) -> str:
     return f"status.{gateway_id}"
-
-
-async def pointer_history(js: JetStreamContext, bucket: str, key: str) -> tuple[int, list[bytes]]:
-    """The last revision of *key* in the KV *bucket* (0: never written) and every value it
-    still holds, oldest first (delete and purge markers left out).
-
-    Read with message gets by subject, not a consumer: a publisher needs no consumer rights
-    in the gateway's account (a consumer's deliver subject is its creator's choice, and
-    could point at ``guard.exec.>``; compose/auth.conf, user ``publisher``)."""
-    stream, subject = f"KV_{bucket}", f"$KV.{bucket}.{key}"
-    last, values, seq = 0, [], 1
-    for _ in range(POINTER_HISTORY * 4):  # the bucket keeps POINTER_HISTORY per key
-        try:
-            msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
-        except nats.js.errors.NotFoundError:
-            break
-        last = seq = msg.seq or seq
-        if (msg.headers or {}).get("KV-Operation") is None:
-            values.append(msg.data or b"")
-        seq += 1
-    return last, values
 
 
 async def ensure_stores(
@@ -210,6 +188,7 @@ class BusSource:
                     refusals=statistics.refusals,
                     last_refusal=statistics.last_refusal,
                     updated_at=self._clock(),
+                    kind=self._kind,
                 ),
             )
 
@@ -380,8 +359,8 @@ async def open_bus_source(
             signed=signed,
             max_bundle_bytes=source.max_bundle_bytes,
             clock=clock,
-            # The status entry is the ordinary set's (what `policy status` lists).
-            gateway_id=settings.gateway_id if kind == "policy" else "",
+            # Each kind reports on its own key (`policy status` lists both per gateway).
+            gateway_id=settings.gateway_id,  # the constitution on its own key (kind)
         )
 
 
@@ -402,13 +381,19 @@ class PolicyStatus(msgspec.Struct, frozen=True, kw_only=True):
     refusals: int = 0
     last_refusal: str = ""
     updated_at: float = 0.0
+    # "policy", or "constitution": a gateway with a constitution reports it on its own key
+    # (``status.<gateway id>.constitution``), beside its ordinary set's.
+    kind: str = "policy"
 
 
 _STATUS_DECODER: Final = msgspec.json.Decoder(PolicyStatus)
 
 
 async def publish_status(kv: KeyValue, status: PolicyStatus) -> None:
-    await kv.put(status_key(status.gateway), msgspec.json.encode(status))
+    key = status_key(status.gateway)
+    if status.kind != "policy":
+        key = f"{key}.{status.kind}"
+    await kv.put(key, msgspec.json.encode(status))
 
 
 async def read_statuses(kv: KeyValue) -> list[PolicyStatus]:

@@ -40,7 +40,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 import anyio
@@ -56,6 +56,7 @@ from bus_guard.intake._limits import Limited, LimitStore
 from bus_guard.intake._parents import Parent
 from bus_guard.intake._publisher import OutputPublisher, not_yet_published
 from bus_guard.intake._recorder import ChainInDoubt, Recorder
+from bus_guard.intake._retain import IntentRetainer, retain_batch
 from bus_guard.intake._work import Decided, Item, Pulled, Recorded, Undecided, pulled, stored_at
 from bus_guard.intent import Intent
 from bus_guard.ledger import LedgerRecord, lineage_of
@@ -112,6 +113,8 @@ class StreamIntake:
     # The keys whose artifacts make a parent's ledger record count (the gateway's JWKS,
     # rotated keys included); the signer's own key is always one of them.
     trusted_keys: Jwks | None = None
+    # Retains every decided intent's bytes with its outputs (README, "Replay"); None: off.
+    retainer: IntentRetainer | None = None
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -506,6 +509,7 @@ class StreamIntake:
         s = self.settings
         decided: list[Recorded] = []
         groups: list[list[Output]] = []
+        retained: list[Output] = []  # the decided intents' bytes (README, "Replay")
         for it in batch.items:
             if not isinstance(it, Recorded):
                 continue
@@ -531,9 +535,19 @@ class StreamIntake:
                 self.counters.adopted += 1
                 if batch.now - record.ts > self._s.retry_horizon_s:
                     outs = await self._not_yet_published(record, outs)
+            if self.retainer is not None:  # stored with the outputs, before the ack
+                data, headers = it.pulled.msg.data, it.pulled.msg.headers
+                out = self.retainer.retained(record, data, headers, batch.policies)
+                if out is not None:
+                    retained.append(out)
             decided.append(it)
             groups.append(outs)
-        published = await self.publisher.publish(groups)
+        published, kept = await asyncio.gather(
+            self.publisher.publish(groups),
+            retain_batch(self.nc, self._js, retained, timeout_s=self._s.publish_timeout_s),
+        )
+        if not kept:  # not retained: not acked either (they come back and adopt)
+            published = replace(published, stored=[False] * len(decided))
         if published.duplicates:  # published before a crash or a lost PubAck: stored once
             self.counters.duplicate_outputs += published.duplicates
             log.info(

@@ -64,6 +64,7 @@ COUNTERS: Final[dict[str, tuple[str, str]]] = {
     "limit_failures": ("limit_failures", "Allows denied: the limit store could not say."),
     "limit_conflicts": ("limit_conflicts", "Limit compare-and-set writes lost (retried)."),
     "limit_cached_denials": ("limit_cached_denials", "Limits full in the cache: denied at once."),
+    "intents_unretained": ("intents_unretained", "Decided intents whose bytes were not retained."),
 }
 
 

@@ -16,7 +16,9 @@ remove (README, "Constitution"). Pure: no NATS, no clock.
   constitution escalation turns an ordinary allow into the constitution's hold (an
   ordinary denial still denies). A decision made by the constitution names its digest and
   its version, which begins with ``constitution/``: every decision says which layer made
-  it. The ordinary set's observe mode does not apply while a constitution is in force.
+  it. An ordinary set in observe mode stays in observe: its own policy outcomes become
+  ``allow`` with ``would_deny`` (a constitution escalation still holds such an intent),
+  the constitution's are enforced; the combination itself is ``enforce``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bus_guard.decision import Decision, Effect, Reason, Request
+from bus_guard.decision import POLICY_REASONS, Decision, Effect, Reason, Request
 from bus_guard.errors import BundleRefused
 from bus_guard.pipeline import PolicySetLike
 from bus_guard.policy._bundle import Compiled, Manifest, decode_manifest
@@ -183,7 +185,7 @@ _STANDS: Final = frozenset({Reason.NO_MATCHING_RULE, Reason.ESCALATED_BY_RULE})
 class LayeredSet:
     """The constitution over the ordinary set: see the module docstring."""
 
-    __slots__ = ("constitution", "digest", "mode", "ordinary", "version")
+    __slots__ = ("_observing", "constitution", "digest", "mode", "ordinary", "version")
 
     def __init__(self, constitution: PolicySetLike, ordinary: PolicySetLike) -> None:
         self.constitution = constitution
@@ -192,6 +194,9 @@ class LayeredSet:
         self.digest = ordinary.digest
         self.version = ordinary.version
         self.mode: Literal["enforce"] = "enforce"
+        # An ordinary set in observe mode stays in observe under the constitution: its own
+        # policy outcomes are let through, marked (the constitution's are enforced).
+        self._observing = ordinary.mode == "observe"
 
     def __repr__(self) -> str:
         return f"LayeredSet({self.constitution!r} over {self.ordinary!r})"
@@ -201,6 +206,12 @@ class LayeredSet:
         if first.reason not in _STANDS:  # the constitution denies: nothing overrides it
             return first
         second = self.ordinary.evaluate(request)
+        if (
+            self._observing
+            and second.effect is not Effect.ALLOW
+            and second.reason in POLICY_REASONS
+        ):
+            second = msgspec.structs.replace(second, effect=Effect.ALLOW, would_deny=True)
         if first.reason is Reason.ESCALATED_BY_RULE and second.effect is not Effect.DENY:
             return first  # an ordinary allow (or hold) is the constitution's hold
         return second
