@@ -8,6 +8,7 @@ import signal
 from typing import TextIO
 
 import anyio
+import nats.errors
 
 from bus_guard.cli._safe import say
 from bus_guard.intake._jetstream import read
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 async def cmd_witness(args: argparse.Namespace, out: TextIO) -> int:
     """Read the ledger from the start (a restarted witness re-checks what it countersigned
     before), then every ``--interval`` what is new; until SIGINT/SIGTERM, or once."""
-    from bus_guard.cli._connect import NatsOptions, connect
+    from bus_guard.cli._connect import TOOL_RECONNECT_ATTEMPTS, NatsOptions, connect
     from bus_guard.ledger._witness import Witness
     from bus_guard.signing._keys import load_private_key
     from bus_guard.subjects import Subjects
@@ -29,7 +30,11 @@ async def cmd_witness(args: argparse.Namespace, out: TextIO) -> int:
     witness = Witness(args.dir, load_private_key(args.key), load_jwks(args.jwks), args.prefix)
     subjects = Subjects(args.prefix)
     stream, everything = subjects.streams.ledger, subjects.ledger().all
-    nc = await connect(NatsOptions.from_args(args), name="bus-guard witness")
+    nc = await connect(
+        NatsOptions.from_args(args),
+        name="bus-guard witness",
+        reconnect_attempts=TOOL_RECONNECT_ATTEMPTS if args.once else -1,
+    )
     stop = anyio.Event()
     refused = 0
     fed = 0
@@ -37,18 +42,24 @@ async def cmd_witness(args: argparse.Namespace, out: TextIO) -> int:
     async def follow() -> None:
         nonlocal fed, refused
         while True:
-            async for stored in read(nc, stream, everything, start_seq=fed + 1):
-                fed = stored.seq
-                signed = witness.feed(stored)
-                if signed is not None:
-                    say(
-                        out,
-                        f"countersigned {signed.gateway} seq {signed.seq} ({signed.kind}"
-                        f"{', final' if signed.final else ''})",
-                    )
-                for line in witness.refused[refused:]:
-                    say(out, f"REFUSED {line}")
-                refused = len(witness.refused)
+            try:
+                async for stored in read(nc, stream, everything, start_seq=fed + 1):
+                    fed = stored.seq
+                    signed = witness.feed(stored)
+                    if signed is not None:
+                        say(
+                            out,
+                            f"countersigned {signed.gateway} seq {signed.seq} ({signed.kind}"
+                            f"{', final' if signed.final else ''})",
+                        )
+                    for line in witness.refused[refused:]:
+                        say(out, f"REFUSED {line}")
+                    refused = len(witness.refused)
+            except (nats.errors.Error, TimeoutError) as exc:
+                if args.once:
+                    raise
+                # a leader election or a node restarting: read on from the same record
+                log.warning("witness: reading the ledger failed (%r); retrying", exc)
             if args.once:
                 stop.set()
                 return
