@@ -9,6 +9,7 @@ from typing import TextIO
 
 import anyio
 import nats.errors
+import nats.js.errors
 
 from bus_guard.cli._safe import say
 from bus_guard.intake._jetstream import read
@@ -35,9 +36,31 @@ async def cmd_witness(args: argparse.Namespace, out: TextIO) -> int:
         name="bus-guard witness",
         reconnect_attempts=TOOL_RECONNECT_ATTEMPTS if args.once else -1,
     )
+    registry = subjects.streams.gateways_bucket
+    registry_stream, registry_subject = f"KV_{registry}", f"$KV.{registry}."
     stop = anyio.Event()
     refused = 0
     fed = 0
+    registry_fed = 0
+
+    async def follow_registry() -> None:
+        """The gateway registry's new values: each run countersigned (Witness.register)."""
+        nonlocal registry_fed
+        try:
+            async for stored in read(
+                nc, registry_stream, registry_subject + ">", start_seq=registry_fed + 1
+            ):
+                registry_fed = stored.seq
+                run = witness.register(stored.subject.removeprefix(registry_subject), stored.data)
+                if run is not None:
+                    say(
+                        out,
+                        f"registered {run.gateway} run {run.epoch}"
+                        f"{' (ended)' if run.final else ''}",
+                    )
+        except nats.js.errors.NotFoundError:
+            # no registry yet (no stream-mode gateway started), or one without direct gets
+            log.debug("witness: no readable gateway registry %s", registry_stream)
 
     async def follow() -> None:
         nonlocal fed, refused
@@ -55,6 +78,7 @@ async def cmd_witness(args: argparse.Namespace, out: TextIO) -> int:
                     for line in witness.refused[refused:]:
                         say(out, f"REFUSED {line}")
                     refused = len(witness.refused)
+                await follow_registry()
             except (nats.errors.Error, TimeoutError) as exc:
                 if args.once:
                     raise
@@ -83,6 +107,7 @@ async def cmd_witness(args: argparse.Namespace, out: TextIO) -> int:
     say(
         out,
         f"witness: {witness.countersigned} countersigned, {len(witness.refused)} refused, "
-        f"{len(witness.heads)} chain(s) followed",
+        f"{len(witness.heads)} chain(s) followed, {witness.registered} gateway run(s) "
+        "registered",
     )
     return 1 if witness.refused else 0

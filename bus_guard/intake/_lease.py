@@ -64,10 +64,15 @@ class LeaseValue(msgspec.Struct, frozen=True, kw_only=True):
 async def ensure_registry(js: JetStreamContext, bucket: str, *, replicas: int) -> None:
     """Create the gateway registry bucket if it is missing."""
     try:
-        await js.stream_info(f"KV_{bucket}")
-        return
+        info = await js.stream_info(f"KV_{bucket}")
     except nats.js.errors.NotFoundError:
         pass
+    else:
+        if not info.config.allow_direct:  # made by an earlier version: a witness reads it
+            info.config.allow_direct = True
+            await js.update_stream(info.config)
+            log.info("key-value bucket %s: direct gets allowed (for a witness)", bucket)
+        return
     await js.create_key_value(
         KeyValueConfig(
             bucket=bucket,
@@ -77,6 +82,7 @@ async def ensure_registry(js: JetStreamContext, bucket: str, *, replicas: int) -
             replicas=replicas,
             storage=StorageType.FILE,
             max_value_size=4096,
+            direct=True,  # a witness reads its history with direct gets (ledger._witness)
         )
     )
     log.info("created key-value bucket %s", bucket)
