@@ -96,6 +96,8 @@ class Soak:
     decided: list[tuple[float, int]] = field(default_factory=list)  # (t, decided)
     rss: list[tuple[float, int, int, float]] = field(default_factory=list)  # t, slot, pid, MiB
     faults: list[Fault] = field(default_factory=list)
+    # gateway processes that exited by themselves: (slot, exit code, their last lines)
+    exits: list[tuple[int, int, list[str]]] = field(default_factory=list)
     stop_load: anyio.Event = field(default_factory=anyio.Event)
     load_done: anyio.Event = field(default_factory=anyio.Event)
 
@@ -199,6 +201,9 @@ async def _sample(s: Soak, js: JetStreamContext) -> None:
         for slot, g in enumerate(s.gateways):
             if g.proc is not None:
                 s.rss.append((now, slot, g.proc.pid, _rss_mib(g)))
+                code = g.proc.poll()
+                if code is not None and not any(e[2] is g.lines for e in s.exits):
+                    s.exits.append((slot, code, g.lines))
         await anyio.sleep(max(0.0, now + 1.0 - time.monotonic()))  # the sampling period
 
 
@@ -291,10 +296,6 @@ def _report(s: Soak, t_end: float) -> dict[str, Any]:
     for i, f in enumerate(s.faults):
         following = s.faults[i + 1].start if i + 1 < len(s.faults) else t_end
         after_end = min(f.end + WINDOW_S, following)
-        rss_end = [
-            max((mib for t, slot, _, mib in s.rss if slot == k and t <= after_end), default=0.0)
-            for k in range(len(s.gateways))
-        ]
         rows.append(
             {
                 "fault": f.name,
@@ -306,9 +307,7 @@ def _report(s: Soak, t_end: float) -> dict[str, Any]:
                     None if f.recovered_at is None else round(f.recovered_at - f.start, 1)
                 ),
                 "rss_start_mib": f.rss_start_mib,
-                "rss_end_mib": [
-                    last_rss(s, k, after_end) or peak for k, peak in enumerate(rss_end)
-                ],
+                "rss_end_mib": [last_rss(s, k, after_end) for k in range(len(s.gateways))],
             }
         )
     # Per gateway process: RSS after its first 10 s, at its end, and its peak.
@@ -333,7 +332,8 @@ def _report(s: Soak, t_end: float) -> dict[str, Any]:
 
 
 def last_rss(s: Soak, slot: int, before: float) -> float:
-    found = [mib for t, k, _, mib in s.rss if k == slot and t <= before and mib]
+    """The RSS of the gateway in *slot* last sampled at or before *before* (0: not running)."""
+    found = [mib for t, k, _, mib in s.rss if k == slot and t <= before]
     return found[-1] if found else 0.0
 
 
@@ -438,10 +438,14 @@ async def test_s17_soak_with_periodic_gateway_and_cluster_faults(tmp_path: Path)
         "ledger_verify_with_witness": verify.returncode,
         "witness_exit": witness_code,
         "warnings": [g.count("WARNING") for g in s.gateways],
+        "gateway_exits": [(slot, code) for slot, code, _ in s.exits],
         **_report(s, t_end),
     }
     print("\nS17 " + json.dumps(report))
     witness_out = witness_log.read_text()
+    for slot, code, lines in s.exits:
+        print(f"gateway {slot + 1} exited by itself ({code}):\n" + "\n".join(lines[-40:]))
+    assert s.exits == []
     assert len(s.faults) >= min(len(FAULTS), int(SOAK_S // FAULT_EVERY_S) - 1)
     assert alive == [True, True], "\n".join(line for g in s.gateways for line in g.lines[-15:])
     assert codes == [0, 0]

@@ -26,6 +26,7 @@ import json
 import posixpath
 import re
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -266,6 +267,7 @@ async def test_every_shipped_user_authenticates_and_nothing_else_does(
         "gateway",
         "executor",
         "executor-2",
+        "witness",
         "operator",
         "auditor",
         *AGENTS,
@@ -1018,6 +1020,67 @@ async def test_ledger_tools_and_consume_once_as_the_shipped_users(tmp_path: Path
             assert await executor.errors() == []
 
 
+async def test_the_witness_reads_the_ledger_and_the_registry_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    """`bus-guard witness` as the shipped user `witness` (its own account) countersigns a
+    real ledger's chain heads and the gateway's run from the registry; `ledger verify
+    --witness` as `auditor` passes against it. The witness cannot write or delete anything,
+    nor read another stream."""
+    key, jwks = generate_key(tmp_path / "keys")
+    wkey, wjwks = generate_key(tmp_path / "witness-keys")
+    with local_server(tmp_path / "nats") as server:
+        url = server.url
+        async with Bus() as bus:
+            agent = await bus.connect(url, "agent-7")
+            gateway = await bus.connect(url, "gateway")
+            js = gateway.nc.jetstream()
+            settings = stream_settings(user_url(url, "gateway"), "gw-w")
+            async with stream_gateway(settings, load_policies(POLICIES), key):
+                payload = intent(TRANSFER, "account:acct-1", {"amount": 1, "currency": "USD"})
+                await agent.nc.jetstream().publish(f"guard.in.agent-7.{TRANSFER}", payload)
+                await eventually(lambda: drained(js), what="intake drained")
+
+            # a process of its own (it handles SIGTERM: the main thread)
+            argv = ["witness", "--nats", user_url(url, "witness"), "--dir", str(tmp_path / "w")]
+            argv += ["--key", str(wkey), "--jwks", str(jwks), "--once"]
+            run = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "bus_guard", *argv],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert "countersigned gw-w seq 0 (chain_start)" in run.stdout
+            assert "registered gw-w run " in run.stdout
+
+            out = io.StringIO()
+            verify = ["ledger", "verify", "--nats", user_url(url, "auditor"), "--jwks", str(jwks)]
+            verify += ["--witness", str(tmp_path / "w"), "--witness-jwks", str(wjwks)]
+            code = await asyncio.to_thread(main, verify, out=out)
+            assert code == 0, out.getvalue()
+
+            witness = await bus.connect(url, "witness")
+            forbidden = [
+                "$JS.API.STREAM.DELETE.GUARD_LEDGER",
+                "$JS.API.STREAM.PURGE.GUARD_LEDGER",
+                "$JS.API.STREAM.INFO.GUARD_IN",
+                "$JS.API.DIRECT.GET.GUARD_EXEC",
+                "$JS.API.CONSUMER.CREATE.GUARD_LEDGER",
+                "$KV.guard-gateways.gw-w",
+                "guard.ledger.gw-w.c",
+                "guard.in.agent-7.x",
+            ]
+            for subject in forbidden:
+                await witness.nc.publish(subject, b"{}")
+            await witness.nc.subscribe("guard.ledger.>")
+            assert await witness.errors() == [
+                *(pub_violation(s) for s in forbidden),
+                sub_violation("guard.ledger.>"),
+            ]
+
+
 # -- the 3-node cluster ----------------------------------------------------------------------
 
 
@@ -1300,6 +1363,15 @@ def test_compose_file_matches_the_configs(
     assert auditor[:2] == ["ledger", "verify"]
     assert auditor[auditor.index("--jwks") + 1] == "/keys/jwks.json"
     assert _mounts(services["auditor"])["/keys"] == _mounts(services["keys"])["/keys"]
+    # the witness: its own user, and its own key and storage (volumes no gateway mounts)
+    witness = services["witness"]["command"]
+    assert witness[0] == "witness" and "witness" in urls
+    assert witness[witness.index("--jwks") + 1] == "/keys/jwks.json"
+    witness_mounts = _mounts(services["witness"])
+    own = {witness_mounts["/witness"], witness_mounts["/witness-keys"]}
+    assert own == {"witness-data", "witness-keys"}
+    assert own.isdisjoint(gateway_mounts.values())
+    assert _mounts(services["witness-keys"])["/witness-keys"] == "witness-keys"
     for name, url in urls.items():
         parts = urlsplit(url)
         assert parts.hostname in nats_services, url
