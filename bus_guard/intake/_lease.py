@@ -44,6 +44,7 @@ __all__ = ("Lease", "LeaseLost", "LeaseValue", "ensure_registry")
 log = logging.getLogger(__name__)
 
 REGISTRY_HISTORY: Final = 64  # values kept per gateway id: its starts and ends
+RETRY_FIRST_S: Final = 0.25  # a failed renewal is retried after this, doubling
 
 
 class LeaseLost(GatewayError):
@@ -59,6 +60,15 @@ class LeaseValue(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat: float
     state: Literal["live", "ended"] = "live"
     ended: float | None = None
+
+
+def _decode(data: bytes | None) -> LeaseValue | None:
+    if not data:
+        return None
+    try:
+        return msgspec.json.decode(data, type=LeaseValue)
+    except msgspec.DecodeError:
+        return None
 
 
 async def ensure_registry(js: JetStreamContext, bucket: str, *, replicas: int) -> None:
@@ -163,31 +173,59 @@ class Lease:
             )
             raise LeaseLost(self.lost)
 
-    async def renew(self) -> None:
-        """One renewal; :class:`LeaseLost` when another process took the id over."""
+    async def renew(self) -> bool:
+        """One renewal, True if it was stored; :class:`LeaseLost` when another process took
+        the id over. A renewal that timed out may have been stored all the same (in doubt):
+        the next one then finds the key moved, to a value of this very run (its epoch is
+        unique), adopts its revision and renews on."""
         assert self._kv is not None and self._value is not None
         self.check()
         value = msgspec.structs.replace(self._value, heartbeat=time.time())
         try:
-            self._revision = await self._kv.update(
-                self.gateway_id, msgspec.json.encode(value), last=self._revision
-            )
+            # an attempt bounded to a sixth of the lease: several fit in what is left of it
+            with anyio.fail_after(self.lease_s / 6):
+                await self._update(value)
         except nats.js.errors.KeyWrongLastSequenceError:
             self.lost = f"gateway id {self.gateway_id!r} was taken over by another process"
             raise LeaseLost(self.lost) from None
         except (nats.errors.Error, TimeoutError) as exc:  # an election: try again soon
             self.failures += 1
             log.warning("renewing the lease on %s failed: %r", self.gateway_id, exc)
-            return
+            return False
         self._value = value
         self._renewed_at = time.monotonic()
         self.renewals += 1
+        return True
+
+    async def _update(self, value: LeaseValue) -> None:
+        assert self._kv is not None and self._value is not None
+        try:
+            self._revision = await self._kv.update(
+                self.gateway_id, msgspec.json.encode(value), last=self._revision
+            )
+        except nats.js.errors.KeyWrongLastSequenceError:
+            entry = await self._kv.get(self.gateway_id)
+            held = _decode(entry.value)
+            if held is None or held.epoch != self._value.epoch or entry.revision is None:
+                raise  # another run's value: taken over
+            log.info("lease on %s: an earlier renewal in doubt was stored", self.gateway_id)
+            self._revision = await self._kv.update(
+                self.gateway_id, msgspec.json.encode(value), last=entry.revision
+            )
 
     async def keep(self) -> None:
-        """Renew every third of the lease until cancelled; raises :class:`LeaseLost`."""
+        """Renew every third of the lease until cancelled; raises :class:`LeaseLost`.
+        After a failed renewal (a leader election, a node restarting) the next attempt
+        comes soon, with backoff (0.25 s doubling, at most a tenth of the lease): one
+        failure must not cost the lease, whose whole length is left for retries."""
+        retry = RETRY_FIRST_S
+        delay = self.lease_s / 3
         while True:
-            await anyio.sleep(self.lease_s / 3)
-            await self.renew()
+            await anyio.sleep(delay)
+            if await self.renew():
+                delay, retry = self.lease_s / 3, RETRY_FIRST_S
+            else:
+                delay, retry = retry, min(retry * 2, self.lease_s / 10)
 
     async def release(self) -> None:
         """At clean shutdown: the registry says this chain ended (best effort)."""
