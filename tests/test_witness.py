@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bus_guard.errors import ConfigError
 from bus_guard.intake._jetstream import read
 from bus_guard.ledger._audit import audit
-from bus_guard.ledger._records import CHECKPOINT, Stored, decode_record
+from bus_guard.ledger._records import CHECKPOINT, LedgerRecord, Stored, decode_record
 from bus_guard.ledger._witness import (
     REGISTERED,
     Witness,
@@ -38,6 +38,9 @@ from bus_guard.verify import Jwks, load_jwks
 
 from .helpers import intent
 from .streamkit import drained, eventually, stream_gateway, stream_settings
+
+SEARCH = "guard.in.agent-1.tools.search"
+CHAIN_SUBJECT = "guard.ledger.gw-t.c"  # a gateway's chain starts and checkpoints
 
 
 async def _ledger(nats_url: str, key: Path, policies: PolicySet) -> list[Stored]:
@@ -301,3 +304,36 @@ async def test_a_registered_run_cut_from_a_chain_is_found(
     heads = load_witnessed(tmp_path / "witness", _witness_jwks(witness_key))
     [line] = check_against_witness(cut, heads)
     assert f"(epoch {last_run}, registered) left no record in the ledger" in line
+
+
+async def test_time_based_checkpoints_bound_the_unsealed_tail_in_seconds(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """With a record count no run reaches, a signed checkpoint still follows the last
+    decision within --checkpoint-interval (plus one fetch timeout), while the gateway is
+    idle: what a witness cannot see (the tail after its last countersigned checkpoint) is
+    bounded in seconds, not only in records."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    settings = stream_settings(
+        nats_url, "gw-t", checkpoint_every=100_000, checkpoint_interval_s=1.0
+    )
+
+    async def chain() -> list[LedgerRecord]:
+        return [decode_record(m.data) async for m in read(nc, "GUARD_LEDGER", CHAIN_SUBJECT)]
+
+    async def checkpointed_after(seq: int) -> bool:
+        return any(r.kind == CHECKPOINT and not r.final and r.seq > seq for r in await chain())
+
+    async with stream_gateway(settings, policies, keys[0]):
+        for i in range(5):
+            await js.publish(SEARCH, intent("tools.search", "tool:search", {"q": f"t-{i}"}))
+        await eventually(lambda: drained(js), what="intake drained")
+        records = [decode_record(m.data) async for m in read(nc, "GUARD_LEDGER", "guard.ledger.>")]
+        last = max((r for r in records if r.kind == "decision"), key=lambda r: r.seq)
+        await eventually(lambda: checkpointed_after(last.seq), what="a time-based checkpoint")
+    checkpoint = next(r for r in await chain() if r.kind == CHECKPOINT and r.seq > last.seq)
+    await nc.close()
+    assert not checkpoint.final  # written while running, not at shutdown
+    # interval 1 s + fetch timeout 0.5 s, and a loaded machine's slack
+    assert checkpoint.ts - last.ts < 1.0 + 0.5 + 3.0
