@@ -125,15 +125,11 @@ class Lease:
             heartbeat=now,
         )
         data = msgspec.json.encode(value)
+        held, revision = await self._leader_entry()
         try:
-            entry = await kv.get(self.gateway_id)
-        except nats.js.errors.KeyNotFoundError:
-            entry = None
-        try:
-            if entry is None or entry.value is None or entry.operation is not None:
+            if held is None:
                 self._revision = await kv.create(self.gateway_id, data)
             else:
-                held = msgspec.json.decode(entry.value, type=LeaseValue)
                 age = now - held.heartbeat
                 if held.state == "live" and age < self.lease_s and not _gone(held):
                     raise GatewayError(
@@ -152,8 +148,7 @@ class Lease:
                         age,
                         self.lease_s,
                     )
-                assert entry.revision is not None
-                self._revision = await kv.update(self.gateway_id, data, last=entry.revision)
+                self._revision = await kv.update(self.gateway_id, data, last=revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             raise GatewayError(
                 f"gateway id {self.gateway_id!r} was taken by another process while this one "
@@ -204,14 +199,32 @@ class Lease:
                 self.gateway_id, msgspec.json.encode(value), last=self._revision
             )
         except nats.js.errors.KeyWrongLastSequenceError:
-            entry = await self._kv.get(self.gateway_id)
-            held = _decode(entry.value)
-            if held is None or held.epoch != self._value.epoch or entry.revision is None:
+            held, revision = await self._leader_entry()
+            if held is None or held.epoch != self._value.epoch:
                 raise  # another run's value: taken over
             log.info("lease on %s: an earlier renewal in doubt was stored", self.gateway_id)
-            self._revision = await self._kv.update(
-                self.gateway_id, msgspec.json.encode(value), last=entry.revision
+            try:
+                self._revision = await self._kv.update(
+                    self.gateway_id, msgspec.json.encode(value), last=revision
+                )
+            except nats.js.errors.KeyWrongLastSequenceError:
+                # moved again since the read: not known to be another run's; retry soon
+                raise TimeoutError("the lease key moved while it was renewed") from None
+
+    async def _leader_entry(self) -> tuple[LeaseValue | None, int]:
+        """The key's lease value (None: none, deleted or not a lease) and revision, as the
+        stream's leader has them: a direct get (nats-py's kv.get on a bucket that allows
+        them, as the registry does for the witness) may be answered by a replica a moment
+        behind, whose older revision would look like another process's write."""
+        try:
+            msg = await self.js.get_last_msg(
+                f"KV_{self.bucket}", f"$KV.{self.bucket}.{self.gateway_id}", direct=False
             )
+        except nats.js.errors.NotFoundError:
+            return None, 0
+        if (msg.headers or {}).get("KV-Operation"):  # a delete or purge marker
+            return None, msg.seq or 0
+        return _decode(msg.data), msg.seq or 0
 
     async def keep(self) -> None:
         """Renew every third of the lease until cancelled; raises :class:`LeaseLost`.
