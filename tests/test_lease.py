@@ -115,3 +115,40 @@ async def test_a_frozen_holder_is_taken_over_and_stops_without_forking_the_chain
     report = audit(ledger, prefix="guard", jwks=load_jwks(jwks))
     assert not report.problems, report.problems
     await nc.close()
+
+
+async def test_a_renewal_stored_in_doubt_is_adopted_and_another_runs_value_is_not(
+    nats_url: str,
+) -> None:
+    """A renewal that timed out may have been stored: the next renewal finds the key moved.
+    To a value of this very run (its epoch): adopted, the lease goes on. To another run's: the
+    id was taken over, the lease is lost."""
+    from bus_guard.intake._lease import Lease, LeaseLost, ensure_registry
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_registry(js, "guard-gateways", replicas=1)
+    kv = await js.key_value("guard-gateways")
+    lease = Lease(js, "guard-gateways", "gw-doubt", 15.0, "epoch-1")
+    await lease.acquire()
+    assert await lease.renew()
+    revision = (await kv.get("gw-doubt")).revision
+    assert revision is not None
+
+    def moved(epoch: str) -> bytes:
+        now = time.time()
+        value = LeaseValue(epoch=epoch, host="h", pid=1, started=now, heartbeat=now)
+        return msgspec.json.encode(value)
+
+    # as if the last renewal had been stored after its timeout: this run's epoch
+    revision = await kv.update("gw-doubt", moved("epoch-1"), last=revision)
+    assert await lease.renew()
+    assert lease.lost == ""
+    assert [v.epoch for v in (await _registry(nc, "gw-doubt"))[-1:]] == ["epoch-1"]
+    # another run took the id over: lost, loudly, and for good
+    await kv.update("gw-doubt", moved("epoch-2"), last=(await kv.get("gw-doubt")).revision)
+    with pytest.raises(LeaseLost, match="taken over"):
+        await lease.renew()
+    with pytest.raises(LeaseLost):
+        lease.check()
+    await nc.close()

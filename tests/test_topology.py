@@ -26,6 +26,7 @@ import json
 import posixpath
 import re
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -262,7 +263,16 @@ async def raw_connect(port: int, creds: Mapping[str, str]) -> bytes:
 async def test_every_shipped_user_authenticates_and_nothing_else_does(
     guard_nats: NatsServer,
 ) -> None:
-    assert set(CREDENTIALS) == {"gateway", "publisher", "executor", "operator", "auditor", *AGENTS}
+    assert set(CREDENTIALS) == {
+        "gateway",
+        "publisher",
+        "executor",
+        "executor-2",
+        "witness",
+        "operator",
+        "auditor",
+        *AGENTS,
+    }
     for user, password in CREDENTIALS.items():
         assert await raw_connect(guard_nats.port, {"user": user, "pass": password}) == PONG
     refused = [
@@ -826,14 +836,14 @@ async def test_executor_has_its_consume_once_bucket_and_nothing_more(
         executor = await bus.connect(url, "executor")
         ejs = executor.nc.jetstream()
         executed = await ejs.create_key_value(bucket="guard-executed", history=1, ttl=3600)
-        assert await executed.create("d-1", b"guard.exec.agent-7.x") == 1
+        assert await executed.create("executor.d-1", b"guard.exec.agent-7.x") == 1
         with pytest.raises(KeyWrongLastSequenceError):
-            await executed.create("d-1", b"again")
-        assert (await executed.get("d-1")).value == b"guard.exec.agent-7.x"
+            await executed.create("executor.d-1", b"again")
+        assert (await executed.get("executor.d-1")).value == b"guard.exec.agent-7.x"
         second = await bus.connect(url, "executor")
         shared = await second.nc.jetstream().key_value("guard-executed")
         with pytest.raises(KeyWrongLastSequenceError):
-            await shared.create("d-1", b"again")
+            await shared.create("executor.d-1", b"again")
         assert await executor.errors() == await second.errors() == []
 
         forbidden = [
@@ -852,6 +862,7 @@ async def test_executor_has_its_consume_once_bucket_and_nothing_more(
             "$KV.guard-jwks.current",
             "$KV.other.key",
             "$JS.ACK.GUARD_IN.bus-guard.1.1.1.0.0",
+            "$KV.guard-executed.d-9",  # outside its own name: see the next test
         ]
         for subject in forbidden:
             await executor.nc.publish(subject, b"{}")
@@ -874,6 +885,52 @@ async def test_executor_has_its_consume_once_bucket_and_nothing_more(
         assert (bucket.state.messages, bucket.state.last_seq) == (1, 1)
         # the bucket lives in EXEC: GUARD's JetStream is exactly as it was
         assert stream_states(await js.streams_info()) == before
+
+
+async def test_an_executor_cannot_create_or_delete_another_executors_markers(
+    guard_nats: NatsServer,
+) -> None:
+    """Each executor writes consume-once markers only under its own name
+    (``$KV.guard-executed.<name>.>``, ``verify_message_once(..., executor=<name>)``): it
+    creates and deletes its own; creating, deleting or purging another's is a permission
+    violation and leaves the other's marker as it was."""
+    url = guard_nats.url
+    async with Bus() as bus:
+        a, b = await bus.connect(url, "executor"), await bus.connect(url, "executor-2")
+        ajs = a.nc.jetstream()
+        kv_a = await ajs.create_key_value(bucket="guard-executed", history=1, ttl=3600)
+        kv_b = await b.nc.jetstream().key_value("guard-executed")
+        own_a, own_b = "executor.i0a", "executor-2.i0b"
+        assert await kv_a.create(own_a, b"d-a") == 1
+        assert await kv_b.create(own_b, b"d-b") == 2
+        with pytest.raises(KeyWrongLastSequenceError):  # reading the other's works: it exists
+            await kv_a.create(own_a, b"again")
+        assert (await kv_a.get(own_b)).value == b"d-b"
+
+        # A creates a marker in B's name (B would then refuse that intent as a replay),
+        # deletes B's marker, purges it (either would let B execute the intent again).
+        attempts = [
+            (f"$KV.guard-executed.{own_b}", {}),
+            (f"$KV.guard-executed.{own_b}", {"KV-Operation": "DEL"}),
+            (f"$KV.guard-executed.{own_b}", {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}),
+            ("$KV.guard-executed.executor-2.i0c", {}),
+            ("$KV.guard-executed.i0d", {}),  # a key under no executor's name
+        ]
+        for subject, headers in attempts:
+            await a.nc.publish(subject, b"x", headers=headers or None)
+        # and B the same to A's
+        await b.nc.publish(f"$KV.guard-executed.{own_a}", b"", headers={"KV-Operation": "DEL"})
+        assert await a.errors() == [pub_violation(s) for s, _ in attempts]
+        assert await b.errors() == [pub_violation(f"$KV.guard-executed.{own_a}")]
+        entry = await kv_b.get(own_b)
+        assert (entry.value, entry.revision) == (b"d-b", 2)
+        state = (await ajs.stream_info("KV_guard-executed")).state
+        assert (state.messages, state.last_seq) == (2, 2)
+
+        # its own: deleted, then created again
+        await kv_a.delete(own_a)
+        assert await kv_a.create(own_a, b"d-a again") == 4
+        assert await a.errors() == [pub_violation(s) for s, _ in attempts]
 
 
 # -- stream mode as the shipped users: auditor tools and consume-once ------------------------
@@ -944,7 +1001,12 @@ async def test_ledger_tools_and_consume_once_as_the_shipped_users(tmp_path: Path
             executed = await ejs.create_key_value(bucket="guard-executed", history=1, ttl=3600)
             for msg in execs.msgs:
                 claims = await verify_message_once(
-                    verifier, executed, subject=msg.subject, headers=msg.headers, payload=msg.data
+                    verifier,
+                    executed,
+                    subject=msg.subject,
+                    headers=msg.headers,
+                    payload=msg.data,
+                    executor="executor",  # the shipped user writes under its own name
                 )
                 assert claims.jti in (parent, child)
                 with pytest.raises(VerificationError, match="replay"):
@@ -954,8 +1016,70 @@ async def test_ledger_tools_and_consume_once_as_the_shipped_users(tmp_path: Path
                         subject=msg.subject,
                         headers=msg.headers,
                         payload=msg.data,
+                        executor="executor",
                     )
             assert await executor.errors() == []
+
+
+async def test_the_witness_reads_the_ledger_and_the_registry_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    """`bus-guard witness` as the shipped user `witness` (its own account) countersigns a
+    real ledger's chain heads and the gateway's run from the registry; `ledger verify
+    --witness` as `auditor` passes against it. The witness cannot write or delete anything,
+    nor read another stream."""
+    key, jwks = generate_key(tmp_path / "keys")
+    wkey, wjwks = generate_key(tmp_path / "witness-keys")
+    with local_server(tmp_path / "nats") as server:
+        url = server.url
+        async with Bus() as bus:
+            agent = await bus.connect(url, "agent-7")
+            gateway = await bus.connect(url, "gateway")
+            js = gateway.nc.jetstream()
+            settings = stream_settings(user_url(url, "gateway"), "gw-w")
+            async with stream_gateway(settings, load_policies(POLICIES), key):
+                payload = intent(TRANSFER, "account:acct-1", {"amount": 1, "currency": "USD"})
+                await agent.nc.jetstream().publish(f"guard.in.agent-7.{TRANSFER}", payload)
+                await eventually(lambda: drained(js), what="intake drained")
+
+            # a process of its own (it handles SIGTERM: the main thread)
+            argv = ["witness", "--nats", user_url(url, "witness"), "--dir", str(tmp_path / "w")]
+            argv += ["--key", str(wkey), "--jwks", str(jwks), "--once"]
+            run = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "bus_guard", *argv],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert "countersigned gw-w seq 0 (chain_start)" in run.stdout
+            assert "registered gw-w run " in run.stdout
+
+            out = io.StringIO()
+            verify = ["ledger", "verify", "--nats", user_url(url, "auditor"), "--jwks", str(jwks)]
+            verify += ["--witness", str(tmp_path / "w"), "--witness-jwks", str(wjwks)]
+            code = await asyncio.to_thread(main, verify, out=out)
+            assert code == 0, out.getvalue()
+
+            witness = await bus.connect(url, "witness")
+            forbidden = [
+                "$JS.API.STREAM.DELETE.GUARD_LEDGER",
+                "$JS.API.STREAM.PURGE.GUARD_LEDGER",
+                "$JS.API.STREAM.INFO.GUARD_IN",
+                "$JS.API.DIRECT.GET.GUARD_EXEC",
+                "$JS.API.CONSUMER.CREATE.GUARD_LEDGER",
+                "$KV.guard-gateways.gw-w",
+                "guard.ledger.gw-w.c",
+                "guard.in.agent-7.x",
+            ]
+            for subject in forbidden:
+                await witness.nc.publish(subject, b"{}")
+            await witness.nc.subscribe("guard.ledger.>")
+            assert await witness.errors() == [
+                *(pub_violation(s) for s in forbidden),
+                sub_violation("guard.ledger.>"),
+            ]
 
 
 # -- the 3-node cluster ----------------------------------------------------------------------
@@ -1083,9 +1207,9 @@ async def test_cluster_auditor_and_consume_once(cluster: LocalCluster) -> None:
         executed = await until_ok(
             lambda: ejs.create_key_value(bucket="guard-executed", history=1, ttl=3600)
         )
-        assert await until_ok(lambda: executed.create("d-1", b"x")) == 1
+        assert await until_ok(lambda: executed.create("executor.d-1", b"x")) == 1
         with pytest.raises(KeyWrongLastSequenceError):
-            await executed.create("d-1", b"x")
+            await executed.create("executor.d-1", b"x")
         assert await executor.errors() == []
         assert (await js.stream_info("GUARD_LEDGER")).state.messages == 3
         await js.delete_stream("GUARD_LEDGER")
@@ -1240,6 +1364,15 @@ def test_compose_file_matches_the_configs(
     assert auditor[:2] == ["ledger", "verify"]
     assert auditor[auditor.index("--jwks") + 1] == "/keys/jwks.json"
     assert _mounts(services["auditor"])["/keys"] == _mounts(services["keys"])["/keys"]
+    # the witness: its own user, and its own key and storage (volumes no gateway mounts)
+    witness = services["witness"]["command"]
+    assert witness[0] == "witness" and "witness" in urls
+    assert witness[witness.index("--jwks") + 1] == "/keys/jwks.json"
+    witness_mounts = _mounts(services["witness"])
+    own = {witness_mounts["/witness"], witness_mounts["/witness-keys"]}
+    assert own == {"witness-data", "witness-keys"}
+    assert own.isdisjoint(gateway_mounts.values())
+    assert _mounts(services["witness-keys"])["/witness-keys"] == "witness-keys"
     for name, url in urls.items():
         parts = urlsplit(url)
         assert parts.hostname in nats_services, url

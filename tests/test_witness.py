@@ -24,8 +24,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bus_guard.errors import ConfigError
 from bus_guard.intake._jetstream import read
 from bus_guard.ledger._audit import audit
-from bus_guard.ledger._records import CHECKPOINT, Stored, decode_record
-from bus_guard.ledger._witness import Witness, check_against_witness, load_witnessed
+from bus_guard.ledger._records import CHECKPOINT, LedgerRecord, Stored, decode_record
+from bus_guard.ledger._witness import (
+    REGISTERED,
+    Witness,
+    check_against_witness,
+    load_witnessed,
+)
 from bus_guard.policy._load import PolicySet
 from bus_guard.signing import public_jwk
 from bus_guard.signing._keys import generate_key
@@ -33,6 +38,9 @@ from bus_guard.verify import Jwks, load_jwks
 
 from .helpers import intent
 from .streamkit import drained, eventually, stream_gateway, stream_settings
+
+SEARCH = "guard.in.agent-1.tools.search"
+CHAIN_SUBJECT = "guard.ledger.gw-t.c"  # a gateway's chain starts and checkpoints
 
 
 async def _ledger(nats_url: str, key: Path, policies: PolicySet) -> list[Stored]:
@@ -189,6 +197,7 @@ async def test_the_witness_command_and_ledger_verify_with_the_witness(
     )
     assert witnessed.returncode == 0, witnessed.stdout + witnessed.stderr
     assert "countersigned gw-a seq 0 (chain_start)" in witnessed.stdout
+    assert "registered gw-a run " in witnessed.stdout  # from the gateway registry
     verify = (
         "ledger",
         "verify",
@@ -219,3 +228,112 @@ async def test_the_witness_command_and_ledger_verify_with_the_witness(
     bad = await run(lambda: _cli(*verify))
     assert bad.returncode == 1
     assert "gateway gw-a: its chain is gone" in bad.stdout
+
+
+async def _registry(nats_url: str) -> list[Stored]:
+    """The gateway registry's history (the lease bucket), as the witness reads it."""
+    nc = await nats.connect(nats_url)
+    try:
+        return [m async for m in read(nc, "KV_guard-gateways", "$KV.guard-gateways.>")]
+    finally:
+        await nc.close()
+
+
+async def test_a_dropped_chain_is_found_from_the_registry_without_any_checkpoint(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, tmp_path: Path
+) -> None:
+    """The witness saw both gateways' runs in the registry but countersigned no checkpoint
+    of gw-a (its chain was dropped before the witness read the ledger): the rebuilt ledger
+    without gw-a audits clean, passes the checkpoints alone, and fails on the registry."""
+    ledger = await _ledger(nats_url, keys[0], policies)
+    registry = await _registry(nats_url)
+    witness_key = Ed25519PrivateKey.generate()
+    witness = Witness(tmp_path / "witness", witness_key, load_jwks(keys[1]))
+    runs = [
+        w
+        for m in registry
+        if (w := witness.register(m.subject.removeprefix("$KV.guard-gateways."), m.data))
+    ]
+    # each gateway's run, when seen renewed or ended; the same value again adds nothing
+    assert {(w.gateway, w.kind) for w in runs} == {("gw-a", REGISTERED), ("gw-b", REGISTERED)}
+    assert any(w.final for w in runs)
+    assert [witness.register(m.subject.split(".")[-1], m.data) for m in registry] == [None] * len(
+        registry
+    )
+    rebuilt = _renumbered([m for m in ledger if decode_record(m.data).gateway != "gw-a"])
+    for stored in rebuilt:  # what the witness then read of the ledger: gw-b only
+        witness.feed(stored)
+    assert set(witness.heads) == {"gw-b"}
+    assert audit(rebuilt, prefix="guard", jwks=load_jwks(keys[1])).ok
+
+    heads = load_witnessed(tmp_path / "witness", _witness_jwks(witness_key))
+    checkpoints_only = [w for w in heads if w.kind != REGISTERED]
+    assert check_against_witness(rebuilt, checkpoints_only) == []  # nothing of gw-a to miss
+    [line] = check_against_witness(rebuilt, heads)
+    assert line.startswith("gateway gw-a: its chain is gone from the ledger (dropped)")
+    assert "registered a run of it" in line
+    assert check_against_witness(ledger, heads) == []  # the untouched ledger: no finding
+
+
+async def test_a_registered_run_cut_from_a_chain_is_found(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet, tmp_path: Path
+) -> None:
+    """gw-a ran twice (two runs in the registry); the ledger rebuilt without the second run's
+    records, with no checkpoint of it witnessed: the registry names the missing run."""
+    await _ledger(nats_url, keys[0], policies)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    async with stream_gateway(stream_settings(nats_url, "gw-a"), policies, keys[0]):
+        await js.publish("guard.in.agent-1.tools.search", intent("tools.search", "tool:search"))
+        await eventually(lambda: drained(js), what="intake drained")
+    ledger = [m async for m in read(nc, "GUARD_LEDGER", "guard.ledger.>")]
+    await nc.close()
+    witness_key = Ed25519PrivateKey.generate()
+    witness = Witness(tmp_path / "witness", witness_key, load_jwks(keys[1]))
+    for m in await _registry(nats_url):
+        witness.register(m.subject.removeprefix("$KV.guard-gateways."), m.data)
+    records = [decode_record(m.data) for m in ledger]
+    runs = [(i, r.epoch) for i, r in enumerate(records) if r.gateway == "gw-a" and r.epoch]
+    assert len({epoch for _, epoch in runs}) == 2
+    start, last_run = next((i, e) for i, e in runs if e == runs[-1][1])
+    # gw-a's chain as it was before its second run: no record of that run
+    cut = _renumbered(
+        [m for i, m in enumerate(ledger) if records[i].gateway != "gw-a" or i < start]
+    )
+    assert audit(cut, prefix="guard", jwks=load_jwks(keys[1])).ok
+    heads = load_witnessed(tmp_path / "witness", _witness_jwks(witness_key))
+    [line] = check_against_witness(cut, heads)
+    assert f"(epoch {last_run}, registered) left no record in the ledger" in line
+
+
+async def test_time_based_checkpoints_bound_the_unsealed_tail_in_seconds(
+    nats_url: str, keys: tuple[Path, Path], policies: PolicySet
+) -> None:
+    """With a record count no run reaches, a signed checkpoint still follows the last
+    decision within --checkpoint-interval (plus one fetch timeout), while the gateway is
+    idle: what a witness cannot see (the tail after its last countersigned checkpoint) is
+    bounded in seconds, not only in records."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    settings = stream_settings(
+        nats_url, "gw-t", checkpoint_every=100_000, checkpoint_interval_s=1.0
+    )
+
+    async def chain() -> list[LedgerRecord]:
+        return [decode_record(m.data) async for m in read(nc, "GUARD_LEDGER", CHAIN_SUBJECT)]
+
+    async def checkpointed_after(seq: int) -> bool:
+        return any(r.kind == CHECKPOINT and not r.final and r.seq > seq for r in await chain())
+
+    async with stream_gateway(settings, policies, keys[0]):
+        for i in range(5):
+            await js.publish(SEARCH, intent("tools.search", "tool:search", {"q": f"t-{i}"}))
+        await eventually(lambda: drained(js), what="intake drained")
+        records = [decode_record(m.data) async for m in read(nc, "GUARD_LEDGER", "guard.ledger.>")]
+        last = max((r for r in records if r.kind == "decision"), key=lambda r: r.seq)
+        await eventually(lambda: checkpointed_after(last.seq), what="a time-based checkpoint")
+    checkpoint = next(r for r in await chain() if r.kind == CHECKPOINT and r.seq > last.seq)
+    await nc.close()
+    assert not checkpoint.final  # written while running, not at shutdown
+    # interval 1 s + fetch timeout 0.5 s, and a loaded machine's slack
+    assert checkpoint.ts - last.ts < 1.0 + 0.5 + 3.0

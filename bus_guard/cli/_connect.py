@@ -120,9 +120,11 @@ async def connect(
     name: str,
     creds: str | None = None,
     on_closed: Callable[[], Awaitable[None]] | None = None,
+    reconnect_attempts: int = TOOL_RECONNECT_ATTEMPTS,
 ) -> Client:
     """A connection to *options* (or a URL string, with *creds*); :class:`GatewayError` if
-    there is none, :class:`ConfigError` for a malformed URL or an unreadable file."""
+    there is none, :class:`ConfigError` for a malformed URL or an unreadable file.
+    *reconnect_attempts* -1: a long-running tool (the witness) reconnects for ever."""
     if isinstance(options, str):
         options = NatsOptions(urls=options, creds=creds)
     kw = options.connect_kwargs()
@@ -138,7 +140,7 @@ async def connect(
         return await nats.connect(
             name=name,
             connect_timeout=TOOL_CONNECT_TIMEOUT_S,
-            max_reconnect_attempts=TOOL_RECONNECT_ATTEMPTS,
+            max_reconnect_attempts=reconnect_attempts,
             reconnect_time_wait=TOOL_RECONNECT_WAIT_S,  # seconds; nats-py sleeps for it
             error_cb=on_error,
             **kw,

@@ -4,6 +4,12 @@ An embedded nats-server (unless ``--nats`` is given), the gateway with ``policie
 simulated agents sending a realistic mix, and an executor that verifies every artifact
 before it "executes". Ends with a summary; exit code 0 only if every executed action
 carried a valid artifact and nothing denied or held was executed.
+
+On a server given with ``--nats`` the demo never touches a deployment's streams, buckets or
+ledger: it runs under a prefix of its own, ``bus-guard-demo-<random>`` (its own subjects,
+streams ``BUS-GUARD-DEMO-<random>_IN`` ..., buckets ``bus-guard-demo-<random>-jwks`` ...),
+and deletes what it created under that prefix when it ends. (A deployment's permissions, as
+in compose/auth.conf, do not let its users write there at all: the demo then fails, harmlessly.)
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import random
+import secrets
 import shutil
 import tempfile
 import time
@@ -22,6 +29,7 @@ from typing import Final
 
 import anyio
 import msgspec
+import nats.errors
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -51,7 +59,11 @@ from bus_guard.verify import (
     verify_message,
 )
 
-__all__ = ("run_demo",)
+__all__ = ("DEMO_PREFIX", "run_demo")
+
+# The demo's subject prefix on a server of the user's (random suffix: concurrent demos and
+# a deployment's own `guard` prefix never share a stream, bucket or subject).
+DEMO_PREFIX: Final = "bus-guard-demo"
 
 _record: Final = msgspec.json.Decoder(DecisionRecord)
 _enc: Final = msgspec.json.Encoder()
@@ -189,6 +201,22 @@ def _show(console: Console, line: Text) -> None:
     console.print(line, soft_wrap=True)
 
 
+async def _remove_demo_streams(nc: Client, prefix: str) -> list[str]:
+    """Delete every stream (and bucket: KV_ and OBJ_ streams) named under *prefix*; the
+    names deleted. Only names this run's own prefix derives, never another's."""
+    base = Settings(prefix=prefix).subjects.streams
+    stream_base = base.name("intake").removesuffix("_IN") + "_"
+    bucket_base = base.jwks_bucket.removesuffix("jwks")
+    js = nc.jetstream()
+    removed = []
+    for info in await js.streams_info():
+        name = info.config.name or ""
+        if name.startswith((stream_base, f"KV_{bucket_base}", f"OBJ_{bucket_base}")):
+            await js.delete_stream(name)
+            removed.append(name)
+    return removed
+
+
 @contextlib.asynccontextmanager
 async def _bus(nats_url: str | None) -> AsyncIterator[str]:
     if nats_url is not None:
@@ -230,7 +258,15 @@ async def run_demo(
             )
             if options is None or nats_url is None:
                 options = NatsOptions(urls=url)
+            # a server of the user's: a prefix of the demo's own (see the module's doc)
+            prefix = "guard" if nats_url is None else f"{DEMO_PREFIX}-{secrets.token_hex(4)}"
+            if nats_url is not None:
+                console.print(
+                    f"[dim]on {_markup(url)}: prefix {prefix} (its own streams and buckets, "
+                    "deleted at the end; a deployment's are never touched)[/]"
+                )
             settings = Settings(
+                prefix=prefix,
                 nats_url=url,
                 gateway_id="demo-gateway",
                 mode=mode,
@@ -318,7 +354,7 @@ async def run_demo(
                         await all_decided.wait()
                     elapsed = time.perf_counter() - started
                     if mode == "stream" and approvers:
-                        await _approvals(console, nc, tally, approvers, timeout_s)
+                        await _approvals(console, nc, tally, approvers, timeout_s, prefix)
                     elif tally.holds:
                         console.print(
                             "[dim]core mode keeps no ledger: its holds cannot be approved "
@@ -327,6 +363,14 @@ async def run_demo(
                     stats = gateway.statistics()
             finally:
                 with anyio.CancelScope(shield=True):
+                    if nats_url is not None:
+                        try:
+                            await _remove_demo_streams(nc, prefix)
+                        except (nats.errors.Error, TimeoutError) as exc:
+                            console.print(
+                                f"[yellow]could not delete the demo's streams ({prefix}_*): "
+                                f"{_markup(str(exc) or type(exc).__name__)}[/]"
+                            )
                     await nc.drain()
     # Held intents released by their approvers were executed rightly: not a leak.
     leaked = (tally.executed_digests & tally.not_allowed) - tally.released
@@ -366,6 +410,7 @@ async def _approvals(
     tally: _Tally,
     approvers: dict[str, Ed25519PrivateKey],
     timeout_s: float,
+    prefix: str,
 ) -> None:
     """The approvers at work: the first hold approved by every approver (any quorum), the
     second rejected by the first approver; each vote waits for the gateway's record."""
@@ -380,7 +425,13 @@ async def _approvals(
         vote = approve if yes else reject
         try:
             done = await vote(
-                nc, hold_id, approvers[name], approver=name, reason="demo", wait_s=timeout_s
+                nc,
+                hold_id,
+                approvers[name],
+                approver=name,
+                reason="demo",
+                prefix=prefix,
+                wait_s=timeout_s,
             )
         except (ApprovalRefused, GatewayError) as exc:
             console.print(f"  {_markup(name)}: {_markup(str(exc))}")

@@ -44,6 +44,7 @@ __all__ = ("Lease", "LeaseLost", "LeaseValue", "ensure_registry")
 log = logging.getLogger(__name__)
 
 REGISTRY_HISTORY: Final = 64  # values kept per gateway id: its starts and ends
+RETRY_FIRST_S: Final = 0.25  # a failed renewal is retried after this, doubling
 
 
 class LeaseLost(GatewayError):
@@ -61,13 +62,27 @@ class LeaseValue(msgspec.Struct, frozen=True, kw_only=True):
     ended: float | None = None
 
 
+def _decode(data: bytes | None) -> LeaseValue | None:
+    if not data:
+        return None
+    try:
+        return msgspec.json.decode(data, type=LeaseValue)
+    except msgspec.DecodeError:
+        return None
+
+
 async def ensure_registry(js: JetStreamContext, bucket: str, *, replicas: int) -> None:
     """Create the gateway registry bucket if it is missing."""
     try:
-        await js.stream_info(f"KV_{bucket}")
-        return
+        info = await js.stream_info(f"KV_{bucket}")
     except nats.js.errors.NotFoundError:
         pass
+    else:
+        if not info.config.allow_direct:  # made by an earlier version: a witness reads it
+            info.config.allow_direct = True
+            await js.update_stream(info.config)
+            log.info("key-value bucket %s: direct gets allowed (for a witness)", bucket)
+        return
     await js.create_key_value(
         KeyValueConfig(
             bucket=bucket,
@@ -77,6 +92,7 @@ async def ensure_registry(js: JetStreamContext, bucket: str, *, replicas: int) -
             replicas=replicas,
             storage=StorageType.FILE,
             max_value_size=4096,
+            direct=True,  # a witness reads its history with direct gets (ledger._witness)
         )
     )
     log.info("created key-value bucket %s", bucket)
@@ -109,15 +125,11 @@ class Lease:
             heartbeat=now,
         )
         data = msgspec.json.encode(value)
+        held, revision = await self._leader_entry()
         try:
-            entry = await kv.get(self.gateway_id)
-        except nats.js.errors.KeyNotFoundError:
-            entry = None
-        try:
-            if entry is None or entry.value is None or entry.operation is not None:
+            if held is None:
                 self._revision = await kv.create(self.gateway_id, data)
             else:
-                held = msgspec.json.decode(entry.value, type=LeaseValue)
                 age = now - held.heartbeat
                 if held.state == "live" and age < self.lease_s and not _gone(held):
                     raise GatewayError(
@@ -136,8 +148,7 @@ class Lease:
                         age,
                         self.lease_s,
                     )
-                assert entry.revision is not None
-                self._revision = await kv.update(self.gateway_id, data, last=entry.revision)
+                self._revision = await kv.update(self.gateway_id, data, last=revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             raise GatewayError(
                 f"gateway id {self.gateway_id!r} was taken by another process while this one "
@@ -157,31 +168,77 @@ class Lease:
             )
             raise LeaseLost(self.lost)
 
-    async def renew(self) -> None:
-        """One renewal; :class:`LeaseLost` when another process took the id over."""
+    async def renew(self) -> bool:
+        """One renewal, True if it was stored; :class:`LeaseLost` when another process took
+        the id over. A renewal that timed out may have been stored all the same (in doubt):
+        the next one then finds the key moved, to a value of this very run (its epoch is
+        unique), adopts its revision and renews on."""
         assert self._kv is not None and self._value is not None
         self.check()
         value = msgspec.structs.replace(self._value, heartbeat=time.time())
         try:
-            self._revision = await self._kv.update(
-                self.gateway_id, msgspec.json.encode(value), last=self._revision
-            )
+            # an attempt bounded to a sixth of the lease: several fit in what is left of it
+            with anyio.fail_after(self.lease_s / 6):
+                await self._update(value)
         except nats.js.errors.KeyWrongLastSequenceError:
             self.lost = f"gateway id {self.gateway_id!r} was taken over by another process"
             raise LeaseLost(self.lost) from None
         except (nats.errors.Error, TimeoutError) as exc:  # an election: try again soon
             self.failures += 1
             log.warning("renewing the lease on %s failed: %r", self.gateway_id, exc)
-            return
+            return False
         self._value = value
         self._renewed_at = time.monotonic()
         self.renewals += 1
+        return True
+
+    async def _update(self, value: LeaseValue) -> None:
+        assert self._kv is not None and self._value is not None
+        try:
+            self._revision = await self._kv.update(
+                self.gateway_id, msgspec.json.encode(value), last=self._revision
+            )
+        except nats.js.errors.KeyWrongLastSequenceError:
+            held, revision = await self._leader_entry()
+            if held is None or held.epoch != self._value.epoch:
+                raise  # another run's value: taken over
+            log.info("lease on %s: an earlier renewal in doubt was stored", self.gateway_id)
+            try:
+                self._revision = await self._kv.update(
+                    self.gateway_id, msgspec.json.encode(value), last=revision
+                )
+            except nats.js.errors.KeyWrongLastSequenceError:
+                # moved again since the read: not known to be another run's; retry soon
+                raise TimeoutError("the lease key moved while it was renewed") from None
+
+    async def _leader_entry(self) -> tuple[LeaseValue | None, int]:
+        """The key's lease value (None: none, deleted or not a lease) and revision, as the
+        stream's leader has them: a direct get (nats-py's kv.get on a bucket that allows
+        them, as the registry does for the witness) may be answered by a replica a moment
+        behind, whose older revision would look like another process's write."""
+        try:
+            msg = await self.js.get_last_msg(
+                f"KV_{self.bucket}", f"$KV.{self.bucket}.{self.gateway_id}", direct=False
+            )
+        except nats.js.errors.NotFoundError:
+            return None, 0
+        if (msg.headers or {}).get("KV-Operation"):  # a delete or purge marker
+            return None, msg.seq or 0
+        return _decode(msg.data), msg.seq or 0
 
     async def keep(self) -> None:
-        """Renew every third of the lease until cancelled; raises :class:`LeaseLost`."""
+        """Renew every third of the lease until cancelled; raises :class:`LeaseLost`.
+        After a failed renewal (a leader election, a node restarting) the next attempt
+        comes soon, with backoff (0.25 s doubling, at most a tenth of the lease): one
+        failure must not cost the lease, whose whole length is left for retries."""
+        retry = RETRY_FIRST_S
+        delay = self.lease_s / 3
         while True:
-            await anyio.sleep(self.lease_s / 3)
-            await self.renew()
+            await anyio.sleep(delay)
+            if await self.renew():
+                delay, retry = self.lease_s / 3, RETRY_FIRST_S
+            else:
+                delay, retry = retry, min(retry * 2, self.lease_s / 10)
 
     async def release(self) -> None:
         """At clean shutdown: the registry says this chain ended (best effort)."""

@@ -17,6 +17,16 @@ does not hold byte for byte (rebuilt, truncated, pruned or rewritten: the record
 is missing or has another hash) and every witnessed gateway whose chain is gone (dropped).
 What a witness cannot see is what was cut after its last countersigned checkpoint: the
 checkpoint interval (``--checkpoint-interval``, 10 s) bounds that tail in seconds.
+
+The witness also follows the gateway registry (the ``<prefix>-gateways`` bucket: one lease
+per gateway id, whose history says when each gateway process started, with which chain epoch,
+and when it ended; :mod:`bus_guard.intake._lease`) and countersigns each run it sees, as a
+line of kind ``registered`` (``seq`` -1, ``epoch`` the run's, ``ts`` when it started,
+``final`` once it ended). A run is countersigned once its chain start is certainly written:
+the lease was renewed after it (renewals start after the chain start) or it ended. So a
+gateway chain dropped from the ledger is found even when the witness never countersigned a
+checkpoint of it (it was dropped before the witness read it): its registered run has no
+record in the ledger.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from bus_guard.signing._keys import kid_for
 from bus_guard.verify import Jwks, b64url_decode, b64url_encode
 
 __all__ = (
+    "REGISTERED",
     "WITNESS_TYP",
     "LedgerIndex",
     "Witness",
@@ -56,6 +67,17 @@ __all__ = (
 
 WITNESS_TYP: Final = "guard-witness+jwt"
 LOG_NAME: Final = "witnessed.jsonl"
+REGISTERED: Final = "registered"  # a Witnessed line's kind for a gateway run (registry)
+
+
+class _Run(msgspec.Struct, kw_only=True):
+    """What the witness reads of a gateway registry value (intake._lease.LeaseValue)."""
+
+    epoch: str
+    started: float
+    heartbeat: float
+    state: str = "live"
+    ended: float | None = None
 
 
 class Witnessed(msgspec.Struct, frozen=True, kw_only=True):
@@ -91,7 +113,38 @@ class Witness:
         header = msgspec.json.encode({"alg": "EdDSA", "kid": self._kid, "typ": WITNESS_TYP})
         self._prefix = b64url_encode(header) + b"."
         self._log = self.directory / LOG_NAME
-        self._earlier = {(w.gateway, w.seq): w for w in _read_lines(self._log, None)}
+        earlier = list(_read_lines(self._log, None))
+        self._earlier = {(w.gateway, w.seq): w for w in earlier if w.kind != REGISTERED}
+        self._registered = {(w.gateway, w.epoch, w.final) for w in earlier if w.kind == REGISTERED}
+        self.registered = len(self._registered)
+
+    def register(self, gateway: str, data: bytes) -> Witnessed | None:
+        """A gateway registry value of *gateway* (its lease): countersign the run it
+        describes once its chain start is certainly written (renewed, or ended), and again
+        when it ended."""
+        try:
+            run = msgspec.json.decode(data, type=_Run)
+        except msgspec.DecodeError:
+            return None  # a delete marker, or not a lease
+        ended = run.state == "ended"
+        if not (ended or run.heartbeat > run.started):
+            return None  # its chain start may not be written yet: not evidence of a chain
+        if (gateway, run.epoch, ended) in self._registered:
+            return None
+        witnessed = Witnessed(
+            gateway=gateway,
+            seq=-1,
+            hash="",
+            kind=REGISTERED,
+            epoch=run.epoch,
+            final=ended,
+            ts=run.started,
+            witnessed_at=time.time(),
+        )
+        self._append(witnessed)
+        self._registered.add((gateway, run.epoch, ended))
+        self.registered += 1
+        return witnessed
 
     def feed(self, stored: Stored) -> Witnessed | None:
         """Audit *stored*; countersign it if it is a sound chain start or checkpoint."""
@@ -190,6 +243,7 @@ class LedgerIndex:
     def __init__(self) -> None:
         self.by_position: dict[tuple[str, int], str] = {}
         self.last_seq: dict[str, int] = {}
+        self.epochs: set[tuple[str, str]] = set()  # (gateway, epoch) of its runs' records
 
     def feed(self, stored: Stored) -> None:
         try:
@@ -198,18 +252,35 @@ class LedgerIndex:
             return
         self.by_position.setdefault((record.gateway, record.seq), record_hash(stored.data))
         self.last_seq[record.gateway] = max(self.last_seq.get(record.gateway, -1), record.seq)
+        if record.epoch:  # chain starts and checkpoints name their run
+            self.epochs.add((record.gateway, record.epoch))
 
     def problems(self, witnessed: Iterable[Witnessed]) -> list[str]:
         """What the witness saw that this ledger does not hold: one line each."""
         problems: list[str] = []
         dropped: set[str] = set()
+        gone: set[tuple[str, str]] = set()
         for w in witnessed:
             if w.gateway not in self.last_seq:
                 if w.gateway not in dropped:
                     dropped.add(w.gateway)
+                    seen = (
+                        f"registered a run of it (epoch {w.epoch}, started {_utc(w.ts)})"
+                        if w.kind == REGISTERED
+                        else f"countersigned it up to at least seq {w.seq}"
+                    )
                     problems.append(
                         f"gateway {w.gateway}: its chain is gone from the ledger (dropped), "
-                        f"though the witness countersigned it up to at least seq {w.seq}"
+                        f"though the witness {seen}"
+                    )
+                continue
+            if w.kind == REGISTERED:
+                if (w.gateway, w.epoch) not in self.epochs and (w.gateway, w.epoch) not in gone:
+                    gone.add((w.gateway, w.epoch))
+                    problems.append(
+                        f"gateway {w.gateway}: its run started {_utc(w.ts)} (epoch {w.epoch}, "
+                        "registered) left no record in the ledger (truncated, pruned or "
+                        "rebuilt without it)"
                     )
                 continue
             held = self.by_position.get((w.gateway, w.seq))
@@ -225,6 +296,10 @@ class LedgerIndex:
                     "another record there (rewritten or forked)"
                 )
         return problems
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def check_against_witness(ledger: Iterable[Stored], witnessed: Iterable[Witnessed]) -> list[str]:
