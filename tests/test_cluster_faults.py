@@ -250,14 +250,21 @@ async def test_s5_leader_kill_rolling_restart_and_frozen_node(tmp_path: Path) ->
                 g.kill()
         result = await reconcile(nc, accepted, jwks)
         decided: collections.Counter[tuple[str, str]] = collections.Counter()
+        recovered = 0  # decided over a second after the intake stored them: held by a fault
         async for m in read(nc, "GUARD_LEDGER", "guard.ledger.*.d.*"):
             record = decode_record(m.data)
             decided[(record.principal, record.intent_id)] += 1
+            stored_us = record.intake.rsplit("/", 1)[-1]
+            if stored_us.isdigit() and record.ts - int(stored_us) / 1e6 > 1.0:
+                recovered += 1
         unexpected = sum(1 for key in decided if key not in accepted)
         await nc.close()
     warnings = [g.count("WARNING") for g in gateways]
     gc.collect()  # the reconnect leak, if any, reported within this test (see above)
-    print(f"\nS5 faults={faults} unexpected={unexpected} warnings={warnings} {result.line()}")
+    print(
+        f"\nS5 faults={faults} unexpected={unexpected} recovered={recovered} "
+        f"warnings={warnings} {result.line()}"
+    )
     assert len(faults) == 3
     assert alive == [True, True], "\n".join(line for g in gateways for line in g.lines[-15:])
     assert codes == [0, 0]

@@ -219,8 +219,11 @@ def test_readme_and_compose_use_the_names_this_module_gives() -> None:
     s = Subjects()
     streams = {s.streams.name(r) for r in ROLES}
     buckets = {s.streams.jwks_bucket, s.streams.executed_bucket}
-    # the policy publisher's rights name the pointer bucket's stream too
-    kv_streams = {Streams.kv_stream(b) for b in (*buckets, s.streams.policy_bucket)}
+    # the policy publisher's rights name the pointer bucket's stream too, the witness's the
+    # gateway registry's
+    kv_streams = {
+        Streams.kv_stream(b) for b in (*buckets, s.streams.policy_bucket, s.streams.gateways_bucket)
+    }
     named_streams = set(re.findall(r"\bGUARD_[A-Z]+\b", text))
     assert named_streams and named_streams <= streams
     assert {"GUARD_IN", "GUARD_LEDGER"} <= named_streams
