@@ -95,7 +95,7 @@ class LedgerRecord(
     lineage_depth: int = 0
     lineage_root: str = ""
     labels: tuple[str, ...] = ()
-    intake: str = ""  # "<stream>/<stream seq>/<stored at, µs>" of the intent message decided
+    intake: str = ""  # "<stream>/<stream seq>/<stored at, ns>" of the intent message decided
     artifact: str = ""  # allow: the Guard-Artifact forwarded to exec
     first_decision: str = ""  # replay: the decision the intent id already had
     taints: tuple[str, ...] = ()  # allow: labels its rules add for its children
