@@ -39,8 +39,9 @@ def run(
     artifacts: str | None = None,
     loads: tuple[float, ...] = LOADS,
     runs: int = 1,
+    gateway_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    guard = harness.guard_cmd(url, key, artifacts=artifacts)
+    guard = harness.guard_cmd(url, key, artifacts=artifacts) + list(gateway_args)
     lat: dict[str, dict[float, dict[str, Any]]] = {"bus_guard": {}, "bare": {}}
     with harness.Relay(guard):
         asyncio.run(harness.throughput(url, min(2000, count_for_max)))  # warm-up
@@ -100,6 +101,14 @@ def main() -> None:
         help="pass --artifacts to bus-guard run (default: its default, per-message)",
     )
     p.add_argument("--runs", type=int, default=3, help="runs per load (medians reported)")
+    p.add_argument(
+        "--gateway-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for bus-guard run (repeatable), e.g. --gateway-arg=--batch-delay-ms"
+        " --gateway-arg=0.5",
+    )
     p.add_argument("--json", action="store_true", help="JSON only, no table")
     args = p.parse_args()
     with NatsServer(jetstream=False) as server, tempfile.TemporaryDirectory() as tmp:
@@ -112,6 +121,7 @@ def main() -> None:
             count_for_max=args.count_for_max,
             artifacts=args.artifacts,
             runs=args.runs,
+            gateway_args=tuple(args.gateway_arg),
         )
     rows = []
     for load, row in res["loads"].items():
