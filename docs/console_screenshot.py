@@ -20,7 +20,7 @@ import nats
 from playwright.async_api import async_playwright, expect
 
 from bus_guard.cli._connect import NatsOptions
-from bus_guard.console import Console, ConsoleSettings, parse_listen
+from bus_guard.cli.console import Console, ConsoleSettings, parse_listen
 from bus_guard.policy._load import load_policies
 from bus_guard.server import NatsServer
 from bus_guard.signing._keys import generate_key

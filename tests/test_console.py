@@ -31,9 +31,9 @@ from nats.js import JetStreamContext
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from bus_guard.cli._connect import NatsOptions
-from bus_guard.console import Console, ConsoleSettings, parse_listen
-from bus_guard.console._bus import Hub
-from bus_guard.console._model import RateBook
+from bus_guard.cli.console import Console, ConsoleSettings, parse_listen
+from bus_guard.cli.console._bus import Hub
+from bus_guard.cli.console._model import RateBook
 from bus_guard.decision import approval_decision_id, intent_decision_id, resolution_decision_id
 from bus_guard.errors import ConfigError
 from bus_guard.intake._gateway import Gateway

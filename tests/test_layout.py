@@ -1,4 +1,4 @@
-"""The package's layout, as rules: only ``intake/``, ``cli/`` and ``console/`` talk to NATS;
+"""The package's layout, as rules: only ``intake/`` and ``cli/`` talk to NATS;
 the pure packages import without it; every public module declares a true ``__all__``; the
 subpackages' implementation modules are private.
 
@@ -26,8 +26,8 @@ import bus_guard
 PACKAGE = Path(bus_guard.__file__).resolve().parent
 
 # The packages whose job is NATS I/O: the intake (the gateway) and the command-line tools,
-# the web console (`bus-guard console`) among them.
-NATS_PACKAGES = ("intake", "cli", "console")
+# the web console (`bus-guard console`, cli/console/) among them.
+NATS_PACKAGES = ("intake", "cli")
 
 # Imports of nats outside NATS_PACKAGES that are allowed, as (subpackage or top-level module
 # of bus_guard, enclosing function) -> why. Each must be inside a function (never module

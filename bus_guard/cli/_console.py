@@ -1,4 +1,4 @@
-"""``bus-guard console``: the operator's web console (:mod:`bus_guard.console`), run until
+"""``bus-guard console``: the operator's web console (:mod:`bus_guard.cli.console`), run until
 Ctrl-C or SIGTERM (0) or until the NATS connection is lost (1)."""
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def add_console_command(sub: argparse._SubParsersAction[Any]) -> None:
 
 async def cmd_console(args: argparse.Namespace, out: TextIO) -> int:
     try:
-        from bus_guard.console import Console, ConsoleSettings, parse_listen
+        from bus_guard.cli.console import Console, ConsoleSettings, parse_listen
     except ImportError as exc:  # aiohttp: the console extra
         raise ConfigError(
             f"bus-guard console needs the console extra (pip install 'bus-guard[console]'): {exc}"

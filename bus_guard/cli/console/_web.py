@@ -34,7 +34,7 @@ import anyio
 import msgspec
 from aiohttp import web
 
-from bus_guard.console._bus import BusView, Event
+from bus_guard.cli.console._bus import BusView, Event
 from bus_guard.errors import ConfigError
 
 __all__ = ("Access", "Listen", "make_app", "parse_listen", "shown_url")
@@ -154,7 +154,7 @@ class Access:
 
 
 def _static(name: str) -> bytes:
-    return importlib.resources.files("bus_guard.console").joinpath("static", name).read_bytes()
+    return importlib.resources.files("bus_guard.cli.console").joinpath("static", name).read_bytes()
 
 
 def _security_headers(response: web.StreamResponse) -> None:

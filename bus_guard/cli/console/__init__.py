@@ -10,8 +10,8 @@ lineage. Needs the ``console`` extra (aiohttp).
 and guards it, ``_model`` turns what the bus says into what the page shows.
 """
 
-from bus_guard.console._bus import ConsoleSettings
-from bus_guard.console._server import Console
-from bus_guard.console._web import Listen, parse_listen
+from bus_guard.cli.console._bus import ConsoleSettings
+from bus_guard.cli.console._server import Console
+from bus_guard.cli.console._web import Listen, parse_listen
 
 __all__ = ("Console", "ConsoleSettings", "Listen", "parse_listen")

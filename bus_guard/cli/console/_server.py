@@ -20,8 +20,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bus_guard.cli._connect import NatsOptions, connect
-from bus_guard.console._bus import BusView, ConsoleSettings
-from bus_guard.console._web import Access, Listen, make_app
+from bus_guard.cli.console._bus import BusView, ConsoleSettings
+from bus_guard.cli.console._web import Access, Listen, make_app
 from bus_guard.errors import ConfigError
 
 __all__ = ("Console",)

@@ -40,7 +40,7 @@ from bus_guard.cli._ledger import _caused_by
 from bus_guard.cli._status import gateway_stats
 from bus_guard.cli._watch import WatchFilter
 from bus_guard.cli._watch import _replay as replay_streams
-from bus_guard.console._model import RateBook, feed_item, gateway_row
+from bus_guard.cli.console._model import RateBook, feed_item, gateway_row
 from bus_guard.errors import ApprovalRefused, GatewayError
 from bus_guard.intake._approver import Vote, approve, open_holds, reject
 from bus_guard.intake._gateway import round_trip
